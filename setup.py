@@ -1,0 +1,30 @@
+"""Packaging for twisted-forward: the library and its twistd plugin."""
+
+from setuptools import setup
+
+setup(
+    name="twisted-forward",
+    version="0.1.0",
+    description="A streaming OpenAI API forwarding proxy built on Twisted.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.9",
+    # twisted/plugins has no __init__.py on purpose: it is a portion of
+    # Twisted's plugin package, found by twisted.plugin.getPlugins.
+    packages=["twisted_forward", "twisted.plugins"],
+    install_requires=[
+        "twisted[tls]>=24.7.0",
+        "treq>=23.11.0",
+        "pyopenssl>=23.0.0",
+        "service-identity>=21.1.0",
+        "python-dotenv>=1.0.0",
+    ],
+    extras_require={
+        "test": ["openai>=1.0.0", "hypothesis>=6.0.0"],
+    },
+    classifiers=[
+        "Framework :: Twisted",
+        "Programming Language :: Python :: 3",
+    ],
+)

@@ -1,0 +1,157 @@
+"""
+End-to-end harness: the real plugin service on a loopback port, in front of
+the fake upstream, with a real HTTP client, all cleaned up without sleeps.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+from treq.client import HTTPClient
+from twisted.application.service import IServiceCollection
+from twisted.internet import defer, reactor
+from twisted.internet.protocol import Factory, Protocol
+from twisted.trial.unittest import TestCase
+from twisted.web.client import Agent, HTTPConnectionPool
+
+from twisted_forward.tap import Options, makeService
+
+from .fake_upstream import FakeOpenAI, listen_fake
+
+
+class ConnectionTracker:
+    """Counts a factory's open connections; tells when all are closed."""
+
+    def __init__(self, factory: Factory) -> None:
+        self.open = 0
+        self._waiters: list[defer.Deferred] = []
+        original = factory.buildProtocol
+
+        def build(addr):
+            protocol = original(addr)
+            if protocol is None:
+                return None
+            self.open += 1
+            lost = protocol.connectionLost
+
+            def connection_lost(reason, _lost=lost):
+                try:
+                    return _lost(reason)
+                finally:
+                    self.open -= 1
+                    if not self.open:
+                        waiters, self._waiters[:] = list(self._waiters), []
+                        for d in waiters:
+                            d.callback(None)
+
+            protocol.connectionLost = connection_lost
+            return protocol
+
+        factory.buildProtocol = build
+
+    def closed(self) -> defer.Deferred:
+        if not self.open:
+            return defer.succeed(None)
+        d: defer.Deferred = defer.Deferred()
+        self._waiters.append(d)
+        return d
+
+
+def proxy_env(upstream_port: int, **extra: str) -> dict[str, str]:
+    """An environment pointing the proxy at the fake upstream."""
+    env = {
+        "OPENAI_BASE_URL": f"http://127.0.0.1:{upstream_port}",
+        "LOG_CHAT": "false",
+    }
+    env.update(extra)
+    return env
+
+
+class ProxyTestCase(TestCase):
+    """Starts the fake upstream; ``start_proxy`` starts the real plugin."""
+
+    timeout = 30
+
+    def setUp(self) -> None:
+        self.fake = FakeOpenAI()
+        from twisted.web.server import Site
+
+        self.fake_port = listen_fake(self.fake)
+        self.fake_tracker = ConnectionTracker(self.fake_port.factory)
+        self.upstream_port = self.fake_port.getHost().port
+        self.pool = HTTPConnectionPool(reactor, persistent=True)
+        self.agent = Agent(reactor, pool=self.pool)
+        self.client = HTTPClient(self.agent)
+        self.addCleanup(self._stop_upstream)
+        self.addCleanup(self.pool.closeCachedConnections)
+        del Site
+
+    @defer.inlineCallbacks
+    def _stop_upstream(self):
+        yield self.fake_port.stopListening()
+        yield self.fake_tracker.closed()
+
+    @defer.inlineCallbacks
+    def start_proxy(
+        self, args: Optional[list[str]] = None, **env: str
+    ) -> defer.Deferred:
+        """Start the plugin's service; returns the proxy's base URL."""
+        options = Options()
+        options.parseOptions(
+            ["--port", "tcp:0:interface=127.0.0.1", "--env-file", os.devnull]
+            + list(args or [])
+        )
+        environ = proxy_env(self.upstream_port, **env)
+        self.service = makeService(options, reactor=reactor, environ=environ)
+        listener = [
+            s for s in IServiceCollection(self.service) if hasattr(s, "_waitingForPort")
+        ][0]
+        self.site = listener.factory
+        self.proxy_tracker = ConnectionTracker(self.site)
+        self.service.startService()
+        self.addCleanup(self._stop_proxy)
+        # Read the port without consuming the service's own Deferred (it
+        # needs the port to stop listening).
+        got_port: defer.Deferred = defer.Deferred()
+
+        def passthrough(port):
+            got_port.callback(port)
+            return port
+
+        listener._waitingForPort.addCallback(passthrough)
+        port = yield got_port
+        self.proxy_port = port.getHost().port
+        self.base = f"http://127.0.0.1:{self.proxy_port}"
+        return self.base
+
+    @defer.inlineCallbacks
+    def _stop_proxy(self):
+        yield self.pool.closeCachedConnections()
+        yield self.service.stopService()
+        yield self.proxy_tracker.closed()
+
+    def url(self, path: str) -> str:
+        return self.base + path
+
+
+class Collector(Protocol):
+    """Collects a streamed body; ``on_data`` lets a test react to each chunk."""
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+        self.done: defer.Deferred = defer.Deferred()
+        self.got_data: defer.Deferred = defer.Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.chunks.append(data)
+        d, self.got_data = self.got_data, defer.Deferred()
+        d.callback(data)
+
+    def connectionLost(self, reason) -> None:
+        self.reason = reason
+        self.done.callback(None)
+
+    @property
+    def body(self) -> bytes:
+        return b"".join(self.chunks)

@@ -1,0 +1,288 @@
+"""
+End-to-end: the real plugin service forwarding to the fake upstream.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from twisted.internet import defer
+from twisted.web.http_headers import Headers
+
+from .fake_upstream import chat_chunks, chat_answer
+from .harness import Collector, ProxyTestCase
+
+
+def _json(body: bytes) -> dict:
+    return json.loads(body.decode("utf-8"))
+
+
+class ForwardingTests(ProxyTestCase):
+    """Method, path, query and body reach the upstream; the answer comes back."""
+
+    @defer.inlineCallbacks
+    def test_chat_completion(self):
+        yield self.start_proxy()
+        body = json.dumps(
+            {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+        ).encode()
+        response = yield self.client.post(
+            self.url("/v1/chat/completions"),
+            data=body,
+            headers={b"content-type": b"application/json"},
+        )
+        answer = yield response.content()
+        self.assertEqual(response.code, 200)
+        self.assertEqual(_json(answer), chat_answer(self.fake.answer_text, "gpt-4o-mini"))
+        [seen] = self.fake.seen
+        self.assertEqual(seen.method, b"POST")
+        self.assertEqual(seen.uri, b"/v1/chat/completions")
+        self.assertEqual(seen.body, body)
+        self.assertEqual(seen.header(b"content-type"), b"application/json")
+        self.assertEqual(
+            response.headers.getRawHeaders(b"content-type"), [b"application/json"]
+        )
+        self.assertEqual(response.headers.getRawHeaders(b"x-request-id"), [b"req-fake"])
+
+    @defer.inlineCallbacks
+    def test_sse_arrives_event_by_event(self):
+        """The first events reach the client while the upstream still holds
+        the rest back: nothing waits for the end of the answer."""
+        yield self.start_proxy()
+        self.fake.hold_at = 2
+        response = yield self.client.post(
+            self.url("/v1/chat/completions"),
+            data=json.dumps({"model": "m", "stream": True, "messages": []}).encode(),
+            headers={b"content-type": b"application/json"},
+            unbuffered=True,
+        )
+        self.assertEqual(response.code, 200)
+        self.assertEqual(
+            response.headers.getRawHeaders(b"content-type"), [b"text/event-stream"]
+        )
+        collector = Collector()
+        response.deliverBody(collector)
+        events = chat_chunks(self.fake.answer_text, "m")
+        while len(b"".join(collector.chunks)) < len(events[0] + events[1]):
+            yield collector.got_data
+        self.assertEqual(b"".join(collector.chunks), events[0] + events[1])
+        self.assertFalse(self.fake.release.called)
+        self.assertFalse(collector.done.called)
+        self.fake.release.callback(None)
+        yield collector.done
+        self.assertEqual(collector.body, b"".join(events))
+
+    @defer.inlineCallbacks
+    def test_multipart_upload_byte_for_byte(self):
+        yield self.start_proxy()
+        payload = os.urandom(300_000)  # above Twisted's in-memory threshold
+        boundary = b"----tfboundary7MA4YWxkTrZu0gW"
+        body = (
+            b"--" + boundary + b'\r\nContent-Disposition: form-data; name="purpose"\r\n\r\n'
+            b"fine-tune\r\n--" + boundary
+            + b'\r\nContent-Disposition: form-data; name="file"; filename="d.jsonl"\r\n'
+            b"Content-Type: application/octet-stream\r\n\r\n" + payload
+            + b"\r\n--" + boundary + b"--\r\n"
+        )
+        ctype = b"multipart/form-data; boundary=" + boundary
+        response = yield self.client.post(
+            self.url("/v1/files"), data=body, headers={b"content-type": ctype}
+        )
+        answer = _json((yield response.content()))
+        import base64
+
+        self.assertEqual(answer["content_type"], ctype.decode())
+        self.assertEqual(base64.b64decode(answer["body_b64"]), body)
+        [seen] = self.fake.seen
+        self.assertEqual(seen.header(b"content-length"), b"%d" % len(body))
+
+    @defer.inlineCallbacks
+    def test_delete_and_get(self):
+        yield self.start_proxy()
+        response = yield self.client.delete(self.url("/v1/files/file-abc"))
+        self.assertEqual(
+            _json((yield response.content())),
+            {"id": "file-abc", "object": "file", "deleted": True},
+        )
+        response = yield self.client.get(self.url("/v1/models"))
+        self.assertEqual(_json((yield response.content()))["data"][0]["id"], "gpt-4o-mini")
+        self.assertEqual([s.method for s in self.fake.seen], [b"DELETE", b"GET"])
+
+    @defer.inlineCallbacks
+    def test_query_string_raw(self):
+        yield self.start_proxy()
+        target = "/echo?limit=2&&order=desc&a+b=%20c&flag&x=%2F"
+        response = yield self.client.get(self.url(target))
+        yield response.content()
+        self.assertEqual(self.fake.seen[0].uri, target.encode())
+
+    @defer.inlineCallbacks
+    def test_upstream_errors_pass_through(self):
+        yield self.start_proxy()
+        for code in (400, 404, 429, 500, 503):
+            response = yield self.client.get(
+                self.url(f"/status/{code}"), headers={b"authorization": b"Bearer sk-own"}
+            )
+            body = _json((yield response.content()))
+            self.assertEqual(response.code, code)
+            self.assertEqual(body["error"]["type"], "test")
+
+    @defer.inlineCallbacks
+    def test_gzip_relayed_verbatim(self):
+        """Compressed answers are relayed as the upstream sent them, and the
+        client's own Accept-Encoding is what the upstream sees."""
+        yield self.start_proxy()
+        import gzip
+
+        from twisted.web.client import readBody
+
+        # A bare Agent: treq's client would decode the answer itself.
+        response = yield self.agent.request(
+            b"GET", self.url("/gzip").encode(), Headers({b"accept-encoding": [b"gzip, br"]})
+        )
+        raw = yield readBody(response)
+
+        self.assertEqual(response.headers.getRawHeaders(b"content-encoding"), [b"gzip"])
+        self.assertEqual(gzip.decompress(raw), b'{"zipped": true}')
+        self.assertEqual(self.fake.seen[0].headers.getRawHeaders(b"accept-encoding"), [b"gzip, br"])
+        response = yield self.agent.request(b"GET", self.url("/echo").encode())
+        yield readBody(response)
+        self.assertIsNone(self.fake.seen[1].header(b"accept-encoding"))
+
+    @defer.inlineCallbacks
+    def test_large_answer_streams_whole(self):
+        yield self.start_proxy()
+        response = yield self.client.get(self.url("/big/5000000"))
+        self.assertEqual(response.length, 5_000_000)
+        body = yield response.content()
+        self.assertEqual(len(body), 5_000_000)
+
+
+class KeyTests(ProxyTestCase):
+    """Default keys in turn; a client's own key overrides them."""
+
+    @defer.inlineCallbacks
+    def test_default_keys_in_turn(self):
+        yield self.start_proxy(OPENAI_API_KEY="sk-test-one, sk-test-two")
+        for _ in range(4):
+            response = yield self.client.get(self.url("/echo"))
+            yield response.content()
+        self.assertEqual(
+            [s.header(b"authorization") for s in self.fake.seen],
+            [b"Bearer sk-test-one", b"Bearer sk-test-two"] * 2,
+        )
+
+    @defer.inlineCallbacks
+    def test_client_key_untouched(self):
+        yield self.start_proxy(OPENAI_API_KEY="sk-test-one")
+        response = yield self.client.get(
+            self.url("/echo"), headers={b"authorization": b"Bearer sk-client-own"}
+        )
+        yield response.content()
+        self.assertEqual(self.fake.seen[0].header(b"authorization"), b"Bearer sk-client-own")
+
+    @defer.inlineCallbacks
+    def test_no_keys_no_authorization(self):
+        yield self.start_proxy()
+        response = yield self.client.get(self.url("/echo"))
+        yield response.content()
+        self.assertIsNone(self.fake.seen[0].header(b"authorization"))
+
+
+class RoutePrefixTests(ProxyTestCase):
+    @defer.inlineCallbacks
+    def test_prefix_stripped(self):
+        yield self.start_proxy(ROUTE_PREFIX="/openai")
+        response = yield self.client.get(self.url("/openai/v1/models?x=1"))
+        self.assertEqual(response.code, 200)
+        yield response.content()
+        self.assertEqual(self.fake.seen[0].uri, b"/v1/models?x=1")
+
+    @defer.inlineCallbacks
+    def test_outside_prefix_is_404_json(self):
+        yield self.start_proxy(ROUTE_PREFIX="/openai")
+        for path in ("/v1/models", "/openaiv1/models", "/"):
+            response = yield self.client.get(self.url(path))
+            body = _json((yield response.content()))
+            self.assertEqual(response.code, 404)
+            self.assertEqual(body["error"]["code"], "unknown_route")
+            self.assertEqual(
+                response.headers.getRawHeaders(b"content-type"), [b"application/json"]
+            )
+        self.assertEqual(self.fake.seen, [])
+
+
+class HeaderHygieneTests(ProxyTestCase):
+    @defer.inlineCallbacks
+    def test_request_headers(self):
+        """No hop-by-hop header, no client Host, cookie or origin reaches the
+        upstream; ordinary headers do."""
+        yield self.start_proxy()
+        headers = Headers(
+            {
+                b"connection": [b"x-secret-hop"],
+                b"x-secret-hop": [b"1"],
+                b"keep-alive": [b"timeout=5"],
+                b"te": [b"trailers"],
+                b"upgrade": [b"h2c"],
+                b"proxy-authorization": [b"Basic Zm9vOmJhcg=="],
+                b"x-forwarded-for": [b"203.0.113.9"],
+                b"x-real-ip": [b"203.0.113.9"],
+                b"forwarded": [b"for=203.0.113.9"],
+                b"via": [b"1.1 corp-proxy"],
+                b"true-client-ip": [b"203.0.113.9"],
+                b"cf-connecting-ip": [b"203.0.113.9"],
+                b"cookie": [b"session=abc"],
+                b"host": [b"proxy.example"],
+                b"openai-organization": [b"org-1"],
+                b"user-agent": [b"tf-test"],
+            }
+        )
+        response = yield self.client.get(self.url("/echo"), headers=headers)
+        yield response.content()
+        seen = self.fake.seen[0]
+        names = {name.lower() for name, _ in seen.headers.getAllRawHeaders()}
+        for banned in (
+            b"x-secret-hop", b"keep-alive", b"te", b"upgrade", b"proxy-authorization",
+            b"x-forwarded-for", b"x-real-ip", b"forwarded", b"via", b"true-client-ip",
+            b"cf-connecting-ip", b"cookie",
+        ):
+            self.assertNotIn(banned, names)
+        self.assertEqual(seen.header(b"host"), b"127.0.0.1:%d" % self.upstream_port)
+        self.assertEqual(seen.header(b"openai-organization"), b"org-1")
+        self.assertEqual(seen.header(b"user-agent"), b"tf-test")
+
+    @defer.inlineCallbacks
+    def test_response_headers(self):
+        """Upstream hop-by-hop headers are dropped; no Twisted Server or
+        default content type leaks into relayed answers."""
+        yield self.start_proxy()
+        response = yield self.client.get(self.url("/hop"))
+        yield response.content()
+        h = response.headers
+        self.assertEqual(h.getRawHeaders(b"x-custom"), [b"kept"])
+        self.assertEqual(h.getRawHeaders(b"server"), [b"fake-openai"])
+        # (Twisted's HTTP client keeps the upstream's Connection header to
+        # itself, so headers the upstream lists there cannot be recognised;
+        # the standard hop-by-hop ones always are.)
+        for banned in (b"connection", b"keep-alive", b"proxy-connection", b"proxy-authenticate"):
+            self.assertIsNone(h.getRawHeaders(banned))
+        response = yield self.client.delete(self.url("/v1/files/x"))
+        yield response.content()
+        self.assertNotIn(b"TwistedWeb", b"".join(response.headers.getRawHeaders(b"server", [])))
+        response = yield self.client.get(self.url("/status/204"))
+        yield response.content()
+        self.assertIsNone(response.headers.getRawHeaders(b"content-type"))
+
+    @defer.inlineCallbacks
+    def test_upstream_cookies_not_shared(self):
+        """A cookie one client's request got is never sent upstream for
+        another request."""
+        yield self.start_proxy()
+        response = yield self.client.get(self.url("/cookie"))
+        yield response.content()
+        self.assertTrue(response.headers.getRawHeaders(b"set-cookie"))
+        response = yield self.client.get(self.url("/echo"))
+        yield response.content()
+        self.assertIsNone(self.fake.seen[1].header(b"cookie"))

@@ -1,0 +1,412 @@
+"""
+One frozen configuration object, built from the environment, a ``.env`` file
+and the plugin's options, in that order of increasing precedence.
+
+Every setting has an environment variable (the names openai-forward users
+already have) and a command-line option.  A bad value raises
+:class:`ConfigError` naming the setting, which the tap turns into one clear
+line instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Optional, Sequence, Union
+from urllib.parse import urlsplit
+
+IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+
+_SPLIT = re.compile(r"[\s,]+")
+
+
+class ConfigError(ValueError):
+    """A setting has a value the proxy cannot run with; the text names it."""
+
+
+@dataclass(frozen=True)
+class UpstreamURL:
+    """An upstream base URL, split once at start-up.
+
+    :ivar scheme: ``http`` or ``https``.
+    :ivar netloc: ``host[:port]`` exactly as configured (no user info).
+    :ivar path: the base path without a trailing slash (often empty).
+    """
+
+    scheme: str
+    netloc: str
+    path: str
+
+    @property
+    def origin(self) -> str:
+        """``scheme://netloc``, the part no client input may change."""
+        return f"{self.scheme}://{self.netloc}"
+
+    def __str__(self) -> str:
+        return self.origin + self.path
+
+
+@dataclass(frozen=True)
+class Route:
+    """One FORWARD_CONFIG row: requests under ``prefix`` go to ``base``.
+
+    :ivar prefix: the route prefix, ``""`` for the root, else ``/x`` with no
+        trailing slash.
+    :ivar base: where the requests go.
+    :ivar kind: ``openai`` (keys, chat records) or ``general`` (a byte pipe).
+    """
+
+    prefix: str
+    base: UpstreamURL
+    kind: str = "openai"
+
+
+@dataclass(frozen=True)
+class ForwardKey:
+    """A forward key handed to clients, with the non-secret label logs use."""
+
+    label: str
+    key: str = field(repr=False)
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything the proxy needs to run, validated."""
+
+    default_keys: tuple[str, ...] = field(default=(), repr=False)
+    forward_keys: tuple[ForwardKey, ...] = ()
+    routes: tuple[Route, ...] = ()
+    log_chat: bool = True
+    log_dir: str = "Log"
+    ip_whitelist: tuple[IPNetwork, ...] = ()
+    ip_blacklist: tuple[IPNetwork, ...] = ()
+    trusted_proxies: tuple[IPNetwork, ...] = ()
+    connect_timeout: float = 10.0
+    read_timeout: float = 600.0
+    idle_timeout: float = 300.0
+    max_request_body: int = 512 * 1024 * 1024
+    proxy: Optional[UpstreamURL] = None
+    shutdown_grace: float = 30.0
+    healthz_path: str = "/healthz"
+
+
+# ---------------------------------------------------------------- parsers
+
+
+def parse_list(value: str) -> tuple[str, ...]:
+    """Split a space- or comma-separated setting, dropping empty items."""
+    return tuple(item for item in _SPLIT.split(value.strip()) if item)
+
+
+def parse_url(value: str) -> UpstreamURL:
+    """Parse an ``http(s)://host[:port][/path]`` base URL."""
+    try:
+        parts = urlsplit(value.strip())
+        port = parts.port  # raises ValueError on a bad port
+    except ValueError as e:
+        raise ValueError(f"{value!r} is not a URL ({e})") from None
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(f"{value!r} is not an http:// or https:// URL")
+    if not parts.hostname:
+        raise ValueError(f"{value!r} has no host")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError(f"{value!r} must not carry user info")
+    if parts.query or parts.fragment:
+        raise ValueError(f"{value!r} must not have a query or fragment")
+    if port is not None and not 0 < port < 65536:
+        raise ValueError(f"{value!r} has an out-of-range port")
+    host = parts.hostname
+    netloc = f"[{host}]" if ":" in host else host
+    if port is not None:
+        netloc += f":{port}"
+    return UpstreamURL(parts.scheme, netloc, parts.path.rstrip("/"))
+
+
+def parse_prefix(value: str) -> str:
+    """Normalise a route prefix: ``openai/`` and ``/openai`` give ``/openai``."""
+    stripped = value.strip().strip("/")
+    if not stripped:
+        return ""
+    if re.search(r"[\s?#%\\]", stripped) or any(
+        seg in ("", ".", "..") for seg in stripped.split("/")
+    ):
+        raise ValueError(f"{value!r} is not a plain path prefix")
+    return "/" + stripped
+
+
+def parse_bool(value: str) -> bool:
+    """``true/false``, ``1/0``, ``yes/no``, ``on/off``, any case."""
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"{value!r} is not true or false")
+
+
+def parse_seconds(value: str) -> float:
+    """A positive number of seconds."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise ValueError(f"{value!r} is not a number of seconds") from None
+    if not seconds > 0 or seconds == float("inf"):
+        raise ValueError(f"{value!r} must be a positive number of seconds")
+    return seconds
+
+
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "kib": 1024,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "mib": 1024**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "gib": 1024**3,
+}
+
+
+def parse_size(value: str) -> int:
+    """A byte count: ``1048576``, ``512MiB``, ``10MB``."""
+    match = re.fullmatch(r"\s*(\d+)\s*([a-zA-Z]*)\s*", value)
+    if not match or match.group(2).lower() not in _SIZE_UNITS:
+        raise ValueError(f"{value!r} is not a size in bytes (e.g. 1048576 or 512MiB)")
+    size = int(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
+    if size <= 0:
+        raise ValueError(f"{value!r} must be positive")
+    return size
+
+
+def parse_networks(value: str) -> tuple[IPNetwork, ...]:
+    """Addresses or CIDR ranges, IPv4 or IPv6, space- or comma-separated."""
+    networks = []
+    for item in parse_list(value):
+        try:
+            networks.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise ValueError(f"{item!r} is not an IP address or CIDR range") from None
+    return tuple(networks)
+
+
+def parse_forward_keys(value: str) -> tuple[ForwardKey, ...]:
+    """Forward keys, each ``fk-…`` or ``label:fk-…``."""
+    keys = []
+    for item in parse_list(value):
+        label, sep, key = item.rpartition(":")
+        if not sep:
+            label = ""
+        if not key.startswith("fk-") or len(key) < 8:
+            raise ValueError(
+                "every forward key must start with 'fk-' and be at least 8 characters"
+            )
+        if label and not re.fullmatch(r"[A-Za-z0-9_.\-]{1,64}", label):
+            raise ValueError(
+                "a forward key label may hold letters, digits, '_', '.', '-' only"
+            )
+        keys.append(ForwardKey(label or _hash_label(key), key))
+    if len({k.key for k in keys}) != len(keys):
+        raise ValueError("the same forward key is listed twice")
+    if len({k.label for k in keys}) != len(keys):
+        raise ValueError("two forward keys share a label")
+    return tuple(keys)
+
+
+def _hash_label(key: str) -> str:
+    import hashlib
+
+    return "fk#" + hashlib.sha256(key.encode()).hexdigest()[:8]
+
+
+def parse_default_keys(value: str) -> tuple[str, ...]:
+    """OpenAI keys the proxy spends on the clients' behalf."""
+    keys = parse_list(value)
+    for key in keys:
+        if key.startswith("fk-"):
+            raise ValueError("a forward key (fk-…) belongs in FORWARD_KEY, not here")
+        if not re.fullmatch(r"[\x21-\x7e]+", key):
+            raise ValueError("a key may hold printable ASCII characters only")
+    return keys
+
+
+def parse_forward_config(value: str) -> tuple[Route, ...]:
+    """openai-forward's FORWARD_CONFIG: a JSON list of route rows."""
+    try:
+        rows = json.loads(value)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not valid JSON ({e.msg} at column {e.colno})") from None
+    if isinstance(rows, dict):
+        rows = [rows]
+    if not isinstance(rows, list) or not rows:
+        raise ValueError("must be a non-empty JSON list of route objects")
+    routes = []
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise ValueError(f"row {i} is not an object")
+        unknown = set(row) - {"base_url", "route", "type"}
+        if unknown:
+            raise ValueError(f"row {i} has unknown field(s): {', '.join(sorted(unknown))}")
+        if not isinstance(row.get("base_url"), str):
+            raise ValueError(f"row {i} needs a 'base_url' string")
+        kind = row.get("type", "openai")
+        if kind not in ("openai", "general"):
+            raise ValueError(f"row {i}: 'type' must be 'openai' or 'general'")
+        route = row.get("route", "/")
+        if not isinstance(route, str):
+            raise ValueError(f"row {i}: 'route' must be a string")
+        try:
+            routes.append(Route(parse_prefix(route), parse_url(row["base_url"]), kind))
+        except ValueError as e:
+            raise ValueError(f"row {i}: {e}") from None
+    prefixes = [r.prefix or "/" for r in routes]
+    for p in prefixes:
+        if prefixes.count(p) > 1:
+            raise ValueError(f"route {p!r} is listed twice")
+    return tuple(routes)
+
+
+# ---------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One configurable: its env name, its option name and how to parse it."""
+
+    env: str
+    option: str
+    parse: Callable[[str], object]
+    help: str
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("OPENAI_API_KEY", "api-key", parse_default_keys,
+            "Default OpenAI key(s), space/comma-separated, used in turn."),
+    Setting("FORWARD_KEY", "forward-key", parse_forward_keys,
+            "Forward key(s) fk-… (optionally label:fk-…) clients send instead of a real key."),
+    Setting("OPENAI_BASE_URL", "base-url", parse_url,
+            "Upstream base URL [default: https://api.openai.com]."),
+    Setting("ROUTE_PREFIX", "route-prefix", parse_prefix,
+            "Serve under this path prefix, e.g. /openai."),
+    Setting("FORWARD_CONFIG", "forward-config", parse_forward_config,
+            'JSON list of {"base_url","route","type"} rows (overrides base-url/route-prefix).'),
+    Setting("LOG_CHAT", "log-chat", parse_bool, "Write chat records [default: true]."),
+    Setting("LOG_DIR", "log-dir", str, "Directory for chat records [default: Log]."),
+    Setting("IP_WHITELIST", "ip-whitelist", parse_networks,
+            "Only these addresses/CIDR ranges may connect."),
+    Setting("IP_BLACKLIST", "ip-blacklist", parse_networks,
+            "These addresses/CIDR ranges are refused."),
+    Setting("TRUSTED_PROXIES", "trusted-proxies", parse_networks,
+            "Peers whose X-Forwarded-For/Forwarded is believed."),
+    Setting("CONNECT_TIMEOUT", "connect-timeout", parse_seconds,
+            "Seconds to connect to the upstream [default: 10]."),
+    Setting("READ_TIMEOUT", "read-timeout", parse_seconds,
+            "Seconds to the upstream's response head [default: 600]."),
+    Setting("IDLE_TIMEOUT", "idle-timeout", parse_seconds,
+            "Seconds of silence allowed between body chunks [default: 300]."),
+    Setting("MAX_REQUEST_BODY", "max-request-body", parse_size,
+            "Largest request body in bytes, e.g. 512MiB [default: 512MiB]."),
+    Setting("PROXY", "proxy", parse_url,
+            "Outbound HTTP proxy for reaching the upstream, http://host:port."),
+    Setting("SHUTDOWN_GRACE", "shutdown-grace", parse_seconds,
+            "Seconds open requests get to finish on SIGTERM [default: 30]."),
+    Setting("HEALTHZ_PATH", "healthz-path", parse_prefix,
+            "Path of the health check [default: /healthz]."),
+)
+
+
+def read_env_file(path: str) -> dict[str, str]:
+    """Read a ``.env`` file if there is one; a missing file is no settings."""
+    if not os.path.isfile(path):
+        return {}
+    from dotenv import dotenv_values
+
+    return {k: v for k, v in dotenv_values(path).items() if v is not None}
+
+
+def load_config(
+    options: Mapping[str, Optional[str]],
+    environ: Mapping[str, str],
+    env_file: Optional[Mapping[str, str]] = None,
+) -> Config:
+    """Merge the sources (options > environment > .env) and validate.
+
+    :param options: option name (as in :data:`SETTINGS`) to raw value, None
+        where the option was not given.
+    :raises ConfigError: naming the first bad setting.
+    """
+    raw: dict[str, str] = {}
+    for setting in SETTINGS:
+        value = options.get(setting.option)
+        if value is None:
+            value = environ.get(setting.env)
+        if value is None and env_file is not None:
+            value = env_file.get(setting.env)
+        if value is not None:
+            raw[setting.env] = value
+
+    parsed: dict[str, object] = {}
+    for setting in SETTINGS:
+        if setting.env not in raw:
+            continue
+        try:
+            parsed[setting.env] = setting.parse(raw[setting.env])
+        except ValueError as e:
+            raise ConfigError(f"{setting.env} (--{setting.option}): {e}") from None
+
+    if "FORWARD_CONFIG" in parsed:
+        routes = parsed["FORWARD_CONFIG"]
+    else:
+        base = parsed.get("OPENAI_BASE_URL") or parse_url("https://api.openai.com")
+        routes = (Route(parsed.get("ROUTE_PREFIX", ""), base, "openai"),)  # type: ignore[arg-type]
+
+    forward_keys = parsed.get("FORWARD_KEY", ())
+    default_keys = parsed.get("OPENAI_API_KEY", ())
+    if forward_keys and not default_keys:
+        raise ConfigError(
+            "FORWARD_KEY (--forward-key): forward keys need OPENAI_API_KEY to stand for"
+        )
+    kwargs: dict[str, object] = dict(
+        default_keys=default_keys,
+        forward_keys=forward_keys,
+        routes=routes,
+    )
+    for env, attr_name in (
+        ("LOG_CHAT", "log_chat"),
+        ("LOG_DIR", "log_dir"),
+        ("IP_WHITELIST", "ip_whitelist"),
+        ("IP_BLACKLIST", "ip_blacklist"),
+        ("TRUSTED_PROXIES", "trusted_proxies"),
+        ("CONNECT_TIMEOUT", "connect_timeout"),
+        ("READ_TIMEOUT", "read_timeout"),
+        ("IDLE_TIMEOUT", "idle_timeout"),
+        ("MAX_REQUEST_BODY", "max_request_body"),
+        ("PROXY", "proxy"),
+        ("SHUTDOWN_GRACE", "shutdown_grace"),
+        ("HEALTHZ_PATH", "healthz_path"),
+    ):
+        if env in parsed:
+            kwargs[attr_name] = parsed[env]
+    if kwargs.get("log_dir") == "":
+        raise ConfigError("LOG_DIR (--log-dir): must not be empty")
+    if kwargs.get("healthz_path", "/healthz") == "":
+        raise ConfigError("HEALTHZ_PATH (--healthz-path): must not be the root")
+    return Config(**kwargs)  # type: ignore[arg-type]
+
+
+def describe(config: Config) -> Sequence[str]:
+    """Start-up lines that say what the proxy will do, with no secret in them."""
+    lines = []
+    for route in config.routes:
+        lines.append(f"route {route.prefix or '/'} -> {route.base} ({route.kind})")
+    lines.append(
+        f"{len(config.default_keys)} default key(s), "
+        f"{len(config.forward_keys)} forward key(s)"
+        + (f": {', '.join(k.label for k in config.forward_keys)}" if config.forward_keys else "")
+    )
+    return lines

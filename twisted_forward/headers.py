@@ -1,0 +1,110 @@
+"""
+Which headers cross the proxy, in each direction.
+
+One place for the lists: hop-by-hop headers (RFC 9110 §7.6.1) never cross;
+headers that say who or where the client is never reach the upstream, since
+hiding the client's origin is the point of the proxy.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+from twisted.web.http_headers import Headers
+
+#: Connection-specific headers: meaningful for one hop only (RFC 9110 §7.6.1,
+#: plus the non-standard Proxy-Connection and the proxy's own credentials).
+HOP_BY_HOP: frozenset[bytes] = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+
+#: Headers that carry the client's address or the path it took to us.
+CLIENT_IDENTIFYING: frozenset[bytes] = frozenset(
+    {
+        b"forwarded",
+        b"via",
+        b"x-forwarded-for",
+        b"x-forwarded-host",
+        b"x-forwarded-port",
+        b"x-forwarded-proto",
+        b"x-forwarded-server",
+        b"x-original-forwarded-for",
+        b"x-real-ip",
+        b"x-client-ip",
+        b"x-cluster-client-ip",
+        b"client-ip",
+        b"true-client-ip",
+        b"cf-connecting-ip",
+        b"cf-connecting-ipv6",
+        b"fastly-client-ip",
+        b"x-proxyuser-ip",
+    }
+)
+
+#: Never sent upstream.  Host and Content-Length are the Agent's to write for
+#: the upstream; cookies are the client's with us, not with the upstream;
+#: Expect was answered by our server already; Authorization is rebuilt by
+#: the key rules.
+_NOT_UPSTREAM: frozenset[bytes] = HOP_BY_HOP | CLIENT_IDENTIFYING | frozenset(
+    {b"host", b"content-length", b"cookie", b"cookie2", b"expect", b"authorization"}
+)
+
+#: Never relayed back to the client.  Content-Length is set from the
+#: upstream's framing by the relay.
+_NOT_DOWNSTREAM: frozenset[bytes] = HOP_BY_HOP | frozenset({b"content-length"})
+
+
+def _connection_tokens(headers: Headers) -> frozenset[bytes]:
+    """Header names listed in Connection: hop-by-hop by declaration."""
+    values = headers.getRawHeaders(b"connection")
+    if not values:
+        return frozenset()
+    return frozenset(
+        token.strip().lower() for value in values for token in value.split(b",")
+    )
+
+
+def _copy(
+    source: Headers, dest: Headers, skip: frozenset[bytes]
+) -> None:
+    extra = _connection_tokens(source)
+    for name, values in source.getAllRawHeaders():
+        lowered = name.lower()
+        if lowered in skip or lowered in extra:
+            continue
+        dest.setRawHeaders(name, list(values))
+
+
+def upstream_request_headers(
+    client: Headers, authorization: Optional[bytes]
+) -> Headers:
+    """The headers to send upstream for a client's request.
+
+    :param authorization: the Authorization value the key rules chose, or
+        None to send none.
+    """
+    out = Headers()
+    _copy(client, out, _NOT_UPSTREAM)
+    if authorization is not None:
+        out.setRawHeaders(b"authorization", [authorization])
+    return out
+
+
+def relay_response_headers(upstream: Headers, dest: Headers) -> None:
+    """Copy the upstream's answer headers, minus hop-by-hop ones, to ``dest``."""
+    _copy(upstream, dest, _NOT_DOWNSTREAM)
+
+
+def names(headers: Headers) -> Iterable[bytes]:
+    """Lower-cased header names, for tests and logging."""
+    return (name.lower() for name, _ in headers.getAllRawHeaders())

@@ -1,0 +1,519 @@
+"""
+The forwarding resource and the body relay.
+
+One :class:`ProxyResource` per route.  For each request an :class:`_Exchange`
+chooses the key, sends the request upstream through treq and, once the
+answer's head arrives, hands the body to a :class:`_Relay` protocol that
+writes each chunk to the client as it comes, with the upstream transport
+registered as the client request's producer: a slow client pauses the
+upstream instead of filling the proxy's memory.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import zlib
+from typing import Optional
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
+from twisted.web.http import PotentialDataLoss
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IRequest, IResponse
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
+
+from .chatlog import ExchangeInfo, ExchangeTap, NullRecorder, Recorder
+from .config import Route
+from .errors import error_body, send_error, write_error
+from .headers import relay_response_headers, upstream_request_headers
+from .keys import KeyDecision, KeyRules
+from .upstream import (
+    BadTarget,
+    BytesProducer,
+    Upstream,
+    join_url,
+    response_length,
+    restore_encoding,
+    split_target,
+)
+
+#: Statuses for which another default key is tried, if nothing was sent yet.
+_FAILOVER = frozenset({401, 429, 500, 502, 503, 504})
+#: Cool-down for a rate-limited key when the upstream gives no Retry-After.
+_DEFAULT_REST = 20.0
+#: Error bodies larger than this are not scrubbed but cut off.
+_SCRUB_LIMIT = 1 << 20
+_SECRET = re.compile(rb"\b(sk|fk)-[A-Za-z0-9_\-*.]{3,}")
+
+_ids = itertools.count(1)
+_ID_PREFIX = os.urandom(4).hex()
+
+
+def scrub(body: bytes) -> bytes:
+    """Mask anything in ``body`` that looks like an OpenAI or forward key."""
+    return _SECRET.sub(lambda m: m.group(1) + b"-***", body)
+
+
+def client_address(request: IRequest) -> str:
+    """The client's address as the access gate resolved it, else the peer."""
+    resolved = getattr(request, "forward_client", None)
+    if resolved is not None:
+        return str(resolved)
+    peer = request.getClientAddress()
+    return str(getattr(peer, "host", "unix"))
+
+
+class ProxyResource(Resource):
+    """Forwards every request it renders to one upstream.
+
+    It is a leaf: the router has already taken off the route prefix and put
+    the rest of the raw target on the request as ``forward_target``.
+    """
+
+    isLeaf = True
+    log = Logger()
+
+    def __init__(
+        self,
+        route: Route,
+        upstream: Upstream,
+        keys: KeyRules,
+        reactor: IReactorTime,
+        read_timeout: float,
+        idle_timeout: float,
+        recorder: Optional[Recorder] = None,
+    ) -> None:
+        super().__init__()
+        self.route = route
+        self.upstream = upstream
+        self.keys = keys
+        self.reactor = reactor
+        self.read_timeout = read_timeout
+        self.idle_timeout = idle_timeout
+        self.recorder: Recorder = recorder or NullRecorder()
+        #: Exchanges in flight, for draining at shutdown.
+        self.open: set[_Exchange] = set()
+        self._drain_waiters: list[Deferred[None]] = []
+
+    def drained(self) -> "Deferred[None]":
+        """Fires when no exchange is in flight any more."""
+        if not self.open:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._drain_waiters.append(d)
+        return d
+
+    def _closed(self, exchange: "_Exchange") -> None:
+        self.open.discard(exchange)
+        if not self.open and self._drain_waiters:
+            waiters, self._drain_waiters = self._drain_waiters, []
+            for d in waiters:
+                d.callback(None)
+
+    def render(self, request: IRequest) -> bytes | int:
+        target = getattr(request, "forward_target", request.uri)
+        try:
+            path, query = split_target(target)
+        except BadTarget as e:
+            return write_error(request, 400, "invalid_request_target", str(e))
+        decision = self.keys.decide(request.requestHeaders.getRawHeaders(b"authorization"))
+        if decision.refusal is not None:
+            self.log.info(
+                "refused {method} {path}: key ({label})",
+                method=request.method, path=path, label=decision.label,
+            )
+            return write_error(request, 401, "invalid_api_key", decision.refusal)
+        exchange = _Exchange(self, request, path, query, decision)
+        exchange.start()
+        return NOT_DONE_YET
+
+
+class _Exchange:
+    """One client request and its upstream attempt(s)."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        resource: ProxyResource,
+        request: IRequest,
+        path: bytes,
+        query: bytes,
+        decision: KeyDecision,
+    ) -> None:
+        self.resource = resource
+        self.request = request
+        self.decision = decision
+        self.url = join_url(resource.route.base, path, query)
+        self.path = path
+        self.started = resource.reactor.seconds()
+        self.client_gone = False
+        self.done = False
+        self.relay: Optional[_Relay] = None
+        self.pending = None  # the Deferred for the head of the current attempt
+        self.head_timer: Optional[IDelayedCall] = None
+        self.timed_out = False
+        self.key_order = resource.keys.default.order() if decision.substituted else []
+        self.key_index: Optional[int] = None
+        self.tap: Optional[ExchangeTap] = None
+        self.request_id = f"{_ID_PREFIX}-{next(_ids):x}"
+
+    # ------------------------------------------------------------ start
+
+    def start(self) -> None:
+        request = self.request
+        res = self.resource
+        res.open.add(self)
+        if res.route.kind == "openai":
+            self.tap = res.recorder.begin(
+                ExchangeInfo(
+                    request_id=self.request_id,
+                    route=res.route.prefix or "/",
+                    method=request.method.decode("latin-1"),
+                    path=self.path.decode("latin-1"),
+                    client=client_address(request),
+                    key_label=self.decision.label,
+                    started=self.started,
+                    read_body=self._read_body,
+                )
+            )
+        request.notifyFinish().addBoth(self._finished)
+        self._attempt()
+
+    def _read_body(self) -> bytes:
+        content = self.request.content
+        if content is None:
+            return b""
+        content.seek(0)
+        data = content.read()
+        content.seek(0)
+        return data
+
+    def _body(self):
+        """A fresh producer of the request body, or None if there is none."""
+        req = self.request
+        headers = req.requestHeaders
+        if not (headers.hasHeader(b"content-length") or headers.hasHeader(b"transfer-encoding")):
+            return None
+        content = req.content
+        content.seek(0)
+        getvalue = getattr(content, "getvalue", None)
+        if getvalue is not None:
+            return BytesProducer(getvalue())
+        from twisted.web.client import FileBodyProducer
+
+        return FileBodyProducer(content)
+
+    def _attempt(self) -> None:
+        authorization = self.decision.authorization
+        if self.key_order:
+            self.key_index = self.key_order.pop(0)
+            authorization = self.resource.keys.default.bearer(self.key_index)
+        headers = upstream_request_headers(self.request.requestHeaders, authorization)
+        try:
+            d = self.resource.upstream.request(
+                self.request.method, self.url, headers, self._body()
+            )
+        except ValueError:
+            self._fail(400, "invalid_request", "The request cannot be forwarded as sent.")
+            return
+        self.pending = d
+        self.timed_out = False
+        self.head_timer = self.resource.reactor.callLater(
+            self.resource.read_timeout, self._head_timeout
+        )
+        d.addCallbacks(self._got_head, self._no_head)
+
+    def _head_timeout(self) -> None:
+        self.head_timer = None
+        self.timed_out = True
+        if self.pending is not None:
+            self.pending.cancel()
+
+    def _stop_head_timer(self) -> None:
+        if self.head_timer is not None and self.head_timer.active():
+            self.head_timer.cancel()
+        self.head_timer = None
+
+    # ------------------------------------------------------------ head
+
+    def _got_head(self, response: IResponse) -> None:
+        self.pending = None
+        self._stop_head_timer()
+        if self.client_gone:
+            _discard(response)
+            return
+        code = response.code
+        if self.key_index is not None and code in _FAILOVER:
+            self._key_failed(code, response.headers)
+            if self.key_order:
+                self.log.info(
+                    "upstream {code} with {key}; trying the next default key",
+                    code=code, key=self.resource.keys.default.label(self.key_index),
+                )
+                _discard(response)
+                self._attempt()
+                return
+        request = self.request
+        request.setResponseCode(code, response.phrase)
+        # Drop what twisted.web.server.Request.process set (Server, Date):
+        # the answer's headers are the upstream's.
+        request.responseHeaders = Headers()
+        relay_response_headers(response.headers, request.responseHeaders)
+        restore_encoding(request.responseHeaders)
+        if self.decision.substituted and code >= 400:
+            response.deliverBody(_ScrubbingRelay(self))
+            return
+        length = response_length(response)
+        if length is not None and request.method != b"HEAD":
+            request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % length])
+        if self.tap is not None:
+            self.tap.response(code, request.responseHeaders)
+        self.relay = _Relay(self)
+        response.deliverBody(self.relay)
+
+    def _key_failed(self, code: int, headers: Headers) -> None:
+        keys = self.resource.keys.default
+        assert self.key_index is not None
+        if code == 401:
+            keys.revoke(self.key_index)
+            self.log.warn(
+                "the upstream refused default key {key}; it leaves the rotation",
+                key=keys.label(self.key_index),
+            )
+        elif code == 429:
+            keys.rest(self.key_index, _retry_after(headers))
+
+    def _no_head(self, failure: Failure) -> None:
+        self.pending = None
+        self._stop_head_timer()
+        if self.client_gone:
+            return
+        if self.timed_out:
+            self._fail(504, "upstream_timeout", "The upstream did not answer in time.")
+            return
+        from twisted.internet import error
+
+        if failure.check(error.TimeoutError, error.TCPTimedOutError):
+            self._fail(504, "upstream_timeout", "Connecting to the upstream timed out.")
+            return
+        self.log.warn(
+            "upstream unreachable for {path}: {why}",
+            path=self.path, why=failure.getErrorMessage(),
+        )
+        self._fail(502, "upstream_unreachable", "The upstream could not be reached.")
+
+    def _fail(self, status: int, code: str, message: str) -> None:
+        """Answer with the proxy's own error, the upstream having given none."""
+        if self.done or self.client_gone:
+            return
+        if self.tap is not None:
+            self.tap.response(status, Headers())
+        send_error(self.request, status, code, message)
+        self._end("proxy_error")
+
+    # ------------------------------------------------------------ end
+
+    def _end(self, outcome: str) -> None:
+        if self.done:
+            return
+        self.done = True
+        self.resource._closed(self)
+        if self.tap is not None:
+            tap, self.tap = self.tap, None
+            try:
+                tap.end(outcome)
+            except Exception:
+                self.log.failure("chat recorder failed")
+
+    def abort(self) -> None:
+        """Cut the exchange now (shutdown grace period over)."""
+        if self.done:
+            return
+        if self.pending is not None:
+            self._stop_head_timer()
+            self.pending.cancel()
+        if self.relay is not None:
+            self.relay.stop()
+        channel = getattr(self.request, "channel", None)
+        if channel is not None and channel.transport is not None:
+            channel.transport.abortConnection()
+        self._end("client_left")
+
+    def _finished(self, result: object) -> None:
+        """The client connection finished or was lost."""
+        if not isinstance(result, Failure):
+            return
+        self.client_gone = True
+        if self.pending is not None:
+            self._stop_head_timer()
+            self.pending.cancel()
+        if self.relay is not None:
+            self.relay.stop()
+        self._end("client_left")
+
+
+def _retry_after(headers: Headers) -> float:
+    for value in headers.getRawHeaders(b"retry-after") or ():
+        try:
+            return max(1.0, min(float(value), 3600.0))
+        except ValueError:
+            pass
+    return _DEFAULT_REST
+
+
+class _Discard(Protocol):
+    """Takes an unwanted answer's body and drops its connection."""
+
+    def connectionMade(self) -> None:
+        self.transport.stopProducing()
+
+    def dataReceived(self, data: bytes) -> None:
+        pass
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        pass
+
+
+def _discard(response: IResponse) -> None:
+    response.deliverBody(_Discard())
+
+
+class _Relay(Protocol):
+    """Writes the upstream body to the client chunk by chunk, as it comes."""
+
+    log = Logger()
+
+    def __init__(self, exchange: _Exchange) -> None:
+        self.exchange = exchange
+        self.request = exchange.request
+        self.tap = exchange.tap
+        self.reactor = exchange.resource.reactor
+        self.idle = exchange.resource.idle_timeout
+        self.last = 0.0
+        self.timer: Optional[IDelayedCall] = None
+        self.stopped = False
+
+    def connectionMade(self) -> None:
+        self.request.registerProducer(self.transport, True)
+        self.last = self.reactor.seconds()
+        self.timer = self.reactor.callLater(self.idle, self._check_idle)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.stopped:
+            return
+        self.last = self.reactor.seconds()
+        self.request.write(data)
+        if self.tap is not None:
+            self.tap.data(data)
+
+    def _check_idle(self) -> None:
+        """Fires at most once an idle period; cheaper than a reset per chunk."""
+        self.timer = None
+        quiet = self.reactor.seconds() - self.last
+        if quiet < self.idle:
+            self.timer = self.reactor.callLater(self.idle - quiet, self._check_idle)
+            return
+        self.log.warn(
+            "upstream silent for {seconds}s mid-body on {path}; ending the answer",
+            seconds=self.idle, path=self.exchange.path,
+        )
+        self._outcome = "idle_timeout"
+        self.stop()
+        self._abort_client()
+        self.exchange._end("idle_timeout")
+
+    def stop(self) -> None:
+        """Stop relaying: the client left, or the upstream went quiet."""
+        if self.stopped:
+            return
+        self.stopped = True
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = None
+        if self.transport is not None:
+            self.transport.stopProducing()
+
+    def _abort_client(self) -> None:
+        request = self.request
+        if request.channel is not None:
+            request.unregisterProducer()
+            transport = request.channel.transport
+            if transport is not None:
+                transport.abortConnection()
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = None
+        exchange = self.exchange
+        if exchange.client_gone or exchange.done:
+            return
+        request = self.request
+        if reason.check(ResponseDone, PotentialDataLoss):
+            request.unregisterProducer()
+            request.finish()
+            exchange._end("complete")
+            return
+        self.log.warn(
+            "upstream body broke off on {path}: {why}",
+            path=exchange.path, why=reason.getErrorMessage(),
+        )
+        # The client must not take a cut-off body for a whole one.
+        self._abort_client()
+        exchange._end("upstream_error")
+
+
+class _ScrubbingRelay(Protocol):
+    """Buffers an error answer given for a default key and masks keys in it.
+
+    The upstream echoes part of a rejected key in its error message; that
+    key is ours, and the client must not see any of it.
+    """
+
+    def __init__(self, exchange: _Exchange) -> None:
+        self.exchange = exchange
+        self.chunks: list[bytes] = []
+        self.size = 0
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.size <= _SCRUB_LIMIT:
+            self.chunks.append(data)
+            self.size += len(data)
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        exchange = self.exchange
+        if exchange.client_gone or exchange.done:
+            return
+        request = exchange.request
+        body = b"".join(self.chunks)
+        headers = request.responseHeaders
+        encoding = (headers.getRawHeaders(b"content-encoding") or [b""])[0].strip().lower()
+        if encoding in (b"gzip", b"x-gzip", b"deflate"):
+            try:
+                body = zlib.decompress(body, 47 if encoding != b"deflate" else 15)
+                headers.removeHeader(b"content-encoding")
+            except zlib.error:
+                body = b""
+        elif encoding and encoding != b"identity":
+            body = b""  # cannot look inside: send nothing rather than a key
+        if not reason.check(ResponseDone, PotentialDataLoss) or self.size > _SCRUB_LIMIT:
+            body = error_body(502, "upstream_error", "The upstream's error answer was unreadable.")
+            headers.setRawHeaders(b"content-type", [b"application/json"])
+        body = scrub(body)
+        headers.setRawHeaders(b"content-length", [b"%d" % len(body)])
+        if exchange.tap is not None:
+            exchange.tap.response(request.code, headers)
+            exchange.tap.data(body)
+        if request.method != b"HEAD":
+            request.write(body)
+        request.finish()
+        exchange._end("complete")
+
