@@ -209,6 +209,13 @@ class FakeOpenAI(Resource):
             )
             transport.loseConnection()
             return NOT_DONE_YET
+        if path == b"/bare":
+            # No Server, Date or Content-Type: none may be invented downstream
+            # but Date (RFC 9110 6.6.1).
+            transport = request.channel.transport
+            transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            transport.loseConnection()
+            return NOT_DONE_YET
         if path.startswith(b"/big/"):
             return self._big(request, int(path.rsplit(b"/", 1)[1]))
         request.setResponseCode(404)

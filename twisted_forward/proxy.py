@@ -265,9 +265,12 @@ class _Exchange:
         request.setResponseCode(code, response.phrase)
         # Drop what twisted.web.server.Request.process set (Server, Date):
         # the answer's headers are the upstream's.
+        date = request.responseHeaders.getRawHeaders(b"date")
         request.responseHeaders = Headers()
         relay_response_headers(response.headers, request.responseHeaders)
         restore_encoding(request.responseHeaders)
+        if date and not request.responseHeaders.hasHeader(b"date"):
+            request.responseHeaders.setRawHeaders(b"date", date)  # RFC 9110 §6.6.1
         if self.decision.substituted and code >= 400:
             response.deliverBody(_ScrubbingRelay(self))
             return
