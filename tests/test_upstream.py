@@ -1,0 +1,77 @@
+"""URL joining and request-target handling, hostile inputs included."""
+
+from __future__ import annotations
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from twisted_forward.config import parse_url
+from twisted_forward.upstream import BadTarget, join_url, split_target
+
+from hyperlink import EncodedURL
+
+
+def _forward(base: str, target: bytes) -> bytes:
+    path, query = split_target(target)
+    return join_url(parse_url(base), path, query)
+
+
+class JoinTests(SynchronousTestCase):
+    def test_plain(self):
+        self.assertEqual(
+            _forward("https://api.openai.com", b"/v1/models?limit=2"),
+            b"https://api.openai.com/v1/models?limit=2",
+        )
+
+    def test_base_path(self):
+        self.assertEqual(
+            _forward("https://example.com/openai/", b"/v1/chat/completions"),
+            b"https://example.com/openai/v1/chat/completions",
+        )
+
+    def test_hostile_paths_cannot_change_host(self):
+        for target in (
+            b"//evil.com/x",
+            b"/@evil.com",
+            b"/%2F%2Fevil.com",
+            b"/\\\\evil.com/x",
+            b"/x#@evil.com/",
+            b"/x?@evil.com",
+            b"/v1/x?next=http://evil.com",
+            b"http://evil.com/v1/models",
+            b"https://user@evil.com:443/v1/models",
+            b"HTTP://evil.com",
+            b"/v1/\xff\x00evil",
+        ):
+            url = _forward("https://api.openai.com:443", target)
+            parsed = EncodedURL.from_text(url.decode("ascii"))
+            self.assertEqual(parsed.host, "api.openai.com", (target, url))
+            self.assertEqual(parsed.port, 443, (target, url))
+            self.assertEqual(parsed.userinfo, "", (target, url))
+
+    def test_absolute_form_uses_path_only(self):
+        self.assertEqual(
+            _forward("https://api.openai.com", b"http://evil.com/v1/models?x=1"),
+            b"https://api.openai.com/v1/models?x=1",
+        )
+        self.assertEqual(
+            _forward("https://api.openai.com", b"http://evil.com"),
+            b"https://api.openai.com/",
+        )
+
+    def test_unsafe_bytes_escaped(self):
+        self.assertEqual(
+            _forward("http://h", b"/a\xc3\xa9#b"), b"http://h/a%C3%A9%23b"
+        )
+
+    def test_query_kept_raw(self):
+        self.assertEqual(
+            _forward("http://h", b"/a?x=%2F&&y&a+b=%20"), b"http://h/a?x=%2F&&y&a+b=%20"
+        )
+
+    def test_refused_targets(self):
+        for target in (b"*", b"evil.com/x", b"", b"/a/../b", b"/..", b"/a/./b", b"/%2e%2E/x",
+                       b"/a/.%2e/b", b"http://h/../x"):
+            self.assertRaises(BadTarget, split_target, target)
+
+    def test_dots_inside_segments_allowed(self):
+        self.assertEqual(split_target(b"/v1/files/a..b/.x"), (b"/v1/files/a..b/.x", b""))
