@@ -1,0 +1,342 @@
+"""
+The proxy's timers, cancellation, relay and failover, driven in memory: the
+real HTTP parser fed bytes on a StringTransport, a MemoryReactorClock, and
+an upstream whose answers the test controls.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Optional
+
+from twisted.internet import error
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.client import ResponseDone
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
+from twisted.web._newclient import ResponseFailed
+from zope.interface import implementer
+
+from twisted_forward.config import load_config
+from twisted_forward.site import ForwardSite, build_root
+
+
+@implementer(IResponse)
+class FakeResponse:
+    """An upstream answer whose body the test feeds by hand."""
+
+    version = (b"HTTP", 1, 1)
+    request = None
+    previousResponse = None
+
+    def __init__(self, code: int = 200, headers: Optional[dict] = None, length=UNKNOWN_LENGTH):
+        self.code = code
+        self.phrase = b"OK"
+        self.headers = Headers(headers or {})
+        self.length = length
+        self.protocol = None
+        self.transport = BodyTransport()
+
+    def deliverBody(self, protocol) -> None:
+        self.protocol = protocol
+        protocol.makeConnection(self.transport)
+
+    def setPreviousResponse(self, response) -> None:
+        pass
+
+    def finish(self) -> None:
+        self.protocol.connectionLost(Failure(ResponseDone()))
+
+
+class BodyTransport:
+    """The upstream connection as the relay sees it: a push producer."""
+
+    def __init__(self) -> None:
+        self.paused = 0
+        self.resumed = 0
+        self.stopped = False
+
+    def pauseProducing(self) -> None:
+        self.paused += 1
+
+    def resumeProducing(self) -> None:
+        self.resumed += 1
+
+    def stopProducing(self) -> None:
+        self.stopped = True
+
+
+@dataclass
+class Call:
+    method: bytes
+    url: bytes
+    headers: Headers
+    body: object
+    deferred: Deferred = field(init=False)
+    cancelled: bool = False
+
+    def __post_init__(self) -> None:
+        def cancel(d: Deferred) -> None:
+            self.cancelled = True
+
+        self.deferred = Deferred(cancel)
+
+
+class FakeUpstream:
+    """Records upstream requests; each answers when the test says."""
+
+    def __init__(self) -> None:
+        self.calls: list[Call] = []
+
+    def request(self, method, url, headers, body) -> Deferred:
+        call = Call(method, url, headers, body)
+        self.calls.append(call)
+        return call.deferred
+
+    def close(self) -> Deferred:
+        return succeed(None)
+
+
+class ProxyHarness(SynchronousTestCase):
+    env: dict = {}
+
+    def setUp(self) -> None:
+        self.clock = MemoryReactorClock()
+        self.upstream = FakeUpstream()
+        env = {"OPENAI_BASE_URL": "http://upstream.test", "LOG_CHAT": "false", **self.env}
+        self.config = load_config({}, env, None)
+        self.built = build_root(self.config, self.clock, upstream=self.upstream)
+        # No connection idle timeout: the clock should hold the proxy's timers only.
+        self.site = ForwardSite(self.built.root, reactor=self.clock, timeout=None)
+
+    def connect(self) -> tuple:
+        channel = self.site.buildProtocol(None)
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        return channel, transport
+
+    def send(self, raw: bytes):
+        channel, transport = self.connect()
+        channel.dataReceived(raw)
+        return channel, transport
+
+    def get(self, path: bytes = b"/v1/models", headers: bytes = b""):
+        return self.send(b"GET " + path + b" HTTP/1.1\r\nHost: proxy\r\n" + headers + b"\r\n")
+
+    @staticmethod
+    def status(transport: StringTransport) -> int:
+        return int(transport.value().split(b" ", 2)[1])
+
+    @staticmethod
+    def body(transport: StringTransport) -> bytes:
+        return transport.value().split(b"\r\n\r\n", 1)[1]
+
+    def error_code(self, transport: StringTransport) -> str:
+        return json.loads(self.body(transport))["error"]["code"]
+
+
+class TimeoutTests(ProxyHarness):
+    env = {"READ_TIMEOUT": "30", "IDLE_TIMEOUT": "20"}
+
+    def test_head_timeout_is_504(self):
+        channel, transport = self.get()
+        [call] = self.upstream.calls
+        self.clock.advance(29)
+        self.assertEqual(transport.value(), b"")
+        self.clock.advance(1)
+        self.assertTrue(call.cancelled)
+        self.assertEqual(self.status(transport), 504)
+        self.assertEqual(self.error_code(transport), "upstream_timeout")
+
+    def test_head_in_time_cancels_timer(self):
+        channel, transport = self.get()
+        response = FakeResponse(200, {b"content-type": [b"application/json"]}, length=2)
+        self.upstream.calls[0].deferred.callback(response)
+        response.protocol.dataReceived(b"{}")
+        response.finish()
+        self.assertEqual(self.status(transport), 200)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_connect_refused_is_502(self):
+        channel, transport = self.get()
+        self.upstream.calls[0].deferred.errback(error.ConnectionRefusedError())
+        self.assertEqual(self.status(transport), 502)
+        self.assertEqual(self.error_code(transport), "upstream_unreachable")
+        self.assertNotIn(b"upstream.test", transport.value())
+
+    def test_connect_timeout_is_504(self):
+        channel, transport = self.get()
+        self.upstream.calls[0].deferred.errback(error.TimeoutError())
+        self.assertEqual(self.status(transport), 504)
+
+    def test_idle_timeout_mid_body(self):
+        """Silence between chunks ends the answer; chunks reset the clock."""
+        channel, transport = self.get()
+        response = FakeResponse(200, {b"content-type": [b"text/event-stream"]})
+        self.upstream.calls[0].deferred.callback(response)
+        response.protocol.dataReceived(b"data: 1\n\n")
+        self.clock.advance(15)
+        response.protocol.dataReceived(b"data: 2\n\n")
+        self.clock.advance(15)
+        self.assertFalse(response.transport.stopped)
+        self.assertFalse(transport.aborted if hasattr(transport, "aborted") else transport.disconnecting)
+        self.clock.advance(5)
+        self.assertTrue(response.transport.stopped)
+        self.assertTrue(getattr(transport, "aborted", False) or transport.disconnecting)
+        self.assertIn(b"data: 2", transport.value())
+        self.assertFalse(self.built.proxies[0].open)
+
+
+class ClientGoneTests(ProxyHarness):
+    def test_before_head_cancels_upstream_request(self):
+        channel, transport = self.get()
+        call = self.upstream.calls[0]
+        channel.connectionLost(Failure(error.ConnectionDone()))
+        self.assertTrue(call.cancelled)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertFalse(self.built.proxies[0].open)
+
+    def test_after_head_stops_upstream(self):
+        channel, transport = self.get()
+        response = FakeResponse(200, {b"content-type": [b"text/event-stream"]})
+        self.upstream.calls[0].deferred.callback(response)
+        response.protocol.dataReceived(b"data: 1\n\n")
+        channel.connectionLost(Failure(error.ConnectionDone()))
+        self.assertTrue(response.transport.stopped)
+        # Late data and the end are dropped without a write after the loss.
+        response.protocol.dataReceived(b"data: 2\n\n")
+        response.finish()
+        self.assertNotIn(b"data: 2", transport.value())
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertFalse(self.built.proxies[0].open)
+
+
+class RelayTests(ProxyHarness):
+    def test_backpressure_reaches_upstream(self):
+        """A client that stops reading pauses the upstream connection."""
+        channel, transport = self.get()
+        response = FakeResponse(200)
+        self.upstream.calls[0].deferred.callback(response)
+        # What a real transport does when its send buffer fills, and drains.
+        transport.producer.pauseProducing()
+        self.assertEqual(response.transport.paused, 1)
+        transport.producer.resumeProducing()
+        self.assertEqual(response.transport.resumed, 1)
+
+    def test_chunks_written_as_they_come(self):
+        channel, transport = self.get()
+        response = FakeResponse(200, {b"content-type": [b"text/event-stream"]})
+        self.upstream.calls[0].deferred.callback(response)
+        response.protocol.dataReceived(b"data: first\n\n")
+        self.assertIn(b"data: first", transport.value())
+        self.assertIn(b"transfer-encoding: chunked", transport.value().lower())
+        response.finish()
+        self.assertTrue(transport.value().endswith(b"0\r\n\r\n"))
+
+    def test_known_length_kept(self):
+        channel, transport = self.get()
+        response = FakeResponse(200, length=5)
+        self.upstream.calls[0].deferred.callback(response)
+        response.protocol.dataReceived(b"hello")
+        response.finish()
+        head = transport.value().split(b"\r\n\r\n")[0].lower()
+        self.assertIn(b"content-length: 5", head)
+        self.assertNotIn(b"chunked", head)
+
+    def test_broken_body_aborts_client(self):
+        """A cut-off upstream body is not passed off as a whole one."""
+        channel, transport = self.get()
+        response = FakeResponse(200)
+        self.upstream.calls[0].deferred.callback(response)
+        response.protocol.dataReceived(b"partial")
+        response.protocol.connectionLost(Failure(ResponseFailed([Failure(error.ConnectionLost())])))
+        self.assertFalse(transport.value().endswith(b"0\r\n\r\n"))
+        self.assertTrue(getattr(transport, "aborted", False) or transport.disconnecting)
+
+    def test_request_line_garbage_is_400(self):
+        channel, transport = self.send(b"GET evil.com/x HTTP/1.1\r\nHost: h\r\n\r\n")
+        self.assertEqual(self.status(transport), 400)
+        self.assertEqual(self.upstream.calls, [])
+
+
+class FailoverTests(ProxyHarness):
+    env = {"OPENAI_API_KEY": "sk-first-000 sk-second-00 sk-third-000"}
+
+    def answer(self, call: Call, code: int, headers=None, body: bytes = b"{}") -> FakeResponse:
+        response = FakeResponse(code, headers, length=len(body))
+        call.deferred.callback(response)
+        if response.protocol is not None and not response.transport.stopped:
+            response.protocol.dataReceived(body)
+            response.finish()
+        return response
+
+    def auth(self, call: Call) -> bytes:
+        return call.headers.getRawHeaders(b"authorization")[0]
+
+    def test_429_tries_next_key_and_rests_the_first(self):
+        channel, transport = self.get()
+        first = self.upstream.calls[0]
+        self.assertEqual(self.auth(first), b"Bearer sk-first-000")
+        discarded = self.answer(first, 429, {b"retry-after": [b"30"]})
+        self.assertTrue(discarded.transport.stopped)
+        second = self.upstream.calls[1]
+        self.assertEqual(self.auth(second), b"Bearer sk-second-00")
+        self.answer(second, 200, body=b'{"ok": 1}')
+        self.assertEqual(self.status(transport), 200)
+        self.assertTrue(transport.value().endswith(b'{"ok": 1}'))
+        # The first key rests 30 s: used last, if at all, until then.
+        for _ in range(4):
+            self.get()
+            self.assertNotEqual(self.auth(self.upstream.calls[-1]), b"Bearer sk-first-000")
+            self.answer(self.upstream.calls[-1], 200)
+        self.clock.advance(30)
+        used = set()
+        for _ in range(3):
+            self.get()
+            used.add(self.auth(self.upstream.calls[-1]))
+            self.answer(self.upstream.calls[-1], 200)
+        self.assertIn(b"Bearer sk-first-000", used)
+
+    def test_401_revokes_key(self):
+        self.get()
+        self.answer(self.upstream.calls[0], 401)
+        self.answer(self.upstream.calls[1], 200)
+        self.assertEqual(self.built.keys.default.revoked, frozenset({0}))
+        for _ in range(3):
+            self.get()
+            self.assertNotEqual(self.auth(self.upstream.calls[-1]), b"Bearer sk-first-000")
+            self.answer(self.upstream.calls[-1], 200)
+
+    def test_all_keys_fail_last_answer_relayed_scrubbed(self):
+        channel, transport = self.get()
+        for call_index in range(3):
+            call = self.upstream.calls[call_index]
+            key = self.auth(call)[7:]
+            self.answer(call, 500, body=b'{"error": {"message": "bad key ' + key + b'"}}')
+        self.assertEqual(len(self.upstream.calls), 3)
+        self.assertEqual(self.status(transport), 500)
+        self.assertNotIn(b"sk-third-000", transport.value())
+        self.assertIn(b"sk-***", transport.value())
+
+    def test_client_key_never_retried(self):
+        channel, transport = self.get(headers=b"Authorization: Bearer sk-client-own\r\n")
+        self.answer(self.upstream.calls[0], 429)
+        self.assertEqual(len(self.upstream.calls), 1)
+        self.assertEqual(self.status(transport), 429)
+
+    def test_post_body_replayed(self):
+        body = b'{"model": "m", "messages": []}'
+        channel, transport = self.send(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: h\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body) + body
+        )
+        self.answer(self.upstream.calls[0], 503)
+        self.answer(self.upstream.calls[1], 200)
+        for call in self.upstream.calls:
+            consumer = StringTransport()
+            call.body.startProducing(consumer)
+            self.assertEqual(consumer.value(), body)
