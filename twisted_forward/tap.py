@@ -113,6 +113,11 @@ class ProxyService(Service):
                 for exchange in list(proxy.open):
                     exchange.abort()
         yield self.built.upstream.close()
+        # twistd and twist re-raise the terminating signal at exit, so a
+        # supervisor would see "killed by SIGTERM".  The shutdown was
+        # orderly: report success (exit status 0) instead.
+        if getattr(self.reactor, "_exitSignal", None) is not None:
+            self.reactor._exitSignal = None  # type: ignore[attr-defined]
 
 
 def makeService(

@@ -23,7 +23,7 @@ from typing import Any, Optional
 from treq.client import HTTPClient
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IConsumer, IReactorTime
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IBodyProducer, IResponse
 from zope.interface import implementer
@@ -169,6 +169,16 @@ def restore_encoding(headers: Headers) -> None:
         headers.setRawHeaders(b"content-encoding", hidden)
 
 
+class _QuietFactory(_HTTP11ClientFactory):
+    """Connection factory that does not log every new upstream connection."""
+
+    noisy = False
+
+
+class _QuietPool(HTTPConnectionPool):
+    _factory = _QuietFactory
+
+
 class Upstream:
     """A treq client for one proxy: one connection pool, no cookies."""
 
@@ -180,7 +190,7 @@ class Upstream:
         max_persistent_per_host: int = 64,
     ) -> None:
         if agent is None:
-            pool = HTTPConnectionPool(reactor, persistent=True)
+            pool = _QuietPool(reactor, persistent=True)
             pool.maxPersistentPerHost = max_persistent_per_host
             pool.cachedConnectionTimeout = 60
             self.pool: Optional[HTTPConnectionPool] = pool

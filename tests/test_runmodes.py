@@ -1,0 +1,219 @@
+"""
+The run modes, as a person runs them: ``twistd -n``, ``twistd`` as a daemon
+with a pidfile, and ``twist`` — real subprocesses in front of the fake
+upstream, synchronised on their output and their sockets, never on sleeps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import sys
+
+from twisted.internet import defer, reactor
+from twisted.internet.endpoints import UNIXClientEndpoint
+from twisted.internet.protocol import ProcessProtocol
+from twisted.web.client import Agent, HTTPConnectionPool, readBody
+from twisted.web.iweb import IAgentEndpointFactory
+from zope.interface import implementer
+
+from .harness import ProxyTestCase
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TWISTD = ["-c", "from twisted.scripts.twistd import run; run()"]
+_STARTED = re.compile(rb"ForwardSite starting on (\d+)")
+
+
+class Process(ProcessProtocol):
+    """A child process whose output is watched for the listening port."""
+
+    def __init__(self) -> None:
+        self.output = b""
+        self.errors = b""
+        self.listening: defer.Deferred = defer.Deferred()
+        self.ended: defer.Deferred = defer.Deferred()
+
+    def outReceived(self, data: bytes) -> None:
+        self.output += data
+        match = _STARTED.search(self.output)
+        if match and not self.listening.called:
+            self.listening.callback(int(match.group(1)))
+
+    def errReceived(self, data: bytes) -> None:
+        self.errors += data
+
+    def processEnded(self, reason) -> None:
+        if not self.listening.called:
+            self.listening.errback(reason)
+        self.ended.callback(reason.value.exitCode)
+
+
+def child_env(upstream_port: int, **extra: str) -> dict:
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "PYTHONPATH": ROOT,
+        "OPENAI_BASE_URL": f"http://127.0.0.1:{upstream_port}",
+        "OPENAI_API_KEY": "sk-test-runmode",
+        "LOG_CHAT": "false",
+    }
+    env.update(extra)
+    return env
+
+
+@implementer(IAgentEndpointFactory)
+class _UnixEndpoints:
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def endpointForURI(self, uri):
+        return UNIXClientEndpoint(reactor, self.path)
+
+
+class RunModeTests(ProxyTestCase):
+    timeout = 60
+
+    def spawn(self, args: list[str], env: dict, cwd: str) -> Process:
+        process = Process()
+        transport = reactor.spawnProcess(
+            process, sys.executable, [sys.executable, *args], env=env, path=cwd
+        )
+
+        def stop_if_running():
+            if not process.ended.called:
+                transport.signalProcess("KILL")
+                return process.ended
+
+        self.addCleanup(stop_if_running)
+        return process
+
+    @defer.inlineCallbacks
+    def check_forwarding(self, port: int):
+        response = yield self.client.get(f"http://127.0.0.1:{port}/v1/models")
+        body = json.loads((yield response.content()))
+        self.assertEqual(body["data"][0]["id"], "gpt-4o-mini")
+        self.assertEqual(self.fake.seen[-1].header(b"authorization"), b"Bearer sk-test-runmode")
+
+    @defer.inlineCallbacks
+    def test_twistd_foreground(self):
+        cwd = os.path.abspath(self.mktemp())
+        os.makedirs(cwd)
+        process = self.spawn(
+            [*TWISTD, "-n", "--pidfile=", "openai-forward",
+             "--port", "tcp:0:interface=127.0.0.1"],
+            child_env(self.upstream_port),
+            cwd,
+        )
+        port = yield process.listening
+        yield self.check_forwarding(port)
+        yield self.pool.closeCachedConnections()
+        os.kill(process.transport.pid, signal.SIGTERM)
+        code = yield process.ended
+        self.assertEqual(code, 0)
+        self.assertIn(b"anyone who can reach", process.output)
+
+    @defer.inlineCallbacks
+    def test_twist(self):
+        cwd = os.path.abspath(self.mktemp())
+        os.makedirs(cwd)
+        process = self.spawn(
+            ["-m", "twisted", "openai-forward",
+             "--port", "tcp:0:interface=127.0.0.1"],
+            child_env(self.upstream_port),
+            cwd,
+        )
+        port = yield process.listening
+        yield self.check_forwarding(port)
+        yield self.pool.closeCachedConnections()
+        os.kill(process.transport.pid, signal.SIGTERM)
+        code = yield process.ended
+        self.assertEqual(code, 0)
+
+    @defer.inlineCallbacks
+    def test_daemon_pidfile(self):
+        """twistd daemonises, writes its pidfile, serves, and on SIGTERM
+        exits and removes the pidfile."""
+        cwd = os.path.abspath(self.mktemp())
+        os.makedirs(cwd)
+        sock = os.path.join(cwd, "proxy.sock")
+        pidfile = os.path.join(cwd, "proxy.pid")
+        logfile = os.path.join(cwd, "proxy.log")
+        launcher = self.spawn(
+            [*TWISTD, f"--pidfile={pidfile}", f"--logfile={logfile}",
+             "openai-forward", "--port", f"unix:{sock}"],
+            child_env(self.upstream_port),
+            cwd,
+        )
+        # The launching process exits once the daemon reported a good start,
+        # and the daemon binds its socket before that.
+        code = yield launcher.ended
+        self.assertEqual(code, 0, launcher.errors)
+        with open(pidfile) as f:
+            pid = int(f.read().strip())
+        pool = HTTPConnectionPool(reactor, persistent=True)
+        agent = Agent.usingEndpointFactory(reactor, _UnixEndpoints(sock), pool=pool)
+        response = yield agent.request(b"GET", b"http://proxy/v1/models")
+        self.assertEqual(response.code, 200)
+        yield readBody(response)
+        yield pool.closeCachedConnections()
+        # Watch the directory: the pidfile's removal is the daemon's last act.
+        from twisted.internet import inotify
+        from twisted.python.filepath import FilePath
+
+        removed: defer.Deferred = defer.Deferred()
+
+        def changed(_ignored, path, mask):
+            if path.asTextMode().basename() == os.path.basename(pidfile) and not removed.called:
+                removed.callback(None)
+
+        notifier = inotify.INotify()
+        notifier.startReading()
+        self.addCleanup(notifier.loseConnection)
+        notifier.watch(FilePath(cwd), mask=inotify.IN_DELETE, callbacks=[changed])
+        os.kill(pid, signal.SIGTERM)
+        yield removed
+        self.assertFalse(os.path.exists(pidfile))
+        with open(logfile) as f:
+            log = f.read()
+        self.assertIn("ForwardSite starting on", log)
+        self.assertIn("Main loop terminated", log)
+
+    @defer.inlineCallbacks
+    def test_bad_setting_one_line(self):
+        cwd = os.path.abspath(self.mktemp())
+        os.makedirs(cwd)
+        process = self.spawn(
+            [*TWISTD, "-n", "--pidfile=", "openai-forward", "--port", "0"],
+            child_env(self.upstream_port, READ_TIMEOUT="soon"),
+            cwd,
+        )
+        process.listening.addErrback(lambda _: None)
+        code = yield process.ended
+        self.assertEqual(code, 1)
+        self.assertEqual(
+            process.errors.decode().strip(),
+            "openai-forward: READ_TIMEOUT (--read-timeout): 'soon' is not a number of seconds",
+        )
+        self.assertNotIn(b"Traceback", process.output + process.errors)
+
+    @defer.inlineCallbacks
+    def test_dotenv_in_working_directory(self):
+        cwd = os.path.abspath(self.mktemp())
+        os.makedirs(cwd)
+        with open(os.path.join(cwd, ".env"), "w") as f:
+            f.write("ROUTE_PREFIX=/from-dotenv\n")
+        process = self.spawn(
+            [*TWISTD, "-n", "--pidfile=", "openai-forward",
+             "--port", "tcp:0:interface=127.0.0.1"],
+            child_env(self.upstream_port),
+            cwd,
+        )
+        port = yield process.listening
+        response = yield self.client.get(f"http://127.0.0.1:{port}/from-dotenv/v1/models")
+        self.assertEqual(response.code, 200)
+        yield response.content()
+        self.assertEqual(self.fake.seen[-1].uri, b"/v1/models")
+        yield self.pool.closeCachedConnections()
+        os.kill(process.transport.pid, signal.SIGTERM)
+        yield process.ended
