@@ -145,6 +145,7 @@ class RunModeTests(ProxyTestCase):
             child_env(self.upstream_port),
             cwd,
         )
+        launcher.listening.addErrback(lambda _: None)  # it logs to the file
         # The launching process exits once the daemon reported a good start,
         # and the daemon binds its socket before that.
         code = yield launcher.ended
