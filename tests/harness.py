@@ -128,7 +128,8 @@ class ProxyTestCase(TestCase):
     @defer.inlineCallbacks
     def _stop_proxy(self):
         yield self.pool.closeCachedConnections()
-        yield self.service.stopService()
+        if self.service.running:
+            yield self.service.stopService()
         yield self.proxy_tracker.closed()
 
     def url(self, path: str) -> str:

@@ -80,6 +80,15 @@ class Router(Resource):
             return write_error(request, 400, "invalid_request_target", str(e))
         if path in self._health_paths:
             return self._health(request)
+        if self.health.draining:
+            # A request on a connection kept alive from before the shutdown:
+            # refuse it and close that connection after the answer.
+            request.responseHeaders.setRawHeaders(b"connection", [b"close"])
+            if request.channel is not None:
+                request.channel.persistent = False
+            return write_error(
+                request, 503, "shutting_down", "The proxy is shutting down; retry elsewhere."
+            )
         for prefix, resource in self._routes:
             if not prefix:
                 rest = path

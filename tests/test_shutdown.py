@@ -1,0 +1,137 @@
+"""
+Graceful shutdown: stop accepting, let open streams finish within the grace
+period, cut the rest, exit 0.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+from twisted.internet import defer, reactor
+from twisted.internet.testing import StringTransport
+from twisted.trial.unittest import SynchronousTestCase
+
+from twisted_forward.tap import ProxyService
+
+from .harness import Collector, ProxyTestCase
+from .test_proxy_unit import FakeResponse, ProxyHarness
+from .test_runmodes import TWISTD, Process, child_env
+
+
+def _stream_body() -> bytes:
+    return json.dumps({"model": "m", "stream": True, "messages": []}).encode()
+
+
+class DrainTests(ProxyTestCase):
+    @defer.inlineCallbacks
+    def test_open_stream_finishes_health_says_draining(self):
+        yield self.start_proxy()
+        self.fake.hold_at = 2
+        response = yield self.client.post(
+            self.url("/v1/chat/completions"), data=_stream_body(), unbuffered=True
+        )
+        collector = Collector()
+        response.deliverBody(collector)
+        yield collector.got_data
+        # A second connection, kept alive and idle from before the shutdown.
+        response = yield self.client.get(self.url("/healthz"))
+        self.assertEqual(json.loads((yield response.content())), {"status": "ok"})
+        stopped = self.service.stopService()
+        self.assertFalse(stopped.called)
+        # The idle kept-alive connection: health says draining; new work is
+        # refused with 503 and the connection closed.
+        response = yield self.client.get(self.url("/healthz"))
+        self.assertEqual(response.code, 503)
+        self.assertEqual(json.loads((yield response.content())), {"status": "draining"})
+        response = yield self.client.get(self.url("/v1/models"))
+        self.assertEqual(response.code, 503)
+        body = json.loads((yield response.content()))
+        self.assertEqual(body["error"]["code"], "shutting_down")
+        self.assertEqual(len(self.fake.seen), 1)
+        self.assertFalse(stopped.called)
+        self.fake.release.callback(None)
+        yield collector.done
+        self.assertTrue(collector.body.endswith(b"data: [DONE]\n\n"))
+        yield stopped
+
+
+class GraceExpiryTests(ProxyHarness):
+    env = {"SHUTDOWN_GRACE": "30"}
+
+    def test_grace_expiry_cuts_open_exchanges(self):
+        service = ProxyService(self.built, self.config, self.clock)
+        service.startService()
+        channel, transport = self.get()
+        response = FakeResponse(200, {b"content-type": [b"text/event-stream"]})
+        self.upstream.calls[0].deferred.callback(response)
+        response.protocol.dataReceived(b"data: 1\n\n")
+        stopped = service.stopService()
+        self.assertTrue(self.built.health.draining)
+        self.clock.advance(29)
+        self.assertNoResult(stopped)
+        self.assertFalse(response.transport.stopped)
+        self.clock.advance(1)
+        self.successResultOf(stopped)
+        self.assertTrue(response.transport.stopped)
+        self.assertTrue(getattr(transport, "aborted", False) or transport.disconnecting)
+        self.assertFalse(self.built.proxies[0].open)
+
+    def test_no_open_exchange_stops_at_once(self):
+        service = ProxyService(self.built, self.config, self.clock)
+        service.startService()
+        self.successResultOf(service.stopService())
+
+
+class SigtermTests(ProxyTestCase):
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_sigterm_with_stream_open(self):
+        """SIGTERM mid-stream: the stream completes, the process exits 0."""
+        cwd = os.path.abspath(self.mktemp())
+        os.makedirs(cwd)
+        process = Process()
+        transport = reactor.spawnProcess(
+            process,
+            os.sys.executable,
+            [os.sys.executable, *TWISTD, "-n", "--pidfile=", "openai-forward",
+             "--port", "tcp:0:interface=127.0.0.1"],
+            env=child_env(self.upstream_port),
+            path=cwd,
+        )
+        self.addCleanup(lambda: None if process.ended.called else transport.signalProcess("KILL"))
+        port = yield process.listening
+        self.fake.hold_at = 3
+        arrived = self.fake.arrived
+        response = yield self.client.post(
+            f"http://127.0.0.1:{port}/v1/chat/completions", data=_stream_body(), unbuffered=True
+        )
+        yield arrived
+        collector = Collector()
+        response.deliverBody(collector)
+        yield collector.got_data
+        os.kill(transport.pid, signal.SIGTERM)
+        # Released only once the proxy logged that it is draining.
+        while b"draining 1 open request" not in process.output:
+            yield _next_output(process)
+        self.fake.release.callback(None)
+        yield collector.done
+        self.assertTrue(collector.body.endswith(b"data: [DONE]\n\n"))
+        code = yield process.ended
+        self.assertEqual(code, 0)
+
+
+def _next_output(process: Process) -> defer.Deferred:
+    """Fires at the child's next output."""
+    d: defer.Deferred = defer.Deferred()
+    original = process.outReceived
+
+    def out(data: bytes) -> None:
+        process.outReceived = original
+        original(data)
+        d.callback(None)
+
+    process.outReceived = out
+    return d
