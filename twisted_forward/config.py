@@ -91,6 +91,9 @@ class Config:
     proxy: Optional[UpstreamURL] = None
     shutdown_grace: float = 30.0
     healthz_path: str = "/healthz"
+    metrics: bool = True
+    metrics_path: str = "/metrics"
+    metrics_port: Optional[str] = None
 
 
 # ---------------------------------------------------------------- parsers
@@ -271,6 +274,18 @@ def parse_forward_config(value: str) -> tuple[Route, ...]:
     return tuple(routes)
 
 
+def parse_endpoint(value: str) -> str:
+    """A port number (TCP, all interfaces) or a Twisted endpoint string."""
+    value = value.strip()
+    if value.isdigit():
+        if not 0 <= int(value) < 65536:
+            raise ValueError(f"{value} is out of range")
+        return f"tcp:{value}"
+    if ":" not in value:
+        raise ValueError(f"{value!r} is neither a port number nor an endpoint string")
+    return value
+
+
 # ---------------------------------------------------------------- settings
 
 
@@ -317,6 +332,12 @@ SETTINGS: tuple[Setting, ...] = (
             "Seconds open requests get to finish on SIGTERM [default: 30]."),
     Setting("HEALTHZ_PATH", "healthz-path", parse_prefix,
             "Path of the health check [default: /healthz]."),
+    Setting("METRICS", "metrics", parse_bool,
+            "Serve Prometheus metrics [default: true]."),
+    Setting("METRICS_PATH", "metrics-path", parse_prefix,
+            "Path of the Prometheus metrics [default: /metrics]."),
+    Setting("METRICS_PORT", "metrics-port", parse_endpoint,
+            "Serve metrics on this port/endpoint instead of the proxy's own."),
 )
 
 
@@ -389,6 +410,9 @@ def load_config(
         ("PROXY", "proxy"),
         ("SHUTDOWN_GRACE", "shutdown_grace"),
         ("HEALTHZ_PATH", "healthz_path"),
+        ("METRICS", "metrics"),
+        ("METRICS_PATH", "metrics_path"),
+        ("METRICS_PORT", "metrics_port"),
     ):
         if env in parsed:
             kwargs[attr_name] = parsed[env]
@@ -396,6 +420,8 @@ def load_config(
         raise ConfigError("LOG_DIR (--log-dir): must not be empty")
     if kwargs.get("healthz_path", "/healthz") == "":
         raise ConfigError("HEALTHZ_PATH (--healthz-path): must not be the root")
+    if kwargs.get("metrics_path", "/metrics") == "":
+        raise ConfigError("METRICS_PATH (--metrics-path): must not be the root")
     return Config(**kwargs)  # type: ignore[arg-type]
 
 

@@ -49,6 +49,8 @@ def write_error(request: IRequest, status: int, code: str, message: str) -> byte
     ``request.write(body); request.finish()`` when answering later.
     """
     body = error_body(status, code, message)
+    # For the access log line and the refusal counter.
+    request.forward_error = code
     request.setResponseCode(status)
     headers = request.responseHeaders
     headers.removeHeader(b"server")

@@ -34,6 +34,7 @@ from .config import Route
 from .errors import error_body, send_error, write_error
 from .headers import relay_response_headers, upstream_request_headers
 from .keys import KeyDecision, KeyRules
+from .metrics import Metrics
 from .upstream import (
     BadTarget,
     BytesProducer,
@@ -89,9 +90,12 @@ class ProxyResource(Resource):
         read_timeout: float,
         idle_timeout: float,
         recorder: Optional[Recorder] = None,
+        metrics: Optional[Metrics] = None,
     ) -> None:
         super().__init__()
         self.route = route
+        self.route_label = route.prefix or "/"
+        self.metrics = metrics
         self.upstream = upstream
         self.keys = keys
         self.reactor = reactor
@@ -164,6 +168,12 @@ class _Exchange:
         self.key_index: Optional[int] = None
         self.tap: Optional[ExchangeTap] = None
         self.request_id = f"{_ID_PREFIX}-{next(_ids):x}"
+        #: The status given to the client (0 until there is one).
+        self.status = 0
+        self.sent = 0
+        self.sent_upstream = 0.0
+        request.forward_route = resource.route_label
+        request.forward_key_label = decision.label
 
     # ------------------------------------------------------------ start
 
@@ -171,6 +181,8 @@ class _Exchange:
         request = self.request
         res = self.resource
         res.open.add(self)
+        if res.metrics is not None:
+            res.metrics.open_exchanges.labels(res.route_label).inc()
         if res.route.kind == "openai":
             self.tap = res.recorder.begin(
                 ExchangeInfo(
@@ -225,6 +237,7 @@ class _Exchange:
             self._fail(400, "invalid_request", "The request cannot be forwarded as sent.")
             return
         self.pending = d
+        self.sent_upstream = self.resource.reactor.seconds()
         self.timed_out = False
         self.head_timer = self.resource.reactor.callLater(
             self.resource.read_timeout, self._head_timeout
@@ -251,9 +264,12 @@ class _Exchange:
             _discard(response)
             return
         code = response.code
+        metrics = self.resource.metrics
         if self.key_index is not None and code in _FAILOVER:
             self._key_failed(code, response.headers)
             if self.key_order:
+                if metrics is not None:
+                    metrics.failovers.labels(self.resource.route_label, str(code)).inc()
                 self.log.info(
                     "upstream {code} with {key}; trying the next default key",
                     code=code, key=self.resource.keys.default.label(self.key_index),
@@ -261,6 +277,11 @@ class _Exchange:
                 _discard(response)
                 self._attempt()
                 return
+        if metrics is not None:
+            metrics.first_byte_seconds.labels(self.resource.route_label).observe(
+                self.resource.reactor.seconds() - self.sent_upstream
+            )
+        self.status = code
         request = self.request
         request.setResponseCode(code, response.phrase)
         # Drop what twisted.web.server.Request.process set (Server, Date):
@@ -317,6 +338,7 @@ class _Exchange:
         """Answer with the proxy's own error, the upstream having given none."""
         if self.done or self.client_gone:
             return
+        self.status = status
         if self.tap is not None:
             self.tap.response(status, Headers())
         send_error(self.request, status, code, message)
@@ -328,7 +350,21 @@ class _Exchange:
         if self.done:
             return
         self.done = True
-        self.resource._closed(self)
+        res = self.resource
+        res._closed(self)
+        elapsed = res.reactor.seconds() - self.sent_upstream
+        self.request.forward_upstream_seconds = elapsed
+        metrics = res.metrics
+        if metrics is not None:
+            route = res.route_label
+            metrics.open_exchanges.labels(route).dec()
+            metrics.requests.labels(
+                route, str(self.status or "none"), self.decision.label, outcome
+            ).inc()
+            if self.status:
+                metrics.upstream_seconds.labels(route).observe(elapsed)
+            if self.sent:
+                metrics.relayed_bytes.labels(route).inc(self.sent)
         if self.tap is not None:
             tap, self.tap = self.tap, None
             try:
@@ -414,6 +450,7 @@ class _Relay(Protocol):
             return
         self.last = self.reactor.seconds()
         self.request.write(data)
+        self.exchange.sent += len(data)
         if self.tap is not None:
             self.tap.data(data)
 
@@ -517,6 +554,7 @@ class _ScrubbingRelay(Protocol):
             exchange.tap.data(body)
         if request.method != b"HEAD":
             request.write(body)
+            exchange.sent += len(body)
         request.finish()
         exchange._end("complete")
 

@@ -23,8 +23,14 @@ from .chatlog import Recorder
 from .config import Config
 from .errors import write_error
 from .keys import DefaultKeys, ForwardKeys, KeyRules
+from .metrics import Metrics, MetricsResource
 from .proxy import ProxyResource
 from .upstream import BadTarget, Upstream, split_target
+
+
+#: One line per answered request.  Module level: a Logger class attribute
+#: would take the class's name as its namespace.
+_access_log = Logger(namespace="twisted_forward.access")
 
 
 class ForwardRequest(Request):
@@ -60,6 +66,8 @@ class Router(Resource):
         routes: Sequence[tuple[str, ProxyResource]],
         health: Health,
         healthz_path: str = "/healthz",
+        metrics: Optional[IResource] = None,
+        metrics_path: str = "/metrics",
     ) -> None:
         super().__init__()
         self._routes = sorted(
@@ -72,6 +80,8 @@ class Router(Resource):
         self._health_paths = frozenset(
             [healthz] + [prefix + healthz for prefix, _ in self._routes if prefix]
         )
+        self._metrics = metrics
+        self._metrics_path = metrics_path.encode("ascii")
 
     def render(self, request: IRequest) -> bytes | int:
         try:
@@ -80,6 +90,8 @@ class Router(Resource):
             return write_error(request, 400, "invalid_request_target", str(e))
         if path in self._health_paths:
             return self._health(request)
+        if self._metrics is not None and path == self._metrics_path:
+            return self._metrics.render(request)
         if self.health.draining:
             # A request on a connection kept alive from before the shutdown:
             # refuse it and close that connection after the answer.
@@ -118,16 +130,27 @@ class ForwardSite(Site):
 
     requestFactory = ForwardRequest
     displayTracebacks = False
-    log_requests = Logger(namespace="twisted_forward.access")
+    #: Set by build_root's caller: counts refusals the proxy answered itself.
+    metrics: Optional[Metrics] = None
 
     def log(self, request: Request) -> None:  # type: ignore[override]
-        self.log_requests.info(
-            "{method} {path} {status} {length}",
+        """One line per answered request: never a key, the key's label only."""
+        error = getattr(request, "forward_error", None)
+        upstream = getattr(request, "forward_upstream_seconds", None)
+        _access_log.info(
+            "{method} {path} {status} {length}B route={route} key={key} "
+            "upstream={upstream_ms}ms error={error}",
             method=request.method.decode("latin-1"),
             path=request.path.decode("latin-1"),
             status=request.code,
             length=request.sentLength,
+            route=getattr(request, "forward_route", "-"),
+            key=getattr(request, "forward_key_label", "-"),
+            upstream_ms=None if upstream is None else round(upstream * 1000, 1),
+            error=error or "-",
         )
+        if error is not None and self.metrics is not None:
+            self.metrics.refusals.labels(error).inc()
 
 
 @dataclass
@@ -139,6 +162,7 @@ class Built:
     upstream: Upstream
     health: Health
     keys: KeyRules
+    metrics: Metrics
 
 
 def build_root(
@@ -146,8 +170,15 @@ def build_root(
     reactor: IReactorTime,
     recorder: Optional[Recorder] = None,
     upstream: Optional[Upstream] = None,
+    metrics: Optional[Metrics] = None,
 ) -> Built:
-    """Build the resource tree for ``config``."""
+    """Build the resource tree for ``config``.
+
+    Metrics are collected always; they are served at ``config.metrics_path``
+    on this tree unless disabled or given their own port.
+    """
+    if metrics is None:
+        metrics = Metrics()
     if upstream is None:
         upstream = Upstream(reactor, config.connect_timeout)
     openai_keys = KeyRules(
@@ -164,14 +195,20 @@ def build_root(
             config.read_timeout,
             config.idle_timeout,
             recorder,
+            metrics,
         )
         for route in config.routes
     ]
     health = Health()
+    served_here = config.metrics and config.metrics_port is None
     router = Router(
-        [(p.route.prefix, p) for p in proxies], health, config.healthz_path
+        [(p.route.prefix, p) for p in proxies],
+        health,
+        config.healthz_path,
+        MetricsResource(metrics) if served_here else None,
+        config.metrics_path,
     )
     root = AccessGate(
         router, config.ip_whitelist, config.ip_blacklist, config.trusted_proxies
     )
-    return Built(root, proxies, upstream, health, openai_keys)
+    return Built(root, proxies, upstream, health, openai_keys, metrics)

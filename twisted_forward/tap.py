@@ -18,19 +18,27 @@ from twisted.internet import defer, endpoints
 from twisted.internet.interfaces import IReactorCore
 from twisted.logger import Logger
 from twisted.python import usage
+from twisted.web.server import Site
 
-from .config import SETTINGS, Config, ConfigError, describe, load_config, read_env_file
+from .config import (
+    SETTINGS,
+    Config,
+    ConfigError,
+    describe,
+    load_config,
+    parse_endpoint,
+    read_env_file,
+)
+from .metrics import MetricsResource
 from .site import Built, ForwardSite, build_root
 
 
 def port_to_endpoint(port: str) -> str:
     """``9999`` means TCP on all interfaces; anything else is an endpoint string."""
-    port = port.strip()
-    if port.isdigit():
-        if not 0 <= int(port) < 65536:
-            raise ConfigError(f"--port: {port} is out of range")
-        return f"tcp:{port}"
-    return port
+    try:
+        return parse_endpoint(port)
+    except ValueError as e:
+        raise ConfigError(f"--port: {e}") from None
 
 
 class Options(usage.Options):
@@ -137,6 +145,8 @@ def makeService(
     try:
         config = load(options, environ)
         endpoints.serverFromString(reactor, options["endpoint"])
+        if config.metrics_port is not None:
+            endpoints.serverFromString(reactor, config.metrics_port)
     except (ConfigError, ValueError) as e:
         # One clear line, not a traceback.
         sys.stderr.write(f"openai-forward: {e}\n")
@@ -145,5 +155,10 @@ def makeService(
     built = build_root(config, reactor)  # type: ignore[arg-type]
     ProxyService(built, config, reactor).setServiceParent(top)  # type: ignore[arg-type]
     site = ForwardSite(built.root, reactor=reactor)
+    site.metrics = built.metrics
     strports.service(options["endpoint"], site, reactor=reactor).setServiceParent(top)
+    if config.metrics and config.metrics_port is not None:
+        metrics_site = Site(MetricsResource(built.metrics), reactor=reactor)
+        metrics_site.noisy = False
+        strports.service(config.metrics_port, metrics_site, reactor=reactor).setServiceParent(top)
     return top

@@ -1,0 +1,138 @@
+"""Prometheus metrics and the access log line, end to end."""
+
+from __future__ import annotations
+
+import json
+
+from twisted.application.service import IServiceCollection
+from twisted.internet import defer
+from twisted.logger import globalLogPublisher
+
+from .harness import Collector, ProxyTestCase
+
+KEYS = "sk-metrics-secret-one sk-metrics-secret-two"
+FORWARD = "alice:fk-alice-metrics-1"
+
+
+def _sample(text: str, name: str, **labels: str) -> float:
+    """The value of one sample in Prometheus text output (0 if absent)."""
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and line.split(" ")[0] != name:
+            continue
+        head, _, value = line.rpartition(" ")
+        if all(f'{k}="{v}"' in head for k, v in labels.items()):
+            return float(value)
+    return 0.0
+
+
+class MetricsTests(ProxyTestCase):
+    @defer.inlineCallbacks
+    def scrape(self, url=None) -> defer.Deferred:
+        response = yield self.client.get(url or self.url("/metrics"))
+        self.assertEqual(response.code, 200)
+        self.assertTrue(
+            response.headers.getRawHeaders(b"content-type")[0].startswith(b"text/plain")
+        )
+        return (yield response.content()).decode()
+
+    @defer.inlineCallbacks
+    def test_counts_what_was_done_and_holds_no_secret(self):
+        yield self.start_proxy(OPENAI_API_KEY=KEYS, FORWARD_KEY=FORWARD)
+        ok = {b"authorization": b"Bearer fk-alice-metrics-1"}
+        response = yield self.client.post(
+            self.url("/v1/chat/completions"),
+            data=json.dumps({"model": "m", "messages": []}).encode(),
+            headers=ok,
+        )
+        body = yield response.content()
+        response = yield self.client.get(
+            self.url("/v1/models"), headers={b"authorization": b"Bearer fk-wrong-123456"}
+        )
+        yield response.content()
+        self.assertEqual(response.code, 401)
+        # Both default keys answer 429: one failover, then the 429 relayed.
+        response = yield self.client.get(self.url("/status/429"), headers=ok)
+        yield response.content()
+        self.assertEqual(response.code, 429)
+        text = yield self.scrape()
+        self.assertEqual(
+            _sample(text, "openai_forward_requests_total", route="/", status="200",
+                    key="alice", outcome="complete"), 1)
+        self.assertEqual(
+            _sample(text, "openai_forward_requests_total", status="429", key="alice"), 1)
+        self.assertEqual(_sample(text, "openai_forward_refusals_total", reason="invalid_api_key"), 1)
+        self.assertEqual(_sample(text, "openai_forward_key_failovers_total", status="429"), 1)
+        self.assertEqual(
+            _sample(text, "openai_forward_upstream_first_byte_seconds_count", route="/"), 2)
+        self.assertGreaterEqual(
+            _sample(text, "openai_forward_relayed_bytes_total", route="/"), len(body))
+        self.assertEqual(_sample(text, "openai_forward_open_exchanges", route="/"), 0)
+        for secret in KEYS.split() + ["fk-alice-metrics-1", "fk-wrong", "127.0.0.1"]:
+            self.assertNotIn(secret, text)
+
+    @defer.inlineCallbacks
+    def test_open_stream_gauge(self):
+        yield self.start_proxy()
+        self.fake.hold_at = 2
+        response = yield self.client.post(
+            self.url("/v1/chat/completions"),
+            data=json.dumps({"model": "m", "stream": True, "messages": []}).encode(),
+            unbuffered=True,
+        )
+        collector = Collector()
+        response.deliverBody(collector)
+        yield collector.got_data
+        text = yield self.scrape()
+        self.assertEqual(_sample(text, "openai_forward_open_exchanges", route="/"), 1)
+        self.fake.release.callback(None)
+        yield collector.done
+        text = yield self.scrape()
+        self.assertEqual(_sample(text, "openai_forward_open_exchanges", route="/"), 0)
+
+    @defer.inlineCallbacks
+    def test_disabled_path_is_forwarded(self):
+        yield self.start_proxy(METRICS="false")
+        response = yield self.client.get(self.url("/metrics"))
+        yield response.content()
+        self.assertEqual([s.uri for s in self.fake.seen], [b"/metrics"])
+
+    @defer.inlineCallbacks
+    def test_own_port(self):
+        yield self.start_proxy(METRICS_PORT="tcp:0:interface=127.0.0.1")
+        listeners = [
+            s for s in IServiceCollection(self.service) if hasattr(s, "_waitingForPort")
+        ]
+        self.assertEqual(len(listeners), 2)
+        got: defer.Deferred = defer.Deferred()
+
+        def passthrough(port):
+            got.callback(port)
+            return port
+
+        listeners[1]._waitingForPort.addCallback(passthrough)
+        port = (yield got).getHost().port
+        text = yield self.scrape(f"http://127.0.0.1:{port}/metrics")
+        self.assertIn("openai_forward_requests_total", text)
+        response = yield self.client.get(self.url("/metrics"))
+        yield response.content()
+        self.assertEqual([s.uri for s in self.fake.seen], [b"/metrics"])
+
+    @defer.inlineCallbacks
+    def test_access_line(self):
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        yield self.start_proxy(OPENAI_API_KEY=KEYS, FORWARD_KEY=FORWARD)
+        response = yield self.client.get(
+            self.url("/v1/models?x=1"), headers={b"authorization": b"Bearer fk-alice-metrics-1"}
+        )
+        yield response.content()
+        [line] = [e for e in events if e.get("log_namespace") == "twisted_forward.access"]
+        self.assertEqual(
+            (line["method"], line["path"], line["status"], line["route"], line["key"]),
+            ("GET", "/v1/models", 200, "/", "alice"),
+        )
+        self.assertIsInstance(line["upstream_ms"], float)
+        from twisted.logger import formatEvent
+
+        self.assertNotIn("sk-metrics", formatEvent(line))

@@ -1,0 +1,95 @@
+"""
+Prometheus metrics: what the proxy did, for dashboards and alerts.
+
+Everything lives in one :class:`Metrics` object with its own registry (so
+tests and several proxies in one process do not share counters).  Labels
+hold route prefixes, statuses, outcome names and key *labels* only: never a
+key, never a client address.  Exchanges are counted once, when they end, not
+per chunk.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from twisted.web.iweb import IRequest
+from twisted.web.resource import Resource
+
+_LATENCY_BUCKETS = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+)
+
+
+class Metrics:
+    """The proxy's counters, histograms and gauges."""
+
+    def __init__(self, registry: Optional[CollectorRegistry] = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "openai_forward_requests",
+            "Forwarded exchanges by route, upstream (or proxy) status, key label and outcome.",
+            ["route", "status", "key", "outcome"],
+            registry=r,
+        )
+        self.upstream_seconds = Histogram(
+            "openai_forward_upstream_seconds",
+            "Time from sending a request upstream to the end of its answer.",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.first_byte_seconds = Histogram(
+            "openai_forward_upstream_first_byte_seconds",
+            "Time from sending a request upstream to its response head.",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.open_exchanges = Gauge(
+            "openai_forward_open_exchanges",
+            "Exchanges in flight (open streams included).",
+            ["route"],
+            registry=r,
+        )
+        self.relayed_bytes = Counter(
+            "openai_forward_relayed_bytes",
+            "Answer body bytes relayed to clients.",
+            ["route"],
+            registry=r,
+        )
+        self.failovers = Counter(
+            "openai_forward_key_failovers",
+            "Requests retried with another default key, by the status that caused it.",
+            ["route", "status"],
+            registry=r,
+        )
+        self.refusals = Counter(
+            "openai_forward_refusals",
+            "Requests the proxy answered itself with an error, by reason (error code).",
+            ["reason"],
+            registry=r,
+        )
+
+
+class MetricsResource(Resource):
+    """Serves the registry in Prometheus' text format."""
+
+    isLeaf = True
+
+    def __init__(self, metrics: Metrics) -> None:
+        super().__init__()
+        self.metrics = metrics
+
+    def render_GET(self, request: IRequest) -> bytes:
+        request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode("ascii"))
+        request.setHeader(b"cache-control", b"no-store")
+        return generate_latest(self.metrics.registry)
