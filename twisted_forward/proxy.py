@@ -341,8 +341,8 @@ class _Exchange:
         self.status = status
         if self.tap is not None:
             self.tap.response(status, Headers())
+        self._end("proxy_error")  # first: the access line needs its timings
         send_error(self.request, status, code, message)
-        self._end("proxy_error")
 
     # ------------------------------------------------------------ end
 
@@ -499,8 +499,8 @@ class _Relay(Protocol):
         request = self.request
         if reason.check(ResponseDone, PotentialDataLoss):
             request.unregisterProducer()
-            request.finish()
             exchange._end("complete")
+            request.finish()
             return
         self.log.warn(
             "upstream body broke off on {path}: {why}",
@@ -555,6 +555,6 @@ class _ScrubbingRelay(Protocol):
         if request.method != b"HEAD":
             request.write(body)
             exchange.sent += len(body)
-        request.finish()
         exchange._end("complete")
+        request.finish()
 
