@@ -216,6 +216,13 @@ class FakeOpenAI(Resource):
             transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
             transport.loseConnection()
             return NOT_DONE_YET
+        if path == b"/sink":
+            import hashlib
+
+            return self._json(
+                request,
+                {"length": len(seen.body), "sha256": hashlib.sha256(seen.body).hexdigest()},
+            )
         if path.startswith(b"/big/"):
             return self._big(request, int(path.rsplit(b"/", 1)[1]))
         request.setResponseCode(404)

@@ -1,0 +1,139 @@
+"""
+Memory stays flat: a 200 MiB answer to a slow reader and a 100 MiB upload
+through a real ``twistd -n openai-forward`` process, its peak resident size
+(VmHWM) compared with its size before.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+
+from twisted.internet import defer, reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol
+
+from .harness import ProxyTestCase
+from .test_runmodes import TWISTD, Process, child_env
+
+MiB = 1024 * 1024
+#: Allowed growth of the proxy's peak resident memory (the issue's bound).
+LIMIT = 32 * MiB
+
+
+def _status_kib(pid: int, field: str) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise LookupError(field)
+
+
+class SlowReader(Protocol):
+    """Reads an HTTP answer slowly: pauses after every 256 KiB."""
+
+    def __init__(self, request: bytes) -> None:
+        self.request = request
+        self.received = 0
+        self.since_pause = 0
+        self.done: defer.Deferred = defer.Deferred()
+
+    def connectionMade(self) -> None:
+        self.transport.write(self.request)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += len(data)
+        self.since_pause += len(data)
+        if self.since_pause >= 256 * 1024:
+            self.since_pause = 0
+            self.transport.pauseProducing()
+            reactor.callLater(0.001, self.transport.resumeProducing)
+
+    def connectionLost(self, reason) -> None:
+        self.done.callback(self.received)
+
+
+class MemoryTests(ProxyTestCase):
+    timeout = 120
+
+    @defer.inlineCallbacks
+    def start_child(self):
+        cwd = os.path.abspath(self.mktemp())
+        os.makedirs(cwd)
+        process = Process()
+        transport = reactor.spawnProcess(
+            process,
+            os.sys.executable,
+            [os.sys.executable, *TWISTD, "-n", "--pidfile=", "openai-forward",
+             "--port", "tcp:0:interface=127.0.0.1"],
+            env=child_env(self.upstream_port),
+            path=cwd,
+        )
+
+        @defer.inlineCallbacks
+        def stop():
+            if not process.ended.called:
+                transport.signalProcess("TERM")
+                yield process.ended
+
+        self.addCleanup(stop)
+        port = yield process.listening
+        # Warm up: import and allocate what every request needs.
+        response = yield self.client.get(f"http://127.0.0.1:{port}/v1/models")
+        yield response.content()
+        yield self.pool.closeCachedConnections()
+        return transport.pid, port
+
+    @defer.inlineCallbacks
+    def test_slow_reader_200mib(self):
+        pid, port = yield self.start_child()
+        before = _status_kib(pid, "VmRSS")
+        size = 200 * MiB
+        reader = SlowReader(
+            b"GET /big/%d HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % size
+        )
+        yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), reader)
+        received = yield reader.done
+        self.assertGreater(received, size)  # the body and the head
+        growth = _status_kib(pid, "VmHWM") - before
+        self.assertLess(growth, LIMIT, f"proxy grew by {growth / MiB:.1f} MiB")
+
+    @defer.inlineCallbacks
+    def test_upload_100mib(self):
+        pid, port = yield self.start_child()
+        before = _status_kib(pid, "VmRSS")
+        size = 100 * MiB
+        chunk = os.urandom(MiB)
+        digest = hashlib.sha256()
+
+        class Uploader(Protocol):
+            def __init__(self):
+                self.answer = b""
+                self.done = defer.Deferred()
+
+            def connectionMade(self):
+                self.transport.write(
+                    b"POST /sink HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                    b"Content-Type: application/octet-stream\r\n"
+                    b"Content-Length: %d\r\n\r\n" % size
+                )
+                for _ in range(size // MiB):
+                    digest.update(chunk)
+                    self.transport.write(chunk)
+
+            def dataReceived(self, data):
+                self.answer += data
+
+            def connectionLost(self, reason):
+                self.done.callback(self.answer)
+
+        uploader = Uploader()
+        yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), uploader)
+        answer = yield uploader.done
+        body = json.loads(answer.split(b"\r\n\r\n", 1)[1])
+        self.assertEqual(body, {"length": size, "sha256": digest.hexdigest()})
+        growth = _status_kib(pid, "VmHWM") - before
+        self.assertLess(growth, LIMIT, f"proxy grew by {growth / MiB:.1f} MiB")
+        self.fake.seen.clear()  # 100 MiB the fake kept
