@@ -1,0 +1,90 @@
+"""FORWARD_CONFIG: several upstreams under several routes, general routes."""
+
+from __future__ import annotations
+
+import json
+
+from twisted.internet import defer
+
+from .fake_upstream import FakeOpenAI, chat_chunks, listen_fake
+from .harness import Collector, ConnectionTracker, ProxyTestCase
+
+
+class RouteTests(ProxyTestCase):
+    def setUp(self):
+        super().setUp()
+        self.other = FakeOpenAI()
+        self.other_port = listen_fake(self.other)
+        tracker = ConnectionTracker(self.other_port.factory)
+
+        @defer.inlineCallbacks
+        def stop():
+            yield self.other_port.stopListening()
+            yield tracker.closed()
+
+        self.addCleanup(stop)
+
+    def forward_config(self) -> str:
+        return json.dumps(
+            [
+                {"base_url": f"http://127.0.0.1:{self.upstream_port}", "route": "/", "type": "openai"},
+                {"base_url": f"http://127.0.0.1:{self.other_port.getHost().port}/api",
+                 "route": "/gemini", "type": "general"},
+            ]
+        )
+
+    @defer.inlineCallbacks
+    def test_two_upstreams(self):
+        yield self.start_proxy(FORWARD_CONFIG=self.forward_config(), OPENAI_API_KEY="sk-route-default")
+        response = yield self.client.get(self.url("/v1/models"))
+        yield response.content()
+        response = yield self.client.get(
+            self.url("/gemini/v1beta/models?key=client-own"),
+            headers={b"x-goog-api-key": b"client-own-key"},
+        )
+        yield response.content()
+        self.assertEqual([s.uri for s in self.fake.seen], [b"/v1/models"])
+        self.assertEqual(self.fake.seen[0].header(b"authorization"), b"Bearer sk-route-default")
+        [seen] = self.other.seen
+        self.assertEqual(seen.uri, b"/api/v1beta/models?key=client-own")
+        # A general route is a byte pipe: no default key is put in.
+        self.assertIsNone(seen.header(b"authorization"))
+        self.assertEqual(seen.header(b"x-goog-api-key"), b"client-own-key")
+
+    @defer.inlineCallbacks
+    def test_general_route_sse_event_by_event(self):
+        config = json.dumps(
+            [{"base_url": f"http://127.0.0.1:{self.other_port.getHost().port}",
+              "route": "/local", "type": "general"}]
+        )
+        yield self.start_proxy(FORWARD_CONFIG=config)
+        self.other.hold_at = 2
+        response = yield self.client.post(
+            self.url("/local/v1/chat/completions"),
+            data=json.dumps({"model": "m", "stream": True}).encode(),
+            unbuffered=True,
+        )
+        collector = Collector()
+        response.deliverBody(collector)
+        events = chat_chunks(self.other.answer_text, "m")
+        while len(collector.body) < len(events[0] + events[1]):
+            yield collector.got_data
+        self.assertFalse(self.other.release.called)
+        self.other.release.callback(None)
+        yield collector.done
+        self.assertEqual(collector.body, b"".join(events))
+
+    @defer.inlineCallbacks
+    def test_unrouted_path_404_and_health_under_prefixes(self):
+        config = json.dumps(
+            [{"base_url": f"http://127.0.0.1:{self.upstream_port}", "route": "/openai", "type": "openai"},
+             {"base_url": f"http://127.0.0.1:{self.other_port.getHost().port}", "route": "/local",
+              "type": "general"}]
+        )
+        yield self.start_proxy(FORWARD_CONFIG=config)
+        response = yield self.client.get(self.url("/other/v1/models"))
+        self.assertEqual(json.loads((yield response.content()))["error"]["code"], "unknown_route")
+        for path in ("/healthz", "/openai/healthz", "/local/healthz"):
+            response = yield self.client.get(self.url(path))
+            self.assertEqual(json.loads((yield response.content())), {"status": "ok"})
+        self.assertEqual(self.fake.seen + self.other.seen, [])
