@@ -62,6 +62,23 @@ def child_env(upstream_port: int, **extra: str) -> dict:
     return env
 
 
+def _json_port(process: Process) -> defer.Deferred:
+    """The port from a JSON log's "starting on" event."""
+    d: defer.Deferred = defer.Deferred()
+    original = process.outReceived
+
+    def out(data: bytes) -> None:
+        original(data)
+        complete = process.output.rsplit(b"\n", 1)[0]
+        for line in complete.split(b"\n"):
+            if b"ForwardSite starting on" in line and not d.called:
+                event = json.loads(line.strip(b"\x1e"))
+                d.callback(int(_STARTED.search(event["log_text"].encode()).group(1)))
+
+    process.outReceived = out
+    return d
+
+
 @implementer(IAgentEndpointFactory)
 class _UnixEndpoints:
     def __init__(self, path: str) -> None:
@@ -114,21 +131,30 @@ class RunModeTests(ProxyTestCase):
         self.assertIn(b"anyone who can reach", process.output)
 
     @defer.inlineCallbacks
-    def test_twist(self):
+    def test_twist_json_log(self):
+        """``twist --log-format json``: one JSON event a line, the access
+        line among them with its fields, and no key anywhere."""
         cwd = os.path.abspath(self.mktemp())
         os.makedirs(cwd)
         process = self.spawn(
-            ["-m", "twisted", "openai-forward",
+            ["-m", "twisted", "--log-format", "json", "openai-forward",
              "--port", "tcp:0:interface=127.0.0.1"],
             child_env(self.upstream_port),
             cwd,
         )
-        port = yield process.listening
+        # The JSON log has no "starting on" text line: read the port event.
+        port = yield _json_port(process)
         yield self.check_forwarding(port)
         yield self.pool.closeCachedConnections()
         os.kill(process.transport.pid, signal.SIGTERM)
         code = yield process.ended
         self.assertEqual(code, 0)
+        events = [
+            json.loads(line.strip("\x1e")) for line in process.output.decode().splitlines() if line
+        ]
+        [access] = [e for e in events if e.get("log_namespace") == "twisted_forward.access"]
+        self.assertEqual((access["method"], access["status"], access["key"]), ("GET", 200, "default"))
+        self.assertNotIn(b"sk-test-runmode", process.output)
 
     @defer.inlineCallbacks
     def test_daemon_pidfile(self):
