@@ -116,7 +116,9 @@ class MemoryTests(ProxyTestCase):
             def connectionMade(self):
                 self.transport.write(
                     b"POST /sink HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
-                    b"Content-Type: application/octet-stream\r\n"
+                    # multipart: Twisted itself would parse such a body
+                    # into request.args, in memory, unless told not to.
+                    b"Content-Type: multipart/form-data; boundary=xyzzy\r\n"
                     b"Content-Length: %d\r\n\r\n" % size
                 )
                 for _ in range(size // MiB):

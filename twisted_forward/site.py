@@ -41,6 +41,10 @@ class ForwardRequest(Request):
     """
 
     defaultContentType = None
+    #: Twisted would parse form and multipart POST bodies into ``args``,
+    #: reading the whole body into memory (and refusing malformed ones): a
+    #: proxy forwards bodies, it does not read them.
+    _parsePOSTFormSubmission = False
 
 
 @dataclass
