@@ -300,6 +300,14 @@ class FakeOpenAI(Resource):
         return NOT_DONE_YET
 
 
+class _RawBodyRequest(Request):
+    """Takes bodies as sent: no form or multipart parsing (like OpenAI)."""
+
+    _parsePOSTFormSubmission = False
+
+
 def listen_fake(resource: FakeOpenAI, reactor=default_reactor) -> IListeningPort:
     """Serve the fake upstream on 127.0.0.1, on a port the OS picks."""
-    return reactor.listenTCP(0, Site(resource), interface="127.0.0.1")
+    site = Site(resource)
+    site.requestFactory = _RawBodyRequest
+    return reactor.listenTCP(0, site, interface="127.0.0.1")
