@@ -139,6 +139,8 @@ def makeService(
     top = MultiService()
     built = build_root(config, reactor)  # type: ignore[arg-type]
     ProxyService(built, config, reactor).setServiceParent(top)  # type: ignore[arg-type]
-    site = ForwardSite(built.root, reactor=reactor)
+    site = ForwardSite(
+        built.root, reactor=reactor, max_request_body=config.max_request_body
+    )
     strports.service(options["endpoint"], site, reactor=reactor).setServiceParent(top)
     return top
