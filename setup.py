@@ -14,7 +14,7 @@ setup(
     # Twisted's plugin package, found by twisted.plugin.getPlugins.
     packages=["twisted_forward", "twisted.plugins"],
     install_requires=[
-        "twisted[tls]>=24.7.0",
+        "twisted[tls]>=25.5.0",
         "treq>=23.11.0",
         "pyopenssl>=23.0.0",
         "service-identity>=21.1.0",

@@ -300,14 +300,8 @@ class FakeOpenAI(Resource):
         return NOT_DONE_YET
 
 
-class _RawBodyRequest(Request):
-    """Takes bodies as sent: no form or multipart parsing (like OpenAI)."""
-
-    _parsePOSTFormSubmission = False
-
-
 def listen_fake(resource: FakeOpenAI, reactor=default_reactor) -> IListeningPort:
     """Serve the fake upstream on 127.0.0.1, on a port the OS picks."""
-    site = Site(resource)
-    site.requestFactory = _RawBodyRequest
+    # Bodies as sent: no form or multipart parsing (like OpenAI).
+    site = Site(resource, parsePOSTFormSubmission=False)
     return reactor.listenTCP(0, site, interface="127.0.0.1")

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
@@ -22,6 +22,7 @@ from .access import AccessGate
 from .chatlog import Recorder
 from .config import Config
 from .errors import write_error
+from .framing import ForwardChannel, body_too_large
 from .keys import DefaultKeys, ForwardKeys, KeyRules
 from .metrics import Metrics, MetricsResource
 from .proxy import ProxyResource
@@ -34,17 +35,31 @@ _access_log = Logger(namespace="twisted_forward.access")
 
 
 class ForwardRequest(Request):
-    """A request whose answers carry no Twisted defaults.
+    """A request whose answers carry no Twisted defaults, with a body cap.
 
     Relayed answers must have the upstream's headers only, so there is no
     default ``text/html`` content type.
+
+    The body is counted as it arrives: past the channel's
+    ``max_request_body`` the channel answers 413 and reads no further (a
+    declared Content-Length over the cap is refused before the body, by
+    :class:`~twisted_forward.framing.ForwardChannel`).  Twisted keeps bodies
+    of 100 kB or more, and every chunked body, in a temporary file, not in
+    memory.
     """
 
     defaultContentType = None
-    #: Twisted would parse form and multipart POST bodies into ``args``,
-    #: reading the whole body into memory (and refusing malformed ones): a
-    #: proxy forwards bodies, it does not read them.
-    _parsePOSTFormSubmission = False
+    #: Body bytes received so far.
+    body_received = 0
+
+    def handleContentChunk(self, data: bytes) -> None:
+        limit = getattr(self.channel, "max_request_body", None)
+        if limit is not None:
+            self.body_received += len(data)
+            if self.body_received > limit:
+                self.channel.refuse(body_too_large(limit))
+                return
+        super().handleContentChunk(data)
 
 
 @dataclass
@@ -130,12 +145,49 @@ class Router(Resource):
 
 
 class ForwardSite(Site):
-    """The proxy's HTTP server factory: logs one structured line a request."""
+    """The proxy's HTTP server factory.
+
+    Serves HTTP/1.1 through :class:`~twisted_forward.framing.ForwardChannel`
+    (no HTTP/2: its framing guards are HTTP/1.1's), leaves request bodies
+    unparsed, and logs one structured line a request.
+
+    :param max_request_body: the largest request body accepted, in bytes;
+        None for no limit.
+    :param max_headers: the most header lines a request may have.
+    :param max_header_bytes: the longest request head (request line and
+        header lines), in bytes; also the longest single line.
+    """
 
     requestFactory = ForwardRequest
+    protocol = ForwardChannel  # type: ignore[assignment]
     displayTracebacks = False
     #: Set by build_root's caller: counts refusals the proxy answered itself.
     metrics: Optional[Metrics] = None
+
+    def __init__(
+        self,
+        resource: IResource,
+        *args: Any,
+        max_request_body: Optional[int] = None,
+        max_headers: int = ForwardChannel.maxHeaders,
+        max_header_bytes: int = ForwardChannel.totalHeadersSize,
+        **kwargs: Any,
+    ) -> None:
+        # Bodies go upstream as sent: never parsed into request.args (which
+        # would read a whole multipart upload into memory).
+        kwargs.setdefault("parsePOSTFormSubmission", False)
+        super().__init__(resource, *args, **kwargs)
+        self.max_request_body = max_request_body
+        self.max_headers = max_headers
+        self.max_header_bytes = max_header_bytes
+
+    def buildProtocol(self, addr: Optional[IAddress]) -> ForwardChannel:  # type: ignore[override]
+        channel: ForwardChannel = super().buildProtocol(addr)
+        channel.max_request_body = self.max_request_body
+        channel.maxHeaders = self.max_headers
+        channel.totalHeadersSize = self.max_header_bytes
+        channel.MAX_LENGTH = self.max_header_bytes
+        return channel
 
     def log(self, request: Request) -> None:  # type: ignore[override]
         """One line per answered request: never a key, the key's label only."""

@@ -154,7 +154,9 @@ def makeService(
     top = MultiService()
     built = build_root(config, reactor)  # type: ignore[arg-type]
     ProxyService(built, config, reactor).setServiceParent(top)  # type: ignore[arg-type]
-    site = ForwardSite(built.root, reactor=reactor)
+    site = ForwardSite(
+        built.root, reactor=reactor, max_request_body=config.max_request_body
+    )
     site.metrics = built.metrics
     strports.service(options["endpoint"], site, reactor=reactor).setServiceParent(top)
     if config.metrics and config.metrics_port is not None:

@@ -1,0 +1,425 @@
+"""
+HTTP/1.1 framing: what the proxy refuses before a request reaches a resource.
+
+Twisted's parser already refuses most malformed requests (bad request
+lines, header names that are not tokens, NUL/CR/LF in values, signed, listed
+or duplicate Content-Length, Content-Length with chunked, malformed chunk
+sizes).  :class:`ForwardChannel` adds what RFC 9112 asks for and Twisted
+26.10 still accepts, each of which lets a front-end and this server disagree
+about where a request ends (request smuggling):
+
+- ``Transfer-Encoding`` other than exactly ``chunked`` (``identity``,
+  ``chunked, identity``, one line ``chunked`` and another ``identity``):
+  400 when chunked is not the final coding, 501 for a coding before it
+  (RFC 9112 §6.1); any ``Transfer-Encoding`` on HTTP/1.0 is faulty framing;
+- obsolete line folding (a header line starting with SP or HTAB);
+- control characters other than HTAB in field values (RFC 9110 §5.5);
+- request targets with bytes outside visible ASCII, a fragment, or
+  userinfo in the absolute form (RFC 9110 §4.2.4);
+- a missing Host on HTTP/1.1, more than one Host, an invalid Host
+  (RFC 9112 §3.2);
+- malformed trailer lines in a chunked body.
+
+Bodies over the configured maximum get 413: from Content-Length before the
+body is read (and before any ``100 Continue``), and while a chunked body
+arrives (``ForwardRequest.handleContentChunk``).
+
+Every refusal is an OpenAI-style JSON error, written by the channel itself
+(no resource has seen the request), with ``Connection: close``.  The
+channel then stops sending, reads and drops what the client still sends for
+a short while (so the client sees the answer instead of a reset), and
+closes.  Nothing of a refused request goes upstream, and the connection
+serves nothing after it.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from typing import Iterable, Optional, Sequence
+
+from twisted.internet.interfaces import IDelayedCall
+from twisted.logger import Logger
+from twisted.web.http import RESPONSES, HTTPChannel, datetimeToString
+from twisted.web.http_headers import Headers
+
+from .errors import error_body
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why a request is refused: the status, the error code and a message."""
+
+    status: int
+    code: str
+    message: str
+
+
+#: Twisted's own refusals (``_respondToBadRequestAndDisconnect``) say no more.
+MALFORMED = Refusal(
+    400, "malformed_request", "The request is not valid HTTP/1.1 and was not read."
+)
+HEADERS_TOO_LARGE = Refusal(
+    431,
+    "request_header_fields_too_large",
+    "The request's header section is too large.",
+)
+REQUEST_LINE_TOO_LONG = Refusal(414, "uri_too_long", "The request line is too long.")
+OBS_FOLD = Refusal(
+    400,
+    "obsolete_line_folding",
+    "Header lines must not start with whitespace (obsolete line folding).",
+)
+BAD_FIELD_VALUE = Refusal(400, "invalid_header_value", "A header value holds a control character.")
+BAD_TRAILER = Refusal(400, "invalid_trailer", "A trailer line of the chunked body is malformed.")
+
+#: Reason phrases Twisted's table lacks.
+_PHRASES = {431: b"Request Header Fields Too Large"}
+
+_CTL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_HOST = re.compile(
+    rb"(?:\[[0-9A-Za-z:.\-_~!$&'()*+,;=%]+\]|[0-9A-Za-z\-._~!$&'()*+,;=%]*)(?::[0-9]*)?"
+)
+_VISIBLE_ASCII = re.compile(rb"[\x21-\x7e]+")
+
+
+def answer(refusal: Refusal, now: float) -> bytes:
+    """The complete HTTP/1.1 response that refuses a request."""
+    body = error_body(refusal.status, refusal.code, refusal.message)
+    phrase = _PHRASES.get(refusal.status) or RESPONSES.get(refusal.status, b"Error")
+    return b"".join(
+        [
+            b"HTTP/1.1 %d %s\r\n" % (refusal.status, phrase),
+            b"Date: %s\r\n" % datetimeToString(now),
+            b"Content-Type: application/json\r\n",
+            b"Content-Length: %d\r\n" % len(body),
+            b"Connection: close\r\n\r\n",
+            body,
+        ]
+    )
+
+
+def body_too_large(limit: int) -> Refusal:
+    """The refusal of a body over ``limit`` bytes."""
+    return Refusal(
+        413,
+        "request_too_large",
+        f"The request body is larger than this proxy accepts ({limit} bytes).",
+    )
+
+
+def check_request_target(target: bytes) -> Optional[Refusal]:
+    """Refuse targets Twisted lets through but RFC 9112 §3.2 does not.
+
+    Twisted accepts the bytes 0x7F to 0xB0; a fragment has no place in a
+    request; userinfo in an absolute-form target hides the real authority.
+    """
+    if not _VISIBLE_ASCII.fullmatch(target):
+        return Refusal(
+            400,
+            "invalid_request_target",
+            "The request target must be visible ASCII; percent-encode other bytes.",
+        )
+    if b"#" in target:
+        return Refusal(
+            400, "invalid_request_target", "The request target must not hold a fragment."
+        )
+    scheme, sep, rest = target.partition(b"://")
+    if sep and scheme.lower() in (b"http", b"https"):
+        authority = re.split(rb"[/?]", rest, maxsplit=1)[0]
+        if b"@" in authority:
+            return Refusal(
+                400,
+                "invalid_request_target",
+                "The request target must not hold userinfo.",
+            )
+    return None
+
+
+def check_field_value(value: bytes) -> Optional[Refusal]:
+    """Refuse control characters (but HTAB) in a field value (RFC 9110 §5.5)."""
+    if _CTL.search(value):
+        return BAD_FIELD_VALUE
+    return None
+
+
+def split_codings(value: bytes) -> list[bytes]:
+    """The transfer codings of one Transfer-Encoding line, lower-cased."""
+    return [c.strip(b" \t").lower() for c in value.split(b",")]
+
+
+def check_transfer_codings(codings: Sequence[bytes]) -> Optional[Refusal]:
+    """Judge a request's transfer codings, all Transfer-Encoding lines joined.
+
+    Only exactly ``chunked`` is served.  RFC 9112 §6.1: if chunked is not the
+    final coding the body's length cannot be known (400, and close); a coding
+    the server does not understand gets 501.
+    """
+    if not codings:
+        return None
+    if any(not _TOKEN.fullmatch(c) for c in codings):
+        return Refusal(
+            400, "invalid_transfer_encoding", "The Transfer-Encoding header is malformed."
+        )
+    if codings[-1] != b"chunked" or codings.count(b"chunked") > 1:
+        return Refusal(
+            400,
+            "invalid_transfer_encoding",
+            "chunked must be the final transfer coding, applied once.",
+        )
+    if len(codings) > 1:
+        return Refusal(
+            501,
+            "unsupported_transfer_coding",
+            "Only the chunked transfer coding is supported.",
+        )
+    return None
+
+
+def check_host(values: Optional[Sequence[bytes]], version: bytes) -> Optional[Refusal]:
+    """RFC 9112 §3.2: one valid Host, required on HTTP/1.1."""
+    if not values:
+        if version == b"HTTP/1.1":
+            return Refusal(400, "missing_host", "HTTP/1.1 requests must carry a Host header.")
+        return None
+    if len(values) > 1:
+        return Refusal(400, "invalid_host", "The request carries more than one Host header.")
+    if not _HOST.fullmatch(values[0]):
+        return Refusal(400, "invalid_host", "The Host header is not a valid host.")
+    return None
+
+
+def check_head(
+    version: bytes,
+    headers: Headers,
+    codings: Sequence[bytes],
+    max_body: Optional[int],
+) -> Optional[Refusal]:
+    """Judge a request head once all its header lines are in.
+
+    :param codings: the transfer codings of every Transfer-Encoding line, in
+        order (the channel keeps those lines from Twisted's parser).
+    :param max_body: the largest body accepted, in bytes, or None.
+    """
+    has_length = headers.hasHeader(b"content-length")
+    if codings:
+        if version != b"HTTP/1.1":
+            return Refusal(
+                400,
+                "invalid_transfer_encoding",
+                "Transfer-Encoding is not allowed on HTTP/1.0 requests.",
+            )
+        refusal = check_transfer_codings(codings)
+        if refusal is not None:
+            return refusal
+        if has_length:
+            return Refusal(
+                400,
+                "invalid_content_length",
+                "A request must not carry both Content-Length and Transfer-Encoding.",
+            )
+    refusal = check_host(headers.getRawHeaders(b"host"), version)
+    if refusal is not None:
+        return refusal
+    if max_body is not None and has_length:
+        # Twisted's parser has checked it is one run of digits.
+        length = int(headers.getRawHeaders(b"content-length", [b"0"])[0])
+        if length > max_body:
+            return body_too_large(max_body)
+    return None
+
+
+def check_trailers(lines: Iterable[bytes]) -> Optional[Refusal]:
+    """Trailer lines are dropped, but must still be ``name: value`` lines."""
+    for line in lines:
+        name, sep, value = bytes(line).partition(b":")
+        if not sep or not _TOKEN.fullmatch(name) or _CTL.search(value):
+            return BAD_TRAILER
+    return None
+
+
+class ForwardChannel(HTTPChannel):
+    """Twisted's HTTP/1.1 channel with the refusals this module describes.
+
+    :ivar max_request_body: the largest request body accepted, in bytes, or
+        None for no limit (set by the site).
+    :ivar linger_seconds: after a refusal, how long to read and drop what
+        the client still sends before closing.
+    :ivar linger_bytes: ... and how much of it at most.
+    """
+
+    log = Logger()
+
+    max_request_body: Optional[int] = None
+    maxHeaders = 100
+    totalHeadersSize = 16384
+    MAX_LENGTH = 16384
+    linger_seconds = 2.0
+    linger_bytes = 1 << 20
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.refused: Optional[Refusal] = None
+        self._linger_call: Optional[IDelayedCall] = None
+        self._lingered = 0
+        self._new_head()
+
+    def _new_head(self) -> None:
+        self._in_head = False
+        self._head_version = b""
+        self._head_size = 0
+        self._header_count = 0
+        self._codings: list[bytes] = []
+
+    # ------------------------------------------------------------ parsing
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.refused is not None:
+            self._drop(data)
+            return
+        super().dataReceived(data)
+
+    def lineReceived(self, line: bytes) -> None:
+        if self.refused is not None:
+            return
+        if self._in_head:
+            self._head_size += len(line)
+            if self._head_size > self.totalHeadersSize:
+                self.refuse(HEADERS_TOO_LARGE)
+                return
+            if line[:1] in (b" ", b"\t"):
+                self.refuse(OBS_FOLD)
+                return
+            super().lineReceived(line)
+            return
+        requests = len(self.requests)
+        super().lineReceived(line)
+        if len(self.requests) > requests and self.refused is None:
+            # Twisted took it as a request line: method SP target SP version.
+            _, target, version = line.split(b" ")
+            self._in_head = True
+            self._head_version = version
+            self._head_size = len(line)
+            refusal = check_request_target(target)
+            if refusal is not None:
+                self.refuse(refusal)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self.refuse(HEADERS_TOO_LARGE if self._in_head else REQUEST_LINE_TOO_LONG)
+
+    def headerReceived(self, line: bytes) -> bool:
+        if self.refused is not None:
+            return False
+        self._header_count += 1
+        if self._header_count > self.maxHeaders:
+            self.refuse(HEADERS_TOO_LARGE)
+            return False
+        name, sep, value = line.partition(b":")
+        if sep:
+            value = value.strip(b" \t")
+            refusal = check_field_value(value)
+            if refusal is not None:
+                self.refuse(refusal)
+                return False
+            if name.lower() == b"transfer-encoding":
+                # Kept from Twisted (which takes "identity" as no coding at
+                # all) and judged with every other such line at the end.
+                self._codings.extend(split_codings(value))
+                return True
+        return super().headerReceived(line)
+
+    def allHeadersReceived(self) -> None:
+        if self.refused is not None:
+            return
+        request = self.requests[-1]
+        refusal = check_head(
+            self._head_version, request.requestHeaders, self._codings, self.max_request_body
+        )
+        if refusal is not None:
+            self.refuse(refusal)
+            return
+        if self._codings and not super().headerReceived(b"Transfer-Encoding: chunked"):
+            return
+        super().allHeadersReceived()
+
+    def rawDataReceived(self, data: bytes) -> None:
+        if self.refused is not None:
+            self._drop(data)
+            return
+        super().rawDataReceived(data)
+
+    def allContentReceived(self) -> None:
+        if self.refused is not None:
+            return
+        decoder = self._transferDecoder
+        refusal = check_trailers(getattr(decoder, "_trailerHeaders", ()))
+        if refusal is not None:
+            self.refuse(refusal)
+            return
+        self._new_head()
+        super().allContentReceived()
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        # Twisted's own refusals: the same answer shape as ours.
+        self.refuse(MALFORMED)
+
+    # ------------------------------------------------------------ refusing
+
+    def refuse(self, refusal: Refusal) -> None:
+        """Answer ``refusal`` now, then drop the connection.
+
+        Nothing more is parsed on this connection.  The answer is sent, the
+        write side closed, and what the client still sends is read and
+        dropped for up to :attr:`linger_seconds` (or :attr:`linger_bytes`)
+        so it can read the answer before the connection goes.
+        """
+        if self.refused is not None:
+            return
+        self.refused = refusal
+        transport = self.transport
+        if transport is None or transport.disconnecting:
+            return
+        peer = getattr(transport.getPeer(), "host", "unix")
+        self.log.info(
+            "refused a request from {peer}: {status} {code}",
+            peer=peer,
+            status=refusal.status,
+            code=refusal.code,
+        )
+        self.setTimeout(None)
+        transport.write(answer(refusal, self._now()))
+        self._networkProducer.unregisterProducer()
+        # Only a real socket half-closes; a TLS wrapper would pass the call
+        # to the TCP transport under it, skipping the TLS close.
+        if not hasattr(type(transport), "loseWriteConnection"):
+            transport.loseConnection()
+            return
+        self._networkProducer.resumeProducing()
+        transport.loseWriteConnection()
+        self._linger_call = self.callLater(self.linger_seconds, self._linger_over)
+
+    def _drop(self, data: bytes) -> None:
+        self._lingered += len(data)
+        if self._lingered > self.linger_bytes:
+            self._linger_over()
+
+    def _linger_over(self) -> None:
+        if self._linger_call is not None and self._linger_call.active():
+            self._linger_call.cancel()
+        self._linger_call = None
+        if self.transport is not None:
+            self.transport.abortConnection()
+
+    def _now(self) -> float:
+        # The site's reactor (a test's clock); a channel without a site has
+        # only the wall clock.
+        reactor = getattr(getattr(self, "site", None), "reactor", None)
+        return reactor.seconds() if reactor is not None else time.time()
+
+    def connectionLost(self, reason: object) -> None:  # type: ignore[override]
+        if self._linger_call is not None and self._linger_call.active():
+            self._linger_call.cancel()
+        self._linger_call = None
+        super().connectionLost(reason)
