@@ -7,8 +7,12 @@ from __future__ import annotations
 import json
 import os
 
+from io import BytesIO
+
 from twisted.internet import defer
+from twisted.web.client import FileBodyProducer, readBody
 from twisted.web.http_headers import Headers
+from twisted.web.iweb import UNKNOWN_LENGTH
 
 from .fake_upstream import chat_chunks, chat_answer
 from .harness import Collector, ProxyTestCase
@@ -134,8 +138,6 @@ class ForwardingTests(ProxyTestCase):
         client's own Accept-Encoding is what the upstream sees."""
         yield self.start_proxy()
         import gzip
-
-        from twisted.web.client import readBody
 
         # A bare Agent: treq's client would decode the answer itself.
         response = yield self.agent.request(
@@ -285,3 +287,30 @@ class HeaderHygieneTests(ProxyTestCase):
         response = yield self.client.get(self.url("/echo"))
         yield response.content()
         self.assertIsNone(self.fake.seen[1].header(b"cookie"))
+
+
+class FailoverEndToEndTests(ProxyTestCase):
+    @defer.inlineCallbacks
+    def test_large_and_chunked_bodies_replayed_to_next_key(self):
+        """A body spooled to disk (over 100 kB, or chunked) is sent whole to
+        each default key tried."""
+        yield self.start_proxy(OPENAI_API_KEY="sk-fail-one sk-fail-two")
+        body = os.urandom(300_000)
+        response = yield self.client.post(self.url("/status/429"), data=body)
+        yield response.content()
+        self.assertEqual(response.code, 429)
+        self.assertEqual([s.body for s in self.fake.seen], [body, body])
+        self.assertEqual(
+            [s.header(b"authorization") for s in self.fake.seen],
+            [b"Bearer sk-fail-one", b"Bearer sk-fail-two"],
+        )
+        # A chunked body (the Agent sends one when the length is unknown).
+        self.fake.seen.clear()
+        producer = FileBodyProducer(BytesIO(b"small chunked body"))
+        producer.length = UNKNOWN_LENGTH
+        response = yield self.agent.request(
+            b"POST", self.url("/status/500").encode(), None, producer
+        )
+        yield readBody(response)
+        self.assertEqual(response.code, 500)
+        self.assertEqual([s.body for s in self.fake.seen], [b"small chunked body"] * 2)

@@ -191,6 +191,40 @@ class TimeoutTests(ProxyHarness):
         self.assertFalse(self.built.proxies[0].open)
 
 
+    def test_paused_client_restarts_idle_clock_on_resume(self):
+        """While the client does not read, the upstream is paused: the
+        silence that follows is the client's, and reading again restarts the
+        clock."""
+        channel, transport = self.get()
+        response = FakeResponse(200)
+        self.upstream.calls[0].deferred.callback(response)
+        response.protocol.dataReceived(b"x")
+        transport.producer.pauseProducing()
+        self.assertEqual(response.transport.paused, 1)
+        self.clock.advance(15)
+        transport.producer.resumeProducing()
+        self.assertEqual(response.transport.resumed, 1)
+        self.clock.advance(15)
+        self.assertFalse(response.transport.stopped)
+        self.clock.advance(5)
+        self.assertTrue(response.transport.stopped)
+
+
+class ClientIdleTests(ProxyHarness):
+    def test_half_sent_head_times_out(self):
+        """A client trickling a request head is cut after 60 s, not 12 h."""
+        site = ForwardSite(self.built.root, reactor=self.clock)
+        channel = site.buildProtocol(None)
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        channel.dataReceived(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n")
+        self.clock.advance(59)
+        self.assertFalse(transport.disconnecting)
+        self.clock.advance(2)
+        self.assertTrue(transport.disconnecting or getattr(transport, "aborted", False))
+        self.assertEqual(self.upstream.calls, [])
+
+
 class ClientGoneTests(ProxyHarness):
     def test_before_head_cancels_upstream_request(self):
         channel, transport = self.get()

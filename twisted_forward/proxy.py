@@ -15,19 +15,20 @@ import itertools
 import os
 import re
 import zlib
-from typing import Optional
+from typing import IO, Optional
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import ResponseDone
+from twisted.web.client import FileBodyProducer, ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IRequest, IResponse
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
+from zope.interface import implementer
 
 from .chatlog import ExchangeInfo, ExchangeTap, NullRecorder, Recorder
 from .config import Route
@@ -219,9 +220,9 @@ class _Exchange:
         getvalue = getattr(content, "getvalue", None)
         if getvalue is not None:
             return BytesProducer(getvalue())
-        from twisted.web.client import FileBodyProducer
-
-        return FileBodyProducer(content)
+        # A body spooled to disk: streamed from the file, which must outlive
+        # this attempt (a failover sends it again).
+        return FileBodyProducer(_KeptOpen(content))
 
     def _attempt(self) -> None:
         authorization = self.decision.authorization
@@ -399,6 +400,28 @@ class _Exchange:
         self._end("client_left")
 
 
+class _KeptOpen:
+    """A file whose ``close`` is left to its owner (the Request).
+
+    ``FileBodyProducer`` closes the file it has read to the end.
+    """
+
+    def __init__(self, file: IO[bytes]) -> None:
+        self._file = file
+
+    def read(self, size: int = -1) -> bytes:
+        return self._file.read(size)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._file.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._file.tell()
+
+    def close(self) -> None:
+        pass
+
+
 def _retry_after(headers: Headers) -> float:
     for value in headers.getRawHeaders(b"retry-after") or ():
         try:
@@ -425,8 +448,14 @@ def _discard(response: IResponse) -> None:
     response.deliverBody(_Discard())
 
 
+@implementer(IPushProducer)
 class _Relay(Protocol):
-    """Writes the upstream body to the client chunk by chunk, as it comes."""
+    """Writes the upstream body to the client chunk by chunk, as it comes.
+
+    It is also the client request's producer: a client that stops reading
+    pauses it, and it pauses the upstream connection.  Knowing it is paused
+    lets the idle timer tell a silent upstream from a client that stalled.
+    """
 
     log = Logger()
 
@@ -439,11 +468,25 @@ class _Relay(Protocol):
         self.last = 0.0
         self.timer: Optional[IDelayedCall] = None
         self.stopped = False
+        self.paused = False
 
     def connectionMade(self) -> None:
-        self.request.registerProducer(self.transport, True)
+        self.request.registerProducer(self, True)
         self.last = self.reactor.seconds()
         self.timer = self.reactor.callLater(self.idle, self._check_idle)
+
+    # IPushProducer, for the client request
+    def pauseProducing(self) -> None:
+        self.paused = True
+        self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        self.last = self.reactor.seconds()
+        self.transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self.stop()
 
     def dataReceived(self, data: bytes) -> None:
         if self.stopped:
@@ -461,11 +504,16 @@ class _Relay(Protocol):
         if quiet < self.idle:
             self.timer = self.reactor.callLater(self.idle - quiet, self._check_idle)
             return
-        self.log.warn(
-            "upstream silent for {seconds}s mid-body on {path}; ending the answer",
-            seconds=self.idle, path=self.exchange.path,
-        )
-        self._outcome = "idle_timeout"
+        if self.paused:
+            self.log.info(
+                "client stopped reading for {seconds}s on {path}; ending the answer",
+                seconds=self.idle, path=self.exchange.path,
+            )
+        else:
+            self.log.warn(
+                "upstream silent for {seconds}s mid-body on {path}; ending the answer",
+                seconds=self.idle, path=self.exchange.path,
+            )
         self.stop()
         self._abort_client()
         self.exchange._end("idle_timeout")

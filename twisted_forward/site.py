@@ -29,6 +29,9 @@ from .proxy import ProxyResource
 from .upstream import BadTarget, Upstream, split_target
 
 
+#: Seconds a client connection may sit idle or trickle a request in.
+CLIENT_IDLE_TIMEOUT = 60
+
 #: One line per answered request.  Module level: a Logger class attribute
 #: would take the class's name as its namespace.
 _access_log = Logger(namespace="twisted_forward.access")
@@ -176,6 +179,10 @@ class ForwardSite(Site):
         # Bodies go upstream as sent: never parsed into request.args (which
         # would read a whole multipart upload into memory).
         kwargs.setdefault("parsePOSTFormSubmission", False)
+        # Idle keep-alive connections and slow request heads/bodies: 60 s
+        # (Twisted's default is 12 hours).  Twisted suspends this while a
+        # request is being answered, so long streams are not affected.
+        kwargs.setdefault("timeout", CLIENT_IDLE_TIMEOUT)
         super().__init__(resource, *args, **kwargs)
         self.max_request_body = max_request_body
         self.max_headers = max_headers
