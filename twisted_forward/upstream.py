@@ -20,6 +20,7 @@ import re
 from http.cookiejar import CookieJar
 from typing import Any, Optional
 
+from hyperlink import EncodedURL
 from treq.client import HTTPClient
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IConsumer, IReactorTime
@@ -105,6 +106,25 @@ class BytesProducer:
 
     def stopProducing(self) -> None:
         pass
+
+
+class ReadyURL(EncodedURL):
+    """A URL that is already a valid URI, handed to treq as it is.
+
+    treq parses every URL with hyperlink and IDNA-encodes its host again
+    (about a tenth of the proxy's time per request); :func:`join_url` built
+    this one from a validated base and an escaped path, so that work is
+    skipped.  treq only calls ``to_uri().to_text()`` on it.
+    """
+
+    def __init__(self, url: bytes) -> None:  # no EncodedURL.__init__: no parsing
+        self._ready = url.decode("ascii")
+
+    def to_uri(self, *args: Any, **kwargs: Any) -> "ReadyURL":
+        return self
+
+    def to_text(self, *args: Any, **kwargs: Any) -> str:
+        return self._ready
 
 
 class NoCookies(CookieJar):
@@ -210,7 +230,7 @@ class Upstream:
         """Send a request; the Deferred fires with the response head."""
         return self._client.request(
             method.decode("ascii"),
-            url,
+            ReadyURL(url),
             headers=headers,
             data=body,
             allow_redirects=False,
