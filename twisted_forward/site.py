@@ -140,7 +140,12 @@ def build_root(
 ) -> Built:
     """Build the resource tree for ``config``."""
     if upstream is None:
-        upstream = Upstream(reactor, config.connect_timeout)
+        upstream = Upstream(
+            reactor,
+            config.connect_timeout,
+            proxy=config.proxy,
+            ssl_cert_file=config.ssl_cert_file,
+        )
     openai_keys = KeyRules(
         DefaultKeys(config.default_keys, reactor.seconds),
         ForwardKeys(config.forward_keys),
