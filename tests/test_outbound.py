@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import socket
 from dataclasses import dataclass, field
 from typing import Optional
@@ -35,7 +34,7 @@ from twisted_forward.config import (
     load_config,
     parse_proxy_url,
 )
-from twisted_forward.outbound import TunnelEndpoint, TunnelError, proxy_authorization
+from twisted_forward.outbound import TunnelEndpoint, OutboundProxyError, proxy_authorization
 
 from .fake_upstream import chat_chunks
 from .harness import Collector, ConnectionTracker, ProxyTestCase
@@ -206,7 +205,7 @@ class TunnelTests(SynchronousTestCase):
             protocol.dataReceived(
                 b"HTTP/1.1 %d Nope\r\nContent-Length: 5\r\n\r\nbody!" % status
             )
-            failure = self.failureResultOf(d, TunnelError)
+            failure = self.failureResultOf(d, OutboundProxyError)
             self.assertEqual(failure.value.status, status)
             self.assertIn(f"CONNECT with {status} Nope", str(failure.value))
             self.assertTrue(transport.disconnecting)
@@ -215,7 +214,7 @@ class TunnelTests(SynchronousTestCase):
         d = self.connect()
         protocol, transport = self.proxy_answers()
         protocol.dataReceived(b"SSH-2.0-OpenSSH\r\n\r\n")
-        failure = self.failureResultOf(d, TunnelError)
+        failure = self.failureResultOf(d, OutboundProxyError)
         self.assertIsNone(failure.value.status)
         self.assertTrue(transport.disconnecting)
 
@@ -227,14 +226,14 @@ class TunnelTests(SynchronousTestCase):
             protocol.dataReceived(b"X-Filler: " + b"x" * 1000 + b"\r\n")
             if d.called:
                 break
-        self.failureResultOf(d, TunnelError)
+        self.failureResultOf(d, OutboundProxyError)
         self.assertTrue(transport.disconnecting)
 
     def test_closed_before_answer(self) -> None:
         d = self.connect()
         protocol, _ = self.proxy_answers()
         protocol.connectionLost(Failure(ConnectionDone()))
-        self.failureResultOf(d, TunnelError)
+        self.failureResultOf(d, OutboundProxyError)
 
     def test_timeout_waiting_for_answer(self) -> None:
         d = self.connect()
@@ -625,6 +624,20 @@ class OutboundProxyTests(ProxyTestCase):
         self.assertEqual(self.fake.seen[0].uri, b"/v1/chat/completions?x=1")
         self.assertEqual(self.fake.seen[0].header(b"host"), upstream[7:].encode())
         self.assertEqual(self.fake.seen[0].body, body.encode())
+
+    @defer.inlineCallbacks
+    def test_plain_http_proxy_407_is_502(self):
+        """A 407 is for us, not for the client: it becomes a 502."""
+        self.outbound.credentials = b"Basic " + base64.b64encode(b"u:right")
+        yield self.start_proxy(
+            OPENAI_BASE_URL=f"http://upstream.invalid:{self.upstream_port}",
+            PROXY=f"http://u:wrong-pw@127.0.0.1:{self.outbound_port}",
+        )
+        body = yield self.assert_proxy_error()
+        self.assertNotIn(b"wrong-pw", body)
+        self.assertIn("answered 407", self.logged())
+        self.assertNotIn("wrong-pw", self.logged())
+        self.assertEqual(self.fake.seen, [])
 
     @defer.inlineCallbacks
     def test_direct_https_trusts_ssl_cert_file(self):

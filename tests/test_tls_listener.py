@@ -1,6 +1,7 @@
 """
 The plugin listening on other endpoints than TCP: TLS (``ssl:``) with a
-certificate made in the test, and a unix socket (``unix:``).
+certificate made in the test, a unix socket (``unix:``), and a socket
+inherited the way systemd's socket activation hands it over (``systemd:``).
 """
 
 from __future__ import annotations
@@ -8,14 +9,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import ssl
 import stat
+import sys
 import tempfile
 
 import openai
 from treq.client import HTTPClient
 from twisted.application.service import IServiceCollection
 from twisted.internet import defer, reactor
+from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.internet.threads import deferToThread
 from twisted.web.client import (
@@ -184,3 +188,82 @@ class UnixListenerTests(ProxyTestCase):
         yield self.start_unix()
         response = yield self.unix_client.get("http://proxy.local/healthz")
         self.assertEqual(json.loads((yield response.content())), {"status": "ok"})
+
+
+class _Child(ProcessProtocol):
+    """Collects a child process's output; ``ended`` fires when it exits."""
+
+    def __init__(self) -> None:
+        self.output: list[bytes] = []
+        self.ended: defer.Deferred = defer.Deferred()
+
+    def outReceived(self, data: bytes) -> None:
+        self.output.append(data)
+
+    errReceived = outReceived
+
+    def processEnded(self, reason) -> None:
+        self.ended.callback(None)
+
+
+#: What systemd does for a socket unit, as a shell line: descriptor 3 is the
+#: socket, LISTEN_PID the pid of the process that reads it (``exec`` keeps
+#: it), and LISTEN_FDNAMES is set as systemd >= 227 does (Twisted ignores
+#: inherited sockets without it).
+_ACTIVATED = (
+    'LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=openai-forward.socket exec "$0" -c '
+    '"from twisted.scripts.twistd import run; run()" '
+    "-n --pidfile= openai-forward --env-file /dev/null "
+    "--port systemd:domain=INET:index=0"
+)
+
+
+class SystemdActivationTests(ProxyTestCase):
+    """``twistd -n openai-forward --port systemd:domain=INET:index=0``
+    serves a listening socket it inherited as descriptor 3."""
+
+    @defer.inlineCallbacks
+    def test_inherited_socket(self):
+        listening = socket.socket()
+        self.addCleanup(listening.close)
+        listening.bind(("127.0.0.1", 0))
+        listening.listen(16)
+        port = listening.getsockname()[1]
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        workdir = self.mktemp()
+        os.makedirs(workdir)
+        child = _Child()
+        process = reactor.spawnProcess(
+            child,
+            "/bin/sh",
+            ["sh", "-c", _ACTIVATED, sys.executable],
+            env={
+                "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+                "PYTHONPATH": root,
+                "OPENAI_BASE_URL": f"http://127.0.0.1:{self.upstream_port}",
+                "LOG_CHAT": "false",
+            },
+            path=workdir,
+            childFDs={0: "w", 1: "r", 2: "r", 3: listening.fileno()},
+        )
+
+        @defer.inlineCallbacks
+        def stop():
+            if not child.ended.called:
+                process.signalProcess("TERM")
+            yield child.ended
+
+        self.addCleanup(stop)
+        client = HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False)))
+        # The kernel queues the connection on the socket until twistd accepts.
+        d = client.get(f"http://127.0.0.1:{port}/v1/models")
+        child.ended.addCallback(lambda _: d.called or d.cancel())
+        try:
+            response = yield d
+        except defer.CancelledError:
+            self.fail("twistd exited early:\n" + b"".join(child.output).decode("utf-8", "replace"))
+        self.assertEqual(json.loads((yield response.content()))["data"][0]["id"], "gpt-4o-mini")
+        self.assertEqual(self.fake.seen[0].uri, b"/v1/models")
+        process.signalProcess("TERM")
+        yield child.ended
+        self.assertIn(b"route / -> http://127.0.0.1:%d" % self.upstream_port, b"".join(child.output))

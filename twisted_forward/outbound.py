@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import base64
 import re
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 from urllib.parse import urlsplit
 
 from twisted.internet.defer import Deferred
@@ -50,6 +50,9 @@ from zope.interface import implementer
 
 from .config import ProxyURL
 
+if TYPE_CHECKING:
+    from twisted.internet._sslverify import IOpenSSLTrustRoot
+
 #: The longest CONNECT answer head accepted from the proxy.
 MAX_CONNECT_HEAD = 16 * 1024
 
@@ -57,14 +60,15 @@ _STATUS_LINE = re.compile(rb"HTTP/1\.[01] ([0-9]{3})(?: ([^\r\n]*))?\Z")
 _UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
 
 
-class TunnelError(ConnectError):
-    """The outbound proxy did not open the CONNECT tunnel.
+class OutboundProxyError(ConnectError):
+    """The outbound proxy did not open a CONNECT tunnel, or asked for
+    credentials (407) on a plain request.
 
     :ivar status: the proxy's answer status (407, 403, 502, ...), or None
         when it gave no readable answer.
     """
 
-    MESSAGE = "No tunnel through the outbound proxy"
+    MESSAGE = "The outbound proxy refused the request"
 
     def __init__(self, message: str, status: Optional[int] = None) -> None:
         super().__init__(string=message)
@@ -80,7 +84,7 @@ def proxy_authorization(proxy: ProxyURL) -> Optional[bytes]:
     return b"Basic " + token
 
 
-def load_trust_root(path: str):  # -> IOpenSSLTrustRoot
+def load_trust_root(path: str) -> "IOpenSSLTrustRoot":
     """The CA certificates in a PEM file, as a trust root for TLS policies."""
     from cryptography.hazmat.primitives.serialization import Encoding
     from cryptography.x509 import load_pem_x509_certificates
@@ -164,7 +168,7 @@ class _Tunnel(Protocol):
         end = self._buffer.find(b"\r\n\r\n")
         if end < 0:
             if len(self._buffer) > MAX_CONNECT_HEAD:
-                self._refuse("the outbound proxy's CONNECT answer is too long")
+                self._refuse("its answer to CONNECT is too long")
             return
         head, rest = self._buffer[:end], self._buffer[end + 4 :]
         self._buffer = b""
@@ -172,7 +176,7 @@ class _Tunnel(Protocol):
         match = _STATUS_LINE.match(status_line)
         if match is None:
             self._refuse(
-                "the outbound proxy gave no HTTP answer to CONNECT: "
+                "it gave no HTTP answer to CONNECT: "
                 + repr(_printable(status_line))
             )
             return
@@ -180,7 +184,7 @@ class _Tunnel(Protocol):
         if not 200 <= status < 300:
             reason = _printable(match.group(2) or b"")
             self._refuse(
-                f"the outbound proxy answered CONNECT with {status} {reason}".rstrip(),
+                f"it answered CONNECT with {status} {reason}".rstrip(),
                 status,
             )
             return
@@ -191,7 +195,7 @@ class _Tunnel(Protocol):
         self._stop_timer()
         wrapped = self._factory.buildProtocol(self.transport.getPeer())
         if wrapped is None:
-            self._refuse("the connection was refused by its own factory")
+            self._refuse("the tunnel's protocol factory refused the connection")
             return
         self._wrapped = wrapped
         self._settled = True
@@ -205,13 +209,13 @@ class _Tunnel(Protocol):
             self._wrapped.connectionLost(reason)
             return
         self._fail(
-            Failure(TunnelError("the outbound proxy closed the connection before answering CONNECT"))
+            Failure(OutboundProxyError("it closed the connection before answering CONNECT"))
         )
 
     # ------------------------------------------------------------ failure
 
     def _refuse(self, message: str, status: Optional[int] = None) -> None:
-        self._fail(Failure(TunnelError(message, status)))
+        self._fail(Failure(OutboundProxyError(message, status)))
         self.transport.abortConnection()
 
     def _fail(self, failure: Failure) -> None:
@@ -352,7 +356,27 @@ class OutboundProxyAgent:
         if self._authorization is not None:
             headers = headers.copy() if headers is not None else Headers()
             headers.setRawHeaders(b"proxy-authorization", [self._authorization])
-        return self._plain.request(method, uri, headers, bodyProducer)
+        d = self._plain.request(method, uri, headers, bodyProducer)
+        d.addCallback(_refuse_407)
+        return d
+
+
+class _Drop(Protocol):
+    """Takes an unwanted answer's body by closing its connection."""
+
+    def connectionMade(self) -> None:
+        self.transport.stopProducing()
+
+
+def _refuse_407(response: IResponse) -> IResponse:
+    """A 407 is the outbound proxy's, never an upstream's (RFC 9110 §15.5.8):
+    a failure of ours, not an answer for the client."""
+    if response.code != 407:
+        return response
+    response.deliverBody(_Drop())
+    raise OutboundProxyError(
+        "it answered 407 Proxy Authentication Required (check PROXY's user info)", 407
+    )
 
 
 def upstream_agent(
