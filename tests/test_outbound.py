@@ -34,7 +34,12 @@ from twisted_forward.config import (
     load_config,
     parse_proxy_url,
 )
-from twisted_forward.outbound import TunnelEndpoint, OutboundProxyError, proxy_authorization
+from twisted_forward.outbound import (
+    OutboundProxyError,
+    TunnelEndpoint,
+    proxy_authorization,
+    read_ca_file,
+)
 
 from .fake_upstream import chat_chunks
 from .harness import Collector, ConnectionTracker, ProxyTestCase
@@ -119,6 +124,22 @@ class SSLCertFileTests(SynchronousTestCase):
         path = shared_ca().write(self.mktemp())
         config = load_config({}, {"SSL_CERT_FILE": path})
         self.assertEqual(config.ssl_cert_file, path)
+
+    def test_bundle(self) -> None:
+        """Every certificate of a bundle counts, with text between them."""
+        path = self.mktemp()
+        with open(path, "wb") as f:
+            f.write(b"# first\n" + shared_ca().cert_pem + b"\n# second\n" + ThrowawayCA().cert_pem)
+        subjects = [c.getSubject().commonName for c in read_ca_file(path)]
+        self.assertEqual(subjects, [b"twisted-forward test CA"] * 2)
+
+    def test_corrupt_certificate(self) -> None:
+        path = self.mktemp()
+        with open(path, "wb") as f:
+            f.write(b"-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydA==\n-----END CERTIFICATE-----\n")
+        with self.assertRaises(ConfigError) as caught:
+            load_config({}, {"SSL_CERT_FILE": path})
+        self.assertIn("OpenSSL cannot read", str(caught.exception))
 
     def test_missing_or_empty(self) -> None:
         with self.assertRaises(ConfigError) as caught:
@@ -481,8 +502,9 @@ class OutboundProxyTests(ProxyTestCase):
         return "\n".join(formatEvent(e) + " " + repr(e) for e in self.events)
 
     @defer.inlineCallbacks
-    def assert_proxy_error(self, path: str = "/v1/models", status: int = 502, code: str = "upstream_unreachable"):
-        response = yield self.client.get(self.url(path))
+    def assert_proxy_error(self, status: int = 502, code: str = "upstream_unreachable"):
+        """GET /v1/models gets the proxy's own JSON error; its body."""
+        response = yield self.client.get(self.url("/v1/models"))
         body = yield response.content()
         self.assertEqual(response.code, status)
         self.assertEqual(response.headers.getRawHeaders(b"content-type"), [b"application/json"])

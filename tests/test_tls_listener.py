@@ -47,6 +47,11 @@ def shared_ca() -> ThrowawayCA:
     return _CA
 
 
+def _streamed(text: str) -> bytes:
+    """The SSE body the fake upstream streams for a chat answer."""
+    return b"".join(chat_chunks(text, "m"))
+
+
 def _escape(path: str) -> str:
     """A path as an endpoint-string value (``:`` and ``\\`` escaped)."""
     return path.replace("\\", "\\\\").replace(":", "\\:")
@@ -71,7 +76,11 @@ class TLSListenerTests(ProxyTestCase):
         self.https_base = f"https://localhost:{self.proxy_port}"
         policy = BrowserLikePolicyForHTTPS(trustRoot=shared_ca().trust_root())
         self.tls_client = HTTPClient(
-            Agent(reactor, contextFactory=policy, pool=HTTPConnectionPool(reactor, persistent=False))
+            Agent(
+                reactor,
+                contextFactory=policy,
+                pool=HTTPConnectionPool(reactor, persistent=False),
+            )
         )
 
     @defer.inlineCallbacks
@@ -86,7 +95,7 @@ class TLSListenerTests(ProxyTestCase):
             data=json.dumps({"model": "m", "stream": True, "messages": []}).encode(),
             headers={b"content-type": b"application/json"},
         )
-        self.assertEqual((yield response.content()), b"".join(chat_chunks(self.fake.answer_text, "m")))
+        self.assertEqual((yield response.content()), _streamed(self.fake.answer_text))
 
     @defer.inlineCallbacks
     def test_plain_http_refused_on_tls_port(self):
@@ -162,7 +171,9 @@ class UnixListenerTests(ProxyTestCase):
         yield got_port
         self.unix_client = HTTPClient(
             Agent.usingEndpointFactory(
-                reactor, _UnixSocket(self.socket_path), HTTPConnectionPool(reactor, persistent=False)
+                reactor,
+                _UnixSocket(self.socket_path),
+                HTTPConnectionPool(reactor, persistent=False),
             )
         )
 
@@ -178,8 +189,10 @@ class UnixListenerTests(ProxyTestCase):
             data=json.dumps({"model": "m", "stream": True, "messages": []}).encode(),
             headers={b"content-type": b"application/json"},
         )
-        self.assertEqual((yield response.content()), b"".join(chat_chunks(self.fake.answer_text, "m")))
-        self.assertEqual([s.uri for s in self.fake.seen], [b"/v1/models?x=1", b"/v1/chat/completions"])
+        self.assertEqual((yield response.content()), _streamed(self.fake.answer_text))
+        self.assertEqual(
+            [s.uri for s in self.fake.seen], [b"/v1/models?x=1", b"/v1/chat/completions"]
+        )
         # The upstream sees its own name, not the unix client's.
         self.assertEqual(self.fake.seen[0].header(b"host"), b"127.0.0.1:%d" % self.upstream_port)
 
@@ -266,4 +279,5 @@ class SystemdActivationTests(ProxyTestCase):
         self.assertEqual(self.fake.seen[0].uri, b"/v1/models")
         process.signalProcess("TERM")
         yield child.ended
-        self.assertIn(b"route / -> http://127.0.0.1:%d" % self.upstream_port, b"".join(child.output))
+        route = b"route / -> http://127.0.0.1:%d" % self.upstream_port
+        self.assertIn(route, b"".join(child.output))

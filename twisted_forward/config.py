@@ -168,19 +168,11 @@ def parse_proxy_url(value: str) -> ProxyURL:
 
 
 def parse_ca_file(value: str) -> str:
-    """A readable PEM file holding at least one certificate."""
-    path = value.strip()
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise ValueError(f"cannot read {path!r} ({e.strerror})") from None
-    from cryptography.x509 import load_pem_x509_certificates
+    """A readable PEM file holding at least one CA certificate."""
+    from .outbound import read_ca_file  # OpenSSL's reading, done once at start
 
-    try:
-        load_pem_x509_certificates(data)
-    except ValueError:
-        raise ValueError(f"{path!r} holds no PEM certificate") from None
+    path = value.strip()
+    read_ca_file(path)
     return path
 
 

@@ -26,7 +26,8 @@ from urllib.parse import urlsplit
 
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, connectProtocol, wrapClientTLS
-from twisted.internet.error import ConnectError, TimeoutError
+from OpenSSL.crypto import Error as OpenSSLError
+from twisted.internet import error
 from twisted.internet.interfaces import (
     IDelayedCall,
     IProtocol,
@@ -45,7 +46,13 @@ from twisted.web.client import (
     URI,
 )
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer, IPolicyForHTTPS, IResponse
+from twisted.web.iweb import (
+    IAgent,
+    IAgentEndpointFactory,
+    IBodyProducer,
+    IPolicyForHTTPS,
+    IResponse,
+)
 from zope.interface import implementer
 
 from .config import ProxyURL
@@ -58,9 +65,12 @@ MAX_CONNECT_HEAD = 16 * 1024
 
 _STATUS_LINE = re.compile(rb"HTTP/1\.[01] ([0-9]{3})(?: ([^\r\n]*))?\Z")
 _UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
+_PEM_CERTIFICATE = re.compile(
+    rb"-----BEGIN CERTIFICATE-----\r?\n.+?\r?\n-----END CERTIFICATE-----", re.DOTALL
+)
 
 
-class OutboundProxyError(ConnectError):
+class OutboundProxyError(error.ConnectError):
     """The outbound proxy did not open a CONNECT tunnel, or asked for
     credentials (407) on a plain request.
 
@@ -84,16 +94,33 @@ def proxy_authorization(proxy: ProxyURL) -> Optional[bytes]:
     return b"Basic " + token
 
 
+def read_ca_file(path: str) -> list[Certificate]:
+    """The certificates of a PEM bundle (SSL_CERT_FILE), read by OpenSSL.
+
+    OpenSSL reads them as it reads its own CA files, so system bundles
+    with certificates stricter parsers reject load the same way.
+
+    :raises ValueError: if the file cannot be read or holds no certificate.
+    """
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise ValueError(f"cannot read {path!r} ({e.strerror})") from None
+    certificates = []
+    for block in _PEM_CERTIFICATE.findall(data):
+        try:
+            certificates.append(Certificate.loadPEM(block))
+        except OpenSSLError:
+            raise ValueError(f"{path!r} holds a certificate OpenSSL cannot read") from None
+    if not certificates:
+        raise ValueError(f"{path!r} holds no PEM certificate")
+    return certificates
+
+
 def load_trust_root(path: str) -> "IOpenSSLTrustRoot":
     """The CA certificates in a PEM file, as a trust root for TLS policies."""
-    from cryptography.hazmat.primitives.serialization import Encoding
-    from cryptography.x509 import load_pem_x509_certificates
-
-    with open(path, "rb") as f:
-        certificates = load_pem_x509_certificates(f.read())
-    return trustRootFromCertificates(
-        [Certificate.loadPEM(c.public_bytes(Encoding.PEM)) for c in certificates]
-    )
+    return trustRootFromCertificates(read_ca_file(path))
 
 
 def tls_policy(ssl_cert_file: Optional[str] = None) -> IPolicyForHTTPS:
@@ -175,18 +202,12 @@ class _Tunnel(Protocol):
         status_line = head.split(b"\r\n", 1)[0]
         match = _STATUS_LINE.match(status_line)
         if match is None:
-            self._refuse(
-                "it gave no HTTP answer to CONNECT: "
-                + repr(_printable(status_line))
-            )
+            self._refuse(f"it gave no HTTP answer to CONNECT: {_printable(status_line)!r}")
             return
         status = int(match.group(1))
         if not 200 <= status < 300:
             reason = _printable(match.group(2) or b"")
-            self._refuse(
-                f"it answered CONNECT with {status} {reason}".rstrip(),
-                status,
-            )
+            self._refuse(f"it answered CONNECT with {status} {reason}".rstrip(), status)
             return
         self._open(rest)
 
@@ -239,7 +260,7 @@ class _Tunnel(Protocol):
 
     def _timed_out(self) -> None:
         self._timer = None
-        self._fail(Failure(TimeoutError("opening a tunnel through the outbound proxy")))
+        self._fail(Failure(error.TimeoutError("opening a tunnel through the outbound proxy")))
         self._abandon()
 
     def _cancel(self, ready: "Deferred[IProtocol]") -> None:
