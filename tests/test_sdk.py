@@ -258,7 +258,7 @@ class SDKErrorTests(SDKTestCase):
         arrived = self.fake.arrived
         yield self.assertFailure(
             self.in_thread(
-                lambda c: c.chat.completions.create(model="m", messages=_MESSAGES), timeout=0.3
+                lambda c: c.chat.completions.create(model="m", messages=_MESSAGES), timeout=1.0
             ),
             openai.APITimeoutError,
         )
