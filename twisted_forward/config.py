@@ -145,8 +145,23 @@ def parse_proxy_url(value: str) -> ProxyURL:
     The only URL whose user info is accepted: it becomes the proxy's
     ``Proxy-Authorization``.  Error texts never repeat the user info.
     """
+    raw = value.strip()
     try:
-        parts = urlsplit(value.strip())
+        return _parse_proxy_url(raw)
+    except ValueError:
+        if "@" not in raw:
+            raise
+        # A password with a raw '/', '?' or '#' ends up in the "host", path
+        # or fragment: no text made from the URL is safe to show.
+        raise ValueError(
+            "is not http://[user:password@]host[:port] (percent-encode any "
+            "'@', ':', '/', '?', '#' or '%' in the user name or password)"
+        ) from None
+
+
+def _parse_proxy_url(raw: str) -> ProxyURL:
+    try:
+        parts = urlsplit(raw)
     except ValueError as e:
         raise ValueError(f"is not a URL ({e})") from None
     userinfo, at, hostport = parts.netloc.rpartition("@")
