@@ -235,6 +235,9 @@ class SystemdActivationTests(ProxyTestCase):
     """``twistd -n openai-forward --port systemd:domain=INET:index=0``
     serves a listening socket it inherited as descriptor 3."""
 
+    if not sys.platform.startswith("linux"):
+        skip = "systemd socket activation is Linux's"
+
     @defer.inlineCallbacks
     def test_inherited_socket(self):
         listening = socket.socket()
