@@ -16,7 +16,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Optional, Sequence, Union
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
@@ -47,6 +47,19 @@ class UpstreamURL:
 
     def __str__(self) -> str:
         return self.origin + self.path
+
+
+@dataclass(frozen=True)
+class ProxyURL(UpstreamURL):
+    """The outbound proxy (PROXY): ``http://[user:password@]host[:port]``.
+
+    ``str()`` is :attr:`origin`, so the credentials never reach a log line.
+
+    :ivar credentials: ``(user, password)``, percent-decoded, from the URL's
+        user info, or None; left out of ``repr``.
+    """
+
+    credentials: Optional[tuple[str, str]] = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -88,7 +101,8 @@ class Config:
     read_timeout: float = 600.0
     idle_timeout: float = 300.0
     max_request_body: int = 512 * 1024 * 1024
-    proxy: Optional[UpstreamURL] = None
+    proxy: Optional[ProxyURL] = None
+    ssl_cert_file: Optional[str] = None
     shutdown_grace: float = 30.0
     healthz_path: str = "/healthz"
     metrics: bool = True
@@ -126,6 +140,58 @@ def parse_url(value: str) -> UpstreamURL:
     if port is not None:
         netloc += f":{port}"
     return UpstreamURL(parts.scheme, netloc, parts.path.rstrip("/"))
+
+
+def parse_proxy_url(value: str) -> ProxyURL:
+    """Parse PROXY: ``http://[user:password@]host[:port]`` (port 80 if none).
+
+    The only URL whose user info is accepted: it becomes the proxy's
+    ``Proxy-Authorization``.  Error texts never repeat the user info.
+    """
+    raw = value.strip()
+    try:
+        return _parse_proxy_url(raw)
+    except ValueError:
+        if "@" not in raw:
+            raise
+        # A password with a raw '/', '?' or '#' ends up in the "host", path
+        # or fragment: no text made from the URL is safe to show.
+        raise ValueError(
+            "is not http://[user:password@]host[:port] (percent-encode any "
+            "'@', ':', '/', '?', '#' or '%' in the user name or password)"
+        ) from None
+
+
+def _parse_proxy_url(raw: str) -> ProxyURL:
+    try:
+        parts = urlsplit(raw)
+    except ValueError as e:
+        raise ValueError(f"is not a URL ({e})") from None
+    userinfo, at, hostport = parts.netloc.rpartition("@")
+    base = parse_url(urlunsplit((parts.scheme, hostport, parts.path, parts.query, parts.fragment)))
+    if base.scheme != "http":
+        raise ValueError(
+            f"{str(base)!r} must be an http:// URL (TLS to the proxy itself is not supported)"
+        )
+    if base.path:
+        raise ValueError(f"{str(base)!r} must not have a path")
+    credentials = None
+    if at:
+        user, _, password = userinfo.partition(":")
+        user, password = unquote(user), unquote(password)
+        if not user or ":" in user:
+            raise ValueError("the proxy user name must be non-empty and hold no ':'")
+        credentials = (user, password)
+    return ProxyURL(base.scheme, base.netloc, base.path, credentials)
+
+
+def parse_ca_file(value: str) -> str:
+    """A readable PEM file holding at least one CA certificate."""
+    from .outbound import read_ca_file  # OpenSSL's reading, done once at start
+
+    path = value.strip()
+    read_ca_file(path)
+    return path
 
 
 def parse_prefix(value: str) -> str:
@@ -326,8 +392,11 @@ SETTINGS: tuple[Setting, ...] = (
             "Seconds of silence allowed between body chunks [default: 300]."),
     Setting("MAX_REQUEST_BODY", "max-request-body", parse_size,
             "Largest request body in bytes, e.g. 512MiB [default: 512MiB]."),
-    Setting("PROXY", "proxy", parse_url,
-            "Outbound HTTP proxy for reaching the upstream, http://host:port."),
+    Setting("PROXY", "proxy", parse_proxy_url,
+            "Outbound HTTP proxy for reaching the upstream, http://[user:pass@]host:port."),
+    Setting("SSL_CERT_FILE", "ssl-cert-file", parse_ca_file,
+            "PEM file of the CA certificates trusted for upstream TLS "
+            "[default: the system's]."),
     Setting("SHUTDOWN_GRACE", "shutdown-grace", parse_seconds,
             "Seconds open requests get to finish on SIGTERM [default: 30]."),
     Setting("HEALTHZ_PATH", "healthz-path", parse_prefix,
@@ -408,6 +477,7 @@ def load_config(
         ("IDLE_TIMEOUT", "idle_timeout"),
         ("MAX_REQUEST_BODY", "max_request_body"),
         ("PROXY", "proxy"),
+        ("SSL_CERT_FILE", "ssl_cert_file"),
         ("SHUTDOWN_GRACE", "shutdown_grace"),
         ("HEALTHZ_PATH", "healthz_path"),
         ("METRICS", "metrics"),
@@ -430,6 +500,8 @@ def describe(config: Config) -> Sequence[str]:
     lines = []
     for route in config.routes:
         lines.append(f"route {route.prefix or '/'} -> {route.base} ({route.kind})")
+    if config.proxy is not None:
+        lines.append(f"upstream requests go through the proxy {config.proxy}")
     lines.append(
         f"{len(config.default_keys)} default key(s), "
         f"{len(config.forward_keys)} forward key(s)"

@@ -243,7 +243,12 @@ def build_root(
     if metrics is None:
         metrics = Metrics()
     if upstream is None:
-        upstream = Upstream(reactor, config.connect_timeout)
+        upstream = Upstream(
+            reactor,
+            config.connect_timeout,
+            proxy=config.proxy,
+            ssl_cert_file=config.ssl_cert_file,
+        )
     openai_keys = KeyRules(
         DefaultKeys(config.default_keys, reactor.seconds),
         ForwardKeys(config.forward_keys),

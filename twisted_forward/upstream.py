@@ -24,12 +24,13 @@ from hyperlink import EncodedURL
 from treq.client import HTTPClient
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IConsumer, IReactorTime
-from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
+from twisted.web.client import HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IBodyProducer, IResponse
 from zope.interface import implementer
 
-from .config import UpstreamURL
+from .config import ProxyURL, UpstreamURL
+from .outbound import upstream_agent
 
 #: Where the agent beneath treq parks the upstream's Content-Encoding.
 HIDDEN_CONTENT_ENCODING = b"x-twisted-forward-content-encoding"
@@ -200,7 +201,12 @@ class _QuietPool(HTTPConnectionPool):
 
 
 class Upstream:
-    """A treq client for one proxy: one connection pool, no cookies."""
+    """A treq client for one proxy: one connection pool, no cookies.
+
+    :param proxy: the outbound proxy (PROXY) to reach upstreams through.
+    :param ssl_cert_file: a PEM file of the CAs trusted for upstream TLS
+        instead of the system's (SSL_CERT_FILE).
+    """
 
     def __init__(
         self,
@@ -208,13 +214,15 @@ class Upstream:
         connect_timeout: float,
         agent: Optional[IAgent] = None,
         max_persistent_per_host: int = 64,
+        proxy: Optional[ProxyURL] = None,
+        ssl_cert_file: Optional[str] = None,
     ) -> None:
         if agent is None:
             pool = _QuietPool(reactor, persistent=True)
             pool.maxPersistentPerHost = max_persistent_per_host
             pool.cachedConnectionTimeout = 60
             self.pool: Optional[HTTPConnectionPool] = pool
-            agent = Agent(reactor, connectTimeout=connect_timeout, pool=pool)
+            agent = upstream_agent(reactor, pool, connect_timeout, proxy, ssl_cert_file)
         else:
             self.pool = None
         self._reactor = reactor
