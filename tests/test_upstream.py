@@ -75,3 +75,25 @@ class JoinTests(SynchronousTestCase):
 
     def test_dots_inside_segments_allowed(self):
         self.assertEqual(split_target(b"/v1/files/a..b/.x"), (b"/v1/files/a..b/.x", b""))
+
+
+class EndpointCacheTests(SynchronousTestCase):
+    def test_one_endpoint_per_origin(self):
+        from twisted.web.client import URI
+
+        from twisted_forward.outbound import _CachedEndpoints
+
+        made = []
+
+        class Factory:
+            def endpointForURI(self, uri):
+                made.append(uri.host)
+                return object()
+
+        cache = _CachedEndpoints(Factory())
+        a = cache.endpointForURI(URI.fromBytes(b"https://api.openai.com/v1/models"))
+        b = cache.endpointForURI(URI.fromBytes(b"https://api.openai.com/v1/chat/completions?x"))
+        c = cache.endpointForURI(URI.fromBytes(b"http://api.openai.com/v1/models"))
+        self.assertIs(a, b)
+        self.assertIsNot(a, c)
+        self.assertEqual(made, [b"api.openai.com", b"api.openai.com"])

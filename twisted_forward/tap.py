@@ -147,6 +147,13 @@ def makeService(
         endpoints.serverFromString(reactor, options["endpoint"])
         if config.metrics_port is not None:
             endpoints.serverFromString(reactor, config.metrics_port)
+    except IndexError:
+        # serverFromString's systemd: parser, when no socket was passed in.
+        sys.stderr.write(
+            "openai-forward: --port/--metrics-port: no inherited socket at that "
+            "index (systemd: needs LISTEN_FDS and LISTEN_FDNAMES)\n"
+        )
+        raise SystemExit(1)
     except (ConfigError, ValueError) as e:
         # One clear line, not a traceback.
         sys.stderr.write(f"openai-forward: {e}\n")
