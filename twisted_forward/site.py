@@ -200,9 +200,7 @@ class ForwardSite(Site):
         """One line per answered request: never a key, the key's label only."""
         error = getattr(request, "forward_error", None)
         upstream = getattr(request, "forward_upstream_seconds", None)
-        _access_log.info(
-            "{method} {path} {status} {length}B route={route} key={key} "
-            "upstream={upstream_ms}ms error={error}",
+        fields = dict(
             method=request.method.decode("latin-1"),
             path=request.path.decode("latin-1"),
             status=request.code,
@@ -211,6 +209,15 @@ class ForwardSite(Site):
             key=getattr(request, "forward_key_label", "-"),
             upstream_ms=None if upstream is None else round(upstream * 1000, 1),
             error=error or "-",
+        )
+        # The text is made here with %: twisted.logger's {}-formatting of a
+        # nine-field template cost ~6% of a request.  JSON logs still get
+        # every field as its own key.
+        _access_log.info(
+            "{line}",
+            line="%(method)s %(path)s %(status)s %(length)sB route=%(route)s key=%(key)s "
+            "upstream=%(upstream_ms)sms error=%(error)s" % fields,
+            **fields,
         )
         if error is not None and self.metrics is not None:
             self.metrics.refusals.labels(error).inc()
