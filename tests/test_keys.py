@@ -5,6 +5,7 @@ The key rules, the forward-key lookup and the masks, without a network.
 from __future__ import annotations
 
 import hashlib
+import json
 import hmac
 
 from twisted.trial.unittest import SynchronousTestCase
@@ -342,3 +343,26 @@ class ConfigReprTests(SynchronousTestCase):
             self.assertNotIn(secret[3:], text)
 
 
+
+
+class CredentialHeadersTests(SynchronousTestCase):
+    def test_only_the_decision_credentials_go_upstream(self):
+        client = Headers(
+            {b"authorization": [b"Bearer fk-x"], b"api-key": [b"fk-y"], b"x-api-key": [b"z"],
+             b"x-other": [b"kept"]}
+        )
+        sent = upstream_request_headers(client, ((b"api-key", b"sk-chosen"),))
+        self.assertEqual(
+            sorted((n.lower(), v) for n, v in sent.getAllRawHeaders()),
+            [(b"api-key", [b"sk-chosen"]), (b"x-other", [b"kept"])],
+        )
+
+
+class ErrorBodyTests(SynchronousTestCase):
+    def test_key_shapes_masked_in_proxy_errors(self):
+        from twisted_forward.errors import error_body
+
+        body = error_body(502, "upstream_error", "echo of sk-proj-abcdef and fk-alice-1234")
+        self.assertEqual(
+            json.loads(body)["error"]["message"], "echo of sk-*** and fk-***"
+        )

@@ -118,6 +118,7 @@ class ProxyResource(Resource):
         except BadTarget as e:
             return write_error(request, 400, "invalid_request_target", str(e))
         decision = self.keys.decide(request.requestHeaders)
+        request.forward_key_label = decision.label
         if decision.refusal is not None:
             self.log.info(
                 "refused {method} {path}: key ({label})",

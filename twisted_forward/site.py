@@ -113,11 +113,13 @@ class ForwardSite(Site):
 
     def log(self, request: Request) -> None:  # type: ignore[override]
         self.log_requests.info(
-            "{method} {path} {status} {length}",
+            "{client} {method} {path} {status} {length} key={key}",
+            client=getattr(request, "forward_client", "-"),
             method=request.method.decode("latin-1"),
             path=request.path.decode("latin-1"),
             status=request.code,
             length=request.sentLength,
+            key=getattr(request, "forward_key_label", "-"),
         )
 
 
