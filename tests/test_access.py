@@ -463,6 +463,20 @@ class BuiltTreeTests(GateHarness):
         self.assertTrue(self.recorder.infos[1].key_label.startswith("fk#"))
         self.assertNotIn("anon", self.recorder.infos[1].key_label)
 
+    def test_key_label_on_every_request_for_the_access_log(self):
+        logged = []
+
+        class Site(ForwardSite):
+            def log(self, request):
+                logged.append((request.forward_client, getattr(request, "forward_key_label", None)))
+
+        self.build(OPENAI_API_KEY="sk-default-000000000", FORWARD_KEY="alice:fk-alice-00000000")
+        self.site = Site(self.site.resource, reactor=MemoryReactorClock(), timeout=None)
+        self.request(tcp("198.51.100.9"), headers=b"Authorization: Bearer fk-wrong-00000000\r\n")
+        self.request(tcp("198.51.100.9"), headers=b"Authorization: Bearer sk-own\r\n")
+        self.assertEqual(logged[0], ("198.51.100.9", "refused"))
+        self.assertEqual(len(self.upstream.calls), 1)
+
     def test_key_refusal_before_upstream(self):
         self.build(OPENAI_API_KEY="sk-default-000000000", FORWARD_KEY="fk-good-00000000")
         for auth in (b"", b"Authorization: Bearer fk-bad-000000000\r\n", b"Api-Key: fk-bad-0000000\r\n",
@@ -473,6 +487,27 @@ class BuiltTreeTests(GateHarness):
             self.assertEqual((error["code"], error["type"]), ("invalid_api_key", "invalid_request_error"))
             self.assertNotIn(b"fk-", self.body(t).replace(b"fk-\\u2026", b""))
         self.assertEqual(self.upstream.calls, [])
+
+
+class GeneralRouteTests(GateHarness):
+    """general routes spend no key of ours, and never forward a forward key."""
+
+    def test_general_route(self):
+        upstream = RecordingUpstream()
+        config = load_config({}, {
+            "OPENAI_API_KEY": "sk-default-000000000", "FORWARD_KEY": "fk-good-00000000",
+            "FORWARD_CONFIG": '[{"base_url": "http://other.test", "route": "/other", "type": "general"}]',
+        })
+        built = build_root(config, MemoryReactorClock(), None, upstream)
+        self.site = ForwardSite(built.root, reactor=MemoryReactorClock(), timeout=None)
+        t = self.request(tcp("198.51.100.9"), b"/other/x", b"Authorization: Bearer fk-good-00000000\r\n")
+        self.assertEqual(self.status(t), 401)
+        self.assertEqual(upstream.calls, [])
+        self.request(tcp("198.51.100.9"), b"/other/x")
+        self.request(tcp("198.51.100.9"), b"/other/x", b"X-Api-Key: other-service-key\r\n")
+        [(_, _, keyless), (_, _, own)] = upstream.calls
+        self.assertIsNone(keyless.getRawHeaders(b"authorization"))
+        self.assertEqual(own.getRawHeaders(b"x-api-key"), [b"other-service-key"])
 
 
 class StartupWarningTests(SynchronousTestCase):

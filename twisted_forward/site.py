@@ -113,13 +113,11 @@ class ForwardSite(Site):
 
     def log(self, request: Request) -> None:  # type: ignore[override]
         self.log_requests.info(
-            "{client} {method} {path} {status} {length} key={key}",
-            client=getattr(request, "forward_client", "-"),
+            "{method} {path} {status} {length}",
             method=request.method.decode("latin-1"),
             path=request.path.decode("latin-1"),
             status=request.code,
             length=request.sentLength,
-            key=getattr(request, "forward_key_label", "-"),
         )
 
 
