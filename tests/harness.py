@@ -156,3 +156,10 @@ class Collector(Protocol):
     @property
     def body(self) -> bytes:
         return b"".join(self.chunks)
+
+
+# Every end-to-end test is watched for leaked keys and for client-identifying
+# headers reaching the upstream (tests/secrets_watch.py).
+from .secrets_watch import watch_secrets  # noqa: E402
+
+ProxyTestCase.start_proxy = watch_secrets(ProxyTestCase.start_proxy)  # type: ignore[method-assign]

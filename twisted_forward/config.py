@@ -20,6 +20,11 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 
 IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
+#: In TRUSTED_PROXIES, stands for peers on a unix socket (a local proxy).
+UNIX_PEERS = "unix"
+#: A TRUSTED_PROXIES entry: a network, or :data:`UNIX_PEERS`.
+TrustedProxy = Union[IPNetwork, str]
+
 _SPLIT = re.compile(r"[\s,]+")
 
 
@@ -96,7 +101,7 @@ class Config:
     log_dir: str = "Log"
     ip_whitelist: tuple[IPNetwork, ...] = ()
     ip_blacklist: tuple[IPNetwork, ...] = ()
-    trusted_proxies: tuple[IPNetwork, ...] = ()
+    trusted_proxies: tuple[TrustedProxy, ...] = ()
     connect_timeout: float = 10.0
     read_timeout: float = 600.0
     idle_timeout: float = 300.0
@@ -264,6 +269,16 @@ def parse_networks(value: str) -> tuple[IPNetwork, ...]:
     return tuple(networks)
 
 
+def parse_trusted_proxies(value: str) -> tuple[TrustedProxy, ...]:
+    """Like :func:`parse_networks`, plus ``unix`` for unix-socket peers."""
+    items = parse_list(value)
+    unix = [UNIX_PEERS for item in items if item.lower() in ("unix", "unix:")]
+    networks = parse_networks(
+        " ".join(item for item in items if item.lower() not in ("unix", "unix:"))
+    )
+    return tuple(unix[:1]) + networks
+
+
 def parse_forward_keys(value: str) -> tuple[ForwardKey, ...]:
     """Forward keys, each ``fk-…`` or ``label:fk-…``."""
     keys = []
@@ -382,8 +397,8 @@ SETTINGS: tuple[Setting, ...] = (
             "Only these addresses/CIDR ranges may connect."),
     Setting("IP_BLACKLIST", "ip-blacklist", parse_networks,
             "These addresses/CIDR ranges are refused."),
-    Setting("TRUSTED_PROXIES", "trusted-proxies", parse_networks,
-            "Peers whose X-Forwarded-For/Forwarded is believed."),
+    Setting("TRUSTED_PROXIES", "trusted-proxies", parse_trusted_proxies,
+            "Peers whose X-Forwarded-For/Forwarded is believed ('unix': unix-socket peers)."),
     Setting("CONNECT_TIMEOUT", "connect-timeout", parse_seconds,
             "Seconds to connect to the upstream [default: 10]."),
     Setting("READ_TIMEOUT", "read-timeout", parse_seconds,

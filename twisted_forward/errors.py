@@ -13,6 +13,8 @@ import json
 
 from twisted.web.iweb import IRequest
 
+from .keys import scrub
+
 #: status -> the OpenAI ``type`` field for errors we raise at that status.
 _TYPES = {
     400: "invalid_request_error",
@@ -32,8 +34,8 @@ _TYPES = {
 
 
 def error_body(status: int, code: str, message: str) -> bytes:
-    """The JSON body of an OpenAI-style error."""
-    return json.dumps(
+    """The JSON body of an OpenAI-style error (anything key-shaped masked)."""
+    return scrub(json.dumps(
         {
             "error": {
                 "message": message,
@@ -42,7 +44,7 @@ def error_body(status: int, code: str, message: str) -> bytes:
                 "code": code,
             }
         }
-    ).encode("utf-8")
+    ).encode("utf-8"))
 
 
 def write_error(request: IRequest, status: int, code: str, message: str) -> bytes:

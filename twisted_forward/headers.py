@@ -8,9 +8,11 @@ hiding the client's origin is the point of the proxy.
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from typing import Iterable
 
 from twisted.web.http_headers import Headers
+
+from .keys import CREDENTIAL_HEADERS
 
 #: Connection-specific headers: meaningful for one hop only (RFC 9110 §7.6.1,
 #: plus the non-standard Proxy-Connection and the proxy's own credentials).
@@ -28,7 +30,8 @@ HOP_BY_HOP: frozenset[bytes] = frozenset(
     }
 )
 
-#: Headers that carry the client's address or the path it took to us.
+#: Headers that carry the client's address (or where it is, or the path it
+#: took to us), as proxies, load balancers and CDNs write them.
 CLIENT_IDENTIFYING: frozenset[bytes] = frozenset(
     {
         b"forwarded",
@@ -38,25 +41,49 @@ CLIENT_IDENTIFYING: frozenset[bytes] = frozenset(
         b"x-forwarded-port",
         b"x-forwarded-proto",
         b"x-forwarded-server",
+        b"x-forwarded-scheme",
+        b"x-forwarded-ssl",
+        b"x-forwarded-by",
+        b"x-forwarded-prefix",
+        b"x-forwarded-uri",
         b"x-original-forwarded-for",
         b"x-real-ip",
         b"x-client-ip",
         b"x-cluster-client-ip",
+        b"x-remote-ip",
+        b"x-remote-addr",
+        b"x-originating-ip",
         b"client-ip",
         b"true-client-ip",
+        b"proxy-client-ip",
+        b"wl-proxy-client-ip",
         b"cf-connecting-ip",
         b"cf-connecting-ipv6",
+        b"cf-pseudo-ipv4",
+        b"cf-ipcountry",
         b"fastly-client-ip",
+        b"cloudfront-viewer-address",
+        b"cloudfront-viewer-country",
+        b"x-appengine-user-ip",
+        b"x-azure-clientip",
+        b"x-azure-socketip",
+        b"x-envoy-external-address",
+        b"x-vercel-forwarded-for",
+        b"x-nf-client-connection-ip",
+        b"fly-client-ip",
         b"x-proxyuser-ip",
     }
 )
 
 #: Never sent upstream.  Host and Content-Length are the Agent's to write for
 #: the upstream; cookies are the client's with us, not with the upstream;
-#: Expect was answered by our server already; Authorization is rebuilt by
-#: the key rules.
-_NOT_UPSTREAM: frozenset[bytes] = HOP_BY_HOP | CLIENT_IDENTIFYING | frozenset(
-    {b"host", b"content-length", b"cookie", b"cookie2", b"expect", b"authorization"}
+#: Expect was answered by our server already; the credential headers are
+#: rebuilt by the key rules.
+_NOT_UPSTREAM: frozenset[bytes] = (
+    HOP_BY_HOP
+    | CLIENT_IDENTIFYING
+    | frozenset(CREDENTIAL_HEADERS)
+    | frozenset({b"host", b"content-length", b"cookie", b"cookie2", b"expect"})
 )
 
 #: Never relayed back to the client.  Content-Length is set from the
@@ -86,17 +113,18 @@ def _copy(
 
 
 def upstream_request_headers(
-    client: Headers, authorization: Optional[bytes]
+    client: Headers, credentials: Iterable[tuple[bytes, bytes]] = ()
 ) -> Headers:
     """The headers to send upstream for a client's request.
 
-    :param authorization: the Authorization value the key rules chose, or
-        None to send none.
+    :param credentials: the ``(header, value)`` pairs the key rules chose
+        (Authorization, api-key, x-api-key); no other credential header of
+        the client's is sent.
     """
     out = Headers()
     _copy(client, out, _NOT_UPSTREAM)
-    if authorization is not None:
-        out.setRawHeaders(b"authorization", [authorization])
+    for name, value in credentials:
+        out.setRawHeaders(name, [value])
     return out
 
 

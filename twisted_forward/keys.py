@@ -1,24 +1,42 @@
 """
-The key rules: which Authorization goes upstream for a client's request.
+The key rules: which credentials go upstream for a client's request.
 
-- A client's own key (a bearer token not starting with ``fk-``, or any other
-  scheme) goes upstream untouched.
+A credential is looked for in three headers, the places OpenAI-compatible
+clients put a key: ``Authorization: Bearer <key>`` (OpenAI and most
+others), ``api-key: <key>`` (Azure OpenAI) and ``x-api-key: <key>``
+(Anthropic-style gateways).
+
+- A client's own key (anything not starting with ``fk-``) goes upstream
+  untouched, in the header it came in.
 - A forward key ``fk-…`` that matches a configured one is swapped for a
-  default key; one that matches none is refused (401), never forwarded.
-- No key: refused when forward keys are configured; otherwise a default key,
-  when there is one (the seed's open-relay behaviour, warned about at start).
+  default key, in the header it came in; one that matches none is refused
+  (401) and never forwarded.  So is any other ``fk-…`` word in those
+  headers (``Authorization: fk-…`` without ``Bearer``, ``Basic fk-…``, a
+  forward key beside another credential): a forward key never reaches the
+  upstream.
+- No key: refused when forward keys are configured; otherwise a default
+  key, when there is one (the seed's open-relay behaviour, warned about at
+  start-up), sent as ``Authorization: Bearer``.
 
 Forward keys are compared as SHA-256 digests with :func:`hmac.compare_digest`
 against every configured key, so timing tells nothing about how much of a
 guess was right.  Only labels ever leave this module.
+
+The module also masks keys in what the proxy sends back: :func:`scrub`
+masks anything shaped like ``sk-…``/``fk-…``, and :class:`SecretMask`
+masks the configured default keys exactly, in a stream, without changing
+its length.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Optional, Sequence
+
+from twisted.web.http_headers import Headers
 
 from .config import ForwardKey
 
@@ -28,24 +46,58 @@ CLIENT_KEY = "client"
 DEFAULT_KEY = "default"
 #: Label for requests sent with no key at all.
 NO_KEY = "none"
+#: Label for requests refused for their credentials.
+REFUSED_KEY = "refused"
+
+AUTHORIZATION = b"authorization"
+#: The headers a key may come in, in the order they are looked at.
+CREDENTIAL_HEADERS: tuple[bytes, ...] = (AUTHORIZATION, b"api-key", b"x-api-key")
+
+_FORWARD_PREFIX = b"fk-"
+_KEY_PATTERN = re.compile(rb"(?<![A-Za-z0-9])(sk|fk)-[A-Za-z0-9_\-*.]{3,}", re.IGNORECASE)
+
+
+def scrub(data: bytes) -> bytes:
+    """Mask anything in ``data`` that looks like an OpenAI or forward key.
+
+    ``sk-proj-abc…wxyz`` becomes ``sk-***``: what the upstream echoes of a
+    rejected key (a prefix and the last characters) is gone as well.
+    """
+    return _KEY_PATTERN.sub(lambda m: m.group(1) + b"-***", data)
 
 
 @dataclass(frozen=True)
 class KeyDecision:
     """What to do with one request's credentials.
 
-    :ivar authorization: the Authorization value to send upstream, or None.
     :ivar label: a non-secret name for logs and metrics.
-    :ivar substituted: True when the proxy put one of its own keys in, so
-        answers must be scrubbed of anything echoing it and another default
-        key may be tried on failure.
+    :ivar send: the client's own credentials, ``(header, value)`` pairs to
+        send upstream untouched.
+    :ivar substituted: True when the proxy puts one of its default keys in,
+        so answers must be scrubbed of anything echoing it and another
+        default key may be tried on failure.
+    :ivar carrier: the header a substituted default key goes in.
     :ivar refusal: None, or the message of a 401 to answer instead.
     """
 
-    authorization: Optional[bytes]
     label: str
+    send: tuple[tuple[bytes, bytes], ...] = field(default=(), repr=False)
     substituted: bool = False
+    carrier: bytes = AUTHORIZATION
     refusal: Optional[str] = None
+
+    @property
+    def authorization(self) -> Optional[bytes]:
+        """The client's own Authorization value passed on, if any."""
+        for name, value in self.send:
+            if name == AUTHORIZATION:
+                return value
+        return None
+
+
+def credential_value(carrier: bytes, key: bytes) -> bytes:
+    """How ``key`` is written in the header ``carrier``."""
+    return b"Bearer " + key if carrier == AUTHORIZATION else key
 
 
 class DefaultKeys:
@@ -64,6 +116,9 @@ class DefaultKeys:
 
     def __len__(self) -> int:
         return len(self._keys)
+
+    def __repr__(self) -> str:
+        return f"<DefaultKeys: {len(self._keys)} key(s)>"
 
     def _usable(self, index: int, now: float) -> bool:
         if index in self._revoked:
@@ -90,7 +145,11 @@ class DefaultKeys:
 
     def bearer(self, index: int) -> bytes:
         """The Authorization value for key ``index``."""
-        return b"Bearer " + self._keys[index]
+        return credential_value(AUTHORIZATION, self._keys[index])
+
+    def credential(self, index: int, carrier: bytes = AUTHORIZATION) -> tuple[bytes, bytes]:
+        """The ``(header, value)`` that sends key ``index`` in ``carrier``."""
+        return carrier, credential_value(carrier, self._keys[index])
 
     def label(self, index: int) -> str:
         """A non-secret name for key ``index``: its position."""
@@ -109,9 +168,17 @@ class DefaultKeys:
         """Indices of keys taken out of the rotation."""
         return frozenset(self._revoked)
 
+    def mask(self) -> "SecretMask":
+        """A fresh mask of these keys, for one answer."""
+        return SecretMask(self._keys)
+
 
 class ForwardKeys:
-    """Constant-time lookup of forward keys, by digest."""
+    """Constant-time lookup of forward keys, by digest.
+
+    Only the digests are kept: the keys themselves are not reachable from
+    this object.
+    """
 
     def __init__(self, keys: Sequence[ForwardKey]) -> None:
         self._entries = [
@@ -121,11 +188,16 @@ class ForwardKeys:
     def __bool__(self) -> bool:
         return bool(self._entries)
 
+    def __repr__(self) -> str:
+        return f"<ForwardKeys: {', '.join(label for _, label in self._entries)}>"
+
     def lookup(self, candidate: bytes) -> Optional[str]:
         """The label of the forward key equal to ``candidate``, or None.
 
-        Every configured key is compared, whatever matched, so the time taken
-        depends on the number of keys only.
+        Fixed-length digests are compared with :func:`hmac.compare_digest`,
+        against every configured key whatever matched, so the time taken
+        depends on the number of keys only: not on the candidate's length,
+        nor on how many of its characters were right, nor on which key it is.
         """
         digest = hashlib.sha256(candidate).digest()
         found: Optional[str] = None
@@ -135,22 +207,43 @@ class ForwardKeys:
         return found
 
 
-def bearer_token(values: Optional[Sequence[bytes]]) -> Optional[bytes]:
-    """The token of a request's single ``Authorization: Bearer <token>``.
+def _forward_shaped(word: bytes) -> bool:
+    return word[:3].lower() == _FORWARD_PREFIX
 
-    None when there is no credential (no header, an empty one, or ``Bearer``
-    with no token); ``b""`` for a credential in another scheme, which is the
-    client's own business.
+
+class _Credential:
+    """What one credential header holds: nothing, a forward key, the
+    client's own key, or a forward key in a form we do not take."""
+
+    NONE = "none"
+    FORWARD = "forward"
+    OWN = "own"
+    BAD = "bad"
+
+
+def parse_credential(header: bytes, value: bytes) -> tuple[str, bytes]:
+    """Classify one credential header's value.
+
+    :returns: ``(kind, token)``: the forward key for ``FORWARD``, the value
+        as sent for ``OWN``, ``b""`` otherwise.
     """
-    if not values:
-        return None
-    value = values[0].strip()
-    scheme, _, token = value.partition(b" ")
-    if not scheme:
-        return None
-    if scheme.lower() != b"bearer":
-        return b""
-    return token.strip() or None
+    words = value.split()
+    if not words:
+        return _Credential.NONE, b""
+    if header == AUTHORIZATION and words[0].lower() == b"bearer":
+        if len(words) == 1:
+            return _Credential.NONE, b""
+        if len(words) == 2 and words[1].startswith(_FORWARD_PREFIX):
+            return _Credential.FORWARD, words[1]
+    elif header != AUTHORIZATION and len(words) == 1 and words[0].startswith(_FORWARD_PREFIX):
+        return _Credential.FORWARD, words[0]
+    if any(_forward_shaped(w) for w in words):
+        return _Credential.BAD, b""
+    return _Credential.OWN, value
+
+
+def _refuse(message: str) -> KeyDecision:
+    return KeyDecision(REFUSED_KEY, refusal=message)
 
 
 class KeyRules:
@@ -165,27 +258,94 @@ class KeyRules:
         """True when anyone who reaches the port spends the default keys."""
         return bool(len(self.default)) and not self.forward
 
-    def decide(self, authorization: Optional[Sequence[bytes]]) -> KeyDecision:
-        """Apply the key rules to a request's Authorization header(s)."""
-        if authorization is not None and len(authorization) > 1:
-            return KeyDecision(
-                None, NO_KEY, refusal="Send one Authorization header, not several."
-            )
-        token = bearer_token(authorization)
-        if token is None:
-            if self.forward:
-                return KeyDecision(
-                    None, NO_KEY, refusal="This proxy needs an API key (a forward key fk-…)."
+    def decide(self, headers: Headers) -> KeyDecision:
+        """Apply the key rules to a request's headers."""
+        forward: list[tuple[bytes, bytes]] = []
+        own: list[tuple[bytes, bytes]] = []
+        for name in CREDENTIAL_HEADERS:
+            values = headers.getRawHeaders(name)
+            if not values:
+                continue
+            if len(values) > 1:
+                return _refuse(f"Send one {name.decode()} header, not several.")
+            kind, token = parse_credential(name, values[0])
+            if kind == _Credential.BAD:
+                return _refuse(
+                    "Send a forward key as 'Authorization: Bearer fk-…' "
+                    "(or alone in an api-key or x-api-key header)."
                 )
-            if len(self.default):
-                return KeyDecision(None, DEFAULT_KEY, substituted=True)
-            return KeyDecision(None, NO_KEY)
-        if token.startswith(b"fk-"):
+            if kind == _Credential.FORWARD:
+                forward.append((name, token))
+            elif kind == _Credential.OWN:
+                own.append((name, token))
+        if forward:
+            if len(forward) + len(own) > 1:
+                return _refuse("Send a forward key alone, in one header.")
+            [(carrier, token)] = forward
             label = self.forward.lookup(token)
             if label is None:
-                return KeyDecision(
-                    None, NO_KEY, refusal="Incorrect forward key provided."
-                )
-            return KeyDecision(None, label, substituted=True)
-        assert authorization is not None
-        return KeyDecision(authorization[-1], CLIENT_KEY)
+                return _refuse("Incorrect forward key provided.")
+            return KeyDecision(label, substituted=True, carrier=carrier)
+        if own:
+            return KeyDecision(CLIENT_KEY, send=tuple(own))
+        if self.forward:
+            return _refuse("This proxy needs an API key (a forward key fk-…).")
+        if len(self.default):
+            return KeyDecision(DEFAULT_KEY, substituted=True)
+        return KeyDecision(NO_KEY)
+
+
+class SecretMask:
+    """Masks exact secrets in a byte stream, keeping its length.
+
+    Each occurrence of a secret becomes its first three characters (none,
+    for a secret shorter than 12) followed by ``*``.  A chunk that ends with what could be the start of a secret
+    keeps those bytes back until the next chunk shows whether it is one, so
+    a secret split across chunks is masked too; anything else (an SSE event
+    ending in a blank line, say) passes at once.
+    """
+
+    def __init__(self, secrets: Iterable[bytes]) -> None:
+        self._secrets = sorted({s for s in secrets if s}, key=len, reverse=True)
+        self._held = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        """Mask ``chunk``; returns what may be sent now."""
+        buf = self._held + chunk
+        if not self._secrets:
+            self._held = b""
+            return buf
+        buf = self._mask(buf)
+        keep = self._partial(buf)
+        self._held = buf[len(buf) - keep:] if keep else b""
+        return buf[: len(buf) - keep]
+
+    def flush(self) -> bytes:
+        """The end of the stream: what was held back."""
+        held, self._held = self._held, b""
+        return held
+
+    def _mask(self, buf: bytes) -> bytes:
+        out: Optional[bytearray] = None
+        for secret in self._secrets:
+            i = (out or buf).find(secret)
+            while i >= 0:
+                if out is None:
+                    out = bytearray(buf)
+                shown = 3 if len(secret) >= 12 else 0
+                out[i + shown : i + len(secret)] = b"*" * (len(secret) - shown)
+                i = out.find(secret, i + 1)
+        return buf if out is None else bytes(out)
+
+    def _partial(self, buf: bytes) -> int:
+        """Length of the longest end of ``buf`` that starts some secret."""
+        best = 0
+        for secret in self._secrets:
+            first = secret[:1]
+            i = buf.find(first, max(0, len(buf) - len(secret) + 1))
+            while i >= 0:
+                if secret.startswith(buf[i:]):
+                    best = max(best, len(buf) - i)
+                    break
+                i = buf.find(first, i + 1)
+        return best

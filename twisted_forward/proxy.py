@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import re
 import zlib
 from typing import IO, Optional
 
@@ -34,7 +33,7 @@ from .chatlog import ExchangeInfo, ExchangeTap, NullRecorder, Recorder
 from .config import Route
 from .errors import error_body, send_error, write_error
 from .headers import relay_response_headers, upstream_request_headers
-from .keys import KeyDecision, KeyRules
+from .keys import KeyDecision, KeyRules, SecretMask, scrub
 from .metrics import Metrics
 from .upstream import (
     BadTarget,
@@ -50,17 +49,12 @@ from .upstream import (
 _FAILOVER = frozenset({401, 429, 500, 502, 503, 504})
 #: Cool-down for a rate-limited key when the upstream gives no Retry-After.
 _DEFAULT_REST = 20.0
-#: Error bodies larger than this are not scrubbed but cut off.
+#: Error bodies larger than this (compressed or not) are not scrubbed but
+#: replaced.
 _SCRUB_LIMIT = 1 << 20
-_SECRET = re.compile(rb"\b(sk|fk)-[A-Za-z0-9_\-*.]{3,}")
 
 _ids = itertools.count(1)
 _ID_PREFIX = os.urandom(4).hex()
-
-
-def scrub(body: bytes) -> bytes:
-    """Mask anything in ``body`` that looks like an OpenAI or forward key."""
-    return _SECRET.sub(lambda m: m.group(1) + b"-***", body)
 
 
 def client_address(request: IRequest) -> str:
@@ -128,7 +122,8 @@ class ProxyResource(Resource):
             path, query = split_target(target)
         except BadTarget as e:
             return write_error(request, 400, "invalid_request_target", str(e))
-        decision = self.keys.decide(request.requestHeaders.getRawHeaders(b"authorization"))
+        decision = self.keys.decide(request.requestHeaders)
+        request.forward_key_label = decision.label
         if decision.refusal is not None:
             self.log.info(
                 "refused {method} {path}: key ({label})",
@@ -166,6 +161,10 @@ class _Exchange:
         self.head_timer: Optional[IDelayedCall] = None
         self.timed_out = False
         self.key_order = resource.keys.default.order() if decision.substituted else []
+        #: Masks our default keys in answers to requests we put one in.
+        self.mask: Optional[SecretMask] = (
+            resource.keys.default.mask() if decision.substituted else None
+        )
         self.key_index: Optional[int] = None
         self.tap: Optional[ExchangeTap] = None
         self.request_id = f"{_ID_PREFIX}-{next(_ids):x}"
@@ -225,11 +224,13 @@ class _Exchange:
         return FileBodyProducer(_KeptOpen(content))
 
     def _attempt(self) -> None:
-        authorization = self.decision.authorization
+        credentials = self.decision.send
         if self.key_order:
             self.key_index = self.key_order.pop(0)
-            authorization = self.resource.keys.default.bearer(self.key_index)
-        headers = upstream_request_headers(self.request.requestHeaders, authorization)
+            credentials = (
+                self.resource.keys.default.credential(self.key_index, self.decision.carrier),
+            )
+        headers = upstream_request_headers(self.request.requestHeaders, credentials)
         try:
             d = self.resource.upstream.request(
                 self.request.method, self.url, headers, self._body()
@@ -293,9 +294,11 @@ class _Exchange:
         restore_encoding(request.responseHeaders)
         if date and not request.responseHeaders.hasHeader(b"date"):
             request.responseHeaders.setRawHeaders(b"date", date)  # RFC 9110 §6.6.1
-        if self.decision.substituted and code >= 400:
-            response.deliverBody(_ScrubbingRelay(self))
-            return
+        if self.mask is not None:
+            _mask_headers(request.responseHeaders, self.mask)
+            if code >= 400:
+                response.deliverBody(_ScrubbingRelay(self))
+                return
         length = response_length(response)
         if length is not None and request.method != b"HEAD":
             request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % length])
@@ -422,6 +425,14 @@ class _KeptOpen:
         pass
 
 
+def _mask_headers(headers: Headers, mask: SecretMask) -> None:
+    """Mask our keys, and anything shaped like a key, in answer headers."""
+    for name, values in list(headers.getAllRawHeaders()):
+        masked = [scrub(mask.feed(v) + mask.flush()) for v in values]
+        if masked != list(values):
+            headers.setRawHeaders(name, masked)
+
+
 def _retry_after(headers: Headers) -> float:
     for value in headers.getRawHeaders(b"retry-after") or ():
         try:
@@ -492,6 +503,11 @@ class _Relay(Protocol):
         if self.stopped:
             return
         self.last = self.reactor.seconds()
+        mask = self.exchange.mask
+        if mask is not None:
+            data = mask.feed(data)
+            if not data:
+                return
         self.request.write(data)
         self.exchange.sent += len(data)
         if self.tap is not None:
@@ -546,6 +562,12 @@ class _Relay(Protocol):
             return
         request = self.request
         if reason.check(ResponseDone, PotentialDataLoss):
+            held = exchange.mask.flush() if exchange.mask is not None else b""
+            if held:
+                request.write(held)
+                exchange.sent += len(held)
+                if self.tap is not None:
+                    self.tap.data(held)
             request.unregisterProducer()
             exchange._end("complete")
             request.finish()
@@ -563,7 +585,10 @@ class _ScrubbingRelay(Protocol):
     """Buffers an error answer given for a default key and masks keys in it.
 
     The upstream echoes part of a rejected key in its error message; that
-    key is ours, and the client must not see any of it.
+    key is ours, and the client must not see any of it.  A compressed body
+    is decompressed to be looked at (and sent uncompressed); one that cannot
+    be looked at (an unknown encoding, too large, broken) is replaced by the
+    proxy's own error.
     """
 
     def __init__(self, exchange: _Exchange) -> None:
@@ -572,30 +597,30 @@ class _ScrubbingRelay(Protocol):
         self.size = 0
 
     def dataReceived(self, data: bytes) -> None:
-        if self.size <= _SCRUB_LIMIT:
-            self.chunks.append(data)
-            self.size += len(data)
+        if self.size > _SCRUB_LIMIT:
+            return
+        self.chunks.append(data)
+        self.size += len(data)
+        if self.size > _SCRUB_LIMIT:
+            self.transport.stopProducing()
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         exchange = self.exchange
         if exchange.client_gone or exchange.done:
             return
         request = exchange.request
-        body = b"".join(self.chunks)
         headers = request.responseHeaders
-        encoding = (headers.getRawHeaders(b"content-encoding") or [b""])[0].strip().lower()
-        if encoding in (b"gzip", b"x-gzip", b"deflate"):
-            try:
-                body = zlib.decompress(body, 47 if encoding != b"deflate" else 15)
-                headers.removeHeader(b"content-encoding")
-            except zlib.error:
-                body = b""
-        elif encoding and encoding != b"identity":
-            body = b""  # cannot look inside: send nothing rather than a key
-        if not reason.check(ResponseDone, PotentialDataLoss) or self.size > _SCRUB_LIMIT:
-            body = error_body(502, "upstream_error", "The upstream's error answer was unreadable.")
+        body: Optional[bytes] = None
+        if reason.check(ResponseDone, PotentialDataLoss) and self.size <= _SCRUB_LIMIT:
+            body = _decoded(b"".join(self.chunks), headers)
+        if body is None:
+            body = error_body(
+                502, "upstream_error", "The upstream's error answer was unreadable."
+            )
             headers.setRawHeaders(b"content-type", [b"application/json"])
-        body = scrub(body)
+        headers.removeHeader(b"content-encoding")
+        assert exchange.mask is not None
+        body = scrub(exchange.mask.feed(body) + exchange.mask.flush())
         headers.setRawHeaders(b"content-length", [b"%d" % len(body)])
         if exchange.tap is not None:
             exchange.tap.response(request.code, headers)
@@ -606,3 +631,28 @@ class _ScrubbingRelay(Protocol):
         exchange._end("complete")
         request.finish()
 
+
+def _decoded(body: bytes, headers: Headers) -> Optional[bytes]:
+    """``body`` without its content coding, or None if it cannot be undone
+    (an unknown or stacked coding, a broken or oversized stream)."""
+    codings = [
+        token.strip().lower()
+        for value in headers.getRawHeaders(b"content-encoding") or ()
+        for token in value.split(b",")
+    ]
+    codings = [c for c in codings if c and c != b"identity"]
+    if not codings:
+        return body
+    if len(codings) > 1 or codings[0] not in (b"gzip", b"x-gzip", b"deflate"):
+        return None
+    # gzip, or deflate with its zlib wrapper (RFC 9110 8.4.1.2) or without.
+    for wbits in ((47,) if codings[0] != b"deflate" else (15, -15)):
+        decoder = zlib.decompressobj(wbits)
+        try:
+            plain = decoder.decompress(body, _SCRUB_LIMIT + 1)
+        except zlib.error:
+            continue
+        if len(plain) > _SCRUB_LIMIT or decoder.unconsumed_tail or not decoder.eof:
+            return None
+        return plain
+    return None

@@ -284,6 +284,7 @@ def build_root(
         config.metrics_path,
     )
     root = AccessGate(
-        router, config.ip_whitelist, config.ip_blacklist, config.trusted_proxies
+        router, config.ip_whitelist, config.ip_blacklist, config.trusted_proxies,
+        exempt_paths=router._health_paths,
     )
     return Built(root, proxies, upstream, health, openai_keys, metrics)

@@ -1,0 +1,148 @@
+"""
+A watch over every end-to-end test: no configured key (default or forward)
+in any log event or in any byte the proxy sends to a client, no forward key
+and no client-identifying header in any request the fake upstream receives.
+
+``tests/harness.py`` wraps ``ProxyTestCase.start_proxy`` with
+:func:`watch_secrets`, so every test that starts the plugin is checked when
+it ends, whatever it was testing.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Iterable
+
+from twisted.application.service import IServiceCollection
+from twisted.internet import defer
+from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from twisted_forward.headers import CLIENT_IDENTIFYING
+from twisted_forward.tap import ProxyService
+
+
+def secret_patterns(secret: str) -> list[bytes]:
+    """What counts as a leak of ``secret``: the key, or its part after the
+    prefix (what an echo of the key with a masked prefix would show)."""
+    key = secret.encode("utf-8")
+    patterns = [key]
+    if len(key) - 3 >= 8:
+        patterns.append(key[3:])
+    return patterns
+
+
+def describe_event(event: LogEvent) -> str:
+    """Everything of a log event an observer could write: its text, its
+    fields, and a failure's traceback."""
+    parts = [formatEvent(event), repr(event)]
+    failure = event.get("log_failure")
+    if isinstance(failure, Failure):
+        parts.append(failure.getTraceback())
+    return "\n".join(parts)
+
+
+@implementer(ILogObserver)
+class SecretsWatch:
+    """Collects what one test's proxy logged, sent, and had forwarded."""
+
+    def __init__(self) -> None:
+        self.events: list[LogEvent] = []
+        self.written: list[bytes] = []
+        self.default_keys: tuple[str, ...] = ()
+        self.forward_keys: tuple[str, ...] = ()
+        globalLogPublisher.addObserver(self)
+
+    def __call__(self, event: LogEvent) -> None:
+        self.events.append(event)
+
+    def attach(self, test: Any) -> None:
+        """Learn the test proxy's keys and tap the bytes it writes."""
+        [service] = [
+            s for s in IServiceCollection(test.service) if isinstance(s, ProxyService)
+        ]
+        self.default_keys = tuple(service.config.default_keys)
+        self.forward_keys = tuple(k.key for k in service.config.forward_keys)
+        site = test.site
+        build = site.buildProtocol
+        written = self.written
+
+        def build_protocol(addr: Any) -> Any:
+            protocol = build(addr)
+            if protocol is None:
+                return None
+            make = protocol.makeConnection
+
+            def make_connection(transport: Any) -> Any:
+                write, write_sequence = transport.write, transport.writeSequence
+
+                def tapped_write(data: bytes) -> Any:
+                    written.append(bytes(data))
+                    return write(data)
+
+                def tapped_write_sequence(seq: Iterable[bytes]) -> Any:
+                    seq = list(seq)
+                    written.extend(bytes(d) for d in seq)
+                    return write_sequence(seq)
+
+                transport.write = tapped_write
+                transport.writeSequence = tapped_write_sequence
+                return make(transport)
+
+            protocol.makeConnection = make_connection
+            return protocol
+
+        site.buildProtocol = build_protocol
+
+    def leaks(self, test: Any) -> list[str]:
+        """Where a secret or an identifying header showed up; empty if nowhere."""
+        found = []
+        secrets = [("default key", i, s) for i, s in enumerate(self.default_keys)]
+        secrets += [("forward key", i, s) for i, s in enumerate(self.forward_keys)]
+        sent = b"".join(self.written)
+        logged = [(e, describe_event(e)) for e in self.events]
+        for kind, index, secret in secrets:
+            for pattern in secret_patterns(secret):
+                if pattern in sent:
+                    found.append(f"{kind} #{index} in the bytes sent to a client")
+                text = pattern.decode("utf-8")
+                for event, description in logged:
+                    if text in description:
+                        found.append(
+                            f"{kind} #{index} in a log event ({event.get('log_format')!r})"
+                        )
+        fake = getattr(test, "fake", None)
+        for seen in getattr(fake, "seen", ()):
+            for name, values in seen.headers.getAllRawHeaders():
+                if name.lower() in CLIENT_IDENTIFYING | {b"cookie", b"cookie2"}:
+                    found.append(f"header {name!r} reached the upstream")
+                for index, key in enumerate(self.forward_keys):
+                    if any(key.encode("utf-8") in v for v in values):
+                        found.append(f"forward key #{index} reached the upstream")
+        return found
+
+    def check(self, test: Any) -> None:
+        """Fail ``test`` if anything leaked."""
+        globalLogPublisher.removeObserver(self)
+        found = self.leaks(test)
+        if found:
+            test.fail("secrets watch: " + "; ".join(sorted(set(found))))
+
+
+def watch_secrets(start_proxy: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap ``ProxyTestCase.start_proxy`` so the test is watched."""
+
+    @functools.wraps(start_proxy)
+    @defer.inlineCallbacks
+    def start_watched(test: Any, *args: Any, **kwargs: Any) -> Any:
+        watch = SecretsWatch()
+        test.secrets_watch = watch
+        # Added before start_proxy adds its own cleanup, so it runs after the
+        # proxy stopped: shutdown's log lines are checked too.
+        test.addCleanup(watch.check, test)
+        base = yield start_proxy(test, *args, **kwargs)
+        watch.attach(test)
+        return base
+
+    return start_watched
