@@ -5,8 +5,10 @@ fake upstream; the records are read back from the files on disk.
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import sys
 from typing import Any, Callable, Optional
 
 from twisted.internet import defer
@@ -338,3 +340,19 @@ class LogChatOffTests(ChatLogTestCase):
         yield self.service.stopService()
         self.service.stopService = lambda: defer.succeed(None)
         self.assertFalse(os.path.exists(log_dir))
+
+    def test_unwritable_log_dir_stops_start_up(self):
+        from twisted.internet import reactor
+
+        from twisted_forward.tap import Options, makeService
+
+        not_a_dir = os.path.abspath(self.mktemp())
+        with open(not_a_dir, "w"):
+            pass
+        options = Options()
+        options.parseOptions(["--port", "tcp:0:interface=127.0.0.1", "--env-file", os.devnull])
+        errors = io.StringIO()
+        self.patch(sys, "stderr", errors)
+        with self.assertRaises(SystemExit):
+            makeService(options, reactor, {"LOG_CHAT": "true", "LOG_DIR": not_a_dir})
+        self.assertIn("LOG_DIR (--log-dir): cannot write chat records there", errors.getvalue())

@@ -415,6 +415,12 @@ class RequestTests(SynchronousTestCase):
         out = summarize_request("embeddings", b'{"model": "e", "input": [1, 2, 3]}')
         self.assertEqual(out["params"]["input_count"], 1)  # one tokenised input
 
+    def test_large_embeddings_request_not_parsed(self):
+        body = json.dumps({"input": ["text " * 100] * 3000, "model": "text-embedding-3-large"}).encode()
+        self.assertGreater(len(body), chatrecord.METADATA_LIMIT)
+        out = summarize_request("embeddings", body)
+        self.assertEqual((out["model"], out["params"]), ("text-embedding-3-large", {}))
+
     def test_multipart_audio_request(self):
         audio = b"RIFF" + bytes(range(256)) * 40
         body = (

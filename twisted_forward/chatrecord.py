@@ -62,6 +62,7 @@ TEXT_LIMIT = 16 * 1024 * 1024
 INLINE_MEDIA = 1024
 
 _BASE64 = re.compile(r"[A-Za-z0-9+/=_-]+")
+_MODEL = re.compile(rb'"model"\s*:\s*"([^"\\]{1,200})"')
 
 
 def exchange_kind(method: str, path: str) -> Optional[str]:
@@ -160,6 +161,12 @@ def summarize_request(kind: str, body: bytes) -> dict[str, Any]:
         out["model"] = fields.pop("model", None)
         out["stream"] = fields.get("stream", "").lower() == "true"
         out["params"] = fields
+        return out
+    if kind not in CONVERSATION_KINDS and len(body) > METADATA_LIMIT:
+        # A big embeddings input: not worth parsing for a few settings.
+        model = _MODEL.search(body[:TAIL]) or _MODEL.search(body[-TAIL:])
+        out["model"] = model.group(1).decode("utf-8", "replace") if model else None
+        out["params"] = {}
         return out
     if len(body) > BODY_LIMIT:
         out["problems"] = [f"request body of {len(body)} bytes too large to record"]
@@ -283,11 +290,6 @@ class _Choice:
             if isinstance(value, dict) and key not in ("index",):
                 fields = slot["fields"].setdefault(key, {"name": ""})
                 _merge_call_fields(self, fields, value)
-
-    def add_message(self, message: dict[str, Any]) -> None:
-        """A whole message (a non-streamed answer, or a server that sends
-        ``message`` instead of ``delta`` in a stream)."""
-        self.add_delta(message)
 
     def result(self, conversation_kind: str) -> dict[str, Any]:
         out: dict[str, Any] = {"index": self.index}
