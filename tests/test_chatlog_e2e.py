@@ -9,7 +9,7 @@ import io
 import json
 import os
 import sys
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from twisted.internet import defer
 from twisted.logger import globalLogPublisher

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.testing import MemoryReactorClock
-from twisted.logger import Logger, LogPublisher
+from twisted.logger import Logger
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
 
@@ -27,7 +27,6 @@ from twisted_forward.chatfiles import (
     RecordFiles,
     encode_record,
     file_name,
-    read_records,
     record_files,
     secret_forms,
 )

@@ -45,6 +45,7 @@ RECORD_FIELD = "chat_record"
 
 _NAME = re.compile(r"^chat_(\d{4}-\d{2}-\d{2})(?:\.(\d+))?\.jsonl$")
 _DAY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
 
 #: A function that runs a blocking callable off the reactor thread.
 Runner = Callable[[Callable[[], Any]], "Deferred[Any]"]
@@ -176,7 +177,7 @@ class RecordFiles:
             if size < self.max_bytes:
                 break
             index += 1
-        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self._fd = os.open(path, _FLAGS, 0o600)
         self._day, self._index, self._path = day, index, path
         return self._fd
 

@@ -115,6 +115,7 @@ class ChatRecorder:
         self._closables = [o for o in observers if hasattr(o, "close")]
 
     def begin(self, info: ExchangeInfo) -> Optional[ExchangeTap]:
+        """A tap for a recorded kind of exchange; None for any other."""
         try:
             kind = exchange_kind(info.method, info.path)
             if kind is None:
@@ -174,6 +175,7 @@ class ChatTap:
             self.body = body
 
     def response(self, status: int, headers: Headers) -> None:
+        """The answer's head (or the proxy's own error status)."""
         try:
             if self.reader.status is not None:
                 self.reader = AnswerReader(self.kind)  # a second head replaces the first
@@ -182,6 +184,7 @@ class ChatTap:
             self._break()
 
     def data(self, chunk: bytes) -> None:
+        """A relayed body chunk: decoded for the record, never changed."""
         if self.broken is not None:
             self.reader.size += len(chunk)
             return
@@ -196,6 +199,7 @@ class ChatTap:
                          request_id=self.info.request_id)
 
     def end(self, outcome: str) -> None:
+        """The exchange is over: build its record and emit it, once."""
         if self.ended:
             return
         self.ended = True
@@ -289,6 +293,13 @@ def open_chat_log(
 # ---------------------------------------------------------------- export
 
 
+def _iso(value: str) -> datetime:
+    """``datetime.fromisoformat`` that takes a trailing ``Z`` before 3.11 too."""
+    if value.endswith(("Z", "z")):
+        value = value[:-1] + "+00:00"
+    return datetime.fromisoformat(value)
+
+
 def _parse_when(value: str, end: bool) -> datetime:
     """A date or date-time bound; a bare date as an end bound means its
     whole day.  Times without an offset are UTC."""
@@ -296,7 +307,7 @@ def _parse_when(value: str, end: bool) -> datetime:
         if _DATE_ONLY.match(value):
             when = datetime.fromisoformat(value).replace(tzinfo=timezone.utc)
             return when + timedelta(days=1) if end else when
-        when = datetime.fromisoformat(value)
+        when = _iso(value)
     except ValueError:
         raise usage.UsageError(f"{value!r} is not a date (YYYY-MM-DD) or ISO date-time") from None
     if when.tzinfo is None:
@@ -359,7 +370,7 @@ class ExportOptions(usage.Options):
         """Whether ``record`` passes the filters."""
         if self["since-time"] is not None or self["until-time"] is not None:
             try:
-                when = datetime.fromisoformat(str(record.get("time")))
+                when = _iso(str(record.get("time")))
             except ValueError:
                 return False
             if when.tzinfo is None:
