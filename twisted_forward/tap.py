@@ -29,6 +29,7 @@ from .config import (
     parse_endpoint,
     read_env_file,
 )
+from .chatlog import ChatRecorder, open_chat_log
 from .metrics import MetricsResource
 from .site import Built, ForwardSite, build_root
 
@@ -75,21 +76,40 @@ def load(options: Options, environ: Optional[dict[str, str]] = None) -> Config:
     return load_config(options.setting_values(), env, read_env_file(options["env-file"]))
 
 
+def open_recorder(config: Config, reactor: IReactorCore) -> Optional[ChatRecorder]:
+    """The chat recorder, or None when LOG_CHAT is off (nothing is written)."""
+    if not config.log_chat:
+        return None
+    secrets = config.default_keys + tuple(k.key for k in config.forward_keys)
+    try:
+        return open_chat_log(config.log_dir, reactor, secrets)
+    except OSError as e:
+        raise ConfigError(f"LOG_DIR (--log-dir): cannot write chat records there ({e})") from None
+
+
 class ProxyService(Service):
     """Owns the proxy's lifetime: start-up lines, draining, closing the pool.
 
     On stop it marks the proxy draining (``/healthz`` answers 503), lets open
     exchanges finish for up to ``grace`` seconds, then cuts the rest and
-    closes the upstream connections.  The listening port, stopped first by
-    the parent service, takes no new connections meanwhile.
+    closes the upstream connections; last, the chat records are flushed and
+    closed, so every exchange answered is on disk.  The listening port,
+    stopped first by the parent service, takes no new connections meanwhile.
     """
 
     log = Logger()
 
-    def __init__(self, built: Built, config: Config, reactor: IReactorCore) -> None:
+    def __init__(
+        self,
+        built: Built,
+        config: Config,
+        reactor: IReactorCore,
+        recorder: Optional[ChatRecorder] = None,
+    ) -> None:
         self.built = built
         self.config = config
         self.reactor = reactor
+        self.recorder = recorder
 
     def startService(self) -> None:
         super().startService()
@@ -120,7 +140,11 @@ class ProxyService(Service):
             for proxy in self.built.proxies:
                 for exchange in list(proxy.open):
                     exchange.abort()
-        yield self.built.upstream.close()
+        try:
+            yield self.built.upstream.close()
+        finally:
+            if self.recorder is not None:
+                yield self.recorder.close()
         # twistd and twist re-raise the terminating signal at exit, so a
         # supervisor would see "killed by SIGTERM".  The shutdown was
         # orderly: report success (exit status 0) instead.
@@ -147,6 +171,7 @@ def makeService(
         endpoints.serverFromString(reactor, options["endpoint"])
         if config.metrics_port is not None:
             endpoints.serverFromString(reactor, config.metrics_port)
+        recorder = open_recorder(config, reactor)
     except IndexError:
         # serverFromString's systemd: parser, when no socket was passed in.
         sys.stderr.write(
@@ -159,8 +184,8 @@ def makeService(
         sys.stderr.write(f"openai-forward: {e}\n")
         raise SystemExit(1)
     top = MultiService()
-    built = build_root(config, reactor)  # type: ignore[arg-type]
-    ProxyService(built, config, reactor).setServiceParent(top)  # type: ignore[arg-type]
+    built = build_root(config, reactor, recorder=recorder)  # type: ignore[arg-type]
+    ProxyService(built, config, reactor, recorder).setServiceParent(top)  # type: ignore[arg-type]
     site = ForwardSite(
         built.root, reactor=reactor, max_request_body=config.max_request_body
     )

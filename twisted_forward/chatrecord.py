@@ -1,0 +1,685 @@
+"""
+What goes into a chat record: the question, taken from the request body, and
+the answer, reassembled from the body the proxy relayed.
+
+Pure functions and small accumulators, no I/O: :mod:`twisted_forward.chatlog`
+feeds them and turns the result into one JSON line.
+
+- :func:`exchange_kind` says which exchanges are recorded at all.
+- :func:`summarize_request` reads the request body once, after the answer.
+- :class:`AnswerReader` follows the answer chunk by chunk: it undoes gzip or
+  deflate, decodes SSE events or buffers a JSON body (bounded), and folds
+  streamed chunks into whole choices with :class:`ChoiceAssembler`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import zlib
+from typing import Any, Callable, Iterable, Optional
+
+from twisted.web.http_headers import Headers
+
+from .sse import SSEDecoder
+
+#: Kinds whose conversation is recorded in full.
+CONVERSATION_KINDS = frozenset({"chat", "completion"})
+
+_KINDS: tuple[tuple["re.Pattern[str]", str], ...] = (
+    (re.compile(r"(?:^|/)chat/completions/?$"), "chat"),
+    (re.compile(r"(?:^|/)completions/?$"), "completion"),
+    (re.compile(r"(?:^|/)embeddings/?$"), "embeddings"),
+    (re.compile(r"(?:^|/)audio/(?:transcriptions|translations|speech)/?$"), "audio"),
+    (re.compile(r"(?:^|/)images/(?:generations|edits|variations)/?$"), "images"),
+)
+
+#: Request fields kept for metadata-only kinds (embeddings, audio, images):
+#: settings, never content (no input text, prompt, audio or image).
+METADATA_FIELDS = frozenset(
+    {
+        "model", "n", "size", "quality", "style", "response_format",
+        "encoding_format", "dimensions", "user", "language", "temperature",
+        "voice", "speed", "background", "output_format", "output_compression",
+        "moderation", "stream", "input_fidelity", "timestamp_granularities",
+        "timestamp_granularities[]", "include[]", "chunking_strategy",
+    }
+)
+
+#: Bodies (request or answer) kept whole up to this size for decoding.
+BODY_LIMIT = 32 * 1024 * 1024
+#: Metadata answers are parsed whole up to this size; past it only the tail
+#: is searched for ``usage``.
+METADATA_LIMIT = 1024 * 1024
+#: How much of the tail of a large answer is kept to find ``usage`` in.
+TAIL = 64 * 1024
+#: How much of an undecodable body a record quotes.
+EXCERPT = 1024
+#: Reassembled text past this many characters per choice is cut off.
+TEXT_LIMIT = 16 * 1024 * 1024
+#: Strings in messages longer than this that are data URLs or base64 are
+#: replaced by a placeholder (images, audio and files sent inline).
+INLINE_MEDIA = 1024
+
+_BASE64 = re.compile(r"[A-Za-z0-9+/=_-]+")
+_MODEL = re.compile(rb'"model"\s*:\s*"([^"\\]{1,200})"')
+
+
+def exchange_kind(method: str, path: str) -> Optional[str]:
+    """The record kind for a request, or None when it is not recorded.
+
+    Only POSTs to the endpoints that create something are recorded; the
+    path is matched at its end, so a base URL ending in ``/v1`` or an Azure
+    deployment path works too.
+    """
+    if method != "POST":
+        return None
+    for pattern, kind in _KINDS:
+        if pattern.search(path):
+            return kind
+    return None
+
+
+def loads(text: "str | bytes") -> Any:
+    """``json.loads`` that turns NaN and Infinity into strings (valid JSON out)."""
+    return json.loads(text, parse_constant=str)
+
+
+def excerpt(body: bytes) -> str:
+    """The start of an undecodable body, as text, for a record."""
+    text = body[:EXCERPT].decode("utf-8", "replace")
+    return text + ("…" if len(body) > EXCERPT else "")
+
+
+def strip_media(value: Any) -> Any:
+    """``value`` with inline images, audio and files replaced by placeholders.
+
+    A data URL or a long base64 string would swell the records with bytes
+    nobody reads in a log; the placeholder says what was there and how big.
+    """
+    if isinstance(value, str):
+        if len(value) > INLINE_MEDIA:
+            if value.startswith("data:"):
+                head = value[: min(value.find(","), 100)] if "," in value else value[:40]
+                return f"{head},… ({len(value)} characters omitted)"
+            if _BASE64.fullmatch(value):
+                return f"… (base64, {len(value)} characters omitted)"
+        return value
+    if isinstance(value, list):
+        return [strip_media(v) for v in value]
+    if isinstance(value, dict):
+        return {k: strip_media(v) for k, v in value.items()}
+    return value
+
+
+# ---------------------------------------------------------------- requests
+
+
+def multipart_fields(body: bytes, wanted: Iterable[str]) -> dict[str, str]:
+    """Small text fields of a ``multipart/form-data`` body, files skipped.
+
+    The boundary is read from the body's first line, so no header is needed.
+    """
+    wanted = frozenset(wanted)
+    first_end = body.find(b"\r\n")
+    if not body.startswith(b"--") or first_end < 3 or first_end > 200:
+        return {}
+    delimiter = b"\r\n" + body[:first_end]
+    fields: dict[str, str] = {}
+    pos = first_end + 2
+    while True:
+        head_end = body.find(b"\r\n\r\n", pos, pos + 4096)
+        if head_end < 0:
+            break
+        head = body[pos:head_end].decode("latin-1").lower()
+        end = body.find(delimiter, head_end + 4)
+        if end < 0:
+            break
+        name = re.search(r'\bname="([^"]*)"', head)
+        if name and "filename=" not in head and name.group(1) in wanted:
+            value = body[head_end + 4 : end]
+            if len(value) <= 256:
+                fields[name.group(1)] = value.decode("utf-8", "replace")
+        pos = end + len(delimiter)
+        if body[pos : pos + 2] != b"\r\n":
+            break  # the closing delimiter ``--``
+        pos += 2
+    return fields
+
+
+def summarize_request(kind: str, body: bytes) -> dict[str, Any]:
+    """The record fields taken from a request body.
+
+    Conversation kinds keep ``messages`` (chat) or ``prompt`` (completion)
+    and the other settings as ``params``; metadata kinds keep only the
+    settings in :data:`METADATA_FIELDS` (and how many inputs an embeddings
+    request had).
+    """
+    out: dict[str, Any] = {"model": None, "stream": False}
+    if body.startswith(b"--"):
+        fields = multipart_fields(body, METADATA_FIELDS)
+        out["model"] = fields.pop("model", None)
+        out["stream"] = fields.get("stream", "").lower() == "true"
+        out["params"] = fields
+        return out
+    if kind not in CONVERSATION_KINDS and len(body) > METADATA_LIMIT:
+        # A big embeddings input: not worth parsing for a few settings.
+        model = _MODEL.search(body[:TAIL]) or _MODEL.search(body[-TAIL:])
+        out["model"] = model.group(1).decode("utf-8", "replace") if model else None
+        out["params"] = {}
+        return out
+    if len(body) > BODY_LIMIT:
+        out["problems"] = [f"request body of {len(body)} bytes too large to record"]
+        return out
+    try:
+        obj = loads(body)
+    except (ValueError, RecursionError):
+        out["problems"] = ["request body is not JSON"]
+        if kind in CONVERSATION_KINDS:
+            out["request_excerpt"] = excerpt(body)
+        return out
+    if not isinstance(obj, dict):
+        out["problems"] = ["request body is not a JSON object"]
+        return out
+    model = obj.get("model")
+    out["model"] = model if isinstance(model, str) else None
+    out["stream"] = obj.get("stream") is True
+    if kind == "chat":
+        out["messages"] = strip_media(obj.get("messages"))
+    elif kind == "completion":
+        out["prompt"] = obj.get("prompt")
+    if kind in CONVERSATION_KINDS:
+        out["params"] = strip_media(
+            {k: v for k, v in obj.items() if k not in ("model", "messages", "prompt", "stream")}
+        )
+    else:
+        out["params"] = {
+            k: v
+            for k, v in obj.items()
+            if k in METADATA_FIELDS and k not in ("model", "stream")
+            and (v is None or isinstance(v, (str, int, float, bool)))
+        }
+        if kind == "embeddings":
+            items = obj.get("input")
+            out["params"]["input_count"] = (
+                len(items) if isinstance(items, list) and items and not isinstance(items[0], int)
+                else 1
+            )
+    return out
+
+
+# ---------------------------------------------------------------- answers
+
+
+class _Choice:
+    """One choice being reassembled from streamed deltas."""
+
+    __slots__ = (
+        "index", "role", "content", "reasoning", "refusal", "text", "transcript",
+        "tool_calls", "tool_ids", "function_call", "finish_reason", "size", "cut",
+    )
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.role: Optional[str] = None
+        self.content: list[str] = []
+        self.reasoning: list[str] = []
+        self.refusal: list[str] = []
+        self.text: list[str] = []
+        self.transcript: list[str] = []
+        self.tool_calls: dict[int, dict[str, Any]] = {}
+        self.tool_ids: dict[str, int] = {}
+        self.function_call: Optional[dict[str, Any]] = None
+        self.finish_reason: Optional[str] = None
+        self.size = 0
+        self.cut = False
+
+    def add_text(self, parts: list[str], piece: Any) -> None:
+        if piece is None:
+            return
+        if not isinstance(piece, str):
+            piece = json.dumps(piece, ensure_ascii=False)
+        if self.size + len(piece) > TEXT_LIMIT:
+            self.cut = True
+            return
+        self.size += len(piece)
+        parts.append(piece)
+
+    def add_delta(self, delta: dict[str, Any]) -> None:
+        role = delta.get("role")
+        if isinstance(role, str) and role:
+            self.role = role
+        self.add_text(self.content, delta.get("content"))
+        self.add_text(self.reasoning, delta.get("reasoning_content"))
+        self.add_text(self.refusal, delta.get("refusal"))
+        audio = delta.get("audio")
+        if isinstance(audio, dict):
+            self.add_text(self.transcript, audio.get("transcript"))
+        calls = delta.get("tool_calls")
+        if isinstance(calls, list):
+            for call in calls:
+                if isinstance(call, dict):
+                    self._add_tool_call(call)
+        function_call = delta.get("function_call")
+        if isinstance(function_call, dict):
+            if self.function_call is None:
+                self.function_call = {"name": ""}
+            _merge_call_fields(self, self.function_call, function_call)
+
+    def _add_tool_call(self, call: dict[str, Any]) -> None:
+        index = call.get("index")
+        call_id = call.get("id")
+        if not isinstance(index, int):
+            # No index (some servers): a new id is a new call, else the last.
+            if isinstance(call_id, str) and call_id and call_id not in self.tool_ids:
+                index = len(self.tool_calls)
+            elif isinstance(call_id, str) and call_id in self.tool_ids:
+                index = self.tool_ids[call_id]
+            else:
+                index = max(self.tool_calls, default=0)
+        slot = self.tool_calls.get(index)
+        if slot is None:
+            slot = self.tool_calls[index] = {"id": None, "type": None, "fields": {}}
+        if isinstance(call_id, str) and call_id:
+            slot["id"] = call_id
+            self.tool_ids[call_id] = index
+        kind = call.get("type")
+        if isinstance(kind, str) and kind:
+            slot["type"] = kind
+        for key, value in call.items():
+            if isinstance(value, dict) and key not in ("index",):
+                fields = slot["fields"].setdefault(key, {"name": ""})
+                _merge_call_fields(self, fields, value)
+
+    def result(self, conversation_kind: str) -> dict[str, Any]:
+        out: dict[str, Any] = {"index": self.index}
+        if conversation_kind == "completion":
+            out["text"] = "".join(self.text)
+        else:
+            out["role"] = self.role or "assistant"
+            out["content"] = "".join(self.content) if self.content else None
+            if self.reasoning:
+                out["reasoning_content"] = "".join(self.reasoning)
+            if self.refusal:
+                out["refusal"] = "".join(self.refusal)
+            if self.transcript:
+                out["audio_transcript"] = "".join(self.transcript)
+            if self.tool_calls:
+                out["tool_calls"] = [
+                    _tool_call_result(self.tool_calls[i]) for i in sorted(self.tool_calls)
+                ]
+            if self.function_call is not None:
+                out["function_call"] = _fields_result(self.function_call, arguments=True)
+        out["finish_reason"] = self.finish_reason
+        if self.cut:
+            out["truncated"] = True
+        return out
+
+
+def _merge_call_fields(choice: _Choice, into: dict[str, Any], piece: dict[str, Any]) -> None:
+    """Merge one streamed piece of a function (or custom tool) call."""
+    for key, value in piece.items():
+        if not isinstance(value, str):
+            continue
+        if key == "name":
+            name = into["name"]
+            if not name or value.startswith(name):
+                into["name"] = value
+            elif value != name:
+                into["name"] = name + value
+        else:
+            parts = into.setdefault(key, [])
+            if isinstance(parts, list):
+                choice.add_text(parts, value)
+
+
+def _fields_result(fields: dict[str, Any], arguments: bool = False) -> dict[str, Any]:
+    out = {k: ("".join(v) if isinstance(v, list) else v) for k, v in fields.items()}
+    if arguments:
+        out.setdefault("arguments", "")
+    return out
+
+
+def _tool_call_result(slot: dict[str, Any]) -> dict[str, Any]:
+    kind = slot["type"] or ("function" if "function" in slot["fields"] or not slot["fields"] else None)
+    out: dict[str, Any] = {"id": slot["id"], "type": kind}
+    for key, fields in slot["fields"].items():
+        out[key] = _fields_result(fields, arguments=key == "function")
+    return out
+
+
+class ChoiceAssembler:
+    """Folds chat or completion chunk objects (streamed or whole) into choices.
+
+    Choices are kept apart by their ``index`` (n > 1); a first delta without
+    a role is fine (the role defaults to ``assistant``).
+    """
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.choices: dict[int, _Choice] = {}
+        self.usage: Any = None
+        self.response_id: Optional[str] = None
+        self.response_model: Optional[str] = None
+        self.error: Any = None
+
+    def add(self, obj: dict[str, Any]) -> None:
+        """One chunk object of a stream, or a whole answer object."""
+        if self.response_id is None and isinstance(obj.get("id"), str):
+            self.response_id = obj["id"]
+        if self.response_model is None and isinstance(obj.get("model"), str):
+            self.response_model = obj["model"]
+        if obj.get("usage") is not None:
+            self.usage = obj["usage"]
+        if obj.get("error") is not None:
+            self.error = obj["error"]
+        choices = obj.get("choices")
+        if not isinstance(choices, list):
+            return
+        for position, choice in enumerate(choices):
+            if not isinstance(choice, dict):
+                continue
+            index = choice.get("index")
+            if not isinstance(index, int):
+                index = position
+            slot = self.choices.get(index)
+            if slot is None:
+                slot = self.choices[index] = _Choice(index)
+            delta = choice.get("delta")
+            if not isinstance(delta, dict):
+                delta = choice.get("message")
+            if isinstance(delta, dict):
+                slot.add_delta(delta)
+            if "text" in choice:
+                slot.add_text(slot.text, choice["text"])
+            reason = choice.get("finish_reason")
+            if reason is not None:
+                slot.finish_reason = reason
+
+    def result(self) -> list[dict[str, Any]]:
+        """The reassembled choices, by index."""
+        return [self.choices[i].result(self.kind) for i in sorted(self.choices)]
+
+
+class _Tail:
+    """Keeps a body whole up to a limit, then its head and tail only."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.parts: list[bytes] = []
+        self.size = 0
+        self.overflowed = False
+        self.tail = b""
+
+    def add(self, data: bytes) -> None:
+        self.size += len(data)
+        if not self.overflowed:
+            if self.size <= self.limit:
+                self.parts.append(data)
+                return
+            self.overflowed = True
+            whole = b"".join(self.parts)
+            self.parts = [whole[:EXCERPT]]
+            self.tail = whole[-TAIL:]
+        self.tail = (self.tail + data)[-TAIL:]
+
+    def whole(self) -> Optional[bytes]:
+        return None if self.overflowed else b"".join(self.parts)
+
+    def head(self) -> bytes:
+        return b"".join(self.parts)[:EXCERPT]
+
+
+def usage_in_tail(tail: bytes) -> Any:
+    """The last ``"usage": {...}`` object in the tail of a large JSON body."""
+    text = tail.decode("utf-8", "replace")
+    decoder = json.JSONDecoder(parse_constant=str)
+    for match in reversed(list(re.finditer(r'"usage"\s*:\s*', text))):
+        try:
+            value, _ = decoder.raw_decode(text, match.end())
+        except ValueError:
+            continue
+        if isinstance(value, dict):
+            return value
+    return None
+
+
+def _media_type(headers: Headers) -> str:
+    value = (headers.getRawHeaders(b"content-type") or [b""])[0]
+    return value.split(b";", 1)[0].strip().lower().decode("latin-1")
+
+
+class AnswerReader:
+    """Follows one answer's body as it is relayed and says what it held.
+
+    :meth:`head` takes the status and headers, :meth:`feed` each chunk (the
+    relayed bytes, still compressed if they were), :meth:`result` gives the
+    answer's record fields.  It never raises: a body it cannot make sense
+    of is recorded as such (``problems`` and an ``excerpt``).
+    """
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.conversation = kind in CONVERSATION_KINDS
+        self.status: Optional[int] = None
+        self.size = 0
+        self.problems: list[str] = []
+        self.format = "empty"
+        self.content_type = ""
+        self._inflate: Optional["zlib._Decompress"] = None
+        self._inflated = 0
+        self._encoding = b""
+        self._sink: Optional[Callable[[bytes], None]] = self._sniff
+        self._sse: Optional[SSEDecoder] = None
+        self._body: Optional[_Tail] = None
+        self._sniffed = b""
+        self._assembler = ChoiceAssembler(kind)
+        self._bad_events = 0
+        self._bad_excerpt: Optional[str] = None
+        self._usage: Any = None
+
+    def head(self, status: int, headers: Headers) -> None:
+        """The answer's status line and headers (as relayed)."""
+        self.status = status
+        self.content_type = _media_type(headers)
+        encoding = (headers.getRawHeaders(b"content-encoding") or [b""])[-1].strip().lower()
+        self._encoding = encoding
+        if encoding in (b"gzip", b"x-gzip"):
+            self._inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        elif encoding == b"deflate":
+            self._inflate = None  # zlib or raw deflate: decided on the first bytes
+        elif encoding and encoding != b"identity":
+            self.format = "encoded"
+            self.problems.append(
+                f"answer encoded as {encoding.decode('latin-1')}: not decoded"
+            )
+            self._sink = None
+            return
+        ctype = self.content_type
+        if ctype == "text/event-stream":
+            self._start_sse()
+        elif ctype == "application/json" or ctype.endswith("+json"):
+            self._start_json()
+        elif ctype.startswith(("audio/", "image/", "video/")) or ctype == "application/octet-stream":
+            self.format = "binary"
+            self._sink = None
+        else:
+            self._sink = self._sniff  # no or vague content type: look at the bytes
+
+    def _start_sse(self) -> None:
+        self.format = "sse"
+        self._sse = SSEDecoder()
+        self._sink = self._feed_sse
+
+    def _start_json(self) -> None:
+        self.format = "json"
+        limit = BODY_LIMIT if self.conversation or (self.status or 0) >= 400 else METADATA_LIMIT
+        self._body = _Tail(limit)
+        self._sink = self._body.add
+
+    def feed(self, chunk: bytes) -> None:
+        """One relayed body chunk."""
+        self.size += len(chunk)
+        if self._sink is None or not chunk:
+            return
+        if self._encoding in (b"gzip", b"x-gzip", b"deflate"):
+            chunk = self._decompress(chunk)
+            if not chunk or self._sink is None:
+                return
+        self._sink(chunk)
+
+    def _decompress(self, chunk: bytes) -> bytes:
+        if self._inflate is None:
+            # RFC 9110 says zlib format; some servers send raw deflate.
+            zlib_header = len(chunk) >= 2 and chunk[0] & 0x0F == 8 and (
+                (chunk[0] << 8) | chunk[1]
+            ) % 31 == 0
+            self._inflate = zlib.decompressobj(zlib.MAX_WBITS if zlib_header else -zlib.MAX_WBITS)
+        room = BODY_LIMIT - self._inflated
+        try:
+            out = self._inflate.decompress(chunk, max(room, 1))
+        except zlib.error:
+            self.problems.append(
+                f"answer is not valid {self._encoding.decode('latin-1')} data"
+            )
+            self._sink = None
+            return b""
+        self._inflated += len(out)
+        if self._inflate.unconsumed_tail:
+            self.problems.append("decompressed answer too large to record")
+            self._sink = None
+            return out
+        return out
+
+    def _sniff(self, chunk: bytes) -> None:
+        """No telling content type: decide from the first non-blank bytes."""
+        self._sniffed += chunk
+        start = self._sniffed.lstrip()
+        if not start and len(self._sniffed) < 4096:
+            return
+        held, self._sniffed = self._sniffed, b""
+        if start[:1] in (b"{", b"["):
+            self._start_json()
+        elif start.startswith((b"data:", b":", b"event:", b"id:", b"retry:")):
+            self._start_sse()
+        else:
+            self.format = "other"
+            self._body = _Tail(EXCERPT)
+            self._sink = self._body.add
+        self._sink(held)
+
+    def _feed_sse(self, chunk: bytes) -> None:
+        assert self._sse is not None
+        for event in self._sse.feed(chunk):
+            self._event(event.data)
+
+    def _event(self, data: str) -> None:
+        if not self.conversation and '"usage"' not in data and '"error"' not in data:
+            return  # metadata kinds only look for usage; no need to parse
+        try:
+            obj = loads(data)
+        except (ValueError, RecursionError):
+            obj = None
+        if not isinstance(obj, dict):
+            self._bad_events += 1
+            if self._bad_excerpt is None:
+                self._bad_excerpt = excerpt(data.encode("utf-8"))
+            return
+        if self.conversation:
+            self._assembler.add(obj)
+        else:
+            usage = obj.get("usage")
+            if usage is None and isinstance(obj.get("response"), dict):
+                usage = obj["response"].get("usage")
+            if usage is not None:
+                self._usage = usage
+            if obj.get("error") is not None:
+                self._assembler.error = obj["error"]
+
+    def result(self) -> dict[str, Any]:
+        """The answer's record fields; call once, at the end."""
+        out: dict[str, Any] = {"format": self.format, "content_type": self.content_type or None}
+        problems = self.problems
+        excerpt_text: Optional[str] = None
+        if self._sniffed:  # the body ended before the sniffer decided
+            self._sink, held, self._sniffed = None, self._sniffed, b""
+            if held.strip():
+                self.format = out["format"] = "other"
+                excerpt_text = excerpt(held)
+        if self._sse is not None:
+            out["done"] = self._sse.done
+            if self._sse.close():
+                problems.append("stream ended in the middle of an event")
+            if self._sse.overflow:
+                problems.append("an event was too large to decode")
+            if not self._sse.done and self.conversation and (self.status or 0) < 400:
+                problems.append("stream ended without [DONE]")
+            if self._bad_events:
+                problems.append(f"{self._bad_events} event(s) not a JSON object")
+                excerpt_text = self._bad_excerpt
+        elif self._body is not None:
+            excerpt_text = self._read_body(out, problems)
+        assembler = self._assembler
+        if self.conversation:
+            out["response_id"] = assembler.response_id
+            out["response_model"] = assembler.response_model
+            out["choices"] = assembler.result()
+            out["usage"] = assembler.usage
+        else:
+            out["usage"] = self._usage
+        error = assembler.error
+        out["error"] = _scrub_value(error) if error is not None else None
+        out["problems"] = problems
+        if excerpt_text is not None:
+            out["excerpt"] = _scrub_value(excerpt_text)
+        return out
+
+    def _read_body(self, out: dict[str, Any], problems: list[str]) -> Optional[str]:
+        body = self._body
+        assert body is not None
+        if self.format == "other":
+            if (self.status or 0) >= 400 or self.conversation:
+                return excerpt(body.head()) if body.size else None
+            return None
+        whole = body.whole()
+        if whole is None:
+            if self.conversation or (self.status or 0) >= 400:
+                problems.append(f"answer of {body.size} bytes too large to record")
+            if not self.conversation:
+                self._usage = usage_in_tail(body.tail)
+            else:
+                self._assembler.usage = usage_in_tail(body.tail)
+            return None
+        if not whole.strip():
+            return None
+        try:
+            obj = loads(whole)
+        except (ValueError, RecursionError):
+            problems.append("answer is not valid JSON")
+            return excerpt(whole)
+        if not isinstance(obj, dict):
+            problems.append("answer is not a JSON object")
+            return excerpt(whole)
+        if self.conversation:
+            self._assembler.add(obj)
+        else:
+            self._usage = obj.get("usage")
+            if isinstance(obj.get("data"), list):
+                out["data_count"] = len(obj["data"])
+            if obj.get("error") is not None:
+                self._assembler.error = obj["error"]
+        return None
+
+
+def _scrub_value(value: Any) -> Any:
+    """Mask key-like strings in what the upstream said (error messages can
+    echo part of a client's key)."""
+    from .keys import scrub  # noqa: PLC0415
+
+    if isinstance(value, str):
+        return scrub(value.encode("utf-8", "surrogatepass")).decode("utf-8", "surrogatepass")
+    if isinstance(value, list):
+        return [_scrub_value(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _scrub_value(v) for k, v in value.items()}
+    return value
