@@ -294,7 +294,7 @@ def parse_forward_keys(value: str) -> tuple[ForwardKey, ...]:
             raise ValueError(
                 "a forward key label may hold letters, digits, '_', '.', '-' only"
             )
-        keys.append(ForwardKey(label or _hash_label(key), key))
+        keys.append(ForwardKey(label or _default_label(key, len(keys) + 1), key))
     if len({k.key for k in keys}) != len(keys):
         raise ValueError("the same forward key is listed twice")
     if len({k.label for k in keys}) != len(keys):
@@ -302,7 +302,15 @@ def parse_forward_keys(value: str) -> tuple[ForwardKey, ...]:
     return tuple(keys)
 
 
-def _hash_label(key: str) -> str:
+#: Shorter unlabelled forward keys are named by position: a hash prefix of a
+#: short key lets whoever reads the logs find the key by brute force.
+_HASH_LABEL_MIN = 24
+
+
+def _default_label(key: str, position: int) -> str:
+    """A non-secret name for an unlabelled forward key."""
+    if len(key) < _HASH_LABEL_MIN:
+        return f"fk#{position}"
     import hashlib
 
     return "fk#" + hashlib.sha256(key.encode()).hexdigest()[:8]
