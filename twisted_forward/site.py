@@ -205,6 +205,7 @@ class ForwardSite(Site):
             path=request.path.decode("latin-1"),
             status=request.code,
             length=request.sentLength,
+            client=getattr(request, "forward_client", "-"),
             route=getattr(request, "forward_route", "-"),
             key=getattr(request, "forward_key_label", "-"),
             upstream_ms=None if upstream is None else round(upstream * 1000, 1),
@@ -215,7 +216,8 @@ class ForwardSite(Site):
         # every field as its own key.
         _access_log.info(
             "{line}",
-            line="%(method)s %(path)s %(status)s %(length)sB route=%(route)s key=%(key)s "
+            line="%(client)s %(method)s %(path)s %(status)s %(length)sB "
+            "route=%(route)s key=%(key)s "
             "upstream=%(upstream_ms)sms error=%(error)s" % fields,
             **fields,
         )
