@@ -19,6 +19,9 @@ setup(
         "pyopenssl>=23.0.0",
         "service-identity>=21.1.0",
         "python-dotenv>=1.0.0",
+        "prometheus-client>=0.17.0",
+        # hyperlink comes with treq; named because upstream.py subclasses it.
+        "hyperlink>=21.0.0",
     ],
     extras_require={
         "test": ["openai>=1.0.0", "hypothesis>=6.0.0"],
