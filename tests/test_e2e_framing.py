@@ -210,3 +210,30 @@ class BodyCapTests(RawTestCase):
         )
         self.assertEqual(parse_answer(received).status, 200)
         self.assertEqual(self.fake.seen[0].body, b"hello")
+
+
+class GateBeforeBodyTests(RawTestCase):
+    """A refused address is answered 403 as soon as the head is in: it
+    does not get to upload a body first."""
+
+    @defer.inlineCallbacks
+    def test_refused_before_the_body(self):
+        yield self.start_proxy(IP_BLACKLIST="127.0.0.1")
+        # Only the head of a 10 MB upload is sent: the answer comes anyway.
+        received = yield self.exchange(
+            b"POST /v1/files HTTP/1.1\r\nHost: proxy\r\nContent-Length: 10000000\r\n\r\n"
+        )
+        answer = parse_answer(received)
+        self.assertEqual(answer.status, 403)
+        self.assertEqual(answer.json()["error"]["code"], "ip_not_allowed")
+        self.assertEqual(self.fake.seen, [])
+        response = yield self.client.get(self.url("/metrics"))
+        yield response.content()  # (refused too: the gate covers /metrics)
+        self.assertEqual(response.code, 403)
+
+    @defer.inlineCallbacks
+    def test_allowed_address_uploads(self):
+        yield self.start_proxy(IP_WHITELIST="127.0.0.0/8")
+        response = yield self.client.post(self.url("/echo"), data=b"x" * 5000)
+        yield response.content()
+        self.assertEqual(self.fake.seen[0].body, b"x" * 5000)

@@ -392,6 +392,21 @@ class AccessGate(Resource):
         )
         return False
 
+    def early_refusal(self, request: IRequest) -> Optional[str]:
+        """Why a request must be refused as soon as its head is in (None: it
+        may go on).  The channel asks before reading a request body, so a
+        refused address cannot make the proxy take an upload first."""
+        if not (self.allow or self.deny):
+            return None
+        try:
+            client = resolve_client(
+                request.getClientAddress(), request.requestHeaders, self.trusted
+            )
+        except Exception:
+            self.log.failure("resolving the client address failed")
+            client = _unknown("resolution failed")
+        return self.refusal(client)
+
     def getChildWithDefault(self, path: bytes, request: IRequest) -> IResource:
         # Like twisted.web's HTTPAuthSessionWrapper: the wrapped tree sees
         # the segment we were handed as its own.

@@ -74,6 +74,9 @@ OBS_FOLD = Refusal(
 BAD_FIELD_VALUE = Refusal(400, "invalid_header_value", "A header value holds a control character.")
 BAD_TRAILER = Refusal(400, "invalid_trailer", "A trailer line of the chunked body is malformed.")
 
+#: The access gate's refusal, when it is made before a body is read.
+IP_NOT_ALLOWED = Refusal(403, "ip_not_allowed", "Your address may not use this proxy.")
+
 #: Reason phrases Twisted's table lacks.
 _PHRASES = {431: b"Request Header Fields Too Large"}
 
@@ -340,9 +343,17 @@ class ForwardChannel(HTTPChannel):
         if refusal is not None:
             self.refuse(refusal)
             return
+        if (self.length or self._codings) and self._gate_refuses(request):
+            # Before the body: a refused address does not get to upload one.
+            self.refuse(IP_NOT_ALLOWED)
+            return
         if self._codings and not super().headerReceived(b"Transfer-Encoding: chunked"):
             return
         super().allHeadersReceived()
+
+    def _gate_refuses(self, request: object) -> bool:
+        gate = getattr(getattr(self, "site", None), "gate", None)
+        return gate is not None and gate.early_refusal(request) is not None
 
     def rawDataReceived(self, data: bytes) -> None:
         if self.refused is not None:
@@ -378,6 +389,9 @@ class ForwardChannel(HTTPChannel):
         if self.refused is not None:
             return
         self.refused = refusal
+        metrics = getattr(getattr(self, "site", None), "metrics", None)
+        if metrics is not None:
+            metrics.refusals.labels(refusal.code).inc()
         transport = self.transport
         if transport is None or transport.disconnecting:
             return

@@ -166,6 +166,8 @@ class ForwardSite(Site):
     displayTracebacks = False
     #: Set by build_root's caller: counts refusals the proxy answered itself.
     metrics: Optional[Metrics] = None
+    #: Set by build_root's caller: consulted before a request body is read.
+    gate: Optional[AccessGate] = None
 
     def __init__(
         self,

@@ -31,6 +31,7 @@ from .config import (
 )
 from .chatlog import ChatRecorder, open_chat_log
 from .metrics import MetricsResource
+from .access import AccessGate
 from .site import Built, ForwardSite, build_root
 
 
@@ -190,6 +191,7 @@ def makeService(
         built.root, reactor=reactor, max_request_body=config.max_request_body
     )
     site.metrics = built.metrics
+    site.gate = built.root if isinstance(built.root, AccessGate) else None
     strports.service(options["endpoint"], site, reactor=reactor).setServiceParent(top)
     if config.metrics and config.metrics_port is not None:
         metrics_site = Site(MetricsResource(built.metrics), reactor=reactor)
