@@ -24,7 +24,7 @@ from __future__ import annotations
 import base64
 import gzip
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 from twisted.internet import defer, reactor as default_reactor

@@ -10,8 +10,6 @@ import os
 import signal
 
 from twisted.internet import defer, reactor
-from twisted.internet.testing import StringTransport
-from twisted.trial.unittest import SynchronousTestCase
 
 from twisted_forward.tap import ProxyService
 

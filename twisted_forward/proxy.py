@@ -16,6 +16,7 @@ import os
 import zlib
 from typing import IO, Optional
 
+from twisted.internet import error
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
@@ -36,13 +37,11 @@ from .headers import relay_response_headers, upstream_request_headers
 from .keys import KeyDecision, KeyRules, SecretMask, scrub
 from .metrics import Metrics
 from .upstream import (
-    BadTarget,
     BytesProducer,
     Upstream,
     join_url,
     response_length,
     restore_encoding,
-    split_target,
 )
 
 #: Statuses for which another default key is tried, if nothing was sent yet.
@@ -69,8 +68,9 @@ def client_address(request: IRequest) -> str:
 class ProxyResource(Resource):
     """Forwards every request it renders to one upstream.
 
-    It is a leaf: the router has already taken off the route prefix and put
-    the rest of the raw target on the request as ``forward_target``.
+    It is a leaf: the router has already split the raw target, taken off
+    the route prefix and put the rest on the request as ``forward_path``
+    and ``forward_query``.
     """
 
     isLeaf = True
@@ -117,11 +117,8 @@ class ProxyResource(Resource):
                 d.callback(None)
 
     def render(self, request: IRequest) -> bytes | int:
-        target = getattr(request, "forward_target", request.uri)
-        try:
-            path, query = split_target(target)
-        except BadTarget as e:
-            return write_error(request, 400, "invalid_request_target", str(e))
+        path: bytes = request.forward_path
+        query: bytes = request.forward_query
         decision = self.keys.decide(request.requestHeaders)
         request.forward_key_label = decision.label
         if decision.refusal is not None:
@@ -327,8 +324,6 @@ class _Exchange:
         if self.timed_out:
             self._fail(504, "upstream_timeout", "The upstream did not answer in time.")
             return
-        from twisted.internet import error
-
         if failure.check(error.TimeoutError, error.TCPTimedOutError):
             self._fail(504, "upstream_timeout", "Connecting to the upstream timed out.")
             return
@@ -376,15 +371,19 @@ class _Exchange:
             except Exception:
                 self.log.failure("chat recorder failed")
 
-    def abort(self) -> None:
-        """Cut the exchange now (shutdown grace period over)."""
-        if self.done:
-            return
+    def _stop_upstream(self) -> None:
+        """Cancel the upstream request, or stop its body if it is relaying."""
         if self.pending is not None:
             self._stop_head_timer()
             self.pending.cancel()
         if self.relay is not None:
             self.relay.stop()
+
+    def abort(self) -> None:
+        """Cut the exchange now (shutdown grace period over)."""
+        if self.done:
+            return
+        self._stop_upstream()
         channel = getattr(self.request, "channel", None)
         if channel is not None and channel.transport is not None:
             channel.transport.abortConnection()
@@ -395,11 +394,7 @@ class _Exchange:
         if not isinstance(result, Failure):
             return
         self.client_gone = True
-        if self.pending is not None:
-            self._stop_head_timer()
-            self.pending.cancel()
-        if self.relay is not None:
-            self.relay.stop()
+        self._stop_upstream()
         self._end("client_left")
 
 

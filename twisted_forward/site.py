@@ -130,7 +130,8 @@ class Router(Resource):
                 rest = path[len(prefix):]
             else:
                 continue
-            request.forward_target = (rest or b"/") + query
+            request.forward_path = rest or b"/"
+            request.forward_query = query
             return resource.render(request)
         return write_error(
             request, 404, "unknown_route", "No route on this proxy matches the request path."
