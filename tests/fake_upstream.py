@@ -12,7 +12,9 @@ It records every request it sees and answers by path:
 - ``/echo``: the request as the upstream saw it, as JSON.
 - ``/status/<code>``: that status with an OpenAI-style error body.
 - ``/stall``: never answers (until the test fires :attr:`stall`).
-- ``/drop``: sends half a declared body, then drops the connection.
+- ``/drop``: sends half a declared body, then closes the connection.
+- ``/reset``: one SSE event, then resets the connection when the test fires
+  :attr:`FakeOpenAI.reset`.
 - ``/gzip``: a gzip-encoded body with ``Content-Encoding: gzip``.
 - ``/cookie``: sets a cookie.
 - ``/hop``: answers with hop-by-hop headers that must not reach the client.
@@ -126,6 +128,7 @@ class FakeOpenAI(Resource):
         self.hold_at: Optional[int] = None
         self.release: defer.Deferred = defer.Deferred()
         self.stall: defer.Deferred = defer.Deferred()
+        self.reset: defer.Deferred = defer.Deferred()
         #: Fires with each request as it arrives (then is replaced).
         self.arrived: defer.Deferred = defer.Deferred()
         self.override: Optional[Callable[[Request], object]] = None
@@ -182,9 +185,16 @@ class FakeOpenAI(Resource):
             self.stall.addCallback(lambda _: (request.write(b"late"), request.finish()))
             return NOT_DONE_YET
         if path == b"/drop":
+            # Half the declared body, then the connection closes.
             request.setHeader(b"content-length", b"1000")
             request.write(b"x" * 500)
-            request.channel.transport.abortConnection()
+            request.channel.transport.loseConnection()
+            return NOT_DONE_YET
+        if path == b"/reset":
+            # One SSE event, then a reset (RST) when the test fires ``reset``.
+            request.setHeader(b"content-type", b"text/event-stream")
+            request.write(sse_event({"n": 1}))
+            self.reset.addCallback(lambda _: request.channel.transport.abortConnection())
             return NOT_DONE_YET
         if path == b"/gzip":
             request.setHeader(b"content-encoding", b"gzip")

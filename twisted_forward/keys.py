@@ -126,6 +126,18 @@ class DefaultKeys:
         until = self._resting.get(index)
         return until is None or until <= now
 
+    def states(self) -> dict[str, int]:
+        """How many keys are ``active``, ``resting`` (rate-limited) and
+        ``revoked`` (refused by the upstream) now."""
+        now = self._clock()
+        revoked = len(self._revoked)
+        active = sum(1 for i in range(len(self._keys)) if self._usable(i, now))
+        return {
+            "active": active,
+            "resting": len(self._keys) - revoked - active,
+            "revoked": revoked,
+        }
+
     def order(self) -> list[int]:
         """Key indices to try for one request: the next in turn first.
 

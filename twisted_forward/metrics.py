@@ -10,7 +10,7 @@ per chunk.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Iterator, Optional
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -20,8 +20,12 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import GaugeMetricFamily
 from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
+
+if TYPE_CHECKING:
+    from .keys import DefaultKeys
 
 _LATENCY_BUCKETS = (
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
@@ -30,6 +34,10 @@ _LATENCY_BUCKETS = (
 
 class Metrics:
     """The proxy's counters, histograms and gauges."""
+
+    def watch_keys(self, keys: "DefaultKeys") -> None:
+        """Report the default keys' states (never the keys) at each scrape."""
+        self.registry.register(_KeyStates(keys))
 
     def __init__(self, registry: Optional[CollectorRegistry] = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
@@ -78,6 +86,23 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+
+
+class _KeyStates:
+    """Collects the default keys' states when scraped."""
+
+    def __init__(self, keys: "DefaultKeys") -> None:
+        self._keys = keys
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "openai_forward_default_keys",
+            "Default keys by state: active, resting (after a 429), revoked (after a 401).",
+            labels=["state"],
+        )
+        for state, count in self._keys.states().items():
+            family.add_metric([state], count)
+        yield family
 
 
 class MetricsResource(Resource):

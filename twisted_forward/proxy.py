@@ -124,7 +124,8 @@ class ProxyResource(Resource):
         if decision.refusal is not None:
             self.log.info(
                 "refused {method} {path}: key ({label})",
-                method=request.method, path=path, label=decision.label,
+                method=request.method.decode("latin-1"), path=path.decode("latin-1"),
+                label=decision.label,
             )
             return write_error(request, 401, "invalid_api_key", decision.refusal)
         exchange = _Exchange(self, request, path, query, decision)
@@ -329,7 +330,7 @@ class _Exchange:
             return
         self.log.warn(
             "upstream unreachable for {path}: {why}",
-            path=self.path, why=failure.getErrorMessage(),
+            path=self.path.decode("latin-1"), why=failure.getErrorMessage(),
         )
         self._fail(502, "upstream_unreachable", "The upstream could not be reached.")
 
@@ -518,15 +519,15 @@ class _Relay(Protocol):
         if self.paused:
             self.log.info(
                 "client stopped reading for {seconds}s on {path}; ending the answer",
-                seconds=self.idle, path=self.exchange.path,
+                seconds=self.idle, path=self.exchange.path.decode("latin-1"),
             )
         else:
             self.log.warn(
                 "upstream silent for {seconds}s mid-body on {path}; ending the answer",
-                seconds=self.idle, path=self.exchange.path,
+                seconds=self.idle, path=self.exchange.path.decode("latin-1"),
             )
         self.stop()
-        self._abort_client()
+        self._cut_client(flush=not self.paused)
         self.exchange._end("idle_timeout")
 
     def stop(self) -> None:
@@ -540,13 +541,23 @@ class _Relay(Protocol):
         if self.transport is not None:
             self.transport.stopProducing()
 
-    def _abort_client(self) -> None:
+    def _cut_client(self, flush: bool) -> None:
+        """End the client's connection without finishing the answer.
+
+        With ``flush``, what was relayed is delivered first and the
+        connection then closed: the client sees a body cut short of its
+        framing (too few bytes, or no last chunk) and knows it is not whole.
+        Without, it is reset at once (for a client that stopped reading).
+        """
         request = self.request
         if request.channel is not None:
             request.unregisterProducer()
             transport = request.channel.transport
             if transport is not None:
-                transport.abortConnection()
+                if flush:
+                    transport.loseConnection()
+                else:
+                    transport.abortConnection()
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         if self.timer is not None and self.timer.active():
@@ -569,10 +580,10 @@ class _Relay(Protocol):
             return
         self.log.warn(
             "upstream body broke off on {path}: {why}",
-            path=exchange.path, why=reason.getErrorMessage(),
+            path=exchange.path.decode("latin-1"), why=reason.getErrorMessage(),
         )
         # The client must not take a cut-off body for a whole one.
-        self._abort_client()
+        self._cut_client(flush=True)
         exchange._end("upstream_error")
 
 

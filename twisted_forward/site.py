@@ -265,6 +265,7 @@ def build_root(
         DefaultKeys(config.default_keys, reactor.seconds),
         ForwardKeys(config.forward_keys),
     )
+    metrics.watch_keys(openai_keys.default)
     passthrough = KeyRules(DefaultKeys((), reactor.seconds), ForwardKeys(()))
     proxies = [
         ProxyResource(
