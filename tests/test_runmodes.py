@@ -207,6 +207,27 @@ class RunModeTests(ProxyTestCase):
         self.assertIn("Main loop terminated", log)
 
     @defer.inlineCallbacks
+    def test_dockerfile_cmd(self):
+        """The image's command, run here (Docker itself cannot run in CI):
+        the same arguments, the port swapped for a free loopback one."""
+        with open(os.path.join(ROOT, "Dockerfile")) as f:
+            [cmd_line] = [line for line in f if line.startswith("CMD ")]
+        cmd = json.loads(cmd_line[4:])
+        self.assertEqual(cmd, ["twistd", "-n", "--pidfile=", "openai-forward", "--port", "8000"])
+        cwd = os.path.abspath(self.mktemp())
+        os.makedirs(cwd)
+        process = self.spawn(
+            [*TWISTD, *cmd[1:-1], "tcp:0:interface=127.0.0.1"],
+            child_env(self.upstream_port),
+            cwd,
+        )
+        port = yield process.listening
+        yield self.check_forwarding(port)
+        yield self.pool.closeCachedConnections()
+        os.kill(process.transport.pid, signal.SIGTERM)
+        self.assertEqual((yield process.ended), 0)
+
+    @defer.inlineCallbacks
     def test_bad_setting_one_line(self):
         cwd = os.path.abspath(self.mktemp())
         os.makedirs(cwd)
