@@ -15,7 +15,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 
 from .harness import ProxyTestCase
-from .test_runmodes import TWISTD, Process, child_env
+from .test_runmodes import spawn_twistd
 
 MiB = 1024 * 1024
 #: Allowed growth of the proxy's peak resident memory (the issue's bound).
@@ -59,31 +59,13 @@ class MemoryTests(ProxyTestCase):
 
     @defer.inlineCallbacks
     def start_child(self):
-        cwd = os.path.abspath(self.mktemp())
-        os.makedirs(cwd)
-        process = Process()
-        transport = reactor.spawnProcess(
-            process,
-            os.sys.executable,
-            [os.sys.executable, *TWISTD, "-n", "--pidfile=", "openai-forward",
-             "--port", "tcp:0:interface=127.0.0.1"],
-            env=child_env(self.upstream_port),
-            path=cwd,
-        )
-
-        @defer.inlineCallbacks
-        def stop():
-            if not process.ended.called:
-                transport.signalProcess("TERM")
-                yield process.ended
-
-        self.addCleanup(stop)
+        process = spawn_twistd(self)
         port = yield process.listening
         # Warm up: import and allocate what every request needs.
         response = yield self.client.get(f"http://127.0.0.1:{port}/v1/models")
         yield response.content()
         yield self.pool.closeCachedConnections()
-        return transport.pid, port
+        return process.transport.pid, port
 
     @defer.inlineCallbacks
     def test_slow_reader_200mib(self):

@@ -88,22 +88,40 @@ class _UnixEndpoints:
         return UNIXClientEndpoint(reactor, self.path)
 
 
+def spawn(test: ProxyTestCase, args: list[str], env: dict, cwd: str) -> Process:
+    """Run ``python ARGS`` as a child of the test; killed at cleanup if alive."""
+    process = Process()
+    transport = reactor.spawnProcess(
+        process, sys.executable, [sys.executable, *args], env=env, path=cwd
+    )
+
+    def stop_if_running():
+        if not process.ended.called:
+            transport.signalProcess("KILL")
+            return process.ended
+
+    test.addCleanup(stop_if_running)
+    return process
+
+
+def spawn_twistd(test: ProxyTestCase, **env: str) -> Process:
+    """``twistd -n openai-forward`` on a free loopback port, in front of the
+    test's fake upstream, in a fresh working directory."""
+    cwd = os.path.abspath(test.mktemp())
+    os.makedirs(cwd)
+    return spawn(
+        test,
+        [*TWISTD, "-n", "--pidfile=", "openai-forward", "--port", "tcp:0:interface=127.0.0.1"],
+        child_env(test.upstream_port, **env),
+        cwd,
+    )
+
+
 class RunModeTests(ProxyTestCase):
     timeout = 60
 
     def spawn(self, args: list[str], env: dict, cwd: str) -> Process:
-        process = Process()
-        transport = reactor.spawnProcess(
-            process, sys.executable, [sys.executable, *args], env=env, path=cwd
-        )
-
-        def stop_if_running():
-            if not process.ended.called:
-                transport.signalProcess("KILL")
-                return process.ended
-
-        self.addCleanup(stop_if_running)
-        return process
+        return spawn(self, args, env, cwd)
 
     @defer.inlineCallbacks
     def check_forwarding(self, port: int):
@@ -114,14 +132,7 @@ class RunModeTests(ProxyTestCase):
 
     @defer.inlineCallbacks
     def test_twistd_foreground(self):
-        cwd = os.path.abspath(self.mktemp())
-        os.makedirs(cwd)
-        process = self.spawn(
-            [*TWISTD, "-n", "--pidfile=", "openai-forward",
-             "--port", "tcp:0:interface=127.0.0.1"],
-            child_env(self.upstream_port),
-            cwd,
-        )
+        process = spawn_twistd(self)
         port = yield process.listening
         yield self.check_forwarding(port)
         yield self.pool.closeCachedConnections()

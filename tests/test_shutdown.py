@@ -9,13 +9,13 @@ import json
 import os
 import signal
 
-from twisted.internet import defer, reactor
+from twisted.internet import defer
 
 from twisted_forward.tap import ProxyService
 
 from .harness import Collector, ProxyTestCase
 from .test_proxy_unit import FakeResponse, ProxyHarness
-from .test_runmodes import TWISTD, Process, child_env
+from .test_runmodes import Process, spawn_twistd
 
 
 def _stream_body() -> bytes:
@@ -88,18 +88,7 @@ class SigtermTests(ProxyTestCase):
     @defer.inlineCallbacks
     def test_sigterm_with_stream_open(self):
         """SIGTERM mid-stream: the stream completes, the process exits 0."""
-        cwd = os.path.abspath(self.mktemp())
-        os.makedirs(cwd)
-        process = Process()
-        transport = reactor.spawnProcess(
-            process,
-            os.sys.executable,
-            [os.sys.executable, *TWISTD, "-n", "--pidfile=", "openai-forward",
-             "--port", "tcp:0:interface=127.0.0.1"],
-            env=child_env(self.upstream_port),
-            path=cwd,
-        )
-        self.addCleanup(lambda: None if process.ended.called else transport.signalProcess("KILL"))
+        process = spawn_twistd(self)
         port = yield process.listening
         self.fake.hold_at = 3
         arrived = self.fake.arrived
@@ -110,7 +99,7 @@ class SigtermTests(ProxyTestCase):
         collector = Collector()
         response.deliverBody(collector)
         yield collector.got_data
-        os.kill(transport.pid, signal.SIGTERM)
+        os.kill(process.transport.pid, signal.SIGTERM)
         # Released only once the proxy logged that it is draining.
         while b"draining 1 open request" not in process.output:
             yield _next_output(process)

@@ -369,16 +369,19 @@ class AccessGate(Resource):
             return False
         return path in self.exempt_paths
 
-    def _check(self, request: IRequest) -> bool:
-        """Resolve the client; True if it may pass."""
+    def _resolve(self, request: IRequest) -> Client:
         try:
-            client = resolve_client(
+            return resolve_client(
                 request.getClientAddress(), request.requestHeaders, self.trusted
             )
         except Exception:
             # Never expected; never a way in either.
             self.log.failure("resolving the client address failed")
-            client = _unknown("resolution failed")
+            return _unknown("resolution failed")
+
+    def _check(self, request: IRequest) -> bool:
+        """Resolve the client; True if it may pass."""
+        client = self._resolve(request)
         request.forward_client = client.name
         why = self.refusal(client)
         if why is None or self._exempt(request):
@@ -398,14 +401,7 @@ class AccessGate(Resource):
         refused address cannot make the proxy take an upload first."""
         if not (self.allow or self.deny):
             return None
-        try:
-            client = resolve_client(
-                request.getClientAddress(), request.requestHeaders, self.trusted
-            )
-        except Exception:
-            self.log.failure("resolving the client address failed")
-            client = _unknown("resolution failed")
-        return self.refusal(client)
+        return self.refusal(self._resolve(request))
 
     def getChildWithDefault(self, path: bytes, request: IRequest) -> IResource:
         # Like twisted.web's HTTPAuthSessionWrapper: the wrapped tree sees
