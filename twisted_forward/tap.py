@@ -46,6 +46,8 @@ class Options(usage.Options):
         ["port", "p", "8000",
          "Port number or endpoint string (tcp:9999:interface=127.0.0.1, ssl:…, unix:…)."],
         ["env-file", None, ".env", "Read settings from this file if it exists."],
+        ["workers", None, "0",
+         "Serve from N processes sharing the port (0: this process serves)."],
     ] + [
         [s.option, None, None, f"{s.help} [{s.env}]"] for s in SETTINGS
     ]
@@ -55,6 +57,10 @@ class Options(usage.Options):
             self["endpoint"] = port_to_endpoint(self["port"])
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None
+        workers = str(self["workers"]).strip()
+        if not workers.isdigit():
+            raise usage.UsageError(f"--workers: {workers!r} is not a whole number")
+        self["workers"] = int(workers)
 
     def setting_values(self) -> dict[str, Optional[str]]:
         """Raw values of the settings given as options."""
@@ -132,6 +138,18 @@ def makeService(
     try:
         config = load(options, environ)
         endpoints.serverFromString(reactor, options["endpoint"])
+        if options["workers"]:
+            from .workers import make_supervisor
+
+            return make_supervisor(
+                options["workers"],
+                options["endpoint"],
+                {"port": options["port"], "env-file": options["env-file"],
+                 **options.setting_values()},
+                dict(os.environ if environ is None else environ),
+                config.shutdown_grace,
+                reactor,
+            )
     except (ConfigError, ValueError) as e:
         # One clear line, not a traceback.
         sys.stderr.write(f"openai-forward: {e}\n")
