@@ -589,7 +589,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             say(f"requests/s with --workers {settings.workers}")
             tf.stop()
             servers.remove(tf)
-            workers = start_twisted_forward(fake.port, workdir, None, workers=settings.workers,
+            every_cpu = set(range(cpus))  # this process is pinned: do not inherit it
+            workers = start_twisted_forward(fake.port, workdir, every_cpu, workers=settings.workers,
                                             name=f"twisted-forward-workers-{settings.workers}",
                                             port_options=args.port_options)
             servers.append(workers)

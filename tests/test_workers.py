@@ -16,7 +16,7 @@ from treq.client import HTTPClient
 from twisted.internet import defer, reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ProcessTerminated
-from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
 from twisted.internet.task import Clock
 from twisted.python import usage
 from twisted.python.failure import Failure
@@ -247,6 +247,44 @@ class WorkersEndToEndTests(TestCase):
         if not records:
             raise self.skipTest("no chat recorder on this branch yet: LOG_CHAT writes nothing")
         self.assertEqual(len(records), count)
+
+
+class TakeTurnsTests(TestCase):
+    """A worker accepts one connection per wake-up from the shared socket."""
+
+    @defer.inlineCallbacks
+    def test_one_accept_per_wakeup(self) -> Any:
+        import socket
+
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        self.addCleanup(listener.close)
+        built: list[Protocol] = []
+
+        class Count(Factory):
+            noisy = False
+
+            def buildProtocol(self, addr: Any) -> Protocol:
+                built.append(Protocol())
+                return built[-1]
+
+        endpoint = workers.SharedSocketEndpoint(reactor, os.dup(listener.fileno()), socket.AF_INET)
+        port = yield endpoint.listen(Count())
+        # The same socket another worker would hold stays open here.
+        clients = [socket.create_connection(listener.getsockname()) for _ in range(5)]
+        try:
+            # All five wait in the listen queue; the reactor has not run.
+            port.doRead()
+            self.assertEqual(len(built), 1)
+            port.doRead()
+            self.assertEqual(len(built), 2)
+        finally:
+            for c in clients:
+                c.close()
+            for protocol in built:
+                protocol.transport.abortConnection()
+            yield port.stopListening()
 
 
 # ---------------------------------------------------------------- unit

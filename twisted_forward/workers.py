@@ -8,7 +8,9 @@ and privileges needed to bind are only needed there), never accepts on it,
 and starts N worker processes (``python -m twisted_forward.workers``).  Each
 worker gets the listening socket as file descriptor 3 and adopts it
 (``reactor.adoptStreamPort``), so the kernel hands each new connection to
-whichever worker accepts it first.  Each worker gets the plugin's options as
+whichever worker accepts it first; workers take one connection per wake-up,
+so a burst of connections is shared out instead of going to the first worker
+awake (:class:`SharedSocketEndpoint`).  Each worker gets the plugin's options as
 one JSON line on its standard input (not on its command line, where ``ps``
 would show a key given as an option) and builds the very same service the
 single-process proxy runs.
@@ -17,8 +19,8 @@ A worker that dies is started again, at once if it had run for a while,
 after a growing delay (up to 30 s) if it keeps dying young.  SIGTERM (or
 SIGINT) to the supervisor sends SIGTERM to every worker; each stops
 accepting, drains its open exchanges for up to ``SHUTDOWN_GRACE`` seconds
-and exits, and the supervisor closes the socket and exits once all have (killing any still there
-``SHUTDOWN_GRACE + 10`` seconds later).  A worker whose supervisor vanished
+and exits; the supervisor closes the socket and exits once all have (killing
+any still there ``SHUTDOWN_GRACE + 10`` seconds later).  A worker whose supervisor vanished
 (its standard input reaches end of file) stops by itself.
 
 Workers write their log lines straight to the supervisor's standard output
@@ -38,10 +40,11 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet import defer, endpoints, fdesc
 from twisted.internet.error import ProcessDone
-from twisted.internet.interfaces import IDelayedCall, IListeningPort, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IListeningPort, IStreamServerEndpoint
 from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 #: The file descriptor a worker finds the listening socket on.
 LISTEN_FD = 3
@@ -54,6 +57,8 @@ MAX_DELAY = 30.0
 KILL_MARGIN = 10.0
 #: The environment variable holding a worker's number (1..N).
 WORKER_ENV = "TWISTED_FORWARD_WORKER"
+#: Connections a worker accepts per wake-up (see :class:`SharedSocketEndpoint`).
+ACCEPT_BATCH = 1
 
 _ADOPTABLE = (
     endpoints.TCP4ServerEndpoint,
@@ -305,6 +310,40 @@ def make_supervisor(
 # ---------------------------------------------------------------- worker side
 
 
+@implementer(IStreamServerEndpoint)
+class SharedSocketEndpoint:
+    """Adopts the supervisor's listening socket, and takes turns with the
+    other workers at accepting from it.
+
+    Every worker waiting on the socket wakes when a connection arrives, and
+    a Twisted port accepts as many connections as it can per wake-up (it
+    learns to take up to 100 or more at a time).  On a shared socket that
+    lets the first worker awake take a whole burst, such as a client's pool
+    of keep-alive connections, and the others none.  Here a worker accepts
+    at most :data:`ACCEPT_BATCH` per wake-up, leaving the rest to whoever is
+    awake next.
+    """
+
+    def __init__(self, reactor: Any, fileno: int, family: int, batch: int = ACCEPT_BATCH) -> None:
+        self._adopted = endpoints.AdoptedStreamServerEndpoint(reactor, fileno, family)
+        self.batch = batch
+
+    def listen(self, factory: Factory) -> "defer.Deferred[IListeningPort]":
+        return self._adopted.listen(factory).addCallback(self._take_turns)
+
+    def _take_turns(self, port: IListeningPort) -> IListeningPort:
+        accept = port.doRead  # type: ignore[attr-defined]
+        batch = self.batch
+
+        def doRead() -> Any:
+            port.numberAccepts = min(port.numberAccepts, batch)  # type: ignore[attr-defined]
+            return accept()
+
+        port.doRead = doRead  # type: ignore[attr-defined]
+        return port
+
+
+
 class _ParentWatch:
     """Reads the worker's standard input; its end of file means the
     supervisor is gone."""
@@ -376,7 +415,7 @@ def worker_main() -> None:
     service = makeService(options, reactor=reactor)
     for child in service:  # type: ignore[attr-defined]
         if isinstance(child, StreamServerEndpointService):
-            child.endpoint = endpoints.AdoptedStreamServerEndpoint(reactor, LISTEN_FD, family)
+            child.endpoint = SharedSocketEndpoint(reactor, LISTEN_FD, family)
         if isinstance(child, ProxyService):
             child.built.health.extra.update({"worker": index, "pid": os.getpid()})
 
