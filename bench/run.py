@@ -307,7 +307,17 @@ def measure_open_streams(run: Run, name: str, server: Server) -> None:
             f"(opened by batches of 100, each given 10 s); the memory figure is then the "
             f"average over those, with the waiting connections' memory in it"
         )
-    server.wait_ready()
+
+
+def warm_up(server: Server) -> None:
+    """A few requests and streams, so a fresh process has its code paths and
+    connection pool warm before its memory is measured."""
+    c = client.KeepAliveClient(HOST, server.port)
+    request = client.chat_request(HOST, server.port)
+    for _ in range(50):
+        c.request(request)
+    c.close()
+    asyncio.run(client.run_streams(HOST, server.port, 20, 2, 1, 30))
 
 
 def measure_upload(run: Run, name: str, server: Server) -> None:
@@ -545,50 +555,59 @@ def main(argv: Optional[list[str]] = None) -> int:
         fake = start_fake(workdir, load_cpus)
         servers.append(fake)
         targets[DIRECT] = fake
-        tf = start_twisted_forward(fake.port, workdir, proxy_cpus, port_options=args.port_options)
+        starters: dict[str, Callable[[], Server]] = {
+            TF: lambda: start_twisted_forward(fake.port, workdir, proxy_cpus,
+                                              port_options=args.port_options),
+        }
         if args.port_options:
             pinned += f" twisted-forward listens on tcp:PORT:interface=127.0.0.1:{args.port_options}."
-        servers.append(tf)
-        targets[TF] = tf
         if not args.no_openai_forward:
             python = ensure_openai_forward(args.openai_forward_venv, create=not args.quick, log=say)
             if python is None:
                 run.notes.append("openai-forward 0.8.1 not installed: its column is empty "
                                  "(run without --quick to create its virtualenv)")
             else:
-                of = start_openai_forward(python, fake.port, workdir, proxy_cpus)
-                servers.append(of)
-                targets[OF] = of
+                starters[OF] = lambda: start_openai_forward(python, fake.port, workdir, proxy_cpus)
+        for name, start in starters.items():
+            targets[name] = start()
+            servers.append(targets[name])
         present = list(targets)
-        proxies = {k: v for k, v in targets.items() if k != DIRECT}
+
+        def fresh(name: str) -> Server:
+            """A new process for a memory measure, so earlier runs' memory
+            (and anything they left open) does not count."""
+            old = targets[name]
+            old.stop()
+            servers.remove(old)
+            new = targets[name] = starters[name]()
+            servers.append(new)
+            warm_up(new)
+            return new
 
         if wanted("latency"):
             say(f"latency: {settings.latency_requests} requests one at a time, targets interleaved")
             measure_latency(run, targets)
         if wanted("rps"):
-            for name, server in targets.items():
+            for name, server in list(targets.items()):
                 say(f"requests/s: {name}")
                 measure_rps(run, name, server, wrk, load_cpus, workdir)
         if wanted("streams"):
-            for name, server in targets.items():
+            for name, server in list(targets.items()):
                 say(f"{settings.streams} concurrent streams: {name}")
                 measure_streams(run, name, server)
-        if wanted("open"):
-            for name, server in proxies.items():
-                say(f"{settings.open_streams} open streams: {name}")
-                measure_open_streams(run, name, server)
-        if wanted("upload"):
-            for name, server in proxies.items():
-                say(f"{settings.upload_mib} MiB upload: {name}")
-                measure_upload(run, name, server)
-        if wanted("slow"):
-            for name, server in proxies.items():
-                say(f"{settings.answer_mib} MiB answer to a slow reader: {name}")
-                measure_slow_reader(run, name, server)
+        for step, measure, label in (
+            ("open", measure_open_streams, f"{settings.open_streams} open streams"),
+            ("upload", measure_upload, f"{settings.upload_mib} MiB upload"),
+            ("slow", measure_slow_reader, f"{settings.answer_mib} MiB answer to a slow reader"),
+        ):
+            if wanted(step):
+                for name in starters:
+                    say(f"{label}: {name} (fresh process)")
+                    measure(run, name, fresh(name))
         if settings.workers and wanted("workers"):
             say(f"requests/s with --workers {settings.workers}")
-            tf.stop()
-            servers.remove(tf)
+            targets[TF].stop()
+            servers.remove(targets[TF])
             every_cpu = set(range(cpus))  # this process is pinned: do not inherit it
             workers = start_twisted_forward(fake.port, workdir, every_cpu, workers=settings.workers,
                                             name=f"twisted-forward-workers-{settings.workers}",
