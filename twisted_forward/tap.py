@@ -56,6 +56,8 @@ class Options(usage.Options):
         ["port", "p", "8000",
          "Port number or endpoint string (tcp:9999:interface=127.0.0.1, ssl:…, unix:…)."],
         ["env-file", None, ".env", "Read settings from this file if it exists."],
+        ["workers", None, "0",
+         "Serve from N processes sharing the port (0: this process serves)."],
     ] + [
         [s.option, None, None, f"{s.help} [{s.env}]"] for s in SETTINGS
     ]
@@ -65,6 +67,10 @@ class Options(usage.Options):
             self["endpoint"] = port_to_endpoint(self["port"])
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None
+        workers = str(self["workers"]).strip()
+        if not workers.isdigit():
+            raise usage.UsageError(f"--workers: {workers!r} is not a whole number")
+        self["workers"] = int(workers)
 
     def setting_values(self) -> dict[str, Optional[str]]:
         """Raw values of the settings given as options."""
@@ -172,6 +178,22 @@ def makeService(
         endpoints.serverFromString(reactor, options["endpoint"])
         if config.metrics_port is not None:
             endpoints.serverFromString(reactor, config.metrics_port)
+        if options["workers"]:
+            from .workers import make_supervisor
+
+            if config.metrics_port is not None:
+                # Every worker would bind it.
+                raise ConfigError("METRICS_PORT (--metrics-port): not with --workers")
+
+            return make_supervisor(
+                options["workers"],
+                options["endpoint"],
+                {"port": options["port"], "env-file": options["env-file"],
+                 **options.setting_values()},
+                dict(os.environ if environ is None else environ),
+                config.shutdown_grace,
+                reactor,
+            )
         recorder = open_recorder(config, reactor)
     except IndexError:
         # serverFromString's systemd: parser, when no socket was passed in.

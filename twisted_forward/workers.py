@@ -1,0 +1,447 @@
+"""
+``--workers N``: N processes serving one listening socket.
+
+One Twisted process uses one core.  With ``--workers N`` the twistd process
+becomes a supervisor: it binds the port the endpoint string names (so every
+option of ``tcp:``, ``tcp6:``, ``unix:`` and ``systemd:`` endpoints applies,
+and privileges needed to bind are only needed there), never accepts on it,
+and starts N worker processes (``python -m twisted_forward.workers``).  Each
+worker gets the listening socket as file descriptor 3 and adopts it
+(``reactor.adoptStreamPort``), so the kernel hands each new connection to
+whichever worker accepts it first; workers take one connection per wake-up,
+so a burst of connections is shared out instead of going to the first worker
+awake (:class:`SharedSocketEndpoint`).  Each worker gets the plugin's options as
+one JSON line on its standard input (not on its command line, where ``ps``
+would show a key given as an option) and builds the very same service the
+single-process proxy runs.
+
+A worker that dies is started again, at once if it had run for a while,
+after a growing delay (up to 30 s) if it keeps dying young.  SIGTERM (or
+SIGINT) to the supervisor sends SIGTERM to every worker; each stops
+accepting, drains its open exchanges for up to ``SHUTDOWN_GRACE`` seconds
+and exits; the supervisor closes the socket and exits once all have (killing
+any still there ``SHUTDOWN_GRACE + 10`` seconds later).  A worker whose supervisor vanished
+(its standard input reaches end of file) stops by itself.
+
+Workers write their log lines straight to the supervisor's standard output
+and error, each line tagged ``worker-<n>``.  Each worker writes its own chat
+records; it finds its number in ``TWISTED_FORWARD_WORKER``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+from typing import Any, Callable, Optional
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import IService, MultiService, Service
+from twisted.internet import defer, endpoints, fdesc
+from twisted.internet.error import ProcessDone
+from twisted.internet.interfaces import IDelayedCall, IListeningPort, IStreamServerEndpoint
+from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+#: The file descriptor a worker finds the listening socket on.
+LISTEN_FD = 3
+#: A worker that ran this long is restarted at once when it dies.
+STABLE_AFTER = 10.0
+#: Restart delays for workers that keep dying young.
+FIRST_DELAY = 0.5
+MAX_DELAY = 30.0
+#: Extra time after the shutdown grace before stragglers are killed.
+KILL_MARGIN = 10.0
+#: The environment variable holding a worker's number (1..N).
+WORKER_ENV = "TWISTED_FORWARD_WORKER"
+#: Connections a worker accepts per wake-up (see :class:`SharedSocketEndpoint`).
+ACCEPT_BATCH = 1
+
+_ADOPTABLE = (
+    endpoints.TCP4ServerEndpoint,
+    endpoints.TCP6ServerEndpoint,
+    endpoints.UNIXServerEndpoint,
+    endpoints.AdoptedStreamServerEndpoint,
+)
+
+
+class WorkersError(ValueError):
+    """``--workers`` cannot be used as asked; the text says why."""
+
+
+def check_endpoint(reactor: Any, description: str) -> None:
+    """Refuse endpoints whose listening socket a worker cannot adopt.
+
+    :raises WorkersError: for TLS and other wrapped endpoints.
+    """
+    endpoint = endpoints.serverFromString(reactor, description)
+    if not isinstance(endpoint, _ADOPTABLE):
+        raise WorkersError(
+            f"--workers needs a tcp:, tcp6:, unix: or systemd: port, not {description!r} "
+            "(terminate TLS in front of the proxy, or run one process)"
+        )
+
+
+def _family_name(family: int) -> str:
+    for name in ("INET", "INET6", "UNIX"):
+        if getattr(socket, "AF_" + name, None) == family:
+            return name
+    raise WorkersError(f"cannot hand a socket of address family {family} to workers")
+
+
+def _describe(address: Any) -> str:
+    host = getattr(address, "host", None)
+    if host is not None:
+        return f"[{host}]:{address.port}" if ":" in host else f"{host}:{address.port}"
+    name = getattr(address, "name", None)
+    return name.decode() if isinstance(name, bytes) else str(name)
+
+
+class SharedSocket(Factory):
+    """The supervisor's factory: its port never accepts a connection."""
+
+    noisy = False
+
+    def buildProtocol(self, addr: Any) -> Optional[Protocol]:
+        return None
+
+
+class _Worker(ProcessProtocol):
+    """The supervisor's end of one worker process."""
+
+    def __init__(self, pool: "WorkerPool", index: int, spec: bytes) -> None:
+        self.pool = pool
+        self.index = index
+        self.spec = spec
+        self.started = pool.reactor.seconds()
+        self.pid: Optional[int] = None
+
+    def connectionMade(self) -> None:
+        self.pid = self.transport.pid
+        # Stays open: its end of file tells the worker the supervisor is gone.
+        self.transport.writeToChild(0, self.spec)
+
+    def processEnded(self, reason: Failure) -> None:
+        self.pool._ended(self, reason)
+
+
+class WorkerPool(Service):
+    """The supervisor: owns the listening socket and the worker processes.
+
+    :param options: the plugin's option values to hand to every worker
+        (``workers`` left out).
+    :param environ: the environment the workers run with.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        count: int,
+        endpoint: str,
+        options: dict[str, Optional[str]],
+        environ: dict[str, str],
+        grace: float,
+        reactor: Any,
+        executable: str = sys.executable,
+    ) -> None:
+        if count < 1:
+            raise WorkersError("--workers must be at least 1")
+        self.count = count
+        self.endpoint = endpoint
+        self.options = {k: v for k, v in options.items() if v is not None}
+        self.environ = dict(environ)
+        self.grace = grace
+        self.reactor = reactor
+        self.executable = executable
+        self.port: Optional[IListeningPort] = None
+        self.workers: dict[int, _Worker] = {}
+        self.restarts: dict[int, IDelayedCall] = {}
+        self.delays: dict[int, float] = {}
+        self.stopping = False
+        self._all_ended: list[defer.Deferred[None]] = []
+        #: Fires with the listening port once it is bound (for tests).
+        self.listening: defer.Deferred[IListeningPort] = defer.Deferred()
+
+    # ------------------------------------------------------------ start
+
+    def startService(self) -> None:
+        super().startService()
+        self.stopping = False
+        d = endpoints.serverFromString(self.reactor, self.endpoint).listen(SharedSocket())
+        d.addCallbacks(self._bound, self._bind_failed)
+
+    def _bind_failed(self, failure: Failure) -> None:
+        self.log.failure("cannot listen on {endpoint}", failure, endpoint=self.endpoint)
+        self.reactor.stop()
+
+    def _bound(self, port: IListeningPort) -> None:
+        # The supervisor keeps the socket open for the workers but never
+        # accepts on it itself.
+        port.stopReading()  # type: ignore[attr-defined]
+        self.port = port
+        self.family = _family_name(port.addressFamily)  # type: ignore[attr-defined]
+        self.log.info(
+            "listening on {address}; starting {count} worker processes",
+            address=_describe(port.getHost()), count=self.count,
+        )
+        for index in range(1, self.count + 1):
+            self._spawn(index)
+        self.listening.callback(port)
+
+    def _spec(self, index: int) -> bytes:
+        return json.dumps(
+            {"worker": index, "family": self.family, "options": self.options}
+        ).encode() + b"\n"
+
+    def _spawn(self, index: int) -> None:
+        self.restarts.pop(index, None)
+        if self.stopping or self.port is None:
+            return
+        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = dict(self.environ)
+        env[WORKER_ENV] = str(index)
+        env["PYTHONPATH"] = os.pathsep.join(
+            [here] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+        )
+        worker = _Worker(self, index, self._spec(index))
+        self.reactor.spawnProcess(
+            worker,
+            self.executable,
+            [self.executable, "-m", "twisted_forward.workers"],
+            env=env,
+            childFDs={0: "w", 1: 1, 2: 2, LISTEN_FD: self.port.fileno()},  # type: ignore[attr-defined]
+        )
+        self.workers[index] = worker
+        self.log.info("worker {index} started (pid {pid})", index=index, pid=worker.pid)
+
+    # ------------------------------------------------------------ deaths
+
+    def _ended(self, worker: _Worker, reason: Failure) -> None:
+        if self.workers.get(worker.index) is worker:
+            del self.workers[worker.index]
+        why = "exited cleanly" if reason.check(ProcessDone) else reason.getErrorMessage()
+        if self.stopping:
+            self.log.info("worker {index} (pid {pid}) stopped: {why}",
+                          index=worker.index, pid=worker.pid, why=why)
+            if not self.workers:
+                waiters, self._all_ended = self._all_ended, []
+                for d in waiters:
+                    d.callback(None)
+            return
+        lived = self.reactor.seconds() - worker.started
+        if lived >= STABLE_AFTER:
+            delay = 0.0
+        else:
+            delay = min(MAX_DELAY, max(FIRST_DELAY, 2 * self.delays.get(worker.index, 0.0)))
+        self.delays[worker.index] = delay
+        self.log.warn(
+            "worker {index} (pid {pid}) ended after {lived:.1f}s: {why}; "
+            "starting it again in {delay:.1f}s",
+            index=worker.index, pid=worker.pid, lived=lived, why=why, delay=delay,
+        )
+        self.restarts[worker.index] = self.reactor.callLater(delay, self._spawn, worker.index)
+
+    # ------------------------------------------------------------ stop
+
+    def ended(self) -> "defer.Deferred[None]":
+        """Fires once no worker process is left."""
+        if not self.workers:
+            return defer.succeed(None)
+        d: defer.Deferred[None] = defer.Deferred()
+        self._all_ended.append(d)
+        return d
+
+    @defer.inlineCallbacks
+    def stopService(self) -> Any:
+        super().stopService()
+        self.stopping = True
+        for call in self.restarts.values():
+            if call.active():
+                call.cancel()
+        self.restarts.clear()
+        if self.workers:
+            self.log.info("stopping {count} worker processes", count=len(self.workers))
+            for worker in list(self.workers.values()):
+                _signal(worker, "TERM")
+            done = self.ended()
+            timer = self.reactor.callLater(self.grace + KILL_MARGIN, self._kill_stragglers)
+            yield done
+            if timer.active():
+                timer.cancel()
+        # Only now: closing a port Twisted bound shuts the socket down for
+        # every process holding it, and the workers drain first.
+        if self.port is not None:
+            port, self.port = self.port, None
+            yield port.stopListening()
+
+    def _kill_stragglers(self) -> None:
+        for worker in list(self.workers.values()):
+            self.log.warn("worker {index} (pid {pid}) did not stop; killing it",
+                          index=worker.index, pid=worker.pid)
+            _signal(worker, "KILL")
+
+
+def _signal(worker: _Worker, name: str) -> None:
+    try:
+        worker.transport.signalProcess(name)
+    except Exception:
+        pass  # already gone; processEnded will say so
+
+
+def make_supervisor(
+    count: int,
+    endpoint: str,
+    options: dict[str, Optional[str]],
+    environ: dict[str, str],
+    grace: float,
+    reactor: Any,
+) -> IService:
+    """The service twistd runs for ``--workers N``."""
+    check_endpoint(reactor, endpoint)
+    top = MultiService()
+    WorkerPool(count, endpoint, options, environ, grace, reactor).setServiceParent(top)
+    return top
+
+
+# ---------------------------------------------------------------- worker side
+
+
+@implementer(IStreamServerEndpoint)
+class SharedSocketEndpoint:
+    """Adopts the supervisor's listening socket, and takes turns with the
+    other workers at accepting from it.
+
+    Every worker waiting on the socket wakes when a connection arrives, and
+    a Twisted port accepts as many connections as it can per wake-up (it
+    learns to take up to 100 or more at a time).  On a shared socket that
+    lets the first worker awake take a whole burst, such as a client's pool
+    of keep-alive connections, and the others none.  Here a worker accepts
+    at most :data:`ACCEPT_BATCH` per wake-up, leaving the rest to whoever is
+    awake next.
+    """
+
+    def __init__(self, reactor: Any, fileno: int, family: int, batch: int = ACCEPT_BATCH) -> None:
+        self._adopted = endpoints.AdoptedStreamServerEndpoint(reactor, fileno, family)
+        self.batch = batch
+
+    def listen(self, factory: Factory) -> "defer.Deferred[IListeningPort]":
+        return self._adopted.listen(factory).addCallback(self._take_turns)
+
+    def _take_turns(self, port: IListeningPort) -> IListeningPort:
+        accept = port.doRead  # type: ignore[attr-defined]
+        batch = self.batch
+
+        def doRead() -> Any:
+            port.numberAccepts = min(port.numberAccepts, batch)  # type: ignore[attr-defined]
+            return accept()
+
+        port.doRead = doRead  # type: ignore[attr-defined]
+        return port
+
+
+
+class _ParentWatch:
+    """Reads the worker's standard input; its end of file means the
+    supervisor is gone."""
+
+    def __init__(self, on_gone: Callable[[], None]) -> None:
+        self.on_gone = on_gone
+
+    def fileno(self) -> int:
+        return 0
+
+    def logPrefix(self) -> str:
+        return "supervisor-pipe"
+
+    def doRead(self) -> Optional[Any]:
+        from twisted.internet.main import CONNECTION_DONE
+
+        try:
+            data = os.read(0, 4096)
+        except BlockingIOError:
+            return None
+        return None if data else CONNECTION_DONE
+
+    def connectionLost(self, reason: Failure) -> None:
+        self.on_gone()
+
+
+def _read_spec() -> dict[str, Any]:
+    """The one JSON line the supervisor writes first, read without buffering
+    past it."""
+    line = bytearray()
+    while not line.endswith(b"\n"):
+        data = os.read(0, 1)
+        if not data:
+            raise SystemExit("openai-forward worker: no instructions from the supervisor")
+        line += data
+    return json.loads(line)
+
+
+def _options_argv(values: dict[str, str]) -> list[str]:
+    return [f"--{name}={value}" for name, value in values.items()]
+
+
+def worker_main() -> None:
+    """Entry point of a worker process (``python -m twisted_forward.workers``)."""
+    spec = _read_spec()
+    index = int(spec["worker"])
+    family = getattr(socket, "AF_" + spec["family"])
+
+    from twisted.logger import globalLogBeginner, textFileLogObserver
+
+    observer = textFileLogObserver(sys.stdout)
+    tag = f"worker-{index}"
+
+    def tagged(event: dict) -> None:
+        event = dict(event)
+        system = event.get("log_system")
+        event["log_system"] = tag if system in (None, "-") else f"{tag} {system}"
+        observer(event)
+
+    globalLogBeginner.beginLoggingTo([tagged], redirectStandardIO=False)
+
+    from twisted.internet import reactor
+
+    from .tap import Options, ProxyService, makeService
+
+    options = Options()
+    values = {k: v for k, v in spec["options"].items() if k != "workers"}
+    options.parseOptions(_options_argv(values))
+    service = makeService(options, reactor=reactor)
+    for child in service:  # type: ignore[attr-defined]
+        if isinstance(child, StreamServerEndpointService):
+            child.endpoint = SharedSocketEndpoint(reactor, LISTEN_FD, family)
+        if isinstance(child, ProxyService):
+            child.built.health.extra.update({"worker": index, "pid": os.getpid()})
+
+    log = Logger(namespace="twisted_forward.workers")
+
+    def supervisor_gone() -> None:
+        log.warn("the supervisor is gone; stopping")
+        reactor.stop()  # type: ignore[attr-defined]
+
+    watch = _ParentWatch(supervisor_gone)
+    fdesc.setNonBlocking(0)
+
+    def start() -> None:
+        service.startService()
+        reactor.addReader(watch)  # type: ignore[attr-defined]
+        log.info("worker {index} serving (pid {pid})", index=index, pid=os.getpid())
+
+    def stop() -> Any:
+        # From here on the supervisor closing the pipe is no news.
+        reactor.removeReader(watch)  # type: ignore[attr-defined]
+        return service.stopService()
+
+    reactor.callWhenRunning(start)
+    reactor.addSystemEventTrigger("before", "shutdown", stop)
+    reactor.run()  # type: ignore[attr-defined]
+
+
+if __name__ == "__main__":
+    worker_main()
