@@ -121,6 +121,7 @@ class ProxyTestCase(TestCase):
 
         listener._waitingForPort.addCallback(passthrough)
         port = yield got_port
+        self.listening_port = port
         self.proxy_port = port.getHost().port
         self.base = f"http://127.0.0.1:{self.proxy_port}"
         return self.base

@@ -28,18 +28,24 @@ class OptionsTests(SynchronousTestCase):
     def test_port_number_means_tcp(self):
         options = Options()
         options.parseOptions(["--port", "9999"])
-        self.assertEqual(options["endpoint"], "tcp:9999")
+        self.assertEqual(options["endpoint"], "tcp:9999:backlog=1024")
 
     def test_port_default(self):
         options = Options()
         options.parseOptions([])
-        self.assertEqual(options["endpoint"], "tcp:8000")
+        self.assertEqual(options["endpoint"], "tcp:8000:backlog=1024")
 
     def test_port_endpoint_string_kept(self):
-        for port in ("tcp:9999:interface=127.0.0.1", "unix:/tmp/x.sock", "ssl:443:privateKey=k.pem"):
+        for port, endpoint in (
+            ("tcp:9999:interface=127.0.0.1", "tcp:9999:interface=127.0.0.1:backlog=1024"),
+            ("tcp:9999:backlog=10", "tcp:9999:backlog=10"),
+            ("ssl:443:privateKey=k.pem", "ssl:443:privateKey=k.pem:backlog=1024"),
+            ("unix:/tmp/x.sock", "unix:/tmp/x.sock"),
+            ("systemd:domain=INET:index=0", "systemd:domain=INET:index=0"),
+        ):
             options = Options()
             options.parseOptions(["--port", port])
-            self.assertEqual(options["endpoint"], port)
+            self.assertEqual(options["endpoint"], endpoint)
 
     def test_port_out_of_range(self):
         self.assertRaises(usage.UsageError, Options().parseOptions, ["--port", "70000"])

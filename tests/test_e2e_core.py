@@ -102,6 +102,12 @@ class ForwardingTests(ProxyTestCase):
         self.assertEqual(seen.header(b"content-length"), b"%d" % len(body))
 
     @defer.inlineCallbacks
+    def test_listen_backlog(self):
+        """A burst of connections does not overflow Twisted's default 50."""
+        yield self.start_proxy()
+        self.assertEqual(self.listening_port.backlog, 1024)
+
+    @defer.inlineCallbacks
     def test_delete_and_get(self):
         yield self.start_proxy()
         response = yield self.client.delete(self.url("/v1/files/file-abc"))

@@ -363,15 +363,27 @@ def parse_forward_config(value: str) -> tuple[Route, ...]:
     return tuple(routes)
 
 
+#: Listen backlog for TCP listeners that do not set one: Twisted's default
+#: of 50 overflows under a burst of new connections, and each overflowed SYN
+#: costs its client a 1, 3, 7 s retransmit.
+DEFAULT_BACKLOG = 1024
+_BACKLOG_KINDS = ("tcp:", "tcp6:", "ssl:")
+
+
 def parse_endpoint(value: str) -> str:
-    """A port number (TCP, all interfaces) or a Twisted endpoint string."""
+    """A port number (TCP, all interfaces) or a Twisted endpoint string.
+
+    TCP and TLS listeners get ``backlog=1024`` unless the string sets one.
+    """
     value = value.strip()
     if value.isdigit():
         if not 0 <= int(value) < 65536:
             raise ValueError(f"{value} is out of range")
-        return f"tcp:{value}"
-    if ":" not in value:
+        value = f"tcp:{value}"
+    elif ":" not in value:
         raise ValueError(f"{value!r} is neither a port number nor an endpoint string")
+    if value.lower().startswith(_BACKLOG_KINDS) and "backlog=" not in value:
+        value += f":backlog={DEFAULT_BACKLOG}"
     return value
 
 
