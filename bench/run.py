@@ -21,7 +21,6 @@ import os
 import platform
 import re
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -437,7 +436,7 @@ def table(run: Run, present: list[str]) -> list[list[str]]:
             return "–"
         opened = g("open_streams", t)
         extra = "" if opened == s.open_streams else f" ({opened} opened)"
-        return f"{v / KiB:.1f} KiB{extra}"
+        return f"{v / KiB:.2f} KiB{extra}"
 
     tfs = g("open_stream_bytes", TF)
     rows.append([
