@@ -97,3 +97,33 @@ class EndpointCacheTests(SynchronousTestCase):
         self.assertIs(a, b)
         self.assertIsNot(a, c)
         self.assertEqual(made, [b"api.openai.com", b"api.openai.com"])
+
+
+class DirectEndpointTests(SynchronousTestCase):
+    def endpoint(self, url: bytes):
+        from twisted.internet.testing import MemoryReactorClock
+        from twisted.web.client import URI, BrowserLikePolicyForHTTPS
+
+        from twisted_forward.outbound import DirectEndpoints
+
+        factory = DirectEndpoints(MemoryReactorClock(), BrowserLikePolicyForHTTPS(), 7.0)
+        return factory.endpointForURI(URI.fromBytes(url))
+
+    def test_ip_literals_skip_resolution(self):
+        from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
+
+        v4 = self.endpoint(b"http://127.0.0.1:8080/v1")
+        self.assertIsInstance(v4, TCP4ClientEndpoint)
+        self.assertEqual((v4._host, v4._port, v4._timeout), ("127.0.0.1", 8080, 7.0))
+        self.assertIsInstance(self.endpoint(b"http://[::1]:8080/v1"), TCP6ClientEndpoint)
+
+    def test_names_resolved(self):
+        from twisted.internet.endpoints import HostnameEndpoint
+
+        self.assertIsInstance(self.endpoint(b"http://api.openai.com/v1"), HostnameEndpoint)
+
+    def test_https_wrapped_in_tls(self):
+        from twisted.internet.endpoints import _WrapperEndpoint
+
+        self.assertIsInstance(self.endpoint(b"https://api.openai.com/v1"), _WrapperEndpoint)
+        self.assertIsInstance(self.endpoint(b"https://10.0.0.1/v1"), _WrapperEndpoint)

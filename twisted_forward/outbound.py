@@ -20,12 +20,19 @@ them, and no log line or exception text holds them.
 from __future__ import annotations
 
 import base64
+import ipaddress
 import re
 from typing import TYPE_CHECKING, Any, Optional
 from urllib.parse import urlsplit
 
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import HostnameEndpoint, connectProtocol, wrapClientTLS
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    connectProtocol,
+    wrapClientTLS,
+)
 from OpenSSL.crypto import Error as OpenSSLError
 from twisted.internet import error
 from twisted.internet.interfaces import (
@@ -44,7 +51,6 @@ from twisted.web.client import (
     HTTPConnectionPool,
     ProxyAgent,
     URI,
-    _StandardEndpointFactory,
 )
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import (
@@ -422,6 +428,38 @@ class _CachedEndpoints:
         return endpoint
 
 
+@implementer(IAgentEndpointFactory)
+class DirectEndpoints:
+    """Endpoints straight to an upstream: TLS for ``https``, verified by
+    ``policy``.
+
+    An IP-literal upstream gets a plain TCP endpoint: ``HostnameEndpoint``
+    would "resolve" it through the thread pool on every new connection.
+    """
+
+    def __init__(self, reactor: Any, policy: IPolicyForHTTPS, connect_timeout: float) -> None:
+        self._reactor = reactor
+        self._policy = policy
+        self._timeout = connect_timeout
+
+    def endpointForURI(self, uri: URI) -> Any:
+        host = uri.host.decode("ascii").strip("[]")
+        try:
+            version = ipaddress.ip_address(host).version
+        except ValueError:
+            version = 0
+        if version == 4:
+            endpoint: Any = TCP4ClientEndpoint(self._reactor, host, uri.port, timeout=self._timeout)
+        elif version == 6:
+            endpoint = TCP6ClientEndpoint(self._reactor, host, uri.port, timeout=self._timeout)
+        else:
+            endpoint = HostnameEndpoint(self._reactor, uri.host, uri.port, timeout=self._timeout)
+        if uri.scheme == b"https":
+            creator = self._policy.creatorForNetloc(uri.host, uri.port)
+            endpoint = wrapClientTLS(creator, endpoint)
+        return endpoint
+
+
 def upstream_agent(
     reactor: IReactorTime,
     pool: HTTPConnectionPool,
@@ -433,8 +471,6 @@ def upstream_agent(
     PROXY; TLS verified against the system's CAs or SSL_CERT_FILE's."""
     policy = tls_policy(ssl_cert_file)
     if proxy is None:
-        endpoints = _CachedEndpoints(
-            _StandardEndpointFactory(reactor, policy, connect_timeout, None)
-        )
+        endpoints = _CachedEndpoints(DirectEndpoints(reactor, policy, connect_timeout))
         return Agent.usingEndpointFactory(reactor, endpoints, pool=pool)
     return OutboundProxyAgent(reactor, proxy, pool, connect_timeout, policy)

@@ -41,7 +41,6 @@ from .upstream import (
     Upstream,
     join_url,
     response_length,
-    restore_encoding,
 )
 
 #: Statuses for which another default key is tried, if nothing was sent yet.
@@ -289,7 +288,6 @@ class _Exchange:
         date = request.responseHeaders.getRawHeaders(b"date")
         request.responseHeaders = Headers()
         relay_response_headers(response.headers, request.responseHeaders)
-        restore_encoding(request.responseHeaders)
         if date and not request.responseHeaders.hasHeader(b"date"):
             request.responseHeaders.setRawHeaders(b"date", date)  # RFC 9110 §6.6.1
         if self.mask is not None:
