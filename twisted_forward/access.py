@@ -21,6 +21,7 @@ check paths are exempt, so orchestrators can probe from anywhere.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence, Union
@@ -247,14 +248,21 @@ class TrustedProxies:
         return any(address in network for network in self.networks)
 
 
+@functools.lru_cache(maxsize=4096)
+def _parse_peer(host: str) -> Union[IPAddress, str]:
+    # Parsing an address is a few microseconds, on every request; clients
+    # come back, so the recent ones are kept.
+    try:
+        return normalise_address(ipaddress.ip_address(host))
+    except ValueError:
+        return UNKNOWN
+
+
 def peer_address(peer: Optional[IAddress]) -> Union[IPAddress, str]:
     """The TCP peer's IP address, :data:`UNIX` for a unix socket, else
     :data:`UNKNOWN`."""
     if isinstance(peer, (IPv4Address, IPv6Address)):
-        try:
-            return normalise_address(ipaddress.ip_address(peer.host))
-        except ValueError:
-            return UNKNOWN
+        return _parse_peer(peer.host)
     if isinstance(peer, UNIXAddress):
         return UNIX
     return UNKNOWN

@@ -149,8 +149,13 @@ class DefaultKeys:
             return []
         start = self._next
         self._next = (start + 1) % n
-        now = self._clock()
         rotation = [(start + i) % n for i in range(n)]
+        if not self._resting and not self._revoked:
+            return rotation
+        now = self._clock()
+        if self._resting:
+            # Forget rests that are over (and so get the fast path back).
+            self._resting = {i: t for i, t in self._resting.items() if t > now}
         ready = [i for i in rotation if self._usable(i, now)]
         resting = [i for i in rotation if i not in self._revoked and i not in ready]
         return ready + resting

@@ -10,7 +10,7 @@ per chunk.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -34,6 +34,10 @@ _LATENCY_BUCKETS = (
 
 class Metrics:
     """The proxy's counters, histograms and gauges."""
+
+    def for_route(self, route: str) -> RouteMetrics:
+        """The series of one route."""
+        return RouteMetrics(self, route)
 
     def watch_keys(self, keys: "DefaultKeys") -> None:
         """Report the default keys' states (never the keys) at each scrape."""
@@ -86,6 +90,48 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+
+
+class RouteMetrics:
+    """One route's view of the metrics, with its labelled series looked up
+    once: an exchange touches several series, and prometheus_client's
+    ``labels()`` validates and locks on every call."""
+
+    def __init__(self, metrics: "Metrics", route: str) -> None:
+        self._metrics = metrics
+        self._route = route
+        self._open = metrics.open_exchanges.labels(route)
+        self._first_byte = metrics.first_byte_seconds.labels(route)
+        self._upstream = metrics.upstream_seconds.labels(route)
+        self._bytes = metrics.relayed_bytes.labels(route)
+        self._requests: dict[tuple[str, str, str], Any] = {}
+
+    def started(self) -> None:
+        """An exchange began."""
+        self._open.inc()
+
+    def first_byte(self, seconds: float) -> None:
+        """The upstream's response head arrived ``seconds`` after sending."""
+        self._first_byte.observe(seconds)
+
+    def failover(self, status: int) -> None:
+        """A default key got ``status``; the next one is tried."""
+        self._metrics.failovers.labels(self._route, str(status)).inc()
+
+    def ended(self, status: int, key: str, outcome: str, seconds: float, sent: int) -> None:
+        """An exchange ended; ``status`` 0 when no answer head was given."""
+        self._open.dec()
+        labels = (str(status or "none"), key, outcome)
+        counter = self._requests.get(labels)
+        if counter is None:
+            counter = self._requests[labels] = self._metrics.requests.labels(
+                self._route, *labels
+            )
+        counter.inc()
+        if status:
+            self._upstream.observe(seconds)
+        if sent:
+            self._bytes.inc(sent)
 
 
 class _KeyStates:

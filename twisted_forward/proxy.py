@@ -89,7 +89,7 @@ class ProxyResource(Resource):
         super().__init__()
         self.route = route
         self.route_label = route.prefix or "/"
-        self.metrics = metrics
+        self.metrics = metrics.for_route(self.route_label) if metrics is not None else None
         self.upstream = upstream
         self.keys = keys
         self.reactor = reactor
@@ -179,7 +179,7 @@ class _Exchange:
         res = self.resource
         res.open.add(self)
         if res.metrics is not None:
-            res.metrics.open_exchanges.labels(res.route_label).inc()
+            res.metrics.started()
         if res.route.kind == "openai":
             self.tap = res.recorder.begin(
                 ExchangeInfo(
@@ -268,7 +268,7 @@ class _Exchange:
             self._key_failed(code, response.headers)
             if self.key_order:
                 if metrics is not None:
-                    metrics.failovers.labels(self.resource.route_label, str(code)).inc()
+                    metrics.failover(code)
                 self.log.info(
                     "upstream {code} with {key}; trying the next default key",
                     code=code, key=self.resource.keys.default.label(self.key_index),
@@ -277,9 +277,7 @@ class _Exchange:
                 self._attempt()
                 return
         if metrics is not None:
-            metrics.first_byte_seconds.labels(self.resource.route_label).observe(
-                self.resource.reactor.seconds() - self.sent_upstream
-            )
+            metrics.first_byte(self.resource.reactor.seconds() - self.sent_upstream)
         self.status = code
         request = self.request
         request.setResponseCode(code, response.phrase)
@@ -352,17 +350,8 @@ class _Exchange:
         res._closed(self)
         elapsed = res.reactor.seconds() - self.sent_upstream
         self.request.forward_upstream_seconds = elapsed
-        metrics = res.metrics
-        if metrics is not None:
-            route = res.route_label
-            metrics.open_exchanges.labels(route).dec()
-            metrics.requests.labels(
-                route, str(self.status or "none"), self.decision.label, outcome
-            ).inc()
-            if self.status:
-                metrics.upstream_seconds.labels(route).observe(elapsed)
-            if self.sent:
-                metrics.relayed_bytes.labels(route).inc(self.sent)
+        if res.metrics is not None:
+            res.metrics.ended(self.status, self.decision.label, outcome, elapsed, self.sent)
         if self.tap is not None:
             tap, self.tap = self.tap, None
             try:

@@ -35,6 +35,7 @@ CLIENT_IDLE_TIMEOUT = 60
 #: One line per answered request.  Module level: a Logger class attribute
 #: would take the class's name as its namespace.
 _access_log = Logger(namespace="twisted_forward.access")
+_ACCESS_SYSTEM = "twisted_forward.access#info"
 
 
 class ForwardRequest(Request):
@@ -219,6 +220,8 @@ class ForwardSite(Site):
         # every field as its own key.
         _access_log.info(
             "{line}",
+            # Given, so text log observers need not build it per event.
+            log_system=_ACCESS_SYSTEM,
             line="%(client)s %(method)s %(path)s %(status)s %(length)sB "
             "route=%(route)s key=%(key)s "
             "upstream=%(upstream_ms)sms error=%(error)s" % fields,
