@@ -57,6 +57,11 @@ _FORWARD_PREFIX = b"fk-"
 _KEY_PATTERN = re.compile(rb"(?<![A-Za-z0-9])(sk|fk)-[A-Za-z0-9_\-*.]{3,}", re.IGNORECASE)
 
 
+def looks_keyed(data: bytes) -> bool:
+    """Whether :func:`scrub` would change ``data`` (one search, no copy)."""
+    return _KEY_PATTERN.search(data) is not None
+
+
 def scrub(data: bytes) -> bytes:
     """Mask anything in ``data`` that looks like an OpenAI or forward key.
 
@@ -113,6 +118,9 @@ class DefaultKeys:
         self._next = 0
         self._resting: dict[int, float] = {}
         self._revoked: set[int] = set()
+        n = len(self._keys)
+        #: The order of the keys for a request starting at each one.
+        self._rotations = [tuple((s + i) % n for i in range(n)) for s in range(n)]
 
     def __len__(self) -> int:
         return len(self._keys)
@@ -149,7 +157,7 @@ class DefaultKeys:
             return []
         start = self._next
         self._next = (start + 1) % n
-        rotation = [(start + i) % n for i in range(n)]
+        rotation = list(self._rotations[start])
         if not self._resting and not self._revoked:
             return rotation
         now = self._clock()
@@ -336,6 +344,10 @@ class SecretMask:
         keep = self._partial(buf)
         self._held = buf[len(buf) - keep:] if keep else b""
         return buf[: len(buf) - keep]
+
+    def touches(self, data: bytes) -> bool:
+        """Whether ``data`` holds one of the secrets."""
+        return any(secret in data for secret in self._secrets)
 
     def flush(self) -> bytes:
         """The end of the stream: what was held back."""

@@ -34,7 +34,7 @@ from .chatlog import ExchangeInfo, ExchangeTap, NullRecorder, Recorder
 from .config import Route
 from .errors import error_body, send_error, write_error
 from .headers import relay_response_headers, upstream_request_headers
-from .keys import KeyDecision, KeyRules, SecretMask, scrub
+from .keys import KeyDecision, KeyRules, SecretMask, looks_keyed, scrub
 from .metrics import Metrics
 from .upstream import (
     BytesProducer,
@@ -410,7 +410,11 @@ class _KeptOpen:
 
 def _mask_headers(headers: Headers, mask: SecretMask) -> None:
     """Mask our keys, and anything shaped like a key, in answer headers."""
-    for name, values in list(headers.getAllRawHeaders()):
+    pairs = list(headers.getAllRawHeaders())
+    everything = b"\n".join(v for _, values in pairs for v in values)
+    if not (mask.touches(everything) or looks_keyed(everything)):
+        return  # the usual case: one search instead of one per header
+    for name, values in pairs:
         masked = [scrub(mask.feed(v) + mask.flush()) for v in values]
         if masked != list(values):
             headers.setRawHeaders(name, masked)
