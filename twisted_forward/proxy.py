@@ -51,6 +51,9 @@ _DEFAULT_REST = 20.0
 #: replaced.
 _SCRUB_LIMIT = 1 << 20
 
+#: How an upstream body ends well: with its framing, or (no framing) by close.
+_BODY_ENDS = (ResponseDone, PotentialDataLoss)
+
 _ids = itertools.count(1)
 _ID_PREFIX = os.urandom(4).hex()
 
@@ -558,7 +561,7 @@ class _Relay(Protocol):
         if exchange.client_gone or exchange.done:
             return
         request = self.request
-        if reason.check(ResponseDone, PotentialDataLoss):
+        if isinstance(reason.value, _BODY_ENDS):  # (Failure.check walks the MRO)
             held = exchange.mask.flush() if exchange.mask is not None else b""
             if held:
                 request.write(held)
@@ -608,7 +611,7 @@ class _ScrubbingRelay(Protocol):
         request = exchange.request
         headers = request.responseHeaders
         body: Optional[bytes] = None
-        if reason.check(ResponseDone, PotentialDataLoss) and self.size <= _SCRUB_LIMIT:
+        if isinstance(reason.value, _BODY_ENDS) and self.size <= _SCRUB_LIMIT:
             body = _decoded(b"".join(self.chunks), headers)
         if body is None:
             body = error_body(
