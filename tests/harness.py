@@ -93,15 +93,13 @@ class ProxyTestCase(TestCase):
         yield self.fake_tracker.closed()
 
     @defer.inlineCallbacks
-    def start_proxy(
-        self, args: Optional[list[str]] = None, **env: str
+    def start_service(
+        self, port: str, args: Optional[list[str]] = None, **env: str
     ) -> defer.Deferred:
-        """Start the plugin's service; returns the proxy's base URL."""
+        """Start the plugin's service on the endpoint ``port``; returns the
+        listening port.  Stopped (and its connections waited for) at cleanup."""
         options = Options()
-        options.parseOptions(
-            ["--port", "tcp:0:interface=127.0.0.1", "--env-file", os.devnull]
-            + list(args or [])
-        )
+        options.parseOptions(["--port", port, "--env-file", os.devnull] + list(args or []))
         environ = proxy_env(self.upstream_port, **env)
         self.service = makeService(options, reactor=reactor, environ=environ)
         listener = [
@@ -120,8 +118,16 @@ class ProxyTestCase(TestCase):
             return port
 
         listener._waitingForPort.addCallback(passthrough)
-        port = yield got_port
-        self.listening_port = port
+        listening = yield got_port
+        self.listening_port = listening
+        return listening
+
+    @defer.inlineCallbacks
+    def start_proxy(
+        self, args: Optional[list[str]] = None, **env: str
+    ) -> defer.Deferred:
+        """Start the plugin's service on loopback TCP; returns its base URL."""
+        port = yield self.start_service("tcp:0:interface=127.0.0.1", args, **env)
         self.proxy_port = port.getHost().port
         self.base = f"http://127.0.0.1:{self.proxy_port}"
         return self.base
@@ -163,4 +169,4 @@ class Collector(Protocol):
 # headers reaching the upstream (tests/secrets_watch.py).
 from .secrets_watch import watch_secrets  # noqa: E402
 
-ProxyTestCase.start_proxy = watch_secrets(ProxyTestCase.start_proxy)  # type: ignore[method-assign]
+ProxyTestCase.start_service = watch_secrets(ProxyTestCase.start_service)  # type: ignore[method-assign]

@@ -3,7 +3,7 @@ A watch over every end-to-end test: no configured key (default or forward)
 in any log event or in any byte the proxy sends to a client, no forward key
 and no client-identifying header in any request the fake upstream receives.
 
-``tests/harness.py`` wraps ``ProxyTestCase.start_proxy`` with
+``tests/harness.py`` wraps ``ProxyTestCase.start_service`` with
 :func:`watch_secrets`, so every test that starts the plugin is checked when
 it ends, whatever it was testing.
 """
@@ -130,19 +130,19 @@ class SecretsWatch:
             test.fail("secrets watch: " + "; ".join(sorted(set(found))))
 
 
-def watch_secrets(start_proxy: Callable[..., Any]) -> Callable[..., Any]:
-    """Wrap ``ProxyTestCase.start_proxy`` so the test is watched."""
+def watch_secrets(start_service: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap ``ProxyTestCase.start_service`` so the test is watched."""
 
-    @functools.wraps(start_proxy)
+    @functools.wraps(start_service)
     @defer.inlineCallbacks
     def start_watched(test: Any, *args: Any, **kwargs: Any) -> Any:
         watch = SecretsWatch()
         test.secrets_watch = watch
-        # Added before start_proxy adds its own cleanup, so it runs after the
-        # proxy stopped: shutdown's log lines are checked too.
+        # Added before start_service adds its own cleanup, so it runs after
+        # the proxy stopped: shutdown's log lines are checked too.
         test.addCleanup(watch.check, test)
-        base = yield start_proxy(test, *args, **kwargs)
+        listening = yield start_service(test, *args, **kwargs)
         watch.attach(test)
-        return base
+        return listening
 
     return start_watched

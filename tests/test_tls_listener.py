@@ -17,7 +17,6 @@ import tempfile
 
 import openai
 from treq.client import HTTPClient
-from twisted.application.service import IServiceCollection
 from twisted.internet import defer, reactor
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.endpoints import UNIXClientEndpoint
@@ -31,10 +30,9 @@ from twisted.web.client import (
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
-from twisted_forward.tap import Options, makeService
 
 from .fake_upstream import chat_chunks
-from .harness import ConnectionTracker, ProxyTestCase, proxy_env
+from .harness import ProxyTestCase
 from .tls_fixtures import ThrowawayCA
 
 _CA = None
@@ -148,27 +146,7 @@ class UnixListenerTests(ProxyTestCase):
         directory = tempfile.mkdtemp(prefix="tf-")
         self.addCleanup(shutil.rmtree, directory, True)
         self.socket_path = os.path.join(directory, "proxy.sock")
-        options = Options()
-        options.parseOptions(
-            ["--port", f"unix:{_escape(self.socket_path)}:mode=660", "--env-file", os.devnull]
-        )
-        self.service = makeService(
-            options, reactor=reactor, environ=proxy_env(self.upstream_port, **env)
-        )
-        [listener] = [
-            s for s in IServiceCollection(self.service) if hasattr(s, "_waitingForPort")
-        ]
-        self.proxy_tracker = ConnectionTracker(listener.factory)
-        self.service.startService()
-        self.addCleanup(self._stop_proxy)
-        got_port: defer.Deferred = defer.Deferred()
-
-        def passthrough(port):
-            got_port.callback(port)
-            return port
-
-        listener._waitingForPort.addCallback(passthrough)
-        yield got_port
+        yield self.start_service(f"unix:{_escape(self.socket_path)}:mode=660", **env)
         self.unix_client = HTTPClient(
             Agent.usingEndpointFactory(
                 reactor,
