@@ -5,6 +5,7 @@ the fake upstream, with a real HTTP client, all cleaned up without sleeps.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Optional
 
@@ -141,6 +142,20 @@ class ProxyTestCase(TestCase):
 
     def url(self, path: str) -> str:
         return self.base + path
+
+    @defer.inlineCallbacks
+    def open_stream(self, path: str = "/v1/chat/completions") -> defer.Deferred:
+        """POST a streamed chat request; returns (response, Collector) with
+        the body flowing into the collector."""
+        response = yield self.client.post(
+            self.url(path),
+            data=json.dumps({"model": "m", "stream": True, "messages": []}).encode(),
+            headers={b"content-type": b"application/json"},
+            unbuffered=True,
+        )
+        collector = Collector()
+        response.deliverBody(collector)
+        return response, collector
 
 
 class Collector(Protocol):

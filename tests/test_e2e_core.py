@@ -15,7 +15,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH
 
 from .fake_upstream import chat_chunks, chat_answer
-from .harness import Collector, ProxyTestCase
+from .harness import ProxyTestCase
 
 
 def _json(body: bytes) -> dict:
@@ -55,18 +55,11 @@ class ForwardingTests(ProxyTestCase):
         the rest back: nothing waits for the end of the answer."""
         yield self.start_proxy()
         self.fake.hold_at = 2
-        response = yield self.client.post(
-            self.url("/v1/chat/completions"),
-            data=json.dumps({"model": "m", "stream": True, "messages": []}).encode(),
-            headers={b"content-type": b"application/json"},
-            unbuffered=True,
-        )
+        response, collector = yield self.open_stream("/v1/chat/completions")
         self.assertEqual(response.code, 200)
         self.assertEqual(
             response.headers.getRawHeaders(b"content-type"), [b"text/event-stream"]
         )
-        collector = Collector()
-        response.deliverBody(collector)
         events = chat_chunks(self.fake.answer_text, "m")
         while len(b"".join(collector.chunks)) < len(events[0] + events[1]):
             yield collector.got_data

@@ -16,10 +16,6 @@ from .harness import Collector, ProxyTestCase
 from .test_metrics import _sample
 
 
-def _stream_body() -> bytes:
-    return json.dumps({"model": "m", "stream": True, "messages": []}).encode()
-
-
 class FaultTests(ProxyTestCase):
     @defer.inlineCallbacks
     def metrics(self) -> defer.Deferred:
@@ -42,11 +38,7 @@ class FaultTests(ProxyTestCase):
     def test_stream_gone_silent_is_cut_and_counted(self):
         yield self.start_proxy(IDLE_TIMEOUT="0.2")
         self.fake.hold_at = 2  # two events, then silence
-        response = yield self.client.post(
-            self.url("/v1/chat/completions"), data=_stream_body(), unbuffered=True
-        )
-        collector = Collector()
-        response.deliverBody(collector)
+        response, collector = yield self.open_stream()
         yield collector.done
         # The client sees its stream broken off, not a hang nor a clean end.
         self.assertIsInstance(collector.reason.value, ResponseFailed)

@@ -15,7 +15,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 
 from .fake_upstream import chat_chunks
-from .harness import Collector, ProxyTestCase
+from .harness import ProxyTestCase
 from .test_framing import ADDED, CHUNKED_HELLO, TWISTED, parse_answer
 
 #: How long a raw exchange may take before the test fails (not a sleep: the
@@ -105,14 +105,7 @@ class SmugglingTests(RawTestCase):
         """A parser error on one connection leaves another's stream intact."""
         yield self.start_proxy()
         self.fake.hold_at = 2
-        response = yield self.client.post(
-            self.url("/v1/chat/completions"),
-            data=json.dumps({"model": "m", "stream": True, "messages": []}).encode(),
-            headers={b"content-type": b"application/json"},
-            unbuffered=True,
-        )
-        collector = Collector()
-        response.deliverBody(collector)
+        response, collector = yield self.open_stream("/v1/chat/completions")
         yield collector.got_data
         for shape in SMUGGLING[:5]:
             received = yield self.exchange(shape.raw)

@@ -8,7 +8,7 @@ from twisted.application.service import IServiceCollection
 from twisted.internet import defer
 from twisted.logger import globalLogPublisher
 
-from .harness import Collector, ProxyTestCase
+from .harness import ProxyTestCase
 
 KEYS = "sk-metrics-secret-one sk-metrics-secret-two"
 FORWARD = "alice:fk-alice-metrics-1"
@@ -74,13 +74,7 @@ class MetricsTests(ProxyTestCase):
     def test_open_stream_gauge(self):
         yield self.start_proxy()
         self.fake.hold_at = 2
-        response = yield self.client.post(
-            self.url("/v1/chat/completions"),
-            data=json.dumps({"model": "m", "stream": True, "messages": []}).encode(),
-            unbuffered=True,
-        )
-        collector = Collector()
-        response.deliverBody(collector)
+        response, collector = yield self.open_stream("/v1/chat/completions")
         yield collector.got_data
         text = yield self.scrape()
         self.assertEqual(_sample(text, "openai_forward_open_exchanges", route="/"), 1)

@@ -42,7 +42,7 @@ from twisted_forward.outbound import (
 )
 
 from .fake_upstream import chat_chunks
-from .harness import Collector, ConnectionTracker, ProxyTestCase
+from .harness import ConnectionTracker, ProxyTestCase
 from .tls_fixtures import ThrowawayCA
 
 _CA: Optional[ThrowawayCA] = None
@@ -520,15 +520,8 @@ class OutboundProxyTests(ProxyTestCase):
         the next request reuses the pooled tunnel."""
         yield self.start_proxy(**self.https_env())
         self.fake.hold_at = 2
-        response = yield self.client.post(
-            self.url("/v1/chat/completions"),
-            data=json.dumps({"model": "m", "stream": True, "messages": []}).encode(),
-            headers={b"content-type": b"application/json"},
-            unbuffered=True,
-        )
+        response, collector = yield self.open_stream("/v1/chat/completions")
         self.assertEqual(response.code, 200)
-        collector = Collector()
-        response.deliverBody(collector)
         events = chat_chunks(self.fake.answer_text, "m")
         while len(collector.body) < len(events[0] + events[1]):
             yield collector.got_data

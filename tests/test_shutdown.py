@@ -27,11 +27,7 @@ class DrainTests(ProxyTestCase):
     def test_open_stream_finishes_health_says_draining(self):
         yield self.start_proxy()
         self.fake.hold_at = 2
-        response = yield self.client.post(
-            self.url("/v1/chat/completions"), data=_stream_body(), unbuffered=True
-        )
-        collector = Collector()
-        response.deliverBody(collector)
+        response, collector = yield self.open_stream()
         yield collector.got_data
         # A second connection, kept alive and idle from before the shutdown.
         response = yield self.client.get(self.url("/healthz"))
