@@ -91,6 +91,15 @@ class MetricsTests(ProxyTestCase):
         self.assertEqual([s.uri for s in self.fake.seen], [b"/metrics"])
 
     @defer.inlineCallbacks
+    def test_path_configurable(self):
+        yield self.start_proxy(METRICS_PATH="/internal/prom")
+        text = yield self.scrape(self.url("/internal/prom"))
+        self.assertIn("openai_forward_requests_total", text)
+        response = yield self.client.get(self.url("/metrics"))
+        yield response.content()
+        self.assertEqual([s.uri for s in self.fake.seen], [b"/metrics"])
+
+    @defer.inlineCallbacks
     def test_own_port(self):
         yield self.start_proxy(METRICS_PORT="tcp:0:interface=127.0.0.1")
         listeners = [

@@ -88,3 +88,14 @@ class RouteTests(ProxyTestCase):
             response = yield self.client.get(self.url(path))
             self.assertEqual(json.loads((yield response.content())), {"status": "ok"})
         self.assertEqual(self.fake.seen + self.other.seen, [])
+
+    @defer.inlineCallbacks
+    def test_health_path_configurable(self):
+        yield self.start_proxy(HEALTHZ_PATH="/ping", ROUTE_PREFIX="/openai")
+        for path in ("/ping", "/openai/ping"):
+            response = yield self.client.get(self.url(path))
+            self.assertEqual(json.loads((yield response.content())), {"status": "ok"})
+        # The default path is now an ordinary one: forwarded under the prefix.
+        response = yield self.client.get(self.url("/openai/healthz"))
+        yield response.content()
+        self.assertEqual([s.uri for s in self.fake.seen], [b"/healthz"])
