@@ -119,6 +119,8 @@ class DefaultKeys:
         self._resting: dict[int, float] = {}
         self._revoked: set[int] = set()
         n = len(self._keys)
+        #: The keys as a mask wants them, made once (a mask is made per answer).
+        self._mask_order = _Secrets.of(self._keys)
         #: The order of the keys for a request starting at each one.
         self._rotations = [tuple((s + i) % n for i in range(n)) for s in range(n)]
 
@@ -195,7 +197,7 @@ class DefaultKeys:
 
     def mask(self) -> "SecretMask":
         """A fresh mask of these keys, for one answer."""
-        return SecretMask(self._keys)
+        return SecretMask(self._mask_order)
 
 
 class ForwardKeys:
@@ -320,6 +322,14 @@ class KeyRules:
         return KeyDecision(NO_KEY)
 
 
+class _Secrets(tuple):
+    """Secrets ordered for masking (longest first, no empties or repeats)."""
+
+    @classmethod
+    def of(cls, secrets: Iterable[bytes]) -> "_Secrets":
+        return cls(sorted({s for s in secrets if s}, key=len, reverse=True))
+
+
 class SecretMask:
     """Masks exact secrets in a byte stream, keeping its length.
 
@@ -331,7 +341,7 @@ class SecretMask:
     """
 
     def __init__(self, secrets: Iterable[bytes]) -> None:
-        self._secrets = sorted({s for s in secrets if s}, key=len, reverse=True)
+        self._secrets = secrets if isinstance(secrets, _Secrets) else _Secrets.of(secrets)
         self._held = b""
 
     def feed(self, chunk: bytes) -> bytes:
