@@ -58,37 +58,21 @@ def chat_answer(model: str = "gpt-4o-mini") -> bytes:
 
 def sse_events(count: int, model: str = "gpt-4o-mini") -> list[bytes]:
     """``count`` content events, then the finish event and ``[DONE]`` (as one)."""
-    events = []
-    for i in range(count):
-        delta = {"role": "assistant", "content": "w0"} if i == 0 else {"content": f" w{i}"}
-        events.append(
-            b"data: "
-            + json.dumps(
-                {
-                    "id": "chatcmpl-bench",
-                    "object": "chat.completion.chunk",
-                    "created": 1700000000,
-                    "model": model,
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": None}],
-                },
-                separators=(",", ":"),
-            ).encode()
-            + b"\n\n"
-        )
-    tail = (
-        b"data: "
-        + json.dumps(
-            {
-                "id": "chatcmpl-bench",
-                "object": "chat.completion.chunk",
-                "created": 1700000000,
-                "model": model,
-                "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
-            },
-            separators=(",", ":"),
-        ).encode()
-        + b"\n\ndata: [DONE]\n\n"
-    )
+    def event(delta: dict, finish: Optional[str]) -> bytes:
+        chunk = {
+            "id": "chatcmpl-bench",
+            "object": "chat.completion.chunk",
+            "created": 1700000000,
+            "model": model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+        }
+        return b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"
+
+    events = [
+        event({"role": "assistant", "content": "w0"} if i == 0 else {"content": f" w{i}"}, None)
+        for i in range(count)
+    ]
+    tail = event({}, "stop") + b"data: [DONE]\n\n"
     if events:
         events[-1] += tail
     else:

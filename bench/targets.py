@@ -139,6 +139,32 @@ def start_fake(workdir: Path, cpus: Optional[set[int]], timeout: float = 30.0) -
     return server
 
 
+def _launch(
+    name: str,
+    port: int,
+    argv: list[str],
+    rundir: Path,
+    env: dict[str, str],
+    cpus: Optional[set[int]],
+    log_name: str,
+) -> Server:
+    """Start a proxy under test, its output in ``rundir/log_name``, and wait
+    until it answers on ``port``."""
+    log_path = rundir / log_name
+    process = subprocess.Popen(
+        argv,
+        cwd=rundir,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=open(log_path, "wb"),
+        stderr=subprocess.STDOUT,
+        preexec_fn=pinning(cpus),
+    )
+    server = Server(name, port, process, log_path)
+    server.wait_ready()
+    return server
+
+
 def start_twisted_forward(
     upstream_port: int,
     workdir: Path,
@@ -177,19 +203,7 @@ def start_twisted_forward(
     ]
     if workers:
         args += ["--workers", str(workers)]
-    log_path = rundir / "twistd.log"
-    process = subprocess.Popen(
-        args,
-        cwd=rundir,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=open(log_path, "wb"),
-        stderr=subprocess.STDOUT,
-        preexec_fn=pinning(cpus),
-    )
-    server = Server(name, port, process, log_path)
-    server.wait_ready()
-    return server
+    return _launch(name, port, args, rundir, env, cpus, "twistd.log")
 
 
 def ensure_openai_forward(venv: Path, create: bool, log: Callable[[str], None]) -> Optional[Path]:
@@ -253,16 +267,6 @@ def start_openai_forward(
         "import uvicorn; uvicorn.run(app='openai_forward.app:app', "
         f"host='{HOST}', port={port}, workers=1, app_dir='..')"
     )
-    log_path = rundir / "openai-forward.log"
-    process = subprocess.Popen(
-        [str(python), "-c", code],
-        cwd=rundir,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=open(log_path, "wb"),
-        stderr=subprocess.STDOUT,
-        preexec_fn=pinning(cpus),
+    return _launch(
+        "openai-forward", port, [str(python), "-c", code], rundir, env, cpus, "openai-forward.log"
     )
-    server = Server("openai-forward", port, process, log_path)
-    server.wait_ready()
-    return server
