@@ -113,6 +113,17 @@ class Config:
     metrics: bool = True
     metrics_path: str = "/metrics"
     metrics_port: Optional[str] = None
+    ledger: bool = True
+    #: Where the SQLite ledger lives; None: beside the chat records (LOG_DIR).
+    data_dir: Optional[str] = None
+    #: ``postgresql://…``: the ledger lives in PostgreSQL instead (may hold a password).
+    database_url: Optional[str] = field(default=None, repr=False)
+    ledger_retention_days: int = 0
+
+    @property
+    def ledger_dir(self) -> str:
+        """DATA_DIR, or LOG_DIR when it is not set."""
+        return self.data_dir if self.data_dir is not None else self.log_dir
 
 
 # ---------------------------------------------------------------- parsers
@@ -370,6 +381,39 @@ DEFAULT_BACKLOG = 1024
 _BACKLOG_KINDS = ("tcp:", "tcp6:", "ssl:")
 
 
+def parse_database_url(value: str) -> str:
+    """A ``postgresql://`` URL (or key=value conninfo) for the ledger.
+
+    Error texts never repeat the URL: it may hold a password.
+    """
+    url = value.strip()
+    if not url.startswith(("postgresql://", "postgres://")):
+        raise ValueError("must be a postgresql://user:password@host:port/database URL")
+    try:
+        import psycopg  # noqa: F401
+        from psycopg.conninfo import conninfo_to_dict
+    except ImportError:
+        raise ValueError(
+            "needs psycopg 3: pip install 'twisted-forward[postgresql]'"
+        ) from None
+    try:
+        conninfo_to_dict(url)
+    except Exception:
+        raise ValueError(
+            "is not a valid PostgreSQL URL (percent-encode special characters "
+            "in the user name or password)"
+        ) from None
+    return url
+
+
+def parse_days(value: str) -> int:
+    """A whole number of days, 0 or more."""
+    text = value.strip()
+    if not text.isdigit():
+        raise ValueError(f"{value!r} is not a whole number of days (0: keep forever)")
+    return int(text)
+
+
 def parse_endpoint(value: str) -> str:
     """A port number (TCP, all interfaces) or a Twisted endpoint string.
 
@@ -442,6 +486,15 @@ SETTINGS: tuple[Setting, ...] = (
             "Path of the Prometheus metrics [default: /metrics]."),
     Setting("METRICS_PORT", "metrics-port", parse_endpoint,
             "Serve metrics on this port/endpoint instead of the proxy's own."),
+    Setting("LEDGER", "ledger", parse_bool,
+            "Keep the usage ledger (requests, tokens, cost per key/model/day) "
+            "[default: true]."),
+    Setting("DATA_DIR", "data-dir", str,
+            "Directory of the SQLite ledger (ledger.sqlite3) [default: LOG_DIR]."),
+    Setting("DATABASE_URL", "database-url", parse_database_url,
+            "postgresql://… : keep the ledger in PostgreSQL instead of SQLite."),
+    Setting("LEDGER_RETENTION_DAYS", "ledger-retention-days", parse_days,
+            "Delete ledger day rows older than this many days (0: keep) [default: 0]."),
 )
 
 
@@ -518,11 +571,17 @@ def load_config(
         ("METRICS", "metrics"),
         ("METRICS_PATH", "metrics_path"),
         ("METRICS_PORT", "metrics_port"),
+        ("LEDGER", "ledger"),
+        ("DATA_DIR", "data_dir"),
+        ("DATABASE_URL", "database_url"),
+        ("LEDGER_RETENTION_DAYS", "ledger_retention_days"),
     ):
         if env in parsed:
             kwargs[attr_name] = parsed[env]
     if kwargs.get("log_dir") == "":
         raise ConfigError("LOG_DIR (--log-dir): must not be empty")
+    if kwargs.get("data_dir") == "":
+        raise ConfigError("DATA_DIR (--data-dir): must not be empty")
     if kwargs.get("healthz_path", "/healthz") == "":
         raise ConfigError("HEALTHZ_PATH (--healthz-path): must not be the root")
     if kwargs.get("metrics_path", "/metrics") == "":
