@@ -339,7 +339,6 @@ class Exchange:
             return
         self.done = True
         res = self.resource
-        res._closed(self)
         elapsed = res.reactor.seconds() - self.sent_upstream
         self.request.forward_upstream_seconds = elapsed
         if res.metrics is not None:
@@ -350,6 +349,9 @@ class Exchange:
                 tap.end(outcome)
             except Exception:
                 self.log.failure("chat recorder failed")
+        # Last: a drain waiting on this exchange may go on to close the
+        # recorders and the ledger, which must have its record by then.
+        res._closed(self)
 
     def _stop_upstream(self) -> None:
         """Cancel the upstream request, or stop its body if it is relaying."""

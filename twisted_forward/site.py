@@ -20,6 +20,8 @@ from twisted.web.server import Request, Site
 
 from .access import AccessGate
 from .chat.recorder import Recorder
+from .ledger.interfaces import ILedger
+from .ledger.service import LedgerCollector
 from .config import Config
 from .errors import write_error
 from .framing import ForwardChannel, body_too_large
@@ -241,6 +243,8 @@ class Built:
     health: Health
     keys: KeyRules
     metrics: Metrics
+    #: The usage ledger (None: LEDGER off), for the admin API to query.
+    ledger: Optional[ILedger] = None
 
 
 def build_root(
@@ -249,6 +253,7 @@ def build_root(
     recorder: Optional[Recorder] = None,
     upstream: Optional[Upstream] = None,
     metrics: Optional[Metrics] = None,
+    ledger: Optional[ILedger] = None,
 ) -> Built:
     """Build the resource tree for ``config``.
 
@@ -269,6 +274,8 @@ def build_root(
         ForwardKeys(config.forward_keys),
     )
     metrics.watch_keys(openai_keys.default)
+    if ledger is not None:
+        metrics.registry.register(LedgerCollector(ledger.stats))
     passthrough = KeyRules(DefaultKeys((), reactor.seconds), ForwardKeys(()))
     proxies = [
         ProxyResource(
@@ -296,4 +303,4 @@ def build_root(
         router, config.ip_whitelist, config.ip_blacklist, config.trusted_proxies,
         exempt_paths=router._health_paths,
     )
-    return Built(root, proxies, upstream, health, openai_keys, metrics)
+    return Built(root, proxies, upstream, health, openai_keys, metrics, ledger)

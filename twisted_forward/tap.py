@@ -29,7 +29,9 @@ from .config import (
     parse_endpoint,
     read_env_file,
 )
-from .chat.recorder import ChatRecorder, open_chat_log
+from .chat.recorder import ChatRecorder, Recorder, open_chat_log
+from .ledger.feed import feeding_recorder
+from .ledger.service import open_ledger
 from .metrics import MetricsResource
 from .access import AccessGate
 from .site import Built, ForwardSite, build_root
@@ -112,14 +114,18 @@ class ProxyService(Service):
         config: Config,
         reactor: IReactorCore,
         recorder: Optional[ChatRecorder] = None,
+        ledger: Optional[IService] = None,
     ) -> None:
         self.built = built
         self.config = config
         self.reactor = reactor
         self.recorder = recorder
+        self.ledger = ledger
 
     def startService(self) -> None:
         super().startService()
+        if self.ledger is not None:
+            self.ledger.startService()
         for line in describe(self.config):
             self.log.info("{line}", line=line)
         if self.built.keys.open_relay:
@@ -150,8 +156,13 @@ class ProxyService(Service):
         try:
             yield self.built.upstream.close()
         finally:
-            if self.recorder is not None:
-                yield self.recorder.close()
+            try:
+                if self.recorder is not None:
+                    yield self.recorder.close()
+            finally:
+                # Last: every exchange has ended, so its figures are pending.
+                if self.ledger is not None and self.ledger.running:
+                    yield self.ledger.stopService()
         # twistd and twist re-raise the terminating signal at exit, so a
         # supervisor would see "killed by SIGTERM".  The shutdown was
         # orderly: report success (exit status 0) instead.
@@ -195,6 +206,7 @@ def makeService(
                 reactor,
             )
         recorder = open_recorder(config, reactor)
+        ledger = open_ledger(config, reactor)
     except IndexError:
         # serverFromString's systemd: parser, when no socket was passed in.
         sys.stderr.write(
@@ -207,8 +219,15 @@ def makeService(
         sys.stderr.write(f"openai-forward: {e}\n")
         raise SystemExit(1)
     top = MultiService()
-    built = build_root(config, reactor, recorder=recorder)  # type: ignore[arg-type]
-    ProxyService(built, config, reactor, recorder).setServiceParent(top)  # type: ignore[arg-type]
+    exchange_recorder: Optional[Recorder] = recorder
+    if ledger is not None:
+        recorder, exchange_recorder = feeding_recorder(recorder, ledger, reactor)
+    built = build_root(
+        config, reactor, recorder=exchange_recorder, ledger=ledger  # type: ignore[arg-type]
+    )
+    ProxyService(built, config, reactor, recorder, ledger).setServiceParent(  # type: ignore[arg-type]
+        top
+    )
     site = ForwardSite(
         built.root, reactor=reactor, max_request_body=config.max_request_body
     )

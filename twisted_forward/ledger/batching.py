@@ -87,6 +87,8 @@ class BatchingLedger(Service):
     def startService(self) -> None:
         """Start the database, apply migrations, start the write timer."""
         super().startService()
+        self.log.info("usage ledger: {backend} at {where}",
+                      backend=self.dialect.name, where=self.dialect.where)
         self.database.start()
         self.lock.run(self._migrate)
         self.loop = LoopingCall(self._tick)

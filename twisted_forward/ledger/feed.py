@@ -14,7 +14,7 @@ and time to first byte.
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import ILogObserver, Logger
@@ -26,6 +26,9 @@ from ..chat.record import exchange_kind
 from ..chat.recorder import ExchangeInfo, ExchangeTap
 from ..prices import cost_usd
 from .interfaces import ILedger, UsageEntry
+
+if TYPE_CHECKING:
+    from ..chat.recorder import ChatRecorder, Recorder
 
 #: Outcomes that are not errors: the answer was whole, or the client left
 #: (what was used is counted, the exchange itself did not fail).
@@ -178,3 +181,21 @@ class CountingTap:
             )
         except Exception:
             RecordFeed.log.failure("ledger: could not count an exchange")
+
+
+def feeding_recorder(
+    chat: Optional["ChatRecorder"], ledger: ILedger, clock: IReactorTime
+) -> tuple["ChatRecorder", "Recorder"]:
+    """Plug ``ledger`` in beside the chat records.
+
+    :param chat: the chat recorder, None when LOG_CHAT is off (a recorder
+        that assembles records without writing them is made instead).
+    :returns: the chat recorder (to flush and close at exit) and the
+        recorder for the exchanges: the chat records and the counting taps.
+    """
+    from ..chat.recorder import ChatRecorder, FanOut
+
+    if chat is None:
+        chat = ChatRecorder(clock)
+    chat.publisher.addObserver(RecordFeed(ledger, clock))
+    return chat, FanOut([chat, CountingRecorder(ledger, clock)])
