@@ -18,7 +18,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from twisted_forward import workers
+from twisted_forward import supervisor as workers
 from twisted_forward.listening import BoundEndpoint, listen_error
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

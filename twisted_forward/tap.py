@@ -229,7 +229,7 @@ def _make_service(
             reactor, config.metrics_port, "METRICS_PORT (--metrics-port)"
         )
     if options["workers"]:
-        from .workers import make_supervisor
+        from .supervisor import make_supervisor
 
         if config.metrics_port is not None:
             # Every worker would bind it.
