@@ -143,6 +143,19 @@ class FullDiskUnitTests(SynchronousTestCase):
         self.clock.advance(0.5)
         self.assertEqual(self.ids(), ["r3", "r4", "r5"])
 
+    def test_torn_tail_from_before_gets_its_own_line(self):
+        """A file left ending mid-record (a crash, a tail that could not be
+        cut): the next record starts on a new line, whole and readable."""
+        os.makedirs(self.dir)
+        path = os.path.join(self.dir, "chat_2026-01-02.jsonl")
+        with open(path, "wb") as f:
+            f.write(b'{"request_id": "torn", "pa')
+        observer = self.observer()
+        self.emit(1)
+        self.successResultOf(observer.flush())
+        with open(path, "rb") as f:
+            self.assertEqual(json.loads(f.read().split(b"\n")[1])["request_id"], "r1")
+
     def test_close_on_a_full_disk_drops_and_counts(self):
         """At shutdown with the disk still full: no hang, the rest counted."""
         observer = self.observer()

@@ -166,8 +166,6 @@ class RecordFiles:
         self._day: Optional[str] = None
         self._index = 0
         self._path = ""
-        #: A torn tail could not be cut off: start the next write on a new line.
-        self._torn = False
 
     def append(self, batch: list[tuple[str, bytes]]) -> None:
         """Write ``(day, line)`` pairs, each day's run of lines in one write.
@@ -190,16 +188,17 @@ class RecordFiles:
 
     def _write(self, day: str, lines: list[bytes]) -> None:
         fd = self._open(day)
-        data = b"".join(lines)
-        if self._torn:
-            data = b"\n" + data
-        view = memoryview(data)
         # Every writer of the directory takes the lock, so the file's size
         # is where this write lands, and a torn tail can be cut off without
         # touching another worker's lines.
         fcntl.flock(fd, fcntl.LOCK_EX)
         try:
             start = os.fstat(fd).st_size
+            # A file that does not end a line (a crash mid-write, a tail that
+            # could not be cut): the next record starts on a line of its own.
+            lead = b"\n" if start and os.pread(fd, 1, start - 1) != b"\n" else b""
+            data = lead + b"".join(lines)
+            view = memoryview(data)
             written = 0
             try:
                 while written < len(data):  # more than one only on a signal or a full disk
@@ -208,15 +207,15 @@ class RecordFiles:
                         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
                     written += n
             except OSError as e:
-                raise LinesNotWritten(self._keep_whole(fd, start, written, lines), e) from None
-            self._torn = False
+                kept = self._keep_whole(fd, start, written, len(lead), lines)
+                raise LinesNotWritten(kept, e) from None
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)
 
-    def _keep_whole(self, fd: int, start: int, written: int, lines: list[bytes]) -> int:
+    @staticmethod
+    def _keep_whole(fd: int, start: int, written: int, lead: int, lines: list[bytes]) -> int:
         """After a short write: cut the file back to its last whole line;
         how many of ``lines`` are on disk."""
-        lead = 1 if self._torn else 0
         whole, count = lead, 0
         for line in lines:
             if whole + len(line) > written:
@@ -225,17 +224,11 @@ class RecordFiles:
             count += 1
         if count == 0:
             whole = 0  # as it was: not even the leading newline is kept
-        if written == whole:
-            return count
-        try:
-            os.ftruncate(fd, start + whole)
-        except OSError:
-            # The torn bytes stay; the next write starts on a new line so
-            # no whole record is glued to them (readers skip the fragment).
-            self._torn = True
-            return count
-        if count:
-            self._torn = False
+        if written != whole:
+            try:
+                os.ftruncate(fd, start + whole)
+            except OSError:
+                pass  # the next write starts on a new line; readers skip the fragment
         return count
 
     def _open(self, day: str) -> int:
@@ -265,10 +258,6 @@ class RecordFiles:
             index += 1
         self._fd = os.open(path, _FLAGS, 0o600)
         self._day, self._index, self._path = day, index, path
-        # A file that does not end a line (a crash mid-write, a tail that
-        # could not be cut): the next record starts on a line of its own.
-        size = os.fstat(self._fd).st_size
-        self._torn = size > 0 and os.pread(self._fd, 1, size - 1) != b"\n"
         return self._fd
 
     def close(self) -> None:
