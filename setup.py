@@ -12,7 +12,8 @@ setup(
     python_requires=">=3.9",
     # twisted/plugins has no __init__.py on purpose: it is a portion of
     # Twisted's plugin package, found by twisted.plugin.getPlugins.
-    packages=["twisted_forward", "twisted.plugins"],
+    packages=["twisted_forward", "twisted_forward.policies", "twisted.plugins"],
+    package_data={"twisted_forward.policies": ["prices.json"]},
     install_requires=[
         "twisted[tls]>=25.5.0",
         "treq>=23.11.0",
