@@ -12,9 +12,7 @@ setup(
     python_requires=">=3.9",
     # twisted/plugins has no __init__.py on purpose: it is a portion of
     # Twisted's plugin package, found by twisted.plugin.getPlugins.
-    # Every subpackage (policies, ledger, chat, ...) without listing each.
-    packages=find_packages(include=["twisted_forward", "twisted_forward.*"])
-    + ["twisted.plugins"],
+    packages=find_packages(include=["twisted_forward", "twisted_forward.*"]) + ["twisted.plugins"],
     package_data={"twisted_forward.policies": ["prices.json"]},
     install_requires=[
         "twisted[tls]>=25.5.0",
