@@ -25,7 +25,7 @@ from .errors import write_error
 from .framing import ForwardChannel, body_too_large
 from .keys import DefaultKeys, ForwardKeys, KeyRules
 from .metrics import Metrics, MetricsResource
-from .proxy import ProxyResource
+from .exchange import ProxyResource
 from .upstream import BadTarget, Upstream, split_target
 
 
