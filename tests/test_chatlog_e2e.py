@@ -334,7 +334,8 @@ class LogChatOffTests(ChatLogTestCase):
     @defer.inlineCallbacks
     def test_log_chat_false_writes_nothing(self):
         log_dir = os.path.abspath(self.mktemp())
-        # The ledger (on by default) lives in LOG_DIR too: its own tests cover it.
+        # With the ledger on, records are assembled (never written) for it:
+        # tests/test_ledger_e2e.py checks that case writes no chat file.
         yield self.start_proxy(LOG_CHAT="false", LOG_DIR=log_dir, LEDGER="false")
         [service] = [s for s in self.service if isinstance(s, ProxyService)]
         self.assertIsNone(service.recorder)
@@ -358,4 +359,4 @@ class LogChatOffTests(ChatLogTestCase):
         self.patch(sys, "stderr", errors)
         with self.assertRaises(SystemExit):
             makeService(options, reactor, {"LOG_CHAT": "true", "LOG_DIR": not_a_dir})
-        self.assertIn("LOG_DIR (--log-dir): cannot write chat records there", errors.getvalue())
+        self.assertIn("LOG_DIR (--log-dir): cannot write chat records in", errors.getvalue())

@@ -61,10 +61,13 @@ class LedgerFeedTests(ProxyTestCase):
     @defer.inlineCallbacks
     def test_plain_streamed_other_and_failed(self) -> None:
         """A plain chat, a streamed chat with usage, a model list and an upstream
-        error each add their figures to the key's rows, written at stop."""
+        error each add their figures to the key's rows, written at stop; with
+        LOG_CHAT off no chat record is written."""
         data_dir = os.path.abspath(self.mktemp())
+        log_dir = os.path.abspath(self.mktemp())
         yield self.start_proxy(OPENAI_API_KEY="sk-ledger-default-0123456789",
-                               FORWARD_KEY=FORWARD, DATA_DIR=data_dir)
+                               FORWARD_KEY=FORWARD, DATA_DIR=data_dir,
+                               LOG_CHAT="false", LOG_DIR=log_dir)
         [service] = [s for s in self.service if isinstance(s, ProxyService)]
         built: Built = service.built
         self.assertIsNotNone(built.ledger)
@@ -86,6 +89,7 @@ class LedgerFeedTests(ProxyTestCase):
         codes.append((yield self.post("/v1/chat/completions", chat(model="gpt-4o"))))
         self.assertEqual(codes, [200, 200, 500])
         yield self.service.stopService()
+        self.assertFalse(os.path.exists(log_dir))  # LOG_CHAT=false: no chat file
         rows = self.rows(data_dir)
         today = datetime.now(timezone.utc).date().isoformat()
         mini = rows[("team-a", "gpt-4o-mini")]

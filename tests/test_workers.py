@@ -23,7 +23,8 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 
-from twisted_forward import workers
+from twisted_forward import supervisor as workers
+from twisted_forward.worker import SharedSocketEndpoint
 from twisted_forward.tap import Options, makeService
 
 from .fake_upstream import FakeOpenAI, chat_answer, listen_fake
@@ -241,8 +242,6 @@ class WorkersEndToEndTests(TestCase):
         records = []
         for folder, _, files in os.walk(log_dir):
             for name in files:
-                if not name.startswith("chat_"):
-                    continue  # the ledger's SQLite files live here too
                 with open(os.path.join(folder, name), "rb") as f:
                     for line in f.read().splitlines():
                         records.append(json.loads(line))  # a torn line fails here
@@ -271,7 +270,7 @@ class TakeTurnsTests(TestCase):
                 built.append(Protocol())
                 return built[-1]
 
-        endpoint = workers.SharedSocketEndpoint(reactor, os.dup(listener.fileno()), socket.AF_INET)
+        endpoint = SharedSocketEndpoint(reactor, os.dup(listener.fileno()), socket.AF_INET)
         port = yield endpoint.listen(Count())
         # The same socket another worker would hold stays open here.
         clients = [socket.create_connection(listener.getsockname()) for _ in range(5)]
@@ -343,6 +342,9 @@ class OptionsTests(SynchronousTestCase):
         service = makeService(options, reactor=reactor,
                               environ={"OPENAI_BASE_URL": "http://127.0.0.1:1", "SHUTDOWN_GRACE": "3"})
         [pool] = list(service)
+        # Bound while the service was built (a port in use stops start-up).
+        self.assertIsNotNone(pool.bound)
+        self.addCleanup(pool.bound.stopListening)
         self.assertIsInstance(pool, workers.WorkerPool)
         self.assertEqual(pool.count, 2)
         self.assertEqual(pool.grace, 3.0)

@@ -114,7 +114,7 @@ class Config:
     metrics_path: str = "/metrics"
     metrics_port: Optional[str] = None
     ledger: bool = True
-    #: Where the SQLite ledger lives; None: beside the chat records (LOG_DIR).
+    #: Where the SQLite ledger lives; None: ``data`` beside LOG_DIR.
     data_dir: Optional[str] = None
     #: ``postgresql://…``: the ledger lives in PostgreSQL instead (may hold a password).
     database_url: Optional[str] = field(default=None, repr=False)
@@ -122,8 +122,10 @@ class Config:
 
     @property
     def ledger_dir(self) -> str:
-        """DATA_DIR, or LOG_DIR when it is not set."""
-        return self.data_dir if self.data_dir is not None else self.log_dir
+        """DATA_DIR, or ``data`` beside LOG_DIR (``./data`` for ``./Log``)."""
+        if self.data_dir is not None:
+            return self.data_dir
+        return default_data_dir(self.log_dir)
 
 
 # ---------------------------------------------------------------- parsers
@@ -381,6 +383,15 @@ DEFAULT_BACKLOG = 1024
 _BACKLOG_KINDS = ("tcp:", "tcp6:", "ssl:")
 
 
+def default_data_dir(log_dir: str) -> str:
+    """DATA_DIR's default: a ``data`` folder beside the chat records'.
+
+    Not LOG_DIR itself: tools that read every file there, and a LOG_DIR on
+    a small disk, should not meet the ledger.
+    """
+    return os.path.join(os.path.dirname(os.path.abspath(log_dir)), "data")
+
+
 def parse_database_url(value: str) -> str:
     """A ``postgresql://`` URL (or key=value conninfo) for the ledger.
 
@@ -490,7 +501,7 @@ SETTINGS: tuple[Setting, ...] = (
             "Keep the usage ledger (requests, tokens, cost per key/model/day) "
             "[default: true]."),
     Setting("DATA_DIR", "data-dir", str,
-            "Directory of the SQLite ledger (ledger.sqlite3) [default: LOG_DIR]."),
+            "Directory of the SQLite ledger (ledger.sqlite3) [default: data beside LOG_DIR]."),
     Setting("DATABASE_URL", "database-url", parse_database_url,
             "postgresql://… : keep the ledger in PostgreSQL instead of SQLite."),
     Setting("LEDGER_RETENTION_DAYS", "ledger-retention-days", parse_days,

@@ -19,7 +19,7 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 
 from .access import AccessGate
-from .chat.recorder import Recorder
+from .chat.recorder import ChatRecorder, FanOut, Recorder
 from .ledger.interfaces import ILedger
 from .ledger.service import LedgerCollector
 from .config import Config
@@ -28,7 +28,8 @@ from .framing import ForwardChannel, body_too_large
 from .keys import DefaultKeys, ForwardKeys, KeyRules
 from .metrics import Metrics, MetricsResource
 from .exchange import ProxyResource
-from .upstream import BadTarget, Upstream, split_target
+from .target import BadTarget, split_target
+from .upstream import Upstream
 
 
 #: Seconds a client connection may sit idle or trickle a request in.
@@ -274,6 +275,9 @@ def build_root(
         ForwardKeys(config.forward_keys),
     )
     metrics.watch_keys(openai_keys.default)
+    for chat in recorder.recorders if isinstance(recorder, FanOut) else (recorder,):
+        if isinstance(chat, ChatRecorder):
+            metrics.watch_chat_records(chat.counts)
     if ledger is not None:
         metrics.registry.register(LedgerCollector(ledger.stats))
     passthrough = KeyRules(DefaultKeys((), reactor.seconds), ForwardKeys(()))

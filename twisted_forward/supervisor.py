@@ -1,11 +1,11 @@
 """
-``--workers N``: N processes serving one listening socket.
+``--workers N``, the supervisor's side: N processes serving one listening socket.
 
 One Twisted process uses one core.  With ``--workers N`` the twistd process
 becomes a supervisor: it binds the port the endpoint string names (so every
 option of ``tcp:``, ``tcp6:``, ``unix:`` and ``systemd:`` endpoints applies,
 and privileges needed to bind are only needed there), never accepts on it,
-and starts N worker processes (``python -m twisted_forward.workers``).  Each
+and starts N worker processes (``python -m twisted_forward.worker``, :mod:`twisted_forward.worker`).  Each
 worker gets the listening socket as file descriptor 3 and adopts it
 (``reactor.adoptStreamPort``), so the kernel hands each new connection to
 whichever worker accepts it first; workers take one connection per wake-up,
@@ -34,17 +34,17 @@ import json
 import os
 import socket
 import sys
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
-from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService, Service
-from twisted.internet import defer, endpoints, fdesc
+from twisted.internet import defer, endpoints
 from twisted.internet.error import ProcessDone
-from twisted.internet.interfaces import IDelayedCall, IListeningPort, IStreamServerEndpoint
+from twisted.internet.interfaces import IDelayedCall, IListeningPort
 from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import implementer
+
+from .exitstatus import give_up
 
 #: The file descriptor a worker finds the listening socket on.
 LISTEN_FD = 3
@@ -53,12 +53,13 @@ STABLE_AFTER = 10.0
 #: Restart delays for workers that keep dying young.
 FIRST_DELAY = 0.5
 MAX_DELAY = 30.0
+#: A worker that dies young this many times in a row makes the supervisor
+#: give up and exit 1: a broken set-up that restarting does not mend.
+GIVE_UP_AFTER = 3
 #: Extra time after the shutdown grace before stragglers are killed.
 KILL_MARGIN = 10.0
 #: The environment variable holding a worker's number (1..N).
 WORKER_ENV = "TWISTED_FORWARD_WORKER"
-#: Connections a worker accepts per wake-up (see :class:`SharedSocketEndpoint`).
-ACCEPT_BATCH = 1
 
 _ADOPTABLE = (
     endpoints.TCP4ServerEndpoint,
@@ -147,6 +148,7 @@ class WorkerPool(Service):
         grace: float,
         reactor: Any,
         executable: str = sys.executable,
+        port: Optional[IListeningPort] = None,
     ) -> None:
         if count < 1:
             raise WorkersError("--workers must be at least 1")
@@ -157,10 +159,17 @@ class WorkerPool(Service):
         self.grace = grace
         self.reactor = reactor
         self.executable = executable
+        #: Bound by :func:`make_supervisor` already, or bound at start.
+        self.bound = port
         self.port: Optional[IListeningPort] = None
         self.workers: dict[int, _Worker] = {}
         self.restarts: dict[int, IDelayedCall] = {}
         self.delays: dict[int, float] = {}
+        #: Worker index -> deaths in a row before STABLE_AFTER.
+        self.young_deaths: dict[int, int] = {}
+        #: Whether a worker ever ran STABLE_AFTER seconds: past that, a
+        #: worker dying young is restarted (with back-off), never given up on.
+        self.stable = False
         self.stopping = False
         self._all_ended: list[defer.Deferred[None]] = []
         #: Fires with the listening port once it is bound (for tests).
@@ -171,12 +180,20 @@ class WorkerPool(Service):
     def startService(self) -> None:
         super().startService()
         self.stopping = False
+        if self.bound is not None:
+            bound, self.bound = self.bound, None
+            self._bound(bound)
+            return
         d = endpoints.serverFromString(self.reactor, self.endpoint).listen(SharedSocket())
         d.addCallbacks(self._bound, self._bind_failed)
 
     def _bind_failed(self, failure: Failure) -> None:
-        self.log.failure("cannot listen on {endpoint}", failure, endpoint=self.endpoint)
-        self.reactor.stop()
+        from .listening import listen_error
+
+        self.log.error(
+            "cannot start: --port: {why}", why=listen_error(failure.value, self.endpoint)
+        )
+        give_up(self.reactor)
 
     def _bound(self, port: IListeningPort) -> None:
         # The supervisor keeps the socket open for the workers but never
@@ -211,7 +228,7 @@ class WorkerPool(Service):
         self.reactor.spawnProcess(
             worker,
             self.executable,
-            [self.executable, "-m", "twisted_forward.workers"],
+            [self.executable, "-m", "twisted_forward.worker"],
             env=env,
             childFDs={0: "w", 1: 1, 2: 2, LISTEN_FD: self.port.fileno()},  # type: ignore[attr-defined]
         )
@@ -234,8 +251,20 @@ class WorkerPool(Service):
             return
         lived = self.reactor.seconds() - worker.started
         if lived >= STABLE_AFTER:
+            self.young_deaths[worker.index] = 0
+            self.stable = True
             delay = 0.0
         else:
+            deaths = self.young_deaths[worker.index] = self.young_deaths.get(worker.index, 0) + 1
+            if deaths >= GIVE_UP_AFTER and not self._ever_stable():
+                self.log.error(
+                    "cannot start: worker {index} ended {deaths} times in a row within "
+                    "{stable:.0f}s of starting (last: {why}); its own error is above. "
+                    "Stopping: fix the cause and start again",
+                    index=worker.index, deaths=deaths, stable=STABLE_AFTER, why=why,
+                )
+                give_up(self.reactor)
+                return
             delay = min(MAX_DELAY, max(FIRST_DELAY, 2 * self.delays.get(worker.index, 0.0)))
         self.delays[worker.index] = delay
         self.log.warn(
@@ -244,6 +273,12 @@ class WorkerPool(Service):
             index=worker.index, pid=worker.pid, lived=lived, why=why, delay=delay,
         )
         self.restarts[worker.index] = self.reactor.callLater(delay, self._spawn, worker.index)
+
+    def _ever_stable(self) -> bool:
+        now = self.reactor.seconds()
+        if any(now - w.started >= STABLE_AFTER for w in self.workers.values()):
+            self.stable = True
+        return self.stable
 
     # ------------------------------------------------------------ stop
 
@@ -301,147 +336,14 @@ def make_supervisor(
     reactor: Any,
 ) -> IService:
     """The service twistd runs for ``--workers N``."""
+    from .listening import endpoint_from_string, listen_now
+
     check_endpoint(reactor, endpoint)
+    # Bound now, so a port in use stops start-up with one line (see
+    # twisted_forward.listening).
+    port = listen_now(
+        endpoint_from_string(reactor, endpoint, "--port"), SharedSocket(), "--port", endpoint
+    )
     top = MultiService()
-    WorkerPool(count, endpoint, options, environ, grace, reactor).setServiceParent(top)
+    WorkerPool(count, endpoint, options, environ, grace, reactor, port=port).setServiceParent(top)
     return top
-
-
-# ---------------------------------------------------------------- worker side
-
-
-@implementer(IStreamServerEndpoint)
-class SharedSocketEndpoint:
-    """Adopts the supervisor's listening socket, and takes turns with the
-    other workers at accepting from it.
-
-    Every worker waiting on the socket wakes when a connection arrives, and
-    a Twisted port accepts as many connections as it can per wake-up (it
-    learns to take up to 100 or more at a time).  On a shared socket that
-    lets the first worker awake take a whole burst, such as a client's pool
-    of keep-alive connections, and the others none.  Here a worker accepts
-    at most :data:`ACCEPT_BATCH` per wake-up, leaving the rest to whoever is
-    awake next.
-    """
-
-    def __init__(self, reactor: Any, fileno: int, family: int, batch: int = ACCEPT_BATCH) -> None:
-        self._adopted = endpoints.AdoptedStreamServerEndpoint(reactor, fileno, family)
-        self.batch = batch
-
-    def listen(self, factory: Factory) -> "defer.Deferred[IListeningPort]":
-        return self._adopted.listen(factory).addCallback(self._take_turns)
-
-    def _take_turns(self, port: IListeningPort) -> IListeningPort:
-        accept = port.doRead  # type: ignore[attr-defined]
-        batch = self.batch
-
-        def doRead() -> Any:
-            port.numberAccepts = min(port.numberAccepts, batch)  # type: ignore[attr-defined]
-            return accept()
-
-        port.doRead = doRead  # type: ignore[attr-defined]
-        return port
-
-
-
-class _ParentWatch:
-    """Reads the worker's standard input; its end of file means the
-    supervisor is gone."""
-
-    def __init__(self, on_gone: Callable[[], None]) -> None:
-        self.on_gone = on_gone
-
-    def fileno(self) -> int:
-        return 0
-
-    def logPrefix(self) -> str:
-        return "supervisor-pipe"
-
-    def doRead(self) -> Optional[Any]:
-        from twisted.internet.main import CONNECTION_DONE
-
-        try:
-            data = os.read(0, 4096)
-        except BlockingIOError:
-            return None
-        return None if data else CONNECTION_DONE
-
-    def connectionLost(self, reason: Failure) -> None:
-        self.on_gone()
-
-
-def _read_spec() -> dict[str, Any]:
-    """The one JSON line the supervisor writes first, read without buffering
-    past it."""
-    line = bytearray()
-    while not line.endswith(b"\n"):
-        data = os.read(0, 1)
-        if not data:
-            raise SystemExit("openai-forward worker: no instructions from the supervisor")
-        line += data
-    return json.loads(line)
-
-
-def _options_argv(values: dict[str, str]) -> list[str]:
-    return [f"--{name}={value}" for name, value in values.items()]
-
-
-def worker_main() -> None:
-    """Entry point of a worker process (``python -m twisted_forward.workers``)."""
-    spec = _read_spec()
-    index = int(spec["worker"])
-    family = getattr(socket, "AF_" + spec["family"])
-
-    from twisted.logger import globalLogBeginner, textFileLogObserver
-
-    observer = textFileLogObserver(sys.stdout)
-    tag = f"worker-{index}"
-
-    def tagged(event: dict) -> None:
-        event = dict(event)
-        system = event.get("log_system")
-        event["log_system"] = tag if system in (None, "-") else f"{tag} {system}"
-        observer(event)
-
-    globalLogBeginner.beginLoggingTo([tagged], redirectStandardIO=False)
-
-    from twisted.internet import reactor
-
-    from .tap import Options, ProxyService, makeService
-
-    options = Options()
-    values = {k: v for k, v in spec["options"].items() if k != "workers"}
-    options.parseOptions(_options_argv(values))
-    service = makeService(options, reactor=reactor)
-    for child in service:  # type: ignore[attr-defined]
-        if isinstance(child, StreamServerEndpointService):
-            child.endpoint = SharedSocketEndpoint(reactor, LISTEN_FD, family)
-        if isinstance(child, ProxyService):
-            child.built.health.extra.update({"worker": index, "pid": os.getpid()})
-
-    log = Logger(namespace="twisted_forward.workers")
-
-    def supervisor_gone() -> None:
-        log.warn("the supervisor is gone; stopping")
-        reactor.stop()  # type: ignore[attr-defined]
-
-    watch = _ParentWatch(supervisor_gone)
-    fdesc.setNonBlocking(0)
-
-    def start() -> None:
-        service.startService()
-        reactor.addReader(watch)  # type: ignore[attr-defined]
-        log.info("worker {index} serving (pid {pid})", index=index, pid=os.getpid())
-
-    def stop() -> Any:
-        # From here on the supervisor closing the pipe is no news.
-        reactor.removeReader(watch)  # type: ignore[attr-defined]
-        return service.stopService()
-
-    reactor.callWhenRunning(start)
-    reactor.addSystemEventTrigger("before", "shutdown", stop)
-    reactor.run()  # type: ignore[attr-defined]
-
-
-if __name__ == "__main__":
-    worker_main()
