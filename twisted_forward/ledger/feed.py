@@ -175,6 +175,7 @@ class CountingTap:
                     key_label=self.info.key_label,
                     route=self.info.route,
                     error=is_error(self.status, outcome),
+                    request_bytes=self.info.body.length,
                     response_bytes=self.size,
                     ttfb=self.ttfb,
                 )
