@@ -25,6 +25,8 @@ from .errors import write_error
 from .framing import ForwardChannel, body_too_large
 from .keys import DefaultKeys, ForwardKeys, KeyRules
 from .metrics import Metrics, MetricsResource
+from .policies.gate import PolicyGate
+from .policies.service import build_gate
 from .exchange import ProxyResource
 from .upstream import BadTarget, Upstream, split_target
 
@@ -241,6 +243,8 @@ class Built:
     health: Health
     keys: KeyRules
     metrics: Metrics
+    #: The policy gate, or None when no policy is set.
+    policy: Optional[PolicyGate] = None
 
 
 def build_root(
@@ -249,6 +253,7 @@ def build_root(
     recorder: Optional[Recorder] = None,
     upstream: Optional[Upstream] = None,
     metrics: Optional[Metrics] = None,
+    policy: Optional[PolicyGate] = None,
 ) -> Built:
     """Build the resource tree for ``config``.
 
@@ -265,9 +270,12 @@ def build_root(
             ssl_cert_file=config.ssl_cert_file,
         )
     openai_keys = KeyRules(
-        DefaultKeys(config.default_keys, reactor.seconds),
+        DefaultKeys(config.default_keys, reactor.seconds, config.policy.key_levels),
         ForwardKeys(config.forward_keys),
+        config.policy.policies.levels,
     )
+    if policy is None:
+        policy = build_gate(config.policy, reactor, metrics)
     metrics.watch_keys(openai_keys.default)
     passthrough = KeyRules(DefaultKeys((), reactor.seconds), ForwardKeys(()))
     proxies = [
@@ -280,6 +288,7 @@ def build_root(
             config.idle_timeout,
             recorder,
             metrics,
+            policy=policy if route.kind == "openai" else None,
         )
         for route in config.routes
     ]
@@ -296,4 +305,4 @@ def build_root(
         router, config.ip_whitelist, config.ip_blacklist, config.trusted_proxies,
         exempt_paths=router._health_paths,
     )
-    return Built(root, proxies, upstream, health, openai_keys, metrics)
+    return Built(root, proxies, upstream, health, openai_keys, metrics, policy)
