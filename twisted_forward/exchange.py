@@ -39,6 +39,7 @@ from .upstream import (
     join_url,
     response_length,
 )
+from .upstream_http import head_refusal
 
 #: Statuses for which another default key is tried, if nothing was sent yet.
 _FAILOVER = frozenset({401, 429, 500, 502, 503, 504})
@@ -466,6 +467,14 @@ class Exchange:
         if failure.check(error.TimeoutError, error.TCPTimedOutError):
             self._fail(504, "upstream_timeout", "Connecting to the upstream timed out.")
             return
+        refusal = head_refusal(failure)
+        if refusal is not None:
+            self.log.warn(
+                "refused the upstream's answer for {path}: {why}",
+                path=self.path.decode("latin-1"), why=str(refusal),
+            )
+            self._fail(502, refusal.code, "The upstream's answer head was refused.")
+            return
         self.log.warn(
             "upstream unreachable for {path}: {why}",
             path=self.path.decode("latin-1"), why=failure.getErrorMessage(),
@@ -513,14 +522,16 @@ class Exchange:
             self.relay.stop()
 
     def abort(self) -> None:
-        """Cut the exchange now (shutdown grace period over)."""
+        """Cut the exchange now (shutdown grace period over): recorded with
+        the outcome ``shutdown``, before the cut connection can say
+        ``client_left``."""
         if self.done:
             return
         self._stop_upstream()
+        self.end("shutdown")
         channel = getattr(self.request, "channel", None)
         if channel is not None and channel.transport is not None:
             channel.transport.abortConnection()
-        self.end("client_left")
 
     def _finished(self, result: object) -> None:
         """The client connection finished or was lost."""
