@@ -27,6 +27,8 @@ from .errors import write_error
 from .framing import ForwardChannel, body_too_large
 from .keys import DefaultKeys, ForwardKeys, KeyRules
 from .metrics import Metrics, MetricsResource
+from .policies.gate import PolicyGate
+from .policies.service import build_gate
 from .exchange import ProxyResource
 from .target import BadTarget, split_target
 from .upstream import Upstream
@@ -244,6 +246,8 @@ class Built:
     health: Health
     keys: KeyRules
     metrics: Metrics
+    #: The policy gate, or None when no policy is set.
+    policy: Optional[PolicyGate] = None
     #: The usage ledger (None: LEDGER off), for the admin API to query.
     ledger: Optional[ILedger] = None
 
@@ -254,6 +258,7 @@ def build_root(
     recorder: Optional[Recorder] = None,
     upstream: Optional[Upstream] = None,
     metrics: Optional[Metrics] = None,
+    policy: Optional[PolicyGate] = None,
     ledger: Optional[ILedger] = None,
 ) -> Built:
     """Build the resource tree for ``config``.
@@ -273,9 +278,12 @@ def build_root(
             max_headers=config.max_upstream_headers,
         )
     openai_keys = KeyRules(
-        DefaultKeys(config.default_keys, reactor.seconds),
+        DefaultKeys(config.default_keys, reactor.seconds, config.policy.key_levels),
         ForwardKeys(config.forward_keys),
+        config.policy.policies.levels,
     )
+    if policy is None:
+        policy = build_gate(config.policy, reactor, metrics)
     metrics.watch_keys(openai_keys.default)
     for chat in recorder.recorders if isinstance(recorder, FanOut) else (recorder,):
         if isinstance(chat, ChatRecorder):
@@ -293,6 +301,7 @@ def build_root(
             config.idle_timeout,
             recorder,
             metrics,
+            policy=policy if route.kind == "openai" else None,
         )
         for route in config.routes
     ]
@@ -309,4 +318,4 @@ def build_root(
         router, config.ip_whitelist, config.ip_blacklist, config.trusted_proxies,
         exempt_paths=router._health_paths,
     )
-    return Built(root, proxies, upstream, health, openai_keys, metrics, ledger)
+    return Built(root, proxies, upstream, health, openai_keys, metrics, policy, ledger)

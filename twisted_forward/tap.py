@@ -181,6 +181,10 @@ class ProxyService(Service):
             yield self.built.upstream.close()
         finally:
             try:
+                if self.built.policy is not None:
+                    # Every exchange has ended (and so settled or released its
+                    # reservation): let go of the store.
+                    yield self.built.policy.store.close()
                 if self.recorder is not None:
                     yield self.recorder.close()
             finally:
