@@ -29,7 +29,7 @@ from .config import (
     parse_endpoint,
     read_env_file,
 )
-from .chatlog import ChatRecorder, open_chat_log
+from .chat.recorder import ChatRecorder, open_chat_log
 from .metrics import MetricsResource
 from .access import AccessGate
 from .site import Built, ForwardSite, build_root
@@ -179,7 +179,7 @@ def makeService(
         if config.metrics_port is not None:
             endpoints.serverFromString(reactor, config.metrics_port)
         if options["workers"]:
-            from .workers import make_supervisor
+            from .supervisor import make_supervisor
 
             if config.metrics_port is not None:
                 # Every worker would bind it.
