@@ -30,13 +30,11 @@ class LuaTests(TestCase):
         )
         self.addCleanup(self.redis.disconnect)
 
-    def reserve(
-        self, now: int, rid: str, buckets: Sequence[tuple], lease: int = 60000
-    ) -> "defer.Deferred[list]":
-        """Run RESERVE; ``buckets`` are (key, kind, window, limit, amount[,
-        start, end])."""
+    def reserve(self, now: int, rid: str, buckets: Sequence[tuple]) -> "defer.Deferred[list]":
+        """Run RESERVE; ``buckets`` are (key, kind, window or lease, limit,
+        amount[, start, end])."""
         keys = [b[0] for b in buckets]
-        args: list[Any] = [now, rid, lease]
+        args: list[Any] = [now, rid]
         for b in buckets:
             start, end = (b[5], b[6]) if len(b) > 5 else (0, 0)
             args += [b[1], b[2], b[3], b[4], start, end]
@@ -55,7 +53,7 @@ class LuaTests(TestCase):
         """A fixed window of 60 s with limit 3: three charges pass, the fourth
         is refused with the time to the window's end; the next window is
         fresh."""
-        bucket = ("t:f:rpm", "f", 60000, 3, 1)
+        bucket = ("t:f:rpm", "f", 0, 3, 1, 120000, 180000)
         results = []
         for i in range(4):
             results.append((yield self.reserve(120000 + i * 1000, f"r{i}", [bucket])))
@@ -66,7 +64,7 @@ class LuaTests(TestCase):
         self.assertEqual(refused[2], 57000)  # from 123 s to 180 s
         self.assertEqual(refused[5], 57000)
         self.assertEqual(refused[6], "120000")
-        fresh = yield self.reserve(180000, "r5", [bucket])
+        fresh = yield self.reserve(180000, "r5", [("t:f:rpm", "f", 60000, 3, 1)])
         self.assertEqual(fresh[0], 1)
         self.assertEqual(fresh[4], "1")
         ttl = yield self.redis.execute_command("PTTL", "t:f:rpm:180000")
@@ -125,7 +123,7 @@ class LuaTests(TestCase):
         # 80 used; 60 more needs 40 to leave: a's 30 at 10 s is not enough,
         # b's 50 at 14 s is.
         self.assertEqual(refused[:3], [0, 1, 8000])
-        self.assertEqual(refused[5], 4000)  # the oldest leaves at 10 s
+        self.assertEqual(refused[5], 8000)  # all of it has left at 14 s
         # At 10 s a's charge has left: 50 used, 60 does not fit, 50 does.
         self.assertEqual((yield self.reserve(10000, "d", [(key, "m", 10000, 100, 60)]))[0], 0)
         self.assertEqual((yield self.reserve(10000, "e", [(key, "m", 10000, 100, 50)]))[0], 1)
@@ -139,16 +137,17 @@ class LuaTests(TestCase):
         """max_parallel 2: a third lease is refused; a released one frees a
         place; a lease whose holder vanished ends when it expires."""
         key = "t:c:par"
-        self.assertEqual((yield self.reserve(0, "a", [(key, "c", 0, 2, 1)], lease=5000))[0], 1)
-        self.assertEqual((yield self.reserve(0, "b", [(key, "c", 0, 2, 1)], lease=5000))[0], 1)
-        self.assertEqual((yield self.reserve(1, "c", [(key, "c", 0, 2, 1)], lease=5000))[0], 0)
+        slot = (key, "c", 5000, 2, 1)
+        self.assertEqual((yield self.reserve(0, "a", [slot]))[0], 1)
+        self.assertEqual((yield self.reserve(0, "b", [slot]))[0], 1)
+        self.assertEqual((yield self.reserve(1, "c", [slot]))[0], 0)
         yield self.adjust("a", [(key, "c", "", "1", "0")])
-        self.assertEqual((yield self.reserve(2, "d", [(key, "c", 0, 2, 1)], lease=5000))[0], 1)
+        self.assertEqual((yield self.reserve(2, "d", [slot]))[0], 1)
         # b and d are held; b is renewed, d's holder died.
-        yield self.redis.eval(redis_lua.RENEW, [key], [4000, 5000, "b", 1])
-        refused = yield self.reserve(4999, "e", [(key, "c", 0, 2, 1)], lease=5000)
+        yield self.redis.eval(redis_lua.RENEW, [key], [4000, "b", 1, 5000])
+        refused = yield self.reserve(4999, "e", [slot])
         self.assertEqual(refused[0], 0)
-        granted = yield self.reserve(5002, "e", [(key, "c", 0, 2, 1)], lease=5000)
+        granted = yield self.reserve(5002, "e", [slot])
         self.assertEqual((granted[0], granted[4]), (1, "2"))
         members = yield self.redis.execute_command("ZRANGE", key, 0, -1)
         self.assertEqual(sorted(members), ["b#1", "e#1"])

@@ -54,8 +54,8 @@ RESERVE_FIELDS = 6
 #: Check every bucket and charge all of them, or none.
 #:
 #: KEYS[i]: bucket i's key (a prefix for ``f`` buckets).
-#: ARGV: now_ms, reservation id, lease_ms, then per bucket
-#: kind, window_ms, limit, amount, start_ms, end_ms.
+#: ARGV: now_ms, reservation id, then per bucket kind, window_ms (for
+#: ``c`` the lease), limit, amount, start_ms, end_ms.
 #:
 #: Returns ``{granted, refused_index, retry_ms, now_ms, used_1, reset_ms_1,
 #: tag_1, ...}``: granted 1 or 0; the 1-based index of the first bucket that
@@ -65,13 +65,12 @@ RESERVE_FIELDS = 6
 RESERVE = _PRELUDE + r"""
 local now = now_ms(ARGV[1])
 local rid = ARGV[2]
-local lease = tonumber(ARGV[3])
 local F = 6
 local n = #KEYS
 local keys, used, resets, tags = {}, {}, {}, {}
 local refused, retry = 0, 0
 for i = 1, n do
-  local o = 3 + (i - 1) * F
+  local o = 2 + (i - 1) * F
   local kind = ARGV[o + 1]
   local window = tonumber(ARGV[o + 2])
   local limit = tonumber(ARGV[o + 3])
@@ -100,8 +99,8 @@ for i = 1, n do
       u = u + amount_of(entries[j])
     end
     if #entries > 0 then
-      reset = tonumber(entries[2]) + window - now
-    else
+      reset = tonumber(entries[#entries]) + window - now
+    elseif amount > 0 then
       reset = window
     end
     wait = window
@@ -111,7 +110,7 @@ for i = 1, n do
       local freed = 0
       for j = 1, #entries, 2 do
         freed = freed + amount_of(entries[j])
-        if freed >= over then
+        if freed >= over and u - freed < limit then
           wait = tonumber(entries[j + 1]) + window - now
           break
         end
@@ -129,14 +128,14 @@ for i = 1, n do
   end
   used[i] = u
   resets[i] = reset
-  if refused == 0 and u + amount > limit then
+  if refused == 0 and (u + amount > limit or (limit > 0 and u >= limit)) then
     refused = i
     retry = wait
   end
 end
 if refused == 0 then
   for i = 1, n do
-    local o = 3 + (i - 1) * F
+    local o = 2 + (i - 1) * F
     local kind = ARGV[o + 1]
     local amount = tonumber(ARGV[o + 4])
     if kind == 'f' then
@@ -152,6 +151,7 @@ if refused == 0 then
       end
       redis.call('PEXPIRE', keys[i], tonumber(ARGV[o + 2]))
     else
+      local lease = tonumber(ARGV[o + 2])
       for j = 1, amount do
         redis.call('ZADD', keys[i], now + lease, rid .. '#' .. j)
       end
@@ -218,15 +218,15 @@ return #KEYS
 #: Extend the leases of requests still running.
 #:
 #: KEYS[i]: a concurrency bucket's key.
-#: ARGV: now_ms, lease_ms, then per key the reservation id and its count.
+#: ARGV: now_ms, then per key the reservation id, its count and lease_ms.
 #: Only leases still held are extended (``ZADD XX``): one that ended is not
 #: brought back.
 RENEW = _PRELUDE + r"""
 local now = now_ms(ARGV[1])
-local lease = tonumber(ARGV[2])
 for i = 1, #KEYS do
-  local rid = ARGV[1 + 2 * i]
-  local count = tonumber(ARGV[2 + 2 * i])
+  local rid = ARGV[3 * i - 1]
+  local count = tonumber(ARGV[3 * i])
+  local lease = tonumber(ARGV[3 * i + 1])
   for j = 1, count do
     redis.call('ZADD', KEYS[i], 'XX', now + lease, rid .. '#' .. j)
   end
