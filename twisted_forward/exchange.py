@@ -25,7 +25,7 @@ from twisted.web.iweb import IRequest, IResponse
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from .chat.recorder import ExchangeInfo, ExchangeTap, NullRecorder, Recorder
+from .chat.recorder import ExchangeInfo, ExchangeTap, NullRecorder, Recorder, RequestBody
 from .config import Route
 from .errors import error_body, send_error, write_error
 from .headers import relay_response_headers, upstream_request_headers
@@ -183,20 +183,11 @@ class Exchange:
                     client=client_address(request),
                     key_label=self.decision.label,
                     started=self.started,
-                    read_body=self._read_body,
+                    body=RequestBody(request.content),
                 )
             )
         request.notifyFinish().addBoth(self._finished)
         self._attempt()
-
-    def _read_body(self) -> bytes:
-        content = self.request.content
-        if content is None:
-            return b""
-        content.seek(0)
-        data = content.read()
-        content.seek(0)
-        return data
 
     def _body(self):
         """A fresh producer of the request body, or None if there is none."""
