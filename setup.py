@@ -25,6 +25,9 @@ setup(
         "hyperlink>=21.0.0",
         # The policy counters on Redis/Valkey (REDIS_URL): Twisted-native.
         "txredisapi>=1.4.10,<2",
+        # The usage ledger on PostgreSQL (DATABASE_URL): psycopg 3, its binary
+        # wheel bundling libpq, so no system library or compiler is needed.
+        "psycopg[binary]>=3.1,<4",
     ],
     extras_require={
         "test": ["openai>=1.0.0", "hypothesis>=6.0.0"],

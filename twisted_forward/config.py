@@ -425,7 +425,7 @@ def parse_database_url(value: str) -> str:
         from psycopg.conninfo import conninfo_to_dict
     except ImportError:
         raise ValueError(
-            "needs psycopg 3: pip install 'twisted-forward[postgresql]'"
+            "needs psycopg 3 (pip install 'psycopg[binary]')"
         ) from None
     try:
         conninfo_to_dict(url)
