@@ -30,7 +30,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 
-from .chatlog import ExchangeInfo, ExchangeTap, NullRecorder, Recorder
+from .chat.recorder import ExchangeInfo, ExchangeTap, NullRecorder, Recorder
 from .config import Route
 from .errors import error_body, send_error, write_error
 from .headers import relay_response_headers, upstream_request_headers

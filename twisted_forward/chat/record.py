@@ -2,7 +2,7 @@
 What goes into a chat record: the question, taken from the request body, and
 the answer, reassembled from the body the proxy relayed.
 
-Pure functions and small accumulators, no I/O: :mod:`twisted_forward.chatlog`
+Pure functions and small accumulators, no I/O: :mod:`twisted_forward.chat.recorder`
 feeds them and turns the result into one JSON line.
 
 - :func:`exchange_kind` says which exchanges are recorded at all.
@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterable, Optional
 
 from twisted.web.http_headers import Headers
 
+from ..keys import scrub
 from .sse import SSEDecoder
 
 #: Kinds whose conversation is recorded in full.
@@ -674,8 +675,6 @@ class AnswerReader:
 def _scrub_value(value: Any) -> Any:
     """Mask key-like strings in what the upstream said (error messages can
     echo part of a client's key)."""
-    from .keys import scrub  # noqa: PLC0415
-
     if isinstance(value, str):
         return scrub(value.encode("utf-8", "surrogatepass")).decode("utf-8", "surrogatepass")
     if isinstance(value, list):
