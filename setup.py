@@ -22,6 +22,10 @@ setup(
         "prometheus-client>=0.17.0",
         # hyperlink comes with treq; named because upstream.py subclasses it.
         "hyperlink>=21.0.0",
+        # The response cache's LMDB backend (CACHE_BACKEND=LMDB).
+        "lmdb>=1.4.0,<4",
+        # Redis from Twisted without threads (the cache's REDIS backend).
+        "txredisapi>=1.4.10,<2",
     ],
     extras_require={
         "test": ["openai>=1.0.0", "hypothesis>=6.0.0"],

@@ -21,7 +21,7 @@ from typing import Optional
 
 from twisted.web.http_headers import Headers
 
-from ..sse import SSEDecoder
+from ..chat.sse import SSEDecoder
 
 MAGIC = b"TFE1"
 _HEAD = struct.Struct(">4sddBH")

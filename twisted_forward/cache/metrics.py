@@ -14,6 +14,7 @@ class CacheMetrics:
     """Hits, misses, bypasses, bytes, evictions and store failures."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
         self.lookups = Counter(
             "openai_forward_cache_lookups",
             "Requests by what the cache did: hit, miss or bypass.",

@@ -132,7 +132,8 @@ class RedisStore:
         self.metrics = metrics
         self._connection: Any = None
 
-    def _redis(self) -> Any:
+    def client(self) -> Any:
+        """The txredisapi connection pool, made on first use."""
         if self._connection is None:
             import txredisapi
             from twisted.internet.ssl import optionsForClientTLS
@@ -155,11 +156,11 @@ class RedisStore:
 
     def get(self, key: bytes) -> "Deferred[Optional[bytes]]":
         """The value under ``key`` (Redis drops it at its TTL)."""
-        return self._redis().get(PREFIX + key)
+        return self.client().get(PREFIX + key)
 
     def put(self, key: bytes, value: bytes) -> "Deferred[None]":
         """Store ``value`` and keep the bound, in one atomic script."""
-        d = self._redis().eval(
+        d = self.client().eval(
             _PUT,
             [PREFIX + key, PREFIX + b"index", PREFIX + b"sizes", PREFIX + b"bytes"],
             [value, int(self.clock.seconds() * 1000), max(1, int(self.ttl * 1000)),
