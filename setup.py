@@ -13,6 +13,7 @@ setup(
     # twisted/plugins has no __init__.py on purpose: it is a portion of
     # Twisted's plugin package, found by twisted.plugin.getPlugins.
     packages=find_packages(include=["twisted_forward", "twisted_forward.*"]) + ["twisted.plugins"],
+    package_data={"twisted_forward.policies": ["prices.json"]},
     install_requires=[
         "twisted[tls]>=25.5.0",
         "treq>=23.11.0",

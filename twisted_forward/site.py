@@ -19,13 +19,13 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 
 from .access import AccessGate
-from .chat.recorder import Recorder
+from .chat.recorder import ChatRecorder, Recorder
 from .config import Config
 from .errors import write_error
 from .framing import ForwardChannel, body_too_large
 from .keys import DefaultKeys, ForwardKeys, KeyRules
 from .metrics import Metrics, MetricsResource
-from .proxy import ProxyResource
+from .exchange import ProxyResource
 from .upstream import BadTarget, Upstream, split_target
 
 
@@ -269,6 +269,8 @@ def build_root(
         ForwardKeys(config.forward_keys),
     )
     metrics.watch_keys(openai_keys.default)
+    if isinstance(recorder, ChatRecorder):
+        metrics.watch_chat_records(recorder.counts)
     passthrough = KeyRules(DefaultKeys((), reactor.seconds), ForwardKeys(()))
     proxies = [
         ProxyResource(
