@@ -22,6 +22,7 @@ from typing import Optional
 from twisted.web.http_headers import Headers
 
 from ..chat.sse import SSEDecoder
+from ..decoding import INFLATABLE, Inflater, content_codings
 
 MAGIC = b"TFE1"
 _HEAD = struct.Struct(">4sddBH")
@@ -132,8 +133,7 @@ class AnswerCollector:
         self.chunks: list[bytes] = []
         self.size = 0
         self.refused = ""
-        self._inflate: Optional["zlib._Decompress"] = None
-        self._deflate = False
+        self._inflater: Optional[Inflater] = None
         self._sse: Optional[SSEDecoder] = None
 
     def response(self, status: int, headers: Headers) -> None:
@@ -147,36 +147,22 @@ class AnswerCollector:
         self.content_type = (headers.getRawHeaders(b"content-type") or [b""])[-1]
         self.stream = self.content_type.split(b";")[0].strip().lower() == b"text/event-stream"
         self._sse = SSEDecoder() if self.stream else None
-        codings = [
-            c.strip().lower()
-            for v in headers.getRawHeaders(b"content-encoding") or ()
-            for c in v.split(b",") if c.strip()
-        ]
-        codings = [c for c in codings if c != b"identity"]
-        if len(codings) > 1 or (codings and codings[0] not in (b"gzip", b"x-gzip", b"deflate")):
+        codings = content_codings(headers)
+        self._inflater = None
+        if len(codings) > 1 or (codings and codings[0] not in INFLATABLE):
             self.refused = "encoding"
-        elif codings and codings[0] == b"deflate":
-            self._deflate = True
         elif codings:
-            self._inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
+            self._inflater = Inflater(codings[0], self.limit)
 
     def data(self, chunk: bytes) -> None:
         """A body chunk, as relayed."""
         if self.refused:
             return
-        if self._deflate and self._inflate is None:
-            # RFC 9110 says zlib format; some servers send raw deflate.
-            zlib_header = len(chunk) >= 2 and chunk[0] & 0x0F == 8 and (
-                (chunk[0] << 8) | chunk[1]) % 31 == 0
-            self._inflate = zlib.decompressobj(zlib.MAX_WBITS if zlib_header else -zlib.MAX_WBITS)
-        if self._inflate is not None:
+        if self._inflater is not None:
             try:
-                chunk = self._inflate.decompress(chunk, self.limit - self.size + 1)
+                chunk = self._inflater.feed(chunk)
             except zlib.error:
                 self._refuse("encoding")
-                return
-            if self._inflate.unconsumed_tail:
-                self._refuse("too_large")
                 return
         self.size += len(chunk)
         if self.size > self.limit:
@@ -195,9 +181,9 @@ class AnswerCollector:
         if self.refused:
             return None
         if outcome != "complete" or self.status != 200:
-            self.refused = self.refused or "incomplete"
+            self.refused = "incomplete"
             return None
-        if self._inflate is not None and not self._inflate.eof:
+        if self._inflater is not None and not self._inflater.eof:
             self.refused = "encoding"
             return None
         if self._sse is not None and not self._sse.done:
