@@ -53,7 +53,9 @@ class _ServerProcess(ProcessProtocol):
         self.lines: list[str] = []
         self._partial = b""
         self.ready: defer.Deferred[None] = defer.Deferred()
-        self.ended: defer.Deferred[Failure] = defer.Deferred()
+        #: Fires (with None) when the process has exited; :attr:`reason` says how.
+        self.ended: defer.Deferred[None] = defer.Deferred()
+        self.reason: Optional[Failure] = None
 
     def outReceived(self, data: bytes) -> None:
         self._partial += data
@@ -71,7 +73,10 @@ class _ServerProcess(ProcessProtocol):
             self.ready.errback(
                 AssertionError("redis-server ended before it was ready:\n" + "\n".join(self.lines))
             )
-        self.ended.callback(reason)
+        self.reason = reason
+        # Not callback(reason): a Failure given to callback is an error that
+        # nobody handles, reported at garbage collection in a later test.
+        self.ended.callback(None)
 
 
 class RedisServer:
@@ -140,9 +145,8 @@ class RedisServer:
         process.transport.signalProcess(name)
         d: defer.Deferred[None] = defer.Deferred()
 
-        def gone(reason: Failure) -> Failure:
+        def gone(_: object) -> None:
             d.callback(None)
-            return reason
 
         process.ended.addBoth(gone)
         return d

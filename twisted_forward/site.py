@@ -19,6 +19,9 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 
 from .access import AccessGate
+from .cache.hook import ResponseCache, build_cache
+from .cache.interfaces import ICacheStore
+from .cache.metrics import CacheMetrics
 from .chat.recorder import ChatRecorder, Recorder
 from .config import Config
 from .errors import write_error
@@ -241,6 +244,8 @@ class Built:
     health: Health
     keys: KeyRules
     metrics: Metrics
+    #: The response cache, None when it is off.
+    cache: Optional[ResponseCache] = None
 
 
 def build_root(
@@ -249,11 +254,15 @@ def build_root(
     recorder: Optional[Recorder] = None,
     upstream: Optional[Upstream] = None,
     metrics: Optional[Metrics] = None,
+    cache_store: Optional[ICacheStore] = None,
 ) -> Built:
     """Build the resource tree for ``config``.
 
     Metrics are collected always; they are served at ``config.metrics_path``
     on this tree unless disabled or given their own port.
+
+    :param cache_store: the response cache's store, instead of the one
+        ``config.cache`` names.
     """
     if metrics is None:
         metrics = Metrics()
@@ -272,6 +281,9 @@ def build_root(
     if isinstance(recorder, ChatRecorder):
         metrics.watch_chat_records(recorder.counts)
     passthrough = KeyRules(DefaultKeys((), reactor.seconds), ForwardKeys(()))
+    cache = build_cache(
+        config.cache, config.forward_keys, reactor, CacheMetrics(metrics.registry), cache_store
+    )
     proxies = [
         ProxyResource(
             route,
@@ -282,6 +294,7 @@ def build_root(
             config.idle_timeout,
             recorder,
             metrics,
+            cache,
         )
         for route in config.routes
     ]
@@ -298,4 +311,4 @@ def build_root(
         router, config.ip_whitelist, config.ip_blacklist, config.trusted_proxies,
         exempt_paths=router._health_paths,
     )
-    return Built(root, proxies, upstream, health, openai_keys, metrics)
+    return Built(root, proxies, upstream, health, openai_keys, metrics, cache)

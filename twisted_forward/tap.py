@@ -150,8 +150,13 @@ class ProxyService(Service):
         try:
             yield self.built.upstream.close()
         finally:
-            if self.recorder is not None:
-                yield self.recorder.close()
+            try:
+                if self.built.cache is not None:
+                    # After the drain: the last answers have been stored.
+                    yield self.built.cache.store.close()
+            finally:
+                if self.recorder is not None:
+                    yield self.recorder.close()
         # twistd and twist re-raise the terminating signal at exit, so a
         # supervisor would see "killed by SIGTERM".  The shutdown was
         # orderly: report success (exit status 0) instead.

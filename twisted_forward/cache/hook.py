@@ -22,7 +22,6 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
-from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -237,17 +236,6 @@ class ResponseCache:
         if kind in self._failing:
             self._failing.discard(kind)
             self.log.info("cache: the {store} store works again", store=self.store.name)
-
-
-class CacheService(Service):
-    """Closes the store at shutdown (threads, connections, files)."""
-
-    def __init__(self, store: ICacheStore) -> None:
-        self.store = store
-
-    def stopService(self) -> "Deferred[None]":
-        super().stopService()
-        return self.store.close()
 
 
 def open_store(

@@ -57,6 +57,10 @@ class IExchangeCache(Interface):
     client's when there is one (the ``caching`` field taken out).
     """
 
+    def on(route: object) -> bool:
+        """Whether requests on ``route`` (a :class:`~twisted_forward.config.Route`)
+        go through the cache at all."""
+
     def lookup(request: object, route: object, target: bytes,
                decision: object) -> "Deferred[Lookup]":  # type: ignore[name-defined]  # noqa: F821
         """Examine a request; never fails (a broken store is a miss).

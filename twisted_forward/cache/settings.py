@@ -13,7 +13,7 @@ refused here with one line naming the alternatives.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping, Optional
 
 #: The backends this cache has.
@@ -60,7 +60,7 @@ class CacheSettings:
     nondeterministic: bool = False
     replay_interval: float = 0.0
     timeout: float = 2.0
-    redis_url: Optional[str] = None
+    redis_url: Optional[str] = field(default=None, repr=False)
 
     @property
     def enabled(self) -> bool:
@@ -94,7 +94,7 @@ def parse_routes(value: str) -> tuple[str, ...]:
             items = json.loads(text)
         except json.JSONDecodeError as e:
             raise ValueError(f"not valid JSON ({e.msg} at column {e.colno})") from None
-        if not all(isinstance(i, str) for i in items):
+        if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
             raise ValueError("must be a JSON list of path strings")
     else:
         items = [i for i in text.replace(",", " ").split() if i]
@@ -151,20 +151,25 @@ def cache_settings(parsed: Mapping[str, object]) -> CacheSettings:
     kwargs = {attr: parsed[env] for env, attr in fields.items() if env in parsed}
     settings = CacheSettings(**kwargs)  # type: ignore[arg-type]
     if settings.max_entry_bytes > settings.max_bytes:
-        raise ValueError("CACHE_MAX_ENTRY_BYTES: must not exceed CACHE_MAX_BYTES")
+        raise ValueError(
+            "CACHE_MAX_ENTRY_BYTES (--cache-max-entry-bytes): must not exceed CACHE_MAX_BYTES"
+        )
     if settings.backend == "redis" and settings.enabled:
         # openai-forward kept a remote store's URL in CACHE_ROOT_PATH_OR_URL;
         # REDIS_URL is the one the policies share.
         url: Optional[str] = None
         root = settings.root.strip()
         if root.lower().startswith(("redis://", "rediss://", "unix://")):
-            url = parse_redis_url(root)
+            try:
+                url = parse_redis_url(root)
+            except ValueError as e:
+                raise ValueError(f"CACHE_ROOT_PATH_OR_URL (--cache-root-path-or-url): {e}") from None
         elif "REDIS_URL" in parsed:
             url = str(parsed["REDIS_URL"])
         if url is None:
             raise ValueError(
-                "CACHE_BACKEND: REDIS needs REDIS_URL (or a redis:// URL in "
-                "CACHE_ROOT_PATH_OR_URL)"
+                "CACHE_BACKEND (--cache-backend): REDIS needs REDIS_URL (or a "
+                "redis:// URL in CACHE_ROOT_PATH_OR_URL)"
             )
         settings = CacheSettings(**{**settings.__dict__, "redis_url": url})
     return settings

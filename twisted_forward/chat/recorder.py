@@ -46,6 +46,9 @@ class ExchangeInfo:
     """What is known of an exchange when its request has arrived.
 
     :ivar read_body: returns the request body (only call it if needed).
+    :ivar cache: what the response cache did (``hit``, ``miss``,
+        ``bypass``), set by the exchange once known; ``""`` when the cache
+        is off.  A record of a hit says ``"cache": "hit"``.
     """
 
     request_id: str
@@ -56,6 +59,7 @@ class ExchangeInfo:
     key_label: str
     started: float
     read_body: Callable[[], bytes] = field(repr=False)
+    cache: str = ""
 
 
 class ExchangeTap(Protocol):
@@ -227,6 +231,7 @@ class ChatTap:
             "path": info.path,
             "client": info.client,
             "key_label": info.key_label,
+            **({"cache": info.cache} if info.cache else {}),
         }
 
     def _outcome(self, outcome: str) -> dict[str, Any]:
