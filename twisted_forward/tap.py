@@ -153,7 +153,7 @@ class ProxyService(Service):
             try:
                 if self.built.cache is not None:
                     # After the drain: the last answers have been stored.
-                    yield self.built.cache.store.close()
+                    yield self.built.cache.close()
             finally:
                 if self.recorder is not None:
                     yield self.recorder.close()

@@ -124,6 +124,8 @@ class ResponseCache:
         self.metrics = metrics
         self._routes = frozenset(r.encode("ascii") for r in settings.routes)
         self._failing: set[str] = set()
+        #: Store writes not finished yet (cancelled at close).
+        self._writing: set[Deferred[None]] = set()
 
     def on(self, route: Route) -> bool:
         """Whether requests on ``route`` go through the cache at all."""
@@ -211,7 +213,18 @@ class ResponseCache:
                 store=self.store.name, why=failure.getErrorMessage() or failure.type.__name__,
             )
 
-        return d.addCallbacks(stored, failed)
+        d.addCallbacks(stored, failed)
+        if not d.called:
+            self._writing.add(d)
+            d.addBoth(lambda _: self._writing.discard(d))
+        return d
+
+    def close(self) -> "Deferred[None]":
+        """Give up unfinished writes and close the store (at shutdown, after
+        the last exchange)."""
+        for d in list(self._writing):
+            d.cancel()
+        return self.store.close()
 
     # ------------------------------------------------------------ replay
 
