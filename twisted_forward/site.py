@@ -29,7 +29,8 @@ from .framing import ForwardChannel, body_too_large
 from .keys import DefaultKeys, ForwardKeys, KeyRules
 from .metrics import Metrics, MetricsResource
 from .exchange import ProxyResource
-from .upstream import BadTarget, Upstream, split_target
+from .target import BadTarget, split_target
+from .upstream import Upstream
 
 
 #: Seconds a client connection may sit idle or trickle a request in.
