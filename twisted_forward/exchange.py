@@ -40,6 +40,7 @@ from .upstream import (
     join_url,
     response_length,
 )
+from .upstream_http import head_refusal
 
 #: Statuses for which another default key is tried, if nothing was sent yet.
 _FAILOVER = frozenset({401, 429, 500, 502, 503, 504})
@@ -445,6 +446,14 @@ class Exchange:
             return
         if failure.check(error.TimeoutError, error.TCPTimedOutError):
             self._fail(504, "upstream_timeout", "Connecting to the upstream timed out.")
+            return
+        refusal = head_refusal(failure)
+        if refusal is not None:
+            self.log.warn(
+                "refused the upstream's answer for {path}: {why}",
+                path=self.path.decode("latin-1"), why=str(refusal),
+            )
+            self._fail(502, refusal.code, "The upstream's answer head was refused.")
             return
         self.log.warn(
             "upstream unreachable for {path}: {why}",
