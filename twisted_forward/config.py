@@ -23,9 +23,10 @@ from .cache.settings import (
     cache_settings,
     parse_backend,
     parse_interval,
-    parse_redis_url,
     parse_routes,
 )
+from .policies.settings import POLICY_SETTINGS, PolicyConfig, PolicyConfigError
+from .policies.settings import build as build_policy_config
 
 IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
@@ -127,6 +128,8 @@ class Config:
     metrics_path: str = "/metrics"
     metrics_port: Optional[str] = None
     cache: CacheSettings = CacheSettings()
+    #: Per-key policies, levels, limits, quotas (twisted_forward.policies).
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
 
 
 # ---------------------------------------------------------------- parsers
@@ -471,8 +474,6 @@ SETTINGS: tuple[Setting, ...] = (
             "Path of the Prometheus metrics [default: /metrics]."),
     Setting("METRICS_PORT", "metrics-port", parse_endpoint,
             "Serve metrics on this port/endpoint instead of the proxy's own."),
-    Setting("REDIS_URL", "redis-url", parse_redis_url,
-            "Redis shared by several instances: redis://, rediss:// or unix:// URL."),
     # The response cache: openai-forward 0.8.1's names, then ours.
     Setting("CACHE_OPENAI", "cache-openai", parse_bool,
             "Cache answers on openai routes, for requests that ask [default: false]."),
@@ -503,7 +504,7 @@ SETTINGS: tuple[Setting, ...] = (
             "Seconds between replayed SSE events of a cached stream [default: 0]."),
     Setting("CACHE_TIMEOUT", "cache-timeout", parse_seconds,
             "Seconds a cache store may take before the request is a miss [default: 2]."),
-)
+) + tuple(Setting(*row) for row in POLICY_SETTINGS)
 
 
 def read_env_file(path: str) -> dict[str, str]:
@@ -553,6 +554,13 @@ def load_config(
 
     forward_keys = parsed.get("FORWARD_KEY", ())
     default_keys = parsed.get("OPENAI_API_KEY", ())
+    try:
+        policy, forward_keys, default_keys = build_policy_config(
+            parsed, forward_keys, default_keys, parse_forward_keys  # type: ignore[arg-type]
+        )
+    except PolicyConfigError as e:
+        option = next(s.option for s in SETTINGS if s.env == e.setting)
+        raise ConfigError(f"{e.setting} (--{option}): {e}") from None
     if forward_keys and not default_keys:
         raise ConfigError(
             "FORWARD_KEY (--forward-key): forward keys need OPENAI_API_KEY to stand for"
@@ -561,6 +569,7 @@ def load_config(
         default_keys=default_keys,
         forward_keys=forward_keys,
         routes=routes,
+        policy=policy,
     )
     for env, attr_name in (
         ("LOG_CHAT", "log_chat"),

@@ -28,6 +28,8 @@ from .errors import write_error
 from .framing import ForwardChannel, body_too_large
 from .keys import DefaultKeys, ForwardKeys, KeyRules
 from .metrics import Metrics, MetricsResource
+from .policies.gate import PolicyGate
+from .policies.service import build_gate
 from .exchange import ProxyResource
 from .target import BadTarget, split_target
 from .upstream import Upstream
@@ -247,6 +249,8 @@ class Built:
     metrics: Metrics
     #: The response cache, None when it is off.
     cache: Optional[ResponseCache] = None
+    #: The policy gate, or None when no policy is set.
+    policy: Optional[PolicyGate] = None
 
 
 def build_root(
@@ -256,6 +260,7 @@ def build_root(
     upstream: Optional[Upstream] = None,
     metrics: Optional[Metrics] = None,
     cache_store: Optional[ICacheStore] = None,
+    policy: Optional[PolicyGate] = None,
 ) -> Built:
     """Build the resource tree for ``config``.
 
@@ -277,9 +282,12 @@ def build_root(
             max_headers=config.max_upstream_headers,
         )
     openai_keys = KeyRules(
-        DefaultKeys(config.default_keys, reactor.seconds),
+        DefaultKeys(config.default_keys, reactor.seconds, config.policy.key_levels),
         ForwardKeys(config.forward_keys),
+        config.policy.policies.levels,
     )
+    if policy is None:
+        policy = build_gate(config.policy, reactor, metrics)
     metrics.watch_keys(openai_keys.default)
     if isinstance(recorder, ChatRecorder):
         metrics.watch_chat_records(recorder.counts)
@@ -297,7 +305,8 @@ def build_root(
             config.idle_timeout,
             recorder,
             metrics,
-            cache,
+            cache=cache,
+            policy=policy if route.kind == "openai" else None,
         )
         for route in config.routes
     ]
@@ -314,4 +323,6 @@ def build_root(
         router, config.ip_whitelist, config.ip_blacklist, config.trusted_proxies,
         exempt_paths=router._health_paths,
     )
-    return Built(root, proxies, upstream, health, openai_keys, metrics, cache)
+    return Built(
+        root, proxies, upstream, health, openai_keys, metrics, cache=cache, policy=policy
+    )

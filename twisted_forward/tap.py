@@ -178,6 +178,10 @@ class ProxyService(Service):
                 if self.built.cache is not None:
                     # After the drain: the last answers have been stored.
                     yield self.built.cache.close()
+                if self.built.policy is not None:
+                    # Every exchange has ended (and so settled or released its
+                    # reservation): let go of the store.
+                    yield self.built.policy.store.close()
             finally:
                 if self.recorder is not None:
                     yield self.recorder.close()

@@ -117,6 +117,19 @@ def examine(
     return Examined("", canonical=canonical, body=replacement, stream=stream)
 
 
+def without_caching(body: bytes) -> bytes:
+    """``body`` (a JSON object) without its ``caching`` field; unchanged if
+    it has none or is not JSON."""
+    try:
+        obj = json.loads(body, parse_constant=_refuse_constant)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return body
+    if not isinstance(obj, dict) or "caching" not in obj:
+        return body
+    del obj["caching"]
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
+
+
 def _nondeterminism(obj: Mapping[str, Any]) -> str:
     """Why a request asks for an answer that should differ each time, or ``""``.
 

@@ -164,8 +164,11 @@ def cache_settings(parsed: Mapping[str, object]) -> CacheSettings:
                 url = parse_redis_url(root)
             except ValueError as e:
                 raise ValueError(f"CACHE_ROOT_PATH_OR_URL (--cache-root-path-or-url): {e}") from None
-        elif "REDIS_URL" in parsed:
-            url = str(parsed["REDIS_URL"])
+        elif parsed.get("REDIS_URL"):
+            try:
+                url = parse_redis_url(str(parsed["REDIS_URL"]))
+            except ValueError as e:
+                raise ValueError(f"REDIS_URL (--redis-url): {e}") from None
         if url is None:
             raise ValueError(
                 "CACHE_BACKEND (--cache-backend): REDIS needs REDIS_URL (or a "
