@@ -25,7 +25,8 @@ setup(
         "hyperlink>=21.0.0",
         # The response cache's LMDB backend (CACHE_BACKEND=LMDB).
         "lmdb>=1.4.0,<4",
-        # Redis from Twisted without threads (the cache's REDIS backend).
+        # Redis/Valkey from Twisted, no threads: the policy counters and the
+        # cache's REDIS backend (REDIS_URL).
         "txredisapi>=1.4.10,<2",
     ],
     extras_require={

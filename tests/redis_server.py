@@ -16,7 +16,6 @@ import socket
 from typing import Optional
 
 from twisted.internet import defer, reactor
-from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, TestCase
@@ -53,9 +52,7 @@ class _ServerProcess(ProcessProtocol):
         self.lines: list[str] = []
         self._partial = b""
         self.ready: defer.Deferred[None] = defer.Deferred()
-        #: Fires (with None) when the process has exited; :attr:`reason` says how.
-        self.ended: defer.Deferred[None] = defer.Deferred()
-        self.reason: Optional[Failure] = None
+        self.ended: defer.Deferred[BaseException] = defer.Deferred()
 
     def outReceived(self, data: bytes) -> None:
         self._partial += data
@@ -73,10 +70,7 @@ class _ServerProcess(ProcessProtocol):
             self.ready.errback(
                 AssertionError("redis-server ended before it was ready:\n" + "\n".join(self.lines))
             )
-        self.reason = reason
-        # Not callback(reason): a Failure given to callback is an error that
-        # nobody handles, reported at garbage collection in a later test.
-        self.ended.callback(None)
+        self.ended.callback(reason.value)
 
 
 class RedisServer:
@@ -102,7 +96,7 @@ class RedisServer:
             if len(self.socket_path) > 100:
                 import tempfile
 
-                short = tempfile.mkdtemp(prefix="tf-redis-")
+                short = tempfile.mkdtemp(prefix="tf-pol-redis-")
                 self.socket_path = os.path.join(short, "redis.sock")
             self.url = f"unix://{self.socket_path}"
         self.process: Optional[_ServerProcess] = None
@@ -145,8 +139,9 @@ class RedisServer:
         process.transport.signalProcess(name)
         d: defer.Deferred[None] = defer.Deferred()
 
-        def gone(_: object) -> None:
+        def gone(reason: BaseException) -> BaseException:
             d.callback(None)
+            return reason
 
         process.ended.addBoth(gone)
         return d
@@ -165,6 +160,3 @@ def start_redis(test: TestCase, tcp: bool = False) -> "defer.Deferred[RedisServe
     test.addCleanup(server.stop)
     return server.start()
 
-
-# What a finished server reports is no news to a test.
-_ENDED = (ProcessDone, ProcessTerminated)
