@@ -264,12 +264,14 @@ def build_root(
             proxy=config.proxy,
             ssl_cert_file=config.ssl_cert_file,
         )
+    reserved = (config.admin_key,) if config.admin_key else ()
     openai_keys = KeyRules(
         DefaultKeys(config.default_keys, reactor.seconds),
         ForwardKeys(config.forward_keys),
+        reserved,
     )
     metrics.watch_keys(openai_keys.default)
-    passthrough = KeyRules(DefaultKeys((), reactor.seconds), ForwardKeys(()))
+    passthrough = KeyRules(DefaultKeys((), reactor.seconds), ForwardKeys(()), reserved)
     proxies = [
         ProxyResource(
             route,
