@@ -1,6 +1,6 @@
 """Packaging for twisted-forward: the library and its twistd plugin."""
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="twisted-forward",
@@ -12,7 +12,7 @@ setup(
     python_requires=">=3.9",
     # twisted/plugins has no __init__.py on purpose: it is a portion of
     # Twisted's plugin package, found by twisted.plugin.getPlugins.
-    packages=["twisted_forward", "twisted.plugins"],
+    packages=find_packages(include=["twisted_forward", "twisted_forward.*"]) + ["twisted.plugins"],
     install_requires=[
         "twisted[tls]>=25.5.0",
         "treq>=23.11.0",

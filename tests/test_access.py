@@ -26,7 +26,7 @@ from twisted_forward.access import (
     resolve_client,
     x_forwarded_for_hops,
 )
-from twisted_forward.chatlog import ExchangeInfo
+from twisted_forward.chat.recorder import ExchangeInfo
 from twisted_forward.config import ConfigError, load_config, parse_networks, parse_trusted_proxies
 from twisted_forward.site import ForwardSite, build_root
 from twisted_forward.tap import ProxyService

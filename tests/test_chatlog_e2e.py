@@ -15,7 +15,7 @@ from twisted.internet import defer
 from twisted.logger import globalLogPublisher
 from twisted.web.server import NOT_DONE_YET
 
-from twisted_forward.chatfiles import read_records, record_files
+from twisted_forward.chat.files import read_records, record_files
 from twisted_forward.tap import ProxyService
 from twisted_forward.upstream import BytesProducer
 

@@ -20,8 +20,8 @@ from twisted.logger import Logger
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
 
-from twisted_forward import chatlog
-from twisted_forward.chatfiles import (
+from twisted_forward.chat import recorder as chatlog
+from twisted_forward.chat.files import (
     CHAT_NAMESPACE,
     ChatLogObserver,
     RecordFiles,
@@ -30,7 +30,8 @@ from twisted_forward.chatfiles import (
     record_files,
     secret_forms,
 )
-from twisted_forward.chatlog import ChatRecorder, ExchangeInfo, ExportOptions, export, main
+from twisted_forward.chat.export import ExportOptions, export, main
+from twisted_forward.chat.recorder import ChatRecorder, ExchangeInfo
 
 from .fake_upstream import chat_chunks
 
@@ -150,7 +151,7 @@ class RecordFilesTests(SynchronousTestCase):
             """
             import json, sys
             sys.path.insert(0, sys.argv[1])
-            from twisted_forward.chatfiles import RecordFiles, encode_record
+            from twisted_forward.chat.files import RecordFiles, encode_record
             files = RecordFiles(sys.argv[2], max_bytes=400_000)
             me = sys.argv[3]
             for batch in range(60):
@@ -425,7 +426,7 @@ class ExportTests(SynchronousTestCase):
     def test_command_line(self):
         out = os.path.abspath(self.mktemp() + ".json")
         process = subprocess.run(
-            [sys.executable, "-m", "twisted_forward.chatlog", "export", "-d", self.dir,
+            [sys.executable, "-m", "twisted_forward.chat", "export", "-d", self.dir,
              "--format", "json", "-o", out, "--key-label", "team-b"],
             cwd=ROOT, capture_output=True, timeout=60,
         )

@@ -13,8 +13,8 @@ from typing import Any, Optional
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
 
-from twisted_forward import chatrecord
-from twisted_forward.chatrecord import (
+from twisted_forward.chat import record as chatrecord
+from twisted_forward.chat.record import (
     AnswerReader,
     ChoiceAssembler,
     exchange_kind,

@@ -16,7 +16,7 @@ from twisted.internet import defer, reactor
 from twisted.internet.error import ProcessDone
 from twisted.internet.protocol import ProcessProtocol
 
-from twisted_forward.chatfiles import read_records, record_files
+from twisted_forward.chat.files import read_records, record_files
 
 from .fake_upstream import chat_chunks
 from .harness import Collector, ProxyTestCase

@@ -10,8 +10,8 @@ import json
 from hypothesis import given, settings, strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from twisted_forward.chatrecord import ChoiceAssembler
-from twisted_forward.sse import Event, SSEDecoder
+from twisted_forward.chat.record import ChoiceAssembler
+from twisted_forward.chat.sse import Event, SSEDecoder
 
 from .fake_upstream import chat_chunks
 

@@ -19,13 +19,13 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 
 from .access import AccessGate
-from .chatlog import Recorder
+from .chat.recorder import Recorder
 from .config import Config
 from .errors import write_error
 from .framing import ForwardChannel, body_too_large
 from .keys import DefaultKeys, ForwardKeys, KeyRules
 from .metrics import Metrics, MetricsResource
-from .proxy import ProxyResource
+from .exchange import ProxyResource
 from .upstream import BadTarget, Upstream, split_target
 
 

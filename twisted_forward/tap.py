@@ -29,7 +29,7 @@ from .config import (
     parse_endpoint,
     read_env_file,
 )
-from .chatlog import ChatRecorder, open_chat_log
+from .chat.recorder import ChatRecorder, open_chat_log
 from .metrics import MetricsResource
 from .access import AccessGate
 from .site import Built, ForwardSite, build_root

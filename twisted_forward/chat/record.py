@@ -2,7 +2,7 @@
 What goes into a chat record: the question, taken from the request body, and
 the answer, reassembled from the body the proxy relayed.
 
-Pure functions and small accumulators, no I/O: :mod:`twisted_forward.chatlog`
+Pure functions and small accumulators, no I/O: :mod:`twisted_forward.chat.recorder`
 feeds them and turns the result into one JSON line.
 
 - :func:`exchange_kind` says which exchanges are recorded at all.
@@ -21,6 +21,8 @@ from typing import Any, Callable, Iterable, Optional
 
 from twisted.web.http_headers import Headers
 
+from ..decoding import INFLATABLE, Inflater
+from ..keys import scrub
 from .sse import SSEDecoder
 
 #: Kinds whose conversation is recorded in full.
@@ -466,8 +468,7 @@ class AnswerReader:
         self.problems: list[str] = []
         self.format = "empty"
         self.content_type = ""
-        self._inflate: Optional["zlib._Decompress"] = None
-        self._inflated = 0
+        self._inflate: Optional[Inflater] = None
         self._encoding = b""
         self._sink: Optional[Callable[[bytes], None]] = self._sniff
         self._sse: Optional[SSEDecoder] = None
@@ -484,10 +485,8 @@ class AnswerReader:
         self.content_type = _media_type(headers)
         encoding = (headers.getRawHeaders(b"content-encoding") or [b""])[-1].strip().lower()
         self._encoding = encoding
-        if encoding in (b"gzip", b"x-gzip"):
-            self._inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
-        elif encoding == b"deflate":
-            self._inflate = None  # zlib or raw deflate: decided on the first bytes
+        if encoding in INFLATABLE:
+            self._inflate = Inflater(encoding, BODY_LIMIT)
         elif encoding and encoding != b"identity":
             self.format = "encoded"
             self.problems.append(
@@ -522,33 +521,25 @@ class AnswerReader:
         self.size += len(chunk)
         if self._sink is None or not chunk:
             return
-        if self._encoding in (b"gzip", b"x-gzip", b"deflate"):
+        if self._inflate is not None:
             chunk = self._decompress(chunk)
             if not chunk or self._sink is None:
                 return
         self._sink(chunk)
 
     def _decompress(self, chunk: bytes) -> bytes:
-        if self._inflate is None:
-            # RFC 9110 says zlib format; some servers send raw deflate.
-            zlib_header = len(chunk) >= 2 and chunk[0] & 0x0F == 8 and (
-                (chunk[0] << 8) | chunk[1]
-            ) % 31 == 0
-            self._inflate = zlib.decompressobj(zlib.MAX_WBITS if zlib_header else -zlib.MAX_WBITS)
-        room = BODY_LIMIT - self._inflated
+        assert self._inflate is not None
         try:
-            out = self._inflate.decompress(chunk, max(room, 1))
+            out = self._inflate.feed(chunk)
         except zlib.error:
             self.problems.append(
                 f"answer is not valid {self._encoding.decode('latin-1')} data"
             )
             self._sink = None
             return b""
-        self._inflated += len(out)
-        if self._inflate.unconsumed_tail:
+        if self._inflate.overflowed:
             self.problems.append("decompressed answer too large to record")
             self._sink = None
-            return out
         return out
 
     def _sniff(self, chunk: bytes) -> None:
@@ -674,8 +665,6 @@ class AnswerReader:
 def _scrub_value(value: Any) -> Any:
     """Mask key-like strings in what the upstream said (error messages can
     echo part of a client's key)."""
-    from .keys import scrub  # noqa: PLC0415
-
     if isinstance(value, str):
         return scrub(value.encode("utf-8", "surrogatepass")).decode("utf-8", "surrogatepass")
     if isinstance(value, list):

@@ -1,41 +1,37 @@
 """
-The forwarding resource and the body relay.
+The forwarding resource and the exchange.
 
-One :class:`ProxyResource` per route.  For each request an :class:`_Exchange`
+One :class:`ProxyResource` per route.  For each request an :class:`Exchange`
 chooses the key, sends the request upstream through treq and, once the
-answer's head arrives, hands the body to a :class:`_Relay` protocol that
-writes each chunk to the client as it comes, with the upstream transport
-registered as the client request's producer: a slow client pauses the
-upstream instead of filling the proxy's memory.
+answer's head arrives, hands the body to a relay protocol
+(:mod:`twisted_forward.relay`) that writes each chunk to the client as it
+comes.
 """
 
 from __future__ import annotations
 
 import itertools
 import os
-import zlib
 from typing import IO, Optional
 
 from twisted.internet import error
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
-from twisted.internet.protocol import Protocol
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import FileBodyProducer, ResponseDone
-from twisted.web.http import PotentialDataLoss
+from twisted.web.client import FileBodyProducer
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IRequest, IResponse
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
-from zope.interface import implementer
 
-from .chatlog import ExchangeInfo, ExchangeTap, NullRecorder, Recorder
+from .chat.recorder import ExchangeInfo, ExchangeTap, NullRecorder, Recorder
 from .config import Route
-from .errors import error_body, send_error, write_error
+from .errors import send_error, write_error
 from .headers import relay_response_headers, upstream_request_headers
 from .keys import KeyDecision, KeyRules, SecretMask, looks_keyed, scrub
 from .metrics import Metrics
+from .relay import Relay, ScrubbingRelay, discard
 from .upstream import (
     BytesProducer,
     Upstream,
@@ -47,13 +43,6 @@ from .upstream import (
 _FAILOVER = frozenset({401, 429, 500, 502, 503, 504})
 #: Cool-down for a rate-limited key when the upstream gives no Retry-After.
 _DEFAULT_REST = 20.0
-#: Error bodies larger than this (compressed or not) are not scrubbed but
-#: replaced.
-_SCRUB_LIMIT = 1 << 20
-
-#: How an upstream body ends well: with its framing, or (no framing) by close.
-_BODY_ENDS = (ResponseDone, PotentialDataLoss)
-
 _ids = itertools.count(1)
 _ID_PREFIX = os.urandom(4).hex()
 
@@ -100,7 +89,7 @@ class ProxyResource(Resource):
         self.idle_timeout = idle_timeout
         self.recorder: Recorder = recorder or NullRecorder()
         #: Exchanges in flight, for draining at shutdown.
-        self.open: set[_Exchange] = set()
+        self.open: set[Exchange] = set()
         self._drain_waiters: list[Deferred[None]] = []
 
     def drained(self) -> "Deferred[None]":
@@ -111,7 +100,7 @@ class ProxyResource(Resource):
         self._drain_waiters.append(d)
         return d
 
-    def _closed(self, exchange: "_Exchange") -> None:
+    def _closed(self, exchange: "Exchange") -> None:
         self.open.discard(exchange)
         if not self.open and self._drain_waiters:
             waiters, self._drain_waiters = self._drain_waiters, []
@@ -130,12 +119,12 @@ class ProxyResource(Resource):
                 label=decision.label,
             )
             return write_error(request, 401, "invalid_api_key", decision.refusal)
-        exchange = _Exchange(self, request, path, query, decision)
+        exchange = Exchange(self, request, path, query, decision)
         exchange.start()
         return NOT_DONE_YET
 
 
-class _Exchange:
+class Exchange:
     """One client request and its upstream attempt(s)."""
 
     log = Logger()
@@ -156,7 +145,7 @@ class _Exchange:
         self.started = resource.reactor.seconds()
         self.client_gone = False
         self.done = False
-        self.relay: Optional[_Relay] = None
+        self.relay: Optional[Relay] = None
         self.pending = None  # the Deferred for the head of the current attempt
         self.head_timer: Optional[IDelayedCall] = None
         self.timed_out = False
@@ -263,7 +252,7 @@ class _Exchange:
         self.pending = None
         self._stop_head_timer()
         if self.client_gone:
-            _discard(response)
+            discard(response)
             return
         code = response.code
         metrics = self.resource.metrics
@@ -276,7 +265,7 @@ class _Exchange:
                     "upstream {code} with {key}; trying the next default key",
                     code=code, key=self.resource.keys.default.label(self.key_index),
                 )
-                _discard(response)
+                discard(response)
                 self._attempt()
                 return
         if metrics is not None:
@@ -294,14 +283,14 @@ class _Exchange:
         if self.mask is not None:
             _mask_headers(request.responseHeaders, self.mask)
             if code >= 400:
-                response.deliverBody(_ScrubbingRelay(self))
+                response.deliverBody(ScrubbingRelay(self))
                 return
         length = response_length(response)
         if length is not None and request.method != b"HEAD":
             request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % length])
         if self.tap is not None:
             self.tap.response(code, request.responseHeaders)
-        self.relay = _Relay(self)
+        self.relay = Relay(self)
         response.deliverBody(self.relay)
 
     def _key_failed(self, code: int, headers: Headers) -> None:
@@ -340,12 +329,12 @@ class _Exchange:
         self.status = status
         if self.tap is not None:
             self.tap.response(status, Headers())
-        self._end("proxy_error")  # first: the access line needs its timings
+        self.end("proxy_error")  # first: the access line needs its timings
         send_error(self.request, status, code, message)
 
     # ------------------------------------------------------------ end
 
-    def _end(self, outcome: str) -> None:
+    def end(self, outcome: str) -> None:
         if self.done:
             return
         self.done = True
@@ -378,7 +367,7 @@ class _Exchange:
         channel = getattr(self.request, "channel", None)
         if channel is not None and channel.transport is not None:
             channel.transport.abortConnection()
-        self._end("client_left")
+        self.end("client_left")
 
     def _finished(self, result: object) -> None:
         """The client connection finished or was lost."""
@@ -386,7 +375,7 @@ class _Exchange:
             return
         self.client_gone = True
         self._stop_upstream()
-        self._end("client_left")
+        self.end("client_left")
 
 
 class _KeptOpen:
@@ -430,229 +419,3 @@ def _retry_after(headers: Headers) -> float:
         except ValueError:
             pass
     return _DEFAULT_REST
-
-
-class _Discard(Protocol):
-    """Takes an unwanted answer's body and drops its connection."""
-
-    def connectionMade(self) -> None:
-        self.transport.stopProducing()
-
-    def dataReceived(self, data: bytes) -> None:
-        pass
-
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        pass
-
-
-def _discard(response: IResponse) -> None:
-    response.deliverBody(_Discard())
-
-
-@implementer(IPushProducer)
-class _Relay(Protocol):
-    """Writes the upstream body to the client chunk by chunk, as it comes.
-
-    It is also the client request's producer: a client that stops reading
-    pauses it, and it pauses the upstream connection.  Knowing it is paused
-    lets the idle timer tell a silent upstream from a client that stalled.
-    """
-
-    log = Logger()
-
-    def __init__(self, exchange: _Exchange) -> None:
-        self.exchange = exchange
-        self.request = exchange.request
-        self.tap = exchange.tap
-        self.reactor = exchange.resource.reactor
-        self.idle = exchange.resource.idle_timeout
-        self.last = 0.0
-        self.timer: Optional[IDelayedCall] = None
-        self.stopped = False
-        self.paused = False
-
-    def connectionMade(self) -> None:
-        self.request.registerProducer(self, True)
-        self.last = self.reactor.seconds()
-        self.timer = self.reactor.callLater(self.idle, self._check_idle)
-
-    # IPushProducer, for the client request
-    def pauseProducing(self) -> None:
-        self.paused = True
-        self.transport.pauseProducing()
-
-    def resumeProducing(self) -> None:
-        self.paused = False
-        self.last = self.reactor.seconds()
-        self.transport.resumeProducing()
-
-    def stopProducing(self) -> None:
-        self.stop()
-
-    def dataReceived(self, data: bytes) -> None:
-        if self.stopped:
-            return
-        self.last = self.reactor.seconds()
-        mask = self.exchange.mask
-        if mask is not None:
-            data = mask.feed(data)
-            if not data:
-                return
-        self.request.write(data)
-        self.exchange.sent += len(data)
-        if self.tap is not None:
-            self.tap.data(data)
-
-    def _check_idle(self) -> None:
-        """Fires at most once an idle period; cheaper than a reset per chunk."""
-        self.timer = None
-        quiet = self.reactor.seconds() - self.last
-        if quiet < self.idle:
-            self.timer = self.reactor.callLater(self.idle - quiet, self._check_idle)
-            return
-        if self.paused:
-            self.log.info(
-                "client stopped reading for {seconds}s on {path}; ending the answer",
-                seconds=self.idle, path=self.exchange.path.decode("latin-1"),
-            )
-        else:
-            self.log.warn(
-                "upstream silent for {seconds}s mid-body on {path}; ending the answer",
-                seconds=self.idle, path=self.exchange.path.decode("latin-1"),
-            )
-        self.stop()
-        self._cut_client(flush=not self.paused)
-        self.exchange._end("idle_timeout")
-
-    def stop(self) -> None:
-        """Stop relaying: the client left, or the upstream went quiet."""
-        if self.stopped:
-            return
-        self.stopped = True
-        if self.timer is not None and self.timer.active():
-            self.timer.cancel()
-        self.timer = None
-        if self.transport is not None:
-            self.transport.stopProducing()
-
-    def _cut_client(self, flush: bool) -> None:
-        """End the client's connection without finishing the answer.
-
-        With ``flush``, what was relayed is delivered first and the
-        connection then closed: the client sees a body cut short of its
-        framing (too few bytes, or no last chunk) and knows it is not whole.
-        Without, it is reset at once (for a client that stopped reading).
-        """
-        request = self.request
-        if request.channel is not None:
-            request.unregisterProducer()
-            transport = request.channel.transport
-            if transport is not None:
-                if flush:
-                    transport.loseConnection()
-                else:
-                    transport.abortConnection()
-
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        if self.timer is not None and self.timer.active():
-            self.timer.cancel()
-        self.timer = None
-        exchange = self.exchange
-        if exchange.client_gone or exchange.done:
-            return
-        request = self.request
-        if isinstance(reason.value, _BODY_ENDS):  # (Failure.check walks the MRO)
-            held = exchange.mask.flush() if exchange.mask is not None else b""
-            if held:
-                request.write(held)
-                exchange.sent += len(held)
-                if self.tap is not None:
-                    self.tap.data(held)
-            request.unregisterProducer()
-            exchange._end("complete")
-            request.finish()
-            return
-        self.log.warn(
-            "upstream body broke off on {path}: {why}",
-            path=exchange.path.decode("latin-1"), why=reason.getErrorMessage(),
-        )
-        # The client must not take a cut-off body for a whole one.
-        self._cut_client(flush=True)
-        exchange._end("upstream_error")
-
-
-class _ScrubbingRelay(Protocol):
-    """Buffers an error answer given for a default key and masks keys in it.
-
-    The upstream echoes part of a rejected key in its error message; that
-    key is ours, and the client must not see any of it.  A compressed body
-    is decompressed to be looked at (and sent uncompressed); one that cannot
-    be looked at (an unknown encoding, too large, broken) is replaced by the
-    proxy's own error.
-    """
-
-    def __init__(self, exchange: _Exchange) -> None:
-        self.exchange = exchange
-        self.chunks: list[bytes] = []
-        self.size = 0
-
-    def dataReceived(self, data: bytes) -> None:
-        if self.size > _SCRUB_LIMIT:
-            return
-        self.chunks.append(data)
-        self.size += len(data)
-        if self.size > _SCRUB_LIMIT:
-            self.transport.stopProducing()
-
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        exchange = self.exchange
-        if exchange.client_gone or exchange.done:
-            return
-        request = exchange.request
-        headers = request.responseHeaders
-        body: Optional[bytes] = None
-        if isinstance(reason.value, _BODY_ENDS) and self.size <= _SCRUB_LIMIT:
-            body = _decoded(b"".join(self.chunks), headers)
-        if body is None:
-            body = error_body(
-                502, "upstream_error", "The upstream's error answer was unreadable."
-            )
-            headers.setRawHeaders(b"content-type", [b"application/json"])
-        headers.removeHeader(b"content-encoding")
-        assert exchange.mask is not None
-        body = scrub(exchange.mask.feed(body) + exchange.mask.flush())
-        headers.setRawHeaders(b"content-length", [b"%d" % len(body)])
-        if exchange.tap is not None:
-            exchange.tap.response(request.code, headers)
-            exchange.tap.data(body)
-        if request.method != b"HEAD":
-            request.write(body)
-            exchange.sent += len(body)
-        exchange._end("complete")
-        request.finish()
-
-
-def _decoded(body: bytes, headers: Headers) -> Optional[bytes]:
-    """``body`` without its content coding, or None if it cannot be undone
-    (an unknown or stacked coding, a broken or oversized stream)."""
-    codings = [
-        token.strip().lower()
-        for value in headers.getRawHeaders(b"content-encoding") or ()
-        for token in value.split(b",")
-    ]
-    codings = [c for c in codings if c and c != b"identity"]
-    if not codings:
-        return body
-    if len(codings) > 1 or codings[0] not in (b"gzip", b"x-gzip", b"deflate"):
-        return None
-    # gzip, or deflate with its zlib wrapper (RFC 9110 8.4.1.2) or without.
-    for wbits in ((47,) if codings[0] != b"deflate" else (15, -15)):
-        decoder = zlib.decompressobj(wbits)
-        try:
-            plain = decoder.decompress(body, _SCRUB_LIMIT + 1)
-        except zlib.error:
-            continue
-        if len(plain) > _SCRUB_LIMIT or decoder.unconsumed_tail or not decoder.eof:
-            return None
-        return plain
-    return None
