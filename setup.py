@@ -13,6 +13,8 @@ setup(
     # twisted/plugins has no __init__.py on purpose: it is a portion of
     # Twisted's plugin package, found by twisted.plugin.getPlugins.
     packages=find_packages(include=["twisted_forward", "twisted_forward.*"]) + ["twisted.plugins"],
+    # The admin page's files (HTML, JS, CSS), served from the package.
+    package_data={"twisted_forward.admin": ["static/*"]},
     install_requires=[
         "twisted[tls]>=25.5.0",
         "treq>=23.11.0",
@@ -24,7 +26,9 @@ setup(
         "hyperlink>=21.0.0",
     ],
     extras_require={
-        "test": ["openai>=1.0.0", "hypothesis>=6.0.0"],
+        # playwright drives Debian's chromium in the admin page's browser
+        # test (it never downloads a browser of its own).
+        "test": ["openai>=1.0.0", "hypothesis>=6.0.0", "playwright>=1.40,<2"],
     },
     classifiers=[
         "Framework :: Twisted",

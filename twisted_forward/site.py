@@ -19,13 +19,18 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 
 from .access import AccessGate
+from .admin.limits import IKeyLimits
+from .admin.live import LiveTally
+from .admin.resource import is_admin_path
+from .admin.service import Admin, build_admin
 from .chat.recorder import Recorder
 from .config import Config
 from .errors import write_error
+from .exchange import ProxyResource
 from .framing import ForwardChannel, body_too_large
 from .keys import DefaultKeys, ForwardKeys, KeyRules
+from .ledger import ILedger
 from .metrics import Metrics, MetricsResource
-from .exchange import ProxyResource
 from .upstream import BadTarget, Upstream, split_target
 
 
@@ -91,6 +96,7 @@ class Router(Resource):
         healthz_path: str = "/healthz",
         metrics: Optional[IResource] = None,
         metrics_path: str = "/metrics",
+        admin: Optional[IResource] = None,
     ) -> None:
         super().__init__()
         self._routes = sorted(
@@ -105,6 +111,7 @@ class Router(Resource):
         )
         self._metrics = metrics
         self._metrics_path = metrics_path.encode("ascii")
+        self._admin = admin
 
     def render(self, request: IRequest) -> bytes | int:
         try:
@@ -115,6 +122,15 @@ class Router(Resource):
             return self._health(request)
         if self._metrics is not None and path == self._metrics_path:
             return self._metrics.render(request)
+        if is_admin_path(path):
+            # Never forwarded, never through the key rules: the admin's own
+            # resource and key, or nothing.
+            if self._admin is None:
+                return write_error(
+                    request, 404, "admin_off",
+                    "The admin page is off on this port.",
+                )
+            return self._admin.render(request)
         if self.health.draining:
             # A request on a connection kept alive from before the shutdown:
             # refuse it and close that connection after the answer.
@@ -241,6 +257,8 @@ class Built:
     health: Health
     keys: KeyRules
     metrics: Metrics
+    #: The admin page and API, when ADMIN_KEY is set.
+    admin: Optional["Admin"] = None
 
 
 def build_root(
@@ -249,6 +267,8 @@ def build_root(
     recorder: Optional[Recorder] = None,
     upstream: Optional[Upstream] = None,
     metrics: Optional[Metrics] = None,
+    ledger: Optional[ILedger] = None,
+    limits: Optional[IKeyLimits] = None,
 ) -> Built:
     """Build the resource tree for ``config``.
 
@@ -285,6 +305,11 @@ def build_root(
         )
         for route in config.routes
     ]
+    admin = None
+    if config.admin_key is not None:
+        admin = build_admin(
+            config, reactor, openai_keys.default, metrics, LiveTally(ledger), limits
+        )
     health = Health()
     served_here = config.metrics and config.metrics_port is None
     router = Router(
@@ -293,9 +318,10 @@ def build_root(
         config.healthz_path,
         MetricsResource(metrics) if served_here else None,
         config.metrics_path,
+        admin.resource if admin is not None and config.admin_port is None else None,
     )
     root = AccessGate(
         router, config.ip_whitelist, config.ip_blacklist, config.trusted_proxies,
         exempt_paths=router._health_paths,
     )
-    return Built(root, proxies, upstream, health, openai_keys, metrics)
+    return Built(root, proxies, upstream, health, openai_keys, metrics, admin)

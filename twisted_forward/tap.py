@@ -32,6 +32,7 @@ from .config import (
 from .chat.recorder import ChatRecorder, open_chat_log
 from .metrics import MetricsResource
 from .access import AccessGate
+from .admin.service import AdminService
 from .site import Built, ForwardSite, build_root
 
 
@@ -88,6 +89,8 @@ def open_recorder(config: Config, reactor: IReactorCore) -> Optional[ChatRecorde
     if not config.log_chat:
         return None
     secrets = config.default_keys + tuple(k.key for k in config.forward_keys)
+    if config.admin_key is not None:
+        secrets += (config.admin_key,)
     try:
         return open_chat_log(config.log_dir, reactor, secrets)
     except OSError as e:
@@ -178,12 +181,16 @@ def makeService(
         endpoints.serverFromString(reactor, options["endpoint"])
         if config.metrics_port is not None:
             endpoints.serverFromString(reactor, config.metrics_port)
+        if config.admin_port is not None:
+            endpoints.serverFromString(reactor, config.admin_port)
         if options["workers"]:
             from .workers import make_supervisor
 
             if config.metrics_port is not None:
                 # Every worker would bind it.
                 raise ConfigError("METRICS_PORT (--metrics-port): not with --workers")
+            if config.admin_port is not None:
+                raise ConfigError("ADMIN_PORT (--admin-port): not with --workers")
 
             return make_supervisor(
                 options["workers"],
@@ -214,9 +221,21 @@ def makeService(
     )
     site.metrics = built.metrics
     site.gate = built.root if isinstance(built.root, AccessGate) else None
+    if built.admin is not None:
+        # Added before the listeners: stopped after they are, it ends the
+        # open event streams so the proxy can drain.
+        AdminService(built.admin).setServiceParent(top)
     strports.service(options["endpoint"], site, reactor=reactor).setServiceParent(top)
     if config.metrics and config.metrics_port is not None:
         metrics_site = Site(MetricsResource(built.metrics), reactor=reactor)
         metrics_site.noisy = False
         strports.service(config.metrics_port, metrics_site, reactor=reactor).setServiceParent(top)
+    if built.admin is not None and config.admin_port is not None:
+        admin_site = Site(
+            AccessGate(built.admin.resource, config.ip_whitelist, config.ip_blacklist,
+                       config.trusted_proxies),
+            reactor=reactor,
+        )
+        admin_site.noisy = False
+        strports.service(config.admin_port, admin_site, reactor=reactor).setServiceParent(top)
     return top

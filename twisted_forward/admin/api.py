@@ -23,7 +23,8 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 
 from ..keys import DefaultKeys
-from ..ledger import FIGURES, GROUP_DIMENSIONS, GROUPS, ILedger, UsageRow
+from ..ledger import FIGURES, GROUPS, ILedger, UsageRow
+from ..ledger.interfaces import GROUP_DIMENSIONS
 from .exchanges import Found, recent_records
 from .limits import IKeyLimits
 

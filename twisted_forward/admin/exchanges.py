@@ -19,7 +19,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
-from ..chatfiles import record_files
+from ..chat.files import record_files
 
 #: Bytes read from the end of a file at a time.
 BLOCK = 1 << 16

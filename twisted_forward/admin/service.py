@@ -12,7 +12,7 @@ from prometheus_client import Counter
 from twisted.application.service import Service
 from twisted.internet.interfaces import IReactorTime
 
-from ..chatfiles import thread_runner
+from ..chat.files import thread_runner
 from ..config import Config
 from ..keys import DefaultKeys
 from ..ledger import ILedger
