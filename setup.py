@@ -13,8 +13,12 @@ setup(
     # twisted/plugins has no __init__.py on purpose: it is a portion of
     # Twisted's plugin package, found by twisted.plugin.getPlugins.
     packages=find_packages(include=["twisted_forward", "twisted_forward.*"]) + ["twisted.plugins"],
-    # The admin page's files (HTML, JS, CSS), served from the package.
-    package_data={"twisted_forward.admin": ["static/*"]},
+    # Files served or read from the packages: the admin page (HTML, JS,
+    # CSS) and the price table.
+    package_data={
+        "twisted_forward.admin": ["static/*"],
+        "twisted_forward.policies": ["prices.json"],
+    },
     install_requires=[
         "twisted[tls]>=25.5.0",
         "treq>=23.11.0",

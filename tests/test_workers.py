@@ -23,7 +23,8 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 
-from twisted_forward import workers
+from twisted_forward import supervisor as workers
+from twisted_forward.worker import SharedSocketEndpoint
 from twisted_forward.tap import Options, makeService
 
 from .fake_upstream import FakeOpenAI, chat_answer, listen_fake
@@ -269,7 +270,7 @@ class TakeTurnsTests(TestCase):
                 built.append(Protocol())
                 return built[-1]
 
-        endpoint = workers.SharedSocketEndpoint(reactor, os.dup(listener.fileno()), socket.AF_INET)
+        endpoint = SharedSocketEndpoint(reactor, os.dup(listener.fileno()), socket.AF_INET)
         port = yield endpoint.listen(Count())
         # The same socket another worker would hold stays open here.
         clients = [socket.create_connection(listener.getsockname()) for _ in range(5)]

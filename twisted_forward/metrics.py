@@ -10,7 +10,7 @@ per chunk.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -20,7 +20,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 
@@ -42,6 +42,11 @@ class Metrics:
     def watch_keys(self, keys: "DefaultKeys") -> None:
         """Report the default keys' states (never the keys) at each scrape."""
         self.registry.register(_KeyStates(keys))
+
+    def watch_chat_records(self, counts: Callable[[], dict[str, int]]) -> None:
+        """Report the chat record writer's waiting, failed and dropped
+        records at each scrape (``counts`` as :meth:`ChatRecorder.counts`)."""
+        self.registry.register(_ChatRecordCounts(counts))
 
     def __init__(self, registry: Optional[CollectorRegistry] = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
@@ -149,6 +154,32 @@ class _KeyStates:
         for state, count in self._keys.states().items():
             family.add_metric([state], count)
         yield family
+
+
+class _ChatRecordCounts:
+    """Collects the chat record writer's counts when scraped."""
+
+    def __init__(self, counts: Callable[[], dict[str, int]]) -> None:
+        self._counts = counts
+
+    def collect(self) -> Iterator[Any]:
+        counts = self._counts()
+        yield GaugeMetricFamily(
+            "openai_forward_chat_records_pending",
+            "Chat records waiting to be written (a full or failing disk holds them).",
+            value=counts.get("pending", 0),
+        )
+        yield CounterMetricFamily(
+            "openai_forward_chat_record_write_failures",
+            "Failed writes of chat records (each retry of a full disk counts).",
+            value=counts.get("write_failures", 0),
+        )
+        yield CounterMetricFamily(
+            "openai_forward_chat_records_dropped",
+            "Chat records never written: more waited than the writer holds, or the "
+            "disk was still failing at shutdown.",
+            value=counts.get("dropped", 0),
+        )
 
 
 class MetricsResource(Resource):

@@ -23,7 +23,7 @@ from .admin.limits import IKeyLimits
 from .admin.live import LiveTally
 from .admin.resource import is_admin_path
 from .admin.service import Admin, build_admin
-from .chat.recorder import Recorder
+from .chat.recorder import ChatRecorder, Recorder
 from .config import Config
 from .errors import write_error
 from .exchange import ProxyResource
@@ -291,6 +291,8 @@ def build_root(
         reserved,
     )
     metrics.watch_keys(openai_keys.default)
+    if isinstance(recorder, ChatRecorder):
+        metrics.watch_chat_records(recorder.counts)
     passthrough = KeyRules(DefaultKeys((), reactor.seconds), ForwardKeys(()), reserved)
     proxies = [
         ProxyResource(

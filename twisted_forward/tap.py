@@ -184,7 +184,7 @@ def makeService(
         if config.admin_port is not None:
             endpoints.serverFromString(reactor, config.admin_port)
         if options["workers"]:
-            from .workers import make_supervisor
+            from .supervisor import make_supervisor
 
             if config.metrics_port is not None:
                 # Every worker would bind it.

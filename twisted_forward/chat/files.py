@@ -22,10 +22,24 @@ Several processes
     lines of several workers sharing ``LOG_DIR`` never interleave (on a local
     file system; NFS does not honour ``O_APPEND``).  Because nothing is ever
     renamed, no worker can pull a file from under another.
+
+A full disk
+    A record is on disk whole or not at all, and once.  A write cut short
+    (a full disk, a quota) is taken back to its last whole line
+    (``ftruncate``, under an ``flock`` every writer takes, so no other
+    worker's lines are in the way); the records not written stay queued, in
+    order, and are written when space returns, never twice.  At most
+    ``retain_bytes`` (64 MiB) wait in memory: past that the oldest are
+    dropped.  The failure is logged once when it starts and once when
+    writing works again, not at every retry; failed writes, dropped and
+    waiting records are counted (:meth:`ChatLogObserver.counts`, exported
+    as metrics).
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import re
@@ -45,10 +59,24 @@ RECORD_FIELD = "chat_record"
 
 _NAME = re.compile(r"^chat_(\d{4}-\d{2}-\d{2})(?:\.(\d+))?\.jsonl$")
 _DAY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
-_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
+_FLAGS = os.O_RDWR | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
 
 #: A function that runs a blocking callable off the reactor thread.
 Runner = Callable[[Callable[[], Any]], "Deferred[Any]"]
+#: ``os.write``'s shape: write to a file descriptor, return the bytes written.
+Writer = Callable[[int, Any], int]
+
+
+class LinesNotWritten(OSError):
+    """A batch was written in part: its first :attr:`written` lines are on
+    disk whole, the rest are not on disk at all.
+
+    :ivar written: how many lines of the batch are on disk.
+    """
+
+    def __init__(self, written: int, cause: OSError) -> None:
+        super().__init__(cause.errno, cause.strerror)
+        self.written = written
 
 
 def file_name(day: str, index: int = 0) -> str:
@@ -124,33 +152,84 @@ class RecordFiles:
 
     Blocking: meant to be called from one thread at a time (the observer's
     writer), never from the reactor thread while the proxy serves.
+
+    :param write: ``os.write`` (tests give one that fails partway).
     """
 
-    def __init__(self, directory: str, max_bytes: int = 100 * 1000 * 1000) -> None:
+    def __init__(
+        self, directory: str, max_bytes: int = 100 * 1000 * 1000, write: Writer = os.write
+    ) -> None:
         self.directory = directory
         self.max_bytes = max_bytes
+        self._os_write = write
         self._fd: Optional[int] = None
         self._day: Optional[str] = None
         self._index = 0
         self._path = ""
 
     def append(self, batch: list[tuple[str, bytes]]) -> None:
-        """Write ``(day, line)`` pairs, each day's run of lines in one write."""
+        """Write ``(day, line)`` pairs, each day's run of lines in one write.
+
+        :raises LinesNotWritten: when only the first lines made it (whole).
+        """
         start = 0
         while start < len(batch):
             day = batch[start][0]
             end = start + 1
             while end < len(batch) and batch[end][0] == day:
                 end += 1
-            self._write(day, b"".join(line for _, line in batch[start:end]))
+            try:
+                self._write(day, [line for _, line in batch[start:end]])
+            except LinesNotWritten as e:
+                raise LinesNotWritten(start + e.written, e) from None
+            except OSError as e:
+                raise LinesNotWritten(start, e) from None
             start = end
 
-    def _write(self, day: str, data: bytes) -> None:
+    def _write(self, day: str, lines: list[bytes]) -> None:
         fd = self._open(day)
-        view = memoryview(data)
-        written = os.write(fd, view)
-        while written < len(data):  # only on a signal or a full disk
-            written += os.write(fd, view[written:])
+        # Every writer of the directory takes the lock, so the file's size
+        # is where this write lands, and a torn tail can be cut off without
+        # touching another worker's lines.
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            start = os.fstat(fd).st_size
+            # A file that does not end a line (a crash mid-write, a tail that
+            # could not be cut): the next record starts on a line of its own.
+            lead = b"\n" if start and os.pread(fd, 1, start - 1) != b"\n" else b""
+            data = lead + b"".join(lines)
+            view = memoryview(data)
+            written = 0
+            try:
+                while written < len(data):  # more than one only on a signal or a full disk
+                    n = self._os_write(fd, view[written:])
+                    if n <= 0:
+                        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                    written += n
+            except OSError as e:
+                kept = self._keep_whole(fd, start, written, len(lead), lines)
+                raise LinesNotWritten(kept, e) from None
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+
+    @staticmethod
+    def _keep_whole(fd: int, start: int, written: int, lead: int, lines: list[bytes]) -> int:
+        """After a short write: cut the file back to its last whole line;
+        how many of ``lines`` are on disk."""
+        whole, count = lead, 0
+        for line in lines:
+            if whole + len(line) > written:
+                break
+            whole += len(line)
+            count += 1
+        if count == 0:
+            whole = 0  # as it was: not even the leading newline is kept
+        if written != whole:
+            try:
+                os.ftruncate(fd, start + whole)
+            except OSError:
+                pass  # the next write starts on a new line; readers skip the fragment
+        return count
 
     def _open(self, day: str) -> int:
         if self._fd is not None and self._day == day:
@@ -239,6 +318,21 @@ class ChatLogObserver:
         self._closed = False
         self._timer: Optional[IDelayedCall] = None
         self._waiters: list[tuple[int, Deferred[None]]] = []
+        #: Writes that failed (a full disk counts once a retry).
+        self.write_failures = 0
+        #: Records given up on: never written.
+        self.dropped = 0
+        # Whether the failure / the drops of the current episode were logged.
+        self._failure_logged = False
+        self._drops_logged = False
+
+    def counts(self) -> dict[str, int]:
+        """Waiting records, failed writes and dropped records, for metrics."""
+        return {
+            "pending": self.pending,
+            "write_failures": self.write_failures,
+            "dropped": self.dropped,
+        }
 
     def __call__(self, event: LogEvent) -> None:
         if event.get("log_namespace") != CHAT_NAMESPACE:
@@ -322,13 +416,21 @@ class ChatLogObserver:
         self._writing = False
         if isinstance(result, Failure):
             self._failed = True
-            self.log.error(
-                "could not write {count} chat record(s) to {directory}: {why}; will retry",
-                count=len(batch), directory=self.files.directory,
-                why=result.getErrorMessage(),
-            )
-            self._pending[:0] = batch
-            self._pending_bytes += sum(len(line) for _, line in batch)
+            self.write_failures += 1
+            # Lines that made it whole stay written: only the rest is retried.
+            done = result.value.written if isinstance(result.value, LinesNotWritten) else 0
+            self._settled += done
+            left = batch[done:]
+            if not self._failure_logged:
+                self._failure_logged = True
+                self.log.error(
+                    "could not write chat records to {directory}: {why}; holding the "
+                    "unwritten ones (up to {limit} bytes) and retrying every {interval}s",
+                    directory=self.files.directory, why=result.getErrorMessage(),
+                    limit=self.retain_bytes, interval=self.flush_interval,
+                )
+            self._pending[:0] = left
+            self._pending_bytes += sum(len(line) for _, line in left)
             while self._pending_bytes > self.retain_bytes and self._pending:
                 self._drop(1)
             # Whoever waits is told now rather than never; the lines stay queued.
@@ -336,8 +438,13 @@ class ChatLogObserver:
             if self._timer is None and not self._closing:
                 self._timer = self.clock.callLater(self.flush_interval, self._on_timer)
             return
+        if self._failure_logged:
+            self._failure_logged = self._drops_logged = False
+            self.log.info(
+                "chat records are written to {directory} again", directory=self.files.directory
+            )
         self._failed = False
-        self._settled = max(self._settled, upto)
+        self._settled += len(batch)
         self._settle()
         if self._pending:
             if self._waiters or self._pending_bytes >= self.flush_bytes:
@@ -349,7 +456,14 @@ class ChatLogObserver:
         dropped, self._pending = self._pending[:count], self._pending[count:]
         self._pending_bytes -= sum(len(line) for _, line in dropped)
         self._settled += len(dropped)
-        self.log.error("dropped {count} chat record(s) that could not be written", count=count)
+        self.dropped += len(dropped)
+        if not self._drops_logged:
+            self._drops_logged = True
+            self.log.error(
+                "dropped chat record(s) that could not be written (counted in "
+                "openai_forward_chat_records_dropped; no more such lines until "
+                "records are written again)"
+            )
 
     def _settle(self, upto: Optional[int] = None) -> None:
         """Fire the flush waiters whose lines are all settled (or up to ``upto``)."""
@@ -362,13 +476,21 @@ class ChatLogObserver:
     def _write_inline(self) -> None:
         """After close: write at once (blocking; only late stragglers)."""
         batch, self._pending, self._pending_bytes = self._pending, [], 0
+        written = len(batch)
         try:
             self.files.append(batch)
-            self.files.close()
-        except OSError as e:
+        except LinesNotWritten as e:
+            written = e.written
+            self.write_failures += 1
             self.log.error(
-                "could not write {count} chat record(s): {why}", count=len(batch), why=str(e)
+                "could not write {count} chat record(s): {why}",
+                count=len(batch) - written, why=e.strerror,
             )
+        try:
+            self.files.close()
+        except OSError:
+            pass
+        self.dropped += len(batch) - written
         self._settled += len(batch)
 
 

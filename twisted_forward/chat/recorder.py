@@ -128,6 +128,16 @@ class ChatRecorder:
             **{RECORD_FIELD: record},
         )
 
+    def counts(self) -> dict[str, int]:
+        """Waiting, failed and dropped records of the writers, summed."""
+        total = {"pending": 0, "write_failures": 0, "dropped": 0}
+        for observer in self._closables:
+            counts = getattr(observer, "counts", None)
+            if counts is not None:
+                for name, value in counts().items():
+                    total[name] = total.get(name, 0) + value
+        return total
+
     def flush(self) -> "Deferred[Any]":
         """Fires when every record emitted so far is on disk."""
         return gatherResults(

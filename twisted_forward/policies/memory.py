@@ -1,0 +1,246 @@
+"""
+The in-memory policy store: exact for one process.
+
+It is also the reference the other stores are tested against: the
+supervisor's store for ``--workers`` runs one of these behind AMP.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Callable, Mapping, Optional, Sequence
+
+from twisted.internet.defer import Deferred, succeed
+from zope.interface import implementer
+
+from .store import (
+    CONCURRENT,
+    FIXED,
+    MOVING,
+    Bucket,
+    BucketState,
+    IKeyHealth,
+    IPolicyStore,
+    IStoreInfo,
+    Mark,
+    Settlement,
+    Verdict,
+)
+
+#: Retry-After for a bucket of parallel slots: a slot frees when some
+#: request ends, which nobody can foretell.
+SLOT_RETRY = 1.0
+
+
+class _Moving:
+    """One moving window: what was taken, when, under which reservation."""
+
+    __slots__ = ("entries", "by_reservation", "total", "seconds")
+
+    def __init__(self, seconds: float) -> None:
+        #: The window length (for sweeping).
+        self.seconds = seconds
+        #: [stamp, amount, reservation], oldest first.
+        self.entries: deque[list] = deque()
+        self.by_reservation: dict[str, list] = {}
+        self.total = 0
+
+    def expire(self, now: float, seconds: float) -> None:
+        entries = self.entries
+        while entries and entries[0][0] + seconds <= now:
+            stamp, amount, reservation = entries.popleft()
+            self.total -= amount
+            self.by_reservation.pop(reservation, None)
+
+
+class _Slots:
+    """The slots of one parallel bucket: reservation -> (amount, lease end)."""
+
+    __slots__ = ("held",)
+
+    def __init__(self) -> None:
+        self.held: dict[str, tuple[int, float]] = {}
+
+    def used(self, now: float) -> int:
+        expired = [r for r, (_, until) in self.held.items() if until <= now]
+        for r in expired:
+            del self.held[r]
+        return sum(amount for amount, _ in self.held.values())
+
+
+@implementer(IPolicyStore, IKeyHealth, IStoreInfo)
+class MemoryStore:
+    """Counters in this process's memory.
+
+    Expired windows are dropped as they are met, and all of them every
+    :data:`SWEEP_EVERY` reservations, so a store serving many keys over
+    months does not grow.
+    """
+
+    name = "memory"
+    SWEEP_EVERY = 4096
+
+    def __init__(self) -> None:
+        self._fixed: dict[tuple[str, float], int] = {}
+        self._fixed_ends: dict[tuple[str, float], float] = {}
+        self._moving: dict[str, _Moving] = {}
+        self._slots: dict[str, _Slots] = {}
+        self._marks: dict[str, Mark] = {}
+        self._watchers: list[Callable[[str, Mark], None]] = []
+        self._count = 0
+
+    # ------------------------------------------------------------ IPolicyStore
+
+    def reserve(self, reservation: str, buckets: Sequence[Bucket], now: float) -> "Deferred[Verdict]":
+        return succeed(self.reserve_now(reservation, buckets, now))
+
+    def reserve_now(self, reservation: str, buckets: Sequence[Bucket], now: float) -> Verdict:
+        """:meth:`reserve`, answered at once (for the supervisor's store)."""
+        self._count += 1
+        if self._count % self.SWEEP_EVERY == 0:
+            self.sweep(now)
+        used = [self._used(b, now) for b in buckets]
+        for i, (bucket, held) in enumerate(zip(buckets, used)):
+            if held + bucket.amount > bucket.limit or (bucket.limit and held >= bucket.limit):
+                states = tuple(
+                    BucketState(b.limit, max(0, b.limit - u), self._reset(b, now))
+                    for b, u in zip(buckets, used)
+                )
+                return Verdict(False, states, i, self._retry_after(bucket, held, now))
+        for bucket in buckets:
+            self._take(reservation, bucket, now)
+        return Verdict(
+            True,
+            tuple(
+                BucketState(b.limit, max(0, b.limit - u - b.amount), self._reset(b, now))
+                for b, u in zip(buckets, used)
+            ),
+        )
+
+    def settle(
+        self, reservation: str, settlements: Sequence[Settlement], now: float
+    ) -> "Deferred[None]":
+        self.settle_now(reservation, settlements, now)
+        return succeed(None)
+
+    def settle_now(self, reservation: str, settlements: Sequence[Settlement], now: float) -> None:
+        """:meth:`settle`, done at once."""
+        for s in settlements:
+            bucket = s.bucket
+            if bucket.kind == FIXED:
+                key = (bucket.id, bucket.start)
+                if key in self._fixed and self._fixed_ends[key] > now:
+                    self._fixed[key] = max(0, self._fixed[key] + s.amount - bucket.amount)
+            elif bucket.kind == MOVING:
+                window = self._moving.get(bucket.id)
+                entry = window.by_reservation.get(reservation) if window else None
+                if window is not None and entry is not None:
+                    window.total += s.amount - entry[1]
+                    entry[1] = s.amount
+            else:
+                slots = self._slots.get(bucket.id)
+                if slots is not None:
+                    slots.held.pop(reservation, None)
+
+    def close(self) -> "Deferred[None]":
+        return succeed(None)
+
+    # ------------------------------------------------------------ IKeyHealth
+
+    def mark(self, key: str, until: Mark) -> "Deferred[None]":
+        if self._marks.get(key, 0.0) is not None:  # a revocation is for good
+            self._marks[key] = until
+        for watcher in list(self._watchers):
+            watcher(key, until)
+        return succeed(None)
+
+    def marks(self, now: float) -> "Deferred[Mapping[str, Mark]]":
+        return succeed(self.marks_now(now))
+
+    def marks_now(self, now: float) -> dict[str, Mark]:
+        """:meth:`marks`, answered at once."""
+        self._marks = {k: u for k, u in self._marks.items() if u is None or u > now}
+        return dict(self._marks)
+
+    def watch(self, callback: Callable[[str, Mark], None]) -> None:
+        self._watchers.append(callback)
+
+    # ------------------------------------------------------------ inside
+
+    def sweep(self, now: float) -> None:
+        """Forget every window and slot that is over."""
+        for key in [k for k, end in self._fixed_ends.items() if end <= now]:
+            del self._fixed[key], self._fixed_ends[key]
+        for id in list(self._moving):
+            window = self._moving[id]
+            if not window.entries or window.entries[-1][0] + window.seconds <= now:
+                del self._moving[id]
+        for id in [i for i, s in self._slots.items() if not s.used(now)]:
+            del self._slots[id]
+
+    def _used(self, bucket: Bucket, now: float) -> int:
+        if bucket.kind == FIXED:
+            key = (bucket.id, bucket.start)
+            end = self._fixed_ends.get(key)
+            if end is not None and end <= now:
+                del self._fixed[key], self._fixed_ends[key]
+                return 0
+            return self._fixed.get(key, 0)
+        if bucket.kind == MOVING:
+            window = self._moving.get(bucket.id)
+            if window is None:
+                return 0
+            window.expire(now, bucket.seconds)
+            return window.total
+        slots = self._slots.get(bucket.id)
+        return slots.used(now) if slots is not None else 0
+
+    def _take(self, reservation: str, bucket: Bucket, now: float) -> None:
+        if bucket.kind == FIXED:
+            key = (bucket.id, bucket.start)
+            self._fixed[key] = self._fixed.get(key, 0) + bucket.amount
+            self._fixed_ends[key] = bucket.end
+        elif bucket.kind == MOVING:
+            window = self._moving.get(bucket.id)
+            if window is None:
+                window = self._moving[bucket.id] = _Moving(bucket.seconds)
+            old = window.by_reservation.get(reservation)
+            if old is not None:  # the same bucket twice in one reservation
+                old[1] += bucket.amount
+            else:
+                entry = [now, bucket.amount, reservation]
+                window.entries.append(entry)
+                window.by_reservation[reservation] = entry
+            window.total += bucket.amount
+        else:
+            slots = self._slots.setdefault(bucket.id, _Slots())
+            held = slots.held.get(reservation, (0, 0.0))[0]
+            slots.held[reservation] = (held + bucket.amount, now + bucket.seconds)
+
+    def _reset(self, bucket: Bucket, now: float) -> float:
+        """Seconds until ``bucket`` is whole again."""
+        if bucket.kind == FIXED:
+            return max(0.0, bucket.end - now)
+        if bucket.kind == MOVING:
+            window = self._moving.get(bucket.id)
+            if window is None or not window.entries:
+                return bucket.seconds if bucket.amount else 0.0
+            return max(0.0, window.entries[-1][0] + bucket.seconds - now)
+        return 0.0
+
+    def _retry_after(self, bucket: Bucket, held: int, now: float) -> float:
+        """Seconds until ``bucket`` has room for its amount."""
+        if bucket.kind == FIXED:
+            return max(0.0, bucket.end - now)
+        if bucket.kind == MOVING:
+            window = self._moving.get(bucket.id)
+            if window is None:
+                return 0.0
+            need = held + bucket.amount - bucket.limit
+            freed = 0
+            for stamp, amount, _ in window.entries:
+                freed += amount
+                if freed >= need and held - freed < bucket.limit:
+                    return max(0.0, stamp + bucket.seconds - now)
+            return bucket.seconds
+        return SLOT_RETRY

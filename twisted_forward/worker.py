@@ -1,0 +1,166 @@
+"""
+``--workers N``, the worker's side: a process the supervisor
+(:mod:`twisted_forward.supervisor`) started, serving on the socket it shares.
+
+The worker reads its options as one JSON line on standard input, builds the
+very same service the single-process proxy runs, adopts the listening socket
+(file descriptor 3) and takes turns at accepting on it; it stops when told
+(SIGTERM) or when its supervisor is gone (standard input at end of file).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+from typing import Any, Callable, Optional
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.internet import defer, endpoints, fdesc
+from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from .supervisor import LISTEN_FD
+from .tap import Options, ProxyService, makeService
+
+#: Connections a worker accepts per wake-up (see :class:`SharedSocketEndpoint`).
+ACCEPT_BATCH = 1
+
+
+@implementer(IStreamServerEndpoint)
+class SharedSocketEndpoint:
+    """Adopts the supervisor's listening socket, and takes turns with the
+    other workers at accepting from it.
+
+    Every worker waiting on the socket wakes when a connection arrives, and
+    a Twisted port accepts as many connections as it can per wake-up (it
+    learns to take up to 100 or more at a time).  On a shared socket that
+    lets the first worker awake take a whole burst, such as a client's pool
+    of keep-alive connections, and the others none.  Here a worker accepts
+    at most :data:`ACCEPT_BATCH` per wake-up, leaving the rest to whoever is
+    awake next.
+    """
+
+    def __init__(self, reactor: Any, fileno: int, family: int, batch: int = ACCEPT_BATCH) -> None:
+        self._adopted = endpoints.AdoptedStreamServerEndpoint(reactor, fileno, family)
+        self.batch = batch
+
+    def listen(self, factory: Factory) -> "defer.Deferred[IListeningPort]":
+        return self._adopted.listen(factory).addCallback(self._take_turns)
+
+    def _take_turns(self, port: IListeningPort) -> IListeningPort:
+        accept = port.doRead  # type: ignore[attr-defined]
+        batch = self.batch
+
+        def doRead() -> Any:
+            port.numberAccepts = min(port.numberAccepts, batch)  # type: ignore[attr-defined]
+            return accept()
+
+        port.doRead = doRead  # type: ignore[attr-defined]
+        return port
+
+
+
+class _ParentWatch:
+    """Reads the worker's standard input; its end of file means the
+    supervisor is gone."""
+
+    def __init__(self, on_gone: Callable[[], None]) -> None:
+        self.on_gone = on_gone
+
+    def fileno(self) -> int:
+        return 0
+
+    def logPrefix(self) -> str:
+        return "supervisor-pipe"
+
+    def doRead(self) -> Optional[Any]:
+        from twisted.internet.main import CONNECTION_DONE
+
+        try:
+            data = os.read(0, 4096)
+        except BlockingIOError:
+            return None
+        return None if data else CONNECTION_DONE
+
+    def connectionLost(self, reason: Failure) -> None:
+        self.on_gone()
+
+
+def _read_spec() -> dict[str, Any]:
+    """The one JSON line the supervisor writes first, read without buffering
+    past it."""
+    line = bytearray()
+    while not line.endswith(b"\n"):
+        data = os.read(0, 1)
+        if not data:
+            raise SystemExit("openai-forward worker: no instructions from the supervisor")
+        line += data
+    return json.loads(line)
+
+
+def _options_argv(values: dict[str, str]) -> list[str]:
+    return [f"--{name}={value}" for name, value in values.items()]
+
+
+def worker_main() -> None:
+    """Entry point of a worker process (``python -m twisted_forward.worker``)."""
+    spec = _read_spec()
+    index = int(spec["worker"])
+    family = getattr(socket, "AF_" + spec["family"])
+
+    from twisted.logger import globalLogBeginner, textFileLogObserver
+
+    observer = textFileLogObserver(sys.stdout)
+    tag = f"worker-{index}"
+
+    def tagged(event: dict) -> None:
+        event = dict(event)
+        system = event.get("log_system")
+        event["log_system"] = tag if system in (None, "-") else f"{tag} {system}"
+        observer(event)
+
+    globalLogBeginner.beginLoggingTo([tagged], redirectStandardIO=False)
+
+    from twisted.internet import reactor
+
+    options = Options()
+    values = {k: v for k, v in spec["options"].items() if k != "workers"}
+    options.parseOptions(_options_argv(values))
+    service = makeService(options, reactor=reactor)
+    for child in service:  # type: ignore[attr-defined]
+        if isinstance(child, StreamServerEndpointService):
+            child.endpoint = SharedSocketEndpoint(reactor, LISTEN_FD, family)
+        if isinstance(child, ProxyService):
+            child.built.health.extra.update({"worker": index, "pid": os.getpid()})
+
+    log = Logger(namespace="twisted_forward.worker")
+
+    def supervisor_gone() -> None:
+        log.warn("the supervisor is gone; stopping")
+        reactor.stop()  # type: ignore[attr-defined]
+
+    watch = _ParentWatch(supervisor_gone)
+    fdesc.setNonBlocking(0)
+
+    def start() -> None:
+        service.startService()
+        reactor.addReader(watch)  # type: ignore[attr-defined]
+        log.info("worker {index} serving (pid {pid})", index=index, pid=os.getpid())
+
+    def stop() -> Any:
+        # From here on the supervisor closing the pipe is no news.
+        reactor.removeReader(watch)  # type: ignore[attr-defined]
+        return service.stopService()
+
+    reactor.callWhenRunning(start)
+    reactor.addSystemEventTrigger("before", "shutdown", stop)
+    reactor.run()  # type: ignore[attr-defined]
+
+
+if __name__ == "__main__":
+    worker_main()
