@@ -5,7 +5,8 @@ from __future__ import annotations
 from twisted.trial.unittest import SynchronousTestCase
 
 from twisted_forward.config import parse_url
-from twisted_forward.upstream import BadTarget, join_url, split_target
+from twisted_forward.target import BadTarget, split_target
+from twisted_forward.upstream import join_url
 
 from hyperlink import EncodedURL
 

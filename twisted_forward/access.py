@@ -35,7 +35,7 @@ from twisted.web.resource import IResource, Resource
 
 from .config import UNIX_PEERS, IPNetwork, TrustedProxy
 from .errors import write_error
-from .upstream import BadTarget, split_target
+from .target import BadTarget, split_target
 
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 

@@ -31,7 +31,8 @@ from .framing import ForwardChannel, body_too_large
 from .keys import DefaultKeys, ForwardKeys, KeyRules
 from .ledger import ILedger
 from .metrics import Metrics, MetricsResource
-from .upstream import BadTarget, Upstream, split_target
+from .target import BadTarget, split_target
+from .upstream import Upstream
 
 
 #: Seconds a client connection may sit idle or trickle a request in.

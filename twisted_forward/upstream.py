@@ -1,5 +1,6 @@
 """
 Reaching the upstream: URL joining, the treq client, request bodies.
+(What a client may ask for, the incoming target, is :mod:`.target`.)
 
 The upstream URL is always the configured origin followed by the client's
 path, so nothing a client sends (``//evil.com/x``, ``@evil.com``, an
@@ -33,40 +34,6 @@ from .config import ProxyURL, UpstreamURL
 from .outbound import upstream_agent
 
 _UNSAFE = re.compile(rb"[^\x21-\x7e]|#")
-_DOT_SEGMENT = re.compile(rb"(?:^|/)(?:\.|%2e){1,2}(?:/|$)", re.IGNORECASE)
-
-
-class BadTarget(ValueError):
-    """A request target the proxy will not forward; the text says why."""
-
-
-def split_target(target: bytes) -> tuple[bytes, bytes]:
-    """Split a request target into its raw path and query (with its ``?``).
-
-    Origin-form (``/v1/x?y``) is the norm; absolute-form
-    (``http://host/v1/x``) is accepted as RFC 9112 §3.2.2 asks, and its
-    authority is ignored.
-
-    :raises BadTarget: for anything else, or a path with dot segments
-        (which could climb out of an upstream base path).
-    """
-    if not target.startswith(b"/"):
-        lowered = target[:8].lower()
-        if lowered.startswith(b"http://") or lowered.startswith(b"https://"):
-            rest = target[target.index(b"//") + 2 :]
-            cut = min(
-                (i for i in (rest.find(b"/"), rest.find(b"?")) if i >= 0),
-                default=len(rest),
-            )
-            target = rest[cut:]
-            if not target.startswith(b"/"):
-                target = b"/" + target
-        else:
-            raise BadTarget("The request target must be a path starting with '/'.")
-    path, sep, query = target.partition(b"?")
-    if _DOT_SEGMENT.search(path):
-        raise BadTarget("The request path must not hold '.' or '..' segments.")
-    return path, sep + query
 
 
 def _escape(match: "re.Match[bytes]") -> bytes:

@@ -29,7 +29,7 @@ from twisted.web.server import NOT_DONE_YET
 
 from ..errors import error_body
 from ..keys import SecretMask, scrub
-from ..upstream import BadTarget, split_target
+from ..target import BadTarget, split_target
 from .api import AdminAPI, Answer, BadParam
 from .assets import Asset
 from .auth import AdminAuth
