@@ -280,7 +280,7 @@ class KeysTests(AdminTestCase):
                 return b'{"error": {"message": "slow down"}}'
             if auth.endswith(b"111"):
                 request.setResponseCode(401)
-                return b'{"error": {"message": "bad key"}}'
+                return b'{"error": {"message": "bad key", "code": "invalid_api_key"}}'
             return b'{"object": "list", "data": []}'
 
         self.fake.override = upstream
