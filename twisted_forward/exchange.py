@@ -25,7 +25,7 @@ from twisted.web.iweb import IRequest, IResponse
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from .chat.recorder import ExchangeInfo, ExchangeTap, NullRecorder, Recorder
+from .chat.recorder import ExchangeInfo, ExchangeTap, NullRecorder, Recorder, RequestBody
 from .config import Route
 from .errors import error_body, send_error, write_error
 from .headers import relay_response_headers, upstream_request_headers
@@ -38,6 +38,7 @@ from .upstream import (
     join_url,
     response_length,
 )
+from .upstream_http import head_refusal
 
 #: Statuses for which another default key is tried, if nothing was sent yet.
 _FAILOVER = frozenset({401, 429, 500, 502, 503, 504})
@@ -183,20 +184,11 @@ class Exchange:
                     client=client_address(request),
                     key_label=self.decision.label,
                     started=self.started,
-                    read_body=self._read_body,
+                    body=RequestBody(request.content),
                 )
             )
         request.notifyFinish().addBoth(self._finished)
         self._attempt()
-
-    def _read_body(self) -> bytes:
-        content = self.request.content
-        if content is None:
-            return b""
-        content.seek(0)
-        data = content.read()
-        content.seek(0)
-        return data
 
     def _body(self):
         """A fresh producer of the request body, or None if there is none."""
@@ -394,6 +386,14 @@ class Exchange:
         if failure.check(error.TimeoutError, error.TCPTimedOutError):
             self._fail(504, "upstream_timeout", "Connecting to the upstream timed out.")
             return
+        refusal = head_refusal(failure)
+        if refusal is not None:
+            self.log.warn(
+                "refused the upstream's answer for {path}: {why}",
+                path=self.path.decode("latin-1"), why=str(refusal),
+            )
+            self._fail(502, refusal.code, "The upstream's answer head was refused.")
+            return
         self.log.warn(
             "upstream unreachable for {path}: {why}",
             path=self.path.decode("latin-1"), why=failure.getErrorMessage(),
@@ -438,14 +438,16 @@ class Exchange:
             self.relay.stop()
 
     def abort(self) -> None:
-        """Cut the exchange now (shutdown grace period over)."""
+        """Cut the exchange now (shutdown grace period over): recorded with
+        the outcome ``shutdown``, before the cut connection can say
+        ``client_left``."""
         if self.done:
             return
         self._stop_upstream()
+        self.end("shutdown")
         channel = getattr(self.request, "channel", None)
         if channel is not None and channel.transport is not None:
             channel.transport.abortConnection()
-        self.end("client_left")
 
     def _finished(self, result: object) -> None:
         """The client connection finished or was lost."""

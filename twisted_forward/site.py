@@ -284,6 +284,8 @@ def build_root(
             config.connect_timeout,
             proxy=config.proxy,
             ssl_cert_file=config.ssl_cert_file,
+            max_head=config.max_upstream_head,
+            max_headers=config.max_upstream_headers,
         )
     reserved = (config.admin_key,) if config.admin_key else ()
     openai_keys = KeyRules(
