@@ -229,7 +229,7 @@ class KeyHealthTests(SynchronousTestCase):
     def test_admin_key_refused_by_key_rules(self):
         """The admin key, in any credential header, is refused and never
         passed on as the client's own key; other own keys still pass."""
-        rules = KeyRules(DefaultKeys([], lambda: 0.0), ForwardKeys(()), (ADMIN,))
+        rules = KeyRules(DefaultKeys([], lambda: 0.0), ForwardKeys(()), reserved=(ADMIN,))
         for name, value in ((b"authorization", b"Bearer " + ADMIN.encode()),
                             (b"api-key", ADMIN.encode()), (b"x-api-key", ADMIN.encode())):
             decision = rules.decide(Headers({name: [value]}))

@@ -31,6 +31,8 @@ from .framing import ForwardChannel, body_too_large
 from .keys import DefaultKeys, ForwardKeys, KeyRules
 from .ledger import ILedger
 from .metrics import Metrics, MetricsResource
+from .policies.gate import PolicyGate
+from .policies.service import build_gate
 from .target import BadTarget, split_target
 from .upstream import Upstream
 
@@ -258,6 +260,8 @@ class Built:
     health: Health
     keys: KeyRules
     metrics: Metrics
+    #: The policy gate, or None when no policy is set.
+    policy: Optional[PolicyGate] = None
     #: The admin page and API, when ADMIN_KEY is set.
     admin: Optional["Admin"] = None
 
@@ -268,6 +272,7 @@ def build_root(
     recorder: Optional[Recorder] = None,
     upstream: Optional[Upstream] = None,
     metrics: Optional[Metrics] = None,
+    policy: Optional[PolicyGate] = None,
     ledger: Optional[ILedger] = None,
     limits: Optional[IKeyLimits] = None,
 ) -> Built:
@@ -289,14 +294,17 @@ def build_root(
         )
     reserved = (config.admin_key,) if config.admin_key else ()
     openai_keys = KeyRules(
-        DefaultKeys(config.default_keys, reactor.seconds),
+        DefaultKeys(config.default_keys, reactor.seconds, config.policy.key_levels),
         ForwardKeys(config.forward_keys),
-        reserved,
+        config.policy.policies.levels,
+        reserved=reserved,
     )
+    if policy is None:
+        policy = build_gate(config.policy, reactor, metrics)
     metrics.watch_keys(openai_keys.default)
     if isinstance(recorder, ChatRecorder):
         metrics.watch_chat_records(recorder.counts)
-    passthrough = KeyRules(DefaultKeys((), reactor.seconds), ForwardKeys(()), reserved)
+    passthrough = KeyRules(DefaultKeys((), reactor.seconds), ForwardKeys(()), reserved=reserved)
     proxies = [
         ProxyResource(
             route,
@@ -307,6 +315,7 @@ def build_root(
             config.idle_timeout,
             recorder,
             metrics,
+            policy=policy if route.kind == "openai" else None,
         )
         for route in config.routes
     ]
@@ -329,4 +338,4 @@ def build_root(
         router, config.ip_whitelist, config.ip_blacklist, config.trusted_proxies,
         exempt_paths=router._health_paths,
     )
-    return Built(root, proxies, upstream, health, openai_keys, metrics, admin)
+    return Built(root, proxies, upstream, health, openai_keys, metrics, policy, admin)
