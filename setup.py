@@ -28,6 +28,8 @@ setup(
         "prometheus-client>=0.17.0",
         # hyperlink comes with treq; named because upstream.py subclasses it.
         "hyperlink>=21.0.0",
+        # The policy counters on Redis/Valkey (REDIS_URL): Twisted-native.
+        "txredisapi>=1.4.10,<2",
     ],
     extras_require={
         # playwright drives Debian's chromium in the admin page's browser
