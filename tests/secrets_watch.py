@@ -105,11 +105,13 @@ class SecretsWatch:
         secrets += [("forward key", i, s) for i, s in enumerate(self.forward_keys)]
         if self.admin_key:
             secrets.append(("admin key", 0, self.admin_key))
-        sent = b"".join(self.written)
+        # Case-blind: Twisted writes header names title-cased, so a key
+        # echoed in a header name goes out as "Sk-Abc…".
+        sent = b"".join(self.written).lower()
         logged = [(e, describe_event(e)) for e in self.events]
         for kind, index, secret in secrets:
             for pattern in secret_patterns(secret):
-                if pattern in sent:
+                if pattern.lower() in sent:
                     found.append(f"{kind} #{index} in the bytes sent to a client")
                 text = pattern.decode("utf-8")
                 for event, description in logged:
