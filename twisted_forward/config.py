@@ -492,11 +492,10 @@ SETTINGS: tuple[Setting, ...] = (
             "Path of the Prometheus metrics [default: /metrics]."),
     Setting("METRICS_PORT", "metrics-port", parse_endpoint,
             "Serve metrics on this port/endpoint instead of the proxy's own."),
-    if config.admin_key is not None:
-        lines.append(
-            "admin page and API at /_admin/"
-            + (f" on {config.admin_port}" if config.admin_port else "")
-        )
+    Setting("ADMIN_KEY", "admin-key", parse_admin_key,
+            "Turns on the admin page and API at /_admin/; the key that opens them."),
+    Setting("ADMIN_PORT", "admin-port", parse_endpoint,
+            "Serve /_admin/ on this port/endpoint instead of the proxy's own."),
     # The response cache: openai-forward 0.8.1's names, then ours.
     Setting("CACHE_OPENAI", "cache-openai", parse_bool,
             "Cache answers on openai routes, for requests that ask [default: false]."),
