@@ -103,6 +103,24 @@ class HitMissBypassTests(CacheTestCase):
         self.assertEqual(self.x_cache(third), b"miss")
 
     @defer.inlineCallbacks
+    def test_usage_chunk_only_for_who_asked(self) -> None:
+        """``stream_options`` is not in the key: a stream stored for a client
+        that asked for usage is replayed without the usage chunk to one that
+        did not, and with it to one that did."""
+        yield self.start_proxy(**self.env())
+        options = {"stream_options": {"include_usage": True}}
+        first, with_usage = yield self.send(ask(stream=True, **options))
+        self.assertEqual(self.x_cache(first), b"miss")
+        self.assertIn(b'"usage": {', with_usage)
+        plain, without = yield self.send(ask(stream=True))
+        self.assertEqual(self.x_cache(plain), b"hit")
+        self.assertEqual(without, b"".join(chat_chunks(self.fake.answer_text)))
+        again, body = yield self.send(ask(stream=True, **options))
+        self.assertEqual(self.x_cache(again), b"hit")
+        self.assertEqual(body, with_usage)
+        self.assertEqual(len(self.upstream_bodies()), 1)
+
+    @defer.inlineCallbacks
     def test_bypass(self) -> None:
         """Without the field (and the default off), with ``caching: false``,
         or with sampling, every request goes upstream, marked bypass; the
@@ -313,3 +331,33 @@ class PersistentBackendTests(CacheTestCase):
         r, body = yield self.send(ask())
         self.assertEqual((r.code, self.x_cache(r)), (200, b"miss"))
         self.assertIn(b"Hello", body)
+
+
+class PolicyTests(CacheTestCase):
+    """A hit spends no upstream tokens in the policies."""
+
+    @defer.inlineCallbacks
+    def test_hits_spend_no_quota(self) -> None:
+        """With a token quota that holds one answer (8 tokens) and one more
+        reservation, the first request spends 8 tokens and every later hit
+        passes: its reservation is released, not charged."""
+        import math
+
+        alice = "fk-alice-0123456789"
+        body = ask(max_tokens=1)
+        reserve = math.ceil(len(body) / 4) + 1
+        yield self.start_proxy(**self.env(
+            OPENAI_API_KEY=DEFAULT_KEY, FORWARD_KEY=f"alice:{alice}",
+            KEY_POLICY=json.dumps({"alice": {"tokens_per_day": 8 + reserve}}),
+        ))
+        for i in range(5):
+            response, content = yield self.send(body, key=alice)
+            self.assertEqual(response.code, 200, content)
+            self.assertEqual(self.x_cache(response), b"miss" if i == 0 else b"hit")
+        self.assertEqual(len(self.upstream_bodies()), 1)
+        # Not a hit: needs a new reservation on top of the 8 spent, which fits
+        # once; its 8 tokens then exhaust the day.
+        response, _ = yield self.send(ask("ho", max_tokens=1), key=alice)
+        self.assertEqual(response.code, 200)
+        response, content = yield self.send(ask("hu", max_tokens=1), key=alice)
+        self.assertEqual(response.code, 429, content)

@@ -206,7 +206,7 @@ class HookTests(SynchronousTestCase):
 
     def replayed(self, cache: ResponseCache, lookup: Lookup) -> tuple[DummyRequest, Deferred]:
         req = DummyRequest([b""])
-        return req, cache.replay(req, lookup)
+        return req, cache.replay(req, lookup).done
 
     def test_replay_json(self) -> None:
         """A JSON hit is written whole with its content type, length, x-cache and age."""

@@ -27,6 +27,7 @@ from twisted.web.server import NOT_DONE_YET
 
 from .cache.hook import Lookup
 from .cache.key import without_caching
+from .cache.replay import Replay
 from .cache.interfaces import IExchangeCache
 from .chat.recorder import ExchangeInfo, ExchangeTap, NullRecorder, Recorder, RequestBody
 from .config import Route
@@ -291,7 +292,8 @@ class Exchange:
         if lookup.hit and cache is not None:
             self.cache_hit = True
             self.status = 200
-            cache.replay(self.request, lookup, self.tap).addCallback(self._replayed, lookup)
+            replay = cache.replay(self.request, lookup, self.tap)
+            replay.done.addCallback(self._replayed, replay)
             return
         body = lookup.body
         if body is not None and self.admission.body is not None:
@@ -309,9 +311,8 @@ class Exchange:
         if not (self.done or self.client_gone or self.pending or self.relay or self.cache_hit):
             self._forward()
 
-    def _replayed(self, outcome: str, lookup: Lookup) -> None:
-        if outcome == "complete" and lookup.entry is not None:
-            self.sent = len(lookup.entry.body)
+    def _replayed(self, outcome: str, replay: Replay) -> None:
+        self.sent = replay.sent
         self.end(outcome)
 
     def _forward(self) -> None:

@@ -19,7 +19,7 @@ logged once until it works again: the cache never fails a request.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Optional, Sequence
 
 from twisted.internet.defer import Deferred, succeed
@@ -32,6 +32,7 @@ from zope.interface import implementer
 
 from ..config import ForwardKey, Route
 from ..keys import KeyDecision
+from ..policies.usage import UsageStripper
 from .entry import AnswerCollector, CorruptEntry, Entry
 from .interfaces import IAnswerTap, ICacheStore, IExchangeCache
 from .key import Partitions, cache_key, examine, read_prefix
@@ -53,6 +54,8 @@ class Lookup:
     :ivar entry: the cached answer, on a hit.
     :ivar tap: on a miss, feed it the answer to have it stored.
     :ivar reason: why a bypass (for logs and tests).
+    :ivar strip_usage: the request did not ask for a stream's usage chunk
+        (``stream_options`` is not in the key): a replay leaves it out.
     """
 
     result: str
@@ -60,6 +63,7 @@ class Lookup:
     entry: Optional[Entry] = field(default=None, repr=False)
     tap: Optional["StoringTap"] = field(default=None, repr=False)
     reason: str = ""
+    strip_usage: bool = False
 
     @property
     def hit(self) -> bool:
@@ -161,12 +165,15 @@ class ResponseCache:
         d.addTimeout(settings.timeout, self.clock)
         d.addCallbacks(
             self._found, self._get_failed,
-            callbackArgs=(key, examined.body), errbackArgs=(key, examined.body),
+            callbackArgs=(key, examined.body, not examined.wants_usage),
+            errbackArgs=(key, examined.body),
         )
         d.addCallback(lambda lookup: self._counted(label, lookup))
         return d
 
-    def _found(self, value: Optional[bytes], key: bytes, body: Optional[bytes]) -> Lookup:
+    def _found(
+        self, value: Optional[bytes], key: bytes, body: Optional[bytes], strip_usage: bool
+    ) -> Lookup:
         self._recovered("get")
         if value is not None:
             try:
@@ -176,7 +183,7 @@ class ResponseCache:
                 self._warn_once("corrupt", "cache: a stored entry is damaged; treated as a miss")
                 entry = None
             if entry is not None and entry.fresh(self.clock.seconds()):
-                return Lookup(HIT, body=body, entry=entry)
+                return Lookup(HIT, body=body, entry=entry, strip_usage=strip_usage)
         return Lookup(MISS, body=body, tap=StoringTap(self, key))
 
     def _get_failed(self, failure: Failure, key: bytes, body: Optional[bytes]) -> Lookup:
@@ -230,12 +237,18 @@ class ResponseCache:
 
     def replay(
         self, request: IRequest, lookup: Lookup, tap: Optional[IAnswerTap] = None
-    ) -> "Deferred[str]":
-        """Answer ``request`` from ``lookup``'s entry; fires with the outcome."""
-        assert lookup.entry is not None
-        replay = Replay(request, lookup.entry, self.clock, self.settings.replay_interval, tap)
-        self.metrics.bytes.labels("served").inc(len(lookup.entry.body))
-        return replay.start()
+    ) -> Replay:
+        """Answer ``request`` from ``lookup``'s entry; the replay's ``done``
+        fires with the outcome, and its ``sent`` counts the bytes written."""
+        entry = lookup.entry
+        assert entry is not None
+        if lookup.strip_usage and entry.stream and b'"usage"' in entry.body:
+            stripper = UsageStripper()
+            entry = replace(entry, body=stripper.feed(entry.body) + stripper.flush())
+        replay = Replay(request, entry, self.clock, self.settings.replay_interval, tap)
+        self.metrics.bytes.labels("served").inc(len(entry.body))
+        replay.start()
+        return replay
 
     # ------------------------------------------------------------ logging
 

@@ -71,7 +71,9 @@ class IExchangeCache(Interface):
         :param decision: the request's :class:`~twisted_forward.keys.KeyDecision`.
         """
 
-    def replay(request: object, lookup: object, tap: object) -> "Deferred[str]":  # type: ignore[name-defined]  # noqa: F821
-        """Answer ``request`` from a hit; fires with the outcome
-        (``complete`` or ``client_left``).  ``tap`` (an :class:`IAnswerTap`,
-        or None) sees the replayed answer, for the chat records."""
+    def replay(request: object, lookup: object, tap: object) -> "Replay":  # type: ignore[name-defined]  # noqa: F821
+        """Answer ``request`` from a hit; returns the
+        :class:`~.replay.Replay`, whose ``done`` fires with the outcome
+        (``complete`` or ``client_left``) and whose ``sent`` counts the bytes
+        written.  ``tap`` (an :class:`IAnswerTap`, or None) sees the
+        replayed answer, for the chat records."""

@@ -67,12 +67,14 @@ class Examined:
     :ivar body: the body to send upstream instead of the client's (the
         ``caching`` field taken out), or None to send it unchanged.
     :ivar stream: the request asked for a streamed answer.
+    :ivar wants_usage: it asked for ``stream_options.include_usage``.
     """
 
     reason: str
     canonical: Optional[bytes] = None
     body: Optional[bytes] = None
     stream: bool = False
+    wants_usage: bool = False
 
     @property
     def cacheable(self) -> bool:
@@ -114,7 +116,9 @@ def examine(
         {k: v for k, v in obj.items() if k not in IGNORED_FIELDS},
         sort_keys=True, ensure_ascii=False, separators=(",", ":"),
     ).encode()
-    return Examined("", canonical=canonical, body=replacement, stream=stream)
+    options = obj.get("stream_options")
+    wants_usage = isinstance(options, dict) and options.get("include_usage") is True
+    return Examined("", canonical, replacement, stream, wants_usage)
 
 
 def without_caching(body: bytes) -> bytes:
