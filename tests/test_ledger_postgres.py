@@ -5,8 +5,10 @@ per test class, a fresh database per test.
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
+import os
 from datetime import date, datetime, timezone
 from typing import Any
 
@@ -18,7 +20,8 @@ from twisted_forward.ledger import UsageEntry
 from twisted_forward.ledger import sql
 from twisted_forward.ledger.batching import BatchingLedger
 from twisted_forward.ledger.database import ThreadDatabase
-from twisted_forward.tap import Options, ProxyService, makeService
+from twisted_forward.cli import main
+from twisted_forward.tap import Options, makeService
 
 from .harness import ProxyTestCase, proxy_env
 from .pg_cluster import Cluster
@@ -63,7 +66,8 @@ class PostgresLedgerTests(PostgresCase):
     @defer.inlineCallbacks
     def test_round_trip(self) -> None:
         """Entries written in a batch come back summed by key, model and day,
-        and the schema's version is recorded."""
+        the schema's version is recorded, and ``twisted-forward usage`` reads
+        the rows."""
         url = self.database()
         ledger = self.ledger(url)
         now = datetime.now(timezone.utc).timestamp()
@@ -81,6 +85,14 @@ class PostgresLedgerTests(PostgresCase):
         self.assertAlmostEqual(by_model[0].ttfb_mean or 0, 0.1)
         self.assertEqual(self.rows(url, "SELECT version FROM schema_version"),
                          [(sql.SCHEMA_VERSION,)])
+        # The command line reads the same rows, with no proxy running.
+        yield ledger.stopService()
+        out, err = io.StringIO(), io.StringIO()
+        status = main(["usage", "--database-url", url, "--env-file", os.devnull, "--csv",
+                       "--since", "1d"], out, err)
+        self.assertEqual((status, err.getvalue()), (0, ""))
+        self.assertEqual([line.split(",")[:3] for line in out.getvalue().splitlines()],
+                         [["key_label", "requests", "errors"], ["a", "2", "1"], ["b", "1", "0"]])
 
     @defer.inlineCallbacks
     def test_two_writers_and_concurrent_migration(self) -> None:
