@@ -212,11 +212,14 @@ def build(
         else:
             default_keys = default_keys + (key,)
             key_levels.append(frozenset(served))
-    for label, level in levels.items():
-        if level and not any(s is None or level in s for s in key_levels):
+    used = dict(levels)
+    for key in forward_keys:
+        used.setdefault(key.label, 0)
+    for label, level in used.items():
+        if not any(s is None or level in s for s in key_levels):
             raise PolicyConfigError(
-                "FORWARD_KEY_CONFIG",
-                f"{label} has level {level}, which no key of OPENAI_API_KEY_CONFIG serves",
+                "FORWARD_KEY_CONFIG" if label in levels else "OPENAI_API_KEY_CONFIG",
+                f"{label} has level {level}, which no default key serves",
             )
 
     if "KEY_POLICY" in parsed and "KEY_POLICY_FILE" in parsed:
