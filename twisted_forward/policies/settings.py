@@ -151,6 +151,26 @@ class PolicyConfig:
         """Whether any request is checked at all."""
         return self.policies.active
 
+    def describe(self) -> list[str]:
+        """Start-up lines saying what is limited (labels only, no key)."""
+        p = self.policies
+        if not p.active:
+            return []
+        parts = []
+        if p.keys:
+            parts.append("key policies for " + ", ".join(sorted(p.keys)))
+        if p.levels:
+            parts.append(f"{len(p.levels)} forward key(s) with levels")
+        if p.level_models:
+            parts.append("models limited for level(s) " + ", ".join(map(str, sorted(p.level_models))))
+        if p.route_rates or p.global_rates:
+            parts.append("request rates (" + ("moving" if p.moving else "fixed") + " windows)")
+        where = (
+            f"Redis (when it is down: {self.on_store_failure})"
+            if self.redis_url else "this process's memory"
+        )
+        return ["policies: " + "; ".join(parts) + f"; counted in {where}"]
+
 
 class PolicyConfigError(ValueError):
     """A policy setting is wrong; ``setting`` names it."""
