@@ -19,6 +19,9 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 
 from .access import AccessGate
+from .cache.hook import ResponseCache, build_cache
+from .cache.interfaces import ICacheStore
+from .cache.metrics import CacheMetrics
 from .chat.recorder import ChatRecorder, Recorder
 from .config import Config
 from .errors import write_error
@@ -244,6 +247,8 @@ class Built:
     health: Health
     keys: KeyRules
     metrics: Metrics
+    #: The response cache, None when it is off.
+    cache: Optional[ResponseCache] = None
     #: The policy gate, or None when no policy is set.
     policy: Optional[PolicyGate] = None
 
@@ -254,12 +259,16 @@ def build_root(
     recorder: Optional[Recorder] = None,
     upstream: Optional[Upstream] = None,
     metrics: Optional[Metrics] = None,
+    cache_store: Optional[ICacheStore] = None,
     policy: Optional[PolicyGate] = None,
 ) -> Built:
     """Build the resource tree for ``config``.
 
     Metrics are collected always; they are served at ``config.metrics_path``
     on this tree unless disabled or given their own port.
+
+    :param cache_store: the response cache's store, instead of the one
+        ``config.cache`` names.
     """
     if metrics is None:
         metrics = Metrics()
@@ -283,6 +292,9 @@ def build_root(
     if isinstance(recorder, ChatRecorder):
         metrics.watch_chat_records(recorder.counts)
     passthrough = KeyRules(DefaultKeys((), reactor.seconds), ForwardKeys(()))
+    cache = build_cache(
+        config.cache, config.forward_keys, reactor, CacheMetrics(metrics.registry), cache_store
+    )
     proxies = [
         ProxyResource(
             route,
@@ -293,6 +305,7 @@ def build_root(
             config.idle_timeout,
             recorder,
             metrics,
+            cache=cache,
             policy=policy if route.kind == "openai" else None,
         )
         for route in config.routes
@@ -310,4 +323,6 @@ def build_root(
         router, config.ip_whitelist, config.ip_blacklist, config.trusted_proxies,
         exempt_paths=router._health_paths,
     )
-    return Built(root, proxies, upstream, health, openai_keys, metrics, policy)
+    return Built(
+        root, proxies, upstream, health, openai_keys, metrics, cache=cache, policy=policy
+    )

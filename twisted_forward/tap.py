@@ -174,12 +174,17 @@ class ProxyService(Service):
         try:
             yield self.built.upstream.close()
         finally:
-            if self.built.policy is not None:
-                # Every exchange has ended (and so settled or released its
-                # reservation): let go of the store.
-                yield self.built.policy.store.close()
-            if self.recorder is not None:
-                yield self.recorder.close()
+            try:
+                if self.built.cache is not None:
+                    # After the drain: the last answers have been stored.
+                    yield self.built.cache.close()
+                if self.built.policy is not None:
+                    # Every exchange has ended (and so settled or released its
+                    # reservation): let go of the store.
+                    yield self.built.policy.store.close()
+            finally:
+                if self.recorder is not None:
+                    yield self.recorder.close()
         # twistd and twist re-raise the terminating signal at exit, so a
         # supervisor would see "killed by SIGTERM".  The shutdown was
         # orderly: report success (exit status 0) instead.
