@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import openai
 from twisted.application.service import IServiceCollection
@@ -405,3 +406,37 @@ def _now() -> float:
     from twisted.internet import reactor
 
     return reactor.seconds()
+
+
+class RecordedUsageTests(PolicyTestCase):
+    """The chat record keeps the usage the proxy asked for."""
+
+    @defer.inlineCallbacks
+    def test_record_has_usage_client_not(self):
+        """A token-limited key's stream: the client gets no usage chunk,
+        the chat record (and so the ledger) has the usage."""
+        from twisted_forward.tap import ProxyService
+
+        yield self.start_proxy(
+            OPENAI_API_KEY=DEFAULT, FORWARD_KEY=f"alice:{ALICE}",
+            KEY_POLICY=json.dumps({"alice": {"tpm": 100000}}),
+            LOG_CHAT="true", LOG_DIR=os.path.abspath(self.mktemp()),
+        )
+        [service] = [s for s in self.service if isinstance(s, ProxyService)]
+        records: list = []
+        got: defer.Deferred = defer.Deferred()
+
+        def observe(event: dict) -> None:
+            records.append(event["chat_record"])
+            got.callback(None)
+
+        service.recorder.publisher.addObserver(observe)
+        self.addCleanup(service.recorder.publisher.removeObserver, observe)
+        response = yield self.client.post(
+            self.url("/v1/chat/completions"), data=chat(stream=True),
+            headers={b"authorization": [b"Bearer " + ALICE.encode()]},
+        )
+        content = yield response.content()
+        yield got
+        self.assertNotIn(b'"usage"', content)
+        self.assertEqual(records[0]["usage"]["total_tokens"], 10)
