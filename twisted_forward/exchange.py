@@ -28,8 +28,11 @@ from twisted.web.server import NOT_DONE_YET
 from .chat.recorder import ExchangeInfo, ExchangeTap, NullRecorder, Recorder, RequestBody
 from .config import Route
 from .errors import error_body, send_error, write_error
+from .framing import Refusal
+from .headcheck import key_refusal
 from .headers import relay_response_headers, upstream_request_headers
 from .keys import KeyDecision, KeyRules, SecretMask, key_refused, looks_keyed, scrub
+from .limits import UpstreamSlots
 from .metrics import Metrics
 from .relay import Relay, ScrubbingRelay, discard
 from .upstream import (
@@ -78,9 +81,12 @@ class ProxyResource(Resource):
         idle_timeout: float,
         recorder: Optional[Recorder] = None,
         metrics: Optional[Metrics] = None,
+        upstream_slots: Optional[UpstreamSlots] = None,
     ) -> None:
         super().__init__()
         self.route = route
+        #: Upstream requests in flight, shared by every route (one cap).
+        self.upstream_slots = upstream_slots if upstream_slots is not None else UpstreamSlots(None)
         self.route_label = route.prefix or "/"
         self.metrics = metrics.for_route(self.route_label) if metrics is not None else None
         self.upstream = upstream
@@ -108,6 +114,16 @@ class ProxyResource(Resource):
             for d in waiters:
                 d.callback(None)
 
+    def check_head(self, request: IRequest) -> Optional[Refusal]:
+        """The key check on the request head alone (an
+        :class:`~twisted_forward.headcheck.IHeadCheck` step, asked by the
+        router for this route): 401 before any body is read."""
+        decision = self.keys.decide(request.requestHeaders)
+        if decision.refusal is None:
+            return None
+        request.forward_key_label = decision.label
+        return key_refusal(decision.refusal)
+
     def render(self, request: IRequest) -> bytes | int:
         path: bytes = request.forward_path
         query: bytes = request.forward_query
@@ -120,6 +136,17 @@ class ProxyResource(Resource):
                 label=decision.label,
             )
             return write_error(request, 401, "invalid_api_key", decision.refusal)
+        if not self.upstream_slots.acquire():
+            self.log.warn(
+                "refused {method} {path}: {used} upstream requests in flight (the cap)",
+                method=request.method.decode("latin-1"), path=path.decode("latin-1"),
+                used=self.upstream_slots.used,
+            )
+            request.responseHeaders.setRawHeaders(b"retry-after", [b"1"])
+            return write_error(
+                request, 503, "upstream_busy",
+                "The proxy has as many upstream requests in flight as it allows; retry shortly.",
+            )
         exchange = Exchange(self, request, path, query, decision)
         exchange.start()
         return NOT_DONE_YET
@@ -417,6 +444,7 @@ class Exchange:
             return
         self.done = True
         res = self.resource
+        res.upstream_slots.release()
         res._closed(self)
         elapsed = res.reactor.seconds() - self.sent_upstream
         self.request.forward_upstream_seconds = elapsed

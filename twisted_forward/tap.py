@@ -34,7 +34,7 @@ from .chat.recorder import ChatRecorder, open_chat_log
 from .metrics import MetricsResource
 from .access import AccessGate
 from .listening import BoundEndpoint, endpoint_from_string, listen_now
-from .site import Built, ForwardSite, build_root
+from .site import Built, build_root, make_site
 
 
 def port_to_endpoint(port: str) -> str:
@@ -249,11 +249,7 @@ def _make_service(
     top = MultiService()
     built = build_root(config, reactor, recorder=recorder)  # type: ignore[arg-type]
     ProxyService(built, config, reactor, recorder).setServiceParent(top)  # type: ignore[arg-type]
-    site = ForwardSite(
-        built.root, reactor=reactor, max_request_body=config.max_request_body
-    )
-    site.metrics = built.metrics
-    site.gate = built.root if isinstance(built.root, AccessGate) else None
+    site = make_site(built, config, reactor)
     metrics_site = None
     if config.metrics and metrics_endpoint is not None:
         metrics_site = Site(MetricsResource(built.metrics), reactor=reactor)
