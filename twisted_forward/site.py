@@ -30,6 +30,8 @@ from .headcheck import IHeadCheck
 from .limits import ConnectionLimits, UpstreamSlots, resolve_caps
 from .keys import DefaultKeys, ForwardKeys, KeyRules
 from .metrics import Metrics, MetricsResource
+from .policies.gate import PolicyGate
+from .policies.service import build_gate
 from .exchange import ProxyResource
 from .target import BadTarget, split_target
 from .upstream import Upstream
@@ -331,6 +333,8 @@ class Built:
     health: Health
     keys: KeyRules
     metrics: Metrics
+    #: The policy gate, or None when no policy is set.
+    policy: Optional[PolicyGate] = None
     #: Run on every request head, in order (see :mod:`twisted_forward.headcheck`).
     head_checks: tuple[IHeadCheck, ...] = ()
 
@@ -341,6 +345,7 @@ def build_root(
     recorder: Optional[Recorder] = None,
     upstream: Optional[Upstream] = None,
     metrics: Optional[Metrics] = None,
+    policy: Optional[PolicyGate] = None,
 ) -> Built:
     """Build the resource tree for ``config``.
 
@@ -359,9 +364,12 @@ def build_root(
             max_headers=config.max_upstream_headers,
         )
     openai_keys = KeyRules(
-        DefaultKeys(config.default_keys, reactor.seconds),
+        DefaultKeys(config.default_keys, reactor.seconds, config.policy.key_levels),
         ForwardKeys(config.forward_keys),
+        config.policy.policies.levels,
     )
+    if policy is None:
+        policy = build_gate(config.policy, reactor, metrics)
     metrics.watch_keys(openai_keys.default)
     if isinstance(recorder, ChatRecorder):
         metrics.watch_chat_records(recorder.counts)
@@ -378,6 +386,7 @@ def build_root(
             config.idle_timeout,
             recorder,
             metrics,
+            policy=policy if route.kind == "openai" else None,
             upstream_slots=slots,
         )
         for route in config.routes
@@ -395,7 +404,7 @@ def build_root(
         router, config.ip_whitelist, config.ip_blacklist, config.trusted_proxies,
         exempt_paths=router._health_paths,
     )
-    return Built(root, proxies, upstream, health, openai_keys, metrics, (root, router))
+    return Built(root, proxies, upstream, health, openai_keys, metrics, policy, (root, router))
 
 
 def make_site(

@@ -174,6 +174,10 @@ class ProxyService(Service):
         try:
             yield self.built.upstream.close()
         finally:
+            if self.built.policy is not None:
+                # Every exchange has ended (and so settled or released its
+                # reservation): let go of the store.
+                yield self.built.policy.store.close()
             if self.recorder is not None:
                 yield self.recorder.close()
         # twistd and twist re-raise the terminating signal at exit, so a
