@@ -22,17 +22,25 @@ from twisted.web.server import Request, Site
 from zope.interface import implementer
 
 from .access import AccessGate, TrustedProxies
+from .admin.limits import IKeyLimits
+from .admin.live import LiveTally
+from .admin.resource import is_admin_path
+from .admin.service import Admin, build_admin
+from .cache.hook import ResponseCache, build_cache
+from .cache.interfaces import ICacheStore
+from .cache.metrics import CacheMetrics
 from .chat.recorder import ChatRecorder, Recorder
 from .config import Config
 from .errors import write_error
+from .exchange import ProxyResource
 from .framing import ForwardChannel, Refusal, body_too_large
 from .headcheck import IHeadCheck
 from .limits import ConnectionLimits, UpstreamSlots, resolve_caps
 from .keys import DefaultKeys, ForwardKeys, KeyRules
+from .ledger import ILedger
 from .metrics import Metrics, MetricsResource
 from .policies.gate import PolicyGate
 from .policies.service import build_gate
-from .exchange import ProxyResource
 from .target import BadTarget, split_target
 from .upstream import Upstream
 
@@ -129,6 +137,7 @@ class Router(Resource):
         healthz_path: str = "/healthz",
         metrics: Optional[IResource] = None,
         metrics_path: str = "/metrics",
+        admin: Optional[IResource] = None,
     ) -> None:
         super().__init__()
         self._routes = sorted(
@@ -143,6 +152,7 @@ class Router(Resource):
         )
         self._metrics = metrics
         self._metrics_path = metrics_path.encode("ascii")
+        self._admin = admin
 
     def route_for(self, path: bytes) -> Optional[tuple[ProxyResource, bytes]]:
         """The route serving ``path`` and the rest of the path after its
@@ -178,6 +188,15 @@ class Router(Resource):
             return self._health(request)
         if self._metrics is not None and path == self._metrics_path:
             return self._metrics.render(request)
+        if is_admin_path(path):
+            # Never forwarded, never through the key rules: the admin's own
+            # resource and key, or nothing.
+            if self._admin is None:
+                return write_error(
+                    request, 404, "admin_off",
+                    "The admin page is off on this port.",
+                )
+            return self._admin.render(request)
         if self.health.draining:
             # A request on a connection kept alive from before the shutdown:
             # refuse it and close that connection after the answer.
@@ -333,8 +352,12 @@ class Built:
     health: Health
     keys: KeyRules
     metrics: Metrics
+    #: The response cache, None when it is off.
+    cache: Optional[ResponseCache] = None
     #: The policy gate, or None when no policy is set.
     policy: Optional[PolicyGate] = None
+    #: The admin page and API, when ADMIN_KEY is set.
+    admin: Optional["Admin"] = None
     #: Run on every request head, in order (see :mod:`twisted_forward.headcheck`).
     head_checks: tuple[IHeadCheck, ...] = ()
 
@@ -345,12 +368,18 @@ def build_root(
     recorder: Optional[Recorder] = None,
     upstream: Optional[Upstream] = None,
     metrics: Optional[Metrics] = None,
+    cache_store: Optional[ICacheStore] = None,
     policy: Optional[PolicyGate] = None,
+    ledger: Optional[ILedger] = None,
+    limits: Optional[IKeyLimits] = None,
 ) -> Built:
     """Build the resource tree for ``config``.
 
     Metrics are collected always; they are served at ``config.metrics_path``
     on this tree unless disabled or given their own port.
+
+    :param cache_store: the response cache's store, instead of the one
+        ``config.cache`` names.
     """
     if metrics is None:
         metrics = Metrics()
@@ -363,17 +392,22 @@ def build_root(
             max_head=config.max_upstream_head,
             max_headers=config.max_upstream_headers,
         )
+    reserved = (config.admin_key,) if config.admin_key else ()
     openai_keys = KeyRules(
         DefaultKeys(config.default_keys, reactor.seconds, config.policy.key_levels),
         ForwardKeys(config.forward_keys),
         config.policy.policies.levels,
+        reserved=reserved,
     )
     if policy is None:
         policy = build_gate(config.policy, reactor, metrics)
     metrics.watch_keys(openai_keys.default)
     if isinstance(recorder, ChatRecorder):
         metrics.watch_chat_records(recorder.counts)
-    passthrough = KeyRules(DefaultKeys((), reactor.seconds), ForwardKeys(()))
+    passthrough = KeyRules(DefaultKeys((), reactor.seconds), ForwardKeys(()), reserved=reserved)
+    cache = build_cache(
+        config.cache, config.forward_keys, reactor, CacheMetrics(metrics.registry), cache_store
+    )
     _, _, upstream_cap = resolve_caps(config)
     slots = UpstreamSlots(upstream_cap)
     proxies = [
@@ -386,11 +420,17 @@ def build_root(
             config.idle_timeout,
             recorder,
             metrics,
+            cache=cache,
             policy=policy if route.kind == "openai" else None,
             upstream_slots=slots,
         )
         for route in config.routes
     ]
+    admin = None
+    if config.admin_key is not None:
+        admin = build_admin(
+            config, reactor, openai_keys.default, metrics, LiveTally(ledger), limits
+        )
     health = Health()
     served_here = config.metrics and config.metrics_port is None
     router = Router(
@@ -399,12 +439,16 @@ def build_root(
         config.healthz_path,
         MetricsResource(metrics) if served_here else None,
         config.metrics_path,
+        admin.resource if admin is not None and config.admin_port is None else None,
     )
     root = AccessGate(
         router, config.ip_whitelist, config.ip_blacklist, config.trusted_proxies,
         exempt_paths=router._health_paths,
     )
-    return Built(root, proxies, upstream, health, openai_keys, metrics, policy, (root, router))
+    return Built(
+        root, proxies, upstream, health, openai_keys, metrics, cache=cache, policy=policy,
+        admin=admin, head_checks=(root, router),
+    )
 
 
 def make_site(
