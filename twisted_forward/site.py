@@ -167,12 +167,17 @@ class Router(Resource):
     def check_head(self, request: IRequest) -> Optional[Refusal]:
         """The route's key check, made on the head (see
         :mod:`twisted_forward.headcheck`); the health check, the metrics,
-        bad targets and unknown routes are left to :meth:`render`."""
+        the admin paths (their own key), bad targets and unknown routes are
+        left to :meth:`render`."""
         try:
             path, _ = split_target(request.uri)
         except BadTarget:
             return None
-        if path in self._health_paths or (self._metrics is not None and path == self._metrics_path):
+        if (
+            path in self._health_paths
+            or (self._metrics is not None and path == self._metrics_path)
+            or is_admin_path(path)
+        ):
             return None
         found = self.route_for(path)
         return found[0].check_head(request) if found is not None else None
