@@ -216,6 +216,7 @@ class ChatRecorder:
         self.publisher = LogPublisher(*observers)
         self.chat_log = Logger(namespace=CHAT_NAMESPACE, observer=self.publisher)
         self._closables = [o for o in observers if hasattr(o, "close")]
+        self._writers = [o for o in observers if isinstance(o, ChatLogObserver)]
 
     def begin(self, info: ExchangeInfo) -> Optional[ExchangeTap]:
         """A tap for a recorded kind of exchange; None for any other."""
@@ -240,13 +241,11 @@ class ChatRecorder:
         )
 
     def counts(self) -> dict[str, int]:
-        """Waiting, failed and dropped records of the writers, summed."""
+        """Waiting, failed and dropped records of the record files, summed."""
         total = {"pending": 0, "write_failures": 0, "dropped": 0}
-        for observer in self._closables:
-            counts = getattr(observer, "counts", None)
-            if counts is not None:
-                for name, value in counts().items():
-                    total[name] = total.get(name, 0) + value
+        for writer in self._writers:
+            for name, value in writer.counts().items():
+                total[name] += value
         return total
 
     def flush(self) -> "Deferred[Any]":
