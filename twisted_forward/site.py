@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Optional, Sequence
 
 from twisted.internet.interfaces import IAddress, IReactorTime
@@ -29,12 +30,12 @@ from .admin.service import Admin, build_admin
 from .cache.hook import ResponseCache, build_cache
 from .cache.interfaces import ICacheStore
 from .cache.metrics import CacheMetrics
-from .chat.recorder import ChatRecorder, FanOut, Recorder
+from .chat.recorder import ChatRecorder, FanOut, IRecorder
 from .ledger.service import LedgerCollector
 from .config import Config
 from .errors import write_error
 from .exchange import ProxyResource
-from .framing import ForwardChannel, Refusal, body_too_large
+from .framing import ChannelSettings, ForwardChannel, Refusal, body_too_large
 from .headcheck import IHeadCheck
 from .limits import ConnectionLimits, UpstreamSlots, resolve_caps
 from .keys import DefaultKeys, ForwardKeys, KeyRules
@@ -103,7 +104,7 @@ class ForwardRequest(Request):
             self.processingFailed(Failure())
 
     def handleContentChunk(self, data: bytes) -> None:
-        limit = getattr(self.channel, "max_request_body", None)
+        limit = self.channel.max_request_body
         if limit is not None:
             self.body_received += len(data)
             if self.body_received > limit:
@@ -288,24 +289,29 @@ class ForwardSite(Site):
         # request is being answered, so long streams are not affected.
         kwargs.setdefault("timeout", CLIENT_IDLE_TIMEOUT)
         super().__init__(resource, *args, **kwargs)
-        self.max_request_body = max_request_body
-        self.max_headers = max_headers
-        self.max_header_bytes = max_header_bytes
         self.metrics = metrics
         self.head_checks = tuple(head_checks)
         self.limits = limits
-        self.head_timeout = head_timeout
-        self.body_timeout = body_timeout
+        self.channel_settings = ChannelSettings(
+            max_request_body=max_request_body,
+            max_headers=max_headers,
+            max_header_bytes=max_header_bytes,
+            head_checks=self.head_checks,
+            head_timeout=head_timeout,
+            body_timeout=body_timeout,
+            count_refusal=None if metrics is None else self._count_refusal,
+            seconds=self.reactor.seconds,
+        )
+        # Twisted's buildProtocol calls protocol() with no arguments: each
+        # channel gets its settings at construction this way.
+        self.protocol = partial(ForwardChannel, self.channel_settings)  # type: ignore[assignment]
+
+    def _count_refusal(self, code: str) -> None:
+        assert self.metrics is not None
+        self.metrics.refusals.labels(code).inc()
 
     def buildProtocol(self, addr: Optional[IAddress]) -> ForwardChannel:  # type: ignore[override]
         channel: ForwardChannel = super().buildProtocol(addr)
-        channel.max_request_body = self.max_request_body
-        channel.maxHeaders = self.max_headers
-        channel.totalHeadersSize = self.max_header_bytes
-        channel.MAX_LENGTH = self.max_header_bytes
-        channel.head_checks = self.head_checks
-        channel.head_timeout = self.head_timeout
-        channel.body_timeout = self.body_timeout
         if self.limits is not None:
             channel.admit(self.limits, addr)
         return channel
@@ -385,7 +391,7 @@ class Built:
 def build_root(
     config: Config,
     reactor: IReactorTime,
-    recorder: Optional[Recorder] = None,
+    recorder: Optional[IRecorder] = None,
     upstream: Optional[Upstream] = None,
     metrics: Optional[Metrics] = None,
     cache_store: Optional[ICacheStore] = None,

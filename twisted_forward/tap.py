@@ -29,7 +29,7 @@ from .config import (
     parse_endpoint,
     read_env_file,
 )
-from .chat.recorder import ChatRecorder, Recorder, open_chat_log
+from .chat.recorder import ChatRecorder, IRecorder, open_chat_log
 from .admin.live import LiveTally
 from .ledger import ILedger
 from .ledger.feed import feeding_recorder
@@ -293,7 +293,7 @@ def _make_service(
     feed: Optional[ILedger] = ledger
     if config.admin_key is not None:
         feed = LiveTally(ledger)
-    exchange_recorder: Optional[Recorder] = recorder
+    exchange_recorder: Optional[IRecorder] = recorder
     if feed is not None:
         prices = PriceTable.load(config.policy.prices_file, config.policy.unknown_price)
         recorder, exchange_recorder = feeding_recorder(recorder, feed, reactor, prices.cost_usd)
