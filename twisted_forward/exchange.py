@@ -32,6 +32,7 @@ from .headers import relay_response_headers, upstream_request_headers
 from .keys import KeyDecision, KeyRules, SecretMask, looks_keyed, scrub
 from .metrics import Metrics
 from .relay import Relay, ScrubbingRelay, discard
+from .state import state_of
 from .upstream import (
     BytesProducer,
     Upstream,
@@ -49,9 +50,9 @@ _ID_PREFIX = os.urandom(4).hex()
 
 def client_address(request: IRequest) -> str:
     """The client's address as the access gate resolved it, else the peer."""
-    resolved = getattr(request, "forward_client", None)
+    resolved = state_of(request).client
     if resolved is not None:
-        return str(resolved)
+        return resolved
     peer = request.getClientAddress()
     return str(getattr(peer, "host", "unix"))
 
@@ -60,8 +61,8 @@ class ProxyResource(Resource):
     """Forwards every request it renders to one upstream.
 
     It is a leaf: the router has already split the raw target, taken off
-    the route prefix and put the rest on the request as ``forward_path``
-    and ``forward_query``.
+    the route prefix and put the rest in the request's state (``path``
+    and ``query``, :mod:`.state`).
     """
 
     isLeaf = True
@@ -108,10 +109,11 @@ class ProxyResource(Resource):
                 d.callback(None)
 
     def render(self, request: IRequest) -> bytes | int:
-        path: bytes = request.forward_path
-        query: bytes = request.forward_query
+        state = state_of(request)
+        path = state.path
+        query = state.query
         decision = self.keys.decide(request.requestHeaders)
-        request.forward_key_label = decision.label
+        state.key_label = decision.label
         if decision.refusal is not None:
             self.log.info(
                 "refused {method} {path}: key ({label})",
@@ -161,8 +163,9 @@ class Exchange:
         self.status = 0
         self.sent = 0
         self.sent_upstream = 0.0
-        request.forward_route = resource.route_label
-        request.forward_key_label = decision.label
+        state = state_of(request)
+        state.route = resource.route_label
+        state.key_label = decision.label
 
     # ------------------------------------------------------------ start
 
@@ -341,7 +344,7 @@ class Exchange:
         res = self.resource
         res._closed(self)
         elapsed = res.reactor.seconds() - self.sent_upstream
-        self.request.forward_upstream_seconds = elapsed
+        state_of(self.request).upstream_seconds = elapsed
         if res.metrics is not None:
             res.metrics.ended(self.status, self.decision.label, outcome, elapsed, self.sent)
         if self.tap is not None:

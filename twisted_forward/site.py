@@ -22,13 +22,13 @@ from .access import AccessGate
 from .chat.recorder import ChatRecorder, Recorder
 from .config import Config
 from .errors import write_error
+from .exchange import ProxyResource
 from .framing import ForwardChannel, body_too_large
 from .keys import DefaultKeys, ForwardKeys, KeyRules
 from .metrics import Metrics, MetricsResource
-from .exchange import ProxyResource
+from .state import RequestState, state_of
 from .target import BadTarget, split_target
 from .upstream import Upstream
-
 
 #: Seconds a client connection may sit idle or trickle a request in.
 CLIENT_IDLE_TIMEOUT = 60
@@ -56,6 +56,11 @@ class ForwardRequest(Request):
     defaultContentType = None
     #: Body bytes received so far.
     body_received = 0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: What the stages learn about this request (:mod:`.state`).
+        self.state = RequestState()
 
     def handleContentChunk(self, data: bytes) -> None:
         limit = getattr(self.channel, "max_request_body", None)
@@ -132,8 +137,9 @@ class Router(Resource):
                 rest = path[len(prefix):]
             else:
                 continue
-            request.forward_path = rest or b"/"
-            request.forward_query = query
+            state = state_of(request)
+            state.path = rest or b"/"
+            state.query = query
             return resource.render(request)
         return write_error(
             request, 404, "unknown_route", "No route on this proxy matches the request path."
@@ -203,16 +209,17 @@ class ForwardSite(Site):
 
     def log(self, request: Request) -> None:  # type: ignore[override]
         """One line per answered request: never a key, the key's label only."""
-        error = getattr(request, "forward_error", None)
-        upstream = getattr(request, "forward_upstream_seconds", None)
+        state = state_of(request)
+        error = state.error
+        upstream = state.upstream_seconds
         fields = dict(
             method=request.method.decode("latin-1"),
             path=request.path.decode("latin-1"),
             status=request.code,
             length=request.sentLength,
-            client=getattr(request, "forward_client", "-"),
-            route=getattr(request, "forward_route", "-"),
-            key=getattr(request, "forward_key_label", "-"),
+            client=state.client or "-",
+            route=state.route,
+            key=state.key_label,
             upstream_ms=None if upstream is None else round(upstream * 1000, 1),
             error=error or "-",
         )
