@@ -357,4 +357,4 @@ class LogChatOffTests(ChatLogTestCase):
         self.patch(sys, "stderr", errors)
         with self.assertRaises(SystemExit):
             makeService(options, reactor, {"LOG_CHAT": "true", "LOG_DIR": not_a_dir})
-        self.assertIn("LOG_DIR (--log-dir): cannot write chat records there", errors.getvalue())
+        self.assertIn("LOG_DIR (--log-dir): cannot write chat records in", errors.getvalue())

@@ -342,6 +342,9 @@ class OptionsTests(SynchronousTestCase):
         service = makeService(options, reactor=reactor,
                               environ={"OPENAI_BASE_URL": "http://127.0.0.1:1", "SHUTDOWN_GRACE": "3"})
         [pool] = list(service)
+        # Bound while the service was built (a port in use stops start-up).
+        self.assertIsNotNone(pool.bound)
+        self.addCleanup(pool.bound.stopListening)
         self.assertIsInstance(pool, workers.WorkerPool)
         self.assertEqual(pool.count, 2)
         self.assertEqual(pool.grace, 3.0)

@@ -25,12 +25,17 @@ from twisted.web.iweb import IRequest, IResponse
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from .chat.recorder import ExchangeInfo, ExchangeTap, NullRecorder, Recorder
+from .cache.hook import Lookup
+from .cache.key import without_caching
+from .cache.replay import Replay
+from .cache.interfaces import IExchangeCache
+from .chat.recorder import ExchangeInfo, ExchangeTap, NullRecorder, Recorder, RequestBody
 from .config import Route
-from .errors import send_error, write_error
+from .errors import error_body, send_error, write_error
 from .headers import relay_response_headers, upstream_request_headers
-from .keys import KeyDecision, KeyRules, SecretMask, looks_keyed, scrub
+from .keys import KeyDecision, KeyRules, SecretMask, key_refused, looks_keyed, scrub
 from .metrics import Metrics
+from .policies.gate import UNLIMITED, Admission, IExchangePolicy, RequestFacts, client_digest
 from .relay import Relay, ScrubbingRelay, discard
 from .state import state_of
 from .upstream import (
@@ -39,6 +44,7 @@ from .upstream import (
     join_url,
     response_length,
 )
+from .upstream_http import head_refusal
 
 #: Statuses for which another default key is tried, if nothing was sent yet.
 _FAILOVER = frozenset({401, 429, 500, 502, 503, 504})
@@ -78,9 +84,13 @@ class ProxyResource(Resource):
         idle_timeout: float,
         recorder: Optional[Recorder] = None,
         metrics: Optional[Metrics] = None,
+        cache: Optional[IExchangeCache] = None,
+        policy: Optional[IExchangePolicy] = None,
     ) -> None:
         super().__init__()
         self.route = route
+        #: The policy hook (levels, limits, quotas), or None when none is set.
+        self.policy = policy
         self.route_label = route.prefix or "/"
         self.metrics = metrics.for_route(self.route_label) if metrics is not None else None
         self.upstream = upstream
@@ -89,6 +99,8 @@ class ProxyResource(Resource):
         self.read_timeout = read_timeout
         self.idle_timeout = idle_timeout
         self.recorder: Recorder = recorder or NullRecorder()
+        #: The response cache, when it is on for this route.
+        self.cache = cache if cache is not None and cache.on(route) else None
         #: Exchanges in flight, for draining at shutdown.
         self.open: set[Exchange] = set()
         self._drain_waiters: list[Deferred[None]] = []
@@ -121,8 +133,70 @@ class ProxyResource(Resource):
                 label=decision.label,
             )
             return write_error(request, 401, "invalid_api_key", decision.refusal)
-        exchange = Exchange(self, request, path, query, decision)
-        exchange.start()
+        if self.policy is None:
+            Exchange(self, request, path, query, decision).start()
+            return NOT_DONE_YET
+        return self._admit(request, path, query, decision)
+
+    def _admit(
+        self, request: IRequest, path: bytes, query: bytes, decision: KeyDecision
+    ) -> bytes | int:
+        """Ask the policies, then refuse or start the exchange.  A store
+        that answers at once (memory) answers within this call."""
+        assert self.policy is not None
+        credential = decision.authorization or (decision.send[0][1] if decision.send else b"")
+        facts = RequestFacts(
+            label=decision.label,
+            level=decision.level,
+            substituted=decision.substituted,
+            method=request.method,
+            path=(self.route.prefix + path.decode("latin-1")),
+            content=request.content,
+            content_type=request.getHeader(b"content-type") or b"",
+            reservation=f"{_ID_PREFIX}-{next(_ids):x}",
+            client_key=client_digest(credential) if credential else "",
+        )
+        d = self.policy.admit(facts)
+        now: list[Admission] = []
+        d.addCallback(now.append)
+        if now:
+            return self._admitted(now[0], request, path, query, decision)
+        gone: list[bool] = []
+        request.notifyFinish().addErrback(lambda _: gone.append(True))
+
+        def later(admission: Admission) -> None:
+            if gone:
+                admission.finish(False)
+                return
+            body = self._admitted(admission, request, path, query, decision)
+            if body is not NOT_DONE_YET:
+                request.write(body)  # type: ignore[arg-type]
+                request.finish()
+
+        d.addCallback(later)
+        d.addErrback(lambda f: self.log.failure("policy check failed", f))
+        return NOT_DONE_YET
+
+    def _admitted(
+        self,
+        admission: Admission,
+        request: IRequest,
+        path: bytes,
+        query: bytes,
+        decision: KeyDecision,
+    ) -> bytes | int:
+        refusal = admission.refusal
+        if refusal is not None:
+            self.log.info(
+                "refused {method} {path}: {code} ({label})",
+                method=request.method.decode("latin-1"), path=path.decode("latin-1"),
+                code=refusal.code, label=decision.label,
+            )
+            state_of(request).route = self.route_label
+            for name, value in admission.headers:
+                request.responseHeaders.setRawHeaders(name, [value])
+            return write_error(request, refusal.status, refusal.code, refusal.message)
+        Exchange(self, request, path, query, decision, admission).start()
         return NOT_DONE_YET
 
 
@@ -138,20 +212,27 @@ class Exchange:
         path: bytes,
         query: bytes,
         decision: KeyDecision,
+        admission: Admission = UNLIMITED,
     ) -> None:
         self.resource = resource
         self.request = request
         self.decision = decision
+        #: The policies' part: answer headers, body rewrite, usage, settling.
+        self.admission = admission
         self.url = join_url(resource.route.base, path, query)
         self.path = path
+        self.query = query
         self.started = resource.reactor.seconds()
         self.client_gone = False
         self.done = False
-        self.relay: Optional[Relay] = None
+        #: What reads the answer's body now, if anything.
+        self.relay: Optional[Relay | ScrubbingRelay] = None
         self.pending = None  # the Deferred for the head of the current attempt
         self.head_timer: Optional[IDelayedCall] = None
         self.timed_out = False
-        self.key_order = resource.keys.default.order() if decision.substituted else []
+        #: Default keys left to try; chosen when forwarding starts (a cache
+        #: hit takes none).
+        self.key_order: list[int] = []
         #: Masks our default keys in answers to requests we put one in.
         self.mask: Optional[SecretMask] = (
             resource.keys.default.mask() if decision.substituted else None
@@ -162,7 +243,16 @@ class Exchange:
         #: The status given to the client (0 until there is one).
         self.status = 0
         self.sent = 0
-        self.sent_upstream = 0.0
+        self.sent_upstream = self.started
+        self.info: Optional[ExchangeInfo] = None
+        #: What the response cache made of the request, once it looked.
+        self.cache_lookup: Optional[Lookup] = None
+        #: The answer came from the cache: no upstream request, no default
+        #: key, zero upstream tokens (for the policies and the ledger).
+        self.cache_hit = False
+        #: The body to forward instead of the client's (the cache took its
+        #: ``caching`` field out).
+        self.body_override: Optional[bytes] = None
         state = state_of(request)
         state.route = resource.route_label
         state.key_label = decision.label
@@ -176,34 +266,72 @@ class Exchange:
         if res.metrics is not None:
             res.metrics.started()
         if res.route.kind == "openai":
-            self.tap = res.recorder.begin(
-                ExchangeInfo(
-                    request_id=self.request_id,
-                    route=res.route.prefix or "/",
-                    method=request.method.decode("latin-1"),
-                    path=self.path.decode("latin-1"),
-                    client=client_address(request),
-                    key_label=self.decision.label,
-                    started=self.started,
-                    read_body=self._read_body,
-                )
+            self.info = ExchangeInfo(
+                request_id=self.request_id,
+                route=res.route.prefix or "/",
+                method=request.method.decode("latin-1"),
+                path=self.path.decode("latin-1"),
+                client=client_address(request),
+                key_label=self.decision.label,
+                started=self.started,
+                body=RequestBody(request.content),
             )
+            self.tap = res.recorder.begin(self.info)
         request.notifyFinish().addBoth(self._finished)
-        self._attempt()
+        if res.cache is not None:
+            d = res.cache.lookup(request, res.route, self.path + self.query, self.decision)
+            d.addCallback(self._looked_up).addErrback(self._lookup_failed)
+            return
+        self._forward()
 
-    def _read_body(self) -> bytes:
-        content = self.request.content
-        if content is None:
-            return b""
-        content.seek(0)
-        data = content.read()
-        content.seek(0)
-        return data
+    def _looked_up(self, lookup: Lookup) -> None:
+        """The cache's answer: replay a hit, else forward."""
+        if self.done or self.client_gone:
+            return
+        self.cache_lookup = lookup
+        if self.info is not None:
+            self.info.cache = lookup.result
+        cache = self.resource.cache
+        if lookup.hit and cache is not None:
+            self.cache_hit = True
+            self.status = 200
+            replay = cache.replay(self.request, lookup, self.tap)
+            replay.done.addCallback(self._replayed, replay)
+            return
+        body = lookup.body
+        if body is not None and self.admission.body is not None:
+            # The policies rewrote the client's body too (asking for usage):
+            # send theirs, without the caching field.
+            body = without_caching(self.admission.body)
+        self.body_override = body
+        if lookup.tap is not None:
+            self.tap = lookup.tap if self.tap is None else _BothTaps(self.tap, lookup.tap)
+        self._forward()
+
+    def _lookup_failed(self, failure: Failure) -> None:
+        """A bug in the cache must not hang the request: forward it."""
+        self.log.failure("cache lookup failed", failure)
+        if not (self.done or self.client_gone or self.pending or self.relay or self.cache_hit):
+            self._forward()
+
+    def _replayed(self, outcome: str, replay: Replay) -> None:
+        self.sent = replay.sent
+        self.end(outcome)
+
+    def _forward(self) -> None:
+        """Send the request upstream, with the first default key in turn."""
+        if self.decision.substituted:
+            self.key_order = self.resource.keys.default.order(self.decision.level)
+        self._attempt()
 
     def _body(self):
         """A fresh producer of the request body, or None if there is none."""
         req = self.request
+        if self.body_override is not None:
+            return BytesProducer(self.body_override)
         headers = req.requestHeaders
+        if self.admission.body is not None:
+            return BytesProducer(self.admission.body)
         if not (headers.hasHeader(b"content-length") or headers.hasHeader(b"transfer-encoding")):
             return None
         content = req.content
@@ -217,12 +345,25 @@ class Exchange:
 
     def _attempt(self) -> None:
         credentials = self.decision.send
-        if self.key_order:
+        if self.decision.substituted:
+            # Never a keyless request in place of a default key.
+            if not self.key_order:
+                self.log.warn(
+                    "no usable default key for {path}; answering 503",
+                    path=self.path.decode("latin-1"),
+                )
+                self._fail(
+                    503, "no_default_key",
+                    "The proxy has no usable API key at the moment.",
+                )
+                return
             self.key_index = self.key_order.pop(0)
             credentials = (
                 self.resource.keys.default.credential(self.key_index, self.decision.carrier),
             )
-        headers = upstream_request_headers(self.request.requestHeaders, credentials)
+        headers = upstream_request_headers(
+            self.request.requestHeaders, credentials, default_key=self.decision.substituted
+        )
         try:
             d = self.resource.upstream.request(
                 self.request.method, self.url, headers, self._body()
@@ -258,24 +399,88 @@ class Exchange:
             discard(response)
             return
         code = response.code
-        metrics = self.resource.metrics
-        if self.key_index is not None and code in _FAILOVER:
-            self._key_failed(code, response.headers)
-            if self.key_order:
-                if metrics is not None:
-                    metrics.failover(code)
-                self.log.info(
-                    "upstream {code} with {key}; trying the next default key",
-                    code=code, key=self.resource.keys.default.label(self.key_index),
+        if self.key_index is not None:
+            if code == 401:
+                # Read (bounded, timed) before deciding: only the body says
+                # whether the key is dead or the request was refused.
+                self.relay = ScrubbingRelay(
+                    self, response.headers,
+                    lambda body, outcome: self._judged_401(response, body, outcome),
                 )
-                discard(response)
-                self._attempt()
+                response.deliverBody(self.relay)
                 return
+            if code in _FAILOVER:
+                if code == 429:
+                    self.resource.keys.default.rest(
+                        self.key_index, _retry_after(response.headers)
+                    )
+                if self._fail_over(code):
+                    discard(response)
+                    return
+        self._answer_head(response)
+        request = self.request
+        if self.mask is not None and code >= 400:
+            self.relay = ScrubbingRelay(self, response.headers, self._send_whole)
+            response.deliverBody(self.relay)
+            return
+        content_type = request.responseHeaders.getRawHeaders(b"content-type") or [b""]
+        reframed = self.admission.answer_started(
+            code, content_type[0][:17].lower() == b"text/event-stream"
+        )
+        length = response_length(response)
+        if reframed:
+            request.responseHeaders.removeHeader(b"content-length")
+        elif length is not None and request.method != b"HEAD":
+            request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % length])
+        if self.tap is not None:
+            self.tap.response(code, request.responseHeaders)
+        self.relay = Relay(self)
+        response.deliverBody(self.relay)
+
+    def _fail_over(self, code: int) -> bool:
+        """Try the next default key, if there is one; True if it is tried."""
+        if not self.key_order:
+            return False
+        assert self.key_index is not None
+        if self.resource.metrics is not None:
+            self.resource.metrics.failover(code)
+        self.log.info(
+            "upstream {code} with {key}; trying the next default key",
+            code=code, key=self.resource.keys.default.label(self.key_index),
+        )
+        self._attempt()
+        return True
+
+    def _judged_401(self, response: IResponse, body: Optional[bytes], outcome: str) -> None:
+        """A default key's 401, read whole: revoke the key only if the body
+        says the key itself is dead; otherwise the 401 is this request's."""
+        self.relay = None
+        if self.client_gone or self.done:
+            return
+        assert self.key_index is not None
+        if body is not None and key_refused(body):
+            keys = self.resource.keys.default
+            keys.revoke(self.key_index)
+            self.log.warn(
+                "the upstream refused default key {key}; it leaves the rotation",
+                key=keys.label(self.key_index),
+            )
+            if self._fail_over(401):
+                return
+        self._answer_head(response)
+        self._send_whole(body, outcome)
+
+    def _answer_head(self, response: IResponse) -> None:
+        """Give the client the upstream's status and headers (not sent yet)."""
+        code = response.code
+        metrics = self.resource.metrics
         if metrics is not None:
             metrics.first_byte(self.resource.reactor.seconds() - self.sent_upstream)
         self.status = code
         request = self.request
-        request.setResponseCode(code, response.phrase)
+        # The standard reason phrase, never the upstream's (it could carry
+        # anything, a key included).
+        request.setResponseCode(code)
         # Drop what twisted.web.server.Request.process set (Server, Date):
         # the answer's headers are the upstream's.
         date = request.responseHeaders.getRawHeaders(b"date")
@@ -283,30 +488,42 @@ class Exchange:
         relay_response_headers(response.headers, request.responseHeaders)
         if date and not request.responseHeaders.hasHeader(b"date"):
             request.responseHeaders.setRawHeaders(b"date", date)  # RFC 9110 §6.6.1
+        if self.cache_lookup is not None:
+            request.responseHeaders.setRawHeaders(
+                b"x-cache", [self.cache_lookup.result.encode("ascii")]
+            )
+        for name, value in self.admission.headers:
+            request.responseHeaders.setRawHeaders(name, [value])
         if self.mask is not None:
             _mask_headers(request.responseHeaders, self.mask)
-            if code >= 400:
-                response.deliverBody(ScrubbingRelay(self))
-                return
-        length = response_length(response)
-        if length is not None and request.method != b"HEAD":
-            request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % length])
-        if self.tap is not None:
-            self.tap.response(code, request.responseHeaders)
-        self.relay = Relay(self)
-        response.deliverBody(self.relay)
 
-    def _key_failed(self, code: int, headers: Headers) -> None:
-        keys = self.resource.keys.default
-        assert self.key_index is not None
-        if code == 401:
-            keys.revoke(self.key_index)
-            self.log.warn(
-                "the upstream refused default key {key}; it leaves the rotation",
-                key=keys.label(self.key_index),
-            )
-        elif code == 429:
-            keys.rest(self.key_index, _retry_after(headers))
+    def _send_whole(self, body: Optional[bytes], outcome: str) -> None:
+        """Send an error answer read whole, masked; an unreadable one
+        (None) is replaced by the proxy's own error, with the same status."""
+        self.relay = None
+        if self.client_gone or self.done:
+            return
+        request = self.request
+        headers = request.responseHeaders
+        if body is None:
+            if outcome == "idle_timeout":
+                message = "The upstream went silent in the middle of its error answer."
+            else:
+                message = "The upstream's error answer was unreadable."
+            body = error_body(502, "upstream_error", message)
+            headers.setRawHeaders(b"content-type", [b"application/json"])
+        headers.removeHeader(b"content-encoding")
+        assert self.mask is not None
+        body = scrub(self.mask.feed(body) + self.mask.flush())
+        headers.setRawHeaders(b"content-length", [b"%d" % len(body)])
+        if self.tap is not None:
+            self.tap.response(request.code, headers)
+            self.tap.data(body)
+        if request.method != b"HEAD":
+            request.write(body)
+            self.sent += len(body)
+        self.end(outcome)
+        request.finish()
 
     def _no_head(self, failure: Failure) -> None:
         self.pending = None
@@ -318,6 +535,14 @@ class Exchange:
             return
         if failure.check(error.TimeoutError, error.TCPTimedOutError):
             self._fail(504, "upstream_timeout", "Connecting to the upstream timed out.")
+            return
+        refusal = head_refusal(failure)
+        if refusal is not None:
+            self.log.warn(
+                "refused the upstream's answer for {path}: {why}",
+                path=self.path.decode("latin-1"), why=str(refusal),
+            )
+            self._fail(502, refusal.code, "The upstream's answer head was refused.")
             return
         self.log.warn(
             "upstream unreachable for {path}: {why}",
@@ -333,6 +558,8 @@ class Exchange:
         if self.tap is not None:
             self.tap.response(status, Headers())
         self.end("proxy_error")  # first: the access line needs its timings
+        for name, value in self.admission.headers:
+            self.request.responseHeaders.setRawHeaders(name, [value])
         send_error(self.request, status, code, message)
 
     # ------------------------------------------------------------ end
@@ -344,9 +571,17 @@ class Exchange:
         res = self.resource
         res._closed(self)
         elapsed = res.reactor.seconds() - self.sent_upstream
-        state_of(self.request).upstream_seconds = elapsed
+        if not self.cache_hit:
+            state_of(self.request).upstream_seconds = elapsed
         if res.metrics is not None:
-            res.metrics.ended(self.status, self.decision.label, outcome, elapsed, self.sent)
+            res.metrics.ended(
+                self.status, self.decision.label, outcome, elapsed, self.sent,
+                upstream=not self.cache_hit,
+            )
+        # A hit spent no upstream tokens: its reservation is released.
+        self.admission.finish(
+            outcome == "complete" and 200 <= self.status < 400 and not self.cache_hit
+        )
         if self.tap is not None:
             tap, self.tap = self.tap, None
             try:
@@ -363,14 +598,16 @@ class Exchange:
             self.relay.stop()
 
     def abort(self) -> None:
-        """Cut the exchange now (shutdown grace period over)."""
+        """Cut the exchange now (shutdown grace period over): recorded with
+        the outcome ``shutdown``, before the cut connection can say
+        ``client_left``."""
         if self.done:
             return
         self._stop_upstream()
+        self.end("shutdown")
         channel = getattr(self.request, "channel", None)
         if channel is not None and channel.transport is not None:
             channel.transport.abortConnection()
-        self.end("client_left")
 
     def _finished(self, result: object) -> None:
         """The client connection finished or was lost."""
@@ -379,6 +616,28 @@ class Exchange:
         self.client_gone = True
         self._stop_upstream()
         self.end("client_left")
+
+
+class _BothTaps:
+    """Feeds one answer to two taps (the chat record, the cache)."""
+
+    def __init__(self, first: ExchangeTap, second: ExchangeTap) -> None:
+        self.first = first
+        self.second = second
+
+    def response(self, status: int, headers: Headers) -> None:
+        self.first.response(status, headers)
+        self.second.response(status, headers)
+
+    def data(self, chunk: bytes) -> None:
+        self.first.data(chunk)
+        self.second.data(chunk)
+
+    def end(self, outcome: str) -> None:
+        try:
+            self.first.end(outcome)
+        finally:
+            self.second.end(outcome)
 
 
 class _KeptOpen:
@@ -404,14 +663,19 @@ class _KeptOpen:
 
 
 def _mask_headers(headers: Headers, mask: SecretMask) -> None:
-    """Mask our keys, and anything shaped like a key, in answer headers."""
+    """Mask our keys, and anything shaped like a key, in answer headers:
+    values and names (a masked name keeps its length and stays a token)."""
     pairs = list(headers.getAllRawHeaders())
-    everything = b"\n".join(v for _, values in pairs for v in values)
+    everything = b"\n".join(b"\n".join((name, *values)) for name, values in pairs)
     if not (mask.touches(everything) or looks_keyed(everything)):
         return  # the usual case: one search instead of one per header
     for name, values in pairs:
+        masked_name = scrub(mask.feed(name) + mask.flush())
         masked = [scrub(mask.feed(v) + mask.flush()) for v in values]
-        if masked != list(values):
+        if masked_name != name:
+            headers.removeHeader(name)
+            headers.setRawHeaders(masked_name, masked)
+        elif masked != list(values):
             headers.setRawHeaders(name, masked)
 
 

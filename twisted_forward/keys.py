@@ -32,9 +32,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable, Iterable, Mapping, Optional, Sequence
 
 from twisted.web.http_headers import Headers
 
@@ -55,6 +56,30 @@ CREDENTIAL_HEADERS: tuple[bytes, ...] = (AUTHORIZATION, b"api-key", b"x-api-key"
 
 _FORWARD_PREFIX = b"fk-"
 _KEY_PATTERN = re.compile(rb"(?<![A-Za-z0-9])(sk|fk)-[A-Za-z0-9_\-*.]{3,}", re.IGNORECASE)
+
+
+#: The OpenAI error codes that say the key itself is dead (wrong, deleted,
+#: or its account deactivated), as the real API sends them with a 401.  A
+#: 401 with any other code (``mismatched_organization``, a restricted key's
+#: missing scope, ``no_organization``, ``ip_not_authorized``, none at all) is
+#: taken as caused by the request or passing, and revokes nothing.
+KEY_DEAD_CODES: frozenset[str] = frozenset({"invalid_api_key", "account_deactivated"})
+
+
+def key_refused(body: bytes) -> bool:
+    """Whether a 401's body says the key itself is invalid.
+
+    Conservative: only an OpenAI-shaped error (``{"error": {"code": ...}}``)
+    whose code is one of :data:`KEY_DEAD_CODES` counts; anything else (another
+    code, no code, a body that is not JSON) does not.
+    """
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        return False
+    error = parsed.get("error") if isinstance(parsed, dict) else None
+    code = error.get("code") if isinstance(error, dict) else None
+    return isinstance(code, str) and code in KEY_DEAD_CODES
 
 
 def looks_keyed(data: bytes) -> bool:
@@ -83,6 +108,9 @@ class KeyDecision:
         default key may be tried on failure.
     :ivar carrier: the header a substituted default key goes in.
     :ivar refusal: None, or the message of a 401 to answer instead.
+    :ivar level: the forward key's level (openai-forward 0.8's
+        FORWARD_KEY_CONFIG): which default keys it may spend and which
+        models it may use.  0 for every other request.
     """
 
     label: str
@@ -90,6 +118,7 @@ class KeyDecision:
     substituted: bool = False
     carrier: bytes = AUTHORIZATION
     refusal: Optional[str] = None
+    level: int = 0
 
     @property
     def authorization(self) -> Optional[bytes]:
@@ -105,15 +134,49 @@ def credential_value(carrier: bytes, key: bytes) -> bytes:
     return b"Bearer " + key if carrier == AUTHORIZATION else key
 
 
+@dataclass(frozen=True)
+class KeyHealth:
+    """One default key's state, by position, for the admin page.
+
+    :ivar label: ``default#N``, never the key.
+    :ivar state: ``ok``, ``resting`` (after a 429, until ``until``) or
+        ``revoked`` (the upstream refused it with a 401).
+    :ivar until: for a resting key, the clock time its rest ends.
+    """
+
+    label: str
+    state: str
+    until: Optional[float] = None
+
+
 class DefaultKeys:
     """The default keys, handed out in turn.
 
-    Keys that the upstream rejected (401) leave the rotation; keys that hit a
-    rate limit sit out until their cool-down ends.
+    Keys the upstream declared dead (a 401 whose code is in
+    :data:`KEY_DEAD_CODES`) leave the rotation; keys that hit a rate limit
+    sit out until their cool-down ends.
+
+    :param levels: per key, the forward-key levels it serves (openai-forward
+        0.8's OPENAI_API_KEY_CONFIG); None (for a key, or for all) serves
+        every level.
     """
 
-    def __init__(self, keys: Sequence[str], clock: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        keys: Sequence[str],
+        clock: Callable[[], float],
+        levels: Optional[Sequence[Optional[frozenset[int]]]] = None,
+    ) -> None:
         self._keys = [k.encode("ascii") for k in keys]
+        #: level -> the keys serving it, for levels some key is limited to.
+        self._by_level: dict[int, list[int]] = {}
+        self._unlimited = [i for i in range(len(keys)) if not levels or levels[i] is None]
+        if levels and any(served is not None for served in levels):
+            for level in set().union(*(s for s in levels if s is not None)):
+                self._by_level[level] = [
+                    i for i, served in enumerate(levels) if served is None or level in served
+                ]
+        self._next_by_level: dict[int, int] = {}
         self._clock = clock
         self._next = 0
         self._resting: dict[int, float] = {}
@@ -148,18 +211,42 @@ class DefaultKeys:
             "revoked": revoked,
         }
 
-    def order(self) -> list[int]:
+    def health(self) -> list[KeyHealth]:
+        """Each key's state now, in position order."""
+        now = self._clock()
+        out = []
+        for index in range(len(self._keys)):
+            until = self._resting.get(index)
+            if index in self._revoked:
+                out.append(KeyHealth(self.label(index), "revoked"))
+            elif until is not None and until > now:
+                out.append(KeyHealth(self.label(index), "resting", until))
+            else:
+                out.append(KeyHealth(self.label(index), "ok"))
+        return out
+
+    def order(self, level: Optional[int] = None) -> list[int]:
         """Key indices to try for one request: the next in turn first.
 
-        Resting keys come last (better a rate-limited key than none);
-        revoked keys not at all.
+        With ``level``, only the keys serving that level (when keys are
+        limited to levels at all).  Resting keys come last (better a
+        rate-limited key than none); revoked keys not at all: empty when
+        every key is revoked, and the request must then not go upstream.
         """
-        n = len(self._keys)
-        if not n:
-            return []
-        start = self._next
-        self._next = (start + 1) % n
-        rotation = list(self._rotations[start])
+        if self._by_level and level is not None:
+            serving = self._by_level.get(level, self._unlimited)
+            if not serving:
+                return []
+            start = self._next_by_level.get(level, 0) % len(serving)
+            self._next_by_level[level] = start + 1
+            rotation = serving[start:] + serving[:start]
+        else:
+            n = len(self._keys)
+            if not n:
+                return []
+            start = self._next
+            self._next = (start + 1) % n
+            rotation = list(self._rotations[start])
         if not self._resting and not self._revoked:
             return rotation
         now = self._clock()
@@ -274,11 +361,34 @@ def _refuse(message: str) -> KeyDecision:
 
 
 class KeyRules:
-    """Decides, per request, which key goes upstream."""
+    """Decides, per request, which key goes upstream.
 
-    def __init__(self, default: DefaultKeys, forward: ForwardKeys) -> None:
+    :param levels: forward-key label -> level (labels not there: level 0).
+    :param reserved: secrets that open something else (the admin key): a
+        request that carries one is refused, never forwarded.
+    """
+
+    def __init__(
+        self,
+        default: DefaultKeys,
+        forward: ForwardKeys,
+        levels: Optional[Mapping[str, int]] = None,
+        reserved: Sequence[str] = (),
+    ) -> None:
         self.default = default
         self.forward = forward
+        #: forward-key label -> level (labels not here: level 0).
+        self.levels: Mapping[str, int] = levels or {}
+        self._reserved = [hashlib.sha256(s.encode("utf-8")).digest() for s in reserved if s]
+
+    def _is_reserved(self, value: bytes) -> bool:
+        """Whether a word of ``value`` is a reserved secret (constant time per word)."""
+        found = False
+        for word in value.split():
+            digest = hashlib.sha256(word).digest()
+            for reserved in self._reserved:
+                found |= hmac.compare_digest(digest, reserved)
+        return found
 
     @property
     def open_relay(self) -> bool:
@@ -304,6 +414,8 @@ class KeyRules:
             if kind == _Credential.FORWARD:
                 forward.append((name, token))
             elif kind == _Credential.OWN:
+                if self._reserved and self._is_reserved(token):
+                    return _refuse("This key is not accepted here.")
                 own.append((name, token))
         if forward:
             if len(forward) + len(own) > 1:
@@ -312,7 +424,9 @@ class KeyRules:
             label = self.forward.lookup(token)
             if label is None:
                 return _refuse("Incorrect forward key provided.")
-            return KeyDecision(label, substituted=True, carrier=carrier)
+            return KeyDecision(
+                label, substituted=True, carrier=carrier, level=self.levels.get(label, 0)
+            )
         if own:
             return KeyDecision(CLIENT_KEY, send=tuple(own))
         if self.forward:

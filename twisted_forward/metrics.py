@@ -95,6 +95,19 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.policy_refusals = Counter(
+            "openai_forward_policy_refusals",
+            "Requests refused by a key policy, by key label and reason "
+            "(model_not_allowed, rate_limit_exceeded, insufficient_quota, limits_unavailable).",
+            ["key", "reason"],
+            registry=r,
+        )
+        self.policy_store_failures = Counter(
+            "openai_forward_policy_store_failures",
+            "Requests for which the policy store did not answer (served or refused "
+            "as LIMITS_ON_STORE_FAILURE says).",
+            registry=r,
+        )
 
 
 class RouteMetrics:
@@ -123,8 +136,12 @@ class RouteMetrics:
         """A default key got ``status``; the next one is tried."""
         self._metrics.failovers.labels(self._route, str(status)).inc()
 
-    def ended(self, status: int, key: str, outcome: str, seconds: float, sent: int) -> None:
-        """An exchange ended; ``status`` 0 when no answer head was given."""
+    def ended(
+        self, status: int, key: str, outcome: str, seconds: float, sent: int,
+        upstream: bool = True,
+    ) -> None:
+        """An exchange ended; ``status`` 0 when no answer head was given;
+        ``upstream`` False when no upstream was asked (a cache hit)."""
         self._open.dec()
         labels = (str(status or "none"), key, outcome)
         counter = self._requests.get(labels)
@@ -133,7 +150,7 @@ class RouteMetrics:
                 self._route, *labels
             )
         counter.inc()
-        if status:
+        if status and upstream:
             self._upstream.observe(seconds)
         if sent:
             self._bytes.inc(sent)

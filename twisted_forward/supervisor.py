@@ -44,6 +44,8 @@ from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from .exitstatus import give_up
+
 #: The file descriptor a worker finds the listening socket on.
 LISTEN_FD = 3
 #: A worker that ran this long is restarted at once when it dies.
@@ -51,6 +53,9 @@ STABLE_AFTER = 10.0
 #: Restart delays for workers that keep dying young.
 FIRST_DELAY = 0.5
 MAX_DELAY = 30.0
+#: A worker that dies young this many times in a row makes the supervisor
+#: give up and exit 1: a broken set-up that restarting does not mend.
+GIVE_UP_AFTER = 3
 #: Extra time after the shutdown grace before stragglers are killed.
 KILL_MARGIN = 10.0
 #: The environment variable holding a worker's number (1..N).
@@ -143,6 +148,7 @@ class WorkerPool(Service):
         grace: float,
         reactor: Any,
         executable: str = sys.executable,
+        port: Optional[IListeningPort] = None,
     ) -> None:
         if count < 1:
             raise WorkersError("--workers must be at least 1")
@@ -153,10 +159,17 @@ class WorkerPool(Service):
         self.grace = grace
         self.reactor = reactor
         self.executable = executable
+        #: Bound by :func:`make_supervisor` already, or bound at start.
+        self.bound = port
         self.port: Optional[IListeningPort] = None
         self.workers: dict[int, _Worker] = {}
         self.restarts: dict[int, IDelayedCall] = {}
         self.delays: dict[int, float] = {}
+        #: Worker index -> deaths in a row before STABLE_AFTER.
+        self.young_deaths: dict[int, int] = {}
+        #: Whether a worker ever ran STABLE_AFTER seconds: past that, a
+        #: worker dying young is restarted (with back-off), never given up on.
+        self.stable = False
         self.stopping = False
         self._all_ended: list[defer.Deferred[None]] = []
         #: Fires with the listening port once it is bound (for tests).
@@ -167,12 +180,20 @@ class WorkerPool(Service):
     def startService(self) -> None:
         super().startService()
         self.stopping = False
+        if self.bound is not None:
+            bound, self.bound = self.bound, None
+            self._bound(bound)
+            return
         d = endpoints.serverFromString(self.reactor, self.endpoint).listen(SharedSocket())
         d.addCallbacks(self._bound, self._bind_failed)
 
     def _bind_failed(self, failure: Failure) -> None:
-        self.log.failure("cannot listen on {endpoint}", failure, endpoint=self.endpoint)
-        self.reactor.stop()
+        from .listening import listen_error
+
+        self.log.error(
+            "cannot start: --port: {why}", why=listen_error(failure.value, self.endpoint)
+        )
+        give_up(self.reactor)
 
     def _bound(self, port: IListeningPort) -> None:
         # The supervisor keeps the socket open for the workers but never
@@ -230,8 +251,20 @@ class WorkerPool(Service):
             return
         lived = self.reactor.seconds() - worker.started
         if lived >= STABLE_AFTER:
+            self.young_deaths[worker.index] = 0
+            self.stable = True
             delay = 0.0
         else:
+            deaths = self.young_deaths[worker.index] = self.young_deaths.get(worker.index, 0) + 1
+            if deaths >= GIVE_UP_AFTER and not self._ever_stable():
+                self.log.error(
+                    "cannot start: worker {index} ended {deaths} times in a row within "
+                    "{stable:.0f}s of starting (last: {why}); its own error is above. "
+                    "Stopping: fix the cause and start again",
+                    index=worker.index, deaths=deaths, stable=STABLE_AFTER, why=why,
+                )
+                give_up(self.reactor)
+                return
             delay = min(MAX_DELAY, max(FIRST_DELAY, 2 * self.delays.get(worker.index, 0.0)))
         self.delays[worker.index] = delay
         self.log.warn(
@@ -240,6 +273,12 @@ class WorkerPool(Service):
             index=worker.index, pid=worker.pid, lived=lived, why=why, delay=delay,
         )
         self.restarts[worker.index] = self.reactor.callLater(delay, self._spawn, worker.index)
+
+    def _ever_stable(self) -> bool:
+        now = self.reactor.seconds()
+        if any(now - w.started >= STABLE_AFTER for w in self.workers.values()):
+            self.stable = True
+        return self.stable
 
     # ------------------------------------------------------------ stop
 
@@ -297,7 +336,14 @@ def make_supervisor(
     reactor: Any,
 ) -> IService:
     """The service twistd runs for ``--workers N``."""
+    from .listening import endpoint_from_string, listen_now
+
     check_endpoint(reactor, endpoint)
+    # Bound now, so a port in use stops start-up with one line (see
+    # twisted_forward.listening).
+    port = listen_now(
+        endpoint_from_string(reactor, endpoint, "--port"), SharedSocket(), "--port", endpoint
+    )
     top = MultiService()
-    WorkerPool(count, endpoint, options, environ, grace, reactor).setServiceParent(top)
+    WorkerPool(count, endpoint, options, environ, grace, reactor, port=port).setServiceParent(top)
     return top

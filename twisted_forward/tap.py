@@ -12,9 +12,10 @@ import os
 import sys
 from typing import Any, Optional
 
-from twisted.application import strports
+from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService, Service
-from twisted.internet import defer, endpoints
+from twisted.internet import defer
+from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.internet.interfaces import IReactorCore
 from twisted.logger import Logger
 from twisted.python import usage
@@ -32,6 +33,8 @@ from .config import (
 from .chat.recorder import ChatRecorder, open_chat_log
 from .metrics import MetricsResource
 from .access import AccessGate
+from .admin.service import AdminService
+from .listening import BoundEndpoint, endpoint_from_string, listen_now
 from .site import Built, ForwardSite, build_root
 
 
@@ -88,10 +91,34 @@ def open_recorder(config: Config, reactor: IReactorCore) -> Optional[ChatRecorde
     if not config.log_chat:
         return None
     secrets = config.default_keys + tuple(k.key for k in config.forward_keys)
+    if config.admin_key is not None:
+        secrets += (config.admin_key,)
     try:
         return open_chat_log(config.log_dir, reactor, secrets)
     except OSError as e:
-        raise ConfigError(f"LOG_DIR (--log-dir): cannot write chat records there ({e})") from None
+        raise log_dir_error(config, e) from None
+
+
+def log_dir_error(config: Config, e: OSError) -> ConfigError:
+    """The one-line start-up error for a LOG_DIR the proxy cannot write to."""
+    why = e.strerror or str(e)
+    return ConfigError(
+        f"LOG_DIR (--log-dir): cannot write chat records in {config.log_dir!r} ({why}): "
+        "make that folder writable by this user, choose another, or set LOG_CHAT=false"
+    )
+
+
+def check_log_dir(config: Config) -> None:
+    """Create LOG_DIR and check it is writable, without opening a recorder
+    (the supervisor's check, before its workers open theirs)."""
+    if not config.log_chat:
+        return
+    try:
+        os.makedirs(config.log_dir, exist_ok=True)
+        if not os.access(config.log_dir, os.W_OK | os.X_OK):
+            raise PermissionError(13, "Permission denied")
+    except OSError as e:
+        raise log_dir_error(config, e) from None
 
 
 class ProxyService(Service):
@@ -150,8 +177,17 @@ class ProxyService(Service):
         try:
             yield self.built.upstream.close()
         finally:
-            if self.recorder is not None:
-                yield self.recorder.close()
+            try:
+                if self.built.cache is not None:
+                    # After the drain: the last answers have been stored.
+                    yield self.built.cache.close()
+                if self.built.policy is not None:
+                    # Every exchange has ended (and so settled or released its
+                    # reservation): let go of the store.
+                    yield self.built.policy.store.close()
+            finally:
+                if self.recorder is not None:
+                    yield self.recorder.close()
         # twistd and twist re-raise the terminating signal at exit, so a
         # supervisor would see "killed by SIGTERM".  The shutdown was
         # orderly: report success (exit status 0) instead.
@@ -163,49 +199,72 @@ def makeService(
     options: Options,
     reactor: Optional[IReactorCore] = None,
     environ: Optional[dict[str, str]] = None,
+    endpoint: Optional[IStreamServerEndpoint] = None,
 ) -> IService:
-    """Build the proxy's service tree from parsed options.
+    """Build the proxy's service tree from parsed options, and bind its ports.
+
+    Any start-up failure found here (a bad setting, a port that cannot be
+    had, an unreadable TLS file, an unwritable folder) is one line on
+    standard error and exit status 1: this runs before twistd redirects
+    standard error to its log and before a daemon forks.
 
     :param environ: the environment to read settings from (tests pass
         their own); ``os.environ`` by default.
+    :param endpoint: serve on this endpoint instead of ``--port`` (a worker
+        adopting its supervisor's socket).
     """
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor  # type: ignore[assignment]
     try:
-        config = load(options, environ)
-        endpoints.serverFromString(reactor, options["endpoint"])
-        if config.metrics_port is not None:
-            endpoints.serverFromString(reactor, config.metrics_port)
-        if options["workers"]:
-            from .supervisor import make_supervisor
-
-            if config.metrics_port is not None:
-                # Every worker would bind it.
-                raise ConfigError("METRICS_PORT (--metrics-port): not with --workers")
-
-            return make_supervisor(
-                options["workers"],
-                options["endpoint"],
-                {"port": options["port"], "env-file": options["env-file"],
-                 **options.setting_values()},
-                dict(os.environ if environ is None else environ),
-                config.shutdown_grace,
-                reactor,
-            )
-        recorder = open_recorder(config, reactor)
-    except IndexError:
-        # serverFromString's systemd: parser, when no socket was passed in.
-        sys.stderr.write(
-            "openai-forward: --port/--metrics-port: no inherited socket at that "
-            "index (systemd: needs LISTEN_FDS and LISTEN_FDNAMES)\n"
-        )
-        raise SystemExit(1)
+        return _make_service(options, reactor, environ, endpoint)  # type: ignore[arg-type]
     except (ConfigError, ValueError) as e:
         # One clear line, not a traceback.
         sys.stderr.write(f"openai-forward: {e}\n")
+        sys.stderr.flush()
         raise SystemExit(1)
+
+
+def _make_service(
+    options: Options,
+    reactor: IReactorCore,
+    environ: Optional[dict[str, str]],
+    endpoint: Optional[IStreamServerEndpoint],
+) -> IService:
+    config = load(options, environ)
+    if endpoint is None:
+        endpoint = endpoint_from_string(reactor, options["endpoint"], "--port")
+    metrics_endpoint = None
+    if config.metrics_port is not None:
+        metrics_endpoint = endpoint_from_string(
+            reactor, config.metrics_port, "METRICS_PORT (--metrics-port)"
+        )
+    admin_endpoint = None
+    if config.admin_port is not None:
+        admin_endpoint = endpoint_from_string(
+            reactor, config.admin_port, "ADMIN_PORT (--admin-port)"
+        )
+    if options["workers"]:
+        from .supervisor import make_supervisor
+
+        if config.metrics_port is not None:
+            # Every worker would bind it.
+            raise ConfigError("METRICS_PORT (--metrics-port): not with --workers")
+        if config.admin_port is not None:
+            raise ConfigError("ADMIN_PORT (--admin-port): not with --workers")
+        check_log_dir(config)
+
+        return make_supervisor(
+            options["workers"],
+            options["endpoint"],
+            {"port": options["port"], "env-file": options["env-file"],
+             **options.setting_values()},
+            dict(os.environ if environ is None else environ),
+            config.shutdown_grace,
+            reactor,
+        )
+    recorder = open_recorder(config, reactor)
     top = MultiService()
     built = build_root(config, reactor, recorder=recorder)  # type: ignore[arg-type]
     ProxyService(built, config, reactor, recorder).setServiceParent(top)  # type: ignore[arg-type]
@@ -214,9 +273,41 @@ def makeService(
     )
     site.metrics = built.metrics
     site.gate = built.root if isinstance(built.root, AccessGate) else None
-    strports.service(options["endpoint"], site, reactor=reactor).setServiceParent(top)
-    if config.metrics and config.metrics_port is not None:
+    if built.admin is not None:
+        # Added before the listeners: stopped after they are, it ends the
+        # open event streams so the proxy can drain.
+        AdminService(built.admin).setServiceParent(top)
+    admin_site = None
+    if built.admin is not None and admin_endpoint is not None:
+        admin_site = Site(
+            AccessGate(built.admin.resource, config.ip_whitelist, config.ip_blacklist,
+                       config.trusted_proxies),
+            reactor=reactor,
+        )
+        admin_site.noisy = False
+    metrics_site = None
+    if config.metrics and metrics_endpoint is not None:
         metrics_site = Site(MetricsResource(built.metrics), reactor=reactor)
         metrics_site.noisy = False
-        strports.service(config.metrics_port, metrics_site, reactor=reactor).setServiceParent(top)
+    # Bound last, so nothing after can fail with a port left open.
+    port = listen_now(endpoint, site, "--port", options["port"])
+    StreamServerEndpointService(BoundEndpoint(port, site), site).setServiceParent(top)
+    bound = [port]
+    for extra_site, extra_endpoint, name, value in (
+        (metrics_site, metrics_endpoint, "METRICS_PORT (--metrics-port)", config.metrics_port),
+        (admin_site, admin_endpoint, "ADMIN_PORT (--admin-port)", config.admin_port),
+    ):
+        if extra_site is None:
+            continue
+        assert extra_endpoint is not None
+        try:
+            extra_port = listen_now(extra_endpoint, extra_site, name, value or "")
+        except ConfigError:
+            for done in bound:
+                done.stopListening()
+            raise
+        bound.append(extra_port)
+        StreamServerEndpointService(
+            BoundEndpoint(extra_port, extra_site), extra_site
+        ).setServiceParent(top)
     return top

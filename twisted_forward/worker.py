@@ -16,7 +16,6 @@ import socket
 import sys
 from typing import Any, Callable, Optional
 
-from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import defer, endpoints, fdesc
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.internet.protocol import Factory
@@ -131,10 +130,10 @@ def worker_main() -> None:
     options = Options()
     values = {k: v for k, v in spec["options"].items() if k != "workers"}
     options.parseOptions(_options_argv(values))
-    service = makeService(options, reactor=reactor)
+    service = makeService(
+        options, reactor=reactor, endpoint=SharedSocketEndpoint(reactor, LISTEN_FD, family)
+    )
     for child in service:  # type: ignore[attr-defined]
-        if isinstance(child, StreamServerEndpointService):
-            child.endpoint = SharedSocketEndpoint(reactor, LISTEN_FD, family)
         if isinstance(child, ProxyService):
             child.built.health.extra.update({"worker": index, "pid": os.getpid()})
 
