@@ -295,7 +295,7 @@ class Exchange:
         if lookup.hit and cache is not None:
             self.cache_hit = True
             self.status = 200
-            replay = cache.replay(self.request, lookup, self.tap)
+            replay = cache.replay(self.request, lookup, self.tap, self.admission.headers)
             replay.done.addCallback(self._replayed, replay)
             return
         body = lookup.body
