@@ -158,7 +158,12 @@ class ProxyResource(Resource):
         )
         d = self.policy.admit(facts)
         now: list[Admission] = []
-        d.addCallback(now.append)
+
+        def at_once(admission: Admission) -> Admission:
+            now.append(admission)
+            return admission
+
+        d.addCallback(at_once)
         if now:
             return self._admitted(now[0], request, path, query, decision)
         gone: list[bool] = []
