@@ -380,6 +380,20 @@
     return parts.length ? parts.join(" · ") : "none";
   }
 
+  function remaining(left) {
+    if (!left) { return "–"; }
+    if (left.error) { return left.error; }
+    var names = Object.keys(left);
+    if (!names.length) { return "–"; }
+    return names.map(function (name) {
+      var r = left[name];
+      var fmt = /^usd/.test(name) ? usd : int;
+      var text = name.replace(/_/g, " ") + " " + fmt(r.remaining) + " of " + fmt(r.limit);
+      if (r.reset_seconds) { text += " (resets in " + Math.ceil(r.reset_seconds) + " s)"; }
+      return text;
+    }).join(" · ");
+  }
+
   function showKeys(keys) {
     var body = $("default-keys-table").tBodies[0];
     clear(body);
@@ -398,7 +412,7 @@
       fbody.appendChild(el("tr", { "data-key": k.label }, [
         el("td", { text: k.label }),
         el("td", { cls: "wrap", text: k.policy ? describe(k.policy) : "no limits" }),
-        el("td", { cls: "wrap remaining", text: k.remaining ? describe(k.remaining) : "–" })]));
+        el("td", { cls: "wrap remaining", text: remaining(k.remaining) })]));
     });
     if (!keys.forward_keys.length) {
       fbody.appendChild(el("tr", null, [el("td", { colspan: "3", cls: "muted", text: "No forward keys." })]));
