@@ -55,7 +55,12 @@
   function int(n) { return (n || 0).toLocaleString("en-US"); }
   function usd(n) {
     n = n || 0;
-    return "$" + (n >= 100 ? n.toFixed(2) : n >= 1 ? n.toFixed(3) : n.toFixed(4));
+    if (n === 0) { return "$0"; }
+    if (n >= 100) { return "$" + n.toFixed(2); }
+    if (n >= 0.01) { return "$" + n.toFixed(4).replace(/0+$/, "").replace(/\.$/, ""); }
+    // Small sums: two significant digits, not a row of zeros.
+    var decimals = Math.min(10, 1 - Math.floor(Math.log10(n)));
+    return "$" + n.toFixed(decimals);
   }
   function rate(n) { return n >= 100 ? Math.round(n).toLocaleString("en-US") : (n || 0).toFixed(1); }
   function utc(seconds) {
