@@ -201,6 +201,15 @@ class ForwardSite(Site):
         channel.MAX_LENGTH = self.max_header_bytes
         return channel
 
+    def serve(self, built: "Built", max_request_body: Optional[int]) -> None:
+        """Answer new requests with ``built``'s tree (at start and at each
+        reload); a request already being answered keeps the tree it started
+        with, and a kept-alive connection its body cap."""
+        self.resource = built.root
+        self.metrics = built.metrics
+        self.gate = built.root if isinstance(built.root, AccessGate) else None
+        self.max_request_body = max_request_body
+
     def log(self, request: Request) -> None:  # type: ignore[override]
         """One line per answered request: never a key, the key's label only."""
         error = getattr(request, "forward_error", None)
@@ -250,11 +259,15 @@ def build_root(
     recorder: Optional[Recorder] = None,
     upstream: Optional[Upstream] = None,
     metrics: Optional[Metrics] = None,
+    health: Optional[Health] = None,
 ) -> Built:
     """Build the resource tree for ``config``.
 
     Metrics are collected always; they are served at ``config.metrics_path``
-    on this tree unless disabled or given their own port.
+    on this tree unless disabled or given their own port.  A reload builds
+    a new tree with the long-lived parts of the old one passed in (the
+    upstream pool when its settings are the same, the metrics, the health
+    state).
     """
     if metrics is None:
         metrics = Metrics()
@@ -286,7 +299,8 @@ def build_root(
         )
         for route in config.routes
     ]
-    health = Health()
+    if health is None:
+        health = Health()
     served_here = config.metrics and config.metrics_port is None
     router = Router(
         [(p.route.prefix, p) for p in proxies],

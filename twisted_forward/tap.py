@@ -9,8 +9,9 @@ environment and ``.env``, validates, and builds the service tree.
 from __future__ import annotations
 
 import os
+import signal
 import sys
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService, Service
@@ -32,8 +33,8 @@ from .config import (
 )
 from .chat.recorder import ChatRecorder, open_chat_log
 from .metrics import MetricsResource
-from .access import AccessGate
 from .listening import BoundEndpoint, endpoint_from_string, listen_now
+from .reload import ConfigSource, install_handler, restart_only_changes
 from .site import Built, ForwardSite, build_root
 
 
@@ -119,13 +120,21 @@ def check_log_dir(config: Config) -> None:
 
 
 class ProxyService(Service):
-    """Owns the proxy's lifetime: start-up lines, draining, closing the pool.
+    """Owns the proxy's lifetime: start-up lines, reloads, draining, closing
+    the pool.
+
+    On SIGHUP it reloads (:mod:`twisted_forward.reload`): the configuration
+    is read again and, if valid, a new resource tree serves new requests
+    while open ones finish on the tree they started with.
 
     On stop it marks the proxy draining (``/healthz`` answers 503), lets open
     exchanges finish for up to ``grace`` seconds, then cuts the rest and
     closes the upstream connections; last, the chat records are flushed and
     closed, so every exchange answered is on disk.  The listening port,
     stopped first by the parent service, takes no new connections meanwhile.
+
+    :param site: the site whose tree a reload swaps.
+    :param source: where a reload reads the configuration; None: no reloads.
     """
 
     log = Logger()
@@ -136,14 +145,27 @@ class ProxyService(Service):
         config: Config,
         reactor: IReactorCore,
         recorder: Optional[ChatRecorder] = None,
+        site: Optional[ForwardSite] = None,
+        source: Optional[ConfigSource] = None,
     ) -> None:
         self.built = built
         self.config = config
         self.reactor = reactor
         self.recorder = recorder
+        self.site = site
+        self.source = source
+        #: Earlier generations with exchanges still open: (built, recorder,
+        #: whether its upstream pool is its own).
+        self.retired: list[tuple[Built, Optional[ChatRecorder], bool]] = []
+        self._restore_sighup: Optional[Callable[[], None]] = None
 
     def startService(self) -> None:
         super().startService()
+        self._describe()
+        if self.source is not None and self.site is not None:
+            self._restore_sighup = install_handler(signal.SIGHUP, self.reactor, self.reload)
+
+    def _describe(self) -> None:
         for line in describe(self.config):
             self.log.info("{line}", line=line)
         if self.built.keys.open_relay:
@@ -153,34 +175,110 @@ class ProxyService(Service):
                 "access with IP_WHITELIST."
             )
 
+    # ------------------------------------------------------------ reload
+
+    def reload(self) -> bool:
+        """Read the configuration again and serve new requests with it.
+
+        :returns: whether the new configuration is in effect (if not, the
+            reason is logged and the running configuration stays).
+        """
+        if self.source is None or self.site is None or not self.running:
+            return False
+        shadowed = self.source.shadowed_changes()
+        try:
+            config = self.source.load()
+            restart_only_changes(self.config, config)
+            same_pool = _pool_settings(config) == _pool_settings(self.config)
+            recorder = open_recorder(config, self.reactor)
+            try:
+                built = build_root(
+                    config, self.reactor, recorder=recorder,  # type: ignore[arg-type]
+                    upstream=self.built.upstream if same_pool else None,
+                    metrics=self.built.metrics, health=self.built.health,
+                )
+            except BaseException:
+                if recorder is not None:
+                    recorder.close()
+                raise
+        except (ConfigError, ValueError, OSError) as e:
+            self.log.error(
+                "reload refused: {why}; the running configuration stays", why=str(e)
+            )
+            return False
+        for name in shadowed:
+            self.log.warn(
+                "reload: {name} changed in {file} but has no effect: the environment "
+                "of a running process cannot change; restart with the new value",
+                name=name, file=self.source.env_file,
+            )
+        self.site.serve(built, config.max_request_body)
+        self.retired.append((self.built, self.recorder, not same_pool))
+        self.built, self.config, self.recorder = built, config, recorder
+        self.log.info("reloaded the configuration; open requests finish on the previous one")
+        self._describe()
+        self._close_drained()
+        return True
+
+    def _close_drained(self) -> None:
+        """Close what retired generations own, once their exchanges ended."""
+        for generation in list(self.retired):
+            built, recorder, own_pool = generation
+            if any(p.open for p in built.proxies):
+                defer.DeferredList([p.drained() for p in built.proxies]).addCallback(
+                    lambda _: self._close_drained()
+                )
+                continue
+            self.retired.remove(generation)
+            if own_pool:
+                built.upstream.close()
+            if recorder is not None:
+                recorder.close()
+
+    # ------------------------------------------------------------ stop
+
     @defer.inlineCallbacks
     def stopService(self) -> Any:
         super().stopService()
+        if self._restore_sighup is not None:
+            self._restore_sighup()
+            self._restore_sighup = None
         self.built.health.draining = True
-        open_count = sum(len(p.open) for p in self.built.proxies)
+        generations = [(self.built, self.recorder, True)] + self.retired
+        self.retired = []
+        proxies = [p for built, _, _ in generations for p in built.proxies]
+        open_count = sum(len(p.open) for p in proxies)
         if open_count:
             self.log.info(
                 "draining {count} open request(s) for up to {grace}s",
                 count=open_count, grace=self.config.shutdown_grace,
             )
-            drained = defer.DeferredList(
-                [p.drained() for p in self.built.proxies], consumeErrors=True
-            )
+            drained = defer.DeferredList([p.drained() for p in proxies], consumeErrors=True)
             # On timeout the DeferredList is cancelled, which fires it.
             yield drained.addTimeout(self.config.shutdown_grace, self.reactor)
-            for proxy in self.built.proxies:
+            for proxy in proxies:
                 for exchange in list(proxy.open):
                     exchange.abort()
         try:
-            yield self.built.upstream.close()
+            yield defer.DeferredList(
+                [built.upstream.close() for built, _, own_pool in generations if own_pool],
+                consumeErrors=True,
+            )
         finally:
-            if self.recorder is not None:
-                yield self.recorder.close()
+            yield defer.DeferredList(
+                [recorder.close() for _, recorder, _ in generations if recorder is not None],
+                consumeErrors=True,
+            )
         # twistd and twist re-raise the terminating signal at exit, so a
         # supervisor would see "killed by SIGTERM".  The shutdown was
         # orderly: report success (exit status 0) instead.
         if getattr(self.reactor, "_exitSignal", None) is not None:
             self.reactor._exitSignal = None  # type: ignore[attr-defined]
+
+
+def _pool_settings(config: Config) -> tuple[Any, ...]:
+    """The settings the upstream connection pool is built from."""
+    return (config.connect_timeout, config.proxy, config.ssl_cert_file)
 
 
 def makeService(
@@ -220,7 +318,12 @@ def _make_service(
     environ: Optional[dict[str, str]],
     endpoint: Optional[IStreamServerEndpoint],
 ) -> IService:
-    config = load(options, environ)
+    source = ConfigSource(
+        options.setting_values(),
+        dict(os.environ if environ is None else environ),
+        options["env-file"],
+    )
+    config = source.load()
     if endpoint is None:
         endpoint = endpoint_from_string(reactor, options["endpoint"], "--port")
     metrics_endpoint = None
@@ -244,16 +347,18 @@ def _make_service(
             dict(os.environ if environ is None else environ),
             config.shutdown_grace,
             reactor,
+            source=source,
         )
     recorder = open_recorder(config, reactor)
     top = MultiService()
     built = build_root(config, reactor, recorder=recorder)  # type: ignore[arg-type]
-    ProxyService(built, config, reactor, recorder).setServiceParent(top)  # type: ignore[arg-type]
     site = ForwardSite(
         built.root, reactor=reactor, max_request_body=config.max_request_body
     )
-    site.metrics = built.metrics
-    site.gate = built.root if isinstance(built.root, AccessGate) else None
+    site.serve(built, config.max_request_body)
+    ProxyService(
+        built, config, reactor, recorder, site=site, source=source  # type: ignore[arg-type]
+    ).setServiceParent(top)
     metrics_site = None
     if config.metrics and metrics_endpoint is not None:
         metrics_site = Site(MetricsResource(built.metrics), reactor=reactor)
