@@ -10,7 +10,8 @@ It records every request it sees and answers by path:
 - ``GET /v1/models``, ``DELETE /v1/files/<id>``: small JSON answers.
 - ``POST /v1/files``: echoes the raw body and its content type.
 - ``/echo``: the request as the upstream saw it, as JSON.
-- ``/status/<code>``: that status with an OpenAI-style error body.
+- ``/status/<code>``: that status with an OpenAI-style error body (a 401
+  says ``invalid_api_key``, as the real API does for a dead key).
 - ``/stall``: never answers (until the test fires :attr:`stall`).
 - ``/drop``: sends half a declared body, then closes the connection.
 - ``/reset``: one SSE event, then resets the connection when the test fires
@@ -176,7 +177,8 @@ class FakeOpenAI(Resource):
                     "error": {
                         "message": f"status {code}; key used: {auth[7:]}",
                         "type": "test",
-                        "code": None,
+                        # A 401 as the real API gives it for a dead key.
+                        "code": "invalid_api_key" if code == 401 else None,
                     }
                 },
                 code=code,

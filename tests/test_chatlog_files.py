@@ -31,7 +31,7 @@ from twisted_forward.chat.files import (
     secret_forms,
 )
 from twisted_forward.chat.export import ExportOptions, export, main
-from twisted_forward.chat.recorder import ChatRecorder, ExchangeInfo
+from twisted_forward.chat.recorder import RequestBody, ChatRecorder, ExchangeInfo
 
 from .fake_upstream import chat_chunks
 
@@ -277,9 +277,11 @@ class ObserverTests(SynchronousTestCase):
         self.assertEqual(len(lines_in(self.dir)), 5)
 
 
-def info(path: str = "/v1/chat/completions", body: bytes = b"{}", **kw: Any) -> ExchangeInfo:
+def info(path: str = "/v1/chat/completions", body: Any = b"{}", **kw: Any) -> ExchangeInfo:
+    if isinstance(body, bytes):
+        body = RequestBody(io.BytesIO(body))
     fields = dict(request_id="id-1", route="/", method="POST", path=path, client="10.0.0.9",
-                  key_label="team-a", started=100.0, read_body=lambda: body)
+                  key_label="team-a", started=100.0, body=body)
     fields.update(kw)
     return ExchangeInfo(**fields)
 
@@ -335,10 +337,11 @@ class RecorderTests(SynchronousTestCase):
         self.assertEqual((rec["status"], rec["client_left"]), (None, True))
 
     def test_tap_never_raises(self):
-        def boom() -> bytes:
-            raise OSError("gone")
+        class Gone(RequestBody):
+            def head(self, size: int) -> bytes:
+                raise OSError("gone")
 
-        self.assertIsNone(self.recorder.begin(info(read_body=boom)))
+        self.assertIsNone(self.recorder.begin(info(body=Gone(None))))
         self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
         tap = self.recorder.begin(info())
         tap.data(b"before any head")

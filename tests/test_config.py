@@ -72,6 +72,7 @@ class LoadTests(SynchronousTestCase):
             (config.connect_timeout, config.read_timeout, config.idle_timeout), (10, 600, 300)
         )
         self.assertEqual(config.max_request_body, 512 * 1024 * 1024)
+        self.assertEqual((config.max_upstream_head, config.max_upstream_headers), (65536, 100))
 
     def test_precedence_options_env_dotenv(self):
         env_file = {"READ_TIMEOUT": "1", "IDLE_TIMEOUT": "2", "CONNECT_TIMEOUT": "3"}
@@ -141,6 +142,8 @@ class LoadTests(SynchronousTestCase):
             "IP_WHITELIST": ["10.0.0.300", "10.0.0.0/33", "localhost"],
             "TRUSTED_PROXIES": ["1.2.3"],
             "MAX_REQUEST_BODY": ["big", "0", "12 parsecs"],
+            "MAX_UPSTREAM_HEAD": ["big", "0"],
+            "MAX_UPSTREAM_HEADERS": ["many", "0", "-3", "1.5"],
             "LOG_CHAT": ["maybe"],
             "FORWARD_KEY": ["sk-notforward"],
             "FORWARD_CONFIG": ["{", "[]", '[{"route": "/"}]', '[{"base_url": "http://a", "type": "x"}]',
@@ -157,6 +160,13 @@ class LoadTests(SynchronousTestCase):
                     _load(env=env)
                 self.assertTrue(str(caught.exception).startswith(env_name), str(caught.exception))
                 self.assertNotIn("\n", str(caught.exception))
+
+    def test_upstream_head_caps(self):
+        """MAX_UPSTREAM_HEAD / MAX_UPSTREAM_HEADERS, from the environment or options."""
+        config = _load(env={"MAX_UPSTREAM_HEAD": "16KiB", "MAX_UPSTREAM_HEADERS": "40"})
+        self.assertEqual((config.max_upstream_head, config.max_upstream_headers), (16384, 40))
+        config = _load(["--max-upstream-head", "1MiB", "--max-upstream-headers", "7"])
+        self.assertEqual((config.max_upstream_head, config.max_upstream_headers), (1 << 20, 7))
 
     def test_forward_keys_need_default_keys(self):
         self.assertRaises(ConfigError, _load, env={"FORWARD_KEY": "fk-12345678"})

@@ -95,7 +95,8 @@ class FaultTests(ProxyTestCase):
             if auth == bad:
                 request.setResponseCode(401)
                 return json.dumps({"error": {"message": "Incorrect API key provided: "
-                                             + auth[7:].decode()}}).encode()
+                                             + auth[7:].decode(),
+                                             "code": "invalid_api_key"}}).encode()
             return b'{"ok": true}'
 
         self.fake.override = override

@@ -22,6 +22,7 @@ from twisted_forward.keys import (
     ForwardKeys,
     KeyRules,
     SecretMask,
+    key_refused,
     parse_credential,
     scrub,
 )
@@ -366,3 +367,44 @@ class ErrorBodyTests(SynchronousTestCase):
         self.assertEqual(
             json.loads(body)["error"]["message"], "echo of sk-*** and fk-***"
         )
+
+
+class KeyRefusedTests(SynchronousTestCase):
+    """Which 401 bodies say the key itself is dead (and so revoke it)."""
+
+    def test_dead_key_codes(self):
+        """``invalid_api_key`` and ``account_deactivated`` revoke."""
+        for code in ("invalid_api_key", "account_deactivated"):
+            body = json.dumps({"error": {"message": "x", "code": code}}).encode()
+            self.assertTrue(key_refused(body), code)
+
+    def test_request_caused_codes(self):
+        """Codes caused by the request, or none at all, do not."""
+        for code in ("mismatched_organization", "no_organization", "ip_not_authorized", None, 401):
+            body = json.dumps({"error": {"message": "invalid_api_key", "code": code}}).encode()
+            self.assertFalse(key_refused(body), code)
+
+    def test_not_openai_shaped(self):
+        """Bodies that are not an OpenAI error never revoke."""
+        for body in (b"", b"invalid_api_key", b"[]", b'{"error": "invalid_api_key"}',
+                     b'{"code": "invalid_api_key"}', b"\xff\xfe"):
+            self.assertFalse(key_refused(body), body)
+
+
+class AccountHeadersTests(SynchronousTestCase):
+    """OpenAI-Organization / OpenAI-Project go upstream with the client's own
+    key only."""
+
+    def test_dropped_with_a_default_key(self):
+        """With a default key the operator's account is not the client's to choose."""
+        client = Headers({b"OpenAI-Organization": [b"org-x"], b"OpenAI-Project": [b"proj_x"]})
+        out = upstream_request_headers(client, [(b"authorization", b"Bearer k")], default_key=True)
+        self.assertFalse(out.hasHeader(b"openai-organization"))
+        self.assertFalse(out.hasHeader(b"openai-project"))
+
+    def test_kept_with_the_clients_own_key(self):
+        """With the client's own key they are the client's."""
+        client = Headers({b"OpenAI-Organization": [b"org-x"], b"OpenAI-Project": [b"proj_x"]})
+        out = upstream_request_headers(client, [(b"authorization", b"Bearer sk-own")])
+        self.assertEqual(out.getRawHeaders(b"openai-organization"), [b"org-x"])
+        self.assertEqual(out.getRawHeaders(b"openai-project"), [b"proj_x"])

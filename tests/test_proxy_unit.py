@@ -297,6 +297,9 @@ class RelayTests(ProxyHarness):
         self.assertEqual(self.upstream.calls, [])
 
 
+DEAD_KEY = b'{"error": {"message": "Incorrect API key provided", "code": "invalid_api_key"}}'
+
+
 class FailoverTests(ProxyHarness):
     env = {"OPENAI_API_KEY": "sk-first-000 sk-second-00 sk-third-000"}
 
@@ -336,8 +339,9 @@ class FailoverTests(ProxyHarness):
         self.assertIn(b"Bearer sk-first-000", used)
 
     def test_401_revokes_key(self):
+        """A 401 whose code says the key is dead revokes it; the next key serves."""
         self.get()
-        self.answer(self.upstream.calls[0], 401)
+        self.answer(self.upstream.calls[0], 401, body=DEAD_KEY)
         self.answer(self.upstream.calls[1], 200)
         self.assertEqual(self.built.keys.default.revoked, frozenset({0}))
         for _ in range(3):
@@ -374,3 +378,102 @@ class FailoverTests(ProxyHarness):
             consumer = StringTransport()
             call.body.startProducing(consumer)
             self.assertEqual(consumer.value(), body)
+
+
+class RevocationTests(ProxyHarness):
+    """Only a 401 that says the key is dead revokes it; never a keyless request."""
+
+    env = FailoverTests.env
+    answer = FailoverTests.answer
+    auth = FailoverTests.auth
+
+    def test_request_caused_401_is_relayed_without_failover(self):
+        """A 401 with another code (mismatched organisation) is this request's:
+        relayed, masked, with no failover and no key revoked."""
+        channel, transport = self.get()
+        self.answer(
+            self.upstream.calls[0], 401,
+            body=b'{"error": {"message": "sk-first-000 org", "code": "mismatched_organization"}}',
+        )
+        self.assertEqual(len(self.upstream.calls), 1)
+        self.assertEqual(self.status(transport), 401)
+        self.assertNotIn(b"sk-first-000", transport.value())
+        self.assertEqual(self.built.keys.default.revoked, frozenset())
+
+    def test_no_usable_key_is_503_and_nothing_sent(self):
+        """With every default key revoked, the proxy answers 503 itself."""
+        for index in range(3):
+            self.built.keys.default.revoke(index)
+        channel, transport = self.get()
+        self.assertEqual(self.upstream.calls, [])
+        self.assertEqual(self.status(transport), 503)
+        self.assertEqual(self.error_code(transport), "no_default_key")
+        self.assertFalse(self.built.proxies[0].open)
+
+    def test_last_key_revoked_then_503(self):
+        """The last key found dead: its 401 is relayed; the next request is a 503."""
+        channel, transport = self.get()
+        for index in range(3):
+            self.answer(self.upstream.calls[index], 401, body=DEAD_KEY)
+        self.assertEqual(self.status(transport), 401)
+        channel, transport = self.get()
+        self.assertEqual(len(self.upstream.calls), 3)
+        self.assertEqual(self.status(transport), 503)
+
+    def test_reason_phrase_is_standard(self):
+        """The upstream's reason phrase is not relayed."""
+        channel, transport = self.get()
+        response = FakeResponse(200, length=2)
+        response.phrase = b"Key sk-first-000"
+        self.upstream.calls[0].deferred.callback(response)
+        response.protocol.dataReceived(b"{}")
+        response.finish()
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 200 OK\r\n"))
+
+
+class ScrubbingPathTests(ProxyHarness):
+    """Error answers to default-key requests are read whole, but timed and
+    stopped like any other answer."""
+
+    env = {"OPENAI_API_KEY": "sk-first-000", "IDLE_TIMEOUT": "20"}
+
+    def stalled_error(self):
+        channel, transport = self.get()
+        response = FakeResponse(400, {b"content-type": [b"application/json"]}, length=1000)
+        self.upstream.calls[0].deferred.callback(response)
+        response.protocol.dataReceived(b'{"error":')
+        return channel, transport, response
+
+    def test_silence_ends_the_error_answer(self):
+        """IDLE_TIMEOUT of silence: the upstream connection is dropped and the
+        client gets the proxy's error with the upstream's status."""
+        channel, transport, response = self.stalled_error()
+        self.clock.advance(19)
+        self.assertFalse(response.transport.stopped)
+        self.assertEqual(transport.value(), b"")
+        self.clock.advance(2)
+        self.assertTrue(response.transport.stopped)
+        self.assertEqual(self.status(transport), 400)
+        self.assertEqual(json.loads(self.body(transport))["error"]["type"], "upstream_error")
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertFalse(self.built.proxies[0].open)
+
+    def test_data_restarts_the_clock(self):
+        """Each chunk restarts the idle clock; the whole answer is relayed."""
+        channel, transport, response = self.stalled_error()
+        self.clock.advance(15)
+        response.protocol.dataReceived(b' "x"}')
+        self.clock.advance(15)
+        self.assertFalse(response.transport.stopped)
+        response.finish()
+        self.assertEqual(self.body(transport), b'{"error": "x"}')
+
+    def test_client_leaving_stops_the_upstream(self):
+        """A client gone mid error answer drops the upstream connection."""
+        channel, transport, response = self.stalled_error()
+        channel.connectionLost(Failure(error.ConnectionDone()))
+        self.assertTrue(response.transport.stopped)
+        response.finish()
+        self.assertEqual(transport.value(), b"")
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertFalse(self.built.proxies[0].open)

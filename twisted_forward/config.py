@@ -106,6 +106,10 @@ class Config:
     read_timeout: float = 600.0
     idle_timeout: float = 300.0
     max_request_body: int = 512 * 1024 * 1024
+    #: The largest upstream answer head (bytes) and the most header lines in
+    #: it; past either, the answer is refused with a 502.
+    max_upstream_head: int = 64 * 1024
+    max_upstream_headers: int = 100
     proxy: Optional[ProxyURL] = None
     ssl_cert_file: Optional[str] = None
     shutdown_grace: float = 30.0
@@ -256,6 +260,17 @@ def parse_size(value: str) -> int:
     if size <= 0:
         raise ValueError(f"{value!r} must be positive")
     return size
+
+
+def parse_count(value: str) -> int:
+    """A positive whole number: ``100``."""
+    try:
+        count = int(value.strip())
+    except ValueError:
+        raise ValueError(f"{value!r} is not a whole number") from None
+    if count <= 0:
+        raise ValueError(f"{value!r} must be positive")
+    return count
 
 
 def parse_networks(value: str) -> tuple[IPNetwork, ...]:
@@ -427,6 +442,10 @@ SETTINGS: tuple[Setting, ...] = (
             "Seconds of silence allowed between body chunks [default: 300]."),
     Setting("MAX_REQUEST_BODY", "max-request-body", parse_size,
             "Largest request body in bytes, e.g. 512MiB [default: 512MiB]."),
+    Setting("MAX_UPSTREAM_HEAD", "max-upstream-head", parse_size,
+            "Largest upstream answer head in bytes; larger is a 502 [default: 64KiB]."),
+    Setting("MAX_UPSTREAM_HEADERS", "max-upstream-headers", parse_count,
+            "Most header lines in an upstream answer head; more is a 502 [default: 100]."),
     Setting("PROXY", "proxy", parse_proxy_url,
             "Outbound HTTP proxy for reaching the upstream, http://[user:pass@]host:port."),
     Setting("SSL_CERT_FILE", "ssl-cert-file", parse_ca_file,
@@ -511,6 +530,8 @@ def load_config(
         ("READ_TIMEOUT", "read_timeout"),
         ("IDLE_TIMEOUT", "idle_timeout"),
         ("MAX_REQUEST_BODY", "max_request_body"),
+        ("MAX_UPSTREAM_HEAD", "max_upstream_head"),
+        ("MAX_UPSTREAM_HEADERS", "max_upstream_headers"),
         ("PROXY", "proxy"),
         ("SSL_CERT_FILE", "ssl_cert_file"),
         ("SHUTDOWN_GRACE", "shutdown_grace"),

@@ -25,11 +25,11 @@ from twisted.web.iweb import IRequest, IResponse
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from .chat.recorder import ExchangeInfo, ExchangeTap, NullRecorder, Recorder
+from .chat.recorder import ExchangeInfo, ExchangeTap, NullRecorder, Recorder, RequestBody
 from .config import Route
-from .errors import send_error, write_error
+from .errors import error_body, send_error, write_error
 from .headers import relay_response_headers, upstream_request_headers
-from .keys import KeyDecision, KeyRules, SecretMask, looks_keyed, scrub
+from .keys import KeyDecision, KeyRules, SecretMask, key_refused, looks_keyed, scrub
 from .metrics import Metrics
 from .relay import Relay, ScrubbingRelay, discard
 from .upstream import (
@@ -38,6 +38,7 @@ from .upstream import (
     join_url,
     response_length,
 )
+from .upstream_http import head_refusal
 
 #: Statuses for which another default key is tried, if nothing was sent yet.
 _FAILOVER = frozenset({401, 429, 500, 502, 503, 504})
@@ -145,7 +146,8 @@ class Exchange:
         self.started = resource.reactor.seconds()
         self.client_gone = False
         self.done = False
-        self.relay: Optional[Relay] = None
+        #: What reads the answer's body now, if anything.
+        self.relay: Optional[Relay | ScrubbingRelay] = None
         self.pending = None  # the Deferred for the head of the current attempt
         self.head_timer: Optional[IDelayedCall] = None
         self.timed_out = False
@@ -182,20 +184,11 @@ class Exchange:
                     client=client_address(request),
                     key_label=self.decision.label,
                     started=self.started,
-                    read_body=self._read_body,
+                    body=RequestBody(request.content),
                 )
             )
         request.notifyFinish().addBoth(self._finished)
         self._attempt()
-
-    def _read_body(self) -> bytes:
-        content = self.request.content
-        if content is None:
-            return b""
-        content.seek(0)
-        data = content.read()
-        content.seek(0)
-        return data
 
     def _body(self):
         """A fresh producer of the request body, or None if there is none."""
@@ -214,12 +207,25 @@ class Exchange:
 
     def _attempt(self) -> None:
         credentials = self.decision.send
-        if self.key_order:
+        if self.decision.substituted:
+            # Never a keyless request in place of a default key.
+            if not self.key_order:
+                self.log.warn(
+                    "no usable default key for {path}; answering 503",
+                    path=self.path.decode("latin-1"),
+                )
+                self._fail(
+                    503, "no_default_key",
+                    "The proxy has no usable API key at the moment.",
+                )
+                return
             self.key_index = self.key_order.pop(0)
             credentials = (
                 self.resource.keys.default.credential(self.key_index, self.decision.carrier),
             )
-        headers = upstream_request_headers(self.request.requestHeaders, credentials)
+        headers = upstream_request_headers(
+            self.request.requestHeaders, credentials, default_key=self.decision.substituted
+        )
         try:
             d = self.resource.upstream.request(
                 self.request.method, self.url, headers, self._body()
@@ -255,24 +261,82 @@ class Exchange:
             discard(response)
             return
         code = response.code
-        metrics = self.resource.metrics
-        if self.key_index is not None and code in _FAILOVER:
-            self._key_failed(code, response.headers)
-            if self.key_order:
-                if metrics is not None:
-                    metrics.failover(code)
-                self.log.info(
-                    "upstream {code} with {key}; trying the next default key",
-                    code=code, key=self.resource.keys.default.label(self.key_index),
+        if self.key_index is not None:
+            if code == 401:
+                # Read (bounded, timed) before deciding: only the body says
+                # whether the key is dead or the request was refused.
+                self.relay = ScrubbingRelay(
+                    self, response.headers,
+                    lambda body, outcome: self._judged_401(response, body, outcome),
                 )
-                discard(response)
-                self._attempt()
+                response.deliverBody(self.relay)
                 return
+            if code in _FAILOVER:
+                if code == 429:
+                    self.resource.keys.default.rest(
+                        self.key_index, _retry_after(response.headers)
+                    )
+                if self._fail_over(code):
+                    discard(response)
+                    return
+        self._answer_head(response)
+        request = self.request
+        if self.mask is not None and code >= 400:
+            self.relay = ScrubbingRelay(self, response.headers, self._send_whole)
+            response.deliverBody(self.relay)
+            return
+        length = response_length(response)
+        if length is not None and request.method != b"HEAD":
+            request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % length])
+        if self.tap is not None:
+            self.tap.response(code, request.responseHeaders)
+        self.relay = Relay(self)
+        response.deliverBody(self.relay)
+
+    def _fail_over(self, code: int) -> bool:
+        """Try the next default key, if there is one; True if it is tried."""
+        if not self.key_order:
+            return False
+        assert self.key_index is not None
+        if self.resource.metrics is not None:
+            self.resource.metrics.failover(code)
+        self.log.info(
+            "upstream {code} with {key}; trying the next default key",
+            code=code, key=self.resource.keys.default.label(self.key_index),
+        )
+        self._attempt()
+        return True
+
+    def _judged_401(self, response: IResponse, body: Optional[bytes], outcome: str) -> None:
+        """A default key's 401, read whole: revoke the key only if the body
+        says the key itself is dead; otherwise the 401 is this request's."""
+        self.relay = None
+        if self.client_gone or self.done:
+            return
+        assert self.key_index is not None
+        if body is not None and key_refused(body):
+            keys = self.resource.keys.default
+            keys.revoke(self.key_index)
+            self.log.warn(
+                "the upstream refused default key {key}; it leaves the rotation",
+                key=keys.label(self.key_index),
+            )
+            if self._fail_over(401):
+                return
+        self._answer_head(response)
+        self._send_whole(body, outcome)
+
+    def _answer_head(self, response: IResponse) -> None:
+        """Give the client the upstream's status and headers (not sent yet)."""
+        code = response.code
+        metrics = self.resource.metrics
         if metrics is not None:
             metrics.first_byte(self.resource.reactor.seconds() - self.sent_upstream)
         self.status = code
         request = self.request
-        request.setResponseCode(code, response.phrase)
+        # The standard reason phrase, never the upstream's (it could carry
+        # anything, a key included).
+        request.setResponseCode(code)
         # Drop what twisted.web.server.Request.process set (Server, Date):
         # the answer's headers are the upstream's.
         date = request.responseHeaders.getRawHeaders(b"date")
@@ -282,28 +346,34 @@ class Exchange:
             request.responseHeaders.setRawHeaders(b"date", date)  # RFC 9110 §6.6.1
         if self.mask is not None:
             _mask_headers(request.responseHeaders, self.mask)
-            if code >= 400:
-                response.deliverBody(ScrubbingRelay(self))
-                return
-        length = response_length(response)
-        if length is not None and request.method != b"HEAD":
-            request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % length])
-        if self.tap is not None:
-            self.tap.response(code, request.responseHeaders)
-        self.relay = Relay(self)
-        response.deliverBody(self.relay)
 
-    def _key_failed(self, code: int, headers: Headers) -> None:
-        keys = self.resource.keys.default
-        assert self.key_index is not None
-        if code == 401:
-            keys.revoke(self.key_index)
-            self.log.warn(
-                "the upstream refused default key {key}; it leaves the rotation",
-                key=keys.label(self.key_index),
-            )
-        elif code == 429:
-            keys.rest(self.key_index, _retry_after(headers))
+    def _send_whole(self, body: Optional[bytes], outcome: str) -> None:
+        """Send an error answer read whole, masked; an unreadable one
+        (None) is replaced by the proxy's own error, with the same status."""
+        self.relay = None
+        if self.client_gone or self.done:
+            return
+        request = self.request
+        headers = request.responseHeaders
+        if body is None:
+            if outcome == "idle_timeout":
+                message = "The upstream went silent in the middle of its error answer."
+            else:
+                message = "The upstream's error answer was unreadable."
+            body = error_body(502, "upstream_error", message)
+            headers.setRawHeaders(b"content-type", [b"application/json"])
+        headers.removeHeader(b"content-encoding")
+        assert self.mask is not None
+        body = scrub(self.mask.feed(body) + self.mask.flush())
+        headers.setRawHeaders(b"content-length", [b"%d" % len(body)])
+        if self.tap is not None:
+            self.tap.response(request.code, headers)
+            self.tap.data(body)
+        if request.method != b"HEAD":
+            request.write(body)
+            self.sent += len(body)
+        self.end(outcome)
+        request.finish()
 
     def _no_head(self, failure: Failure) -> None:
         self.pending = None
@@ -315,6 +385,14 @@ class Exchange:
             return
         if failure.check(error.TimeoutError, error.TCPTimedOutError):
             self._fail(504, "upstream_timeout", "Connecting to the upstream timed out.")
+            return
+        refusal = head_refusal(failure)
+        if refusal is not None:
+            self.log.warn(
+                "refused the upstream's answer for {path}: {why}",
+                path=self.path.decode("latin-1"), why=str(refusal),
+            )
+            self._fail(502, refusal.code, "The upstream's answer head was refused.")
             return
         self.log.warn(
             "upstream unreachable for {path}: {why}",
@@ -401,14 +479,19 @@ class _KeptOpen:
 
 
 def _mask_headers(headers: Headers, mask: SecretMask) -> None:
-    """Mask our keys, and anything shaped like a key, in answer headers."""
+    """Mask our keys, and anything shaped like a key, in answer headers:
+    values and names (a masked name keeps its length and stays a token)."""
     pairs = list(headers.getAllRawHeaders())
-    everything = b"\n".join(v for _, values in pairs for v in values)
+    everything = b"\n".join(b"\n".join((name, *values)) for name, values in pairs)
     if not (mask.touches(everything) or looks_keyed(everything)):
         return  # the usual case: one search instead of one per header
     for name, values in pairs:
+        masked_name = scrub(mask.feed(name) + mask.flush())
         masked = [scrub(mask.feed(v) + mask.flush()) for v in values]
-        if masked != list(values):
+        if masked_name != name:
+            headers.removeHeader(name)
+            headers.setRawHeaders(masked_name, masked)
+        elif masked != list(values):
             headers.setRawHeaders(name, masked)
 
 

@@ -86,6 +86,14 @@ _NOT_UPSTREAM: frozenset[bytes] = (
     | frozenset({b"host", b"content-length", b"cookie", b"cookie2", b"expect"})
 )
 
+#: Headers that choose which of the key holder's organizations and projects
+#: a request is billed to.  With the client's own key they are the client's;
+#: with one of the proxy's default keys the operator's account is not the
+#: client's to choose, and they are dropped (the key's own defaults apply).
+ACCOUNT_HEADERS: frozenset[bytes] = frozenset({b"openai-organization", b"openai-project"})
+
+_NOT_UPSTREAM_WITH_DEFAULT_KEY: frozenset[bytes] = _NOT_UPSTREAM | ACCOUNT_HEADERS
+
 #: Never relayed back to the client.  Content-Length is set from the
 #: upstream's framing by the relay.
 _NOT_DOWNSTREAM: frozenset[bytes] = HOP_BY_HOP | frozenset({b"content-length"})
@@ -113,16 +121,20 @@ def _copy(
 
 
 def upstream_request_headers(
-    client: Headers, credentials: Iterable[tuple[bytes, bytes]] = ()
+    client: Headers,
+    credentials: Iterable[tuple[bytes, bytes]] = (),
+    default_key: bool = False,
 ) -> Headers:
     """The headers to send upstream for a client's request.
 
     :param credentials: the ``(header, value)`` pairs the key rules chose
         (Authorization, api-key, x-api-key); no other credential header of
         the client's is sent.
+    :param default_key: True when ``credentials`` hold one of the proxy's
+        default keys: the client's :data:`ACCOUNT_HEADERS` are then dropped.
     """
     out = Headers()
-    _copy(client, out, _NOT_UPSTREAM)
+    _copy(client, out, _NOT_UPSTREAM_WITH_DEFAULT_KEY if default_key else _NOT_UPSTREAM)
     for name, value in credentials:
         out.setRawHeaders(name, [value])
     return out

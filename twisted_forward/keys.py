@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import re
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional, Sequence
@@ -55,6 +56,30 @@ CREDENTIAL_HEADERS: tuple[bytes, ...] = (AUTHORIZATION, b"api-key", b"x-api-key"
 
 _FORWARD_PREFIX = b"fk-"
 _KEY_PATTERN = re.compile(rb"(?<![A-Za-z0-9])(sk|fk)-[A-Za-z0-9_\-*.]{3,}", re.IGNORECASE)
+
+
+#: The OpenAI error codes that say the key itself is dead (wrong, deleted,
+#: or its account deactivated), as the real API sends them with a 401.  A
+#: 401 with any other code (``mismatched_organization``, a restricted key's
+#: missing scope, ``no_organization``, ``ip_not_authorized``, none at all) is
+#: taken as caused by the request or passing, and revokes nothing.
+KEY_DEAD_CODES: frozenset[str] = frozenset({"invalid_api_key", "account_deactivated"})
+
+
+def key_refused(body: bytes) -> bool:
+    """Whether a 401's body says the key itself is invalid.
+
+    Conservative: only an OpenAI-shaped error (``{"error": {"code": ...}}``)
+    whose code is one of :data:`KEY_DEAD_CODES` counts; anything else (another
+    code, no code, a body that is not JSON) does not.
+    """
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        return False
+    error = parsed.get("error") if isinstance(parsed, dict) else None
+    code = error.get("code") if isinstance(error, dict) else None
+    return isinstance(code, str) and code in KEY_DEAD_CODES
 
 
 def looks_keyed(data: bytes) -> bool:
@@ -108,8 +133,9 @@ def credential_value(carrier: bytes, key: bytes) -> bytes:
 class DefaultKeys:
     """The default keys, handed out in turn.
 
-    Keys that the upstream rejected (401) leave the rotation; keys that hit a
-    rate limit sit out until their cool-down ends.
+    Keys the upstream declared dead (a 401 whose code is in
+    :data:`KEY_DEAD_CODES`) leave the rotation; keys that hit a rate limit
+    sit out until their cool-down ends.
     """
 
     def __init__(self, keys: Sequence[str], clock: Callable[[], float]) -> None:
@@ -152,7 +178,8 @@ class DefaultKeys:
         """Key indices to try for one request: the next in turn first.
 
         Resting keys come last (better a rate-limited key than none);
-        revoked keys not at all.
+        revoked keys not at all: empty when every key is revoked, and the
+        request must then not go upstream.
         """
         n = len(self._keys)
         if not n:

@@ -3,15 +3,15 @@ The body relays: how an upstream answer's body reaches the client.
 
 :class:`Relay` writes each chunk to the client as it comes; it is the client
 request's producer, so a slow client pauses the upstream instead of filling
-the proxy's memory.  :class:`ScrubbingRelay` takes an error answer given for
-one of our default keys whole (bounded) and masks keys in it.
+the proxy's memory.  :class:`ScrubbingRelay` reads an error answer given for
+one of our default keys whole (bounded, timed) for the exchange to mask.
 :func:`discard` drops an answer that is not wanted (a failover, a client
 gone).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 from twisted.internet.interfaces import IDelayedCall, IPushProducer
 from twisted.internet.protocol import Protocol
@@ -19,12 +19,11 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
+from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 from zope.interface import implementer
 
 from .decoding import decode_whole
-from .errors import error_body
-from .keys import scrub
 
 if TYPE_CHECKING:
     from .exchange import Exchange
@@ -187,51 +186,103 @@ class Relay(Protocol):
 
 
 class ScrubbingRelay(Protocol):
-    """Buffers an error answer given for a default key and masks keys in it.
+    """Reads an error answer given for a default key whole, bounded and timed.
 
     The upstream echoes part of a rejected key in its error message; that
-    key is ours, and the client must not see any of it.  A compressed body
-    is decompressed to be looked at (and sent uncompressed); one that cannot
-    be looked at (an unknown encoding, too large, broken) is replaced by the
-    proxy's own error.
+    key is ours, and the client must not see any of it, so the exchange
+    masks the whole body before sending it (and reads a 401's code to tell a
+    dead key from a request the upstream refused).  A compressed body is
+    decompressed; one that cannot be read (an unknown encoding, too large,
+    broken, or stalled) comes out as None, for the exchange to replace with
+    its own error.
+
+    Like :class:`Relay`, it has the idle timer (``IDLE_TIMEOUT`` of silence
+    ends it) and :meth:`stop` (the client left: the upstream connection is
+    dropped, nothing is delivered).
+
+    :param done: called once with ``(body or None, outcome)``, outcome being
+        ``complete`` or ``idle_timeout``.
     """
 
-    def __init__(self, exchange: Exchange) -> None:
+    log = Logger()
+
+    def __init__(
+        self,
+        exchange: Exchange,
+        headers: Headers,
+        done: Callable[[Optional[bytes], str], None],
+    ) -> None:
         self.exchange = exchange
+        self.headers = headers
+        self.done = done
+        self.reactor = exchange.resource.reactor
+        self.idle = exchange.resource.idle_timeout
         self.chunks: list[bytes] = []
         self.size = 0
+        self.last = 0.0
+        self.timer: Optional[IDelayedCall] = None
+        #: Stopped from outside (the client left): deliver nothing.
+        self.stopped = False
+        #: ``done`` was called.
+        self.delivered = False
+
+    def connectionMade(self) -> None:
+        self.last = self.reactor.seconds()
+        self.timer = self.reactor.callLater(self.idle, self._check_idle)
 
     def dataReceived(self, data: bytes) -> None:
-        if self.size > SCRUB_LIMIT:
+        if self.stopped or self.delivered:
             return
+        self.last = self.reactor.seconds()
         self.chunks.append(data)
         self.size += len(data)
         if self.size > SCRUB_LIMIT:
+            self._drop_upstream()
+            self._deliver(None, "complete")
+
+    def _check_idle(self) -> None:
+        self.timer = None
+        quiet = self.reactor.seconds() - self.last
+        if quiet < self.idle:
+            self.timer = self.reactor.callLater(self.idle - quiet, self._check_idle)
+            return
+        self.log.warn(
+            "upstream silent for {seconds}s in an error answer on {path}; ending it",
+            seconds=self.idle, path=self.exchange.path.decode("latin-1"),
+        )
+        self._drop_upstream()
+        self._deliver(None, "idle_timeout")
+
+    def _stop_timer(self) -> None:
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = None
+
+    def _drop_upstream(self) -> None:
+        self._stop_timer()
+        if self.transport is not None:
             self.transport.stopProducing()
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        exchange = self.exchange
-        if exchange.client_gone or exchange.done:
+    def _deliver(self, body: Optional[bytes], outcome: str) -> None:
+        if self.delivered or self.stopped:
             return
-        request = exchange.request
-        headers = request.responseHeaders
+        self.delivered = True
+        self.chunks = []
+        self.done(body, outcome)
+
+    def stop(self) -> None:
+        """Drop the answer: the client left (or the exchange was aborted)."""
+        if self.stopped:
+            return
+        self.stopped = True
+        self.chunks = []
+        self._drop_upstream()
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self._stop_timer()
+        if self.stopped or self.delivered:
+            return
         body: Optional[bytes] = None
-        if isinstance(reason.value, BODY_ENDS) and self.size <= SCRUB_LIMIT:
-            body = decode_whole(b"".join(self.chunks), headers, SCRUB_LIMIT)
-        if body is None:
-            body = error_body(
-                502, "upstream_error", "The upstream's error answer was unreadable."
-            )
-            headers.setRawHeaders(b"content-type", [b"application/json"])
-        headers.removeHeader(b"content-encoding")
-        assert exchange.mask is not None
-        body = scrub(exchange.mask.feed(body) + exchange.mask.flush())
-        headers.setRawHeaders(b"content-length", [b"%d" % len(body)])
-        if exchange.tap is not None:
-            exchange.tap.response(request.code, headers)
-            exchange.tap.data(body)
-        if request.method != b"HEAD":
-            request.write(body)
-            exchange.sent += len(body)
-        exchange.end("complete")
-        request.finish()
+        if isinstance(reason.value, BODY_ENDS):
+            body = decode_whole(b"".join(self.chunks), self.headers, SCRUB_LIMIT)
+        self._deliver(body, "complete")

@@ -277,6 +277,8 @@ def build_root(
             config.connect_timeout,
             proxy=config.proxy,
             ssl_cert_file=config.ssl_cert_file,
+            max_head=config.max_upstream_head,
+            max_headers=config.max_upstream_headers,
         )
     openai_keys = KeyRules(
         DefaultKeys(config.default_keys, reactor.seconds),

@@ -25,13 +25,14 @@ from treq.client import HTTPClient
 from treq.response import _Response
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IConsumer, IReactorTime
-from twisted.web.client import HTTPConnectionPool, _HTTP11ClientFactory
+from twisted.web.client import HTTPConnectionPool
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IBodyProducer, IResponse
 from zope.interface import implementer
 
 from .config import ProxyURL, UpstreamURL
 from .outbound import upstream_agent
+from .upstream_http import MAX_HEAD, MAX_HEADERS, guard_pool
 
 _UNSAFE = re.compile(rb"[^\x21-\x7e]|#")
 
@@ -113,22 +114,16 @@ class ForwardingClient(HTTPClient):
         return d.addCallback(_Response, self._cookiejar)
 
 
-class _QuietFactory(_HTTP11ClientFactory):
-    """Connection factory that does not log every new upstream connection."""
-
-    noisy = False
-
-
-class _QuietPool(HTTPConnectionPool):
-    _factory = _QuietFactory
-
-
 class Upstream:
     """The proxy's treq client: one connection pool, no cookies.
 
     :param proxy: the outbound proxy (PROXY) to reach upstreams through.
     :param ssl_cert_file: a PEM file of the CAs trusted for upstream TLS
         instead of the system's (SSL_CERT_FILE).
+    :param max_head: the largest answer head accepted, in bytes
+        (MAX_UPSTREAM_HEAD).
+    :param max_headers: the most header lines accepted in an answer head
+        (MAX_UPSTREAM_HEADERS).
     """
 
     def __init__(
@@ -139,9 +134,14 @@ class Upstream:
         max_persistent_per_host: int = 256,
         proxy: Optional[ProxyURL] = None,
         ssl_cert_file: Optional[str] = None,
+        max_head: int = MAX_HEAD,
+        max_headers: int = MAX_HEADERS,
     ) -> None:
         if agent is None:
-            pool = _QuietPool(reactor, persistent=True)
+            pool = HTTPConnectionPool(reactor, persistent=True)
+            # Our client protocol: bounded answer heads, no reuse after an
+            # answer that ends with its head (twisted_forward.upstream_http).
+            guard_pool(pool, max_head, max_headers)
             pool.maxPersistentPerHost = max_persistent_per_host
             pool.cachedConnectionTimeout = 60
             self.pool: Optional[HTTPConnectionPool] = pool

@@ -48,8 +48,16 @@ METADATA_FIELDS = frozenset(
     }
 )
 
-#: Bodies (request or answer) kept whole up to this size for decoding.
+#: Answer bodies kept whole up to this size for decoding.
 BODY_LIMIT = 32 * 1024 * 1024
+#: Chat and completion request bodies up to this size are read (from the
+#: request's spool file) and parsed for their record; a larger one is
+#: recorded from its first bytes only (model, stream, size).  Never more of a
+#: request body is in memory for its record.
+REQUEST_LIMIT = 4 * 1024 * 1024
+#: What is read of the start (and of the end) of a body too large to parse,
+#: or of a multipart upload, for its model and small fields.
+PEEK = 64 * 1024
 #: Metadata answers are parsed whole up to this size; past it only the tail
 #: is searched for ``usage``.
 METADATA_LIMIT = 1024 * 1024
@@ -65,6 +73,7 @@ INLINE_MEDIA = 1024
 
 _BASE64 = re.compile(r"[A-Za-z0-9+/=_-]+")
 _MODEL = re.compile(rb'"model"\s*:\s*"([^"\\]{1,200})"')
+_STREAM = re.compile(rb'"stream"\s*:\s*true\b')
 
 
 def exchange_kind(method: str, path: str) -> Optional[str]:
@@ -147,6 +156,43 @@ def multipart_fields(body: bytes, wanted: Iterable[str]) -> dict[str, str]:
             break  # the closing delimiter ``--``
         pos += 2
     return fields
+
+
+def multipart_fields_at_ends(head: bytes, tail: bytes, wanted: Iterable[str]) -> dict[str, str]:
+    """Small text fields of a multipart body of which only the first and
+    last bytes were read: fields before the file(s) and after them."""
+    fields = multipart_fields(head, wanted)
+    first_end = head.find(b"\r\n")
+    if first_end < 3 or not tail:
+        return fields
+    delimiter = b"\r\n" + head[:first_end]
+    start = tail.find(delimiter)
+    if start >= 0:
+        for name, value in multipart_fields(tail[start + 2:], wanted).items():
+            fields.setdefault(name, value)
+    return fields
+
+
+def summarize_large_request(kind: str, head: bytes, tail: bytes, length: int) -> dict[str, Any]:
+    """The record fields of a request body too large to read whole: the
+    model and stream flag found in its first (or last) bytes, settings of
+    a multipart upload, and for a conversation a note that its messages
+    were not recorded."""
+    out: dict[str, Any] = {"model": None, "stream": False, "params": {}}
+    if head.startswith(b"--"):
+        fields = multipart_fields_at_ends(head, tail, METADATA_FIELDS)
+        out["model"] = fields.pop("model", None)
+        out["stream"] = fields.get("stream", "").lower() == "true"
+        out["params"] = fields
+        return out
+    model = _MODEL.search(head) or _MODEL.search(tail)
+    out["model"] = model.group(1).decode("utf-8", "replace") if model else None
+    out["stream"] = bool(_STREAM.search(head) or _STREAM.search(tail))
+    if kind in CONVERSATION_KINDS:
+        out["problems"] = [
+            f"request body of {length} bytes too large to record (over {REQUEST_LIMIT})"
+        ]
+    return out
 
 
 def summarize_request(kind: str, body: bytes) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Optional, Protocol, Sequence
+from typing import IO, Any, Iterable, Optional, Protocol, Sequence
 
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.interfaces import IReactorTime
@@ -38,14 +38,64 @@ from .files import (
     thread_runner,
     utc_iso,
 )
-from .record import CONVERSATION_KINDS, AnswerReader, exchange_kind, summarize_request
+from .record import (
+    CONVERSATION_KINDS,
+    METADATA_LIMIT,
+    PEEK,
+    REQUEST_LIMIT,
+    AnswerReader,
+    exchange_kind,
+    summarize_large_request,
+    summarize_request,
+)
+
+
+class RequestBody:
+    """A request body as the recorder may see it: its length and bounded
+    slices of it, never the whole (Twisted keeps bodies of 100 kB and more
+    in a temporary file; reading one whole would put it in memory).
+
+    :param content: the request's body file (``request.content``), or None.
+        Its position is left where it was found: the exchange sends the body
+        from it.
+    """
+
+    def __init__(self, content: Optional[IO[bytes]]) -> None:
+        self._content = content
+        if content is None:
+            self.length = 0
+        else:
+            here = content.tell()
+            self.length = content.seek(0, os.SEEK_END)
+            content.seek(here)
+
+    def _read(self, offset: int, size: int) -> bytes:
+        content = self._content
+        if content is None or size <= 0:
+            return b""
+        here = content.tell()
+        try:
+            content.seek(offset)
+            return content.read(size)
+        finally:
+            content.seek(here)
+
+    def head(self, size: int) -> bytes:
+        """At most the first ``size`` bytes."""
+        return self._read(0, min(size, self.length))
+
+    def tail(self, size: int) -> bytes:
+        """At most the last ``size`` bytes (none of them in :meth:`head`'s
+        ``size`` bytes when the body is shorter than twice that)."""
+        size = min(size, max(0, self.length - size))
+        return self._read(self.length - size, size)
 
 
 @dataclass
 class ExchangeInfo:
     """What is known of an exchange when its request has arrived.
 
-    :ivar read_body: returns the request body (only call it if needed).
+    :ivar body: the request body, read only as far as the record needs.
     """
 
     request_id: str
@@ -55,7 +105,7 @@ class ExchangeInfo:
     client: str
     key_label: str
     started: float
-    read_body: Callable[[], bytes] = field(repr=False)
+    body: RequestBody = field(repr=False)
 
 
 class ExchangeTap(Protocol):
@@ -154,7 +204,10 @@ class ChatTap:
 
     Every method swallows its own errors: recording must never break nor
     slow the relay.  The request body is read at the start (Twisted drops
-    it when the answer finishes) but parsed only at the end.
+    it when the answer finishes) but parsed only at the end; only a body
+    the record can use is read whole (up to :data:`REQUEST_LIMIT` for a
+    conversation, :data:`METADATA_LIMIT` otherwise), of any other its first
+    and last :data:`PEEK` bytes.
     """
 
     log = Logger()
@@ -167,14 +220,18 @@ class ChatTap:
         self.ended = False
         self.broken: Optional[str] = None
         self.request_fields: Optional[dict[str, Any]] = None
-        body = info.read_body()
-        if kind not in CONVERSATION_KINDS and body.startswith(b"--"):
-            # A multipart upload (audio, image): take its few fields now
-            # rather than hold megabytes until the end.
-            self.request_fields = summarize_request(kind, body)
-            self.body = b""
+        self.body = b""
+        body = info.body
+        limit = REQUEST_LIMIT if kind in CONVERSATION_KINDS else METADATA_LIMIT
+        head = body.head(PEEK)
+        if body.length > limit or (kind not in CONVERSATION_KINDS and head.startswith(b"--")):
+            # Too large to parse, or a multipart upload (audio, image): take
+            # its few fields now from its ends rather than hold it.
+            self.request_fields = summarize_large_request(
+                kind, head, body.tail(PEEK), body.length
+            )
         else:
-            self.body = body
+            self.body = head if body.length <= PEEK else body.head(limit)
 
     def response(self, status: int, headers: Headers) -> None:
         """The answer's head (or the proxy's own error status)."""

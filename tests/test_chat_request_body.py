@@ -1,0 +1,125 @@
+"""
+The chat recorder reads no more of a request body than its record needs:
+small bodies whole, large ones only their first and last bytes; what a
+record says of a body too large to parse.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import ILogObserver
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
+
+from twisted_forward.chat.record import PEEK, REQUEST_LIMIT
+from twisted_forward.chat.recorder import ChatRecorder, ExchangeInfo, RequestBody
+
+MiB = 1024 * 1024
+
+
+class CountingFile(io.RawIOBase):
+    """A large file made up on the fly that counts the bytes read from it."""
+
+    def __init__(self, prefix: bytes, size: int, suffix: bytes = b"") -> None:
+        self.prefix, self.size, self.suffix = prefix, size, suffix
+        self.pos = 0
+        self.read_bytes = 0
+
+    def _byte_range(self, start: int, end: int) -> bytes:
+        out = bytearray()
+        for i in range(start, end):
+            if i < len(self.prefix):
+                out.append(self.prefix[i])
+            elif i >= self.size - len(self.suffix):
+                out.append(self.suffix[i - (self.size - len(self.suffix))])
+            else:
+                out.append(ord("a"))
+        return bytes(out)
+
+    def read(self, n: int = -1) -> bytes:
+        end = self.size if n is None or n < 0 else min(self.size, self.pos + n)
+        data = self._byte_range(self.pos, end) if end - self.pos < 4 * MiB else (
+            b"a" * (end - self.pos))
+        self.read_bytes += len(data)
+        self.pos = end
+        return data
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self.pos = {0: offset, 1: self.pos + offset, 2: self.size + offset}[whence]
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+
+@implementer(ILogObserver)
+class Records:
+    def __init__(self) -> None:
+        self.records: list[dict[str, Any]] = []
+
+    def __call__(self, event: dict) -> None:
+        if "chat_record" in event:
+            self.records.append(event["chat_record"])
+
+
+class BoundedBodyTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.records = Records()
+        self.recorder = ChatRecorder(MemoryReactorClock(), [self.records])
+
+    def record_of(self, path: str, content: Any) -> dict[str, Any]:
+        tap = self.recorder.begin(ExchangeInfo(
+            request_id="r", route="/", method="POST", path=path, client="c",
+            key_label="-", started=0.0, body=RequestBody(content)))
+        tap.end("complete")
+        return self.records.records[-1]
+
+    def test_large_chat_body_read_only_at_its_ends(self):
+        """A 300 MiB chat body: at most two peeks are read, the model and
+        stream flag still recorded, with a note why there are no messages."""
+        size = 300 * MiB
+        content = CountingFile(b'{"model": "gpt-4o", "stream": true, "messages": [{"content": "',
+                               size, b'"}]}')
+        rec = self.record_of("/v1/chat/completions", content)
+        self.assertLessEqual(content.read_bytes, 2 * PEEK)
+        self.assertEqual((rec["model"], rec["stream"]), ("gpt-4o", True))
+        self.assertNotIn("messages", rec)
+        self.assertIn(f"request body of {size} bytes too large to record (over {REQUEST_LIMIT})",
+                      rec["problems"])
+        self.assertEqual(content.tell(), 0)  # left where it was: the exchange sends it next
+
+    def test_chat_body_under_the_limit_recorded_whole(self):
+        """A 3 MiB chat body (an inline image, say) is read and recorded."""
+        image = "data:image/png;base64," + "A" * (3 * MiB)
+        body = json.dumps({"model": "m", "messages": [
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}}]}]})
+        content = io.BytesIO(body.encode())
+        rec = self.record_of("/v1/chat/completions", content)
+        url = rec["messages"][0]["content"][0]["image_url"]["url"]
+        self.assertTrue(url.startswith("data:image/png;base64,…"), url[:60])
+
+    def test_raw_audio_upload_read_only_at_its_ends(self):
+        """A 100 MiB raw audio body: two peeks read, nothing more."""
+        content = CountingFile(b"RIFF", 100 * MiB)
+        rec = self.record_of("/v1/audio/transcriptions", content)
+        self.assertLessEqual(content.read_bytes, 2 * PEEK)
+        self.assertEqual(rec["kind"], "audio")
+        self.assertIsNone(rec["model"])
+
+    def test_multipart_fields_after_the_file_found_in_the_tail(self):
+        """A multipart upload with its model after a large file part: the
+        field is taken from the last bytes."""
+        boundary = b"--xyzzy"
+        head = (boundary + b'\r\nContent-Disposition: form-data; name="file"; filename="a.wav"'
+                b"\r\nContent-Type: audio/wav\r\n\r\nRIFF")
+        tail = (b"\r\n" + boundary + b'\r\nContent-Disposition: form-data; name="model"\r\n\r\n'
+                b"whisper-1\r\n" + boundary + b'\r\nContent-Disposition: form-data; '
+                b'name="language"\r\n\r\nde\r\n' + boundary + b"--\r\n")
+        content = CountingFile(head, 50 * MiB, tail)
+        rec = self.record_of("/v1/audio/transcriptions", content)
+        self.assertLessEqual(content.read_bytes, 2 * PEEK)
+        self.assertEqual((rec["model"], rec["params"]), ("whisper-1", {"language": "de"}))
