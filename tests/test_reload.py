@@ -298,3 +298,82 @@ class SighupTwistdTests(ProxyTestCase):
         # (The supervisor re-raises SIGTERM once stopped, as twistd does.)
         self.assertIn("Server Shut Down.", process.lines[-1])
         self.assertNotIn("Traceback", process.output)
+
+
+class LogRotationTests(ProxyTestCase):
+    """SIGUSR1 to a daemon writing ``--logfile``: after logrotate moved the
+    file, the path is opened anew; with nothing moved, twistd rotates."""
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_reopen_after_logrotate_and_twistd_rotation(self):
+        from .test_runmodes import _UnixEndpoints, spawn
+        from twisted.web.client import Agent, HTTPConnectionPool, readBody
+
+        cwd = os.path.abspath(self.mktemp())
+        os.makedirs(cwd)
+        pidfile, logfile = (os.path.join(cwd, n) for n in ("p.pid", "p.log"))
+        import shutil
+        import tempfile
+
+        short = tempfile.mkdtemp(prefix="tf-")  # a unix socket path is short
+        self.addCleanup(shutil.rmtree, short, True)
+        sock = os.path.join(short, "p.sock")
+        env = {
+            "PATH": os.environ.get("PATH", ""), "PYTHONPATH": ROOT, "LOG_CHAT": "false",
+            "OPENAI_BASE_URL": f"http://127.0.0.1:{self.upstream_port}",
+        }
+        launcher = spawn(
+            self, ["-c", "from twisted.scripts.twistd import run; run()",
+                   f"--pidfile={pidfile}", f"--logfile={logfile}",
+                   "openai-forward", "--port", f"unix:{sock}"], env, cwd,
+        )
+        launcher.listening.addErrback(lambda _: None)
+        self.assertEqual((yield launcher.ended), 0, launcher.errors)
+        with open(pidfile) as f:
+            pid = int(f.read())
+        self.addCleanup(self._kill, pid)
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        agent = Agent.usingEndpointFactory(reactor, _UnixEndpoints(sock), pool=pool)
+
+        @defer.inlineCallbacks
+        def request(path: bytes) -> Any:
+            response = yield agent.request(b"GET", b"http://proxy" + path)
+            yield readBody(response)
+
+        @defer.inlineCallbacks
+        def logged(path: str, text: str) -> Any:
+            # The access line is written as the request ends; the file is
+            # read until it shows (bounded by the test's timeout).
+            while True:
+                if os.path.exists(path):
+                    with open(path) as f:
+                        if text in f.read():
+                            return
+                yield request(b"/healthz")
+
+        yield request(b"/first")
+        yield logged(logfile, "GET /first")
+        # logrotate: move the file away, then SIGUSR1.
+        os.rename(logfile, logfile + ".moved")
+        os.kill(pid, signal.SIGUSR1)
+        yield logged(logfile, "log file reopened")
+        yield request(b"/second")
+        yield logged(logfile, "GET /second")
+        with open(logfile + ".moved") as f:
+            self.assertNotIn("GET /second", f.read())
+        # No tool moved it: twistd's own rotation (p.log -> p.log.1).
+        os.kill(pid, signal.SIGUSR1)
+        yield logged(logfile + ".1", "GET /second")
+        yield request(b"/third")
+        yield logged(logfile, "GET /third")
+        with open(logfile + ".1") as f:
+            self.assertNotIn("GET /third", f.read())
+        os.kill(pid, signal.SIGTERM)
+
+    def _kill(self, pid: int) -> None:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

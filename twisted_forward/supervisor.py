@@ -47,6 +47,7 @@ from twisted.python.failure import Failure
 
 from .config import ConfigError
 from .exitstatus import give_up
+from .logfiles import LogReopenService
 from .reload import ConfigSource, install_handler
 
 #: The file descriptor a worker finds the listening socket on.
@@ -389,6 +390,7 @@ def make_supervisor(
         endpoint_from_string(reactor, endpoint, "--port"), SharedSocket(), "--port", endpoint
     )
     top = MultiService()
+    LogReopenService(reactor).setServiceParent(top)
     WorkerPool(
         count, endpoint, options, environ, grace, reactor, port=port, source=source
     ).setServiceParent(top)

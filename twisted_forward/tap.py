@@ -34,6 +34,7 @@ from .config import (
 from .chat.recorder import ChatRecorder, open_chat_log
 from .metrics import MetricsResource
 from .listening import BoundEndpoint, endpoint_from_string, listen_now
+from .logfiles import LogReopenService
 from .reload import ConfigSource, install_handler, restart_only_changes
 from .site import Built, ForwardSite, build_root
 
@@ -351,6 +352,7 @@ def _make_service(
         )
     recorder = open_recorder(config, reactor)
     top = MultiService()
+    LogReopenService(reactor).setServiceParent(top)
     built = build_root(config, reactor, recorder=recorder)  # type: ignore[arg-type]
     site = ForwardSite(
         built.root, reactor=reactor, max_request_body=config.max_request_body
