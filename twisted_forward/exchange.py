@@ -438,14 +438,16 @@ class Exchange:
             self.relay.stop()
 
     def abort(self) -> None:
-        """Cut the exchange now (shutdown grace period over)."""
+        """Cut the exchange now (shutdown grace period over): recorded with
+        the outcome ``shutdown``, before the cut connection can say
+        ``client_left``."""
         if self.done:
             return
         self._stop_upstream()
+        self.end("shutdown")
         channel = getattr(self.request, "channel", None)
         if channel is not None and channel.transport is not None:
             channel.transport.abortConnection()
-        self.end("client_left")
 
     def _finished(self, result: object) -> None:
         """The client connection finished or was lost."""

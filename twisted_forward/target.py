@@ -10,7 +10,16 @@ from __future__ import annotations
 
 import re
 
-_DOT_SEGMENT = re.compile(rb"(?:^|/)(?:\.|%2e){1,2}(?:/|$)", re.IGNORECASE)
+#: A ``.`` or ``..`` segment in any spelling some server decodes before it
+#: routes: dots as ``.`` or ``%2e``; separators ``/``, ``\`` (IIS, some
+#: frameworks), ``%2f`` and ``%5c`` (servers that decode before splitting);
+#: a ``;params`` suffix (Tomcat, Jetty and Spring drop it: ``..;/`` is
+#: ``..``), ``;`` also as ``%3b``.
+_SEPARATOR = rb"(?:/|\\|%2f|%5c)"
+_DOT_SEGMENT = re.compile(
+    rb"(?:^|" + _SEPARATOR + rb")(?:\.|%2e){1,2}(?:(?:;|%3b)[^/\\]*)?(?=" + _SEPARATOR + rb"|$)",
+    re.IGNORECASE,
+)
 
 
 class BadTarget(ValueError):
@@ -25,7 +34,8 @@ def split_target(target: bytes) -> tuple[bytes, bytes]:
     authority is ignored.
 
     :raises BadTarget: for anything else, or a path with dot segments
-        (which could climb out of an upstream base path).
+        (which could climb out of an upstream base path), however spelled
+        (see :data:`_DOT_SEGMENT`).
     """
     if not target.startswith(b"/"):
         lowered = target[:8].lower()

@@ -119,7 +119,8 @@ class ExchangeTap(Protocol):
 
     def end(self, outcome: str) -> None:
         """The exchange is over: ``complete``, ``client_left``,
-        ``upstream_error``, ``idle_timeout`` or ``proxy_error``."""
+        ``upstream_error``, ``idle_timeout``, ``proxy_error`` or
+        ``shutdown`` (cut when the shutdown grace period ran out)."""
 
 
 class Recorder(Protocol):
