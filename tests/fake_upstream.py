@@ -56,8 +56,36 @@ def sse_event(obj: object) -> bytes:
     return b"data: " + json.dumps(obj).encode() + b"\n\n"
 
 
-def chat_chunks(text: str, model: str = "gpt-4o-mini") -> list[bytes]:
-    """SSE events of a streamed chat answer, one word a delta, then [DONE]."""
+def chat_chunks(
+    text: str, model: str = "gpt-4o-mini", include_usage: bool = False
+) -> list[bytes]:
+    """SSE events of a streamed chat answer, one word a delta, then [DONE].
+
+    With ``include_usage``, as OpenAI does for ``stream_options.include_usage``:
+    every chunk carries ``"usage": null`` and one more chunk, with no
+    choices, carries the usage.
+    """
+    if include_usage:
+        plain = chat_chunks(text, model)
+        with_usage = [
+            e[: -len(b"}\n\n")] + b', "usage": null}\n\n' for e in plain[:-1]
+        ]
+        words = len(text.split(" "))
+        with_usage.append(
+            sse_event(
+                {
+                    "id": "chatcmpl-1",
+                    "object": "chat.completion.chunk",
+                    "model": model,
+                    "choices": [],
+                    "usage": {
+                        "prompt_tokens": 5, "completion_tokens": words,
+                        "total_tokens": 5 + words,
+                    },
+                }
+            )
+        )
+        return with_usage + plain[-1:]
     words = text.split(" ")
     events = [
         sse_event(
@@ -263,7 +291,10 @@ class FakeOpenAI(Resource):
             return self._json(request, chat_answer(self.answer_text, body.get("model", "m")))
         request.setHeader(b"content-type", b"text/event-stream")
         request.setHeader(b"cache-control", b"no-cache")
-        events = chat_chunks(self.answer_text, body.get("model", "m"))
+        options = body.get("stream_options") or {}
+        events = chat_chunks(
+            self.answer_text, body.get("model", "m"), bool(options.get("include_usage"))
+        )
         self.open_requests.append(request)
 
         def send(i: int) -> None:

@@ -18,6 +18,9 @@ from dataclasses import dataclass, field
 from typing import Callable, Mapping, Optional, Sequence, Union
 from urllib.parse import unquote, urlsplit, urlunsplit
 
+from .policies.settings import POLICY_SETTINGS, PolicyConfig, PolicyConfigError
+from .policies.settings import build as build_policy_config
+
 IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
 #: In TRUSTED_PROXIES, stands for peers on a unix socket (a local proxy).
@@ -117,6 +120,8 @@ class Config:
     metrics: bool = True
     metrics_path: str = "/metrics"
     metrics_port: Optional[str] = None
+    #: Per-key policies, levels, limits, quotas (twisted_forward.policies).
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
 
 
 # ---------------------------------------------------------------- parsers
@@ -461,7 +466,7 @@ SETTINGS: tuple[Setting, ...] = (
             "Path of the Prometheus metrics [default: /metrics]."),
     Setting("METRICS_PORT", "metrics-port", parse_endpoint,
             "Serve metrics on this port/endpoint instead of the proxy's own."),
-)
+) + tuple(Setting(*row) for row in POLICY_SETTINGS)
 
 
 def read_env_file(path: str) -> dict[str, str]:
@@ -511,6 +516,13 @@ def load_config(
 
     forward_keys = parsed.get("FORWARD_KEY", ())
     default_keys = parsed.get("OPENAI_API_KEY", ())
+    try:
+        policy, forward_keys, default_keys = build_policy_config(
+            parsed, forward_keys, default_keys, parse_forward_keys  # type: ignore[arg-type]
+        )
+    except PolicyConfigError as e:
+        option = next(s.option for s in SETTINGS if s.env == e.setting)
+        raise ConfigError(f"{e.setting} (--{option}): {e}") from None
     if forward_keys and not default_keys:
         raise ConfigError(
             "FORWARD_KEY (--forward-key): forward keys need OPENAI_API_KEY to stand for"
@@ -519,6 +531,7 @@ def load_config(
         default_keys=default_keys,
         forward_keys=forward_keys,
         routes=routes,
+        policy=policy,
     )
     for env, attr_name in (
         ("LOG_CHAT", "log_chat"),

@@ -31,6 +31,7 @@ from .errors import error_body, send_error, write_error
 from .headers import relay_response_headers, upstream_request_headers
 from .keys import KeyDecision, KeyRules, SecretMask, key_refused, looks_keyed, scrub
 from .metrics import Metrics
+from .policies.gate import UNLIMITED, Admission, IExchangePolicy, RequestFacts, client_digest
 from .relay import Relay, ScrubbingRelay, discard
 from .upstream import (
     BytesProducer,
@@ -78,9 +79,12 @@ class ProxyResource(Resource):
         idle_timeout: float,
         recorder: Optional[Recorder] = None,
         metrics: Optional[Metrics] = None,
+        policy: Optional[IExchangePolicy] = None,
     ) -> None:
         super().__init__()
         self.route = route
+        #: The policy hook (levels, limits, quotas), or None when none is set.
+        self.policy = policy
         self.route_label = route.prefix or "/"
         self.metrics = metrics.for_route(self.route_label) if metrics is not None else None
         self.upstream = upstream
@@ -120,8 +124,70 @@ class ProxyResource(Resource):
                 label=decision.label,
             )
             return write_error(request, 401, "invalid_api_key", decision.refusal)
-        exchange = Exchange(self, request, path, query, decision)
-        exchange.start()
+        if self.policy is None:
+            Exchange(self, request, path, query, decision).start()
+            return NOT_DONE_YET
+        return self._admit(request, path, query, decision)
+
+    def _admit(
+        self, request: IRequest, path: bytes, query: bytes, decision: KeyDecision
+    ) -> bytes | int:
+        """Ask the policies, then refuse or start the exchange.  A store
+        that answers at once (memory) answers within this call."""
+        assert self.policy is not None
+        credential = decision.authorization or (decision.send[0][1] if decision.send else b"")
+        facts = RequestFacts(
+            label=decision.label,
+            level=decision.level,
+            substituted=decision.substituted,
+            method=request.method,
+            path=(self.route.prefix + path.decode("latin-1")),
+            content=request.content,
+            content_type=request.getHeader(b"content-type") or b"",
+            reservation=f"{_ID_PREFIX}-{next(_ids):x}",
+            client_key=client_digest(credential) if credential else "",
+        )
+        d = self.policy.admit(facts)
+        now: list[Admission] = []
+        d.addCallback(now.append)
+        if now:
+            return self._admitted(now[0], request, path, query, decision)
+        gone: list[bool] = []
+        request.notifyFinish().addErrback(lambda _: gone.append(True))
+
+        def later(admission: Admission) -> None:
+            if gone:
+                admission.finish(False)
+                return
+            body = self._admitted(admission, request, path, query, decision)
+            if body is not NOT_DONE_YET:
+                request.write(body)  # type: ignore[arg-type]
+                request.finish()
+
+        d.addCallback(later)
+        d.addErrback(lambda f: self.log.failure("policy check failed", f))
+        return NOT_DONE_YET
+
+    def _admitted(
+        self,
+        admission: Admission,
+        request: IRequest,
+        path: bytes,
+        query: bytes,
+        decision: KeyDecision,
+    ) -> bytes | int:
+        refusal = admission.refusal
+        if refusal is not None:
+            self.log.info(
+                "refused {method} {path}: {code} ({label})",
+                method=request.method.decode("latin-1"), path=path.decode("latin-1"),
+                code=refusal.code, label=decision.label,
+            )
+            request.forward_route = self.route_label
+            for name, value in admission.headers:
+                request.responseHeaders.setRawHeaders(name, [value])
+            return write_error(request, refusal.status, refusal.code, refusal.message)
+        Exchange(self, request, path, query, decision, admission).start()
         return NOT_DONE_YET
 
 
@@ -137,10 +203,13 @@ class Exchange:
         path: bytes,
         query: bytes,
         decision: KeyDecision,
+        admission: Admission = UNLIMITED,
     ) -> None:
         self.resource = resource
         self.request = request
         self.decision = decision
+        #: The policies' part: answer headers, body rewrite, usage, settling.
+        self.admission = admission
         self.url = join_url(resource.route.base, path, query)
         self.path = path
         self.started = resource.reactor.seconds()
@@ -151,7 +220,9 @@ class Exchange:
         self.pending = None  # the Deferred for the head of the current attempt
         self.head_timer: Optional[IDelayedCall] = None
         self.timed_out = False
-        self.key_order = resource.keys.default.order() if decision.substituted else []
+        self.key_order = (
+            resource.keys.default.order(decision.level) if decision.substituted else []
+        )
         #: Masks our default keys in answers to requests we put one in.
         self.mask: Optional[SecretMask] = (
             resource.keys.default.mask() if decision.substituted else None
@@ -194,6 +265,8 @@ class Exchange:
         """A fresh producer of the request body, or None if there is none."""
         req = self.request
         headers = req.requestHeaders
+        if self.admission.body is not None:
+            return BytesProducer(self.admission.body)
         if not (headers.hasHeader(b"content-length") or headers.hasHeader(b"transfer-encoding")):
             return None
         content = req.content
@@ -285,8 +358,14 @@ class Exchange:
             self.relay = ScrubbingRelay(self, response.headers, self._send_whole)
             response.deliverBody(self.relay)
             return
+        content_type = request.responseHeaders.getRawHeaders(b"content-type") or [b""]
+        reframed = self.admission.answer_started(
+            code, content_type[0][:17].lower() == b"text/event-stream"
+        )
         length = response_length(response)
-        if length is not None and request.method != b"HEAD":
+        if reframed:
+            request.responseHeaders.removeHeader(b"content-length")
+        elif length is not None and request.method != b"HEAD":
             request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % length])
         if self.tap is not None:
             self.tap.response(code, request.responseHeaders)
@@ -344,6 +423,8 @@ class Exchange:
         relay_response_headers(response.headers, request.responseHeaders)
         if date and not request.responseHeaders.hasHeader(b"date"):
             request.responseHeaders.setRawHeaders(b"date", date)  # RFC 9110 §6.6.1
+        for name, value in self.admission.headers:
+            request.responseHeaders.setRawHeaders(name, [value])
         if self.mask is not None:
             _mask_headers(request.responseHeaders, self.mask)
 
@@ -408,6 +489,8 @@ class Exchange:
         if self.tap is not None:
             self.tap.response(status, Headers())
         self.end("proxy_error")  # first: the access line needs its timings
+        for name, value in self.admission.headers:
+            self.request.responseHeaders.setRawHeaders(name, [value])
         send_error(self.request, status, code, message)
 
     # ------------------------------------------------------------ end
@@ -422,6 +505,7 @@ class Exchange:
         self.request.forward_upstream_seconds = elapsed
         if res.metrics is not None:
             res.metrics.ended(self.status, self.decision.label, outcome, elapsed, self.sent)
+        self.admission.finish(outcome == "complete" and 200 <= self.status < 400)
         if self.tap is not None:
             tap, self.tap = self.tap, None
             try:

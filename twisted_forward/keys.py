@@ -35,7 +35,7 @@ import hmac
 import json
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable, Iterable, Mapping, Optional, Sequence
 
 from twisted.web.http_headers import Headers
 
@@ -108,6 +108,9 @@ class KeyDecision:
         default key may be tried on failure.
     :ivar carrier: the header a substituted default key goes in.
     :ivar refusal: None, or the message of a 401 to answer instead.
+    :ivar level: the forward key's level (openai-forward 0.8's
+        FORWARD_KEY_CONFIG): which default keys it may spend and which
+        models it may use.  0 for every other request.
     """
 
     label: str
@@ -115,6 +118,7 @@ class KeyDecision:
     substituted: bool = False
     carrier: bytes = AUTHORIZATION
     refusal: Optional[str] = None
+    level: int = 0
 
     @property
     def authorization(self) -> Optional[bytes]:
@@ -136,10 +140,28 @@ class DefaultKeys:
     Keys the upstream declared dead (a 401 whose code is in
     :data:`KEY_DEAD_CODES`) leave the rotation; keys that hit a rate limit
     sit out until their cool-down ends.
+
+    :param levels: per key, the forward-key levels it serves (openai-forward
+        0.8's OPENAI_API_KEY_CONFIG); None (for a key, or for all) serves
+        every level.
     """
 
-    def __init__(self, keys: Sequence[str], clock: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        keys: Sequence[str],
+        clock: Callable[[], float],
+        levels: Optional[Sequence[Optional[frozenset[int]]]] = None,
+    ) -> None:
         self._keys = [k.encode("ascii") for k in keys]
+        #: level -> the keys serving it, for levels some key is limited to.
+        self._by_level: dict[int, list[int]] = {}
+        self._unlimited = [i for i in range(len(keys)) if not levels or levels[i] is None]
+        if levels and any(served is not None for served in levels):
+            for level in set().union(*(s for s in levels if s is not None)):
+                self._by_level[level] = [
+                    i for i, served in enumerate(levels) if served is None or level in served
+                ]
+        self._next_by_level: dict[int, int] = {}
         self._clock = clock
         self._next = 0
         self._resting: dict[int, float] = {}
@@ -174,19 +196,28 @@ class DefaultKeys:
             "revoked": revoked,
         }
 
-    def order(self) -> list[int]:
+    def order(self, level: Optional[int] = None) -> list[int]:
         """Key indices to try for one request: the next in turn first.
 
-        Resting keys come last (better a rate-limited key than none);
-        revoked keys not at all: empty when every key is revoked, and the
-        request must then not go upstream.
+        With ``level``, only the keys serving that level (when keys are
+        limited to levels at all).  Resting keys come last (better a
+        rate-limited key than none); revoked keys not at all: empty when
+        every key is revoked, and the request must then not go upstream.
         """
-        n = len(self._keys)
-        if not n:
-            return []
-        start = self._next
-        self._next = (start + 1) % n
-        rotation = list(self._rotations[start])
+        if self._by_level and level is not None:
+            serving = self._by_level.get(level, self._unlimited)
+            if not serving:
+                return []
+            start = self._next_by_level.get(level, 0) % len(serving)
+            self._next_by_level[level] = start + 1
+            rotation = serving[start:] + serving[:start]
+        else:
+            n = len(self._keys)
+            if not n:
+                return []
+            start = self._next
+            self._next = (start + 1) % n
+            rotation = list(self._rotations[start])
         if not self._resting and not self._revoked:
             return rotation
         now = self._clock()
@@ -303,9 +334,16 @@ def _refuse(message: str) -> KeyDecision:
 class KeyRules:
     """Decides, per request, which key goes upstream."""
 
-    def __init__(self, default: DefaultKeys, forward: ForwardKeys) -> None:
+    def __init__(
+        self,
+        default: DefaultKeys,
+        forward: ForwardKeys,
+        levels: Optional[Mapping[str, int]] = None,
+    ) -> None:
         self.default = default
         self.forward = forward
+        #: forward-key label -> level (labels not here: level 0).
+        self.levels: Mapping[str, int] = levels or {}
 
     @property
     def open_relay(self) -> bool:
@@ -339,7 +377,9 @@ class KeyRules:
             label = self.forward.lookup(token)
             if label is None:
                 return _refuse("Incorrect forward key provided.")
-            return KeyDecision(label, substituted=True, carrier=carrier)
+            return KeyDecision(
+                label, substituted=True, carrier=carrier, level=self.levels.get(label, 0)
+            )
         if own:
             return KeyDecision(CLIENT_KEY, send=tuple(own))
         if self.forward:

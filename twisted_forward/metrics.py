@@ -105,6 +105,19 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.policy_refusals = Counter(
+            "openai_forward_policy_refusals",
+            "Requests refused by a key policy, by key label and reason "
+            "(model_not_allowed, rate_limit_exceeded, insufficient_quota, limits_unavailable).",
+            ["key", "reason"],
+            registry=r,
+        )
+        self.policy_store_failures = Counter(
+            "openai_forward_policy_store_failures",
+            "Requests for which the policy store did not answer (served or refused "
+            "as LIMITS_ON_STORE_FAILURE says).",
+            registry=r,
+        )
 
 
 class RouteMetrics:

@@ -97,11 +97,12 @@ class Relay(Protocol):
         if self.stopped:
             return
         self.last = self.reactor.seconds()
+        data = self.exchange.admission.relay(data)
         mask = self.exchange.mask
         if mask is not None:
             data = mask.feed(data)
-            if not data:
-                return
+        if not data:
+            return
         self.request.write(data)
         self.exchange.sent += len(data)
         if self.tap is not None:
@@ -166,7 +167,9 @@ class Relay(Protocol):
             return
         request = self.request
         if isinstance(reason.value, BODY_ENDS):  # (Failure.check walks the MRO)
-            held = exchange.mask.flush() if exchange.mask is not None else b""
+            held = exchange.admission.relay_end()
+            if exchange.mask is not None:
+                held = exchange.mask.feed(held) + exchange.mask.flush()
             if held:
                 request.write(held)
                 exchange.sent += len(held)

@@ -25,6 +25,8 @@ from .errors import write_error
 from .framing import ForwardChannel, body_too_large
 from .keys import DefaultKeys, ForwardKeys, KeyRules
 from .metrics import Metrics, MetricsResource
+from .policies.gate import PolicyGate
+from .policies.service import build_gate
 from .exchange import ProxyResource
 from .target import BadTarget, split_target
 from .upstream import Upstream
@@ -251,6 +253,8 @@ class Built:
     health: Health
     keys: KeyRules
     metrics: Metrics
+    #: The policy gate, or None when no policy is set.
+    policy: Optional[PolicyGate] = None
 
 
 def build_root(
@@ -259,6 +263,7 @@ def build_root(
     recorder: Optional[Recorder] = None,
     upstream: Optional[Upstream] = None,
     metrics: Optional[Metrics] = None,
+    policy: Optional[PolicyGate] = None,
     health: Optional[Health] = None,
 ) -> Built:
     """Build the resource tree for ``config``.
@@ -267,7 +272,7 @@ def build_root(
     on this tree unless disabled or given their own port.  A reload builds
     a new tree with the long-lived parts of the old one passed in (the
     upstream pool when its settings are the same, the metrics, the health
-    state).
+    state, the policy gate built around the old counting store).
     """
     if metrics is None:
         metrics = Metrics()
@@ -281,9 +286,12 @@ def build_root(
             max_headers=config.max_upstream_headers,
         )
     openai_keys = KeyRules(
-        DefaultKeys(config.default_keys, reactor.seconds),
+        DefaultKeys(config.default_keys, reactor.seconds, config.policy.key_levels),
         ForwardKeys(config.forward_keys),
+        config.policy.policies.levels,
     )
+    if policy is None:
+        policy = build_gate(config.policy, reactor, metrics)
     metrics.watch_keys(openai_keys.default)
     if isinstance(recorder, ChatRecorder):
         metrics.watch_chat_records(recorder.counts)
@@ -298,6 +306,7 @@ def build_root(
             config.idle_timeout,
             recorder,
             metrics,
+            policy=policy if route.kind == "openai" else None,
         )
         for route in config.routes
     ]
@@ -315,4 +324,4 @@ def build_root(
         router, config.ip_whitelist, config.ip_blacklist, config.trusted_proxies,
         exempt_paths=router._health_paths,
     )
-    return Built(root, proxies, upstream, health, openai_keys, metrics)
+    return Built(root, proxies, upstream, health, openai_keys, metrics, policy)

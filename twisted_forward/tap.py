@@ -9,6 +9,7 @@ environment and ``.env``, validates, and builds the service tree.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 import signal
 import sys
 from typing import Any, Callable, Optional
@@ -36,6 +37,7 @@ from .metrics import MetricsResource
 from .listening import BoundEndpoint, endpoint_from_string, listen_now
 from .logfiles import LogReopenService
 from .reload import ConfigSource, install_handler, restart_only_changes
+from .policies.service import build_gate
 from .site import Built, ForwardSite, build_root
 
 
@@ -155,9 +157,8 @@ class ProxyService(Service):
         self.recorder = recorder
         self.site = site
         self.source = source
-        #: Earlier generations with exchanges still open: (built, recorder,
-        #: whether its upstream pool is its own).
-        self.retired: list[tuple[Built, Optional[ChatRecorder], bool]] = []
+        #: Earlier generations with exchanges still open.
+        self.retired: list[_Generation] = []
         self._restore_sighup: Optional[Callable[[], None]] = None
 
     def startService(self) -> None:
@@ -187,16 +188,25 @@ class ProxyService(Service):
         if self.source is None or self.site is None or not self.running:
             return False
         shadowed = self.source.shadowed_changes()
+        current = self.built
         try:
             config = self.source.load()
             restart_only_changes(self.config, config)
             same_pool = _pool_settings(config) == _pool_settings(self.config)
+            same_store = (
+                current.policy is not None
+                and config.policy.redis_url == self.config.policy.redis_url
+            )
             recorder = open_recorder(config, self.reactor)
             try:
+                policy = build_gate(
+                    config.policy, self.reactor, current.metrics,
+                    store=current.policy.store if same_store else None,  # type: ignore[union-attr]
+                )
                 built = build_root(
                     config, self.reactor, recorder=recorder,  # type: ignore[arg-type]
-                    upstream=self.built.upstream if same_pool else None,
-                    metrics=self.built.metrics, health=self.built.health,
+                    upstream=current.upstream if same_pool else None,
+                    metrics=current.metrics, health=current.health, policy=policy,
                 )
             except BaseException:
                 if recorder is not None:
@@ -214,7 +224,10 @@ class ProxyService(Service):
                 name=name, file=self.source.env_file,
             )
         self.site.serve(built, config.max_request_body)
-        self.retired.append((self.built, self.recorder, not same_pool))
+        self.retired.append(
+            _Generation(current, self.recorder, own_pool=not same_pool,
+                        own_store=not (same_store and built.policy is not None))
+        )
         self.built, self.config, self.recorder = built, config, recorder
         self.log.info("reloaded the configuration; open requests finish on the previous one")
         self._describe()
@@ -224,17 +237,13 @@ class ProxyService(Service):
     def _close_drained(self) -> None:
         """Close what retired generations own, once their exchanges ended."""
         for generation in list(self.retired):
-            built, recorder, own_pool = generation
-            if any(p.open for p in built.proxies):
-                defer.DeferredList([p.drained() for p in built.proxies]).addCallback(
-                    lambda _: self._close_drained()
-                )
+            if any(p.open for p in generation.built.proxies):
+                defer.DeferredList(
+                    [p.drained() for p in generation.built.proxies]
+                ).addCallback(lambda _: self._close_drained())
                 continue
             self.retired.remove(generation)
-            if own_pool:
-                built.upstream.close()
-            if recorder is not None:
-                recorder.close()
+            generation.close()
 
     # ------------------------------------------------------------ stop
 
@@ -245,9 +254,9 @@ class ProxyService(Service):
             self._restore_sighup()
             self._restore_sighup = None
         self.built.health.draining = True
-        generations = [(self.built, self.recorder, True)] + self.retired
+        generations = [_Generation(self.built, self.recorder)] + self.retired
         self.retired = []
-        proxies = [p for built, _, _ in generations for p in built.proxies]
+        proxies = [p for g in generations for p in g.built.proxies]
         open_count = sum(len(p.open) for p in proxies)
         if open_count:
             self.log.info(
@@ -260,21 +269,42 @@ class ProxyService(Service):
             for proxy in proxies:
                 for exchange in list(proxy.open):
                     exchange.abort()
-        try:
-            yield defer.DeferredList(
-                [built.upstream.close() for built, _, own_pool in generations if own_pool],
-                consumeErrors=True,
-            )
-        finally:
-            yield defer.DeferredList(
-                [recorder.close() for _, recorder, _ in generations if recorder is not None],
-                consumeErrors=True,
-            )
+        # Every exchange has ended (and so settled or released its policy
+        # reservation): close the pools, the stores, then the chat records.
+        yield defer.DeferredList([g.close() for g in generations], consumeErrors=True)
         # twistd and twist re-raise the terminating signal at exit, so a
         # supervisor would see "killed by SIGTERM".  The shutdown was
         # orderly: report success (exit status 0) instead.
         if getattr(self.reactor, "_exitSignal", None) is not None:
             self.reactor._exitSignal = None  # type: ignore[attr-defined]
+
+
+@dataclass
+class _Generation:
+    """One configuration's tree and what it alone owns, for closing.
+
+    :ivar own_pool: whether its upstream pool is its own (not handed on to
+        the next generation by a reload).
+    :ivar own_store: likewise for its policy gate's counting store.
+    """
+
+    built: Built
+    recorder: Optional[ChatRecorder]
+    own_pool: bool = True
+    own_store: bool = True
+
+    @defer.inlineCallbacks
+    def close(self) -> Any:
+        try:
+            if self.own_pool:
+                yield self.built.upstream.close()
+        finally:
+            try:
+                if self.own_store and self.built.policy is not None:
+                    yield self.built.policy.store.close()
+            finally:
+                if self.recorder is not None:
+                    yield self.recorder.close()
 
 
 def _pool_settings(config: Config) -> tuple[Any, ...]:

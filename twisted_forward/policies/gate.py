@@ -1,0 +1,509 @@
+"""
+The exchange's policy hook: admit a request or refuse it, then settle.
+
+The exchange calls :meth:`IExchangePolicy.admit` once, after the key
+decision and before anything goes upstream.  The answer is an
+:class:`Admission`: a refusal to send instead (403 ``model_not_allowed``,
+429 ``rate_limit_exceeded`` or ``insufficient_quota`` with Retry-After, 503
+when the store is down and ``LIMITS_ON_STORE_FAILURE=closed``), or leave to
+go on, with the ``x-ratelimit-*`` headers for the answer, maybe a body
+asking for streamed usage, and the means to read the usage and settle.
+
+A request of a key with no policy gets :data:`UNLIMITED` at once: no body
+read, no store touched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from urllib.parse import unquote
+from dataclasses import dataclass, field
+from typing import IO, Callable, Optional, Sequence
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import Interface, implementer
+
+from .body import REWRITE_LIMIT, BodyFacts, read_facts, with_usage_requested
+from .memory import MemoryStore
+from .prices import MICRO, PriceTable
+from .rules import KeyPolicy, Policies, Rate
+from .store import (
+    CONCURRENT,
+    FIXED,
+    MOVING,
+    Bucket,
+    BucketState,
+    IPolicyStore,
+    Settlement,
+    StoreUnavailable,
+    Verdict,
+)
+from .usage import Usage, UsageStripper, UsageTap
+from .windows import day_window, fixed_window, month_window
+
+#: Seconds a store gets to answer before the request is treated as if the
+#: store were down (the stores bound their own waits; this is the backstop).
+STORE_TIMEOUT = 5.0
+#: A parallel slot nobody settles frees itself after this long.
+SLOT_LEASE = 3600.0
+
+#: Kinds of bucket, for refusals and headers.
+_REQUESTS, _TOKENS, _QUOTA, _SLOTS = "requests", "tokens", "quota", "slots"
+
+
+@dataclass(frozen=True)
+class RequestFacts:
+    """What the exchange knows of a request when it asks the policies.
+
+    :ivar label: the key's non-secret label.
+    :ivar level: the forward key's level (0 when none).
+    :ivar substituted: a default key will be spent (forward key or keyless).
+    :ivar method: the HTTP method.
+    :ivar path: the path as the client sent it, route prefix included.
+    :ivar content: the request body as Twisted keeps it (in memory or
+        spooled to a file), or None.
+    :ivar content_type: the request's Content-Type.
+    :ivar reservation: a name for this request unique in every process.
+    :ivar client_key: for a client's own key, a digest to count it by.
+    """
+
+    label: str
+    level: int
+    substituted: bool
+    method: bytes
+    path: str
+    content: Optional[IO[bytes]]
+    content_type: bytes
+    reservation: str
+    client_key: str = ""
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """An answer the proxy gives instead of forwarding."""
+
+    status: int
+    code: str
+    message: str
+    retry_after: Optional[int] = None
+
+
+class IExchangePolicy(Interface):
+    """The policy hook of the forwarding exchange."""
+
+    def admit(facts: RequestFacts) -> "Deferred[Admission]":
+        """Decide on one request; never errs (a broken store is a refusal
+        or an open admission, as configured)."""
+
+
+class Admission:
+    """One admitted (or refused) request's policy state.
+
+    The exchange reads :attr:`refusal`, :attr:`headers` and :attr:`body`;
+    passes the answer's body through :meth:`answer_started`, :meth:`relay`
+    and :meth:`relay_end`; and calls :meth:`finish` once, at its end.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        refusal: Optional[Refusal] = None,
+        headers: Sequence[tuple[bytes, bytes]] = (),
+        body: Optional[bytes] = None,
+        strip_usage: bool = False,
+        settle: Optional[Callable[[Optional[Usage], bool], None]] = None,
+        count_usage: bool = False,
+    ) -> None:
+        self.refusal = refusal
+        #: ``x-ratelimit-*`` (and Retry-After) headers for the answer.
+        self.headers = tuple(headers)
+        #: The body to send upstream instead of the client's, or None.
+        self.body = body
+        self._strip_usage = strip_usage
+        self._settle = settle
+        self._count_usage = count_usage
+        self._tap: Optional[UsageTap] = None
+        self._stripper: Optional[UsageStripper] = None
+        self._finished = False
+
+    def answer_started(self, status: int, streamed: bool) -> bool:
+        """The answer's head arrived.  Returns True when its body will be
+        changed (the caller then drops a Content-Length)."""
+        if self._count_usage and 200 <= status < 300:
+            self._tap = UsageTap(streamed)
+        if self._strip_usage and streamed and 200 <= status < 300:
+            self._stripper = UsageStripper()
+            return True
+        return False
+
+    def relay(self, data: bytes) -> bytes:
+        """Read a piece of the answer; returns what the client gets of it."""
+        if self._tap is not None:
+            self._tap.feed(data)
+        if self._stripper is not None:
+            return self._stripper.feed(data)
+        return data
+
+    def relay_end(self) -> bytes:
+        """The answer's body is over; returns what was held back."""
+        return self._stripper.flush() if self._stripper is not None else b""
+
+    def finish(self, complete: bool) -> None:
+        """Settle (``complete``: the answer was whole) or release."""
+        if self._finished:
+            return
+        self._finished = True
+        if self._settle is None:
+            return
+        usage = self._tap.end() if (complete and self._tap is not None) else None
+        try:
+            self._settle(usage, complete)
+        except Exception:
+            self.log.failure("settling a policy reservation failed")
+
+
+#: The admission of requests no policy applies to.
+UNLIMITED = Admission()
+
+
+def format_reset(seconds: float) -> str:
+    """A duration as OpenAI writes it in ``x-ratelimit-reset-*``: ``"20ms"``,
+    ``"17s"``, ``"6m0s"``, ``"1h2m3s"``."""
+    if seconds < 1:
+        return f"{max(0, int(seconds * 1000))}ms"
+    whole = int(math.ceil(seconds))
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes}m{secs}s"
+    if minutes:
+        return f"{minutes}m{secs}s"
+    return f"{secs}s"
+
+
+@dataclass
+class _Plan:
+    """The buckets of one request and what each is for."""
+
+    buckets: list[Bucket] = field(default_factory=list)
+    kinds: list[str] = field(default_factory=list)
+    #: Per bucket: how the real usage turns into its amount (None: fixed).
+    measure: list[Optional[Callable[[Usage], int]]] = field(default_factory=list)
+
+    def add(self, bucket: Bucket, kind: str, measure: Optional[Callable[[Usage], int]] = None) -> None:
+        self.buckets.append(bucket)
+        self.kinds.append(kind)
+        self.measure.append(measure)
+
+
+@implementer(IExchangePolicy)
+class PolicyGate:
+    """Applies :class:`~twisted_forward.policies.rules.Policies` to requests.
+
+    :param store: where the counters live.
+    :param prices: for the dollar quotas.
+    :param on_store_failure: ``open`` (count in this process's memory, warn,
+        count in a metric) or ``closed`` (503).
+    :param refused: called with ``(label, reason)`` for each refusal, for
+        the metrics.
+    :param store_failed: called once per request served or refused because
+        the store failed.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        policies: Policies,
+        store: IPolicyStore,
+        prices: PriceTable,
+        reactor: IReactorTime,
+        clock: Optional[Callable[[], float]] = None,
+        on_store_failure: str = "closed",
+        refused: Optional[Callable[[str, str], None]] = None,
+        store_failed: Optional[Callable[[], None]] = None,
+    ) -> None:
+        self.policies = policies
+        self.store = store
+        self.prices = prices
+        self.reactor = reactor
+        self.clock = clock or reactor.seconds
+        self.on_store_failure = on_store_failure
+        self._refused = refused or (lambda label, reason: None)
+        self._store_failed = store_failed or (lambda: None)
+        #: Counts when the shared store fails and LIMITS_ON_STORE_FAILURE is open.
+        self.local = MemoryStore()
+
+    # ------------------------------------------------------------ admit
+
+    def admit(self, facts: RequestFacts) -> "Deferred[Admission]":
+        policies = self.policies
+        policy = policies.policy_for(facts.label) if facts.substituted else None
+        path = _normal_path(facts.path)
+        rates = policies.request_rates(facts.level, path)
+        level_models = policies.level_models.get(facts.level) if facts.level else None
+        if policy is None and not rates and level_models is None:
+            return succeed(UNLIMITED)
+        restricted = level_models is not None or (policy is not None and policy.models is not None)
+        counts_tokens = policy is not None and policy.limits_tokens
+        body = (
+            read_facts(facts.content, facts.content_type, path)
+            if (restricted or counts_tokens)
+            else BodyFacts()
+        )
+        if restricted:
+            refusal = self._check_model(facts, policy, body)
+            if refusal is not None:
+                self._refused(facts.label, refusal.code)
+                return succeed(Admission(refusal))
+        plan = self._plan(facts, policy, rates, body)
+        if not plan.buckets:
+            return succeed(UNLIMITED)
+        now = self.clock()
+        d = self.store.reserve(facts.reservation, plan.buckets, now)
+        if not d.called:
+            d.addTimeout(STORE_TIMEOUT, self.reactor)
+        d.addCallback(self._verdict, facts, plan, body, counts_tokens, self.store)
+        d.addErrback(self._store_down, facts, plan, body, counts_tokens)
+        return d
+
+    def _check_model(
+        self, facts: RequestFacts, policy: Optional[KeyPolicy], body: BodyFacts
+    ) -> Optional[Refusal]:
+        if body.unreadable:
+            return Refusal(
+                400, "invalid_json",
+                "The request body could not be read as one JSON object with one 'model'.",
+            )
+        model = body.model
+        if model is None:
+            return None  # a request naming no model (a list, a file upload) spends none
+        if not self.policies.level_allows(facts.level, model) or (
+            policy is not None and not policy.allows(model)
+        ):
+            shown = model if len(model) <= 100 else model[:100] + "…"
+            return Refusal(
+                403, "model_not_allowed",
+                f"The model '{shown}' is not allowed for this key.",
+            )
+        return None
+
+    def _plan(
+        self,
+        facts: RequestFacts,
+        policy: Optional[KeyPolicy],
+        rates: Sequence[tuple[str, Sequence[Rate]]],
+        body: BodyFacts,
+    ) -> _Plan:
+        now = self.clock()
+        moving = self.policies.moving
+        owner = facts.label if facts.substituted else f"client:{facts.client_key}"
+        plan = _Plan()
+
+        def window(id: str, limit: int, amount: int, seconds: float) -> Bucket:
+            amount = min(amount, limit)
+            if moving:
+                return Bucket(id, MOVING, limit, amount, seconds)
+            start, length = fixed_window(now, seconds)
+            return Bucket(id, FIXED, limit, amount, length, start)
+
+        for route, route_rates in rates:
+            for rate in route_rates:
+                plan.add(
+                    window(f"{owner}/req{route}/{rate.amount}/{rate.seconds:g}",
+                           rate.amount, 1, rate.seconds),
+                    _REQUESTS,
+                )
+        if policy is None:
+            return plan
+        prompt, output = body.estimate()
+        tokens = prompt + output
+        if policy.rpm is not None:
+            plan.add(window(f"{owner}/rpm", policy.rpm, 1, 60.0), _REQUESTS)
+        if policy.tpm is not None:
+            plan.add(window(f"{owner}/tpm", policy.tpm, tokens, 60.0), _TOKENS, _tokens)
+        if policy.max_parallel is not None:
+            plan.add(Bucket(f"{owner}/parallel", CONCURRENT, policy.max_parallel, 1, SLOT_LEASE),
+                     _SLOTS)
+        for name, limit, period in (
+            ("tokens_per_day", policy.tokens_per_day, day_window),
+            ("tokens_per_month", policy.tokens_per_month, month_window),
+        ):
+            if limit is not None:
+                start, length = period(now)
+                plan.add(Bucket(f"{owner}/{name}", FIXED, limit, min(tokens, limit), length, start),
+                         _QUOTA, _tokens)
+        model = body.model or ""
+        for name, dollars, period in (
+            ("usd_per_day", policy.usd_per_day, day_window),
+            ("usd_per_month", policy.usd_per_month, month_window),
+        ):
+            if dollars is not None:
+                limit = int(round(dollars * MICRO))
+                estimate = int(math.ceil(self.prices.cost_usd(model, prompt, output) * MICRO))
+                start, length = period(now)
+                plan.add(
+                    Bucket(f"{owner}/{name}", FIXED, limit, min(estimate, limit), length, start),
+                    _QUOTA, self._dollars(model),
+                )
+        return plan
+
+    def _dollars(self, model: str) -> Callable[[Usage], int]:
+        def measure(usage: Usage) -> int:
+            cost = self.prices.cost_usd(model, usage.prompt, usage.completion, usage.cached)
+            return int(math.ceil(cost * MICRO))
+
+        return measure
+
+    # ------------------------------------------------------------ verdicts
+
+    def _verdict(
+        self,
+        verdict: Verdict,
+        facts: RequestFacts,
+        plan: _Plan,
+        body: BodyFacts,
+        counts_tokens: bool,
+        store: IPolicyStore,
+    ) -> Admission:
+        headers = _rate_headers(plan, verdict.states)
+        if not verdict.granted:
+            assert verdict.refused is not None
+            kind = plan.kinds[verdict.refused]
+            retry = max(1, int(math.ceil(verdict.retry_after)))
+            headers.append((b"retry-after", b"%d" % retry))
+            if kind == _QUOTA:
+                refusal = Refusal(
+                    429, "insufficient_quota",
+                    "This key's quota for the period is spent; it resets in "
+                    f"{format_reset(verdict.retry_after)}.",
+                    retry,
+                )
+            else:
+                what = {
+                    _REQUESTS: "requests", _TOKENS: "tokens", _SLOTS: "requests in flight",
+                }[kind]
+                refusal = Refusal(
+                    429, "rate_limit_exceeded",
+                    f"Rate limit reached for this key ({what}); retry in "
+                    f"{format_reset(verdict.retry_after)}.",
+                    retry,
+                )
+            self._refused(facts.label, refusal.code)
+            return Admission(refusal, headers)
+        return self._admitted(facts, plan, body, counts_tokens, store, headers)
+
+    def _admitted(
+        self,
+        facts: RequestFacts,
+        plan: _Plan,
+        body: BodyFacts,
+        counts_tokens: bool,
+        store: IPolicyStore,
+        headers: list[tuple[bytes, bytes]],
+    ) -> Admission:
+        rewritten = None
+        strip = False
+        if counts_tokens and body.stream and not body.include_usage and facts.content is not None:
+            if body.size <= REWRITE_LIMIT:
+                facts.content.seek(0)
+                rewritten = with_usage_requested(facts.content.read(), body)
+                facts.content.seek(0)
+                strip = rewritten is not None
+
+        def settle(usage: Optional[Usage], complete: bool) -> None:
+            settlements = []
+            for bucket, measure in zip(plan.buckets, plan.measure):
+                if bucket.kind == CONCURRENT:
+                    settlements.append(Settlement(bucket, 0))
+                elif measure is not None:
+                    if usage is not None:
+                        settlements.append(Settlement(bucket, measure(usage)))
+                    elif not complete:
+                        settlements.append(Settlement(bucket, 0))
+                    # complete without usage: the reservation stands.
+            if settlements:
+                d = store.settle(facts.reservation, settlements, self.clock())
+                if not d.called:
+                    d.addTimeout(STORE_TIMEOUT, self.reactor)
+                d.addErrback(self._settle_failed)
+
+        return Admission(
+            None, headers, rewritten, strip, settle, count_usage=counts_tokens,
+        )
+
+    def _settle_failed(self, failure: Failure) -> None:
+        self.log.warn("settling with the policy store failed: {why}", why=failure.getErrorMessage())
+
+    def _store_down(
+        self,
+        failure: Failure,
+        facts: RequestFacts,
+        plan: _Plan,
+        body: BodyFacts,
+        counts_tokens: bool,
+    ) -> Admission:
+        self._store_failed()
+        why = failure.getErrorMessage() or failure.type.__name__
+        if self.on_store_failure == "closed":
+            self.log.warn("policy store unavailable ({why}); refusing (closed)", why=why)
+            self._refused(facts.label, "limits_unavailable")
+            return Admission(Refusal(
+                503, "limits_unavailable",
+                "The proxy cannot check this key's limits right now; retry later.", 5,
+            ), [(b"retry-after", b"5")])
+        self.log.warn(
+            "policy store unavailable ({why}); counting in this process only (open)", why=why
+        )
+        verdict = self.local.reserve_now(facts.reservation, plan.buckets, self.clock())
+        return self._verdict(verdict, facts, plan, body, counts_tokens, self.local)
+
+
+def _tokens(usage: Usage) -> int:
+    return usage.total
+
+
+def _rate_headers(plan: _Plan, states: Sequence[BucketState]) -> list[tuple[bytes, bytes]]:
+    """OpenAI's ``x-ratelimit-*`` headers from the tightest request and
+    token buckets."""
+    headers: list[tuple[bytes, bytes]] = []
+    for kind, suffix in ((_REQUESTS, b"requests"), (_TOKENS, b"tokens")):
+        chosen = [s for k, s in zip(plan.kinds, states) if k == kind]
+        if kind == _TOKENS and not chosen:
+            chosen = [
+                s for k, b, s in zip(plan.kinds, plan.buckets, states)
+                if k == _QUOTA and b.id.rsplit("/", 1)[-1].startswith("tokens")
+            ]
+        if not chosen:
+            continue
+        state = min(chosen, key=lambda s: (s.remaining, -s.reset))
+        headers += [
+            (b"x-ratelimit-limit-" + suffix, b"%d" % state.limit),
+            (b"x-ratelimit-remaining-" + suffix, b"%d" % state.remaining),
+            (b"x-ratelimit-reset-" + suffix, format_reset(state.reset).encode()),
+        ]
+    return headers
+
+
+def _normal_path(path: str) -> str:
+    """One spelling of a path: percent-decoded, no repeated or trailing slashes."""
+    path = unquote(path)
+    while "//" in path:
+        path = path.replace("//", "/")
+    return path.rstrip("/") or "/"
+
+
+def client_digest(credential: bytes) -> str:
+    """A client's own key, as a counter's name: a digest, never the key."""
+    return hashlib.sha256(credential).hexdigest()[:16]
+
+
+__all__ = [
+    "Admission", "IExchangePolicy", "PolicyGate", "Refusal", "RequestFacts", "UNLIMITED",
+    "StoreUnavailable", "client_digest", "format_reset",
+]
