@@ -144,6 +144,40 @@ class InProcessReloadTests(ProxyTestCase):
         self.assertEqual(response.code, 404)
 
 
+class PolicyReloadTests(ProxyTestCase):
+    """Policies change on reload; the counts made so far are kept."""
+
+    @defer.inlineCallbacks
+    def test_new_policy_old_counts(self):
+        """rpm 3 with two requests made: a reload to rpm 2 refuses the third
+        (the two are still counted); a reload to rpm 5 lets it through."""
+        env_file = os.path.abspath(self.mktemp())
+        write_env(env_file, OPENAI_API_KEY=OLD_SK, FORWARD_KEY=f"alice:{OLD_FK}",
+                  KEY_POLICY=json.dumps({"alice": {"rpm": 3}}))
+        yield self.start_proxy(["--env-file", env_file])
+        [service] = [s for s in IServiceCollection(self.service) if isinstance(s, ProxyService)]
+
+        @defer.inlineCallbacks
+        def post() -> Any:
+            response = yield self.client.post(
+                self.url("/v1/chat/completions"), data=chat(stream=False),
+                headers={b"authorization": [b"Bearer " + OLD_FK.encode()],
+                         b"content-type": [b"application/json"]},
+            )
+            yield response.content()
+            return response.code
+
+        self.assertEqual([(yield post()), (yield post())], [200, 200])
+        write_env(env_file, OPENAI_API_KEY=OLD_SK, FORWARD_KEY=f"alice:{OLD_FK}",
+                  KEY_POLICY=json.dumps({"alice": {"rpm": 2}}))
+        self.assertTrue(service.reload())
+        self.assertEqual((yield post()), 429)
+        write_env(env_file, OPENAI_API_KEY=OLD_SK, FORWARD_KEY=f"alice:{OLD_FK}",
+                  KEY_POLICY=json.dumps({"alice": {"rpm": 5}}))
+        self.assertTrue(service.reload())
+        self.assertEqual((yield post()), 200)
+
+
 class RestartOnlyTests(SynchronousTestCase):
     """What a reload refuses and what it reads."""
 
