@@ -23,6 +23,8 @@ setup(
         "prometheus-client>=0.17.0",
         # hyperlink comes with treq; named because upstream.py subclasses it.
         "hyperlink>=21.0.0",
+        # The policy counters on Redis/Valkey (REDIS_URL): Twisted-native.
+        "txredisapi>=1.4.10,<2",
     ],
     extras_require={
         "test": ["openai>=1.0.0", "hypothesis>=6.0.0"],
