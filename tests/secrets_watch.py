@@ -100,11 +100,13 @@ class SecretsWatch:
         found = []
         secrets = [("default key", i, s) for i, s in enumerate(self.default_keys)]
         secrets += [("forward key", i, s) for i, s in enumerate(self.forward_keys)]
-        sent = b"".join(self.written)
+        # Case-blind: Twisted writes header names title-cased, so a key
+        # echoed in a header name goes out as "Sk-Abc…".
+        sent = b"".join(self.written).lower()
         logged = [(e, describe_event(e)) for e in self.events]
         for kind, index, secret in secrets:
             for pattern in secret_patterns(secret):
-                if pattern in sent:
+                if pattern.lower() in sent:
                     found.append(f"{kind} #{index} in the bytes sent to a client")
                 text = pattern.decode("utf-8")
                 for event, description in logged:
