@@ -23,7 +23,10 @@ setup(
         "prometheus-client>=0.17.0",
         # hyperlink comes with treq; named because upstream.py subclasses it.
         "hyperlink>=21.0.0",
-        # The policy counters on Redis/Valkey (REDIS_URL): Twisted-native.
+        # The response cache's LMDB backend (CACHE_BACKEND=LMDB).
+        "lmdb>=1.4.0,<4",
+        # Redis/Valkey from Twisted, no threads: the policy counters and the
+        # cache's REDIS backend (REDIS_URL).
         "txredisapi>=1.4.10,<2",
     ],
     extras_require={

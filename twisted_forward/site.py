@@ -19,6 +19,9 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 
 from .access import AccessGate
+from .cache.hook import ResponseCache, build_cache
+from .cache.interfaces import ICacheStore
+from .cache.metrics import CacheMetrics
 from .chat.recorder import ChatRecorder, Recorder
 from .config import Config
 from .errors import write_error
@@ -253,8 +256,12 @@ class Built:
     health: Health
     keys: KeyRules
     metrics: Metrics
+    #: The response cache, None when it is off.
+    cache: Optional[ResponseCache] = None
     #: The policy gate, or None when no policy is set.
     policy: Optional[PolicyGate] = None
+    #: The cache's series (registered whether or not the cache is on).
+    cache_metrics: Optional[CacheMetrics] = None
 
 
 def build_root(
@@ -263,7 +270,9 @@ def build_root(
     recorder: Optional[Recorder] = None,
     upstream: Optional[Upstream] = None,
     metrics: Optional[Metrics] = None,
+    cache_store: Optional[ICacheStore] = None,
     policy: Optional[PolicyGate] = None,
+    cache_metrics: Optional[CacheMetrics] = None,
     health: Optional[Health] = None,
 ) -> Built:
     """Build the resource tree for ``config``.
@@ -272,7 +281,11 @@ def build_root(
     on this tree unless disabled or given their own port.  A reload builds
     a new tree with the long-lived parts of the old one passed in (the
     upstream pool when its settings are the same, the metrics, the health
-    state, the policy gate built around the old counting store).
+    state, the policy gate built around the old counting store, the cache's
+    store and series).
+
+    :param cache_store: the response cache's store, instead of the one
+        ``config.cache`` names.
     """
     if metrics is None:
         metrics = Metrics()
@@ -296,6 +309,10 @@ def build_root(
     if isinstance(recorder, ChatRecorder):
         metrics.watch_chat_records(recorder.counts)
     passthrough = KeyRules(DefaultKeys((), reactor.seconds), ForwardKeys(()))
+    if cache_metrics is None:
+        # Registered once per registry: a reload hands the same one on.
+        cache_metrics = CacheMetrics(metrics.registry)
+    cache = build_cache(config.cache, config.forward_keys, reactor, cache_metrics, cache_store)
     proxies = [
         ProxyResource(
             route,
@@ -306,6 +323,7 @@ def build_root(
             config.idle_timeout,
             recorder,
             metrics,
+            cache=cache,
             policy=policy if route.kind == "openai" else None,
         )
         for route in config.routes
@@ -324,4 +342,7 @@ def build_root(
         router, config.ip_whitelist, config.ip_blacklist, config.trusted_proxies,
         exempt_paths=router._health_paths,
     )
-    return Built(root, proxies, upstream, health, openai_keys, metrics, policy)
+    return Built(
+        root, proxies, upstream, health, openai_keys, metrics, cache=cache, policy=policy,
+        cache_metrics=cache_metrics,
+    )

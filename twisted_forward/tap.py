@@ -197,6 +197,10 @@ class ProxyService(Service):
                 current.policy is not None
                 and config.policy.redis_url == self.config.policy.redis_url
             )
+            same_cache = (
+                current.cache is not None and config.cache.enabled
+                and _cache_store_settings(config) == _cache_store_settings(self.config)
+            )
             recorder = open_recorder(config, self.reactor)
             try:
                 policy = build_gate(
@@ -207,6 +211,8 @@ class ProxyService(Service):
                     config, self.reactor, recorder=recorder,  # type: ignore[arg-type]
                     upstream=current.upstream if same_pool else None,
                     metrics=current.metrics, health=current.health, policy=policy,
+                    cache_store=current.cache.store if same_cache else None,  # type: ignore[union-attr]
+                    cache_metrics=current.cache_metrics,
                 )
             except BaseException:
                 if recorder is not None:
@@ -226,7 +232,8 @@ class ProxyService(Service):
         self.site.serve(built, config.max_request_body)
         self.retired.append(
             _Generation(current, self.recorder, own_pool=not same_pool,
-                        own_store=not (same_store and built.policy is not None))
+                        own_store=not (same_store and built.policy is not None),
+                        own_cache=not (same_cache and built.cache is not None))
         )
         self.built, self.config, self.recorder = built, config, recorder
         self.log.info("reloaded the configuration; open requests finish on the previous one")
@@ -270,7 +277,8 @@ class ProxyService(Service):
                 for exchange in list(proxy.open):
                     exchange.abort()
         # Every exchange has ended (and so settled or released its policy
-        # reservation): close the pools, the stores, then the chat records.
+        # reservation, and stored its answer in the cache): close the pools,
+        # the stores, then the chat records.
         yield defer.DeferredList([g.close() for g in generations], consumeErrors=True)
         # twistd and twist re-raise the terminating signal at exit, so a
         # supervisor would see "killed by SIGTERM".  The shutdown was
@@ -286,12 +294,14 @@ class _Generation:
     :ivar own_pool: whether its upstream pool is its own (not handed on to
         the next generation by a reload).
     :ivar own_store: likewise for its policy gate's counting store.
+    :ivar own_cache: likewise for its response cache's store.
     """
 
     built: Built
     recorder: Optional[ChatRecorder]
     own_pool: bool = True
     own_store: bool = True
+    own_cache: bool = True
 
     @defer.inlineCallbacks
     def close(self) -> Any:
@@ -300,11 +310,19 @@ class _Generation:
                 yield self.built.upstream.close()
         finally:
             try:
+                if self.own_cache and self.built.cache is not None:
+                    yield self.built.cache.close()
                 if self.own_store and self.built.policy is not None:
                     yield self.built.policy.store.close()
             finally:
                 if self.recorder is not None:
                     yield self.recorder.close()
+
+
+def _cache_store_settings(config: Config) -> tuple[Any, ...]:
+    """The settings the response cache's store is opened with."""
+    c = config.cache
+    return (c.backend, c.root, c.redis_url, c.max_bytes)
 
 
 def _pool_settings(config: Config) -> tuple[Any, ...]:
