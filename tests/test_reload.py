@@ -178,6 +178,34 @@ class PolicyReloadTests(ProxyTestCase):
         self.assertEqual((yield post()), 200)
 
 
+class AdminReloadTests(ProxyTestCase):
+    """A reload with the admin page on."""
+
+    @defer.inlineCallbacks
+    def test_admin_follows_the_reload(self):
+        """The admin API answers after a reload, and lists the new forward
+        key's label."""
+        env_file = os.path.abspath(self.mktemp())
+        admin_key = "ak-reload-admin-key-1234567890"
+        write_env(env_file, OPENAI_API_KEY=OLD_SK, FORWARD_KEY=f"alice:{OLD_FK}",
+                  ADMIN_KEY=admin_key)
+        yield self.start_proxy(["--env-file", env_file])
+        self.secrets_watch.default_keys += (NEW_SK, admin_key)
+        self.secrets_watch.forward_keys += (NEW_FK,)
+        [service] = [s for s in IServiceCollection(self.service) if isinstance(s, ProxyService)]
+        write_env(env_file, OPENAI_API_KEY=NEW_SK, FORWARD_KEY=f"bob:{NEW_FK}",
+                  ADMIN_KEY=admin_key)
+        self.assertTrue(service.reload())
+        response = yield self.client.get(
+            self.url("/_admin/api/keys"),
+            headers={b"authorization": [b"Bearer " + admin_key.encode()]},
+        )
+        body = yield response.content()
+        self.assertEqual(response.code, 200, body)
+        self.assertIn(b"bob", body)
+        self.assertNotIn(b"alice", body)
+
+
 class RestartOnlyTests(SynchronousTestCase):
     """What a reload refuses and what it reads."""
 

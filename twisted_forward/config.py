@@ -127,6 +127,8 @@ class Config:
     metrics: bool = True
     metrics_path: str = "/metrics"
     metrics_port: Optional[str] = None
+    admin_key: Optional[str] = field(default=None, repr=False)
+    admin_port: Optional[str] = None
     cache: CacheSettings = CacheSettings()
     #: Per-key policies, levels, limits, quotas (twisted_forward.policies).
     policy: PolicyConfig = field(default_factory=PolicyConfig)
@@ -355,6 +357,22 @@ def parse_default_keys(value: str) -> tuple[str, ...]:
     return keys
 
 
+#: The shortest admin key accepted: it guards every figure and record.
+ADMIN_KEY_MIN = 16
+
+
+def parse_admin_key(value: str) -> str:
+    """The key that opens ``/_admin/``: long, printable, not a forward key."""
+    key = value.strip()
+    if not re.fullmatch(r"[\x21-\x7e]+", key):
+        raise ValueError("must be printable ASCII characters, with no space")
+    if len(key) < ADMIN_KEY_MIN:
+        raise ValueError(f"must be at least {ADMIN_KEY_MIN} characters")
+    if key[:3].lower() == "fk-":
+        raise ValueError("must not start with 'fk-' (that is a forward key's shape)")
+    return key
+
+
 def parse_forward_config(value: str) -> tuple[Route, ...]:
     """openai-forward's FORWARD_CONFIG: a JSON list of route rows."""
     try:
@@ -474,6 +492,10 @@ SETTINGS: tuple[Setting, ...] = (
             "Path of the Prometheus metrics [default: /metrics]."),
     Setting("METRICS_PORT", "metrics-port", parse_endpoint,
             "Serve metrics on this port/endpoint instead of the proxy's own."),
+    Setting("ADMIN_KEY", "admin-key", parse_admin_key,
+            "Turns on the admin page and API at /_admin/; the key that opens them."),
+    Setting("ADMIN_PORT", "admin-port", parse_endpoint,
+            "Serve /_admin/ on this port/endpoint instead of the proxy's own."),
     # The response cache: openai-forward 0.8.1's names, then ours.
     Setting("CACHE_OPENAI", "cache-openai", parse_bool,
             "Cache answers on openai routes, for requests that ask [default: false]."),
@@ -590,6 +612,8 @@ def load_config(
         ("METRICS", "metrics"),
         ("METRICS_PATH", "metrics_path"),
         ("METRICS_PORT", "metrics_port"),
+        ("ADMIN_KEY", "admin_key"),
+        ("ADMIN_PORT", "admin_port"),
     ):
         if env in parsed:
             kwargs[attr_name] = parsed[env]
@@ -603,6 +627,14 @@ def load_config(
         raise ConfigError("HEALTHZ_PATH (--healthz-path): must not be the root")
     if kwargs.get("metrics_path", "/metrics") == "":
         raise ConfigError("METRICS_PATH (--metrics-path): must not be the root")
+    admin_key = kwargs.get("admin_key")
+    if kwargs.get("admin_port") is not None and admin_key is None:
+        raise ConfigError("ADMIN_PORT (--admin-port): needs ADMIN_KEY")
+    if admin_key is not None and (
+        admin_key in default_keys  # type: ignore[operator]
+        or any(k.key == admin_key for k in forward_keys)  # type: ignore[attr-defined]
+    ):
+        raise ConfigError("ADMIN_KEY (--admin-key): must differ from every other key")
     return Config(**kwargs)  # type: ignore[arg-type]
 
 
@@ -618,6 +650,11 @@ def describe(config: Config) -> Sequence[str]:
         f"{len(config.forward_keys)} forward key(s)"
         + (f": {', '.join(k.label for k in config.forward_keys)}" if config.forward_keys else "")
     )
+    if config.admin_key is not None:
+        lines.append(
+            "admin page and API at /_admin/"
+            + (f" on {config.admin_port}" if config.admin_port else "")
+        )
     cache = config.cache
     if cache.enabled:
         kinds = " and ".join(k for k in ("openai", "general") if cache.on(k))

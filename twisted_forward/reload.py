@@ -32,6 +32,7 @@ from .config import SETTINGS, Config, ConfigError, load_config, read_env_file
 #: Config fields only a restart can change: (field, setting, option).
 RESTART_ONLY: tuple[tuple[str, str, str], ...] = (
     ("metrics_port", "METRICS_PORT", "--metrics-port"),
+    ("admin_port", "ADMIN_PORT", "--admin-port"),
 )
 
 
@@ -92,6 +93,11 @@ def restart_only_changes(old: Config, new: Config) -> None:
             raise ConfigError(
                 f"{env} ({option}) cannot change while the proxy runs: restart it to change that"
             )
+    if (old.admin_key is None) != (new.admin_key is None):
+        raise ConfigError(
+            "ADMIN_KEY (--admin-key): turning the admin page on or off needs a restart "
+            "(a new admin key is fine)"
+        )
 
 
 def install_handler(signum: int, reactor: Any, callback: Callable[[], Any]) -> Callable[[], None]:

@@ -19,18 +19,23 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 
 from .access import AccessGate
+from .admin.limits import IKeyLimits
+from .admin.live import LiveTally
+from .admin.resource import is_admin_path
+from .admin.service import Admin, build_admin
 from .cache.hook import ResponseCache, build_cache
 from .cache.interfaces import ICacheStore
 from .cache.metrics import CacheMetrics
 from .chat.recorder import ChatRecorder, Recorder
 from .config import Config
 from .errors import write_error
+from .exchange import ProxyResource
 from .framing import ForwardChannel, body_too_large
 from .keys import DefaultKeys, ForwardKeys, KeyRules
+from .ledger import ILedger
 from .metrics import Metrics, MetricsResource
 from .policies.gate import PolicyGate
 from .policies.service import build_gate
-from .exchange import ProxyResource
 from .target import BadTarget, split_target
 from .upstream import Upstream
 
@@ -97,6 +102,7 @@ class Router(Resource):
         healthz_path: str = "/healthz",
         metrics: Optional[IResource] = None,
         metrics_path: str = "/metrics",
+        admin: Optional[IResource] = None,
     ) -> None:
         super().__init__()
         self._routes = sorted(
@@ -111,6 +117,7 @@ class Router(Resource):
         )
         self._metrics = metrics
         self._metrics_path = metrics_path.encode("ascii")
+        self._admin = admin
 
     def render(self, request: IRequest) -> bytes | int:
         try:
@@ -121,6 +128,15 @@ class Router(Resource):
             return self._health(request)
         if self._metrics is not None and path == self._metrics_path:
             return self._metrics.render(request)
+        if is_admin_path(path):
+            # Never forwarded, never through the key rules: the admin's own
+            # resource and key, or nothing.
+            if self._admin is None:
+                return write_error(
+                    request, 404, "admin_off",
+                    "The admin page is off on this port.",
+                )
+            return self._admin.render(request)
         if self.health.draining:
             # A request on a connection kept alive from before the shutdown:
             # refuse it and close that connection after the answer.
@@ -262,6 +278,8 @@ class Built:
     policy: Optional[PolicyGate] = None
     #: The cache's series (registered whether or not the cache is on).
     cache_metrics: Optional[CacheMetrics] = None
+    #: The admin page and API, when ADMIN_KEY is set.
+    admin: Optional["Admin"] = None
 
 
 def build_root(
@@ -272,6 +290,8 @@ def build_root(
     metrics: Optional[Metrics] = None,
     cache_store: Optional[ICacheStore] = None,
     policy: Optional[PolicyGate] = None,
+    ledger: Optional[ILedger] = None,
+    limits: Optional[IKeyLimits] = None,
     cache_metrics: Optional[CacheMetrics] = None,
     health: Optional[Health] = None,
 ) -> Built:
@@ -298,17 +318,19 @@ def build_root(
             max_head=config.max_upstream_head,
             max_headers=config.max_upstream_headers,
         )
+    reserved = (config.admin_key,) if config.admin_key else ()
     openai_keys = KeyRules(
         DefaultKeys(config.default_keys, reactor.seconds, config.policy.key_levels),
         ForwardKeys(config.forward_keys),
         config.policy.policies.levels,
+        reserved=reserved,
     )
     if policy is None:
         policy = build_gate(config.policy, reactor, metrics)
     metrics.watch_keys(openai_keys.default)
     if isinstance(recorder, ChatRecorder):
         metrics.watch_chat_records(recorder.counts)
-    passthrough = KeyRules(DefaultKeys((), reactor.seconds), ForwardKeys(()))
+    passthrough = KeyRules(DefaultKeys((), reactor.seconds), ForwardKeys(()), reserved=reserved)
     if cache_metrics is None:
         # Registered once per registry: a reload hands the same one on.
         cache_metrics = CacheMetrics(metrics.registry)
@@ -328,6 +350,11 @@ def build_root(
         )
         for route in config.routes
     ]
+    admin = None
+    if config.admin_key is not None:
+        admin = build_admin(
+            config, reactor, openai_keys.default, metrics, LiveTally(ledger), limits
+        )
     if health is None:
         health = Health()
     served_here = config.metrics and config.metrics_port is None
@@ -337,6 +364,7 @@ def build_root(
         config.healthz_path,
         MetricsResource(metrics) if served_here else None,
         config.metrics_path,
+        admin.resource if admin is not None and config.admin_port is None else None,
     )
     root = AccessGate(
         router, config.ip_whitelist, config.ip_blacklist, config.trusted_proxies,
@@ -344,5 +372,5 @@ def build_root(
     )
     return Built(
         root, proxies, upstream, health, openai_keys, metrics, cache=cache, policy=policy,
-        cache_metrics=cache_metrics,
+        cache_metrics=cache_metrics, admin=admin,
     )

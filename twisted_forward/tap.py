@@ -34,6 +34,8 @@ from .config import (
 )
 from .chat.recorder import ChatRecorder, open_chat_log
 from .metrics import MetricsResource
+from .access import AccessGate
+from .admin.service import AdminService
 from .listening import BoundEndpoint, endpoint_from_string, listen_now
 from .logfiles import LogReopenService
 from .reload import ConfigSource, install_handler, restart_only_changes
@@ -94,6 +96,8 @@ def open_recorder(config: Config, reactor: IReactorCore) -> Optional[ChatRecorde
     if not config.log_chat:
         return None
     secrets = config.default_keys + tuple(k.key for k in config.forward_keys)
+    if config.admin_key is not None:
+        secrets += (config.admin_key,)
     try:
         return open_chat_log(config.log_dir, reactor, secrets)
     except OSError as e:
@@ -138,6 +142,8 @@ class ProxyService(Service):
 
     :param site: the site whose tree a reload swaps.
     :param source: where a reload reads the configuration; None: no reloads.
+    :param admin_service: runs the admin's live figures; a reload hands it
+        the new admin.
     """
 
     log = Logger()
@@ -150,6 +156,7 @@ class ProxyService(Service):
         recorder: Optional[ChatRecorder] = None,
         site: Optional[ForwardSite] = None,
         source: Optional[ConfigSource] = None,
+        admin_service: Optional[AdminService] = None,
     ) -> None:
         self.built = built
         self.config = config
@@ -157,6 +164,7 @@ class ProxyService(Service):
         self.recorder = recorder
         self.site = site
         self.source = source
+        self.admin_service = admin_service
         #: Earlier generations with exchanges still open.
         self.retired: list[_Generation] = []
         self._restore_sighup: Optional[Callable[[], None]] = None
@@ -230,6 +238,8 @@ class ProxyService(Service):
                 name=name, file=self.source.env_file,
             )
         self.site.serve(built, config.max_request_body)
+        if self.admin_service is not None and built.admin is not None:
+            self.admin_service.swap(built.admin)
         self.retired.append(
             _Generation(current, self.recorder, own_pool=not same_pool,
                         own_store=not (same_store and built.policy is not None),
@@ -380,12 +390,19 @@ def _make_service(
         metrics_endpoint = endpoint_from_string(
             reactor, config.metrics_port, "METRICS_PORT (--metrics-port)"
         )
+    admin_endpoint = None
+    if config.admin_port is not None:
+        admin_endpoint = endpoint_from_string(
+            reactor, config.admin_port, "ADMIN_PORT (--admin-port)"
+        )
     if options["workers"]:
         from .supervisor import make_supervisor
 
         if config.metrics_port is not None:
             # Every worker would bind it.
             raise ConfigError("METRICS_PORT (--metrics-port): not with --workers")
+        if config.admin_port is not None:
+            raise ConfigError("ADMIN_PORT (--admin-port): not with --workers")
         check_log_dir(config)
 
         return make_supervisor(
@@ -406,9 +423,23 @@ def _make_service(
         built.root, reactor=reactor, max_request_body=config.max_request_body
     )
     site.serve(built, config.max_request_body)
+    admin_service = AdminService(built.admin) if built.admin is not None else None
     ProxyService(
-        built, config, reactor, recorder, site=site, source=source  # type: ignore[arg-type]
+        built, config, reactor, recorder, site=site, source=source,  # type: ignore[arg-type]
+        admin_service=admin_service,
     ).setServiceParent(top)
+    if admin_service is not None:
+        # Added before the listeners: stopped after they are, it ends the
+        # open event streams so the proxy can drain.
+        admin_service.setServiceParent(top)
+    admin_site = None
+    if built.admin is not None and admin_endpoint is not None:
+        admin_site = Site(
+            AccessGate(built.admin.resource, config.ip_whitelist, config.ip_blacklist,
+                       config.trusted_proxies),
+            reactor=reactor,
+        )
+        admin_site.noisy = False
     metrics_site = None
     if config.metrics and metrics_endpoint is not None:
         metrics_site = Site(MetricsResource(built.metrics), reactor=reactor)
@@ -416,17 +447,22 @@ def _make_service(
     # Bound last, so nothing after can fail with a port left open.
     port = listen_now(endpoint, site, "--port", options["port"])
     StreamServerEndpointService(BoundEndpoint(port, site), site).setServiceParent(top)
-    if metrics_site is not None:
-        assert metrics_endpoint is not None
+    bound = [port]
+    for extra_site, extra_endpoint, name, value in (
+        (metrics_site, metrics_endpoint, "METRICS_PORT (--metrics-port)", config.metrics_port),
+        (admin_site, admin_endpoint, "ADMIN_PORT (--admin-port)", config.admin_port),
+    ):
+        if extra_site is None:
+            continue
+        assert extra_endpoint is not None
         try:
-            metrics_port = listen_now(
-                metrics_endpoint, metrics_site, "METRICS_PORT (--metrics-port)",
-                config.metrics_port or "",
-            )
+            extra_port = listen_now(extra_endpoint, extra_site, name, value or "")
         except ConfigError:
-            port.stopListening()
+            for done in bound:
+                done.stopListening()
             raise
+        bound.append(extra_port)
         StreamServerEndpointService(
-            BoundEndpoint(metrics_port, metrics_site), metrics_site
+            BoundEndpoint(extra_port, extra_site), extra_site
         ).setServiceParent(top)
     return top

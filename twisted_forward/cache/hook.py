@@ -22,7 +22,7 @@ import os
 from dataclasses import dataclass, field, replace
 from typing import Any, Optional, Sequence
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -214,6 +214,8 @@ class ResponseCache:
             self.metrics.bytes.labels("stored").inc(len(entry.body))
 
         def failed(failure: Failure) -> None:
+            if failure.check(CancelledError):
+                return  # given up at shutdown (close)
             self.metrics.errors.labels("put").inc()
             self._warn_once(
                 "put", "cache: the {store} store failed to store an answer ({why})",

@@ -2,7 +2,7 @@
 The LMDB store: answers on disk, shared by the processes of one machine
 (``--workers N``), kept across restarts.
 
-Every LMDB call runs in the store's own small thread pool, so the reactor
+Every LMDB call runs, in order, in the store's own thread, so the reactor
 never waits on the disk.  The size bound is the LMDB map size: when the
 pages in use pass 90% of it, the expired entries and then the oldest go
 until 70% is in use (oldest stored first, not least recently used: a read
@@ -56,14 +56,16 @@ class LMDBStore:
 
     def __init__(
         self, reactor: Any, path: str, max_bytes: int,
-        metrics: Optional[CacheMetrics] = None, threads: int = 2,
+        metrics: Optional[CacheMetrics] = None,
     ) -> None:
         self.reactor: IReactorThreads = reactor
         self.clock: IReactorTime = reactor
         self.path = path
         self.max_bytes = max_bytes
         self.metrics = metrics
-        self.pool = ThreadPool(minthreads=0, maxthreads=threads, name="cache-lmdb")
+        # One thread: operations run in order, so closing never races a
+        # write (LMDB serialises writers anyway; reads are short).
+        self.pool = ThreadPool(minthreads=0, maxthreads=1, name="cache-lmdb")
         self._env: Any = None
         self._failed_at: Optional[float] = None
         self._lock = threading.Lock()
