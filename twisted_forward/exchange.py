@@ -485,12 +485,7 @@ class Exchange:
         relay_response_headers(response.headers, request.responseHeaders)
         if date and not request.responseHeaders.hasHeader(b"date"):
             request.responseHeaders.setRawHeaders(b"date", date)  # RFC 9110 §6.6.1
-        if self.cache_lookup is not None:
-            request.responseHeaders.setRawHeaders(
-                b"x-cache", [self.cache_lookup.result.encode("ascii")]
-            )
-        for name, value in self.admission.headers:
-            request.responseHeaders.setRawHeaders(name, [value])
+        self._hook_headers()
         if self.mask is not None:
             _mask_headers(request.responseHeaders, self.mask)
 
@@ -555,9 +550,17 @@ class Exchange:
         if self.tap is not None:
             self.tap.response(status, Headers())
         self.end("proxy_error")  # first: the access line needs its timings
-        for name, value in self.admission.headers:
-            self.request.responseHeaders.setRawHeaders(name, [value])
+        self._hook_headers()
         send_error(self.request, status, code, message)
+
+    def _hook_headers(self) -> None:
+        """The answer headers the policies (``x-ratelimit-*``) and the cache
+        (``x-cache``) add, upstream's answer or the proxy's own error."""
+        headers = self.request.responseHeaders
+        if self.cache_lookup is not None:
+            headers.setRawHeaders(b"x-cache", [self.cache_lookup.result.encode("ascii")])
+        for name, value in self.admission.headers:
+            headers.setRawHeaders(name, [value])
 
     # ------------------------------------------------------------ end
 
@@ -566,7 +569,6 @@ class Exchange:
             return
         self.done = True
         res = self.resource
-        res._closed(self)
         elapsed = res.reactor.seconds() - self.sent_upstream
         if not self.cache_hit:
             self.request.forward_upstream_seconds = elapsed
@@ -585,6 +587,9 @@ class Exchange:
                 tap.end(outcome)
             except Exception:
                 self.log.failure("chat recorder failed")
+        # Last: a drain waiting on this exchange may go on to close the
+        # recorders and the ledger, which must have its record by then.
+        res._closed(self)
 
     def _stop_upstream(self) -> None:
         """Cancel the upstream request, or stop its body if it is relaying."""

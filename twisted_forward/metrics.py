@@ -42,15 +42,17 @@ class Metrics:
     def watch_keys(self, keys: "DefaultKeys") -> None:
         """Report the default keys' states (never the keys) at each scrape;
         a new watch (after a reload) replaces the previous one."""
-        self._watch("keys", _KeyStates(keys))
+        self.watch("keys", _KeyStates(keys))
 
     def watch_chat_records(self, counts: Callable[[], dict[str, int]]) -> None:
         """Report the chat record writer's waiting, failed and dropped
         records at each scrape (``counts`` as :meth:`ChatRecorder.counts`);
         a new watch (after a reload) replaces the previous one."""
-        self._watch("chat_records", _ChatRecordCounts(counts))
+        self.watch("chat_records", _ChatRecordCounts(counts))
 
-    def _watch(self, name: str, collector: Any) -> None:
+    def watch(self, name: str, collector: Any) -> None:
+        """Register ``collector`` under ``name``, replacing the previous one
+        of that name (a reload builds its collectors again)."""
         watches: dict[str, Any] = self.__dict__.setdefault("_watches", {})
         previous = watches.pop(name, None)
         if previous is not None:

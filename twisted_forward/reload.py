@@ -33,6 +33,10 @@ from .config import SETTINGS, Config, ConfigError, load_config, read_env_file
 RESTART_ONLY: tuple[tuple[str, str, str], ...] = (
     ("metrics_port", "METRICS_PORT", "--metrics-port"),
     ("admin_port", "ADMIN_PORT", "--admin-port"),
+    # The usage ledger is one database connection for the process's life.
+    ("ledger", "LEDGER", "--ledger"),
+    ("database_url", "DATABASE_URL", "--database-url"),
+    ("data_dir", "DATA_DIR", "--data-dir"),
 )
 
 

@@ -26,7 +26,8 @@ from .admin.service import Admin, build_admin
 from .cache.hook import ResponseCache, build_cache
 from .cache.interfaces import ICacheStore
 from .cache.metrics import CacheMetrics
-from .chat.recorder import ChatRecorder, Recorder
+from .chat.recorder import ChatRecorder, FanOut, Recorder
+from .ledger.service import LedgerCollector
 from .config import Config
 from .errors import write_error
 from .exchange import ProxyResource
@@ -278,6 +279,8 @@ class Built:
     policy: Optional[PolicyGate] = None
     #: The cache's series (registered whether or not the cache is on).
     cache_metrics: Optional[CacheMetrics] = None
+    #: The usage ledger (None: LEDGER off), for the admin API to query.
+    ledger: Optional[ILedger] = None
     #: The admin page and API, when ADMIN_KEY is set.
     admin: Optional["Admin"] = None
 
@@ -328,8 +331,11 @@ def build_root(
     if policy is None:
         policy = build_gate(config.policy, reactor, metrics)
     metrics.watch_keys(openai_keys.default)
-    if isinstance(recorder, ChatRecorder):
-        metrics.watch_chat_records(recorder.counts)
+    for chat in recorder.recorders if isinstance(recorder, FanOut) else (recorder,):
+        if isinstance(chat, ChatRecorder):
+            metrics.watch_chat_records(chat.counts)
+    if ledger is not None:
+        metrics.watch("ledger", LedgerCollector(ledger.stats))
     passthrough = KeyRules(DefaultKeys((), reactor.seconds), ForwardKeys(()), reserved=reserved)
     if cache_metrics is None:
         # Registered once per registry: a reload hands the same one on.
@@ -353,7 +359,8 @@ def build_root(
     admin = None
     if config.admin_key is not None:
         admin = build_admin(
-            config, reactor, openai_keys.default, metrics, LiveTally(ledger), limits
+            config, reactor, openai_keys.default, metrics,
+            ledger if isinstance(ledger, LiveTally) else LiveTally(ledger), limits
         )
     if health is None:
         health = Health()
@@ -371,6 +378,6 @@ def build_root(
         exempt_paths=router._health_paths,
     )
     return Built(
-        root, proxies, upstream, health, openai_keys, metrics, cache=cache, policy=policy,
-        cache_metrics=cache_metrics, admin=admin,
+        root, proxies, upstream, health, openai_keys, metrics,
+        cache=cache, policy=policy, ledger=ledger, admin=admin, cache_metrics=cache_metrics,
     )

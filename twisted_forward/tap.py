@@ -32,7 +32,11 @@ from .config import (
     parse_endpoint,
     read_env_file,
 )
-from .chat.recorder import ChatRecorder, open_chat_log
+from .chat.recorder import ChatRecorder, Recorder, open_chat_log
+from .admin.live import LiveTally
+from .ledger import ILedger
+from .ledger.feed import feeding_recorder
+from .ledger.service import open_ledger
 from .metrics import MetricsResource
 from .access import AccessGate
 from .admin.service import AdminService
@@ -154,14 +158,18 @@ class ProxyService(Service):
         config: Config,
         reactor: IReactorCore,
         recorder: Optional[ChatRecorder] = None,
+        ledger: Optional[IService] = None,
         site: Optional[ForwardSite] = None,
         source: Optional[ConfigSource] = None,
         admin_service: Optional[AdminService] = None,
+        feed: Optional[ILedger] = None,
     ) -> None:
         self.built = built
         self.config = config
         self.reactor = reactor
         self.recorder = recorder
+        self.ledger = ledger
+        self.feed = feed
         self.site = site
         self.source = source
         self.admin_service = admin_service
@@ -171,6 +179,8 @@ class ProxyService(Service):
 
     def startService(self) -> None:
         super().startService()
+        if self.ledger is not None:
+            self.ledger.startService()
         self._describe()
         if self.source is not None and self.site is not None:
             self._restore_sighup = install_handler(signal.SIGHUP, self.reactor, self.reload)
@@ -210,13 +220,17 @@ class ProxyService(Service):
                 and _cache_store_settings(config) == _cache_store_settings(self.config)
             )
             recorder = open_recorder(config, self.reactor)
+            exchange_recorder: Optional[Recorder] = recorder
+            if self.feed is not None:
+                recorder, exchange_recorder = feeding_recorder(recorder, self.feed, self.reactor)
             try:
                 policy = build_gate(
                     config.policy, self.reactor, current.metrics,
                     store=current.policy.store if same_store else None,  # type: ignore[union-attr]
                 )
                 built = build_root(
-                    config, self.reactor, recorder=recorder,  # type: ignore[arg-type]
+                    config, self.reactor, recorder=exchange_recorder,  # type: ignore[arg-type]
+                    ledger=self.feed,
                     upstream=current.upstream if same_pool else None,
                     metrics=current.metrics, health=current.health, policy=policy,
                     cache_store=current.cache.store if same_cache else None,  # type: ignore[union-attr]
@@ -290,6 +304,9 @@ class ProxyService(Service):
         # reservation, and stored its answer in the cache): close the pools,
         # the stores, then the chat records.
         yield defer.DeferredList([g.close() for g in generations], consumeErrors=True)
+        if self.ledger is not None and self.ledger.running:
+            # Last: every exchange has ended, so its figures are pending.
+            yield self.ledger.stopService()
         # twistd and twist re-raise the terminating signal at exit, so a
         # supervisor would see "killed by SIGTERM".  The shutdown was
         # orderly: report success (exit status 0) instead.
@@ -416,17 +433,28 @@ def _make_service(
             source=source,
         )
     recorder = open_recorder(config, reactor)
+    ledger = open_ledger(config, reactor)
     top = MultiService()
     LogReopenService(reactor).setServiceParent(top)
-    built = build_root(config, reactor, recorder=recorder)  # type: ignore[arg-type]
+    # The exchanges feed the ledger; with the admin page on, through its
+    # live tally (which counts tokens for the live figures on the way).
+    feed: Optional[ILedger] = ledger
+    if config.admin_key is not None:
+        feed = LiveTally(ledger)
+    exchange_recorder: Optional[Recorder] = recorder
+    if feed is not None:
+        recorder, exchange_recorder = feeding_recorder(recorder, feed, reactor)
+    built = build_root(
+        config, reactor, recorder=exchange_recorder, ledger=feed  # type: ignore[arg-type]
+    )
     site = ForwardSite(
         built.root, reactor=reactor, max_request_body=config.max_request_body
     )
     site.serve(built, config.max_request_body)
     admin_service = AdminService(built.admin) if built.admin is not None else None
     ProxyService(
-        built, config, reactor, recorder, site=site, source=source,  # type: ignore[arg-type]
-        admin_service=admin_service,
+        built, config, reactor, recorder, ledger,  # type: ignore[arg-type]
+        site=site, source=source, admin_service=admin_service, feed=feed,
     ).setServiceParent(top)
     if admin_service is not None:
         # Added before the listeners: stopped after they are, it ends the
