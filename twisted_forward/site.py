@@ -340,7 +340,10 @@ def build_root(
     if cache_metrics is None:
         # Registered once per registry: a reload hands the same one on.
         cache_metrics = CacheMetrics(metrics.registry)
-    cache = build_cache(config.cache, config.forward_keys, reactor, cache_metrics, cache_store)
+    cache = build_cache(
+        config.cache, config.forward_keys, reactor, cache_metrics, cache_store,
+        config.ssl_cert_file,
+    )
     proxies = [
         ProxyResource(
             route,
