@@ -131,6 +131,18 @@ def check_log_dir(config: Config) -> None:
         raise log_dir_error(config, e) from None
 
 
+def with_feed(
+    config: Config, reactor: IReactorCore, recorder: Optional[ChatRecorder],
+    feed: Optional[ILedger],
+) -> tuple[Optional[ChatRecorder], Optional[Recorder]]:
+    """The chat recorder (to flush and close) and the recorder the exchanges
+    use: with the ledger fed beside the chat records when there is one."""
+    if feed is None:
+        return recorder, recorder
+    prices = PriceTable.load(config.policy.prices_file, config.policy.unknown_price)
+    return feeding_recorder(recorder, feed, reactor, prices.cost_usd)
+
+
 class ProxyService(Service):
     """Owns the proxy's lifetime: start-up lines, reloads, draining, closing
     the pool.
@@ -221,9 +233,7 @@ class ProxyService(Service):
                 and _cache_store_settings(config) == _cache_store_settings(self.config)
             )
             recorder = open_recorder(config, self.reactor)
-            exchange_recorder: Optional[Recorder] = recorder
-            if self.feed is not None:
-                recorder, exchange_recorder = feeding_recorder(recorder, self.feed, self.reactor)
+            recorder, exchange_recorder = with_feed(config, self.reactor, recorder, self.feed)
             try:
                 policy = build_gate(
                     config.policy, self.reactor, current.metrics,
@@ -245,6 +255,9 @@ class ProxyService(Service):
             self.log.error(
                 "reload refused: {why}; the running configuration stays", why=str(e)
             )
+            return False
+        except Exception:
+            self.log.failure("reload failed; the running configuration stays")
             return False
         for name in shadowed:
             self.log.warn(
@@ -442,10 +455,7 @@ def _make_service(
     feed: Optional[ILedger] = ledger
     if config.admin_key is not None:
         feed = LiveTally(ledger)
-    exchange_recorder: Optional[Recorder] = recorder
-    if feed is not None:
-        prices = PriceTable.load(config.policy.prices_file, config.policy.unknown_price)
-        recorder, exchange_recorder = feeding_recorder(recorder, feed, reactor, prices.cost_usd)
+    recorder, exchange_recorder = with_feed(config, reactor, recorder, feed)
     built = build_root(
         config, reactor, recorder=exchange_recorder, ledger=feed  # type: ignore[arg-type]
     )
