@@ -36,7 +36,7 @@ from .chat.recorder import ChatRecorder, Recorder, open_chat_log
 from .admin.live import LiveTally
 from .ledger import ILedger
 from .ledger.feed import feeding_recorder
-from .ledger.service import open_ledger
+from .ledger.service import check_data_dir, open_ledger
 from .policies.prices import PriceTable
 from .metrics import MetricsResource
 from .access import AccessGate
@@ -45,7 +45,7 @@ from .listening import BoundEndpoint, endpoint_from_string, listen_now
 from .logfiles import LogReopenService
 from .reload import ConfigSource, install_handler, restart_only_changes
 from .policies.service import build_gate
-from .site import Built, ForwardSite, build_root
+from .site import Built, ForwardSite, build_root, make_site
 
 
 def port_to_endpoint(port: str) -> str:
@@ -265,7 +265,7 @@ class ProxyService(Service):
                 "of a running process cannot change; restart with the new value",
                 name=name, file=self.source.env_file,
             )
-        self.site.serve(built, config.max_request_body)
+        self.site.serve(built, config)
         if self.admin_service is not None and built.admin is not None:
             self.admin_service.swap(built.admin)
         self.retired.append(
@@ -435,6 +435,7 @@ def _make_service(
         if config.admin_port is not None:
             raise ConfigError("ADMIN_PORT (--admin-port): not with --workers")
         check_log_dir(config)
+        check_data_dir(config)
 
         return make_supervisor(
             options["workers"],
@@ -459,10 +460,7 @@ def _make_service(
     built = build_root(
         config, reactor, recorder=exchange_recorder, ledger=feed  # type: ignore[arg-type]
     )
-    site = ForwardSite(
-        built.root, reactor=reactor, max_request_body=config.max_request_body
-    )
-    site.serve(built, config.max_request_body)
+    site = make_site(built, config, reactor)
     admin_service = AdminService(built.admin) if built.admin is not None else None
     ProxyService(
         built, config, reactor, recorder, ledger,  # type: ignore[arg-type]
