@@ -21,7 +21,6 @@ from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.internet.interfaces import IReactorCore
 from twisted.logger import Logger
 from twisted.python import usage
-from twisted.web.server import Site
 
 from .config import (
     SETTINGS,
@@ -45,7 +44,7 @@ from .listening import BoundEndpoint, endpoint_from_string, listen_now
 from .logfiles import LogReopenService
 from .reload import ConfigSource, install_handler, restart_only_changes
 from .policies.service import build_gate
-from .site import Built, ForwardSite, build_root, make_site
+from .site import Built, ForwardSite, SidePortSite, build_root, make_site
 
 
 def port_to_endpoint(port: str) -> str:
@@ -472,16 +471,14 @@ def _make_service(
         admin_service.setServiceParent(top)
     admin_site = None
     if built.admin is not None and admin_endpoint is not None:
-        admin_site = Site(
+        admin_site = SidePortSite(
             AccessGate(built.admin.resource, config.ip_whitelist, config.ip_blacklist,
                        config.trusted_proxies),
             reactor=reactor,
         )
-        admin_site.noisy = False
     metrics_site = None
     if config.metrics and metrics_endpoint is not None:
-        metrics_site = Site(MetricsResource(built.metrics), reactor=reactor)
-        metrics_site.noisy = False
+        metrics_site = SidePortSite(MetricsResource(built.metrics), reactor=reactor)
     # Bound last, so nothing after can fail with a port left open.
     port = listen_now(endpoint, site, "--port", options["port"])
     StreamServerEndpointService(BoundEndpoint(port, site), site).setServiceParent(top)
