@@ -463,6 +463,8 @@ def _make_service(
     if config.admin_key is not None:
         feed = LiveTally(ledger)
     recorder, exchange_recorder = with_feed(config, reactor, recorder, feed)
+    # A store the configuration names that cannot be opened raises
+    # ValueError: one line, from makeService.
     built = build_root(
         config, reactor, recorder=exchange_recorder, ledger=feed  # type: ignore[arg-type]
     )
