@@ -105,7 +105,7 @@ class ProxyResource(Resource):
         self.reactor = reactor
         self.read_timeout = read_timeout
         self.idle_timeout = idle_timeout
-        self.recorder: Recorder = recorder or NullRecorder()
+        self.recorder: IRecorder = recorder or NullRecorder()
         #: The response cache, when it is on for this route.
         self.cache = cache if cache is not None and cache.on(route) else None
         #: Exchanges in flight, for draining at shutdown.
