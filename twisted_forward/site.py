@@ -9,7 +9,7 @@ The HTTP server side: the Site, its Request class, and the router.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any, Optional, Sequence
 
@@ -299,23 +299,27 @@ class ForwardSite(Site):
         self.metrics = metrics
         self.head_checks = tuple(head_checks)
         self.limits = limits
-        self.channel_settings = ChannelSettings(
+        self._new_channels(ChannelSettings(
             max_request_body=max_request_body,
             max_headers=max_headers,
             max_header_bytes=max_header_bytes,
             head_checks=self.head_checks,
             head_timeout=head_timeout,
             body_timeout=body_timeout,
-            count_refusal=None if metrics is None else self._count_refusal,
+            count_refusal=self._count_refusal,
             seconds=self.reactor.seconds,
-        )
+        ))
+
+    def _new_channels(self, settings: ChannelSettings) -> None:
+        """Build the channels of new connections with ``settings``."""
+        self.channel_settings = settings
         # Twisted's buildProtocol calls protocol() with no arguments: each
         # channel gets its settings at construction this way.
-        self.protocol = partial(ForwardChannel, self.channel_settings)  # type: ignore[assignment]
+        self.protocol = partial(ForwardChannel, settings)  # type: ignore[assignment]
 
     def _count_refusal(self, code: str) -> None:
-        assert self.metrics is not None
-        self.metrics.refusals.labels(code).inc()
+        if self.metrics is not None:
+            self.metrics.refusals.labels(code).inc()
 
     def buildProtocol(self, addr: Optional[IAddress]) -> ForwardChannel:  # type: ignore[override]
         channel: ForwardChannel = super().buildProtocol(addr)
@@ -331,9 +335,13 @@ class ForwardSite(Site):
         self.resource = built.root
         self.metrics = built.metrics
         self.head_checks = tuple(built.head_checks)
-        self.max_request_body = config.max_request_body
-        self.head_timeout = config.request_head_timeout
-        self.body_timeout = config.request_body_timeout
+        self._new_channels(replace(
+            self.channel_settings,
+            head_checks=self.head_checks,
+            max_request_body=config.max_request_body,
+            head_timeout=config.request_head_timeout,
+            body_timeout=config.request_body_timeout,
+        ))
 
     def getResourceFor(self, request: IRequest) -> IResource:
         # Twisted's Request.process has just set "Server: TwistedWeb/<version>":
