@@ -39,8 +39,11 @@ from .metrics import MetricsResource
 from .access import AccessGate
 from .admin.service import AdminService
 from .listening import BoundEndpoint, endpoint_from_string, listen_now
-from .limits import resolve_caps
+from .limits import raise_descriptor_limit, resolve_caps
 from .site import Built, SidePortSite, build_root, make_site
+
+
+_log = Logger()
 
 
 def port_to_endpoint(port: str) -> str:
@@ -253,6 +256,14 @@ def _make_service(
     endpoint: Optional[IStreamServerEndpoint],
 ) -> IService:
     config = load(options, environ)
+    # Before anything derives its caps from the limit (and before workers,
+    # which inherit it, are spawned).
+    before, after = raise_descriptor_limit()
+    _log.info(
+        "open-descriptor limit {before} raised to {after} (the hard limit allows it)"
+        if after > before else "open-descriptor limit {after} (not raised)",
+        before=before, after=after,
+    )
     if endpoint is None:
         endpoint = endpoint_from_string(reactor, options["endpoint"], "--port")
     metrics_endpoint = None
