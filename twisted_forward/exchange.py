@@ -156,7 +156,12 @@ class ProxyResource(Resource):
         )
         d = self.policy.admit(facts)
         now: list[Admission] = []
-        d.addCallback(now.append)
+
+        def at_once(admission: Admission) -> Admission:
+            now.append(admission)
+            return admission
+
+        d.addCallback(at_once)
         if now:
             return self._admitted(now[0], request, path, query, decision)
         gone: list[bool] = []
@@ -292,7 +297,7 @@ class Exchange:
         if lookup.hit and cache is not None:
             self.cache_hit = True
             self.status = 200
-            replay = cache.replay(self.request, lookup, self.tap)
+            replay = cache.replay(self.request, lookup, self.tap, self.admission.headers)
             replay.done.addCallback(self._replayed, replay)
             return
         body = lookup.body
