@@ -382,6 +382,9 @@ class PolicyGate:
             retry = max(1, int(math.ceil(verdict.retry_after)))
             headers.append((b"retry-after", b"%d" % retry))
             if kind == _QUOTA:
+                # The official SDKs honour this before their own retry
+                # rules: retrying a spent quota only adds load.
+                headers.append((b"x-should-retry", b"false"))
                 refusal = Refusal(
                     429, "insufficient_quota",
                     "This key's quota for the period is spent; it resets in "
