@@ -137,3 +137,28 @@ class LedgerFeedTests(ProxyTestCase):
         yield self.post("/v1/chat/completions", chat(), key="sk-own-0123456789")
         yield self.service.stopService()
         self.assertFalse(os.path.exists(data_dir))
+
+
+class PolicyStreamUsageTests(ProxyTestCase):
+    """A stream whose usage the policies asked for on the client's behalf."""
+
+    @defer.inlineCallbacks
+    def test_stream_usage_asked_for_the_client(self) -> None:
+        """The client, which did not ask for usage, gets none, and the ledger
+        still counts the stream's tokens."""
+        data_dir = os.path.abspath(self.mktemp())
+        yield self.start_proxy(OPENAI_API_KEY="sk-ledger-default-0123456789",
+                               FORWARD_KEY=FORWARD, DATA_DIR=data_dir,
+                               KEY_POLICY=json.dumps({"team-a": {"tokens_per_day": 100000}}))
+        self.fake.answer_text = "three little words"
+        response = yield self.client.post(
+            self.url("/v1/chat/completions"), data=chat(stream=True),
+            headers={**JSON, b"authorization": [b"Bearer fk-ledger-0123456789abcdef"]})
+        body = yield response.content()
+        self.assertEqual(response.code, 200)
+        self.assertNotIn(b"usage", body)
+        yield self.service.stopService()
+        with sqlite3.connect(os.path.join(data_dir, SQLITE_FILE)) as db:
+            rows = db.execute("SELECT key_label, requests, prompt_tokens, completion_tokens "
+                              "FROM usage_days").fetchall()
+        self.assertEqual(rows, [("team-a", 1, 5, 3)])
