@@ -100,6 +100,7 @@ class SigtermTests(ProxyTestCase):
 
     @defer.inlineCallbacks
     def test_records_intact_after_sigterm_right_after_a_burst(self):
+        """Records intact after SIGTERM right after a burst."""
         workdir = os.path.abspath(self.mktemp())
         os.makedirs(workdir)
         twistd = self.spawn_twistd(workdir)

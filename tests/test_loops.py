@@ -92,6 +92,7 @@ class RuntimeLoopTests(ProxyTestCase):
 
     @defer.inlineCallbacks
     def test_loop_through_another_proxy(self):
+        """Loop through another proxy."""
         env_file = os.path.abspath(self.mktemp())
         write_env(env_file)
         yield self.start_proxy(["--env-file", env_file])

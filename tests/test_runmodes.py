@@ -132,6 +132,7 @@ class RunModeTests(ProxyTestCase):
 
     @defer.inlineCallbacks
     def test_twistd_foreground(self):
+        """Twistd foreground."""
         process = spawn_twistd(self)
         port = yield process.listening
         yield self.check_forwarding(port)
@@ -240,6 +241,7 @@ class RunModeTests(ProxyTestCase):
 
     @defer.inlineCallbacks
     def test_bad_setting_one_line(self):
+        """Bad setting one line."""
         cwd = os.path.abspath(self.mktemp())
         os.makedirs(cwd)
         process = self.spawn(
@@ -258,6 +260,7 @@ class RunModeTests(ProxyTestCase):
 
     @defer.inlineCallbacks
     def test_dotenv_in_working_directory(self):
+        """Dotenv in working directory."""
         cwd = os.path.abspath(self.mktemp())
         os.makedirs(cwd)
         with open(os.path.join(cwd, ".env"), "w") as f:

@@ -146,6 +146,7 @@ class WorkersEndToEndTests(TestCase):
 
     @defer.inlineCallbacks
     def test_two_processes_restart_and_clean_stop(self) -> Any:
+        """Two processes restart and clean stop."""
         supervisor = self.start_supervisor(2)
         match = yield supervisor.wait_for(r"listening on 127\.0\.0\.1:(\d+); starting 2 worker")
         port = int(match.group(1))
@@ -255,6 +256,7 @@ class TakeTurnsTests(TestCase):
 
     @defer.inlineCallbacks
     def test_one_accept_per_wakeup(self) -> Any:
+        """One accept per wakeup."""
         import socket
 
         listener = socket.socket()
@@ -295,16 +297,19 @@ class OptionsTests(SynchronousTestCase):
     """``--workers`` on the command line."""
 
     def test_default_is_in_process(self) -> None:
+        """Default is in process."""
         options = Options()
         options.parseOptions([])
         self.assertEqual(options["workers"], 0)
 
     def test_number(self) -> None:
+        """Number."""
         options = Options()
         options.parseOptions(["--workers", "3"])
         self.assertEqual(options["workers"], 3)
 
     def test_not_a_number(self) -> None:
+        """Not a number."""
         for bad in ("two", "-1", "1.5"):
             self.assertRaises(usage.UsageError, Options().parseOptions, ["--workers", bad])
 
@@ -336,6 +341,7 @@ class OptionsTests(SynchronousTestCase):
             sys.stderr = saved
 
     def test_supervisor_built(self) -> None:
+        """Supervisor built."""
         options = Options()
         options.parseOptions(["--workers", "2", "--port", "tcp:0:interface=127.0.0.1",
                               "--env-file", os.devnull, "--idle-timeout", "7"])
@@ -450,6 +456,7 @@ class RestartTests(SynchronousTestCase):
         self.assertEqual(set(self.pool.workers), {1, 2})
 
     def test_backoff_capped(self) -> None:
+        """Backoff capped."""
         for _ in range(12):
             self.die(2)
             self.clock.advance(workers.MAX_DELAY)
