@@ -86,7 +86,7 @@ class GuardedStore:
                     self._down = True
                     self.log.error(
                         "policy store ({store}) unavailable: {why}; "
-                        "LIMITS_ON_STORE_FAILURE applies until it is back",
+                        "LIMITS_ON_STORE_FAILURE applies meanwhile",
                         store=self.name, why=failure.getErrorMessage(),
                     )
             return failure
