@@ -26,6 +26,7 @@ from .framing import ForwardChannel, body_too_large
 from .keys import DefaultKeys, ForwardKeys, KeyRules
 from .metrics import Metrics, MetricsResource
 from .policies.gate import PolicyGate
+from .policies.health import KeyHealthLink
 from .policies.service import build_gate
 from .exchange import ProxyResource
 from .target import BadTarget, split_target
@@ -246,6 +247,10 @@ class Built:
     metrics: Metrics
     #: The policy gate, or None when no policy is set.
     policy: Optional[PolicyGate] = None
+    #: The store shared with other processes (supervisor or Redis), or None.
+    shared_store: Optional[Any] = None
+    #: Keeps the default keys' health in step with the shared store.
+    key_health: Optional[KeyHealthLink] = None
 
 
 def build_root(
@@ -255,8 +260,13 @@ def build_root(
     upstream: Optional[Upstream] = None,
     metrics: Optional[Metrics] = None,
     policy: Optional[PolicyGate] = None,
+    store: Optional[Any] = None,
 ) -> Built:
     """Build the resource tree for ``config``.
+
+    :param store: the policy store shared with other processes
+        (:func:`twisted_forward.policies.shared.open_shared_store`); it also
+        carries the default keys' health.  None: this process alone.
 
     Metrics are collected always; they are served at ``config.metrics_path``
     on this tree unless disabled or given their own port.
@@ -278,7 +288,10 @@ def build_root(
         config.policy.policies.levels,
     )
     if policy is None:
-        policy = build_gate(config.policy, reactor, metrics)
+        policy = build_gate(config.policy, reactor, metrics, store=store)
+    key_health = None
+    if store is not None and config.default_keys:
+        key_health = KeyHealthLink(openai_keys.default, config.default_keys, store, reactor)
     metrics.watch_keys(openai_keys.default)
     if isinstance(recorder, ChatRecorder):
         metrics.watch_chat_records(recorder.counts)
@@ -310,4 +323,4 @@ def build_root(
         router, config.ip_whitelist, config.ip_blacklist, config.trusted_proxies,
         exempt_paths=router._health_paths,
     )
-    return Built(root, proxies, upstream, health, openai_keys, metrics, policy)
+    return Built(root, proxies, upstream, health, openai_keys, metrics, policy, store, key_health)

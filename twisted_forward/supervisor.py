@@ -26,6 +26,11 @@ any still there ``SHUTDOWN_GRACE + 10`` seconds later).  A worker whose supervis
 Workers write their log lines straight to the supervisor's standard output
 and error, each line tagged ``worker-<n>``.  Each worker writes its own chat
 records; it finds its number in ``TWISTED_FORWARD_WORKER``.
+
+Unless ``REDIS_URL`` is set, the supervisor also keeps the policy counters
+and the default keys' health for all the workers, so limits are exact across
+them: each worker talks to it over its own unix socket pair, found on file
+descriptor 4 (:mod:`twisted_forward.policies.amp_store`).
 """
 
 from __future__ import annotations
@@ -45,6 +50,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from .exitstatus import give_up
+from .policies.amp_store import STORE_FD, StoreHub
+from .policies.memory import MemoryStore
+from .policies.shared import STORE_FD_ENV
 
 #: The file descriptor a worker finds the listening socket on.
 LISTEN_FD = 3
@@ -135,6 +143,9 @@ class WorkerPool(Service):
     :param options: the plugin's option values to hand to every worker
         (``workers`` left out).
     :param environ: the environment the workers run with.
+    :param store_hub: the policy store and default keys' health the workers
+        share (:mod:`twisted_forward.policies.amp_store`); each worker gets
+        its own socket to it.  None when they share Redis instead.
     """
 
     log = Logger()
@@ -149,6 +160,7 @@ class WorkerPool(Service):
         reactor: Any,
         executable: str = sys.executable,
         port: Optional[IListeningPort] = None,
+        store_hub: Optional[StoreHub] = None,
     ) -> None:
         if count < 1:
             raise WorkersError("--workers must be at least 1")
@@ -159,6 +171,7 @@ class WorkerPool(Service):
         self.grace = grace
         self.reactor = reactor
         self.executable = executable
+        self.store_hub = store_hub
         #: Bound by :func:`make_supervisor` already, or bound at start.
         self.bound = port
         self.port: Optional[IListeningPort] = None
@@ -225,13 +238,23 @@ class WorkerPool(Service):
             [here] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
         )
         worker = _Worker(self, index, self._spec(index))
-        self.reactor.spawnProcess(
-            worker,
-            self.executable,
-            [self.executable, "-m", "twisted_forward.worker"],
-            env=env,
-            childFDs={0: "w", 1: 1, 2: 2, LISTEN_FD: self.port.fileno()},  # type: ignore[attr-defined]
-        )
+        fds: dict[int, Any] = {0: "w", 1: 1, 2: 2, LISTEN_FD: self.port.fileno()}  # type: ignore[attr-defined]
+        store_end = None
+        if self.store_hub is not None:
+            store_end = self.store_hub.pair(self.reactor)
+            fds[STORE_FD] = store_end.fileno()
+            env[STORE_FD_ENV] = str(STORE_FD)
+        try:
+            self.reactor.spawnProcess(
+                worker,
+                self.executable,
+                [self.executable, "-m", "twisted_forward.worker"],
+                env=env,
+                childFDs=fds,
+            )
+        finally:
+            if store_end is not None:
+                store_end.close()  # the worker has its copy
         self.workers[index] = worker
         self.log.info("worker {index} started (pid {pid})", index=index, pid=worker.pid)
 
@@ -334,8 +357,13 @@ def make_supervisor(
     environ: dict[str, str],
     grace: float,
     reactor: Any,
+    share_store: bool = True,
 ) -> IService:
-    """The service twistd runs for ``--workers N``."""
+    """The service twistd runs for ``--workers N``.
+
+    :param share_store: the supervisor keeps the policy counters and the
+        default keys' health for the workers (not when they use Redis).
+    """
     from .listening import endpoint_from_string, listen_now
 
     check_endpoint(reactor, endpoint)
@@ -345,5 +373,8 @@ def make_supervisor(
         endpoint_from_string(reactor, endpoint, "--port"), SharedSocket(), "--port", endpoint
     )
     top = MultiService()
-    WorkerPool(count, endpoint, options, environ, grace, reactor, port=port).setServiceParent(top)
+    hub = StoreHub(MemoryStore(), reactor) if share_store else None
+    WorkerPool(
+        count, endpoint, options, environ, grace, reactor, port=port, store_hub=hub
+    ).setServiceParent(top)
     return top

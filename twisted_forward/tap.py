@@ -34,6 +34,7 @@ from .chat.recorder import ChatRecorder, open_chat_log
 from .metrics import MetricsResource
 from .access import AccessGate
 from .listening import BoundEndpoint, endpoint_from_string, listen_now
+from .policies.shared import open_shared_store
 from .site import Built, ForwardSite, build_root
 
 
@@ -146,6 +147,8 @@ class ProxyService(Service):
         super().startService()
         for line in describe(self.config):
             self.log.info("{line}", line=line)
+        if self.built.key_health is not None:
+            self.built.key_health.start()
         if self.built.keys.open_relay:
             self.log.warn(
                 "OPENAI_API_KEY is set and FORWARD_KEY is not: anyone who can reach "
@@ -174,10 +177,15 @@ class ProxyService(Service):
         try:
             yield self.built.upstream.close()
         finally:
-            if self.built.policy is not None:
+            store = (
+                self.built.policy.store if self.built.policy is not None
+                else self.built.shared_store
+            )
+            if store is not None:
                 # Every exchange has ended (and so settled or released its
-                # reservation): let go of the store.
-                yield self.built.policy.store.close()
+                # reservation): let go of the store, which gives back any
+                # reservation still open.
+                yield store.close()
             if self.recorder is not None:
                 yield self.recorder.close()
         # twistd and twist re-raise the terminating signal at exit, so a
@@ -248,10 +256,15 @@ def _make_service(
             dict(os.environ if environ is None else environ),
             config.shutdown_grace,
             reactor,
+            share_store=config.policy.redis_url is None,
         )
     recorder = open_recorder(config, reactor)
     top = MultiService()
-    built = build_root(config, reactor, recorder=recorder)  # type: ignore[arg-type]
+    shared = open_shared_store(
+        config.policy, reactor, os.environ if environ is None else environ,
+        ca_file=config.ssl_cert_file,
+    )
+    built = build_root(config, reactor, recorder=recorder, store=shared)  # type: ignore[arg-type]
     ProxyService(built, config, reactor, recorder).setServiceParent(top)  # type: ignore[arg-type]
     site = ForwardSite(
         built.root, reactor=reactor, max_request_body=config.max_request_body

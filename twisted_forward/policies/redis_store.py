@@ -76,8 +76,9 @@ def _bucket_key(bucket: Bucket) -> str:
 class RedisStore:
     """Policy counters and key health in Redis.
 
-    :param client: a txredisapi connection (pool) handler, from
-        :func:`twisted_forward.redis_link.connect`.
+    :param connect: makes the txredisapi connection (pool), e.g.
+        :func:`twisted_forward.redis_link.connect`; called on first use, so
+        no connection is made before twistd forks into a daemon.
     :param clock: for timeouts, renewals and polls.
     :param timeout: seconds any one call may take.
     """
@@ -85,8 +86,9 @@ class RedisStore:
     name = "redis"
     log = Logger()
 
-    def __init__(self, client: Any, clock: IReactorTime, timeout: float) -> None:
-        self.client = client
+    def __init__(self, connect: Callable[[], Any], clock: IReactorTime, timeout: float) -> None:
+        self._connect = connect
+        self._client: Any = None
         self.clock = clock
         self.timeout = timeout
         #: Granted reservations not settled yet: name -> its buckets.
@@ -100,9 +102,15 @@ class RedisStore:
         self._poller.clock = clock
         self._closed = False
 
-    def start(self) -> None:
-        """Start renewing slots and polling key health."""
-        self._renewer.start(RENEW_EVERY, now=False).addErrback(self._loop_failed)
+    @property
+    def client(self) -> Any:
+        """The connection (pool), made on first use; slot renewal starts
+        with it."""
+        if self._client is None:
+            self._client = self._connect()
+            if not self._closed:
+                self._renewer.start(RENEW_EVERY, now=False).addErrback(self._loop_failed)
+        return self._client
 
     def _loop_failed(self, failure: Failure) -> None:
         self.log.failure("policy store loop failed", failure)
@@ -207,7 +215,9 @@ class RedisStore:
         d = self.release_all(self.clock.seconds())
 
         def disconnect(_: Any) -> Any:
-            return self.client.disconnect()
+            if self._client is not None:
+                return self._client.disconnect()
+            return None
 
         return d.addCallback(disconnect).addErrback(lambda _: None).addCallback(lambda _: None)
 
@@ -252,7 +262,7 @@ class RedisStore:
     def watch(self, callback: Callable[[str, Mark], None]) -> None:
         self._watchers.append(callback)
         if not self._poller.running and not self._closed:
-            self._poller.start(HEALTH_POLL, now=True).addErrback(self._loop_failed)
+            self._poller.start(HEALTH_POLL, now=False).addErrback(self._loop_failed)
 
     def _poll_health(self) -> "Deferred[None]":
         d = self._eval(redis_lua.HEALTH_GET, self._health_keys(), [self._health_version])
