@@ -149,7 +149,12 @@ class ProxyResource(Resource):
         )
         d = self.policy.admit(facts)
         now: list[Admission] = []
-        d.addCallback(now.append)
+
+        def answered(admission: Admission) -> Admission:
+            now.append(admission)
+            return admission
+
+        d.addCallback(answered)
         if now:
             return self._admitted(now[0], request, path, query, decision)
         gone: list[bool] = []
