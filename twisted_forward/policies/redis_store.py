@@ -93,6 +93,8 @@ class RedisStore:
         self.timeout = timeout
         #: Granted reservations not settled yet: name -> its buckets.
         self.open: dict[str, tuple[Bucket, ...]] = {}
+        #: Fire when the settlements on their way are done (close waits).
+        self._settling: set[Deferred[None]] = set()
         self._watchers: list[Callable[[str, Mark], None]] = []
         self._health_version = ""
         self._health: dict[str, Mark] = {}
@@ -191,7 +193,16 @@ class RedisStore:
         for b, new in changes:
             tag = str(_ms(b.start)) if b.kind == FIXED else ""
             args += [_KIND[b.kind], tag, b.amount, new]
-        return self._eval(redis_lua.ADJUST, keys, args).addCallback(lambda _: None)
+        d = self._eval(redis_lua.ADJUST, keys, args)
+        finished: Deferred[None] = Deferred()
+        self._settling.add(finished)
+
+        def done(result: Any) -> Any:
+            self._settling.discard(finished)
+            finished.callback(None)
+            return result
+
+        return d.addBoth(done).addCallback(lambda _: None)
 
     def release_all(self, now: float) -> "Deferred[None]":
         """Give back every reservation still open (at shutdown)."""
@@ -203,6 +214,8 @@ class RedisStore:
         ]
         if calls:
             self.log.info("giving back {count} open reservation(s)", count=len(calls))
+        # And wait for the settlements already on their way.
+        calls += list(self._settling)
         return DeferredList(calls, consumeErrors=True).addCallback(lambda _: None)
 
     def close(self) -> "Deferred[None]":
