@@ -13,7 +13,12 @@ setup(
     # twisted/plugins has no __init__.py on purpose: it is a portion of
     # Twisted's plugin package, found by twisted.plugin.getPlugins.
     packages=find_packages(include=["twisted_forward", "twisted_forward.*"]) + ["twisted.plugins"],
-    package_data={"twisted_forward.policies": ["prices.json"]},
+    # Files served or read from the packages: the admin page (HTML, JS,
+    # CSS) and the price table.
+    package_data={
+        "twisted_forward.admin": ["static/*"],
+        "twisted_forward.policies": ["prices.json"],
+    },
     install_requires=[
         "twisted[tls]>=25.5.0",
         "treq>=23.11.0",
@@ -23,11 +28,16 @@ setup(
         "prometheus-client>=0.17.0",
         # hyperlink comes with treq; named because upstream.py subclasses it.
         "hyperlink>=21.0.0",
-        # The policy counters on Redis/Valkey (REDIS_URL): Twisted-native.
+        # The response cache's LMDB backend (CACHE_BACKEND=LMDB).
+        "lmdb>=1.4.0,<4",
+        # Redis/Valkey from Twisted, no threads: the policy counters and the
+        # cache's REDIS backend (REDIS_URL).
         "txredisapi>=1.4.10,<2",
     ],
     extras_require={
-        "test": ["openai>=1.0.0", "hypothesis>=6.0.0"],
+        # playwright drives Debian's chromium in the admin page's browser
+        # test (it never downloads a browser of its own).
+        "test": ["openai>=1.0.0", "hypothesis>=6.0.0", "playwright>=1.40,<2"],
     },
     classifiers=[
         "Framework :: Twisted",

@@ -1,7 +1,8 @@
 """
-A watch over every end-to-end test: no configured key (default or forward)
-in any log event or in any byte the proxy sends to a client, no forward key
-and no client-identifying header in any request the fake upstream receives.
+A watch over every end-to-end test: no configured key (default, forward or admin)
+in any log event or in any byte the proxy sends to a client; no forward key,
+no admin key and no client-identifying header in any request the fake
+upstream receives.
 
 ``tests/harness.py`` wraps ``ProxyTestCase.start_service`` with
 :func:`watch_secrets`, so every test that starts the plugin is checked when
@@ -11,7 +12,7 @@ it ends, whatever it was testing.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Optional
 
 from twisted.application.service import IServiceCollection
 from twisted.internet import defer
@@ -52,6 +53,7 @@ class SecretsWatch:
         self.written: list[bytes] = []
         self.default_keys: tuple[str, ...] = ()
         self.forward_keys: tuple[str, ...] = ()
+        self.admin_key: Optional[str] = None
         globalLogPublisher.addObserver(self)
 
     def __call__(self, event: LogEvent) -> None:
@@ -64,6 +66,7 @@ class SecretsWatch:
         ]
         self.default_keys = tuple(service.config.default_keys)
         self.forward_keys = tuple(k.key for k in service.config.forward_keys)
+        self.admin_key = service.config.admin_key
         site = test.site
         build = site.buildProtocol
         written = self.written
@@ -100,11 +103,15 @@ class SecretsWatch:
         found = []
         secrets = [("default key", i, s) for i, s in enumerate(self.default_keys)]
         secrets += [("forward key", i, s) for i, s in enumerate(self.forward_keys)]
-        sent = b"".join(self.written)
+        if self.admin_key:
+            secrets.append(("admin key", 0, self.admin_key))
+        # Case-blind: Twisted writes header names title-cased, so a key
+        # echoed in a header name goes out as "Sk-Abc…".
+        sent = b"".join(self.written).lower()
         logged = [(e, describe_event(e)) for e in self.events]
         for kind, index, secret in secrets:
             for pattern in secret_patterns(secret):
-                if pattern in sent:
+                if pattern.lower() in sent:
                     found.append(f"{kind} #{index} in the bytes sent to a client")
                 text = pattern.decode("utf-8")
                 for event, description in logged:
@@ -120,6 +127,8 @@ class SecretsWatch:
                 for index, key in enumerate(self.forward_keys):
                     if any(key.encode("utf-8") in v for v in values):
                         found.append(f"forward key #{index} reached the upstream")
+                if self.admin_key and any(self.admin_key.encode("utf-8") in v for v in values):
+                    found.append("the admin key reached the upstream")
         return found
 
     def check(self, test: Any) -> None:

@@ -18,6 +18,13 @@ from dataclasses import dataclass, field
 from typing import Callable, Mapping, Optional, Sequence, Union
 from urllib.parse import unquote, urlsplit, urlunsplit
 
+from .cache.settings import (
+    CacheSettings,
+    cache_settings,
+    parse_backend,
+    parse_interval,
+    parse_routes,
+)
 from .policies.settings import POLICY_SETTINGS, PolicyConfig, PolicyConfigError
 from .policies.settings import build as build_policy_config
 
@@ -120,6 +127,9 @@ class Config:
     metrics: bool = True
     metrics_path: str = "/metrics"
     metrics_port: Optional[str] = None
+    admin_key: Optional[str] = field(default=None, repr=False)
+    admin_port: Optional[str] = None
+    cache: CacheSettings = CacheSettings()
     #: Per-key policies, levels, limits, quotas (twisted_forward.policies).
     policy: PolicyConfig = field(default_factory=PolicyConfig)
 
@@ -347,6 +357,22 @@ def parse_default_keys(value: str) -> tuple[str, ...]:
     return keys
 
 
+#: The shortest admin key accepted: it guards every figure and record.
+ADMIN_KEY_MIN = 16
+
+
+def parse_admin_key(value: str) -> str:
+    """The key that opens ``/_admin/``: long, printable, not a forward key."""
+    key = value.strip()
+    if not re.fullmatch(r"[\x21-\x7e]+", key):
+        raise ValueError("must be printable ASCII characters, with no space")
+    if len(key) < ADMIN_KEY_MIN:
+        raise ValueError(f"must be at least {ADMIN_KEY_MIN} characters")
+    if key[:3].lower() == "fk-":
+        raise ValueError("must not start with 'fk-' (that is a forward key's shape)")
+    return key
+
+
 def parse_forward_config(value: str) -> tuple[Route, ...]:
     """openai-forward's FORWARD_CONFIG: a JSON list of route rows."""
     try:
@@ -466,6 +492,40 @@ SETTINGS: tuple[Setting, ...] = (
             "Path of the Prometheus metrics [default: /metrics]."),
     Setting("METRICS_PORT", "metrics-port", parse_endpoint,
             "Serve metrics on this port/endpoint instead of the proxy's own."),
+    Setting("ADMIN_KEY", "admin-key", parse_admin_key,
+            "Turns on the admin page and API at /_admin/; the key that opens them."),
+    Setting("ADMIN_PORT", "admin-port", parse_endpoint,
+            "Serve /_admin/ on this port/endpoint instead of the proxy's own."),
+    # The response cache: openai-forward 0.8.1's names, then ours.
+    Setting("CACHE_OPENAI", "cache-openai", parse_bool,
+            "Cache answers on openai routes, for requests that ask [default: false]."),
+    Setting("CACHE_GENERAL", "cache-general", parse_bool,
+            "Cache answers on general routes, for requests that ask [default: false]."),
+    Setting("CACHE_ROUTES", "cache-routes", parse_routes,
+            "Paths whose answers may be cached, JSON list or comma-separated "
+            "[default: chat completions, completions, embeddings]."),
+    Setting("CACHE_BACKEND", "cache-backend", parse_backend,
+            "MEMORY, LMDB or REDIS [default: MEMORY]."),
+    Setting("CACHE_ROOT_PATH_OR_URL", "cache-root-path-or-url", str,
+            "Directory holding the LMDB cache (CACHE_DB), or a redis:// URL [default: .]."),
+    Setting("DEFAULT_REQUEST_CACHING_VALUE", "default-request-caching-value", parse_bool,
+            "Cache requests that have no \"caching\" field [default: false]."),
+    Setting("CACHE_TTL", "cache-ttl", parse_seconds,
+            "Seconds a cached answer is served [default: 604800, a week]."),
+    Setting("CACHE_MAX_BYTES", "cache-max-bytes", parse_size,
+            "Size bound of the cache store, e.g. 128MiB [default: 128MiB]."),
+    Setting("CACHE_MAX_ENTRY_BYTES", "cache-max-entry-bytes", parse_size,
+            "Largest answer cached [default: 8MiB]."),
+    Setting("CACHE_MAX_REQUEST_BODY", "cache-max-request-body", parse_size,
+            "Larger request bodies are not cached (nor read for it) [default: 1MiB]."),
+    Setting("CACHE_SHARED", "cache-shared", parse_bool,
+            "One cache partition for every credential [default: false: one per key]."),
+    Setting("CACHE_NONDETERMINISTIC", "cache-nondeterministic", parse_bool,
+            "Also cache n>1, temperature>0 without seed, and tool requests [default: false]."),
+    Setting("CACHE_REPLAY_INTERVAL", "cache-replay-interval", parse_interval,
+            "Seconds between replayed SSE events of a cached stream [default: 0]."),
+    Setting("CACHE_TIMEOUT", "cache-timeout", parse_seconds,
+            "Seconds a cache store may take before the request is a miss [default: 2]."),
 ) + tuple(Setting(*row) for row in POLICY_SETTINGS)
 
 
@@ -552,15 +612,29 @@ def load_config(
         ("METRICS", "metrics"),
         ("METRICS_PATH", "metrics_path"),
         ("METRICS_PORT", "metrics_port"),
+        ("ADMIN_KEY", "admin_key"),
+        ("ADMIN_PORT", "admin_port"),
     ):
         if env in parsed:
             kwargs[attr_name] = parsed[env]
+    try:
+        kwargs["cache"] = cache_settings(parsed)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if kwargs.get("log_dir") == "":
         raise ConfigError("LOG_DIR (--log-dir): must not be empty")
     if kwargs.get("healthz_path", "/healthz") == "":
         raise ConfigError("HEALTHZ_PATH (--healthz-path): must not be the root")
     if kwargs.get("metrics_path", "/metrics") == "":
         raise ConfigError("METRICS_PATH (--metrics-path): must not be the root")
+    admin_key = kwargs.get("admin_key")
+    if kwargs.get("admin_port") is not None and admin_key is None:
+        raise ConfigError("ADMIN_PORT (--admin-port): needs ADMIN_KEY")
+    if admin_key is not None and (
+        admin_key in default_keys  # type: ignore[operator]
+        or any(k.key == admin_key for k in forward_keys)  # type: ignore[attr-defined]
+    ):
+        raise ConfigError("ADMIN_KEY (--admin-key): must differ from every other key")
     return Config(**kwargs)  # type: ignore[arg-type]
 
 
@@ -576,4 +650,17 @@ def describe(config: Config) -> Sequence[str]:
         f"{len(config.forward_keys)} forward key(s)"
         + (f": {', '.join(k.label for k in config.forward_keys)}" if config.forward_keys else "")
     )
+    if config.admin_key is not None:
+        lines.append(
+            "admin page and API at /_admin/"
+            + (f" on {config.admin_port}" if config.admin_port else "")
+        )
+    cache = config.cache
+    if cache.enabled:
+        kinds = " and ".join(k for k in ("openai", "general") if cache.on(k))
+        lines.append(
+            f"cache: {cache.backend} on {kinds} routes for {', '.join(cache.routes)}"
+            f" ({'every request' if cache.default_caching else 'requests that ask'}, "
+            f"{'one shared partition' if cache.shared else 'partitioned by key'})"
+        )
     return lines

@@ -25,6 +25,10 @@ from twisted.web.iweb import IRequest, IResponse
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
+from .cache.hook import Lookup
+from .cache.key import without_caching
+from .cache.replay import Replay
+from .cache.interfaces import IExchangeCache
 from .chat.recorder import ExchangeInfo, ExchangeTap, NullRecorder, Recorder, RequestBody
 from .config import Route
 from .errors import error_body, send_error, write_error
@@ -79,6 +83,7 @@ class ProxyResource(Resource):
         idle_timeout: float,
         recorder: Optional[Recorder] = None,
         metrics: Optional[Metrics] = None,
+        cache: Optional[IExchangeCache] = None,
         policy: Optional[IExchangePolicy] = None,
     ) -> None:
         super().__init__()
@@ -93,6 +98,8 @@ class ProxyResource(Resource):
         self.read_timeout = read_timeout
         self.idle_timeout = idle_timeout
         self.recorder: Recorder = recorder or NullRecorder()
+        #: The response cache, when it is on for this route.
+        self.cache = cache if cache is not None and cache.on(route) else None
         #: Exchanges in flight, for draining at shutdown.
         self.open: set[Exchange] = set()
         self._drain_waiters: list[Deferred[None]] = []
@@ -217,6 +224,7 @@ class Exchange:
         self.admission = admission
         self.url = join_url(resource.route.base, path, query)
         self.path = path
+        self.query = query
         self.started = resource.reactor.seconds()
         self.client_gone = False
         self.done = False
@@ -225,9 +233,9 @@ class Exchange:
         self.pending = None  # the Deferred for the head of the current attempt
         self.head_timer: Optional[IDelayedCall] = None
         self.timed_out = False
-        self.key_order = (
-            resource.keys.default.order(decision.level) if decision.substituted else []
-        )
+        #: Default keys left to try; chosen when forwarding starts (a cache
+        #: hit takes none).
+        self.key_order: list[int] = []
         #: Masks our default keys in answers to requests we put one in.
         self.mask: Optional[SecretMask] = (
             resource.keys.default.mask() if decision.substituted else None
@@ -238,7 +246,16 @@ class Exchange:
         #: The status given to the client (0 until there is one).
         self.status = 0
         self.sent = 0
-        self.sent_upstream = 0.0
+        self.sent_upstream = self.started
+        self.info: Optional[ExchangeInfo] = None
+        #: What the response cache made of the request, once it looked.
+        self.cache_lookup: Optional[Lookup] = None
+        #: The answer came from the cache: no upstream request, no default
+        #: key, zero upstream tokens (for the policies and the ledger).
+        self.cache_hit = False
+        #: The body to forward instead of the client's (the cache took its
+        #: ``caching`` field out).
+        self.body_override: Optional[bytes] = None
         request.forward_route = resource.route_label
         request.forward_key_label = decision.label
 
@@ -251,24 +268,69 @@ class Exchange:
         if res.metrics is not None:
             res.metrics.started()
         if res.route.kind == "openai":
-            self.tap = res.recorder.begin(
-                ExchangeInfo(
-                    request_id=self.request_id,
-                    route=res.route.prefix or "/",
-                    method=request.method.decode("latin-1"),
-                    path=self.path.decode("latin-1"),
-                    client=client_address(request),
-                    key_label=self.decision.label,
-                    started=self.started,
-                    body=RequestBody(request.content),
-                )
+            self.info = ExchangeInfo(
+                request_id=self.request_id,
+                route=res.route.prefix or "/",
+                method=request.method.decode("latin-1"),
+                path=self.path.decode("latin-1"),
+                client=client_address(request),
+                key_label=self.decision.label,
+                started=self.started,
+                body=RequestBody(request.content),
             )
+            self.tap = res.recorder.begin(self.info)
         request.notifyFinish().addBoth(self._finished)
+        if res.cache is not None:
+            d = res.cache.lookup(request, res.route, self.path + self.query, self.decision)
+            d.addCallback(self._looked_up).addErrback(self._lookup_failed)
+            return
+        self._forward()
+
+    def _looked_up(self, lookup: Lookup) -> None:
+        """The cache's answer: replay a hit, else forward."""
+        if self.done or self.client_gone:
+            return
+        self.cache_lookup = lookup
+        if self.info is not None:
+            self.info.cache = lookup.result
+        cache = self.resource.cache
+        if lookup.hit and cache is not None:
+            self.cache_hit = True
+            self.status = 200
+            replay = cache.replay(self.request, lookup, self.tap)
+            replay.done.addCallback(self._replayed, replay)
+            return
+        body = lookup.body
+        if body is not None and self.admission.body is not None:
+            # The policies rewrote the client's body too (asking for usage):
+            # send theirs, without the caching field.
+            body = without_caching(self.admission.body)
+        self.body_override = body
+        if lookup.tap is not None:
+            self.tap = lookup.tap if self.tap is None else _BothTaps(self.tap, lookup.tap)
+        self._forward()
+
+    def _lookup_failed(self, failure: Failure) -> None:
+        """A bug in the cache must not hang the request: forward it."""
+        self.log.failure("cache lookup failed", failure)
+        if not (self.done or self.client_gone or self.pending or self.relay or self.cache_hit):
+            self._forward()
+
+    def _replayed(self, outcome: str, replay: Replay) -> None:
+        self.sent = replay.sent
+        self.end(outcome)
+
+    def _forward(self) -> None:
+        """Send the request upstream, with the first default key in turn."""
+        if self.decision.substituted:
+            self.key_order = self.resource.keys.default.order(self.decision.level)
         self._attempt()
 
     def _body(self):
         """A fresh producer of the request body, or None if there is none."""
         req = self.request
+        if self.body_override is not None:
+            return BytesProducer(self.body_override)
         headers = req.requestHeaders
         if self.admission.body is not None:
             return BytesProducer(self.admission.body)
@@ -428,6 +490,10 @@ class Exchange:
         relay_response_headers(response.headers, request.responseHeaders)
         if date and not request.responseHeaders.hasHeader(b"date"):
             request.responseHeaders.setRawHeaders(b"date", date)  # RFC 9110 §6.6.1
+        if self.cache_lookup is not None:
+            request.responseHeaders.setRawHeaders(
+                b"x-cache", [self.cache_lookup.result.encode("ascii")]
+            )
         for name, value in self.admission.headers:
             request.responseHeaders.setRawHeaders(name, [value])
         if self.mask is not None:
@@ -507,10 +573,17 @@ class Exchange:
         res = self.resource
         res._closed(self)
         elapsed = res.reactor.seconds() - self.sent_upstream
-        self.request.forward_upstream_seconds = elapsed
+        if not self.cache_hit:
+            self.request.forward_upstream_seconds = elapsed
         if res.metrics is not None:
-            res.metrics.ended(self.status, self.decision.label, outcome, elapsed, self.sent)
-        self.admission.finish(outcome == "complete" and 200 <= self.status < 400)
+            res.metrics.ended(
+                self.status, self.decision.label, outcome, elapsed, self.sent,
+                upstream=not self.cache_hit,
+            )
+        # A hit spent no upstream tokens: its reservation is released.
+        self.admission.finish(
+            outcome == "complete" and 200 <= self.status < 400 and not self.cache_hit
+        )
         if self.tap is not None:
             tap, self.tap = self.tap, None
             try:
@@ -545,6 +618,28 @@ class Exchange:
         self.client_gone = True
         self._stop_upstream()
         self.end("client_left")
+
+
+class _BothTaps:
+    """Feeds one answer to two taps (the chat record, the cache)."""
+
+    def __init__(self, first: ExchangeTap, second: ExchangeTap) -> None:
+        self.first = first
+        self.second = second
+
+    def response(self, status: int, headers: Headers) -> None:
+        self.first.response(status, headers)
+        self.second.response(status, headers)
+
+    def data(self, chunk: bytes) -> None:
+        self.first.data(chunk)
+        self.second.data(chunk)
+
+    def end(self, outcome: str) -> None:
+        try:
+            self.first.end(outcome)
+        finally:
+            self.second.end(outcome)
 
 
 class _KeptOpen:

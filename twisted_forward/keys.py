@@ -134,6 +134,21 @@ def credential_value(carrier: bytes, key: bytes) -> bytes:
     return b"Bearer " + key if carrier == AUTHORIZATION else key
 
 
+@dataclass(frozen=True)
+class KeyHealth:
+    """One default key's state, by position, for the admin page.
+
+    :ivar label: ``default#N``, never the key.
+    :ivar state: ``ok``, ``resting`` (after a 429, until ``until``) or
+        ``revoked`` (the upstream refused it with a 401).
+    :ivar until: for a resting key, the clock time its rest ends.
+    """
+
+    label: str
+    state: str
+    until: Optional[float] = None
+
+
 class DefaultKeys:
     """The default keys, handed out in turn.
 
@@ -197,6 +212,20 @@ class DefaultKeys:
             "resting": len(self._keys) - revoked - active,
             "revoked": revoked,
         }
+
+    def health(self) -> list[KeyHealth]:
+        """Each key's state now, in position order."""
+        now = self._clock()
+        out = []
+        for index in range(len(self._keys)):
+            until = self._resting.get(index)
+            if index in self._revoked:
+                out.append(KeyHealth(self.label(index), "revoked"))
+            elif until is not None and until > now:
+                out.append(KeyHealth(self.label(index), "resting", until))
+            else:
+                out.append(KeyHealth(self.label(index), "ok"))
+        return out
 
     def order(self, level: Optional[int] = None) -> list[int]:
         """Key indices to try for one request: the next in turn first.
@@ -353,18 +382,34 @@ def _refuse(message: str) -> KeyDecision:
 
 
 class KeyRules:
-    """Decides, per request, which key goes upstream."""
+    """Decides, per request, which key goes upstream.
+
+    :param levels: forward-key label -> level (labels not there: level 0).
+    :param reserved: secrets that open something else (the admin key): a
+        request that carries one is refused, never forwarded.
+    """
 
     def __init__(
         self,
         default: DefaultKeys,
         forward: ForwardKeys,
         levels: Optional[Mapping[str, int]] = None,
+        reserved: Sequence[str] = (),
     ) -> None:
         self.default = default
         self.forward = forward
         #: forward-key label -> level (labels not here: level 0).
         self.levels: Mapping[str, int] = levels or {}
+        self._reserved = [hashlib.sha256(s.encode("utf-8")).digest() for s in reserved if s]
+
+    def _is_reserved(self, value: bytes) -> bool:
+        """Whether a word of ``value`` is a reserved secret (constant time per word)."""
+        found = False
+        for word in value.split():
+            digest = hashlib.sha256(word).digest()
+            for reserved in self._reserved:
+                found |= hmac.compare_digest(digest, reserved)
+        return found
 
     @property
     def open_relay(self) -> bool:
@@ -390,6 +435,8 @@ class KeyRules:
             if kind == _Credential.FORWARD:
                 forward.append((name, token))
             elif kind == _Credential.OWN:
+                if self._reserved and self._is_reserved(token):
+                    return _refuse("This key is not accepted here.")
                 own.append((name, token))
         if forward:
             if len(forward) + len(own) > 1:

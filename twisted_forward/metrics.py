@@ -136,8 +136,12 @@ class RouteMetrics:
         """A default key got ``status``; the next one is tried."""
         self._metrics.failovers.labels(self._route, str(status)).inc()
 
-    def ended(self, status: int, key: str, outcome: str, seconds: float, sent: int) -> None:
-        """An exchange ended; ``status`` 0 when no answer head was given."""
+    def ended(
+        self, status: int, key: str, outcome: str, seconds: float, sent: int,
+        upstream: bool = True,
+    ) -> None:
+        """An exchange ended; ``status`` 0 when no answer head was given;
+        ``upstream`` False when no upstream was asked (a cache hit)."""
         self._open.dec()
         labels = (str(status or "none"), key, outcome)
         counter = self._requests.get(labels)
@@ -146,7 +150,7 @@ class RouteMetrics:
                 self._route, *labels
             )
         counter.inc()
-        if status:
+        if status and upstream:
             self._upstream.observe(seconds)
         if sent:
             self._bytes.inc(sent)

@@ -19,16 +19,24 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 
 from .access import AccessGate
+from .admin.limits import IKeyLimits
+from .admin.live import LiveTally
+from .admin.resource import is_admin_path
+from .admin.service import Admin, build_admin
+from .cache.hook import ResponseCache, build_cache
+from .cache.interfaces import ICacheStore
+from .cache.metrics import CacheMetrics
 from .chat.recorder import ChatRecorder, Recorder
 from .config import Config
 from .errors import write_error
+from .exchange import ProxyResource
 from .framing import ForwardChannel, body_too_large
 from .keys import DefaultKeys, ForwardKeys, KeyRules
+from .ledger import ILedger
 from .metrics import Metrics, MetricsResource
 from .policies.gate import PolicyGate
 from .policies.health import KeyHealthLink
 from .policies.service import build_gate
-from .exchange import ProxyResource
 from .target import BadTarget, split_target
 from .upstream import Upstream
 
@@ -95,6 +103,7 @@ class Router(Resource):
         healthz_path: str = "/healthz",
         metrics: Optional[IResource] = None,
         metrics_path: str = "/metrics",
+        admin: Optional[IResource] = None,
     ) -> None:
         super().__init__()
         self._routes = sorted(
@@ -109,6 +118,7 @@ class Router(Resource):
         )
         self._metrics = metrics
         self._metrics_path = metrics_path.encode("ascii")
+        self._admin = admin
 
     def render(self, request: IRequest) -> bytes | int:
         try:
@@ -119,6 +129,15 @@ class Router(Resource):
             return self._health(request)
         if self._metrics is not None and path == self._metrics_path:
             return self._metrics.render(request)
+        if is_admin_path(path):
+            # Never forwarded, never through the key rules: the admin's own
+            # resource and key, or nothing.
+            if self._admin is None:
+                return write_error(
+                    request, 404, "admin_off",
+                    "The admin page is off on this port.",
+                )
+            return self._admin.render(request)
         if self.health.draining:
             # A request on a connection kept alive from before the shutdown:
             # refuse it and close that connection after the answer.
@@ -245,8 +264,12 @@ class Built:
     health: Health
     keys: KeyRules
     metrics: Metrics
+    #: The response cache, None when it is off.
+    cache: Optional[ResponseCache] = None
     #: The policy gate, or None when no policy is set.
     policy: Optional[PolicyGate] = None
+    #: The admin page and API, when ADMIN_KEY is set.
+    admin: Optional["Admin"] = None
     #: The store shared with other processes (supervisor or Redis), or None.
     shared_store: Optional[Any] = None
     #: Keeps the default keys' health in step with the shared store.
@@ -259,7 +282,10 @@ def build_root(
     recorder: Optional[Recorder] = None,
     upstream: Optional[Upstream] = None,
     metrics: Optional[Metrics] = None,
+    cache_store: Optional[ICacheStore] = None,
     policy: Optional[PolicyGate] = None,
+    ledger: Optional[ILedger] = None,
+    limits: Optional[IKeyLimits] = None,
     store: Optional[Any] = None,
 ) -> Built:
     """Build the resource tree for ``config``.
@@ -270,6 +296,9 @@ def build_root(
 
     Metrics are collected always; they are served at ``config.metrics_path``
     on this tree unless disabled or given their own port.
+
+    :param cache_store: the response cache's store, instead of the one
+        ``config.cache`` names.
     """
     if metrics is None:
         metrics = Metrics()
@@ -282,10 +311,12 @@ def build_root(
             max_head=config.max_upstream_head,
             max_headers=config.max_upstream_headers,
         )
+    reserved = (config.admin_key,) if config.admin_key else ()
     openai_keys = KeyRules(
         DefaultKeys(config.default_keys, reactor.seconds, config.policy.key_levels),
         ForwardKeys(config.forward_keys),
         config.policy.policies.levels,
+        reserved=reserved,
     )
     if policy is None:
         policy = build_gate(config.policy, reactor, metrics, store=store)
@@ -295,7 +326,10 @@ def build_root(
     metrics.watch_keys(openai_keys.default)
     if isinstance(recorder, ChatRecorder):
         metrics.watch_chat_records(recorder.counts)
-    passthrough = KeyRules(DefaultKeys((), reactor.seconds), ForwardKeys(()))
+    passthrough = KeyRules(DefaultKeys((), reactor.seconds), ForwardKeys(()), reserved=reserved)
+    cache = build_cache(
+        config.cache, config.forward_keys, reactor, CacheMetrics(metrics.registry), cache_store
+    )
     proxies = [
         ProxyResource(
             route,
@@ -306,10 +340,16 @@ def build_root(
             config.idle_timeout,
             recorder,
             metrics,
+            cache=cache,
             policy=policy if route.kind == "openai" else None,
         )
         for route in config.routes
     ]
+    admin = None
+    if config.admin_key is not None:
+        admin = build_admin(
+            config, reactor, openai_keys.default, metrics, LiveTally(ledger), limits
+        )
     health = Health()
     served_here = config.metrics and config.metrics_port is None
     router = Router(
@@ -318,9 +358,13 @@ def build_root(
         config.healthz_path,
         MetricsResource(metrics) if served_here else None,
         config.metrics_path,
+        admin.resource if admin is not None and config.admin_port is None else None,
     )
     root = AccessGate(
         router, config.ip_whitelist, config.ip_blacklist, config.trusted_proxies,
         exempt_paths=router._health_paths,
     )
-    return Built(root, proxies, upstream, health, openai_keys, metrics, policy, store, key_health)
+    return Built(
+        root, proxies, upstream, health, openai_keys, metrics, cache=cache, policy=policy,
+        admin=admin, shared_store=store, key_health=key_health,
+    )

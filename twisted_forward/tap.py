@@ -33,6 +33,7 @@ from .config import (
 from .chat.recorder import ChatRecorder, open_chat_log
 from .metrics import MetricsResource
 from .access import AccessGate
+from .admin.service import AdminService
 from .listening import BoundEndpoint, endpoint_from_string, listen_now
 from .policies.shared import open_shared_store
 from .site import Built, ForwardSite, build_root
@@ -91,6 +92,8 @@ def open_recorder(config: Config, reactor: IReactorCore) -> Optional[ChatRecorde
     if not config.log_chat:
         return None
     secrets = config.default_keys + tuple(k.key for k in config.forward_keys)
+    if config.admin_key is not None:
+        secrets += (config.admin_key,)
     try:
         return open_chat_log(config.log_dir, reactor, secrets)
     except OSError as e:
@@ -177,17 +180,22 @@ class ProxyService(Service):
         try:
             yield self.built.upstream.close()
         finally:
-            store = (
-                self.built.policy.store if self.built.policy is not None
-                else self.built.shared_store
-            )
-            if store is not None:
-                # Every exchange has ended (and so settled or released its
-                # reservation): let go of the store, which gives back any
-                # reservation still open.
-                yield store.close()
-            if self.recorder is not None:
-                yield self.recorder.close()
+            try:
+                if self.built.cache is not None:
+                    # After the drain: the last answers have been stored.
+                    yield self.built.cache.close()
+                store = (
+                    self.built.policy.store if self.built.policy is not None
+                    else self.built.shared_store
+                )
+                if store is not None:
+                    # Every exchange has ended (and so settled or released its
+                    # reservation): let go of the store, which gives back any
+                    # reservation still open.
+                    yield store.close()
+            finally:
+                if self.recorder is not None:
+                    yield self.recorder.close()
         # twistd and twist re-raise the terminating signal at exit, so a
         # supervisor would see "killed by SIGTERM".  The shutdown was
         # orderly: report success (exit status 0) instead.
@@ -240,12 +248,19 @@ def _make_service(
         metrics_endpoint = endpoint_from_string(
             reactor, config.metrics_port, "METRICS_PORT (--metrics-port)"
         )
+    admin_endpoint = None
+    if config.admin_port is not None:
+        admin_endpoint = endpoint_from_string(
+            reactor, config.admin_port, "ADMIN_PORT (--admin-port)"
+        )
     if options["workers"]:
         from .supervisor import make_supervisor
 
         if config.metrics_port is not None:
             # Every worker would bind it.
             raise ConfigError("METRICS_PORT (--metrics-port): not with --workers")
+        if config.admin_port is not None:
+            raise ConfigError("ADMIN_PORT (--admin-port): not with --workers")
         check_log_dir(config)
 
         return make_supervisor(
@@ -271,6 +286,18 @@ def _make_service(
     )
     site.metrics = built.metrics
     site.gate = built.root if isinstance(built.root, AccessGate) else None
+    if built.admin is not None:
+        # Added before the listeners: stopped after they are, it ends the
+        # open event streams so the proxy can drain.
+        AdminService(built.admin).setServiceParent(top)
+    admin_site = None
+    if built.admin is not None and admin_endpoint is not None:
+        admin_site = Site(
+            AccessGate(built.admin.resource, config.ip_whitelist, config.ip_blacklist,
+                       config.trusted_proxies),
+            reactor=reactor,
+        )
+        admin_site.noisy = False
     metrics_site = None
     if config.metrics and metrics_endpoint is not None:
         metrics_site = Site(MetricsResource(built.metrics), reactor=reactor)
@@ -278,17 +305,22 @@ def _make_service(
     # Bound last, so nothing after can fail with a port left open.
     port = listen_now(endpoint, site, "--port", options["port"])
     StreamServerEndpointService(BoundEndpoint(port, site), site).setServiceParent(top)
-    if metrics_site is not None:
-        assert metrics_endpoint is not None
+    bound = [port]
+    for extra_site, extra_endpoint, name, value in (
+        (metrics_site, metrics_endpoint, "METRICS_PORT (--metrics-port)", config.metrics_port),
+        (admin_site, admin_endpoint, "ADMIN_PORT (--admin-port)", config.admin_port),
+    ):
+        if extra_site is None:
+            continue
+        assert extra_endpoint is not None
         try:
-            metrics_port = listen_now(
-                metrics_endpoint, metrics_site, "METRICS_PORT (--metrics-port)",
-                config.metrics_port or "",
-            )
+            extra_port = listen_now(extra_endpoint, extra_site, name, value or "")
         except ConfigError:
-            port.stopListening()
+            for done in bound:
+                done.stopListening()
             raise
+        bound.append(extra_port)
         StreamServerEndpointService(
-            BoundEndpoint(metrics_port, metrics_site), metrics_site
+            BoundEndpoint(extra_port, extra_site), extra_site
         ).setServiceParent(top)
     return top

@@ -96,6 +96,9 @@ class ExchangeInfo:
     """What is known of an exchange when its request has arrived.
 
     :ivar body: the request body, read only as far as the record needs.
+    :ivar cache: what the response cache did (``hit``, ``miss``,
+        ``bypass``), set by the exchange once known; ``""`` when the cache
+        is off.  A record of a hit says ``"cache": "hit"``.
     """
 
     request_id: str
@@ -106,6 +109,7 @@ class ExchangeInfo:
     key_label: str
     started: float
     body: RequestBody = field(repr=False)
+    cache: str = ""
 
 
 class ExchangeTap(Protocol):
@@ -285,6 +289,7 @@ class ChatTap:
             "path": info.path,
             "client": info.client,
             "key_label": info.key_label,
+            **({"cache": info.cache} if info.cache else {}),
         }
 
     def _outcome(self, outcome: str) -> dict[str, Any]:

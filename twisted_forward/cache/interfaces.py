@@ -1,0 +1,79 @@
+"""
+The cache's two extension points.
+
+:class:`ICacheStore` is a backend: bytes in, bytes out, every call a
+Deferred, nothing blocking the reactor.  :class:`IExchangeCache` is the one
+thing the forwarding exchange calls: before forwarding (hit: replay, or
+proceed) and, on a miss, a tap that sees the answer as it is relayed.
+"""
+
+from __future__ import annotations
+
+from zope.interface import Attribute, Interface
+
+
+class ICacheStore(Interface):
+    """Where cached answers live (memory, LMDB, Redis).
+
+    Keys are ASCII bytes, values :class:`~.entry.Entry` bytes.  The store
+    applies its TTL and size bound itself and reports evictions to the
+    cache metrics it was given.  A failing store fails the Deferred; the
+    caller turns that into a miss.
+    """
+
+    name = Attribute("The backend's name, for logs: memory, lmdb, redis.")
+
+    def get(key: bytes) -> "Deferred[Optional[bytes]]":  # type: ignore[name-defined]  # noqa: F821
+        """The value stored under ``key``, or None."""
+
+    def put(key: bytes, value: bytes) -> "Deferred[None]":  # type: ignore[name-defined]  # noqa: F821
+        """Store ``value`` under ``key``, evicting as the bound needs."""
+
+    def close() -> "Deferred[None]":  # type: ignore[name-defined]  # noqa: F821
+        """Release the store's connections, threads and files."""
+
+
+class IAnswerTap(Interface):
+    """Sees one answer as it is relayed (the exchange's tap shape)."""
+
+    def response(status: int, headers: object) -> None:
+        """The answer's head."""
+
+    def data(chunk: bytes) -> None:
+        """A body chunk, after it went to the client."""
+
+    def end(outcome: str) -> None:
+        """The exchange ended with ``outcome`` (``complete``, ...)."""
+
+
+class IExchangeCache(Interface):
+    """What the forwarding exchange asks of the cache, once per request.
+
+    The exchange calls :meth:`lookup` before forwarding and gets a
+    :class:`~.hook.Lookup`: ``hit`` (replay its entry; nothing goes
+    upstream, no default key is spent), ``miss`` (forward, feeding the
+    lookup's tap so a whole 200 is stored) or ``bypass`` (forward, not
+    stored).  Either way it sends the lookup's ``body`` instead of the
+    client's when there is one (the ``caching`` field taken out).
+    """
+
+    def on(route: object) -> bool:
+        """Whether requests on ``route`` (a :class:`~twisted_forward.config.Route`)
+        go through the cache at all."""
+
+    def lookup(request: object, route: object, target: bytes,
+               decision: object) -> "Deferred[Lookup]":  # type: ignore[name-defined]  # noqa: F821
+        """Examine a request; never fails (a broken store is a miss).
+
+        :param request: the client's request (its method and body are read).
+        :param route: the :class:`~twisted_forward.config.Route`.
+        :param target: the path and query under the route.
+        :param decision: the request's :class:`~twisted_forward.keys.KeyDecision`.
+        """
+
+    def replay(request: object, lookup: object, tap: object) -> "Replay":  # type: ignore[name-defined]  # noqa: F821
+        """Answer ``request`` from a hit; returns the
+        :class:`~.replay.Replay`, whose ``done`` fires with the outcome
+        (``complete`` or ``client_left``) and whose ``sent`` counts the bytes
+        written.  ``tap`` (an :class:`IAnswerTap`, or None) sees the
+        replayed answer, for the chat records."""
