@@ -11,8 +11,6 @@ from typing import Any, Optional
 
 from twisted.internet import defer
 
-from twisted_forward.tap import ProxyService
-
 from .fake_upstream import chat_chunks
 from .redis_server import start_redis
 from .test_chatlog_e2e import ChatLogTestCase
@@ -42,10 +40,13 @@ class CacheTestCase(ChatLogTestCase):
     """Posts through the proxy and reads x-cache."""
 
     def env(self, **extra: str) -> dict[str, str]:
+        """The proxy's environment with the cache on for openai routes."""
         return {"CACHE_OPENAI": "true", **extra}
 
     @defer.inlineCallbacks
     def send(self, body: bytes, key: Optional[str] = None, base: Optional[str] = None):
+        """POST a chat request (with ``key`` as Bearer); fires with the
+        response and its body."""
         headers = {b"content-type": [b"application/json"]}
         if key is not None:
             headers[b"authorization"] = [b"Bearer " + key.encode()]
@@ -56,10 +57,12 @@ class CacheTestCase(ChatLogTestCase):
         return response, content
 
     def x_cache(self, response: Any) -> Optional[bytes]:
+        """The answer's x-cache value, or None."""
         values = response.headers.getRawHeaders(b"x-cache")
         return values[0] if values else None
 
     def upstream_bodies(self) -> list[dict]:
+        """The completions bodies the fake upstream received, parsed."""
         return [json.loads(seen.body) for seen in self.fake.seen if seen.uri.endswith(b"/completions")]
 
 
@@ -159,6 +162,15 @@ class HitMissBypassTests(CacheTestCase):
         self.fake.override = None
         second, _ = yield self.send(ask())
         self.assertEqual((second.code, self.x_cache(second)), (200, b"miss"))
+
+    @defer.inlineCallbacks
+    def test_proxy_error_says_miss(self) -> None:
+        """When the upstream cannot be reached, the proxy's own 502 still
+        says x-cache: miss, and nothing is stored."""
+        yield self.start_proxy(**self.env(OPENAI_BASE_URL="http://127.0.0.1:1"))
+        for _ in range(2):
+            response, _ = yield self.send(ask())
+            self.assertEqual((response.code, self.x_cache(response)), (502, b"miss"))
 
     @defer.inlineCallbacks
     def test_cache_off_sends_body_untouched(self) -> None:

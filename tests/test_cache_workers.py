@@ -28,6 +28,8 @@ class LMDBWorkersTests(TestCase):
 
     @defer.inlineCallbacks
     def run_proxy(self, root: str) -> Any:
+        """Start twistd with two workers and the LMDB cache under ``root``;
+        fires with the supervisor and the port once both workers serve."""
         supervisor = self.start_supervisor(
             2, CACHE_OPENAI="true", CACHE_BACKEND="LMDB", CACHE_ROOT_PATH_OR_URL=root,
         )
@@ -41,6 +43,8 @@ class LMDBWorkersTests(TestCase):
 
     @defer.inlineCallbacks
     def ask(self, port: int) -> Any:
+        """One cacheable request on a new connection; fires with its
+        x-cache value and body."""
         response = yield self.client.post(
             f"http://127.0.0.1:{port}/v1/chat/completions",
             data=json.dumps({"model": "m", "messages": [], "caching": True}).encode(),

@@ -490,12 +490,7 @@ class Exchange:
         relay_response_headers(response.headers, request.responseHeaders)
         if date and not request.responseHeaders.hasHeader(b"date"):
             request.responseHeaders.setRawHeaders(b"date", date)  # RFC 9110 §6.6.1
-        if self.cache_lookup is not None:
-            request.responseHeaders.setRawHeaders(
-                b"x-cache", [self.cache_lookup.result.encode("ascii")]
-            )
-        for name, value in self.admission.headers:
-            request.responseHeaders.setRawHeaders(name, [value])
+        self._hook_headers()
         if self.mask is not None:
             _mask_headers(request.responseHeaders, self.mask)
 
@@ -560,9 +555,17 @@ class Exchange:
         if self.tap is not None:
             self.tap.response(status, Headers())
         self.end("proxy_error")  # first: the access line needs its timings
-        for name, value in self.admission.headers:
-            self.request.responseHeaders.setRawHeaders(name, [value])
+        self._hook_headers()
         send_error(self.request, status, code, message)
+
+    def _hook_headers(self) -> None:
+        """The answer headers the policies (``x-ratelimit-*``) and the cache
+        (``x-cache``) add, upstream's answer or the proxy's own error."""
+        headers = self.request.responseHeaders
+        if self.cache_lookup is not None:
+            headers.setRawHeaders(b"x-cache", [self.cache_lookup.result.encode("ascii")])
+        for name, value in self.admission.headers:
+            headers.setRawHeaders(name, [value])
 
     # ------------------------------------------------------------ end
 

@@ -9,7 +9,15 @@ proceed) and, on a miss, a tap that sees the answer as it is relayed.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Optional
+
 from zope.interface import Attribute, Interface
+
+if TYPE_CHECKING:
+    from twisted.internet.defer import Deferred
+
+    from .hook import Lookup
+    from .replay import Replay
 
 
 class ICacheStore(Interface):
@@ -23,13 +31,13 @@ class ICacheStore(Interface):
 
     name = Attribute("The backend's name, for logs: memory, lmdb, redis.")
 
-    def get(key: bytes) -> "Deferred[Optional[bytes]]":  # type: ignore[name-defined]  # noqa: F821
+    def get(key: bytes) -> "Deferred[Optional[bytes]]":
         """The value stored under ``key``, or None."""
 
-    def put(key: bytes, value: bytes) -> "Deferred[None]":  # type: ignore[name-defined]  # noqa: F821
+    def put(key: bytes, value: bytes) -> "Deferred[None]":
         """Store ``value`` under ``key``, evicting as the bound needs."""
 
-    def close() -> "Deferred[None]":  # type: ignore[name-defined]  # noqa: F821
+    def close() -> "Deferred[None]":
         """Release the store's connections, threads and files."""
 
 
@@ -62,7 +70,7 @@ class IExchangeCache(Interface):
         go through the cache at all."""
 
     def lookup(request: object, route: object, target: bytes,
-               decision: object) -> "Deferred[Lookup]":  # type: ignore[name-defined]  # noqa: F821
+               decision: object) -> "Deferred[Lookup]":
         """Examine a request; never fails (a broken store is a miss).
 
         :param request: the client's request (its method and body are read).
@@ -71,7 +79,7 @@ class IExchangeCache(Interface):
         :param decision: the request's :class:`~twisted_forward.keys.KeyDecision`.
         """
 
-    def replay(request: object, lookup: object, tap: object) -> "Replay":  # type: ignore[name-defined]  # noqa: F821
+    def replay(request: object, lookup: object, tap: object) -> "Replay":
         """Answer ``request`` from a hit; returns the
         :class:`~.replay.Replay`, whose ``done`` fires with the outcome
         (``complete`` or ``client_left``) and whose ``sent`` counts the bytes

@@ -93,6 +93,9 @@ def examine(
     """
     if body is None:
         return Examined("too_large")
+    if not default_caching and b'"caching"' not in body:
+        # The usual request, not asking: no JSON parsing on the hot path.
+        return Examined("not_requested")
     try:
         obj = json.loads(body, parse_constant=_refuse_constant)
     except (ValueError, UnicodeDecodeError, RecursionError):

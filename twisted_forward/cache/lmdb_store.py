@@ -14,7 +14,6 @@ operation, and is tried again at most every :data:`REOPEN_AFTER` seconds.
 from __future__ import annotations
 
 import os
-import struct
 import threading
 from typing import Any, Callable, Optional, TypeVar
 
