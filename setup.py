@@ -33,6 +33,9 @@ setup(
         # Redis/Valkey from Twisted, no threads: the policy counters and the
         # cache's REDIS backend (REDIS_URL).
         "txredisapi>=1.4.10,<2",
+        # The usage ledger on PostgreSQL (DATABASE_URL): psycopg 3, its binary
+        # wheel bundling libpq, so no system library or compiler is needed.
+        "psycopg[binary]>=3.1,<4",
     ],
     extras_require={
         # playwright drives Debian's chromium in the admin page's browser

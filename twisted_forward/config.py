@@ -127,11 +127,24 @@ class Config:
     metrics: bool = True
     metrics_path: str = "/metrics"
     metrics_port: Optional[str] = None
+    ledger: bool = True
+    #: Where the SQLite ledger lives; None: ``data`` beside LOG_DIR.
+    data_dir: Optional[str] = None
+    #: ``postgresql://…``: the ledger lives in PostgreSQL instead (may hold a password).
+    database_url: Optional[str] = field(default=None, repr=False)
+    ledger_retention_days: int = 0
     admin_key: Optional[str] = field(default=None, repr=False)
     admin_port: Optional[str] = None
     cache: CacheSettings = CacheSettings()
     #: Per-key policies, levels, limits, quotas (twisted_forward.policies).
     policy: PolicyConfig = field(default_factory=PolicyConfig)
+
+    @property
+    def ledger_dir(self) -> str:
+        """DATA_DIR, or ``data`` beside LOG_DIR (``./data`` for ``./Log``)."""
+        if self.data_dir is not None:
+            return self.data_dir
+        return default_data_dir(self.log_dir)
 
 
 # ---------------------------------------------------------------- parsers
@@ -416,6 +429,48 @@ DEFAULT_BACKLOG = 1024
 _BACKLOG_KINDS = ("tcp:", "tcp6:", "ssl:")
 
 
+def default_data_dir(log_dir: str) -> str:
+    """DATA_DIR's default: a ``data`` folder beside the chat records'.
+
+    Not LOG_DIR itself: tools that read every file there, and a LOG_DIR on
+    a small disk, should not meet the ledger.
+    """
+    return os.path.join(os.path.dirname(os.path.abspath(log_dir)), "data")
+
+
+def parse_database_url(value: str) -> str:
+    """A ``postgresql://`` URL (or key=value conninfo) for the ledger.
+
+    Error texts never repeat the URL: it may hold a password.
+    """
+    url = value.strip()
+    if not url.startswith(("postgresql://", "postgres://")):
+        raise ValueError("must be a postgresql://user:password@host:port/database URL")
+    try:
+        import psycopg  # noqa: F401
+        from psycopg.conninfo import conninfo_to_dict
+    except ImportError:
+        raise ValueError(
+            "needs psycopg 3 (pip install 'psycopg[binary]')"
+        ) from None
+    try:
+        conninfo_to_dict(url)
+    except Exception:
+        raise ValueError(
+            "is not a valid PostgreSQL URL (percent-encode special characters "
+            "in the user name or password)"
+        ) from None
+    return url
+
+
+def parse_days(value: str) -> int:
+    """A whole number of days, 0 or more."""
+    text = value.strip()
+    if not text.isdigit():
+        raise ValueError(f"{value!r} is not a whole number of days (0: keep forever)")
+    return int(text)
+
+
 def parse_endpoint(value: str) -> str:
     """A port number (TCP, all interfaces) or a Twisted endpoint string.
 
@@ -492,6 +547,15 @@ SETTINGS: tuple[Setting, ...] = (
             "Path of the Prometheus metrics [default: /metrics]."),
     Setting("METRICS_PORT", "metrics-port", parse_endpoint,
             "Serve metrics on this port/endpoint instead of the proxy's own."),
+    Setting("LEDGER", "ledger", parse_bool,
+            "Keep the usage ledger (requests, tokens, cost per key/model/day) "
+            "[default: true]."),
+    Setting("DATA_DIR", "data-dir", str,
+            "Directory of the SQLite ledger (ledger.sqlite3) [default: data beside LOG_DIR]."),
+    Setting("DATABASE_URL", "database-url", parse_database_url,
+            "postgresql://… : keep the ledger in PostgreSQL instead of SQLite."),
+    Setting("LEDGER_RETENTION_DAYS", "ledger-retention-days", parse_days,
+            "Delete ledger day rows older than this many days (0: keep) [default: 0]."),
     Setting("ADMIN_KEY", "admin-key", parse_admin_key,
             "Turns on the admin page and API at /_admin/; the key that opens them."),
     Setting("ADMIN_PORT", "admin-port", parse_endpoint,
@@ -612,6 +676,10 @@ def load_config(
         ("METRICS", "metrics"),
         ("METRICS_PATH", "metrics_path"),
         ("METRICS_PORT", "metrics_port"),
+        ("LEDGER", "ledger"),
+        ("DATA_DIR", "data_dir"),
+        ("DATABASE_URL", "database_url"),
+        ("LEDGER_RETENTION_DAYS", "ledger_retention_days"),
         ("ADMIN_KEY", "admin_key"),
         ("ADMIN_PORT", "admin_port"),
     ):
@@ -623,6 +691,8 @@ def load_config(
         raise ConfigError(str(e)) from None
     if kwargs.get("log_dir") == "":
         raise ConfigError("LOG_DIR (--log-dir): must not be empty")
+    if kwargs.get("data_dir") == "":
+        raise ConfigError("DATA_DIR (--data-dir): must not be empty")
     if kwargs.get("healthz_path", "/healthz") == "":
         raise ConfigError("HEALTHZ_PATH (--healthz-path): must not be the root")
     if kwargs.get("metrics_path", "/metrics") == "":

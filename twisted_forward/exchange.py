@@ -574,7 +574,6 @@ class Exchange:
             return
         self.done = True
         res = self.resource
-        res._closed(self)
         elapsed = res.reactor.seconds() - self.sent_upstream
         if not self.cache_hit:
             self.request.forward_upstream_seconds = elapsed
@@ -593,6 +592,9 @@ class Exchange:
                 tap.end(outcome)
             except Exception:
                 self.log.failure("chat recorder failed")
+        # Last: a drain waiting on this exchange may go on to close the
+        # recorders and the ledger, which must have its record by then.
+        res._closed(self)
 
     def _stop_upstream(self) -> None:
         """Cancel the upstream request, or stop its body if it is relaying."""

@@ -26,7 +26,8 @@ from .admin.service import Admin, build_admin
 from .cache.hook import ResponseCache, build_cache
 from .cache.interfaces import ICacheStore
 from .cache.metrics import CacheMetrics
-from .chat.recorder import ChatRecorder, Recorder
+from .chat.recorder import ChatRecorder, FanOut, Recorder
+from .ledger.service import LedgerCollector
 from .config import Config
 from .errors import write_error
 from .exchange import ProxyResource
@@ -268,6 +269,8 @@ class Built:
     cache: Optional[ResponseCache] = None
     #: The policy gate, or None when no policy is set.
     policy: Optional[PolicyGate] = None
+    #: The usage ledger (None: LEDGER off), for the admin API to query.
+    ledger: Optional[ILedger] = None
     #: The admin page and API, when ADMIN_KEY is set.
     admin: Optional["Admin"] = None
     #: The store shared with other processes (supervisor or Redis), or None.
@@ -324,8 +327,11 @@ def build_root(
     if store is not None and config.default_keys:
         key_health = KeyHealthLink(openai_keys.default, config.default_keys, store, reactor)
     metrics.watch_keys(openai_keys.default)
-    if isinstance(recorder, ChatRecorder):
-        metrics.watch_chat_records(recorder.counts)
+    for chat in recorder.recorders if isinstance(recorder, FanOut) else (recorder,):
+        if isinstance(chat, ChatRecorder):
+            metrics.watch_chat_records(chat.counts)
+    if ledger is not None:
+        metrics.registry.register(LedgerCollector(ledger.stats))
     passthrough = KeyRules(DefaultKeys((), reactor.seconds), ForwardKeys(()), reserved=reserved)
     cache = build_cache(
         config.cache, config.forward_keys, reactor, CacheMetrics(metrics.registry), cache_store
@@ -348,7 +354,8 @@ def build_root(
     admin = None
     if config.admin_key is not None:
         admin = build_admin(
-            config, reactor, openai_keys.default, metrics, LiveTally(ledger), limits
+            config, reactor, openai_keys.default, metrics,
+            ledger if isinstance(ledger, LiveTally) else LiveTally(ledger), limits
         )
     health = Health()
     served_here = config.metrics and config.metrics_port is None
@@ -365,6 +372,7 @@ def build_root(
         exempt_paths=router._health_paths,
     )
     return Built(
-        root, proxies, upstream, health, openai_keys, metrics, cache=cache, policy=policy,
-        admin=admin, shared_store=store, key_health=key_health,
+        root, proxies, upstream, health, openai_keys, metrics,
+        cache=cache, policy=policy, ledger=ledger, admin=admin,
+        shared_store=store, key_health=key_health,
     )

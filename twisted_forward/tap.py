@@ -30,7 +30,11 @@ from .config import (
     parse_endpoint,
     read_env_file,
 )
-from .chat.recorder import ChatRecorder, open_chat_log
+from .chat.recorder import ChatRecorder, Recorder, open_chat_log
+from .admin.live import LiveTally
+from .ledger import ILedger
+from .ledger.feed import feeding_recorder
+from .ledger.service import open_ledger
 from .metrics import MetricsResource
 from .access import AccessGate
 from .admin.service import AdminService
@@ -140,14 +144,18 @@ class ProxyService(Service):
         config: Config,
         reactor: IReactorCore,
         recorder: Optional[ChatRecorder] = None,
+        ledger: Optional[IService] = None,
     ) -> None:
         self.built = built
         self.config = config
         self.reactor = reactor
         self.recorder = recorder
+        self.ledger = ledger
 
     def startService(self) -> None:
         super().startService()
+        if self.ledger is not None:
+            self.ledger.startService()
         for line in describe(self.config):
             self.log.info("{line}", line=line)
         if self.built.key_health is not None:
@@ -194,8 +202,13 @@ class ProxyService(Service):
                     # reservation still open.
                     yield store.close()
             finally:
-                if self.recorder is not None:
-                    yield self.recorder.close()
+                try:
+                    if self.recorder is not None:
+                        yield self.recorder.close()
+                finally:
+                    # Last: every exchange has ended, so its figures are pending.
+                    if self.ledger is not None and self.ledger.running:
+                        yield self.ledger.stopService()
         # twistd and twist re-raise the terminating signal at exit, so a
         # supervisor would see "killed by SIGTERM".  The shutdown was
         # orderly: report success (exit status 0) instead.
@@ -274,13 +287,27 @@ def _make_service(
             share_store=config.policy.redis_url is None,
         )
     recorder = open_recorder(config, reactor)
+    ledger = open_ledger(config, reactor)
     top = MultiService()
+    # The exchanges feed the ledger; with the admin page on, through its
+    # live tally (which counts tokens for the live figures on the way).
+    feed: Optional[ILedger] = ledger
+    if config.admin_key is not None:
+        feed = LiveTally(ledger)
+    exchange_recorder: Optional[Recorder] = recorder
+    if feed is not None:
+        recorder, exchange_recorder = feeding_recorder(recorder, feed, reactor)
     shared = open_shared_store(
         config.policy, reactor, os.environ if environ is None else environ,
         ca_file=config.ssl_cert_file,
     )
-    built = build_root(config, reactor, recorder=recorder, store=shared)  # type: ignore[arg-type]
-    ProxyService(built, config, reactor, recorder).setServiceParent(top)  # type: ignore[arg-type]
+    built = build_root(
+        config, reactor, recorder=exchange_recorder, ledger=feed,  # type: ignore[arg-type]
+        store=shared,
+    )
+    ProxyService(built, config, reactor, recorder, ledger).setServiceParent(  # type: ignore[arg-type]
+        top
+    )
     site = ForwardSite(
         built.root, reactor=reactor, max_request_body=config.max_request_body
     )

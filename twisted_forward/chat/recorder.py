@@ -141,6 +141,62 @@ class NullRecorder:
         return None
 
 
+class FanOut:
+    """Several recorders behind one: each exchange gets the taps of all
+    those that want it (the chat records, the ledger's counting, …)."""
+
+    log = Logger()
+
+    def __init__(self, recorders: Sequence[Recorder]) -> None:
+        self.recorders = tuple(recorders)
+
+    def begin(self, info: ExchangeInfo) -> Optional[ExchangeTap]:
+        """One tap feeding every recorder's tap; None if none wants it."""
+        taps = []
+        for recorder in self.recorders:
+            try:
+                tap = recorder.begin(info)
+            except Exception:
+                self.log.failure("a recorder could not start")
+                continue
+            if tap is not None:
+                taps.append(tap)
+        if not taps:
+            return None
+        return taps[0] if len(taps) == 1 else FanOutTap(taps)
+
+
+class FanOutTap:
+    """Hands each event of an exchange to several taps, shielding each
+    from the others' errors."""
+
+    log = Logger()
+
+    def __init__(self, taps: Sequence[ExchangeTap]) -> None:
+        self.taps = tuple(taps)
+
+    def response(self, status: int, headers: Headers) -> None:
+        for tap in self.taps:
+            try:
+                tap.response(status, headers)
+            except Exception:
+                self.log.failure("a tap failed on the answer's head")
+
+    def data(self, chunk: bytes) -> None:
+        for tap in self.taps:
+            try:
+                tap.data(chunk)
+            except Exception:
+                self.log.failure("a tap failed on a body chunk")
+
+    def end(self, outcome: str) -> None:
+        for tap in self.taps:
+            try:
+                tap.end(outcome)
+            except Exception:
+                self.log.failure("a tap failed at the end of an exchange")
+
+
 # ---------------------------------------------------------------- recording
 
 
@@ -225,8 +281,11 @@ class ChatTap:
         self.ended = False
         self.broken: Optional[str] = None
         self.request_fields: Optional[dict[str, Any]] = None
+        #: Seconds from the request to the answer's first head (None: no head).
+        self.ttfb: Optional[float] = None
         self.body = b""
         body = info.body
+        self.request_bytes = body.length
         limit = REQUEST_LIMIT if kind in CONVERSATION_KINDS else METADATA_LIMIT
         head = body.head(PEEK)
         if body.length > limit or (kind not in CONVERSATION_KINDS and head.startswith(b"--")):
@@ -241,6 +300,8 @@ class ChatTap:
     def response(self, status: int, headers: Headers) -> None:
         """The answer's head (or the proxy's own error status)."""
         try:
+            if self.ttfb is None:
+                self.ttfb = max(0.0, self.recorder.clock.seconds() - self.info.started)
             if self.reader.status is not None:
                 self.reader = AnswerReader(self.kind)  # a second head replaces the first
             self.reader.head(status, headers)
@@ -298,7 +359,9 @@ class ChatTap:
             "outcome": outcome,
             "client_left": outcome == "client_left",
             "duration": round(max(0.0, self.recorder.clock.seconds() - self.info.started), 3),
+            "request_bytes": self.request_bytes,
             "response_bytes": self.reader.size,
+            "ttfb": None if self.ttfb is None else round(self.ttfb, 4),
         }
 
     def record(self, outcome: str) -> dict[str, Any]:
