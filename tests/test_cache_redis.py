@@ -18,7 +18,8 @@ from twisted_forward.cache.hook import MISS, ResponseCache
 from twisted_forward.cache.interfaces import ICacheStore
 from twisted_forward.cache.key import Partitions
 from twisted_forward.cache.metrics import CacheMetrics
-from twisted_forward.cache.redis_store import RedisStore, parse_url
+from twisted_forward.cache.redis_store import RedisStore
+from twisted_forward.redis_link import parse_redis_url
 from twisted_forward.cache.settings import CacheSettings
 from twisted_forward.config import Route, parse_url as parse_upstream
 from twisted_forward.keys import DEFAULT_KEY, KeyDecision
@@ -44,7 +45,7 @@ class RedisStoreTests(TestCase):
         self.metrics = CacheMetrics(CollectorRegistry())
 
     def store(self, max_bytes: int = 1024 * 1024, ttl: float = 3600) -> RedisStore:
-        store = RedisStore(reactor, parse_url(self.server.url), ttl, max_bytes, 2.0, self.metrics)
+        store = RedisStore(reactor, parse_redis_url(self.server.url), ttl, max_bytes, 2.0, self.metrics)
         self.addCleanup(store.close)
         return store
 

@@ -45,7 +45,7 @@ class HeadScannerTests(SynchronousTestCase):
     def test_ordinary_head(self):
         """A normal head passes, whole or a byte at a time, and the body after
         it is not scanned."""
-        for piece in (0, 1, 7):
+        for piece in (0, 1, 7, len(HEAD) - 1):
             scanner, refusal = scan(HEAD + b"\x00\x01 body", piece=piece)
             self.assertIsNone(refusal)
             self.assertFalse(scanner.scanning)
@@ -59,10 +59,19 @@ class HeadScannerTests(SynchronousTestCase):
     def test_too_many_lines(self):
         """One header line over the cap is refused."""
         lines = b"".join(b"X-%d: v\r\n" % i for i in range(11))
-        _, refusal = scan(b"HTTP/1.1 200 OK\r\n" + lines + b"\r\n")
+        for piece in (0, 1):
+            _, refusal = scan(b"HTTP/1.1 200 OK\r\n" + lines + b"\r\n", piece=piece)
+            self.assertEqual(refusal.code, "upstream_head_too_large")
+            scanner, refusal = scan(
+                b"HTTP/1.1 200 OK\r\n" + lines[: lines.index(b"X-10")] + b"\r\n", piece=piece
+            )
+            self.assertIsNone(refusal)
+            self.assertFalse(scanner.scanning)
+
+    def test_size_cap_in_one_read(self):
+        """A whole head over the size cap in one read is refused too."""
+        _, refusal = scan(b"HTTP/1.1 200 OK\r\nX-Long: " + b"a" * 2000 + b"\r\n\r\n")
         self.assertEqual(refusal.code, "upstream_head_too_large")
-        _, refusal = scan(b"HTTP/1.1 200 OK\r\n" + lines[: lines.index(b"X-10")] + b"\r\n")
-        self.assertIsNone(refusal)
 
     def test_too_large_without_a_newline(self):
         """A head over the size cap is refused before any line ends."""
@@ -80,9 +89,10 @@ class HeadScannerTests(SynchronousTestCase):
         a folded line: refused."""
         for line in (b"X: a\x01b", b"X: a\x00b", b"X: a\x7fb", b"X: a\rb", b"X Y: 1",
                      b": v", b"X(: 1", b" folded", b"\tfolded", b"no colon"):
-            _, refusal = scan(b"HTTP/1.1 200 OK\r\nA: 1\r\n" + line + b"\r\n\r\n")
-            self.assertIsNotNone(refusal, line)
-            self.assertEqual(refusal.code, "upstream_bad_head")
+            for piece in (0, 1):  # the one-read fast path and line by line
+                _, refusal = scan(b"HTTP/1.1 200 OK\r\nA: 1\r\n" + line + b"\r\n\r\n", piece=piece)
+                self.assertIsNotNone(refusal, line)
+                self.assertEqual(refusal.code, "upstream_bad_head")
 
     def test_good_lines(self):
         """HTAB, obs-text, an empty value and LF-only line ends pass."""

@@ -720,6 +720,7 @@ def describe(config: Config) -> Sequence[str]:
         f"{len(config.forward_keys)} forward key(s)"
         + (f": {', '.join(k.label for k in config.forward_keys)}" if config.forward_keys else "")
     )
+    lines.extend(config.policy.describe())
     if config.admin_key is not None:
         lines.append(
             "admin page and API at /_admin/"

@@ -103,13 +103,15 @@ def connect(
     timeout: float,
     poolsize: int = 2,
     ca_file: Optional[str] = None,
+    binary: bool = False,
 ) -> Any:
     """A lazy txredisapi pool for ``target``: returned at once, connecting in
     the background and again after every loss.
 
     ``timeout`` bounds connecting and each reply (a stalled connection is
     dropped and made anew).  Replies keep Redis' own types: strings stay
-    strings, they are not turned into numbers.
+    strings, they are not turned into numbers.  With ``binary``, bulk
+    replies stay bytes (the cache's entries are not text).
     """
     import txredisapi
 
@@ -122,6 +124,8 @@ def connect(
         replyTimeout=timeout,
         convertNumbers=False,
     )
+    if binary:
+        common["charset"] = None
     if target.username is not None:
         common["username"] = target.username
     if target.scheme == "unix":

@@ -334,7 +334,8 @@ def build_root(
         metrics.registry.register(LedgerCollector(ledger.stats))
     passthrough = KeyRules(DefaultKeys((), reactor.seconds), ForwardKeys(()), reserved=reserved)
     cache = build_cache(
-        config.cache, config.forward_keys, reactor, CacheMetrics(metrics.registry), cache_store
+        config.cache, config.forward_keys, reactor, CacheMetrics(metrics.registry), cache_store,
+        config.ssl_cert_file,
     )
     proxies = [
         ProxyResource(

@@ -44,6 +44,8 @@ MAX_HEADERS = 100
 
 #: A header line: a token, a colon, a value with no control byte but HTAB.
 _FIELD = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\x00-\x08\x0a-\x1f\x7f]*\Z")
+#: Header lines, each ending in CRLF: the usual head, checked in one match.
+_FIELDS = re.compile(rb"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\x00-\x08\x0a-\x1f\x7f]*\r\n)*")
 
 
 class UpstreamHeadRefused(Exception):
@@ -93,6 +95,8 @@ class HeadScanner:
 
     def feed(self, data: bytes) -> Optional[UpstreamHeadRefused]:
         """Scan ``data``; a refusal, or None while the head is acceptable."""
+        if self.scanning and self._status_line and not self._partial and self._whole(data):
+            return None
         pos = 0
         while self.scanning:
             end = data.find(b"\n", pos)
@@ -134,6 +138,22 @@ class HeadScanner:
                     "(a control byte, a name that is not a token, or a folded line)",
                 )
         return None
+
+    def _whole(self, data: bytes) -> bool:
+        """The fast path: ``data`` holds a whole, acceptable, final head with
+        CRLF line ends (the usual case); False sends it the line-by-line way,
+        which also says what is wrong, if anything."""
+        end = data.find(b"\r\n\r\n")
+        if end < 0 or self._size + end + 4 > self.max_head:
+            return False
+        if data[9:10] == b"1":
+            return False  # "HTTP/1.1 1xx": an interim head, another follows
+        first = data.find(b"\r\n")
+        fields = data[first + 2 : end + 2]
+        if fields.count(b"\n") > self.max_headers or _FIELDS.fullmatch(fields) is None:
+            return False
+        self.scanning = False
+        return True
 
     def _too_large(self) -> UpstreamHeadRefused:
         return UpstreamHeadRefused(

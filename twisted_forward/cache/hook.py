@@ -267,9 +267,14 @@ class ResponseCache:
 
 
 def open_store(
-    settings: CacheSettings, reactor: Any, metrics: CacheMetrics
+    settings: CacheSettings, reactor: Any, metrics: CacheMetrics,
+    ca_file: Optional[str] = None,
 ) -> ICacheStore:
-    """The backend ``settings`` name (nothing is opened or connected yet)."""
+    """The backend ``settings`` name (nothing is opened or connected yet).
+
+    :param ca_file: CAs for a ``rediss://`` server (SSL_CERT_FILE), else the
+        system's.
+    """
     if settings.backend == "lmdb":
         from .lmdb_store import DIRECTORY, LMDBStore
 
@@ -277,12 +282,13 @@ def open_store(
             reactor, os.path.join(settings.root, DIRECTORY), settings.max_bytes, metrics
         )
     if settings.backend == "redis":
-        from .redis_store import RedisStore, parse_url
+        from ..redis_link import parse_redis_url
+        from .redis_store import RedisStore
 
         assert settings.redis_url is not None
         return RedisStore(
-            reactor, parse_url(settings.redis_url), settings.ttl, settings.max_bytes,
-            settings.timeout, metrics,
+            reactor, parse_redis_url(settings.redis_url), settings.ttl, settings.max_bytes,
+            settings.timeout, metrics, ca_file,
         )
     from .memory import MemoryStore
 
@@ -292,12 +298,13 @@ def open_store(
 def build_cache(
     settings: CacheSettings, forward_keys: Sequence[ForwardKey], reactor: Any,
     metrics: CacheMetrics, store: Optional[ICacheStore] = None,
+    ca_file: Optional[str] = None,
 ) -> Optional[ResponseCache]:
     """The response cache for these settings, or None when it is off."""
     if not settings.enabled:
         return None
     if store is None:
-        store = open_store(settings, reactor, metrics)
+        store = open_store(settings, reactor, metrics, ca_file)
     return ResponseCache(
         settings, store, Partitions(forward_keys, settings.shared), reactor, metrics
     )

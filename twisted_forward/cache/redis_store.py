@@ -1,7 +1,9 @@
 """
 The Redis store: one cache shared by several proxy instances.
 
-Talks to Redis (or Valkey) through txredisapi, a Twisted-native client.
+Talks to Redis (or Valkey) through the connection the policies use too
+(:mod:`twisted_forward.redis_link`: txredisapi, Twisted-native), with
+replies kept as bytes.
 Entries are Redis strings with a TTL (``SET … PX``); the size bound is kept
 by a Lua script that, in the same atomic step as the write, records the
 entry in a time-ordered index and drops expired entries and then the oldest
@@ -11,14 +13,13 @@ they evict, so the store wants a plain Redis, not a Redis Cluster.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any, Optional
-from urllib.parse import parse_qs, unquote, urlsplit
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from zope.interface import implementer
 
+from ..redis_link import RedisTarget, connect
 from .interfaces import ICacheStore
 from .metrics import CacheMetrics
 
@@ -56,60 +57,6 @@ return evicted
 """
 
 
-@dataclass(frozen=True)
-class RedisTarget:
-    """Where the Redis server is, from a ``redis://``, ``rediss://`` or
-    ``unix://`` URL.  ``str()`` leaves the password out."""
-
-    scheme: str
-    host: str = "localhost"
-    port: int = 6379
-    path: str = ""
-    db: int = 0
-    username: Optional[str] = None
-    password: Optional[str] = field(default=None, repr=False)
-
-    def __str__(self) -> str:
-        if self.scheme == "unix":
-            return f"unix://{self.path}?db={self.db}"
-        return f"{self.scheme}://{self.host}:{self.port}/{self.db}"
-
-
-def parse_url(value: str) -> RedisTarget:
-    """Read a Redis URL.
-
-    :raises ValueError: naming what is wrong, never repeating a password.
-    """
-    raw = value.strip()
-    try:
-        parts = urlsplit(raw)
-        port = parts.port
-    except ValueError:
-        raise ValueError("is not a redis://, rediss:// or unix:// URL") from None
-    scheme = parts.scheme.lower()
-    password = unquote(parts.password) if parts.password else None
-    username = unquote(parts.username) if parts.username else None
-    if scheme == "unix":
-        if not parts.path:
-            raise ValueError("a unix:// Redis URL needs a socket path")
-        query = parse_qs(parts.query)
-        db = query.get("db", ["0"])[0]
-        password = query.get("password", [password])[0]
-        if not db.isdigit():
-            raise ValueError("the Redis database (db=) must be a number")
-        return RedisTarget("unix", path=parts.path, db=int(db),
-                           username=username, password=password)
-    if scheme not in ("redis", "rediss"):
-        raise ValueError("is not a redis://, rediss:// or unix:// URL")
-    if not parts.hostname:
-        raise ValueError("the Redis URL has no host")
-    db_text = parts.path.strip("/") or "0"
-    if not db_text.isdigit():
-        raise ValueError("the Redis database (the URL's path) must be a number")
-    return RedisTarget(scheme, parts.hostname, port or 6379, "", int(db_text),
-                       username, password)
-
-
 @implementer(ICacheStore)
 class RedisStore:
     """Entries in Redis, for ``ttl`` seconds, within ``max_bytes``.
@@ -123,6 +70,7 @@ class RedisStore:
     def __init__(
         self, clock: IReactorTime, target: RedisTarget, ttl: float, max_bytes: int,
         timeout: float, metrics: Optional[CacheMetrics] = None,
+        ca_file: Optional[str] = None,
     ) -> None:
         self.clock = clock
         self.target = target
@@ -130,28 +78,15 @@ class RedisStore:
         self.max_bytes = max_bytes
         self.timeout = timeout
         self.metrics = metrics
+        self.ca_file = ca_file
         self._connection: Any = None
 
     def client(self) -> Any:
         """The txredisapi connection pool, made on first use."""
         if self._connection is None:
-            import txredisapi
-            from twisted.internet.ssl import optionsForClientTLS
-
-            t = self.target
-            common = dict(
-                dbid=t.db, poolsize=4, reconnect=True, charset=None,
-                password=t.password, username=t.username,
-                connectTimeout=self.timeout, replyTimeout=self.timeout,
-                convertNumbers=True,
+            self._connection = connect(
+                self.target, self.timeout, poolsize=4, ca_file=self.ca_file, binary=True
             )
-            if t.scheme == "unix":
-                self._connection = txredisapi.lazyUnixConnectionPool(t.path, **common)
-            else:
-                tls = optionsForClientTLS(t.host) if t.scheme == "rediss" else False
-                self._connection = txredisapi.lazyConnectionPool(
-                    t.host, t.port, ssl_context_factory=tls, **common
-                )
         return self._connection
 
     def get(self, key: bytes) -> "Deferred[Optional[bytes]]":

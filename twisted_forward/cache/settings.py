@@ -120,10 +120,9 @@ def parse_interval(value: str) -> float:
 
 def parse_redis_url(value: str) -> str:
     """A ``redis://``, ``rediss://`` or ``unix://`` URL."""
-    from .redis_store import parse_url
+    from ..redis_link import check_redis_url
 
-    parse_url(value)  # raises ValueError with the reason
-    return value.strip()
+    return check_redis_url(value)
 
 
 def cache_settings(parsed: Mapping[str, object]) -> CacheSettings:

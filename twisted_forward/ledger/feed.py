@@ -72,8 +72,12 @@ def is_error(status: Optional[int], outcome: str) -> bool:
 
 
 def entry_from_record(record: dict[str, Any], now: float, price: Pricer = cost_usd) -> UsageEntry:
-    """The ledger entry of one chat record."""
-    prompt, completion, cached = usage_tokens(record.get("usage"))
+    """The ledger entry of one chat record.  A cache hit (``"cache": "hit"``)
+    spent no upstream tokens: its answer's usage is not counted again."""
+    if record.get("cache") == "hit":
+        prompt = completion = cached = 0
+    else:
+        prompt, completion, cached = usage_tokens(record.get("usage"))
     model = record.get("model") or record.get("response_model") or ""
     model = model if isinstance(model, str) else ""
     status = record.get("status")

@@ -218,4 +218,8 @@ def with_usage_requested(body: bytes, facts: BodyFacts) -> Optional[bytes]:
         return None
     options = dict(options, include_usage=True)
     value = json.dumps(options, separators=(",", ":")).encode()
-    return body[:span[0]] + value + body[span[1]:]
+    start, end = span
+    old = body[start:end]
+    start += len(old) - len(old.lstrip())  # keep the spaces around the value
+    end -= len(old) - len(old.rstrip())
+    return body[:start] + value + body[end:]

@@ -155,6 +155,26 @@ class PolicyConfig:
         """Whether any request is checked at all."""
         return self.policies.active
 
+    def describe(self) -> list[str]:
+        """Start-up lines saying what is limited (labels only, no key)."""
+        p = self.policies
+        if not p.active:
+            return []
+        parts = []
+        if p.keys:
+            parts.append("key policies for " + ", ".join(sorted(p.keys)))
+        if p.levels:
+            parts.append(f"{len(p.levels)} forward key(s) with levels")
+        if p.level_models:
+            parts.append("models limited for level(s) " + ", ".join(map(str, sorted(p.level_models))))
+        if p.route_rates or p.global_rates:
+            parts.append("request rates (" + ("moving" if p.moving else "fixed") + " windows)")
+        where = (
+            f"Redis (when it is down: {self.on_store_failure})"
+            if self.redis_url else "this process's memory"
+        )
+        return ["policies: " + "; ".join(parts) + f"; counted in {where}"]
+
 
 class PolicyConfigError(ValueError):
     """A policy setting is wrong; ``setting`` names it."""
@@ -216,11 +236,14 @@ def build(
         else:
             default_keys = default_keys + (key,)
             key_levels.append(frozenset(served))
-    for label, level in levels.items():
-        if level and not any(s is None or level in s for s in key_levels):
+    used = dict(levels)
+    for key in forward_keys:
+        used.setdefault(key.label, 0)
+    for label, level in used.items():
+        if not any(s is None or level in s for s in key_levels):
             raise PolicyConfigError(
-                "FORWARD_KEY_CONFIG",
-                f"{label} has level {level}, which no key of OPENAI_API_KEY_CONFIG serves",
+                "FORWARD_KEY_CONFIG" if label in levels else "OPENAI_API_KEY_CONFIG",
+                f"{label} has level {level}, which no default key serves",
             )
 
     if "KEY_POLICY" in parsed and "KEY_POLICY_FILE" in parsed:
