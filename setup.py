@@ -37,6 +37,9 @@ setup(
         # wheel bundling libpq, so no system library or compiler is needed.
         "psycopg[binary]>=3.1,<4",
     ],
+    entry_points={
+        "console_scripts": ["twisted-forward = twisted_forward.cli:main"],
+    },
     extras_require={
         # playwright drives Debian's chromium in the admin page's browser
         # test (it never downloads a browser of its own).

@@ -374,6 +374,10 @@ class PolicyTests(CacheTestCase):
             response, content = yield self.send(body, key=alice)
             self.assertEqual(response.code, 200, content)
             self.assertEqual(self.x_cache(response), b"miss" if i == 0 else b"hit")
+            # Hits carry the policies' headers too.
+            self.assertEqual(
+                response.headers.getRawHeaders(b"x-ratelimit-limit-tokens"), [b"%d" % (8 + reserve)]
+            )
         self.assertEqual(len(self.upstream_bodies()), 1)
         # Not a hit: needs a new reservation on top of the 8 spent, which fits
         # once; its 8 tokens then exhaust the day.

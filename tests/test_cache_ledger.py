@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from twisted_forward.ledger.feed import entry_from_record
+from twisted_forward.ledger.feed import builtin_pricer, entry_from_record
 
 
 class CacheHitLedgerTests(SynchronousTestCase):
@@ -21,7 +21,7 @@ class CacheHitLedgerTests(SynchronousTestCase):
 
     def test_hit_counts_no_tokens(self) -> None:
         """The replayed answer's usage is not counted again, nor charged."""
-        entry = entry_from_record(dict(self.record, cache="hit"), 0.0)
+        entry = entry_from_record(dict(self.record, cache="hit"), 0.0, builtin_pricer())
         self.assertEqual(
             (entry.prompt_tokens, entry.completion_tokens, entry.cached_tokens, entry.cost_usd),
             (0, 0, 0, 0),
@@ -31,6 +31,6 @@ class CacheHitLedgerTests(SynchronousTestCase):
 
     def test_miss_counts_its_tokens(self) -> None:
         """A miss (the upstream answered) counts its usage as any exchange."""
-        entry = entry_from_record(dict(self.record, cache="miss"), 0.0)
+        entry = entry_from_record(dict(self.record, cache="miss"), 0.0, builtin_pricer())
         self.assertEqual((entry.prompt_tokens, entry.completion_tokens), (1000, 500))
         self.assertGreater(entry.cost_usd, 0)

@@ -15,7 +15,7 @@ from twisted.internet import defer
 from twisted.web.server import Request
 
 from twisted_forward.ledger.sql import SQLITE_FILE
-from twisted_forward.prices import cost_usd
+from twisted_forward.ledger.feed import builtin_pricer
 from twisted_forward.site import Built
 from twisted_forward.tap import ProxyService
 
@@ -97,7 +97,8 @@ class LedgerFeedTests(ProxyTestCase):
         self.assertEqual((mini["requests"], mini["errors"]), (2, 0))
         self.assertEqual((mini["prompt_tokens"], mini["completion_tokens"],
                           mini["cached_tokens"]), (105, 23, 40))
-        self.assertAlmostEqual(mini["cost_usd"], cost_usd("gpt-4o-mini", 5, 3)
+        cost_usd = builtin_pricer()
+        self.assertAlmostEqual(mini["cost_usd"], cost_usd("gpt-4o-mini", 5, 3, 0)
                                + cost_usd("gpt-4o-mini", 100, 20, 40))
         self.assertGreater(mini["cost_usd"], 0)
         self.assertEqual(mini["ttfb_count"], 2)

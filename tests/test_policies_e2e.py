@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import openai
 from twisted.application.service import IServiceCollection
-from twisted.internet import defer
+from twisted.internet import defer, reactor
+from twisted.internet.task import deferLater
+from zope.interface import implementer
 from twisted.internet.protocol import Protocol
 from twisted.internet.threads import deferToThread
 
 from twisted_forward.policies.body import DEFAULT_OUTPUT_RESERVE
-from twisted_forward.policies.store import CONCURRENT, FIXED, Bucket
+from twisted_forward.policies.store import CONCURRENT, FIXED, Bucket, IPolicyStore
 from twisted_forward.policies.windows import fixed_window
 
 from .fake_upstream import chat_chunks
@@ -405,3 +408,78 @@ def _now() -> float:
     from twisted.internet import reactor
 
     return reactor.seconds()
+
+
+class RecordedUsageTests(PolicyTestCase):
+    """The chat record keeps the usage the proxy asked for."""
+
+    @defer.inlineCallbacks
+    def test_record_has_usage_client_not(self):
+        """A token-limited key's stream: the client gets no usage chunk,
+        the chat record (and so the ledger) has the usage."""
+        from twisted_forward.tap import ProxyService
+
+        yield self.start_proxy(
+            OPENAI_API_KEY=DEFAULT, FORWARD_KEY=f"alice:{ALICE}",
+            KEY_POLICY=json.dumps({"alice": {"tpm": 100000}}),
+            LOG_CHAT="true", LOG_DIR=os.path.abspath(self.mktemp()),
+        )
+        [service] = [s for s in self.service if isinstance(s, ProxyService)]
+        records: list = []
+        got: defer.Deferred = defer.Deferred()
+
+        def observe(event: dict) -> None:
+            records.append(event["chat_record"])
+            got.callback(None)
+
+        service.recorder.publisher.addObserver(observe)
+        self.addCleanup(service.recorder.publisher.removeObserver, observe)
+        response = yield self.client.post(
+            self.url("/v1/chat/completions"), data=chat(stream=True),
+            headers={b"authorization": [b"Bearer " + ALICE.encode()]},
+        )
+        content = yield response.content()
+        yield got
+        self.assertNotIn(b'"usage"', content)
+        self.assertEqual(records[0]["usage"]["total_tokens"], 10)
+
+
+@implementer(IPolicyStore)
+class LaterStore:
+    """A memory store that answers on a later turn of the reactor, as the
+    supervisor's and Redis stores do."""
+
+    def __init__(self, store) -> None:
+        self.store = store
+
+    def reserve(self, reservation, buckets, now):
+        return deferLater(reactor, 0, self.store.reserve_now, reservation, buckets, now)
+
+    def settle(self, reservation, settlements, now):
+        return deferLater(reactor, 0, self.store.settle_now, reservation, settlements, now)
+
+    def close(self):
+        return self.store.close()
+
+
+class AsyncStoreTests(PolicyTestCase):
+    """A store that answers later: the exchange waits for it."""
+
+    @defer.inlineCallbacks
+    def test_later_answers(self):
+        """Admitted and refused requests work the same when the verdict
+        comes on a later reactor turn."""
+        yield self.start_proxy(
+            OPENAI_API_KEY=DEFAULT, FORWARD_KEY=f"alice:{ALICE}",
+            KEY_POLICY=json.dumps({"alice": {"rpm": 1, "tpm": 100000}}),
+        )
+        for service in IServiceCollection(self.service):
+            built = getattr(service, "built", None)
+            if built is not None:
+                built.policy.store = LaterStore(built.policy.store)
+        response, content = yield self.post(ALICE, chat(stream=True))
+        self.assertEqual(response.code, 200)
+        self.assertEqual(content, b"".join(chat_chunks(self.fake.answer_text, "gpt-4o-mini")))
+        response, content = yield self.post(ALICE, chat())
+        self.assertError(response, content, 429, "rate_limit_exceeded")
+        self.assertIsNotNone(self.header(response, "retry-after"))

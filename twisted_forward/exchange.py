@@ -157,11 +157,11 @@ class ProxyResource(Resource):
         d = self.policy.admit(facts)
         now: list[Admission] = []
 
-        def answered(admission: Admission) -> Admission:
+        def at_once(admission: Admission) -> Admission:
             now.append(admission)
             return admission
 
-        d.addCallback(answered)
+        d.addCallback(at_once)
         if now:
             return self._admitted(now[0], request, path, query, decision)
         gone: list[bool] = []
@@ -297,7 +297,7 @@ class Exchange:
         if lookup.hit and cache is not None:
             self.cache_hit = True
             self.status = 200
-            replay = cache.replay(self.request, lookup, self.tap)
+            replay = cache.replay(self.request, lookup, self.tap, self.admission.headers)
             replay.done.addCallback(self._replayed, replay)
             return
         body = lookup.body

@@ -97,16 +97,20 @@ class Relay(Protocol):
         if self.stopped:
             return
         self.last = self.reactor.seconds()
-        data = self.exchange.admission.relay(data)
         mask = self.exchange.mask
         if mask is not None:
             data = mask.feed(data)
         if not data:
             return
-        self.request.write(data)
-        self.exchange.sent += len(data)
+        # The recorder sees the upstream's answer (the usage the policies
+        # asked for included); the client, what it asked for.
         if self.tap is not None:
             self.tap.data(data)
+        data = self.exchange.admission.relay(data)
+        if not data:
+            return
+        self.request.write(data)
+        self.exchange.sent += len(data)
 
     def _check_idle(self) -> None:
         """Fires at most once an idle period; cheaper than a reset per chunk."""
@@ -167,14 +171,13 @@ class Relay(Protocol):
             return
         request = self.request
         if isinstance(reason.value, BODY_ENDS):  # (Failure.check walks the MRO)
-            held = exchange.admission.relay_end()
-            if exchange.mask is not None:
-                held = exchange.mask.feed(held) + exchange.mask.flush()
+            held = exchange.mask.flush() if exchange.mask is not None else b""
+            if held and self.tap is not None:
+                self.tap.data(held)
+            held = exchange.admission.relay(held) + exchange.admission.relay_end()
             if held:
                 request.write(held)
                 exchange.sent += len(held)
-                if self.tap is not None:
-                    self.tap.data(held)
             request.unregisterProducer()
             exchange.end("complete")
             request.finish()

@@ -35,6 +35,7 @@ from .admin.live import LiveTally
 from .ledger import ILedger
 from .ledger.feed import feeding_recorder
 from .ledger.service import open_ledger
+from .policies.prices import PriceTable
 from .metrics import MetricsResource
 from .access import AccessGate
 from .admin.service import AdminService
@@ -296,7 +297,8 @@ def _make_service(
         feed = LiveTally(ledger)
     exchange_recorder: Optional[Recorder] = recorder
     if feed is not None:
-        recorder, exchange_recorder = feeding_recorder(recorder, feed, reactor)
+        prices = PriceTable.load(config.policy.prices_file, config.policy.unknown_price)
+        recorder, exchange_recorder = feeding_recorder(recorder, feed, reactor, prices.cost_usd)
     shared = open_shared_store(
         config.policy, reactor, os.environ if environ is None else environ,
         ca_file=config.ssl_cert_file,

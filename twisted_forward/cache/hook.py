@@ -238,7 +238,8 @@ class ResponseCache:
     # ------------------------------------------------------------ replay
 
     def replay(
-        self, request: IRequest, lookup: Lookup, tap: Optional[IAnswerTap] = None
+        self, request: IRequest, lookup: Lookup, tap: Optional[IAnswerTap] = None,
+        headers: Sequence[tuple[bytes, bytes]] = (),
     ) -> Replay:
         """Answer ``request`` from ``lookup``'s entry; the replay's ``done``
         fires with the outcome, and its ``sent`` counts the bytes written."""
@@ -247,7 +248,9 @@ class ResponseCache:
         if lookup.strip_usage and entry.stream and b'"usage"' in entry.body:
             stripper = UsageStripper()
             entry = replace(entry, body=stripper.feed(entry.body) + stripper.flush())
-        replay = Replay(request, entry, self.clock, self.settings.replay_interval, tap)
+        replay = Replay(
+            request, entry, self.clock, self.settings.replay_interval, tap, headers
+        )
         self.metrics.bytes.labels("served").inc(len(entry.body))
         replay.start()
         return replay

@@ -79,9 +79,11 @@ class IExchangeCache(Interface):
         :param decision: the request's :class:`~twisted_forward.keys.KeyDecision`.
         """
 
-    def replay(request: object, lookup: object, tap: object) -> "Replay":
+    def replay(request: object, lookup: object, tap: object,
+               headers: object = ()) -> "Replay":
         """Answer ``request`` from a hit; returns the
         :class:`~.replay.Replay`, whose ``done`` fires with the outcome
         (``complete`` or ``client_left``) and whose ``sent`` counts the bytes
         written.  ``tap`` (an :class:`IAnswerTap`, or None) sees the
-        replayed answer, for the chat records."""
+        replayed answer, for the chat records; ``headers`` are added to the
+        answer (other hooks', such as ``x-ratelimit-*``)."""

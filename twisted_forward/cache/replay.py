@@ -6,7 +6,7 @@ as the same SSE events it was stored as, at once or one event every
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -37,6 +37,7 @@ class Replay:
     """Answers one request from a cache entry.
 
     :param interval: seconds between SSE events; 0 writes the body at once.
+    :param headers: more answer headers (the policies' ``x-ratelimit-*``).
     :param tap: sees the answer's head and body as written (the chat
         recorder), or None; its ``end`` is left to the exchange.
     :ivar done: fires with the outcome, ``complete`` or ``client_left``.
@@ -45,8 +46,10 @@ class Replay:
     def __init__(
         self, request: IRequest, entry: Entry, clock: IReactorTime, interval: float,
         tap: Optional[IAnswerTap] = None,
+        headers: Sequence[tuple[bytes, bytes]] = (),
     ) -> None:
         self.request = request
+        self.headers = tuple(headers)
         self.entry = entry
         self.clock = clock
         self.interval = interval
@@ -72,6 +75,8 @@ class Replay:
         age = max(0, int(self.clock.seconds() - entry.stored_at))
         headers.setRawHeaders(b"age", [b"%d" % age])
         headers.setRawHeaders(b"x-cache", [b"hit"])
+        for name, value in self.headers:
+            headers.setRawHeaders(name, [value])
         if entry.stream:
             headers.setRawHeaders(b"cache-control", [b"no-cache"])
             self._pending = sse_events(entry.body) if self.interval > 0 else [entry.body]

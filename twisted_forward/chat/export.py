@@ -169,7 +169,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except usage.UsageError as e:
         sys.stderr.write(f"{options}\nerror: {e}\n")
         return 2
-    sub = options.subOptions
+    return run_export(options.subOptions)
+
+
+def run_export(sub: ExportOptions) -> int:
+    """The ``export`` command with parsed options; returns the exit status."""
     if not os.path.isdir(sub["log-dir"]):
         sys.stderr.write(f"error: {sub['log-dir']} is not a directory\n")
         return 1

@@ -24,7 +24,7 @@ from zope.interface import implementer
 from ..chat.files import RECORD_FIELD
 from ..chat.record import exchange_kind
 from ..chat.recorder import ExchangeInfo, ExchangeTap
-from ..prices import cost_usd
+from ..policies.prices import Price, PriceTable, builtin_prices
 from .interfaces import ILedger, UsageEntry
 
 if TYPE_CHECKING:
@@ -34,7 +34,13 @@ if TYPE_CHECKING:
 #: (what was used is counted, the exchange itself did not fail).
 _FINE_OUTCOMES = ("complete", "client_left")
 
+#: ``(model, prompt, completion, cached) -> USD``: the policies' price table.
 Pricer = Callable[[str, int, int, int], float]
+
+
+def builtin_pricer() -> Pricer:
+    """The built-in price table, unknown models free (tests, tools)."""
+    return PriceTable(builtin_prices(), Price(0.0, 0.0, 0.0)).cost_usd
 
 
 def _int(value: Any) -> int:
@@ -71,7 +77,7 @@ def is_error(status: Optional[int], outcome: str) -> bool:
     return status is None or status >= 400 or outcome not in _FINE_OUTCOMES
 
 
-def entry_from_record(record: dict[str, Any], now: float, price: Pricer = cost_usd) -> UsageEntry:
+def entry_from_record(record: dict[str, Any], now: float, price: Pricer) -> UsageEntry:
     """The ledger entry of one chat record.  A cache hit (``"cache": "hit"``)
     spent no upstream tokens: its answer's usage is not counted again."""
     if record.get("cache") == "hit":
@@ -105,7 +111,7 @@ class RecordFeed:
 
     log = Logger()
 
-    def __init__(self, ledger: ILedger, clock: IReactorTime, price: Pricer = cost_usd) -> None:
+    def __init__(self, ledger: ILedger, clock: IReactorTime, price: Pricer) -> None:
         self.ledger = ledger
         self.clock = clock
         self.price = price
@@ -189,10 +195,12 @@ class CountingTap:
 
 
 def feeding_recorder(
-    chat: Optional["ChatRecorder"], ledger: ILedger, clock: IReactorTime
+    chat: Optional["ChatRecorder"], ledger: ILedger, clock: IReactorTime, price: Pricer
 ) -> tuple["ChatRecorder", "Recorder"]:
     """Plug ``ledger`` in beside the chat records.
 
+    :param price: what usage costs (the policies' price table, so the
+        ledger's dollars are the quotas' dollars).
     :param chat: the chat recorder, None when LOG_CHAT is off (a recorder
         that assembles records without writing them is made instead).
     :returns: the chat recorder (to flush and close at exit) and the
@@ -202,5 +210,5 @@ def feeding_recorder(
 
     if chat is None:
         chat = ChatRecorder(clock)
-    chat.publisher.addObserver(RecordFeed(ledger, clock))
+    chat.publisher.addObserver(RecordFeed(ledger, clock, price))
     return chat, FanOut([chat, CountingRecorder(ledger, clock)])

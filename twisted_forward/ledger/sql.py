@@ -164,6 +164,20 @@ def schema_version(cursor: Any) -> int:
     return int(row[0]) if row and row[0] is not None else 0
 
 
+def schema_version_or_none(cursor: Any, dialect: Dialect) -> Optional[int]:
+    """The schema version, None when the ledger has no tables yet (for
+    readers, which never create them)."""
+    if dialect.name == "sqlite":
+        cursor.execute("SELECT name FROM sqlite_master WHERE type = 'table' AND name = ?",
+                       (TABLE,))
+    else:
+        cursor.execute("SELECT to_regclass(%s)", (TABLE,))
+    row = cursor.fetchone()
+    if not row or row[0] is None:
+        return None
+    return schema_version(cursor)
+
+
 def migrate(cursor: Any, dialect: Dialect) -> tuple[int, int]:
     """Apply the migrations this database lacks, inside the caller's
     transaction.

@@ -38,6 +38,9 @@ _MULTIPART_MODEL = re.compile(
 )
 _DEPLOYMENT = re.compile(r"/deployments/([^/]+)/")
 
+#: The largest body scanned for its model (the scan runs on the reactor
+#: thread, at memory speed); a larger JSON body is "unreadable".
+SCAN_LIMIT = 128 * 1024 * 1024
 #: Tokens reserved for the answer when the request sets no maximum.
 DEFAULT_OUTPUT_RESERVE = 1024
 #: Bytes of request JSON per prompt token, for the estimate before usage
@@ -191,6 +194,13 @@ def read_facts(content: Optional[IO[bytes]], content_type: bytes = b"", path: st
     content.seek(0)
     if not size:
         return facts_of(b"", content_type, path)
+    if size > SCAN_LIMIT:
+        first = content.read(1)
+        content.seek(0)
+        deployment = _DEPLOYMENT.search(path)
+        return BodyFacts(
+            model=deployment.group(1) if deployment else None, size=size, unreadable=first == b"{"
+        )
     with mmap.mmap(content.fileno(), 0, access=mmap.ACCESS_READ) as buf:
         return facts_of(buf, content_type, path)
 
