@@ -168,6 +168,27 @@ class StartupFailureTests(TestCase):
             LOG_CHAT="true", LOG_DIR=log_dir,
         )
 
+    def test_unwritable_data_dir(self):
+        """A DATA_DIR (the SQLite ledger's) that cannot be created."""
+        blocker = os.path.join(self.cwd, "file")
+        with open(blocker, "w"):
+            pass
+        data_dir = os.path.join(blocker, "data")
+        return self.fails_with(
+            ["--port", "tcp:0:interface=127.0.0.1"],
+            f"openai-forward: DATA_DIR (--data-dir): cannot create {data_dir} (Not a directory)",
+            DATA_DIR=data_dir,
+        )
+
+    def test_bad_database_url(self):
+        """A DATABASE_URL that is not a PostgreSQL URL; the text never repeats it."""
+        return self.fails_with(
+            ["--port", "tcp:0:interface=127.0.0.1"],
+            "openai-forward: DATABASE_URL (--database-url): must be a "
+            "postgresql://user:password@host:port/database URL",
+            DATABASE_URL="mysql://root:hunter2@db/ledger",
+        )
+
     def test_bad_setting(self):
         """A setting with a value the proxy cannot use."""
         return self.fails_with(

@@ -34,7 +34,7 @@ from .chat.recorder import ChatRecorder, Recorder, open_chat_log
 from .admin.live import LiveTally
 from .ledger import ILedger
 from .ledger.feed import feeding_recorder
-from .ledger.service import open_ledger
+from .ledger.service import check_data_dir, open_ledger
 from .policies.prices import PriceTable
 from .metrics import MetricsResource
 from .access import AccessGate
@@ -276,6 +276,7 @@ def _make_service(
         if config.admin_port is not None:
             raise ConfigError("ADMIN_PORT (--admin-port): not with --workers")
         check_log_dir(config)
+        check_data_dir(config)
 
         return make_supervisor(
             options["workers"],

@@ -24,6 +24,25 @@ from .database import ThreadDatabase
 from .interfaces import LedgerStats
 
 
+def check_data_dir(config: Config) -> None:
+    """Create DATA_DIR for a SQLite ledger and check it is writable (also
+    the supervisor's check, before its workers open the ledger).
+
+    :raises ConfigError: naming DATA_DIR.
+    """
+    if not config.ledger or config.database_url:
+        return
+    directory = config.ledger_dir
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(
+            f"DATA_DIR (--data-dir): cannot create {directory} ({e.strerror})"
+        ) from None
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise ConfigError(f"DATA_DIR (--data-dir): {directory} is not writable")
+
+
 def open_ledger(config: Config, reactor: Any) -> Optional[BatchingLedger]:
     """The ledger the settings ask for (not started), None when LEDGER is off.
 
@@ -31,18 +50,12 @@ def open_ledger(config: Config, reactor: Any) -> Optional[BatchingLedger]:
     """
     if not config.ledger:
         return None
+    check_data_dir(config)
     if config.database_url:
         dialect = sql.postgresql_dialect(config.database_url)
         database = ThreadDatabase(reactor, dialect, threads=2)
     else:
-        directory = config.ledger_dir
-        try:
-            os.makedirs(directory, exist_ok=True)
-        except OSError as e:
-            raise ConfigError(f"DATA_DIR (--data-dir): cannot create {directory} ({e})") from None
-        if not os.access(directory, os.W_OK | os.X_OK):
-            raise ConfigError(f"DATA_DIR (--data-dir): {directory} is not writable")
-        dialect = sql.sqlite_dialect(os.path.join(directory, sql.SQLITE_FILE))
+        dialect = sql.sqlite_dialect(os.path.join(config.ledger_dir, sql.SQLITE_FILE))
         database = ThreadDatabase(reactor, dialect, threads=1)
     return BatchingLedger(reactor, database, retention_days=config.ledger_retention_days)
 
