@@ -308,6 +308,19 @@ class PersistentBackendTests(CacheTestCase):
             self.assertIn(b"Hello", body)
 
     @defer.inlineCallbacks
+    def test_unwritable_lmdb_is_a_miss(self) -> None:
+        """An LMDB location that cannot be created (a file is in the way)
+        makes misses, never errors, and start-up is not stopped."""
+        blocker = os.path.abspath(self.mktemp())
+        with open(blocker, "w") as f:
+            f.write("in the way")
+        yield self.start_proxy(**self.env(CACHE_BACKEND="LMDB", CACHE_ROOT_PATH_OR_URL=blocker))
+        for _ in range(2):
+            r, body = yield self.send(ask(stream=True))
+            self.assertEqual((r.code, self.x_cache(r)), (200, b"miss"))
+            self.assertEqual(data_lines(body)[-1], b"data: [DONE]")
+
+    @defer.inlineCallbacks
     def test_redis_shared_by_two_instances(self) -> None:
         """What one instance stored in Redis, a second instance serves."""
         server = yield start_redis(self)

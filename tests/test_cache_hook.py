@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
+from twisted.logger import Logger, LogLevel, formatEvent
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
@@ -185,6 +186,26 @@ class HookTests(SynchronousTestCase):
         self.assertEqual(self.lookup(cache, body).result, MISS)
         self.assertEqual(self.count("openai_forward_cache_errors_total", op="get"), 2)
         self.assertEqual(self.count("openai_forward_cache_errors_total", op="put"), 1)
+
+    def test_failure_logged_once_until_recovery(self) -> None:
+        """A failing store is warned about once, not per request; when it
+        works again that is said, and a new failure is warned about again."""
+        store = BrokenStore()
+        cache = self.cache(store=store)
+        events: list[dict] = []
+        cache.log = Logger(observer=events.append)
+        body = {"model": "m", "caching": True}
+        for _ in range(3):
+            self.lookup(cache, body)
+        warnings = [e for e in events if e["log_level"] == LogLevel.warn]
+        self.assertEqual(len(warnings), 1)
+        self.assertIn("disk on fire", formatEvent(warnings[0]))
+        cache.store = MemoryStore(self.clock, 60, 1 << 20)
+        self.lookup(cache, body)
+        self.assertIn("works again", formatEvent(events[-1]))
+        cache.store = store
+        self.lookup(cache, body)
+        self.assertEqual(len([e for e in events if e["log_level"] == LogLevel.warn]), 2)
 
     def test_hanging_store_times_out(self) -> None:
         """A store that never answers is a miss after CACHE_TIMEOUT."""
