@@ -430,7 +430,7 @@ TWISTED = [
         "nul_in_name", b"GET / HTTP/1.1\r\nHost: p\r\nX-\x00A: a\r\n\r\n", 400, "malformed_request"
     ),
     Shape(
-        "bare_lf_after_request_line", b"GET / HTTP/1.1\nHost: p\r\n\r\n", 400, "malformed_request"
+        "bare_lf_after_request_line", b"GET / HTTP/1.1\nHost: p\r\n\r\n", 400, "bare_line_feed"
     ),
     Shape("http_12", b"GET / HTTP/1.2\r\nHost: p\r\n\r\n", 400, "malformed_request"),
     Shape("double_space", b"GET  / HTTP/1.1\r\nHost: p\r\n\r\n", 400, "malformed_request"),

@@ -9,7 +9,7 @@ import io
 import itertools
 import json
 import os
-from datetime import date, datetime, timezone
+from datetime import datetime, timezone
 from typing import Any
 
 from twisted.application.service import IServiceCollection

@@ -396,6 +396,38 @@ class SDKBackoffTests(PolicyTestCase):
         self.assertGreaterEqual(retries, 1)
         self.assertEqual(len(self.fake.seen), 2)
 
+    @defer.inlineCallbacks
+    def test_sdk_does_not_retry_spent_quota(self):
+        """A spent quota says x-should-retry: false: the SDK raises
+        RateLimitError with code insufficient_quota after one request."""
+        yield self.start_proxy(
+            OPENAI_API_KEY=DEFAULT, FORWARD_KEY=f"alice:{ALICE}",
+            KEY_POLICY=json.dumps({"alice": {"tokens_per_day": 0}}),
+        )
+        base = self.base
+
+        def run():
+            with openai.OpenAI(
+                base_url=base + "/v1", api_key=ALICE, max_retries=2, timeout=10,
+                http_client=openai.DefaultHttpxClient(trust_env=False),
+            ) as client:
+                try:
+                    client.chat.completions.create(
+                        model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}]
+                    )
+                except openai.RateLimitError as e:
+                    return e
+            return None
+
+        error = yield deferToThread(run)
+        self.assertEqual(error.code, "insufficient_quota")
+        self.assertEqual(self.fake.seen, [])
+        text = yield self.metrics()
+        self.assertIn(
+            'openai_forward_policy_refusals_total{key="alice",reason="insufficient_quota"} 1.0',
+            text,
+        )
+
 
 class _Ignore(Protocol):
     """Takes a body and drops it."""

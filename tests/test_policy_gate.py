@@ -236,3 +236,23 @@ class FormatTests(SynchronousTestCase):
         self.assertEqual(format_reset(17), "17s")
         self.assertEqual(format_reset(360), "6m0s")
         self.assertEqual(format_reset(3723), "1h2m3s")
+
+
+class ResponsesAPITests(GateTestCase):
+    """Only chat and legacy completions are asked for streamed usage."""
+
+    def test_responses_stream_untouched(self):
+        """A streamed Responses API request goes as sent; its usage is read
+        from its last event."""
+        gate = self.gate(Policies(keys={"alice": KeyPolicy(tpm=100000)}))
+        body = json.dumps({"model": "m", "input": "hi", "stream": True}).encode()
+        a = self.admit(gate, facts(body=body, path="/v1/responses"))
+        self.assertIsNone(a.body)
+        self.assertFalse(a.answer_started(200, streamed=True))
+        event = {"type": "response.completed",
+                 "response": {"usage": {"input_tokens": 3, "output_tokens": 4}}}
+        self.assertEqual(a.relay(b"data: " + json.dumps(event).encode() + b"\n\n")[:6], b"data: ")
+        a.finish(True)
+        b = self.admit(gate, facts(body=body, n=2, path="/v1/responses"))
+        remaining = int(dict(b.headers)[b"x-ratelimit-remaining-tokens"])
+        self.assertEqual(100000 - remaining - 7, -(-len(body) // 4) + 1024)

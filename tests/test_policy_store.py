@@ -322,3 +322,15 @@ class WindowTests(SynchronousTestCase):
         self.assertEqual(start + length, calendar.timegm((2027, 1, 1, 0, 0, 0)))
         _, length = month_window(calendar.timegm((2028, 2, 10, 0, 0, 0)))
         self.assertEqual(length, 29 * 86400.0)
+
+
+class ZeroLimitTests(SynchronousTestCase):
+    """A limit of 0 refuses everything, even a request that takes nothing."""
+
+    def test_zero(self):
+        """rpm 0 or a zero quota: every reservation is refused."""
+        store = MemoryStore()
+        reserve = Reserve(self, store)
+        self.assertFalse(reserve([fixed("a/rpm", 0, 1, 0.0)], 0.0)[1].granted)
+        self.assertFalse(reserve([fixed("a/day", 0, 0, 0.0, 86400)], 0.0)[1].granted)
+        self.assertFalse(reserve([moving("a/m", 0, 0)], 0.0)[1].granted)

@@ -32,9 +32,12 @@ from twisted.logger import Logger
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
+from zope.interface import implementer
 
 from .config import UNIX_PEERS, IPNetwork, TrustedProxy
 from .errors import write_error
+from .framing import IP_NOT_ALLOWED, Refusal
+from .headcheck import IHeadCheck
 from .target import BadTarget, split_target
 
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
@@ -326,6 +329,7 @@ class _Refused(Resource):
         )
 
 
+@implementer(IHeadCheck)
 class AccessGate(Resource):
     """Wraps a resource tree: allowed clients reach it, others get 403.
 
@@ -403,13 +407,17 @@ class AccessGate(Resource):
         )
         return False
 
-    def early_refusal(self, request: IRequest) -> Optional[str]:
-        """Why a request must be refused as soon as its head is in (None: it
-        may go on).  The channel asks before reading a request body, so a
-        refused address cannot make the proxy take an upload first."""
+    def check_head(self, request: IRequest) -> Optional[Refusal]:
+        """The gate as an :class:`~twisted_forward.headcheck.IHeadCheck`:
+        a refused address gets 403 before any body is read or
+        ``100 Continue`` sent (the health check paths stay exempt)."""
         if not (self.allow or self.deny):
             return None
-        return self.refusal(self._resolve(request))
+        client = self._resolve(request)
+        request.forward_client = client.name
+        if self.refusal(client) is None or self._exempt(request):
+            return None
+        return IP_NOT_ALLOWED
 
     def getChildWithDefault(self, path: bytes, request: IRequest) -> IResource:
         # Like twisted.web's HTTPAuthSessionWrapper: the wrapped tree sees

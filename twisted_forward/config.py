@@ -120,6 +120,16 @@ class Config:
     #: it; past either, the answer is refused with a 502.
     max_upstream_head: int = 64 * 1024
     max_upstream_headers: int = 100
+    #: Seconds from a request head's first byte to its last; seconds of no
+    #: body bytes while a request body arrives.  Past either: 408.
+    request_head_timeout: float = 30.0
+    request_body_timeout: float = 60.0
+    #: Caps on client connections (in all, from one address) and upstream
+    #: requests in flight: None for the default (from the file-descriptor
+    #: limit, see :mod:`twisted_forward.limits`), 0 for no cap.
+    max_connections: Optional[int] = None
+    max_connections_per_client: Optional[int] = None
+    max_upstream_connections: Optional[int] = None
     proxy: Optional[ProxyURL] = None
     ssl_cert_file: Optional[str] = None
     shutdown_grace: float = 30.0
@@ -298,6 +308,17 @@ def parse_count(value: str) -> int:
         raise ValueError(f"{value!r} is not a whole number") from None
     if count <= 0:
         raise ValueError(f"{value!r} must be positive")
+    return count
+
+
+def parse_cap(value: str) -> int:
+    """A cap: a whole number, ``0`` for none."""
+    try:
+        count = int(value.strip())
+    except ValueError:
+        raise ValueError(f"{value!r} is not a whole number") from None
+    if count < 0:
+        raise ValueError(f"{value!r} must be 0 (no cap) or more")
     return count
 
 
@@ -532,6 +553,19 @@ SETTINGS: tuple[Setting, ...] = (
             "Largest upstream answer head in bytes; larger is a 502 [default: 64KiB]."),
     Setting("MAX_UPSTREAM_HEADERS", "max-upstream-headers", parse_count,
             "Most header lines in an upstream answer head; more is a 502 [default: 100]."),
+    Setting("REQUEST_HEAD_TIMEOUT", "request-head-timeout", parse_seconds,
+            "Seconds a client may take to send a whole request head; then 408 [default: 30]."),
+    Setting("REQUEST_BODY_TIMEOUT", "request-body-timeout", parse_seconds,
+            "Seconds a request body may go without a byte; then 408 [default: 60]."),
+    Setting("MAX_CONNECTIONS", "max-connections", parse_cap,
+            "Most client connections at once; more get 503, 0: no cap "
+            "[default: from the descriptor limit]."),
+    Setting("MAX_CONNECTIONS_PER_CLIENT", "max-connections-per-client", parse_cap,
+            "Most connections from one client address; more get 429, 0: no cap "
+            "[default: half of MAX_CONNECTIONS]."),
+    Setting("MAX_UPSTREAM_CONNECTIONS", "max-upstream-connections", parse_cap,
+            "Most upstream requests in flight; more get 503, 0: no cap "
+            "[default: from the descriptor limit]."),
     Setting("PROXY", "proxy", parse_proxy_url,
             "Outbound HTTP proxy for reaching the upstream, http://[user:pass@]host:port."),
     Setting("SSL_CERT_FILE", "ssl-cert-file", parse_ca_file,
@@ -669,6 +703,11 @@ def load_config(
         ("MAX_REQUEST_BODY", "max_request_body"),
         ("MAX_UPSTREAM_HEAD", "max_upstream_head"),
         ("MAX_UPSTREAM_HEADERS", "max_upstream_headers"),
+        ("REQUEST_HEAD_TIMEOUT", "request_head_timeout"),
+        ("REQUEST_BODY_TIMEOUT", "request_body_timeout"),
+        ("MAX_CONNECTIONS", "max_connections"),
+        ("MAX_CONNECTIONS_PER_CLIENT", "max_connections_per_client"),
+        ("MAX_UPSTREAM_CONNECTIONS", "max_upstream_connections"),
         ("PROXY", "proxy"),
         ("SSL_CERT_FILE", "ssl_cert_file"),
         ("SHUTDOWN_GRACE", "shutdown_grace"),

@@ -32,8 +32,11 @@ from .cache.interfaces import IExchangeCache
 from .chat.recorder import ExchangeInfo, ExchangeTap, NullRecorder, Recorder, RequestBody
 from .config import Route
 from .errors import error_body, send_error, write_error
+from .framing import Refusal
+from .headcheck import key_refusal
 from .headers import relay_response_headers, upstream_request_headers
 from .keys import KeyDecision, KeyRules, SecretMask, key_refused, looks_keyed, scrub
+from .limits import UpstreamSlots
 from .metrics import Metrics
 from .policies.gate import UNLIMITED, Admission, IExchangePolicy, RequestFacts, client_digest
 from .relay import Relay, ScrubbingRelay, discard
@@ -85,11 +88,14 @@ class ProxyResource(Resource):
         metrics: Optional[Metrics] = None,
         cache: Optional[IExchangeCache] = None,
         policy: Optional[IExchangePolicy] = None,
+        upstream_slots: Optional[UpstreamSlots] = None,
     ) -> None:
         super().__init__()
         self.route = route
         #: The policy hook (levels, limits, quotas), or None when none is set.
         self.policy = policy
+        #: Upstream requests in flight, shared by every route (one cap).
+        self.upstream_slots = upstream_slots if upstream_slots is not None else UpstreamSlots(None)
         self.route_label = route.prefix or "/"
         self.metrics = metrics.for_route(self.route_label) if metrics is not None else None
         self.upstream = upstream
@@ -118,6 +124,16 @@ class ProxyResource(Resource):
             waiters, self._drain_waiters = self._drain_waiters, []
             for d in waiters:
                 d.callback(None)
+
+    def check_head(self, request: IRequest) -> Optional[Refusal]:
+        """The key check on the request head alone (an
+        :class:`~twisted_forward.headcheck.IHeadCheck` step, asked by the
+        router for this route): 401 before any body is read."""
+        decision = self.keys.decide(request.requestHeaders)
+        if decision.refusal is None:
+            return None
+        request.forward_key_label = decision.label
+        return key_refusal(decision.refusal)
 
     def render(self, request: IRequest) -> bytes | int:
         path: bytes = request.forward_path
@@ -228,6 +244,8 @@ class Exchange:
         self.started = resource.reactor.seconds()
         self.client_gone = False
         self.done = False
+        #: Whether this exchange counts in the upstream cap (until it ends).
+        self.holds_slot = False
         #: What reads the answer's body now, if anything.
         self.relay: Optional[Relay | ScrubbingRelay] = None
         self.pending = None  # the Deferred for the head of the current attempt
@@ -324,6 +342,19 @@ class Exchange:
         """Send the request upstream, with the first default key in turn."""
         if self.decision.substituted:
             self.key_order = self.resource.keys.default.order(self.decision.level)
+        res = self.resource
+        if not res.upstream_slots.acquire():
+            self.log.warn(
+                "refused {path}: {used} upstream requests in flight (MAX_UPSTREAM_CONNECTIONS)",
+                path=self.path.decode("latin-1"), used=res.upstream_slots.used,
+            )
+            self.request.responseHeaders.setRawHeaders(b"retry-after", [b"1"])
+            self._fail(
+                503, "upstream_busy",
+                "The proxy has as many upstream requests in flight as it allows; retry shortly.",
+            )
+            return
+        self.holds_slot = True
         self._attempt()
 
     def _body(self):
@@ -574,6 +605,9 @@ class Exchange:
             return
         self.done = True
         res = self.resource
+        if self.holds_slot:
+            self.holds_slot = False
+            res.upstream_slots.release()
         elapsed = res.reactor.seconds() - self.sent_upstream
         if not self.cache_hit:
             self.request.forward_upstream_seconds = elapsed

@@ -24,6 +24,14 @@ Bodies over the configured maximum get 413: from Content-Length before the
 body is read (and before any ``100 Continue``), and while a chunked body
 arrives (``ForwardRequest.handleContentChunk``).
 
+Once a head is in, the site's head checks (:mod:`twisted_forward.headcheck`:
+the IP gate, the forward key) judge it before any body is read or
+``100 Continue`` sent.  A head must arrive whole within ``head_timeout``
+seconds of its first byte and a body must not go ``body_timeout`` seconds
+without a byte (408 either way, however slowly the bytes trickle).  Head
+lines end in CRLF: a bare LF gets 400 at once (RFC 9112 §2.2 lets a server
+refuse it; waiting for a CRLF that never comes would hold the connection).
+
 Every refusal is an OpenAI-style JSON error, written by the channel itself
 (no resource has seen the request), with ``Connection: close``.  The
 channel then stops sending, reads and drops what the client still sends for
@@ -37,14 +45,17 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass
-from typing import Iterable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence
 
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IAddress, IDelayedCall
 from twisted.logger import Logger
 from twisted.web.http import RESPONSES, HTTPChannel, datetimeToString
 from twisted.web.http_headers import Headers
 
 from .errors import error_body
+
+if TYPE_CHECKING:
+    from .limits import ConnectionLimits
 
 
 @dataclass(frozen=True)
@@ -76,9 +87,25 @@ BAD_TRAILER = Refusal(400, "invalid_trailer", "A trailer line of the chunked bod
 
 #: The access gate's refusal, when it is made before a body is read.
 IP_NOT_ALLOWED = Refusal(403, "ip_not_allowed", "Your address may not use this proxy.")
+BARE_LF = Refusal(
+    400, "bare_line_feed", "Request head lines must end in CRLF, not a bare LF."
+)
+HEAD_TIMEOUT = Refusal(
+    408, "request_head_timeout", "The request head did not arrive in time."
+)
+BODY_TIMEOUT = Refusal(
+    408, "request_body_timeout", "The request body stopped arriving."
+)
+HEAD_CHECK_FAILED = Refusal(
+    500, "internal_error", "The proxy could not check this request."
+)
 
 #: Reason phrases Twisted's table lacks.
-_PHRASES = {431: b"Request Header Fields Too Large"}
+_PHRASES = {
+    408: b"Request Timeout",
+    429: b"Too Many Requests",
+    431: b"Request Header Fields Too Large",
+}
 
 _CTL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
@@ -246,8 +273,16 @@ def check_trailers(lines: Iterable[bytes]) -> Optional[Refusal]:
 class ForwardChannel(HTTPChannel):
     """Twisted's HTTP/1.1 channel with the refusals this module describes.
 
+    Set by the site (:class:`~twisted_forward.site.ForwardSite`):
+
     :ivar max_request_body: the largest request body accepted, in bytes, or
-        None for no limit (set by the site).
+        None for no limit.
+    :ivar head_checks: :class:`~twisted_forward.headcheck.IHeadCheck` s run
+        on every request head, in order.
+    :ivar head_timeout: seconds from a head's first byte to its end, or None.
+    :ivar body_timeout: seconds a body may go without a byte, or None.
+    :ivar limits: the site's connection counter, or None; this connection
+        is counted in it from :meth:`admit` until it closes.
     :ivar linger_seconds: after a refusal, how long to read and drop what
         the client still sends before closing.
     :ivar linger_bytes: ... and how much of it at most.
@@ -256,17 +291,32 @@ class ForwardChannel(HTTPChannel):
     log = Logger()
 
     max_request_body: Optional[int] = None
+    head_checks: Sequence[Any] = ()
+    head_timeout: Optional[float] = None
+    body_timeout: Optional[float] = None
+    limits: Optional["ConnectionLimits"] = None
     maxHeaders = 100
     totalHeadersSize = 16384
     MAX_LENGTH = 16384
     linger_seconds = 2.0
     linger_bytes = 1 << 20
+    #: Lines are split at LF, so one ending without its CR is seen (and
+    #: refused) instead of waited on.
+    delimiter = b"\n"
 
     def __init__(self) -> None:
         super().__init__()
         self.refused: Optional[Refusal] = None
         self._linger_call: Optional[IDelayedCall] = None
         self._lingered = 0
+        self._refuse_on_connect: Optional[Refusal] = None
+        self._counted = False
+        self._counted_peer: Optional[IAddress] = None
+        self._awaiting_head = True
+        self._head_timer: Optional[IDelayedCall] = None
+        self._body_timer: Optional[IDelayedCall] = None
+        self._body_last = 0.0
+        self._idle_timeout: Optional[float] = None
         self._new_head()
 
     def _new_head(self) -> None:
@@ -276,17 +326,43 @@ class ForwardChannel(HTTPChannel):
         self._header_count = 0
         self._codings: list[bytes] = []
 
+    # ------------------------------------------------------------ connection
+
+    def admit(self, limits: "ConnectionLimits", peer: Optional[IAddress]) -> None:
+        """Count this connection from ``peer`` in ``limits``, or, over a
+        cap, arrange for it to be refused as soon as it is made (uncounted)."""
+        self.limits = limits
+        self._counted_peer = peer
+        refusal = limits.admit(peer)
+        if refusal is None:
+            self._counted = True
+        else:
+            self._refuse_on_connect = refusal
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        if self._refuse_on_connect is not None:
+            self.refuse(self._refuse_on_connect, quiet=True)
+
     # ------------------------------------------------------------ parsing
 
     def dataReceived(self, data: bytes) -> None:
         if self.refused is not None:
             self._drop(data)
             return
+        if self._awaiting_head and self._head_timer is None and self.head_timeout is not None:
+            # The whole head gets head_timeout from its first byte, however
+            # the bytes trickle (each would restart the idle timer).
+            self._head_timer = self.callLater(self.head_timeout, self._head_too_slow)
         super().dataReceived(data)
 
     def lineReceived(self, line: bytes) -> None:
         if self.refused is not None:
             return
+        if not line.endswith(b"\r"):
+            self.refuse(BARE_LF)
+            return
+        line = line[:-1]
         if self._in_head:
             self._head_size += len(line)
             if self._head_size > self.totalHeadersSize:
@@ -301,7 +377,12 @@ class ForwardChannel(HTTPChannel):
         super().lineReceived(line)
         if len(self.requests) > requests and self.refused is None:
             # Twisted took it as a request line: method SP target SP version.
-            _, target, version = line.split(b" ")
+            method, target, version = line.split(b" ")
+            # Twisted gives the request these only once the body is in; the
+            # head checks need them before.
+            request = self.requests[-1]
+            request.method, request.uri, request.clientproto = method, target, version
+            request.path = target.split(b"?", 1)[0]
             self._in_head = True
             self._head_version = version
             self._head_size = len(line)
@@ -336,6 +417,9 @@ class ForwardChannel(HTTPChannel):
     def allHeadersReceived(self) -> None:
         if self.refused is not None:
             return
+        self._awaiting_head = False
+        self._cancel(self._head_timer)
+        self._head_timer = None
         request = self.requests[-1]
         refusal = check_head(
             self._head_version, request.requestHeaders, self._codings, self.max_request_body
@@ -343,22 +427,43 @@ class ForwardChannel(HTTPChannel):
         if refusal is not None:
             self.refuse(refusal)
             return
-        if (self.length or self._codings) and self._gate_refuses(request):
-            # Before the body: a refused address does not get to upload one.
-            self.refuse(IP_NOT_ALLOWED)
-            return
+        has_body = bool(self.length or self._codings)
+        refusal = self._check_head(request)
+        if refusal is not None:
+            if has_body:
+                # Before the body: a refused client does not get to upload
+                # one (nor a 100 Continue inviting it to).
+                self.refuse(refusal)
+                return
+            # Nothing more to read: answered in turn, the connection kept.
+            request.head_refusal = refusal
         if self._codings and not super().headerReceived(b"Transfer-Encoding: chunked"):
             return
+        if has_body and self.body_timeout is not None:
+            # The body's own clock replaces the idle timer until it is in.
+            self._idle_timeout = self.setTimeout(None)
+            self._body_last = self._now()
+            self._body_timer = self.callLater(self.body_timeout, self._body_check)
         super().allHeadersReceived()
 
-    def _gate_refuses(self, request: object) -> bool:
-        gate = getattr(getattr(self, "site", None), "gate", None)
-        return gate is not None and gate.early_refusal(request) is not None
+    def _check_head(self, request: Any) -> Optional[Refusal]:
+        """The first refusal of the site's head checks, if any."""
+        for check in self.head_checks:
+            try:
+                refusal = check.check_head(request)
+            except Exception:
+                self.log.failure("a head check failed; refusing the request")
+                return HEAD_CHECK_FAILED
+            if refusal is not None:
+                return refusal
+        return None
 
     def rawDataReceived(self, data: bytes) -> None:
         if self.refused is not None:
             self._drop(data)
             return
+        if self._body_timer is not None:
+            self._body_last = self._now()
         super().rawDataReceived(data)
 
     def allContentReceived(self) -> None:
@@ -369,8 +474,36 @@ class ForwardChannel(HTTPChannel):
         if refusal is not None:
             self.refuse(refusal)
             return
+        if self._body_timer is not None:
+            self._cancel(self._body_timer)
+            self._body_timer = None
+            # Back to the idle timer, for Twisted to suspend while answering.
+            self.setTimeout(self._idle_timeout)
         self._new_head()
         super().allContentReceived()
+
+    def requestDone(self, request: Any) -> None:
+        super().requestDone(request)
+        self._awaiting_head = True
+
+    def _head_too_slow(self) -> None:
+        self._head_timer = None
+        self.refuse(HEAD_TIMEOUT)
+
+    def _body_check(self) -> None:
+        """Fires at most once a body_timeout; cheaper than a reset per read."""
+        self._body_timer = None
+        assert self.body_timeout is not None
+        quiet = self._now() - self._body_last
+        if quiet < self.body_timeout:
+            self._body_timer = self.callLater(self.body_timeout - quiet, self._body_check)
+            return
+        self.refuse(BODY_TIMEOUT)
+
+    @staticmethod
+    def _cancel(call: Optional[IDelayedCall]) -> None:
+        if call is not None and call.active():
+            call.cancel()
 
     def _respondToBadRequestAndDisconnect(self) -> None:
         # Twisted's own refusals: the same answer shape as ours.
@@ -378,8 +511,9 @@ class ForwardChannel(HTTPChannel):
 
     # ------------------------------------------------------------ refusing
 
-    def refuse(self, refusal: Refusal) -> None:
-        """Answer ``refusal`` now, then drop the connection.
+    def refuse(self, refusal: Refusal, quiet: bool = False) -> None:
+        """Answer ``refusal`` now, then drop the connection (``quiet``: no
+        log line; the caller logs, as for a flood of connections).
 
         Nothing more is parsed on this connection.  The answer is sent, the
         write side closed, and what the client still sends is read and
@@ -389,19 +523,20 @@ class ForwardChannel(HTTPChannel):
         if self.refused is not None:
             return
         self.refused = refusal
+        self._stop_timers()
         metrics = getattr(getattr(self, "site", None), "metrics", None)
         if metrics is not None:
             metrics.refusals.labels(refusal.code).inc()
         transport = self.transport
         if transport is None or transport.disconnecting:
             return
-        peer = getattr(transport.getPeer(), "host", "unix")
-        self.log.info(
-            "refused a request from {peer}: {status} {code}",
-            peer=peer,
-            status=refusal.status,
-            code=refusal.code,
-        )
+        if not quiet:
+            self.log.info(
+                "refused a request from {peer}: {status} {code}",
+                peer=getattr(transport.getPeer(), "host", "unix"),
+                status=refusal.status,
+                code=refusal.code,
+            )
         self.setTimeout(None)
         transport.write(answer(refusal, self._now()))
         self._networkProducer.unregisterProducer()
@@ -432,8 +567,17 @@ class ForwardChannel(HTTPChannel):
         reactor = getattr(getattr(self, "site", None), "reactor", None)
         return reactor.seconds() if reactor is not None else time.time()
 
+    def _stop_timers(self) -> None:
+        self._cancel(self._head_timer)
+        self._cancel(self._body_timer)
+        self._head_timer = self._body_timer = None
+
     def connectionLost(self, reason: object) -> None:  # type: ignore[override]
         if self._linger_call is not None and self._linger_call.active():
             self._linger_call.cancel()
         self._linger_call = None
+        self._stop_timers()
+        if self._counted and self.limits is not None:
+            self._counted = False
+            self.limits.release(self._counted_peer)
         super().connectionLost(reason)

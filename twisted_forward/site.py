@@ -14,11 +14,14 @@ from typing import Any, Optional, Sequence
 
 from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.http import datetimeToString
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
+from zope.interface import implementer
 
-from .access import AccessGate
+from .access import AccessGate, TrustedProxies
 from .admin.limits import IKeyLimits
 from .admin.live import LiveTally
 from .admin.resource import is_admin_path
@@ -31,7 +34,9 @@ from .ledger.service import LedgerCollector
 from .config import Config
 from .errors import write_error
 from .exchange import ProxyResource
-from .framing import ForwardChannel, body_too_large
+from .framing import ForwardChannel, Refusal, body_too_large
+from .headcheck import IHeadCheck
+from .limits import ConnectionLimits, UpstreamSlots, resolve_caps
 from .keys import DefaultKeys, ForwardKeys, KeyRules
 from .ledger import ILedger
 from .metrics import Metrics, MetricsResource
@@ -42,8 +47,10 @@ from .target import BadTarget, split_target
 from .upstream import Upstream
 
 
-#: Seconds a client connection may sit idle or trickle a request in.
+#: Seconds a client connection may sit idle between requests.
 CLIENT_IDLE_TIMEOUT = 60
+#: What ``OPTIONS *`` says the proxy serves.
+ALLOWED_METHODS = b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 
 #: One line per answered request.  Module level: a Logger class attribute
 #: would take the class's name as its namespace.
@@ -68,6 +75,33 @@ class ForwardRequest(Request):
     defaultContentType = None
     #: Body bytes received so far.
     body_received = 0
+    #: Set by the channel when a head check refused this (bodiless) request:
+    #: it is answered with this instead of being rendered.
+    head_refusal: Optional[Refusal] = None
+
+    def process(self) -> None:
+        """Answer a head check's refusal, or ``OPTIONS *``, or render.
+
+        Twisted's own ``process`` answers a ``*`` target itself (200, before
+        any resource, so before the IP gate) and sets ``Server:
+        TwistedWeb/<version>`` (removed in :meth:`ForwardSite.getResourceFor`).
+        """
+        if self.head_refusal is None and self.path != b"*":
+            super().process()
+            return
+        self.site = self.channel.site
+        self.setHeader(b"date", datetimeToString())
+        self.prepath = []
+        self.postpath = []
+        refusal = self.head_refusal
+        if refusal is not None:
+            self.write(write_error(self, refusal.status, refusal.code, refusal.message))
+            self.finish()
+            return
+        try:
+            self.render(self.site.resource)
+        except BaseException:
+            self.processingFailed(Failure())
 
     def handleContentChunk(self, data: bytes) -> None:
         limit = getattr(self.channel, "max_request_body", None)
@@ -87,6 +121,7 @@ class Health:
     extra: dict = field(default_factory=dict)
 
 
+@implementer(IHeadCheck)
 class Router(Resource):
     """Dispatches on the raw request path: health check, then route prefixes.
 
@@ -121,7 +156,37 @@ class Router(Resource):
         self._metrics_path = metrics_path.encode("ascii")
         self._admin = admin
 
+    def route_for(self, path: bytes) -> Optional[tuple[ProxyResource, bytes]]:
+        """The route serving ``path`` and the rest of the path after its
+        prefix, or None when no route matches."""
+        for prefix, resource in self._routes:
+            if not prefix:
+                return resource, path
+            if path == prefix or path.startswith(prefix + b"/"):
+                return resource, path[len(prefix):]
+        return None
+
+    def check_head(self, request: IRequest) -> Optional[Refusal]:
+        """The route's key check, made on the head (see
+        :mod:`twisted_forward.headcheck`); the health check, the metrics,
+        the admin paths (their own key), bad targets and unknown routes are
+        left to :meth:`render`."""
+        try:
+            path, _ = split_target(request.uri)
+        except BadTarget:
+            return None
+        if (
+            path in self._health_paths
+            or (self._metrics is not None and path == self._metrics_path)
+            or is_admin_path(path)
+        ):
+            return None
+        found = self.route_for(path)
+        return found[0].check_head(request) if found is not None else None
+
     def render(self, request: IRequest) -> bytes | int:
+        if request.uri == b"*":
+            return self._asterisk(request)
         try:
             path, query = split_target(request.uri)
         except BadTarget as e:
@@ -148,19 +213,30 @@ class Router(Resource):
             return write_error(
                 request, 503, "shutting_down", "The proxy is shutting down; retry elsewhere."
             )
-        for prefix, resource in self._routes:
-            if not prefix:
-                rest = path
-            elif path == prefix or path.startswith(prefix + b"/"):
-                rest = path[len(prefix):]
-            else:
-                continue
+        found = self.route_for(path)
+        if found is not None:
+            resource, rest = found
             request.forward_path = rest or b"/"
             request.forward_query = query
             return resource.render(request)
         return write_error(
             request, 404, "unknown_route", "No route on this proxy matches the request path."
         )
+
+    @staticmethod
+    def _asterisk(request: IRequest) -> bytes:
+        """``OPTIONS *`` asks what the server supports (RFC 9110 §9.3.7):
+        200 with an Allow header and no body.  ``*`` with any other method
+        is an invalid target."""
+        if request.method != b"OPTIONS":
+            return write_error(
+                request, 400, "invalid_request_target",
+                "The request target '*' is for OPTIONS requests only.",
+            )
+        request.setResponseCode(200)
+        request.responseHeaders.setRawHeaders(b"allow", [ALLOWED_METHODS])
+        request.responseHeaders.setRawHeaders(b"content-length", [b"0"])
+        return b""
 
     def _health(self, request: IRequest) -> bytes:
         draining = self.health.draining
@@ -190,10 +266,6 @@ class ForwardSite(Site):
     requestFactory = ForwardRequest
     protocol = ForwardChannel  # type: ignore[assignment]
     displayTracebacks = False
-    #: Set by build_root's caller: counts refusals the proxy answered itself.
-    metrics: Optional[Metrics] = None
-    #: Set by build_root's caller: consulted before a request body is read.
-    gate: Optional[AccessGate] = None
 
     def __init__(
         self,
@@ -202,6 +274,11 @@ class ForwardSite(Site):
         max_request_body: Optional[int] = None,
         max_headers: int = ForwardChannel.maxHeaders,
         max_header_bytes: int = ForwardChannel.totalHeadersSize,
+        metrics: Optional[Metrics] = None,
+        head_checks: Sequence[IHeadCheck] = (),
+        limits: Optional[ConnectionLimits] = None,
+        head_timeout: Optional[float] = None,
+        body_timeout: Optional[float] = None,
         **kwargs: Any,
     ) -> None:
         # Bodies go upstream as sent: never parsed into request.args (which
@@ -215,6 +292,11 @@ class ForwardSite(Site):
         self.max_request_body = max_request_body
         self.max_headers = max_headers
         self.max_header_bytes = max_header_bytes
+        self.metrics = metrics
+        self.head_checks = tuple(head_checks)
+        self.limits = limits
+        self.head_timeout = head_timeout
+        self.body_timeout = body_timeout
 
     def buildProtocol(self, addr: Optional[IAddress]) -> ForwardChannel:  # type: ignore[override]
         channel: ForwardChannel = super().buildProtocol(addr)
@@ -222,7 +304,19 @@ class ForwardSite(Site):
         channel.maxHeaders = self.max_headers
         channel.totalHeadersSize = self.max_header_bytes
         channel.MAX_LENGTH = self.max_header_bytes
+        channel.head_checks = self.head_checks
+        channel.head_timeout = self.head_timeout
+        channel.body_timeout = self.body_timeout
+        if self.limits is not None:
+            channel.admit(self.limits, addr)
         return channel
+
+    def getResourceFor(self, request: IRequest) -> IResource:
+        # Twisted's Request.process has just set "Server: TwistedWeb/<version>":
+        # no answer names the software and its version (relayed answers
+        # carry the upstream's headers only).
+        request.responseHeaders.removeHeader(b"server")
+        return super().getResourceFor(request)
 
     def log(self, request: Request) -> None:  # type: ignore[override]
         """One line per answered request: never a key, the key's label only."""
@@ -273,6 +367,8 @@ class Built:
     ledger: Optional[ILedger] = None
     #: The admin page and API, when ADMIN_KEY is set.
     admin: Optional["Admin"] = None
+    #: Run on every request head, in order (see :mod:`twisted_forward.headcheck`).
+    head_checks: tuple[IHeadCheck, ...] = ()
     #: The store shared with other processes (supervisor or Redis), or None.
     shared_store: Optional[Any] = None
     #: Keeps the default keys' health in step with the shared store.
@@ -337,6 +433,8 @@ def build_root(
         config.cache, config.forward_keys, reactor, CacheMetrics(metrics.registry), cache_store,
         config.ssl_cert_file,
     )
+    _, _, upstream_cap = resolve_caps(config)
+    slots = UpstreamSlots(upstream_cap)
     proxies = [
         ProxyResource(
             route,
@@ -349,6 +447,7 @@ def build_root(
             metrics,
             cache=cache,
             policy=policy if route.kind == "openai" else None,
+            upstream_slots=slots,
         )
         for route in config.routes
     ]
@@ -374,6 +473,31 @@ def build_root(
     )
     return Built(
         root, proxies, upstream, health, openai_keys, metrics,
-        cache=cache, policy=policy, ledger=ledger, admin=admin,
+        cache=cache, policy=policy, ledger=ledger, admin=admin, head_checks=(root, router),
         shared_store=store, key_health=key_health,
+    )
+
+
+def make_site(
+    built: Built,
+    config: Config,
+    reactor: IReactorTime,
+    timeout: Optional[float] = CLIENT_IDLE_TIMEOUT,
+) -> ForwardSite:
+    """The proxy's site for a built tree: its body cap, head checks,
+    deadlines and connection caps from ``config``."""
+    total, per_client, _ = resolve_caps(config)
+    limits = ConnectionLimits(
+        total, per_client, TrustedProxies(config.trusted_proxies), reactor.seconds
+    )
+    return ForwardSite(
+        built.root,
+        reactor=reactor,
+        max_request_body=config.max_request_body,
+        metrics=built.metrics,
+        head_checks=built.head_checks,
+        limits=limits,
+        head_timeout=config.request_head_timeout,
+        body_timeout=config.request_body_timeout,
+        timeout=timeout,
     )

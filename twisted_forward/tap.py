@@ -41,7 +41,7 @@ from .access import AccessGate
 from .admin.service import AdminService
 from .listening import BoundEndpoint, endpoint_from_string, listen_now
 from .policies.shared import open_shared_store
-from .site import Built, ForwardSite, build_root
+from .site import Built, build_root, make_site
 
 
 def port_to_endpoint(port: str) -> str:
@@ -311,11 +311,7 @@ def _make_service(
     ProxyService(built, config, reactor, recorder, ledger).setServiceParent(  # type: ignore[arg-type]
         top
     )
-    site = ForwardSite(
-        built.root, reactor=reactor, max_request_body=config.max_request_body
-    )
-    site.metrics = built.metrics
-    site.gate = built.root if isinstance(built.root, AccessGate) else None
+    site = make_site(built, config, reactor)
     if built.admin is not None:
         # Added before the listeners: stopped after they are, it ends the
         # open event streams so the proxy can drain.

@@ -247,7 +247,8 @@ class BatchingLedger(Service):
 
         def read(_: object) -> "Deferred[list[UsageRow]]":
             return self.database.run(
-                lambda c: sql.select(c, self.dialect, since, until, key, model, group)
+                lambda c: sql.select(c, self.dialect, since, until, key, model, group),
+                write=False,
             )
 
         return self.flush().addCallback(read)

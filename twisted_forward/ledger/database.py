@@ -28,9 +28,11 @@ from .sql import Dialect
 T = TypeVar("T")
 
 
-def _transaction(dialect: Dialect, connection: Any, work: Callable[[Any], T]) -> T:
+def _transaction(
+    dialect: Dialect, connection: Any, work: Callable[[Any], T], write: bool = True
+) -> T:
     """Run ``work(cursor)`` in one transaction on ``connection``."""
-    dialect.begin(connection)
+    dialect.begin(connection, write)
     cursor = connection.cursor()
     try:
         result = work(cursor)
@@ -56,20 +58,20 @@ class DirectDatabase:
         self.dialect = dialect
         self.connection: Optional[Any] = None
 
-    def run_blocking(self, work: Callable[[Any], T]) -> T:
+    def run_blocking(self, work: Callable[[Any], T], write: bool = True) -> T:
         """``work(cursor)`` in one transaction; the result or the exception."""
         if self.connection is None:
             self.connection = self.dialect.connect()
         try:
-            return _transaction(self.dialect, self.connection, work)
+            return _transaction(self.dialect, self.connection, work, write)
         except Exception:
             self.close()
             raise
 
-    def run(self, work: Callable[[Any], T]) -> "Deferred[T]":
+    def run(self, work: Callable[[Any], T], write: bool = True) -> "Deferred[T]":
         """:meth:`run_blocking`, its outcome as a fired Deferred."""
         try:
-            return succeed(self.run_blocking(work))
+            return succeed(self.run_blocking(work, write))
         except Exception:
             return fail()
 
@@ -106,7 +108,7 @@ class ThreadDatabase:
         """Start the threads."""
         self.pool.start()
 
-    def _work(self, work: Callable[[Any], T]) -> T:
+    def _work(self, work: Callable[[Any], T], write: bool) -> T:
         connection = getattr(self.local, "connection", None)
         if connection is None:
             connection = self.dialect.connect()
@@ -114,7 +116,7 @@ class ThreadDatabase:
             with self.lock:
                 self.connections.append(connection)
         try:
-            return _transaction(self.dialect, connection, work)
+            return _transaction(self.dialect, connection, work, write)
         except Exception:
             self.local.connection = None
             with self.lock:
@@ -126,9 +128,10 @@ class ThreadDatabase:
                 pass
             raise
 
-    def run(self, work: Callable[[Any], T]) -> "Deferred[T]":
-        """``work(cursor)`` in one transaction on a pool thread."""
-        return deferToThreadPool(self.reactor, self.pool, self._work, work)
+    def run(self, work: Callable[[Any], T], write: bool = True) -> "Deferred[T]":
+        """``work(cursor)`` in one transaction on a pool thread (``write``:
+        one that changes the ledger)."""
+        return deferToThreadPool(self.reactor, self.pool, self._work, work, write)
 
     def close(self) -> None:
         """Stop the threads (after the work queued) and close the connections."""
@@ -150,7 +153,7 @@ class Database(Protocol):
     def start(self) -> None:
         """Get ready to run transactions."""
 
-    def run(self, work: Callable[[Any], T]) -> "Deferred[T]":
+    def run(self, work: Callable[[Any], T], write: bool = True) -> "Deferred[T]":
         """``work(cursor)`` in one transaction."""
 
     def close(self) -> None:

@@ -13,7 +13,7 @@ and time to first byte.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from twisted.internet.interfaces import IReactorTime

@@ -123,15 +123,7 @@ def read_rows(database: DirectDatabase, options: UsageOptions) -> list[UsageRow]
             options["key"], options["model"], options["by"],
         )
 
-    if dialect.name == "sqlite":
-        # No BEGIN IMMEDIATE on a read-only file: read in autocommit.
-        connection = dialect.connect()
-        try:
-            cursor = connection.cursor()
-            return work(cursor)
-        finally:
-            connection.close()
-    return database.run_blocking(work)
+    return database.run_blocking(work, write=False)
 
 
 _COLUMNS = ("requests", "errors", "prompt_tokens", "completion_tokens", "cached_tokens",

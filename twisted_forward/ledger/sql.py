@@ -83,11 +83,12 @@ class Dialect:
     where: str
     placeholder: str
 
-    def begin(self, connection: Any) -> None:
-        """Start a write transaction (SQLite takes its write lock now, so
-        two writers queue instead of failing to upgrade a read lock)."""
+    def begin(self, connection: Any, write: bool = True) -> None:
+        """Start a transaction.  A SQLite write transaction takes the write
+        lock now, so two writers queue instead of failing to upgrade a read
+        lock; a read takes none (WAL readers never wait for writers)."""
         if self.name == "sqlite":
-            connection.execute("BEGIN IMMEDIATE")
+            connection.execute("BEGIN IMMEDIATE" if write else "BEGIN")
 
     def commit(self, connection: Any) -> None:
         """Commit the transaction :meth:`begin` started."""
@@ -128,15 +129,13 @@ def postgresql_dialect(url: str) -> Dialect:
 
     :raises ImportError: when psycopg is not installed.
     """
-    import psycopg  # noqa: F401  (fail at start-up, not at the first write)
+    import psycopg  # here: a missing psycopg fails at start-up, not at the first write
     from psycopg.conninfo import conninfo_to_dict
 
     params = conninfo_to_dict(url)
     where = f"postgresql {params.get('host', 'localhost')}/{params.get('dbname', '')}"
 
     def connect() -> Any:
-        import psycopg
-
         return psycopg.connect(
             url,
             connect_timeout=max(1, int(STATEMENT_TIMEOUT)),

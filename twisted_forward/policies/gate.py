@@ -48,6 +48,9 @@ from .windows import day_window, fixed_window, month_window
 #: Seconds a store gets to answer before the request is treated as if the
 #: store were down (the stores bound their own waits; this is the backstop).
 STORE_TIMEOUT = 5.0
+#: At most one warning about a failing store in this many seconds (the
+#: metric counts every request).
+WARN_EVERY = 10.0
 #: A parallel slot nobody settles frees itself after this long.
 SLOT_LEASE = 3600.0
 
@@ -238,6 +241,7 @@ class PolicyGate:
         self._store_failed = store_failed or (lambda: None)
         #: Counts when the shared store fails and LIMITS_ON_STORE_FAILURE is open.
         self.local = MemoryStore()
+        self._warned = -WARN_EVERY
 
     # ------------------------------------------------------------ admit
 
@@ -378,6 +382,9 @@ class PolicyGate:
             retry = max(1, int(math.ceil(verdict.retry_after)))
             headers.append((b"retry-after", b"%d" % retry))
             if kind == _QUOTA:
+                # The official SDKs honour this before their own retry
+                # rules: retrying a spent quota only adds load.
+                headers.append((b"x-should-retry", b"false"))
                 refusal = Refusal(
                     429, "insufficient_quota",
                     "This key's quota for the period is spent; it resets in "
@@ -409,7 +416,15 @@ class PolicyGate:
     ) -> Admission:
         rewritten = None
         strip = False
-        if counts_tokens and body.stream and not body.include_usage and facts.content is not None:
+        if (
+            counts_tokens
+            and body.stream
+            and not body.include_usage
+            and facts.content is not None
+            # Chat and legacy completions take stream_options; the Responses
+            # API reports usage in its last event anyway (and refuses it).
+            and _normal_path(facts.path).endswith("/completions")
+        ):
             if body.size <= REWRITE_LIMIT:
                 facts.content.seek(0)
                 rewritten = with_usage_requested(facts.content.read(), body)
@@ -449,17 +464,23 @@ class PolicyGate:
         counts_tokens: bool,
     ) -> Admission:
         self._store_failed()
-        why = failure.getErrorMessage() or failure.type.__name__
+        why = failure.type.__name__
+        now = self.clock()
+        loud = now - self._warned >= WARN_EVERY
+        if loud:
+            self._warned = now
         if self.on_store_failure == "closed":
-            self.log.warn("policy store unavailable ({why}); refusing (closed)", why=why)
+            if loud:
+                self.log.warn("policy store unavailable ({why}); refusing (closed)", why=why)
             self._refused(facts.label, "limits_unavailable")
             return Admission(Refusal(
                 503, "limits_unavailable",
                 "The proxy cannot check this key's limits right now; retry later.", 5,
             ), [(b"retry-after", b"5")])
-        self.log.warn(
-            "policy store unavailable ({why}); counting in this process only (open)", why=why
-        )
+        if loud:
+            self.log.warn(
+                "policy store unavailable ({why}); counting in this process only (open)", why=why
+            )
         verdict = self.local.reserve_now(facts.reservation, plan.buckets, self.clock())
         return self._verdict(verdict, facts, plan, body, counts_tokens, self.local)
 

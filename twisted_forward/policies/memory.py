@@ -8,13 +8,12 @@ supervisor's store for ``--workers`` runs one of these behind AMP.
 from __future__ import annotations
 
 from collections import deque
-from typing import Callable, Mapping, Optional, Sequence
+from typing import Callable, Mapping, Sequence
 
 from twisted.internet.defer import Deferred, succeed
 from zope.interface import implementer
 
 from .store import (
-    CONCURRENT,
     FIXED,
     MOVING,
     Bucket,
@@ -101,7 +100,7 @@ class MemoryStore:
             self.sweep(now)
         used = [self._used(b, now) for b in buckets]
         for i, (bucket, held) in enumerate(zip(buckets, used)):
-            if held + bucket.amount > bucket.limit or (bucket.limit and held >= bucket.limit):
+            if held + bucket.amount > bucket.limit or held >= bucket.limit:
                 states = tuple(
                     BucketState(b.limit, max(0, b.limit - u), self._reset(b, now))
                     for b, u in zip(buckets, used)

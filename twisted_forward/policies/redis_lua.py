@@ -128,7 +128,7 @@ for i = 1, n do
   end
   used[i] = u
   resets[i] = reset
-  if refused == 0 and (u + amount > limit or (limit > 0 and u >= limit)) then
+  if refused == 0 and (u + amount > limit or u >= limit) then
     refused = i
     retry = wait
   end

@@ -52,13 +52,15 @@ def build_gate(
     if store is None:
         store = default_store(config, reactor) or MemoryStore()
     prices = PriceTable.load(config.prices_file, config.unknown_price)
-    refused = store_failed = None
+    refused: Optional[Callable[[str, str], None]] = None
+    store_failed: Optional[Callable[[], None]] = None
     if metrics is not None:
         counter = metrics.policy_refusals
 
-        def refused(label: str, reason: str) -> None:
+        def count_refusal(label: str, reason: str) -> None:
             counter.labels(label, reason).inc()
 
+        refused = count_refusal
         store_failed = metrics.policy_store_failures.inc
     return PolicyGate(
         config.policies,
