@@ -137,3 +137,79 @@ class LedgerFeedTests(ProxyTestCase):
         yield self.post("/v1/chat/completions", chat(), key="sk-own-0123456789")
         yield self.service.stopService()
         self.assertFalse(os.path.exists(data_dir))
+
+
+class PolicyStreamUsageTests(ProxyTestCase):
+    """A stream whose usage the policies asked for on the client's behalf."""
+
+    @defer.inlineCallbacks
+    def test_stream_usage_asked_for_the_client(self) -> None:
+        """The client, which did not ask for usage, gets none, and the ledger
+        still counts the stream's tokens."""
+        data_dir = os.path.abspath(self.mktemp())
+        yield self.start_proxy(OPENAI_API_KEY="sk-ledger-default-0123456789",
+                               FORWARD_KEY=FORWARD, DATA_DIR=data_dir,
+                               KEY_POLICY=json.dumps({"team-a": {"tokens_per_day": 100000}}))
+        self.fake.answer_text = "three little words"
+        response = yield self.client.post(
+            self.url("/v1/chat/completions"), data=chat(stream=True),
+            headers={**JSON, b"authorization": [b"Bearer fk-ledger-0123456789abcdef"]})
+        body = yield response.content()
+        self.assertEqual(response.code, 200)
+        self.assertNotIn(b"usage", body)
+        yield self.service.stopService()
+        with sqlite3.connect(os.path.join(data_dir, SQLITE_FILE)) as db:
+            rows = db.execute("SELECT key_label, requests, prompt_tokens, completion_tokens "
+                              "FROM usage_days").fetchall()
+        self.assertEqual(rows, [("team-a", 1, 5, 3)])
+
+
+class AdminReadsLedgerTests(ProxyTestCase):
+    """With ADMIN_KEY set, the exchanges feed the ledger through the admin's
+    live tally, and the usage API reads the SQLite ledger."""
+
+    @defer.inlineCallbacks
+    def test_usage_api_sees_exchanges(self) -> None:
+        """Two chats appear in ``/_admin/api/usage`` and in the live totals."""
+        admin = "admin-key-for-ledger-0123456789"
+        data_dir = os.path.abspath(self.mktemp())
+        yield self.start_proxy(OPENAI_API_KEY="sk-ledger-default-0123456789",
+                               FORWARD_KEY=FORWARD, DATA_DIR=data_dir, ADMIN_KEY=admin)
+        for _ in range(2):
+            response = yield self.client.post(
+                self.url("/v1/chat/completions"), data=chat(),
+                headers={**JSON, b"authorization": [b"Bearer fk-ledger-0123456789abcdef"]})
+            yield response.content()
+        response = yield self.client.get(
+            self.url("/_admin/api/usage?group=key"),
+            headers={b"authorization": [f"Bearer {admin}".encode()]})
+        usage = json.loads((yield response.content()))
+        self.assertEqual(response.code, 200)
+        [row] = usage["data"]
+        self.assertEqual((row["key_label"], row["requests"], row["prompt_tokens"]),
+                         ("team-a", 2, 10))
+        self.assertEqual(usage["ledger"]["backend"], "sqlite")
+        [service] = [s for s in self.service if isinstance(s, ProxyService)]
+        self.assertEqual(service.built.ledger.tokens, 16)  # the live tally counted them
+
+
+class StoreDownTests(ProxyTestCase):
+    """A ledger store that is down never holds a request up."""
+
+    @defer.inlineCallbacks
+    def test_requests_served_failures_counted(self) -> None:
+        """With PostgreSQL unreachable, chats are answered, the figures wait in
+        memory, and the failures show in the metrics."""
+        yield self.start_proxy(
+            DATABASE_URL="postgresql://ledger@/ledger?host=/nonexistent-ledger-socket-dir")
+        response = yield self.client.post(self.url("/v1/chat/completions"), data=chat(),
+                                          headers=JSON)
+        yield response.content()
+        self.assertEqual(response.code, 200)
+        [service] = [s for s in self.service if isinstance(s, ProxyService)]
+        yield service.built.ledger.flush()
+        self.assertEqual(service.built.ledger.stats.pending_rows, 1)
+        metrics = yield self.client.get(self.url("/metrics"))
+        text = (yield metrics.content()).decode()
+        self.assertRegex(text, r'openai_forward_ledger_write_failures_total\{backend="postgresql"\} [1-9]')
+        self.assertIn('openai_forward_ledger_pending_rows{backend="postgresql"} 1.0', text)

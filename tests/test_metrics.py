@@ -116,6 +116,9 @@ class MetricsTests(ProxyTestCase):
         port = (yield got).getHost().port
         text = yield self.scrape(f"http://127.0.0.1:{port}/metrics")
         self.assertIn("openai_forward_requests_total", text)
+        scraped = yield self.client.get(f"http://127.0.0.1:{port}/metrics")
+        yield scraped.content()
+        self.assertFalse(scraped.headers.hasHeader(b"server"))  # no TwistedWeb/<version>
         response = yield self.client.get(self.url("/metrics"))
         yield response.content()
         self.assertEqual([s.uri for s in self.fake.seen], [b"/metrics"])

@@ -349,6 +349,18 @@ class ForwardSite(Site):
             self.metrics.refusals.labels(error).inc()
 
 
+class SidePortSite(Site):
+    """A plain Site for the proxy's side ports (METRICS_PORT, ADMIN_PORT):
+    no connection log lines, and no ``Server: TwistedWeb/<version>`` header
+    (no answer of the proxy names its software and version)."""
+
+    noisy = False
+
+    def getResourceFor(self, request: IRequest) -> IResource:
+        request.responseHeaders.removeHeader(b"server")
+        return super().getResourceFor(request)
+
+
 @dataclass
 class Built:
     """What :func:`build_root` made, for the service to manage."""

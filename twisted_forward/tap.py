@@ -19,7 +19,6 @@ from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.internet.interfaces import IReactorCore
 from twisted.logger import Logger
 from twisted.python import usage
-from twisted.web.server import Site
 
 from .config import (
     SETTINGS,
@@ -41,7 +40,7 @@ from .access import AccessGate
 from .admin.service import AdminService
 from .listening import BoundEndpoint, endpoint_from_string, listen_now
 from .policies.shared import open_shared_store
-from .site import Built, build_root, make_site
+from .site import Built, SidePortSite, build_root, make_site
 
 
 def port_to_endpoint(port: str) -> str:
@@ -318,16 +317,14 @@ def _make_service(
         AdminService(built.admin).setServiceParent(top)
     admin_site = None
     if built.admin is not None and admin_endpoint is not None:
-        admin_site = Site(
+        admin_site = SidePortSite(
             AccessGate(built.admin.resource, config.ip_whitelist, config.ip_blacklist,
                        config.trusted_proxies),
             reactor=reactor,
         )
-        admin_site.noisy = False
     metrics_site = None
     if config.metrics and metrics_endpoint is not None:
-        metrics_site = Site(MetricsResource(built.metrics), reactor=reactor)
-        metrics_site.noisy = False
+        metrics_site = SidePortSite(MetricsResource(built.metrics), reactor=reactor)
     # Bound last, so nothing after can fail with a port left open.
     port = listen_now(endpoint, site, "--port", options["port"])
     StreamServerEndpointService(BoundEndpoint(port, site), site).setServiceParent(top)
