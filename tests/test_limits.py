@@ -126,3 +126,24 @@ class DefaultTests(SynchronousTestCase):
             with self.assertRaises(ConfigError) as caught:
                 self.config(**{env: value})
             self.assertIn(env, str(caught.exception))
+
+
+class SettingSourceTests(SynchronousTestCase):
+    def test_env_file_environment_and_option(self):
+        """Each new setting is read from .env, the environment and its
+        option, options winning."""
+        from twisted_forward.tap import Options
+
+        options = Options()
+        options.parseOptions(["--max-connections", "5", "--request-body-timeout", "9"])
+        config = load_config(
+            options.setting_values(),
+            {"MAX_CONNECTIONS_PER_CLIENT": "3", "MAX_CONNECTIONS": "6"},
+            {"MAX_UPSTREAM_CONNECTIONS": "4", "REQUEST_HEAD_TIMEOUT": "8"},
+        )
+        self.assertEqual(
+            (config.max_connections, config.max_connections_per_client,
+             config.max_upstream_connections, config.request_head_timeout,
+             config.request_body_timeout),
+            (5, 3, 4, 8.0, 9.0),
+        )

@@ -103,6 +103,22 @@ class LevelTests(PolicyTestCase):
             self.assertEqual(self.fake.seen[-1].header(b"authorization"), b"Bearer " + expected)
 
     @defer.inlineCallbacks
+    def test_failover_stays_in_level(self):
+        """When the level's default keys are all rate-limited upstream, the
+        request fails over between them only, never to another level's key."""
+        yield self.start_proxy(
+            FORWARD_KEY_CONFIG=json.dumps({f"one:{BOB}": 1}),
+            OPENAI_API_KEY_CONFIG=json.dumps({
+                "sk-level-zero-0123456": [0], "sk-one-a-0123456789": [1],
+                "sk-one-b-0123456789": [1],
+            }),
+        )
+        response, _ = yield self.post(BOB, chat(), "/status/429")
+        self.assertEqual(response.code, 429)
+        used = sorted(seen.header(b"authorization") for seen in self.fake.seen)
+        self.assertEqual(used, [b"Bearer sk-one-a-0123456789", b"Bearer sk-one-b-0123456789"])
+
+    @defer.inlineCallbacks
     def test_model_outside_level_refused(self):
         """A level-1 key asking for a model its level lacks gets 403
         model_not_allowed naming the model (not the key); nothing goes

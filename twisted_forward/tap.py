@@ -39,6 +39,7 @@ from .metrics import MetricsResource
 from .access import AccessGate
 from .admin.service import AdminService
 from .listening import BoundEndpoint, endpoint_from_string, listen_now
+from .limits import resolve_caps
 from .policies.shared import open_shared_store
 from .site import Built, SidePortSite, build_root, make_site
 
@@ -158,6 +159,12 @@ class ProxyService(Service):
             self.ledger.startService()
         for line in describe(self.config):
             self.log.info("{line}", line=line)
+        total, per_client, upstream = resolve_caps(self.config)
+        self.log.info(
+            "caps: {total} client connections, {per_client} per client address, "
+            "{upstream} upstream requests in flight (None: no cap)",
+            total=total, per_client=per_client, upstream=upstream,
+        )
         if self.built.key_health is not None:
             self.built.key_health.start()
         if self.built.keys.open_relay:

@@ -126,8 +126,9 @@ def conversation(record: dict[str, Any]) -> str:
                     out.append(f"  → {function.get('name')}({function.get('arguments', '')})")
     elif isinstance(record.get("prompt"), str):
         out.append(f"prompt: {record['prompt']}")
-    choices = record.get("choices")
-    for choice in choices if isinstance(choices, list) else ():
+    found = record.get("choices")
+    choices: list[Any] = found if isinstance(found, list) else []
+    for choice in choices:
         if not isinstance(choice, dict):
             continue
         label = "assistant" if len(choices) == 1 else f"assistant[{choice.get('index')}]"

@@ -97,6 +97,6 @@ def group_rows(rows: Iterable[UsageRow], group: str) -> list[UsageRow]:
         dims = tuple(getattr(row, d) if d in kept else None for d in DIMENSIONS)
         total = out.get(dims)
         if total is None:
-            total = out[dims] = UsageRow(*dims)
+            total = out[dims] = UsageRow(**dict(zip(DIMENSIONS, dims)))
         total.add(row)
     return [out[k] for k in sorted(out, key=lambda k: tuple(v or "" for v in k))]
