@@ -306,14 +306,18 @@ def _make_service(
     if feed is not None:
         prices = PriceTable.load(config.policy.prices_file, config.policy.unknown_price)
         recorder, exchange_recorder = feeding_recorder(recorder, feed, reactor, prices.cost_usd)
-    shared = open_shared_store(
-        config.policy, reactor, os.environ if environ is None else environ,
-        ca_file=config.ssl_cert_file,
-    )
-    built = build_root(
-        config, reactor, recorder=exchange_recorder, ledger=feed,  # type: ignore[arg-type]
-        store=shared,
-    )
+    try:
+        shared = open_shared_store(
+            config.policy, reactor, os.environ if environ is None else environ,
+            ca_file=config.ssl_cert_file,
+        )
+        built = build_root(
+            config, reactor, recorder=exchange_recorder, ledger=feed,  # type: ignore[arg-type]
+            store=shared,
+        )
+    except ValueError as e:  # a store the configuration names cannot be opened
+        sys.stderr.write(f"openai-forward: {e}\n")
+        raise SystemExit(1)
     ProxyService(built, config, reactor, recorder, ledger).setServiceParent(  # type: ignore[arg-type]
         top
     )
