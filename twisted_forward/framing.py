@@ -55,6 +55,7 @@ from twisted.web.http_headers import Headers
 from .errors import error_body
 
 if TYPE_CHECKING:
+    from .headcheck import IHeadCheck
     from .limits import ConnectionLimits
 
 
@@ -291,7 +292,7 @@ class ForwardChannel(HTTPChannel):
     log = Logger()
 
     max_request_body: Optional[int] = None
-    head_checks: Sequence[Any] = ()
+    head_checks: Sequence["IHeadCheck"] = ()
     head_timeout: Optional[float] = None
     body_timeout: Optional[float] = None
     limits: Optional["ConnectionLimits"] = None
