@@ -341,7 +341,7 @@ class OptionsTests(SynchronousTestCase):
                               "--env-file", os.devnull, "--idle-timeout", "7"])
         service = makeService(options, reactor=reactor,
                               environ={"OPENAI_BASE_URL": "http://127.0.0.1:1", "SHUTDOWN_GRACE": "3"})
-        [pool] = list(service)
+        [pool] = [s for s in service if isinstance(s, workers.WorkerPool)]
         # Bound while the service was built (a port in use stops start-up).
         self.assertIsNotNone(pool.bound)
         self.addCleanup(pool.bound.stopListening)

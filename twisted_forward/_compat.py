@@ -39,3 +39,26 @@ def set_pool_factory(
     connection (read in Twisted 26.10).
     """
     pool._factory = factory  # type: ignore[attr-defined]
+
+
+def twistd_log_file(handler: Any) -> Any:
+    """The ``twisted.python.logfile.LogFile`` twistd's SIGUSR1 handler
+    rotates, or None.
+
+    twistd (``_twistd_unix.UnixAppLogger._getLogObserver``) installs a
+    closure ``rotateLog`` over its ``logFile`` and keeps no public reference
+    to the file; the closure's cell is the only way to reach it (read in
+    Twisted 25.5 and 26.10).  Used only to reopen that file after an external
+    rotation (logrotate); when the shape changes this returns None and
+    twistd's own SIGUSR1 behaviour stays.
+    """
+    from twisted.python.logfile import BaseLogFile
+
+    for cell in getattr(handler, "__closure__", None) or ():
+        try:
+            value = cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+        if isinstance(value, BaseLogFile):
+            return value
+    return None

@@ -36,10 +36,11 @@ descriptor 4 (:mod:`twisted_forward.policies.amp_store`).
 from __future__ import annotations
 
 import json
+import signal
 import os
 import socket
 import sys
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet import defer, endpoints
@@ -49,10 +50,13 @@ from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from .config import ConfigError
 from .exitstatus import give_up
+from .logfiles import LogReopenService
 from .policies.amp_store import STORE_FD, StoreHub
 from .policies.memory import MemoryStore
 from .policies.shared import STORE_FD_ENV
+from .reload import ConfigSource, install_handler
 
 #: The file descriptor a worker finds the listening socket on.
 LISTEN_FD = 3
@@ -160,6 +164,7 @@ class WorkerPool(Service):
         reactor: Any,
         executable: str = sys.executable,
         port: Optional[IListeningPort] = None,
+        source: Optional[ConfigSource] = None,
         store_hub: Optional[StoreHub] = None,
     ) -> None:
         if count < 1:
@@ -174,6 +179,9 @@ class WorkerPool(Service):
         self.store_hub = store_hub
         #: Bound by :func:`make_supervisor` already, or bound at start.
         self.bound = port
+        #: Where a reload (SIGHUP) reads the configuration; None: no reloads.
+        self.source = source
+        self._restore_sighup: Optional[Callable[[], None]] = None
         self.port: Optional[IListeningPort] = None
         self.workers: dict[int, _Worker] = {}
         self.restarts: dict[int, IDelayedCall] = {}
@@ -193,6 +201,8 @@ class WorkerPool(Service):
     def startService(self) -> None:
         super().startService()
         self.stopping = False
+        if self.source is not None:
+            self._restore_sighup = install_handler(signal.SIGHUP, self.reactor, self.reload)
         if self.bound is not None:
             bound, self.bound = self.bound, None
             self._bound(bound)
@@ -258,6 +268,37 @@ class WorkerPool(Service):
         self.workers[index] = worker
         self.log.info("worker {index} started (pid {pid})", index=index, pid=worker.pid)
 
+    # ------------------------------------------------------------ reload
+
+    def reload(self) -> bool:
+        """SIGHUP: check the new configuration, then relay the signal to
+        every worker, which reloads and reports on its own log line.
+
+        A configuration the supervisor finds invalid is refused here, once,
+        and no worker is disturbed.
+        """
+        if self.source is None or self.stopping:
+            return False
+        try:
+            config = self.source.load()
+        except ConfigError as e:
+            self.log.error(
+                "reload refused: {why}; the workers keep the running configuration",
+                why=str(e),
+            )
+            return False
+        self.grace = config.shutdown_grace
+        sent = []
+        for index in sorted(self.workers):
+            worker = self.workers[index]
+            _signal(worker, "HUP")
+            sent.append(f"worker {index} (pid {worker.pid})")
+        self.log.info(
+            "reload: sent to {count} worker(s): {workers}; each reports its result",
+            count=len(sent), workers=", ".join(sent) or "none",
+        )
+        return True
+
     # ------------------------------------------------------------ deaths
 
     def _ended(self, worker: _Worker, reason: Failure) -> None:
@@ -317,6 +358,9 @@ class WorkerPool(Service):
     def stopService(self) -> Any:
         super().stopService()
         self.stopping = True
+        if self._restore_sighup is not None:
+            self._restore_sighup()
+            self._restore_sighup = None
         for call in self.restarts.values():
             if call.active():
                 call.cancel()
@@ -357,6 +401,7 @@ def make_supervisor(
     environ: dict[str, str],
     grace: float,
     reactor: Any,
+    source: Optional[ConfigSource] = None,
     share_store: bool = True,
 ) -> IService:
     """The service twistd runs for ``--workers N``.
@@ -373,8 +418,10 @@ def make_supervisor(
         endpoint_from_string(reactor, endpoint, "--port"), SharedSocket(), "--port", endpoint
     )
     top = MultiService()
+    LogReopenService(reactor).setServiceParent(top)
     hub = StoreHub(MemoryStore(), reactor) if share_store else None
     WorkerPool(
-        count, endpoint, options, environ, grace, reactor, port=port, store_hub=hub
+        count, endpoint, options, environ, grace, reactor, port=port, source=source,
+        store_hub=hub,
     ).setServiceParent(top)
     return top
