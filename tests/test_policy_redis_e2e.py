@@ -38,8 +38,11 @@ class RedisInstancesTests(PolicyTestCase):
         """Start redis-server, then instance A (watched for secrets) and
         instance B; returns their base URLs."""
         self.redis = yield start_redis(self)
+        # A generous timeout where the store is meant to work: a loaded test
+        # machine must not turn into an outage.
         settings = dict(KEYS, REDIS_URL=self.redis.url, KEY_POLICY=ALICE_ONLY,
-                        RATE_LIMIT_STRATEGY="moving-window", **env)
+                        RATE_LIMIT_STRATEGY="moving-window", LIMITS_STORE_TIMEOUT="5")
+        settings.update(env)
         a = yield self.start_proxy(**settings)
         b = yield self.start_other(**settings)
         return a, b
@@ -162,7 +165,8 @@ class SigtermTests(PolicyTestCase):
         env = dict(
             PATH=os.environ.get("PATH", ""), PYTHONPATH=ROOT,
             OPENAI_BASE_URL=f"http://127.0.0.1:{self.upstream_port}", LOG_CHAT="false",
-            SHUTDOWN_GRACE="1", REDIS_URL=redis.url, KEY_POLICY=policy, **KEYS,
+            SHUTDOWN_GRACE="1", REDIS_URL=redis.url, KEY_POLICY=policy,
+            LIMITS_STORE_TIMEOUT="5", **KEYS,
         )
         workdir = self.mktemp()
         os.makedirs(workdir)
@@ -206,7 +210,8 @@ class SigtermTests(PolicyTestCase):
 
         # Nothing leaks: another instance takes the slot and the tokens.
         self.fake.hold_at = None
-        yield self.start_proxy(REDIS_URL=redis.url, KEY_POLICY=policy, **KEYS)
+        yield self.start_proxy(REDIS_URL=redis.url, KEY_POLICY=policy,
+                               LIMITS_STORE_TIMEOUT="5", **KEYS)
         response, content = yield self.post(ALICE, chat(max_tokens=900))
         self.assertEqual(response.code, 200, content)
         self.assertNotIn("Traceback", proxy.output)

@@ -60,6 +60,8 @@ class WorkersPolicyTests(TestCase):
             "LOG_CHAT": "false",
             "SHUTDOWN_GRACE": "5",
             "FORWARD_KEY": f"alice:{ALICE}",
+            # Generous: a loaded test machine must not turn into an outage.
+            "LIMITS_STORE_TIMEOUT": "5",
         }
         environ.update(env)
         self.supervisor = supervisor = Supervisor()

@@ -41,6 +41,7 @@ from .keys import DefaultKeys, ForwardKeys, KeyRules
 from .ledger import ILedger
 from .metrics import Metrics, MetricsResource
 from .policies.gate import PolicyGate
+from .policies.failover import GuardedStore
 from .policies.health import KeyHealthLink
 from .policies.service import build_gate
 from .state import RequestState, state_of
@@ -404,7 +405,7 @@ class Built:
     #: Run on every request head, in order (see :mod:`twisted_forward.headcheck`).
     head_checks: tuple[IHeadCheck, ...] = ()
     #: The store shared with other processes (supervisor or Redis), or None.
-    shared_store: Optional[Any] = None
+    shared_store: Optional[GuardedStore] = None
     #: Keeps the default keys' health in step with the shared store.
     key_health: Optional[KeyHealthLink] = None
 
@@ -421,7 +422,7 @@ def build_root(
     limits: Optional[IKeyLimits] = None,
     cache_metrics: Optional[CacheMetrics] = None,
     health: Optional[Health] = None,
-    store: Optional[Any] = None,
+    store: Optional[GuardedStore] = None,
 ) -> Built:
     """Build the resource tree for ``config``.
 

@@ -196,6 +196,8 @@ class ProxyService(Service):
         if self.ledger is not None:
             self.ledger.startService()
         self._describe()
+        if self.built.shared_store is not None:
+            self.built.shared_store.start()
         if self.built.key_health is not None:
             self.built.key_health.start()
         if self.source is not None and self.site is not None:

@@ -62,6 +62,11 @@ class GuardedStore:
         self._resting_until = 0.0
         self._down = False
 
+    def start(self) -> None:
+        """Connect now (when the service starts, after twistd forks), so the
+        first requests do not wait for it."""
+        self.shared.start()
+
     def _noted(self) -> None:
         if self.failed is not None:
             self.failed(self.name)

@@ -104,6 +104,10 @@ class RedisStore:
         self._poller.clock = clock
         self._closed = False
 
+    def start(self) -> None:
+        """Connect now, not on the first request."""
+        self.client  # noqa: B018 (made on first use)
+
     @property
     def client(self) -> Any:
         """The connection (pool), made on first use; slot renewal starts

@@ -16,11 +16,14 @@ costs requests one timeout, not one each.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional
 
 from twisted.internet.interfaces import IReactorTime
 
 from .settings import PolicyConfig
+
+if TYPE_CHECKING:
+    from .failover import GuardedStore
 
 #: The environment variable telling a worker which file descriptor holds
 #: its end of the supervisor's store socket.
@@ -33,7 +36,7 @@ def open_shared_store(
     environ: Mapping[str, str],
     failed: Optional[Callable[[str], None]] = None,
     ca_file: Optional[str] = None,
-) -> Optional[Any]:
+) -> Optional["GuardedStore"]:
     """The shared store this process should use, or None for memory.
 
     :param environ: where a worker finds :data:`STORE_FD_ENV`.
