@@ -22,7 +22,7 @@ from twisted.web.server import Request, Site
 from zope.interface import implementer
 
 from .access import AccessGate, TrustedProxies
-from .admin.limits import IKeyLimits
+from .admin.limits import IKeyLimits, PolicyLimits
 from .admin.live import LiveTally
 from .admin.resource import is_admin_path
 from .admin.service import Admin, build_admin
@@ -497,6 +497,8 @@ def build_root(
     ]
     admin = None
     if config.admin_key is not None:
+        if limits is None and policy is not None:
+            limits = PolicyLimits(policy, reactor)
         admin = build_admin(
             config, reactor, openai_keys.default, metrics,
             ledger if isinstance(ledger, LiveTally) else LiveTally(ledger), limits
