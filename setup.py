@@ -43,7 +43,9 @@ setup(
     extras_require={
         # playwright drives Debian's chromium in the admin page's browser
         # test (it never downloads a browser of its own).
-        "test": ["openai>=1.0.0", "hypothesis>=6.0.0", "playwright>=1.40,<2"],
+        # aiohttp is the bench's second fake upstream (the smoke run uses it).
+        "test": ["openai>=1.0.0", "hypothesis>=6.0.0", "playwright>=1.40,<2",
+                 "aiohttp>=3.9,<4"],
     },
     classifiers=[
         "Framework :: Twisted",
