@@ -35,6 +35,7 @@ from .config import Route
 from .errors import error_body, send_error, write_error
 from .framing import Refusal
 from .headcheck import key_refusal
+from .loops import mark
 from .headers import relay_response_headers, upstream_request_headers
 from .keys import KeyDecision, KeyRules, SecretMask, key_refused, looks_keyed, scrub
 from .limits import UpstreamSlots
@@ -401,6 +402,7 @@ class Exchange:
         headers = upstream_request_headers(
             self.request.requestHeaders, credentials, default_key=self.decision.substituted
         )
+        mark(headers)
         try:
             d = self.resource.upstream.request(
                 self.request.method, self.url, headers, self._body()

@@ -33,6 +33,7 @@ from .cache.metrics import CacheMetrics
 from .chat.recorder import ChatRecorder, FanOut, IRecorder
 from .ledger.service import LedgerCollector
 from .config import Config
+from .loops import is_loop
 from .errors import write_error
 from .exchange import ProxyResource
 from .framing import ChannelSettings, ForwardChannel, Refusal, body_too_large
@@ -201,6 +202,12 @@ class Router(Resource):
             return write_error(request, 400, "invalid_request_target", str(e))
         if path in self._health_paths:
             return self._health(request)
+        if is_loop(request.requestHeaders):
+            return write_error(
+                request, 508, "loop_detected",
+                "This request was forwarded by this proxy and came back to it: the "
+                "upstream (OPENAI_BASE_URL or FORWARD_CONFIG) points at the proxy itself.",
+            )
         if self._metrics is not None and path == self._metrics_path:
             return self._metrics.render(request)
         if is_admin_path(path):
