@@ -121,6 +121,8 @@ class WorkersPolicyTests(TestCase):
             self.fail(f"one worker answered everything: {self.answered()}")
         chats = [s for s in self.fake.seen if s.uri == b"/v1/chat/completions"]
         self.assertEqual(len(chats), 7)
+        # Every access log line is in once the processes are gone.
+        yield self._stop(self.supervisor)
         answered = self.answered()
         self.assertEqual(sum(1 for _, status in answered if status == 200), 7, answered)
 
