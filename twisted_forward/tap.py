@@ -31,7 +31,7 @@ from .config import (
     parse_endpoint,
     read_env_file,
 )
-from .chat.recorder import ChatRecorder, Recorder, open_chat_log
+from .chat.recorder import ChatRecorder, IRecorder, open_chat_log
 from .admin.live import LiveTally
 from .ledger import ILedger
 from .ledger.feed import feeding_recorder
@@ -137,7 +137,7 @@ def check_log_dir(config: Config) -> None:
 def with_feed(
     config: Config, reactor: IReactorCore, recorder: Optional[ChatRecorder],
     feed: Optional[ILedger],
-) -> tuple[Optional[ChatRecorder], Optional[Recorder]]:
+) -> tuple[Optional[ChatRecorder], Optional[IRecorder]]:
     """The chat recorder (to flush and close) and the recorder the exchanges
     use: with the ledger fed beside the chat records when there is one."""
     if feed is None:
