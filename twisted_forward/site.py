@@ -33,10 +33,12 @@ from .cache.metrics import CacheMetrics
 from .chat.recorder import ChatRecorder, FanOut, IRecorder
 from .ledger.service import LedgerCollector
 from .config import Config
+from .loops import is_loop
 from .errors import write_error
 from .exchange import ProxyResource
 from .framing import ChannelSettings, ForwardChannel, Refusal, body_too_large
 from .headcheck import IHeadCheck
+from ._compat import send_now
 from .limits import ConnectionLimits, UpstreamSlots, resolve_caps
 from .keys import DefaultKeys, ForwardKeys, KeyRules
 from .ledger import ILedger
@@ -199,6 +201,12 @@ class Router(Resource):
             return write_error(request, 400, "invalid_request_target", str(e))
         if path in self._health_paths:
             return self._health(request)
+        if is_loop(request.requestHeaders):
+            return write_error(
+                request, 508, "loop_detected",
+                "This request was forwarded by this proxy and came back to it: the "
+                "upstream (OPENAI_BASE_URL or FORWARD_CONFIG) points at the proxy itself.",
+            )
         if self._metrics is not None and path == self._metrics_path:
             return self._metrics.render(request)
         if is_admin_path(path):
@@ -351,7 +359,13 @@ class ForwardSite(Site):
         return super().getResourceFor(request)
 
     def log(self, request: Request) -> None:  # type: ignore[override]
-        """One line per answered request: never a key, the key's label only."""
+        """One line per answered request: never a key, the key's label only.
+
+        Called by ``Request.finish`` once the answer's last bytes are
+        written: they are sent first, so the client does not wait for the
+        line (nor for what runs after it: the chat record, the ledger).
+        """
+        send_now(request.channel.transport if request.channel is not None else None)
         state = state_of(request)
         error = state.error
         upstream = state.upstream_seconds
