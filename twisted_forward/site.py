@@ -38,6 +38,7 @@ from .errors import write_error
 from .exchange import ProxyResource
 from .framing import ChannelSettings, ForwardChannel, Refusal, body_too_large
 from .headcheck import IHeadCheck
+from ._compat import send_now
 from .limits import ConnectionLimits, UpstreamSlots, resolve_caps
 from .keys import DefaultKeys, ForwardKeys, KeyRules
 from .ledger import ILedger
@@ -358,7 +359,13 @@ class ForwardSite(Site):
         return super().getResourceFor(request)
 
     def log(self, request: Request) -> None:  # type: ignore[override]
-        """One line per answered request: never a key, the key's label only."""
+        """One line per answered request: never a key, the key's label only.
+
+        Called by ``Request.finish`` once the answer's last bytes are
+        written: they are sent first, so the client does not wait for the
+        line (nor for what runs after it: the chat record, the ledger).
+        """
+        send_now(request.channel.transport if request.channel is not None else None)
         state = state_of(request)
         error = state.error
         upstream = state.upstream_seconds
