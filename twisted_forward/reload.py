@@ -113,6 +113,15 @@ def restart_only_changes(old: Config, new: Config) -> None:
             raise ConfigError(
                 f"{env} ({option}) cannot change while the proxy runs: restart it to change that"
             )
+    # The store shared with other processes lives as long as the process.
+    for attr, env, option in (
+        ("redis_url", "REDIS_URL", "--redis-url"),
+        ("store_timeout", "LIMITS_STORE_TIMEOUT", "--limits-store-timeout"),
+    ):
+        if getattr(old.policy, attr) != getattr(new.policy, attr):
+            raise ConfigError(
+                f"{env} ({option}) cannot change while the proxy runs: restart it to change that"
+            )
     if (old.admin_key is None) != (new.admin_key is None):
         raise ConfigError(
             "ADMIN_KEY (--admin-key): turning the admin page on or off needs a restart "
