@@ -70,6 +70,13 @@ class ConfigSource:
         self._file_values = values
         return config
 
+    def unknown(self) -> list[tuple[str, str, str]]:
+        """Unknown variables that look like ours (as of the last load):
+        ``(name, where, closest known name or "")``."""
+        from .migration import unknown_names
+
+        return unknown_names((s.env for s in SETTINGS), self.environ, self._file_values)
+
     def given(self, env: str) -> bool:
         """Whether any source gives the setting ``env`` (as of the last load)."""
         option = next((s.option for s in SETTINGS if s.env == env), None)

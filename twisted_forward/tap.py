@@ -102,16 +102,39 @@ def load(options: Options, environ: Optional[dict[str, str]] = None) -> Config:
 
 
 def open_recorder(config: Config, reactor: IReactorCore) -> Optional[ChatRecorder]:
-    """The chat recorder, or None when LOG_CHAT is off (nothing is written)."""
-    if not config.log_chat:
-        return None
+    """The chat recorder, or None when LOG_CHAT is off (nothing is written)
+    and PRINT_CHAT too."""
     secrets = config.default_keys + tuple(k.key for k in config.forward_keys)
     if config.admin_key is not None:
         secrets += (config.admin_key,)
-    try:
-        return open_chat_log(config.log_dir, reactor, secrets)
-    except OSError as e:
-        raise log_dir_error(config, e) from None
+    recorder: Optional[ChatRecorder] = None
+    if config.log_chat:
+        try:
+            recorder = open_chat_log(config.log_dir, reactor, secrets)
+        except OSError as e:
+            raise log_dir_error(config, e) from None
+    if config.print_chat:
+        if recorder is None:
+            recorder = ChatRecorder(reactor)
+        recorder.publisher.addObserver(chat_printer(secrets))
+    return recorder
+
+
+def chat_printer(secrets: tuple[str, ...]) -> Callable[[dict], None]:
+    """PRINT_CHAT: an observer logging each chat record as one JSON line,
+    every key masked (as in the record files)."""
+    from .chat.files import RECORD_FIELD, encode_record, secret_forms
+
+    log = Logger(namespace="twisted_forward.print_chat")
+    forms = secret_forms(secrets)
+
+    def observe(event: dict) -> None:
+        record = event.get(RECORD_FIELD)
+        if record is not None:
+            line = encode_record(record, forms).decode("utf-8", "replace").rstrip("\n")
+            log.info("chat {record}", record=line)
+
+    return observe
 
 
 def log_dir_error(config: Config, e: OSError) -> ConfigError:
@@ -239,6 +262,13 @@ class ProxyService(Service):
             "{upstream} upstream requests in flight (None: no cap)",
             total=total, per_client=per_client, upstream=upstream,
         )
+        if self.source is not None:
+            for name, where, close in self.source.unknown():
+                self.log.warn(
+                    "unknown setting {name} in {where}: ignored{hint}",
+                    name=name, where=where,
+                    hint=f"; did you mean {close}?" if close else "",
+                )
         for note in base_v1_notes(self.config.routes):
             self.log.warn("{note}", note=note)
         if self.built.keys.open_relay:
