@@ -34,8 +34,8 @@ from twisted_forward.chat.export import ExportOptions, export, main
 from twisted_forward.chat.recorder import RequestBody, ChatRecorder, ExchangeInfo
 
 from .fake_upstream import chat_chunks
+from .processes import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def inline(f: Callable[[], Any]) -> Deferred:

@@ -8,61 +8,19 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sys
-from typing import Optional
 
 from twisted.internet import defer, reactor
 from twisted.internet.error import ProcessDone
-from twisted.internet.protocol import ProcessProtocol
 
 from twisted_forward.chat.files import read_records, record_files
 
 from .fake_upstream import chat_chunks
 from .harness import Collector, ProxyTestCase
+from .processes import ROOT, ChildProcess as Twistd
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_KEY = "sk-sigterm-secret-abcdef0123"
 FORWARD_KEY = "fk-sigterm-secret-abcdef0123"
-
-
-class Twistd(ProcessProtocol):
-    """A twistd child: its output, patterns awaited in it, and its end."""
-
-    def __init__(self) -> None:
-        self.output = b""
-        self.ended: defer.Deferred = defer.Deferred()
-        self.exit_code: Optional[int] = None
-        self._waiters: list[tuple["re.Pattern[bytes]", defer.Deferred]] = []
-
-    def wait_for(self, pattern: bytes) -> defer.Deferred:
-        """Fires with the match once ``pattern`` shows up in the output."""
-        regex = re.compile(pattern)
-        match = regex.search(self.output)
-        if match:
-            return defer.succeed(match)
-        d: defer.Deferred = defer.Deferred()
-        self._waiters.append((regex, d))
-        return d
-
-    def outReceived(self, data: bytes) -> None:
-        self.output += data
-        waiting, self._waiters = self._waiters, []
-        for regex, d in waiting:
-            match = regex.search(self.output)
-            if match:
-                d.callback(match)
-            else:
-                self._waiters.append((regex, d))
-
-    errReceived = outReceived
-
-    def processEnded(self, reason) -> None:
-        self.exit_code = getattr(reason.value, "exitCode", None)
-        for _, d in self._waiters:
-            d.errback(AssertionError(f"twistd ended; output:\n{self.output.decode(errors='replace')}"))
-        self._waiters = []
-        self.ended.callback(reason.value)
 
 
 class SigtermTests(ProxyTestCase):

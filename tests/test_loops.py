@@ -26,8 +26,8 @@ from .harness import ProxyTestCase
 from .test_reload import write_env
 from .test_startup import TWISTD, run
 from .test_workers import Supervisor
+from .processes import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def free_port() -> int:

@@ -26,9 +26,8 @@ from twisted_forward.tap import ProxyService
 from .fake_upstream import chat_chunks
 from .harness import Collector, ProxyTestCase
 from .test_workers import Supervisor
+from .processes import ROOT, TWISTD
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 
 OLD_FK, NEW_FK = "fk-reload-old-1234", "fk-reload-new-5678"
 OLD_SK, NEW_SK = "sk-reload-old-aaaa", "sk-reload-new-bbbb"

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import sys
 from typing import Any, Optional
@@ -29,56 +28,8 @@ from twisted_forward.tap import Options, makeService
 
 from .fake_upstream import FakeOpenAI, chat_answer, listen_fake
 from .harness import ConnectionTracker
+from .processes import ROOT, TWISTD, ChildProcess as Supervisor
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
-
-
-class Supervisor(ProcessProtocol):
-    """The twistd process under test: collects its output lines, and lets a
-    test wait for a line matching a pattern."""
-
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-        self._partial = b""
-        self._waiters: list[tuple[re.Pattern, int, defer.Deferred]] = []
-        self.ended: defer.Deferred = defer.Deferred()
-
-    def outReceived(self, data: bytes) -> None:
-        self._partial += data
-        *complete, self._partial = self._partial.split(b"\n")
-        for raw in complete:
-            self.lines.append(raw.decode("utf-8", "replace"))
-        self._check()
-
-    errReceived = outReceived
-
-    def _check(self) -> None:
-        for waiter in list(self._waiters):
-            pattern, start, d = waiter
-            for line in self.lines[start:]:
-                match = pattern.search(line)
-                if match:
-                    self._waiters.remove(waiter)
-                    d.callback(match)
-                    break
-
-    def wait_for(self, pattern: str, start: int = 0) -> defer.Deferred:
-        """Fires with the match of the first line from ``start`` on matching."""
-        d: defer.Deferred = defer.Deferred()
-        self._waiters.append((re.compile(pattern), start, d))
-        self._check()
-        return d
-
-    def processEnded(self, reason: Failure) -> None:
-        for _, _, d in self._waiters:
-            d.errback(AssertionError("supervisor ended:\n" + "\n".join(self.lines[-30:])))
-        self._waiters = []
-        self.ended.callback(reason.value)
-
-    @property
-    def output(self) -> str:
-        return "\n".join(self.lines)
 
 
 class WorkersEndToEndTests(TestCase):
@@ -172,7 +123,7 @@ class WorkersEndToEndTests(TestCase):
         match = yield supervisor.wait_for(r"worker 1 started \(pid (\d+)\)", mark)
         replacement = int(match.group(1))
         self.assertNotEqual(replacement, victim)
-        self.assertIn(f"worker 1 (pid {victim}) ended", supervisor.output)
+        self.assertIn(f"worker 1 (pid {victim}) ended", supervisor.text)
         yield supervisor.wait_for(rf"\[worker-1\] worker 1 serving \(pid {replacement}\)", mark)
         survivor = next(pid for pid, index in seen.items() if index == 2)
         yield self.serving_pids(port, {replacement, survivor})
@@ -181,15 +132,15 @@ class WorkersEndToEndTests(TestCase):
         supervisor.transport.signalProcess("TERM")
         reason = yield supervisor.ended
         # twistd re-raises the signal that stopped it once it has shut down.
-        self.assertIsInstance(reason, ProcessTerminated, supervisor.output)
+        self.assertIsInstance(reason, ProcessTerminated, supervisor.text)
         self.assertEqual(reason.signal, signal.SIGTERM)
         self.assertIn("Server Shut Down.", supervisor.lines[-1])
         for pid in (replacement, survivor, victim):
             self.assertRaises(ProcessLookupError, os.kill, pid, 0)
-        self.assertRegex(supervisor.output, rf"worker 1 \(pid {replacement}\) stopped: exited cleanly")
-        self.assertRegex(supervisor.output, rf"worker 2 \(pid {survivor}\) stopped: exited cleanly")
-        self.assertNotIn("Traceback", supervisor.output)
-        self.assertNotIn("Unhandled", supervisor.output)
+        self.assertRegex(supervisor.text, rf"worker 1 \(pid {replacement}\) stopped: exited cleanly")
+        self.assertRegex(supervisor.text, rf"worker 2 \(pid {survivor}\) stopped: exited cleanly")
+        self.assertNotIn("Traceback", supervisor.text)
+        self.assertNotIn("Unhandled", supervisor.text)
 
     @defer.inlineCallbacks
     def test_workers_stop_when_the_supervisor_is_killed(self) -> Any:
