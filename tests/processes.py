@@ -26,14 +26,14 @@ TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 class ChildProcess(ProcessProtocol):
     """A child whose standard output and error are collected as lines.
 
-    :ivar output: everything the child wrote, both streams, as bytes.
+    :ivar raw: everything the child wrote, both streams, as bytes.
     :ivar lines: its complete lines so far, decoded.
     :ivar ended: fires with the reason (ProcessDone/ProcessTerminated).
     :ivar exit_code: the exit status, once ended (None if killed by a signal).
     """
 
     def __init__(self) -> None:
-        self.output = b""
+        self.raw = b""
         self.lines: list[str] = []
         self._partial = b""
         self._waiters: list[tuple["re.Pattern[str]", int, defer.Deferred]] = []
@@ -41,9 +41,9 @@ class ChildProcess(ProcessProtocol):
         self.exit_code: Optional[int] = None
 
     @property
-    def text(self) -> str:
-        """The output so far, decoded."""
-        return self.output.decode("utf-8", "replace")
+    def output(self) -> str:
+        """Everything the child wrote so far, decoded."""
+        return self.raw.decode("utf-8", "replace")
 
     def wait_for(self, pattern: Union[str, bytes], start: int = 0) -> defer.Deferred:
         """Fires with the match of the first line from line ``start`` on
@@ -66,7 +66,7 @@ class ChildProcess(ProcessProtocol):
                     break
 
     def outReceived(self, data: bytes) -> None:
-        self.output += data
+        self.raw += data
         self._partial += data
         *complete, self._partial = self._partial.split(b"\n")
         self.lines.extend(raw.decode("utf-8", "replace") for raw in complete)

@@ -19,8 +19,8 @@ from twisted_forward.migration import unknown_names
 
 from .harness import ProxyTestCase
 from .test_reload import write_env
-from .test_workers import Supervisor
 from .processes import ROOT, TWISTD
+from .test_workers import Supervisor
 
 GENERAL = json.dumps([{"base_url": "https://api.openai.com", "route": "/"},
                       {"base_url": "https://example.com", "route": "/g", "type": "general"}])

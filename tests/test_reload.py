@@ -25,8 +25,8 @@ from twisted_forward.tap import ProxyService
 
 from .fake_upstream import chat_chunks
 from .harness import Collector, ProxyTestCase
-from .test_workers import Supervisor
 from .processes import ROOT, TWISTD
+from .test_workers import Supervisor
 
 
 OLD_FK, NEW_FK = "fk-reload-old-1234", "fk-reload-new-5678"

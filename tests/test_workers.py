@@ -123,7 +123,7 @@ class WorkersEndToEndTests(TestCase):
         match = yield supervisor.wait_for(r"worker 1 started \(pid (\d+)\)", mark)
         replacement = int(match.group(1))
         self.assertNotEqual(replacement, victim)
-        self.assertIn(f"worker 1 (pid {victim}) ended", supervisor.text)
+        self.assertIn(f"worker 1 (pid {victim}) ended", supervisor.output)
         yield supervisor.wait_for(rf"\[worker-1\] worker 1 serving \(pid {replacement}\)", mark)
         survivor = next(pid for pid, index in seen.items() if index == 2)
         yield self.serving_pids(port, {replacement, survivor})
@@ -132,15 +132,15 @@ class WorkersEndToEndTests(TestCase):
         supervisor.transport.signalProcess("TERM")
         reason = yield supervisor.ended
         # twistd re-raises the signal that stopped it once it has shut down.
-        self.assertIsInstance(reason, ProcessTerminated, supervisor.text)
+        self.assertIsInstance(reason, ProcessTerminated, supervisor.output)
         self.assertEqual(reason.signal, signal.SIGTERM)
         self.assertIn("Server Shut Down.", supervisor.lines[-1])
         for pid in (replacement, survivor, victim):
             self.assertRaises(ProcessLookupError, os.kill, pid, 0)
-        self.assertRegex(supervisor.text, rf"worker 1 \(pid {replacement}\) stopped: exited cleanly")
-        self.assertRegex(supervisor.text, rf"worker 2 \(pid {survivor}\) stopped: exited cleanly")
-        self.assertNotIn("Traceback", supervisor.text)
-        self.assertNotIn("Unhandled", supervisor.text)
+        self.assertRegex(supervisor.output, rf"worker 1 \(pid {replacement}\) stopped: exited cleanly")
+        self.assertRegex(supervisor.output, rf"worker 2 \(pid {survivor}\) stopped: exited cleanly")
+        self.assertNotIn("Traceback", supervisor.output)
+        self.assertNotIn("Unhandled", supervisor.output)
 
     @defer.inlineCallbacks
     def test_workers_stop_when_the_supervisor_is_killed(self) -> Any:
