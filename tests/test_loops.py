@@ -24,7 +24,7 @@ from twisted_forward.tap import ProxyService
 
 from .harness import ProxyTestCase
 from .test_reload import write_env
-from .test_startup import TWISTD_ARGS, run
+from .test_startup import TWISTD, run
 from .test_workers import Supervisor
 from .processes import ROOT
 
@@ -52,7 +52,7 @@ class OwnAddressTests(ProxyTestCase):
         for workers in ([], ["--workers", "2"]):
             port = free_port()
             code, process = yield run(
-                self, [*TWISTD_ARGS, "-n", "--pidfile=", "openai-forward", *workers,
+                self, [*TWISTD, "-n", "--pidfile=", "openai-forward", *workers,
                        "--port", f"tcp:{port}:interface=127.0.0.1"],
                 cwd, OPENAI_BASE_URL=f"http://127.0.0.1:{port}/v1",
             )
@@ -74,7 +74,7 @@ class OwnAddressTests(ProxyTestCase):
         os.makedirs(cwd)
         port = free_port()
         code, process = yield run(
-            self, [*TWISTD_ARGS, "-n", "--pidfile=", "openai-forward", "--port", str(port)],
+            self, [*TWISTD, "-n", "--pidfile=", "openai-forward", "--port", str(port)],
             cwd, FORWARD_CONFIG=json.dumps(
                 [{"base_url": "https://api.openai.com", "route": "/"},
                  {"base_url": f"http://localhost:{port}", "route": "/self"}]),
@@ -102,7 +102,7 @@ class RuntimeLoopTests(ProxyTestCase):
         other = Supervisor()
         reactor.spawnProcess(
             other, sys.executable,
-            [sys.executable, *TWISTD_ARGS, "-n", "--pidfile=", "openai-forward",
+            [sys.executable, *TWISTD, "-n", "--pidfile=", "openai-forward",
              "--port", "tcp:0:interface=127.0.0.1"],
             env={"PATH": os.environ.get("PATH", ""), "PYTHONPATH": ROOT, "LOG_CHAT": "false",
                  "OPENAI_BASE_URL": self.base},

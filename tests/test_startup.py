@@ -21,9 +21,11 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted_forward import supervisor as workers
 from twisted_forward.listening import BoundEndpoint, listen_error
 
-from .processes import ROOT, TWISTD
+from .processes import ROOT
+from .processes import TWISTD as TWISTD_COMMAND
 
-TWISTD_ARGS = TWISTD[1:]  # the interpreter is put in front where spawned
+#: twistd's arguments: run() puts the interpreter in front.
+TWISTD = TWISTD_COMMAND[1:]
 
 
 class Run(ProcessProtocol):
@@ -96,9 +98,9 @@ class StartupFailureTests(TestCase):
         """In the foreground, as a daemon and with ``--workers 2``: exit 1
         and ``expected`` (a text or a pattern) as the one line on standard
         error."""
-        runs = [(mode, [*TWISTD_ARGS, *twistd_args, "openai-forward", *plugin_args])
+        runs = [(mode, [*TWISTD, *twistd_args, "openai-forward", *plugin_args])
                 for mode, twistd_args in self.modes().items()]
-        runs.append(("workers", [*TWISTD_ARGS, "-n", "--pidfile=", "openai-forward",
+        runs.append(("workers", [*TWISTD, "-n", "--pidfile=", "openai-forward",
                                  "--workers", "2", *plugin_args]))
         for mode, args in runs:
             code, process = yield run(self, args, self.cwd, **env)
@@ -204,7 +206,7 @@ class StartupFailureTests(TestCase):
         """METRICS_PORT on a port in use; the proxy's own port is let go."""
         port = self.holder.getsockname()[1]
         code, process = yield run(
-            self, [*TWISTD_ARGS, "-n", "--pidfile=", "openai-forward",
+            self, [*TWISTD, "-n", "--pidfile=", "openai-forward",
                    "--port", "tcp:0:interface=127.0.0.1"],
             self.cwd, METRICS_PORT=self.busy,
         )
