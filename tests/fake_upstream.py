@@ -296,9 +296,12 @@ class FakeOpenAI(Resource):
             self.answer_text, body.get("model", "m"), bool(options.get("include_usage"))
         )
         self.open_requests.append(request)
+        # The client's going, seen through the public notifyFinish.
+        gone: list[bool] = []
+        request.notifyFinish().addErrback(lambda _: gone.append(True))
 
         def send(i: int) -> None:
-            if request._disconnected:
+            if gone:
                 return
             if i == len(events):
                 request.finish()

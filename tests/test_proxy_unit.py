@@ -18,7 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import ResponseDone
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
-from twisted.web._newclient import ResponseFailed
+from twisted.web.client import ResponseFailed
 from zope.interface import implementer
 
 from twisted_forward.config import load_config

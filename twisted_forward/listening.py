@@ -125,9 +125,12 @@ class BoundEndpoint:
     """An endpoint whose port was bound already: ``listen`` hands it over.
 
     Only the factory it was bound with may listen on it, once.
+
+    :ivar port: the bound port, for its address (``port.getHost()``).
     """
 
     def __init__(self, port: IListeningPort, factory: Factory) -> None:
+        self.port = port
         self._port: Optional[IListeningPort] = port
         self._factory = factory
 

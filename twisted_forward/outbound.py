@@ -65,7 +65,7 @@ from zope.interface import implementer
 from .config import ProxyURL
 
 if TYPE_CHECKING:
-    from twisted.internet._sslverify import IOpenSSLTrustRoot
+    from ._compat import IOpenSSLTrustRoot
 
 #: The longest CONNECT answer head accepted from the proxy.
 MAX_CONNECT_HEAD = 16 * 1024

@@ -20,6 +20,7 @@ from twisted.internet.interfaces import IReactorCore
 from twisted.logger import Logger
 from twisted.python import usage
 
+from ._compat import clear_exit_signal
 from .config import (
     SETTINGS,
     Config,
@@ -211,8 +212,7 @@ class ProxyService(Service):
         # twistd and twist re-raise the terminating signal at exit, so a
         # supervisor would see "killed by SIGTERM".  The shutdown was
         # orderly: report success (exit status 0) instead.
-        if getattr(self.reactor, "_exitSignal", None) is not None:
-            self.reactor._exitSignal = None  # type: ignore[attr-defined]
+        clear_exit_signal(self.reactor)
 
 
 def makeService(

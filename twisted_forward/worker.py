@@ -23,6 +23,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from ._compat import limit_accepts_per_read
 from .supervisor import LISTEN_FD
 from .tap import Options, ProxyService, makeService
 
@@ -52,14 +53,7 @@ class SharedSocketEndpoint:
         return self._adopted.listen(factory).addCallback(self._take_turns)
 
     def _take_turns(self, port: IListeningPort) -> IListeningPort:
-        accept = port.doRead  # type: ignore[attr-defined]
-        batch = self.batch
-
-        def doRead() -> Any:
-            port.numberAccepts = min(port.numberAccepts, batch)  # type: ignore[attr-defined]
-            return accept()
-
-        port.doRead = doRead  # type: ignore[attr-defined]
+        limit_accepts_per_read(port, self.batch)
         return port
 
 
