@@ -10,7 +10,7 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /src
-COPY setup.py README.md ./
+COPY pyproject.toml README.md ./
 COPY twisted_forward ./twisted_forward
 COPY twisted ./twisted
 # Install, then regenerate Twisted's plugin cache while we may still write

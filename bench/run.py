@@ -449,7 +449,7 @@ def table(run: Run, present: list[str]) -> list[list[str]]:
         ("upload_growth", "upload_ok", f"memory growth, {s.upload_mib} MiB upload"),
         ("slow_growth", "slow_ok", f"memory growth, {s.answer_mib} MiB answer to a slow reader"),
     ):
-        def cell(t: str) -> str:
+        def cell(t: str, key: str = key, ok_key: str = ok_key) -> str:
             v = g(key, t)
             if v is None or t not in present:
                 return "–"
@@ -512,7 +512,10 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--answer-mib", type=int)
     parser.add_argument("--workers", type=int, help="also measure --workers N (0: skip)")
     parser.add_argument("--port-options", default=None,
-                        help="endpoint options for twisted-forward after tcp:PORT:interface=127.0.0.1, e.g. backlog=1024")
+                        help=(
+                            "endpoint options for twisted-forward after tcp:PORT:interface=127.0.0.1, "
+                            "e.g. backlog=1024"
+                        ))
     parser.add_argument("--keep", action="store_true", help="keep the work directory (server logs)")
     parser.add_argument("--only", default="", help="comma list of: latency,rps,streams,open,upload,slow,workers")
     return parser.parse_args(argv)

@@ -30,7 +30,8 @@ import json
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from twisted.internet import defer, reactor as default_reactor
+from twisted.internet import defer
+from twisted.internet import reactor as default_reactor
 from twisted.internet.interfaces import IListeningPort
 from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource

@@ -23,7 +23,6 @@ from twisted_forward.tap import Options, makeService
 from .fake_upstream import FakeOpenAI, listen_fake
 
 
-
 def listeners(service: IService) -> list[StreamServerEndpointService]:
     """The listening services of a service tree built by makeService, in
     order (the proxy's port first); each one's ``endpoint`` is a

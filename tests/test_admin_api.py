@@ -7,8 +7,6 @@ in anything sent or logged.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import os
 from typing import Any, Optional

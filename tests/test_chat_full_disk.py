@@ -17,7 +17,7 @@ import shutil
 import subprocess
 from typing import Any, Optional
 
-from twisted.internet import defer, reactor, threads
+from twisted.internet import defer, threads
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import Logger, globalLogPublisher
 from twisted.trial.unittest import SkipTest, SynchronousTestCase

@@ -12,12 +12,12 @@ from __future__ import annotations
 import inspect
 from typing import Any, Callable
 
-import twisted
 from twisted.internet import base, tcp
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web import client, http
 
+import twisted
 from twisted_forward import _compat
 
 
@@ -150,7 +150,9 @@ class CanaryTests(SynchronousTestCase):
         channel.requestFactory = Recording  # type: ignore[assignment]  # as in _channel
         channel.dataReceived(b"POST / HTTP/1.1\r\nHost: x\r\n\r\n3\r\nabc\r\n0\r\n\r\n")
         self.assertEqual(
-            bodies, [b"abc"], self.broke("headerReceived(b'Transfer-Encoding: chunked') no longer installs a chunked decoder")
+            bodies,
+            [b"abc"],
+            self.broke("headerReceived(b'Transfer-Encoding: chunked') no longer installs a chunked decoder"),
         )
 
     def test_exit_signal(self) -> None:

@@ -15,14 +15,13 @@ from typing import Any
 from twisted.internet import defer, reactor
 from twisted.trial.unittest import TestCase
 
-from twisted_forward.ledger import UsageEntry
-from twisted_forward.ledger import sql
+from twisted_forward.cli import main
+from twisted_forward.ledger import UsageEntry, sql
 from twisted_forward.ledger.batching import BatchingLedger
 from twisted_forward.ledger.database import ThreadDatabase
-from twisted_forward.cli import main
 from twisted_forward.tap import Options, makeService
 
-from .harness import ProxyTestCase, proxy_env, listeners
+from .harness import ProxyTestCase, listeners, proxy_env
 from .pg_cluster import Cluster
 
 _databases = itertools.count(1)

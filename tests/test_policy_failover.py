@@ -5,7 +5,7 @@ LIMITS_ON_STORE_FAILURE on a fake clock: what a shared store's outage does
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock

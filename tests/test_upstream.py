@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
+from hyperlink import EncodedURL
 from twisted.trial.unittest import SynchronousTestCase
 
 from twisted_forward.config import parse_url
 from twisted_forward.target import BadTarget, split_target
 from twisted_forward.upstream import join_url
-
-from hyperlink import EncodedURL
 
 
 def _forward(base: str, target: bytes) -> bytes:

@@ -24,8 +24,8 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from twisted_forward import supervisor as workers
-from twisted_forward.worker import SharedSocketEndpoint
 from twisted_forward.tap import Options, makeService
+from twisted_forward.worker import SharedSocketEndpoint
 
 from .fake_upstream import FakeOpenAI, chat_answer, listen_fake
 from .harness import ConnectionTracker

@@ -26,9 +26,9 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from .cache.hook import Lookup
+from .cache.interfaces import IExchangeCache
 from .cache.key import without_caching
 from .cache.replay import Replay
-from .cache.interfaces import IExchangeCache
 from .chat.recorder import ExchangeInfo, ExchangeTap, NullRecorder, Recorder, RequestBody
 from .config import Route
 from .errors import error_body, send_error, write_error

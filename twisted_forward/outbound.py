@@ -25,6 +25,8 @@ import re
 from typing import TYPE_CHECKING, Any, Optional
 from urllib.parse import urlsplit
 
+from OpenSSL.crypto import Error as OpenSSLError
+from twisted.internet import error
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import (
     HostnameEndpoint,
@@ -33,8 +35,6 @@ from twisted.internet.endpoints import (
     connectProtocol,
     wrapClientTLS,
 )
-from OpenSSL.crypto import Error as OpenSSLError
-from twisted.internet import error
 from twisted.internet.interfaces import (
     IDelayedCall,
     IProtocol,
@@ -46,11 +46,11 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.ssl import Certificate, trustRootFromCertificates
 from twisted.python.failure import Failure
 from twisted.web.client import (
+    URI,
     Agent,
     BrowserLikePolicyForHTTPS,
     HTTPConnectionPool,
     ProxyAgent,
-    URI,
 )
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import (
@@ -97,7 +97,7 @@ def proxy_authorization(proxy: ProxyURL) -> Optional[bytes]:
     if proxy.credentials is None:
         return None
     user, password = proxy.credentials
-    token = base64.b64encode(f"{user}:{password}".encode("utf-8"))
+    token = base64.b64encode(f"{user}:{password}".encode())
     return b"Basic " + token
 
 

@@ -30,21 +30,20 @@ from .cache.hook import ResponseCache, build_cache
 from .cache.interfaces import ICacheStore
 from .cache.metrics import CacheMetrics
 from .chat.recorder import ChatRecorder, FanOut, Recorder
-from .ledger.service import LedgerCollector
 from .config import Config
 from .errors import write_error
 from .exchange import ProxyResource
 from .framing import ForwardChannel, Refusal, body_too_large
 from .headcheck import IHeadCheck
-from .limits import ConnectionLimits, UpstreamSlots, resolve_caps
 from .keys import DefaultKeys, ForwardKeys, KeyRules
 from .ledger import ILedger
+from .ledger.service import LedgerCollector
+from .limits import ConnectionLimits, UpstreamSlots, resolve_caps
 from .metrics import Metrics, MetricsResource
 from .policies.gate import PolicyGate
 from .policies.service import build_gate
 from .target import BadTarget, split_target
 from .upstream import Upstream
-
 
 #: Seconds a client connection may sit idle between requests.
 CLIENT_IDLE_TIMEOUT = 60
@@ -54,6 +53,12 @@ ALLOWED_METHODS = b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 #: One line per answered request.  Module level: a Logger class attribute
 #: would take the class's name as its namespace.
 _access_log = Logger(namespace="twisted_forward.access")
+#: The access log line's text, filled with % (see ForwardSite.log).
+_ACCESS_LINE = (
+    "%(client)s %(method)s %(path)s %(status)s %(length)sB "
+    "route=%(route)s key=%(key)s "
+    "upstream=%(upstream_ms)sms error=%(error)s"
+)
 _ACCESS_SYSTEM = "twisted_forward.access#info"
 
 
@@ -339,9 +344,7 @@ class ForwardSite(Site):
             "{line}",
             # Given, so text log observers need not build it per event.
             log_system=_ACCESS_SYSTEM,
-            line="%(client)s %(method)s %(path)s %(status)s %(length)sB "
-            "route=%(route)s key=%(key)s "
-            "upstream=%(upstream_ms)sms error=%(error)s" % fields,
+            line=_ACCESS_LINE % fields,
             **fields,
         )
         if error is not None and self.metrics is not None:

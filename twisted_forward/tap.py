@@ -15,12 +15,15 @@ from typing import Any, Optional
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet import defer
-from twisted.internet.interfaces import IStreamServerEndpoint
-from twisted.internet.interfaces import IReactorCore
+from twisted.internet.interfaces import IReactorCore, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python import usage
 
 from ._compat import clear_exit_signal
+from .access import AccessGate
+from .admin.live import LiveTally
+from .admin.service import AdminService
+from .chat.recorder import ChatRecorder, Recorder, open_chat_log
 from .config import (
     SETTINGS,
     Config,
@@ -30,17 +33,13 @@ from .config import (
     parse_endpoint,
     read_env_file,
 )
-from .chat.recorder import ChatRecorder, Recorder, open_chat_log
-from .admin.live import LiveTally
 from .ledger import ILedger
 from .ledger.feed import feeding_recorder
 from .ledger.service import check_data_dir, open_ledger
-from .policies.prices import PriceTable
-from .metrics import MetricsResource
-from .access import AccessGate
-from .admin.service import AdminService
-from .listening import BoundEndpoint, endpoint_from_string, listen_now
 from .limits import resolve_caps
+from .listening import BoundEndpoint, endpoint_from_string, listen_now
+from .metrics import MetricsResource
+from .policies.prices import PriceTable
 from .site import Built, SidePortSite, build_root, make_site
 
 
@@ -243,7 +242,7 @@ def makeService(
         # One clear line, not a traceback.
         sys.stderr.write(f"openai-forward: {e}\n")
         sys.stderr.flush()
-        raise SystemExit(1)
+        raise SystemExit(1) from None
 
 
 def _make_service(
@@ -303,7 +302,7 @@ def _make_service(
         )
     except ValueError as e:  # a store the configuration names cannot be opened
         sys.stderr.write(f"openai-forward: {e}\n")
-        raise SystemExit(1)
+        raise SystemExit(1) from None
     ProxyService(built, config, reactor, recorder, ledger).setServiceParent(  # type: ignore[arg-type]
         top
     )

@@ -15,7 +15,6 @@ from twisted.internet.interfaces import IReactorTime
 from ..chat.files import thread_runner
 from ..config import Config
 from ..keys import DefaultKeys
-from ..ledger import ILedger
 from ..metrics import Metrics
 from .api import AdminAPI, Runner
 from .assets import load_assets

@@ -48,7 +48,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.logger import ILogObserver, Logger, LogEvent
+from twisted.logger import ILogObserver, LogEvent, Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import hashlib
 import math
-from urllib.parse import unquote
 from dataclasses import dataclass, field
 from typing import IO, Callable, Optional, Sequence
+from urllib.parse import unquote
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
