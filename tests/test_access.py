@@ -27,8 +27,14 @@ from twisted_forward.access import (
     x_forwarded_for_hops,
 )
 from twisted_forward.chat.recorder import ExchangeInfo
-from twisted_forward.config import ConfigError, load_config, parse_networks, parse_trusted_proxies
+from twisted_forward.config import (
+    ConfigError,
+    load_config,
+    parse_networks,
+    parse_trusted_proxies,
+)
 from twisted_forward.site import ForwardSite, build_root
+from twisted_forward.state import state_of
 from twisted_forward.tap import ProxyService
 
 ip = ipaddress.ip_address
@@ -250,7 +256,7 @@ class Leaf(Resource):
         self.seen: list = []
 
     def render(self, request):
-        self.seen.append((request.uri, request.prepath, request.postpath, request.forward_client))
+        self.seen.append((request.uri, request.prepath, request.postpath, state_of(request).client))
         request.setHeader(b"content-type", b"text/plain")
         return b"inside"
 
@@ -471,7 +477,7 @@ class BuiltTreeTests(GateHarness):
 
         class Site(ForwardSite):
             def log(self, request):
-                logged.append((request.forward_client, getattr(request, "forward_key_label", None)))
+                logged.append((state_of(request).client, state_of(request).key_label))
 
         self.build(OPENAI_API_KEY="sk-default-000000000", FORWARD_KEY="alice:fk-alice-00000000")
         self.site = Site(self.site.resource, reactor=MemoryReactorClock(), timeout=None)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import tracemalloc
 from typing import Any
 
 from twisted.internet.testing import MemoryReactorClock
@@ -15,7 +16,7 @@ from twisted.logger import ILogObserver
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
-from twisted_forward.chat.record import PEEK, REQUEST_LIMIT
+from twisted_forward.chat.record import PEEK, REQUEST_LIMIT, strip_media
 from twisted_forward.chat.recorder import ChatRecorder, ExchangeInfo, RequestBody
 
 MiB = 1024 * 1024
@@ -101,6 +102,47 @@ class BoundedBodyTests(SynchronousTestCase):
         rec = self.record_of("/v1/chat/completions", content)
         url = rec["messages"][0]["content"][0]["image_url"]["url"]
         self.assertTrue(url.startswith("data:image/png;base64,…"), url[:60])
+
+    def test_large_image_chat_recorded_without_holding_the_image(self):
+        """A 20 MiB chat request that is mostly an inline image: read in
+        pieces, the image left out, the messages recorded as strip_media
+        would give them."""
+        image = "data:image/jpeg;base64," + "B" * (20 * MiB)
+        audio = "QUJD" * 4000
+        messages = [
+            {"role": "system", "content": 'Say "hi" \\ é'},
+            {"role": "user", "content": [
+                {"type": "text", "text": "what is this?"},
+                {"type": "image_url", "image_url": {"url": image}},
+                {"type": "input_audio", "input_audio": {"data": audio, "format": "wav"}},
+            ]},
+        ]
+        body = json.dumps({"model": "gpt-4o", "messages": messages}).encode()
+        content = io.BytesIO(body)
+        tracemalloc.start()
+        try:
+            rec = self.record_of("/v1/chat/completions", content)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        self.assertLess(peak, 2 * MiB)  # pieces of 256 KiB, never the image
+        self.assertEqual(rec["model"], "gpt-4o")
+        self.assertEqual(rec["messages"], strip_media(messages))
+        self.assertEqual(rec["problems"], [])
+        parts = rec["messages"][1]["content"]
+        self.assertEqual(parts[1]["image_url"]["url"],
+                         f"data:image/jpeg;base64,… ({len(image)} characters omitted)")
+        self.assertEqual(content.tell(), 0)
+
+    def test_large_chat_of_plain_text_not_kept(self):
+        """A 10 MiB chat request of plain text cannot be shrunk: recorded
+        from its ends, with the note."""
+        text = "word " * (2 * MiB)
+        body = json.dumps({"model": "m", "messages": [{"role": "user", "content": text}]})
+        rec = self.record_of("/v1/chat/completions", io.BytesIO(body.encode()))
+        self.assertNotIn("messages", rec)
+        self.assertEqual(rec["model"], "m")
+        self.assertTrue(rec["problems"][0].startswith("request body of"))
 
     def test_raw_audio_upload_read_only_at_its_ends(self):
         """A 100 MiB raw audio body: two peeks read, nothing more."""

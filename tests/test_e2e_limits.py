@@ -133,6 +133,19 @@ class UpstreamCapTests(LimitTestCase):
         self.assertEqual(count, 1)
 
 
+class DeadlineEndToEndTests(LimitTestCase):
+    @defer.inlineCallbacks
+    def test_head_deadline_through_the_plugin(self):
+        """REQUEST_HEAD_TIMEOUT=1 reaches the listening site: a head that
+        stops half way gets its 408 after a second, not the 60 s idle close."""
+        yield self.start_proxy(REQUEST_HEAD_TIMEOUT="1")
+        received = yield self.exchange(b"GET /v1/models HTTP/1.1\r\nHost: pro")
+        answer = parse_answer(received)
+        self.assertEqual((answer.status, answer.json()["error"]["code"]),
+                         (408, "request_head_timeout"))
+        self.assertEqual(self.fake.seen, [])
+
+
 class SmallerTests(LimitTestCase):
     @defer.inlineCallbacks
     def test_bare_lf_head_answered_at_once(self):

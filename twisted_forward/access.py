@@ -38,6 +38,7 @@ from .config import UNIX_PEERS, IPNetwork, TrustedProxy
 from .errors import write_error
 from .framing import IP_NOT_ALLOWED, Refusal
 from .headcheck import IHeadCheck
+from .state import state_of
 from .target import BadTarget, split_target
 
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
@@ -333,7 +334,7 @@ class _Refused(Resource):
 class AccessGate(Resource):
     """Wraps a resource tree: allowed clients reach it, others get 403.
 
-    Sets ``request.forward_client`` (a str) to the resolved client address
+    Sets the request state's ``client`` (a str) to the resolved client address
     on every request, allowed or not, for logs and chat records.
 
     :param allow: IP_WHITELIST; when not empty, only these may connect.
@@ -394,7 +395,7 @@ class AccessGate(Resource):
     def _check(self, request: IRequest) -> bool:
         """Resolve the client; True if it may pass."""
         client = self._resolve(request)
-        request.forward_client = client.name
+        state_of(request).client = client.name
         why = self.refusal(client)
         if why is None or self._exempt(request):
             return True
@@ -414,7 +415,7 @@ class AccessGate(Resource):
         if not (self.allow or self.deny):
             return None
         client = self._resolve(request)
-        request.forward_client = client.name
+        state_of(request).client = client.name
         if self.refusal(client) is None or self._exempt(request):
             return None
         return IP_NOT_ALLOWED

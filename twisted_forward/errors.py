@@ -14,6 +14,7 @@ import json
 from twisted.web.iweb import IRequest
 
 from .keys import scrub
+from .state import state_of
 
 #: status -> the OpenAI ``type`` field for errors we raise at that status.
 _TYPES = {
@@ -55,7 +56,7 @@ def write_error(request: IRequest, status: int, code: str, message: str) -> byte
     """
     body = error_body(status, code, message)
     # For the access log line and the refusal counter.
-    request.forward_error = code
+    state_of(request).error = code
     request.setResponseCode(status)
     headers = request.responseHeaders
     headers.removeHeader(b"server")

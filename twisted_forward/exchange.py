@@ -40,6 +40,7 @@ from .limits import UpstreamSlots
 from .metrics import Metrics
 from .policies.gate import UNLIMITED, Admission, IExchangePolicy, RequestFacts, client_digest
 from .relay import Relay, ScrubbingRelay, discard
+from .state import state_of
 from .upstream import (
     BytesProducer,
     Upstream,
@@ -58,9 +59,9 @@ _ID_PREFIX = os.urandom(4).hex()
 
 def client_address(request: IRequest) -> str:
     """The client's address as the access gate resolved it, else the peer."""
-    resolved = getattr(request, "forward_client", None)
+    resolved = state_of(request).client
     if resolved is not None:
-        return str(resolved)
+        return resolved
     peer = request.getClientAddress()
     return str(getattr(peer, "host", "unix"))
 
@@ -69,8 +70,8 @@ class ProxyResource(Resource):
     """Forwards every request it renders to one upstream.
 
     It is a leaf: the router has already split the raw target, taken off
-    the route prefix and put the rest on the request as ``forward_path``
-    and ``forward_query``.
+    the route prefix and put the rest in the request's state (``path``
+    and ``query``, :mod:`.state`).
     """
 
     isLeaf = True
@@ -132,14 +133,15 @@ class ProxyResource(Resource):
         decision = self.keys.decide(request.requestHeaders)
         if decision.refusal is None:
             return None
-        request.forward_key_label = decision.label
+        state_of(request).key_label = decision.label
         return key_refusal(decision.refusal)
 
     def render(self, request: IRequest) -> bytes | int:
-        path: bytes = request.forward_path
-        query: bytes = request.forward_query
+        state = state_of(request)
+        path = state.path
+        query = state.query
         decision = self.keys.decide(request.requestHeaders)
-        request.forward_key_label = decision.label
+        state.key_label = decision.label
         if decision.refusal is not None:
             self.log.info(
                 "refused {method} {path}: key ({label})",
@@ -211,7 +213,7 @@ class ProxyResource(Resource):
                 method=request.method.decode("latin-1"), path=path.decode("latin-1"),
                 code=refusal.code, label=decision.label,
             )
-            request.forward_route = self.route_label
+            state_of(request).route = self.route_label
             for name, value in admission.headers:
                 request.responseHeaders.setRawHeaders(name, [value])
             return write_error(request, refusal.status, refusal.code, refusal.message)
@@ -274,8 +276,9 @@ class Exchange:
         #: The body to forward instead of the client's (the cache took its
         #: ``caching`` field out).
         self.body_override: Optional[bytes] = None
-        request.forward_route = resource.route_label
-        request.forward_key_label = decision.label
+        state = state_of(request)
+        state.route = resource.route_label
+        state.key_label = decision.label
 
     # ------------------------------------------------------------ start
 
@@ -610,7 +613,7 @@ class Exchange:
             res.upstream_slots.release()
         elapsed = res.reactor.seconds() - self.sent_upstream
         if not self.cache_hit:
-            self.request.forward_upstream_seconds = elapsed
+            state_of(self.request).upstream_seconds = elapsed
         if res.metrics is not None:
             res.metrics.ended(
                 self.status, self.decision.label, outcome, elapsed, self.sent,

@@ -56,6 +56,7 @@ from ._compat import ChannelHooks
 from .errors import error_body
 
 if TYPE_CHECKING:
+    from .headcheck import IHeadCheck
     from .limits import ConnectionLimits
 
 
@@ -292,7 +293,7 @@ class ForwardChannel(ChannelHooks):
     log = Logger()
 
     max_request_body: Optional[int] = None
-    head_checks: Sequence[Any] = ()
+    head_checks: Sequence["IHeadCheck"] = ()
     head_timeout: Optional[float] = None
     body_timeout: Optional[float] = None
     limits: Optional["ConnectionLimits"] = None

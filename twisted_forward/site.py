@@ -42,6 +42,7 @@ from .limits import ConnectionLimits, UpstreamSlots, resolve_caps
 from .metrics import Metrics, MetricsResource
 from .policies.gate import PolicyGate
 from .policies.service import build_gate
+from .state import RequestState, state_of
 from .target import BadTarget, split_target
 from .upstream import Upstream
 
@@ -106,6 +107,11 @@ class ForwardRequest(Request):
             self.render(self.site.resource)
         except BaseException:
             self.processingFailed(Failure())
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: What the stages learn about this request (:mod:`.state`).
+        self.state = RequestState()
 
     def handleContentChunk(self, data: bytes) -> None:
         limit = getattr(self.channel, "max_request_body", None)
@@ -220,8 +226,9 @@ class Router(Resource):
         found = self.route_for(path)
         if found is not None:
             resource, rest = found
-            request.forward_path = rest or b"/"
-            request.forward_query = query
+            state = state_of(request)
+            state.path = rest or b"/"
+            state.query = query
             return resource.render(request)
         return write_error(
             request, 404, "unknown_route", "No route on this proxy matches the request path."
@@ -324,16 +331,17 @@ class ForwardSite(Site):
 
     def log(self, request: Request) -> None:  # type: ignore[override]
         """One line per answered request: never a key, the key's label only."""
-        error = getattr(request, "forward_error", None)
-        upstream = getattr(request, "forward_upstream_seconds", None)
+        state = state_of(request)
+        error = state.error
+        upstream = state.upstream_seconds
         fields = dict(
             method=request.method.decode("latin-1"),
             path=request.path.decode("latin-1"),
             status=request.code,
             length=request.sentLength,
-            client=getattr(request, "forward_client", "-"),
-            route=getattr(request, "forward_route", "-"),
-            key=getattr(request, "forward_key_label", "-"),
+            client=state.client or "-",
+            route=state.route,
+            key=state.key_label,
             upstream_ms=None if upstream is None else round(upstream * 1000, 1),
             error=error or "-",
         )

@@ -58,6 +58,10 @@ REQUEST_LIMIT = 4 * 1024 * 1024
 #: What is read of the start (and of the end) of a body too large to parse,
 #: or of a multipart upload, for its model and small fields.
 PEEK = 64 * 1024
+#: A chat or completion body over REQUEST_LIMIT but not over this is read
+#: piece by piece with its inline media left out (:class:`MediaCompactor`);
+#: if what remains fits in REQUEST_LIMIT, it is parsed for the record.
+REQUEST_SCAN_LIMIT = 32 * 1024 * 1024
 #: Metadata answers are parsed whole up to this size; past it only the tail
 #: is searched for ``usage``.
 METADATA_LIMIT = 1024 * 1024
@@ -124,6 +128,126 @@ def strip_media(value: Any) -> Any:
 
 
 # ---------------------------------------------------------------- requests
+
+_QUOTE_OR_ESCAPE = re.compile(rb'["\\]')
+#: Bytes of a JSON string literal that rule out base64 (a backslash is let
+#: through: some encoders write ``/`` as ``\/``).
+_NOT_BASE64 = re.compile(rb"[^A-Za-z0-9+/=_\-\\]")
+
+
+class MediaCompactor:
+    """Copies a JSON text piece by piece, leaving out inline media.
+
+    A string literal longer than :data:`INLINE_MEDIA` bytes that is a data
+    URL, or base64 only, is written as the placeholder :func:`strip_media`
+    would give it; everything else is copied as it is.  So a chat request
+    of tens of MiB that is mostly an inline image can be recorded from a
+    copy of a few KiB, never holding the image.
+
+    :param keep: the most bytes the copy may hold; past it, :meth:`feed`
+        says False and :meth:`result` is None.
+    """
+
+    def __init__(self, keep: int) -> None:
+        self.keep = keep
+        self.out = bytearray()
+        self.over = False
+        self._in_string = False
+        self._escape = False
+        self._head = bytearray()  # a string's first bytes, until it is judged
+        self._length = 0
+        self._kind: Optional[str] = None  # None (undecided), "data", "base64", "text"
+        self._base64 = True
+
+    def feed(self, piece: bytes) -> bool:
+        """The next piece of the text; False once the copy is too large."""
+        i, n = 0, len(piece)
+        while i < n and not self.over:
+            if not self._in_string:
+                j = piece.find(b'"', i)
+                if j < 0:
+                    self._emit(piece[i:])
+                    break
+                self._emit(piece[i:j + 1])
+                i = j + 1
+                self._open_string()
+                continue
+            if self._escape:
+                self._content(piece[i:i + 1])
+                self._escape = False
+                i += 1
+                continue
+            match = _QUOTE_OR_ESCAPE.search(piece, i)
+            end = match.start() if match is not None else n
+            if end > i:
+                self._content(piece[i:end])
+            if match is None:
+                break
+            if piece[end:end + 1] == b"\\":
+                self._content(b"\\")
+                self._escape = True
+            else:
+                self._close_string()
+            i = end + 1
+        return not self.over
+
+    def result(self) -> Optional[bytes]:
+        """The copy, or None if it grew too large or the text ended inside
+        a string."""
+        if self.over or self._in_string:
+            return None
+        return bytes(self.out)
+
+    def _emit(self, data: "bytes | bytearray") -> None:
+        self.out += data
+        if len(self.out) > self.keep:
+            self.over = True
+
+    def _open_string(self) -> None:
+        self._in_string = True
+        self._escape = False
+        self._head = bytearray()
+        self._length = 0
+        self._kind = None
+        self._base64 = True
+
+    def _content(self, data: bytes) -> None:
+        self._length += len(data)
+        if self._kind == "text":
+            self._emit(data)
+            return
+        if self._kind is not None:
+            return  # media: counted, not kept
+        self._head += data
+        if self._base64 and _NOT_BASE64.search(data):
+            self._base64 = False
+        if self._length <= INLINE_MEDIA:
+            return
+        if self._head.startswith(b"data:"):
+            self._kind = "data"
+        elif self._base64:
+            self._kind = "base64"
+        else:
+            self._kind = "text"
+            self._emit(self._head)
+        if self._kind != "text":
+            self._head = self._head[:100]
+
+    def _close_string(self) -> None:
+        self._in_string = False
+        if self._kind is None:
+            self._emit(self._head)
+        elif self._kind == "data":
+            head = bytes(self._head)
+            comma = head.find(b",")
+            prefix = head[:comma] if 0 <= comma else head[:40]
+            prefix = prefix.split(b"\\", 1)[0]  # never half an escape
+            self._emit(prefix + f",… ({self._length} characters omitted)".encode())
+        elif self._kind == "base64":
+            self._emit(f"… (base64, {self._length} characters omitted)".encode())
+        self._emit(b'"')
+        self._head = bytearray()
+
 
 
 def multipart_fields(body: bytes, wanted: Iterable[str]) -> dict[str, str]:

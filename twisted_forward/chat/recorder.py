@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import IO, Any, Iterable, Optional, Protocol, Sequence
+from typing import IO, Any, Callable, Iterable, Optional, Protocol, Sequence
 
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.interfaces import IReactorTime
@@ -43,11 +43,17 @@ from .record import (
     METADATA_LIMIT,
     PEEK,
     REQUEST_LIMIT,
+    REQUEST_SCAN_LIMIT,
     AnswerReader,
+    MediaCompactor,
     exchange_kind,
     summarize_large_request,
     summarize_request,
 )
+
+
+#: Pieces a large request body is read in for its record.
+SCAN_PIECE = 256 * 1024
 
 
 class RequestBody:
@@ -83,6 +89,22 @@ class RequestBody:
     def head(self, size: int) -> bytes:
         """At most the first ``size`` bytes."""
         return self._read(0, min(size, self.length))
+
+    def scan(self, piece_size: int, take: Callable[[bytes], bool]) -> None:
+        """Hand the body to ``take`` in pieces of ``piece_size`` bytes, from
+        the start, until it ends or ``take`` says False."""
+        content = self._content
+        if content is None:
+            return
+        here = content.tell()
+        try:
+            content.seek(0)
+            while True:
+                piece = content.read(piece_size)
+                if not piece or not take(piece):
+                    return
+        finally:
+            content.seek(here)
 
     def tail(self, size: int) -> bytes:
         """At most the last ``size`` bytes (none of them in :meth:`head`'s
@@ -216,6 +238,7 @@ class ChatRecorder:
         self.publisher = LogPublisher(*observers)
         self.chat_log = Logger(namespace=CHAT_NAMESPACE, observer=self.publisher)
         self._closables = [o for o in observers if hasattr(o, "close")]
+        self._writers = [o for o in observers if isinstance(o, ChatLogObserver)]
 
     def begin(self, info: ExchangeInfo) -> Optional[ExchangeTap]:
         """A tap for a recorded kind of exchange; None for any other."""
@@ -240,13 +263,11 @@ class ChatRecorder:
         )
 
     def counts(self) -> dict[str, int]:
-        """Waiting, failed and dropped records of the writers, summed."""
+        """Waiting, failed and dropped records of the record files, summed."""
         total = {"pending": 0, "write_failures": 0, "dropped": 0}
-        for observer in self._closables:
-            counts = getattr(observer, "counts", None)
-            if counts is not None:
-                for name, value in counts().items():
-                    total[name] = total.get(name, 0) + value
+        for writer in self._writers:
+            for name, value in writer.counts().items():
+                total[name] += value
         return total
 
     def flush(self) -> "Deferred[Any]":
@@ -267,8 +288,11 @@ class ChatTap:
     slow the relay.  The request body is read at the start (Twisted drops
     it when the answer finishes) but parsed only at the end; only a body
     the record can use is read whole (up to :data:`REQUEST_LIMIT` for a
-    conversation, :data:`METADATA_LIMIT` otherwise), of any other its first
-    and last :data:`PEEK` bytes.
+    conversation, :data:`METADATA_LIMIT` otherwise).  A conversation up to
+    :data:`REQUEST_SCAN_LIMIT` is read in pieces with its inline media left
+    out (:class:`MediaCompactor`) and kept if the rest fits in
+    :data:`REQUEST_LIMIT`.  Of any other body only the first and last
+    :data:`PEEK` bytes are read.
     """
 
     log = Logger()
@@ -288,6 +312,15 @@ class ChatTap:
         self.request_bytes = body.length
         limit = REQUEST_LIMIT if kind in CONVERSATION_KINDS else METADATA_LIMIT
         head = body.head(PEEK)
+        if kind in CONVERSATION_KINDS and limit < body.length <= REQUEST_SCAN_LIMIT:
+            # Large, maybe an inline image or two: read it piece by piece,
+            # leaving the media out; parsed at the end if the rest fits.
+            compactor = MediaCompactor(REQUEST_LIMIT)
+            body.scan(SCAN_PIECE, compactor.feed)
+            compacted = compactor.result()
+            if compacted is not None:
+                self.body = compacted
+                return
         if body.length > limit or (kind not in CONVERSATION_KINDS and head.startswith(b"--")):
             # Too large to parse, or a multipart upload (audio, image): take
             # its few fields now from its ends rather than hold it.
