@@ -61,7 +61,8 @@ def set_pool_factory(
     ``self._factory(quiescentCallback, repr(endpoint))`` for each new
     connection (Twisted 25.5 to 26.10).
     """
-    pool._factory = factory  # type: ignore[attr-defined]  # private, see docstring
+    # Declared as the class; our factory has the same call signature.
+    pool._factory = factory  # type: ignore[assignment]
 
 
 class ChannelHooks(HTTPChannel):
@@ -74,7 +75,7 @@ class ChannelHooks(HTTPChannel):
     def malformed_request(self) -> None:
         """Called when Twisted's parser finds the request malformed; answers
         400 and drops the connection unless a subclass does better."""
-        HTTPChannel._respondToBadRequestAndDisconnect(self)  # type: ignore[attr-defined]
+        HTTPChannel._respondToBadRequestAndDisconnect(self)
 
     # Twisted calls this (private) method for every request it cannot parse:
     # routed to the public name above, so our refusals answer in one shape.

@@ -142,7 +142,7 @@ class ProxyService(Service):
         self,
         built: Built,
         config: Config,
-        reactor: IReactorCore,
+        reactor: Any,
         recorder: Optional[ChatRecorder] = None,
         ledger: Optional[IService] = None,
     ) -> None:
@@ -216,7 +216,7 @@ class ProxyService(Service):
 
 def makeService(
     options: Options,
-    reactor: Optional[IReactorCore] = None,
+    reactor: Optional[Any] = None,
     environ: Optional[dict[str, str]] = None,
     endpoint: Optional[IStreamServerEndpoint] = None,
 ) -> IService:
@@ -227,6 +227,9 @@ def makeService(
     standard error and exit status 1: this runs before twistd redirects
     standard error to its log and before a daemon forks.
 
+    :param reactor: the reactor (IReactorCore, IReactorTime, IReactorTCP,
+        ...: typed Any, since zope interfaces cannot be intersected); the
+        global one by default.
     :param environ: the environment to read settings from (tests pass
         their own); ``os.environ`` by default.
     :param endpoint: serve on this endpoint instead of ``--port`` (a worker
@@ -235,9 +238,9 @@ def makeService(
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
-        reactor = default_reactor  # type: ignore[assignment]
+        reactor = default_reactor
     try:
-        return _make_service(options, reactor, environ, endpoint)  # type: ignore[arg-type]
+        return _make_service(options, reactor, environ, endpoint)
     except (ConfigError, ValueError) as e:
         # One clear line, not a traceback.
         sys.stderr.write(f"openai-forward: {e}\n")
@@ -247,7 +250,7 @@ def makeService(
 
 def _make_service(
     options: Options,
-    reactor: IReactorCore,
+    reactor: Any,
     environ: Optional[dict[str, str]],
     endpoint: Optional[IStreamServerEndpoint],
 ) -> IService:
@@ -298,12 +301,12 @@ def _make_service(
         recorder, exchange_recorder = feeding_recorder(recorder, feed, reactor, prices.cost_usd)
     try:
         built = build_root(
-            config, reactor, recorder=exchange_recorder, ledger=feed  # type: ignore[arg-type]
+            config, reactor, recorder=exchange_recorder, ledger=feed
         )
     except ValueError as e:  # a store the configuration names cannot be opened
         sys.stderr.write(f"openai-forward: {e}\n")
         raise SystemExit(1) from None
-    ProxyService(built, config, reactor, recorder, ledger).setServiceParent(  # type: ignore[arg-type]
+    ProxyService(built, config, reactor, recorder, ledger).setServiceParent(
         top
     )
     site = make_site(built, config, reactor)

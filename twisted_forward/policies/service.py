@@ -30,13 +30,13 @@ def default_store(config: PolicyConfig, reactor: IReactorTime) -> Optional[IPoli
     """In memory, unless REDIS_URL asks for Redis."""
     if config.redis_url:
         try:
-            from .redis import open_redis_store  # type: ignore[import-not-found]
+            from .redis import open_redis_store
         except ImportError:
             raise StoreNotAvailable(
                 "REDIS_URL (--redis-url): shared limits on Redis are not available in "
                 "this build"
             ) from None
-        return open_redis_store(config, reactor)  # type: ignore[no-any-return]
+        return open_redis_store(config, reactor)
     return None
 
 
