@@ -39,8 +39,10 @@ from twisted.internet.interfaces import (
     IDelayedCall,
     IProtocol,
     IProtocolFactory,
+    IPushProducer,
     IReactorTime,
     IStreamClientEndpoint,
+    ITCPTransport,
 )
 from twisted.internet.protocol import Protocol
 from twisted.internet.ssl import Certificate, trustRootFromCertificates
@@ -154,6 +156,9 @@ class _Tunnel(Protocol):
     every byte in either direction belongs to the protocol built from the
     endpoint's factory (the TLS layer, in practice).
     """
+
+    #: The proxy connection (a TCP connection, set before connectionMade).
+    transport: ITCPTransport
 
     def __init__(
         self,
@@ -359,6 +364,7 @@ class OutboundProxyAgent:
     ) -> None:
         if proxy_endpoint is None:
             parts = urlsplit("//" + proxy.netloc)
+            assert parts.hostname is not None  # a ProxyURL always names a host
             proxy_endpoint = HostnameEndpoint(
                 reactor, parts.hostname, parts.port or 80, timeout=connect_timeout
             )
@@ -393,7 +399,8 @@ class _Drop(Protocol):
     """Takes an unwanted answer's body by closing its connection."""
 
     def connectionMade(self) -> None:
-        self.transport.stopProducing()
+        # deliverBody's transport: an IPushProducer over the connection.
+        IPushProducer(self.transport).stopProducing()
 
 
 def _refuse_407(response: IResponse) -> IResponse:
@@ -444,6 +451,7 @@ class DirectEndpoints:
 
     def endpointForURI(self, uri: URI) -> Any:
         host = uri.host.decode("ascii").strip("[]")
+        version: int
         try:
             version = ipaddress.ip_address(host).version
         except ValueError:

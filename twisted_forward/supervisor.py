@@ -39,7 +39,7 @@ from typing import Any, Optional
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet import defer, endpoints
 from twisted.internet.error import ProcessDone
-from twisted.internet.interfaces import IDelayedCall, IListeningPort
+from twisted.internet.interfaces import IDelayedCall, IListeningPort, IProcessTransport
 from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -112,6 +112,9 @@ class SharedSocket(Factory):
 
 class _Worker(ProcessProtocol):
     """The supervisor's end of one worker process."""
+
+    #: The child process, set before connectionMade.
+    transport: IProcessTransport
 
     def __init__(self, pool: "WorkerPool", index: int, spec: bytes) -> None:
         self.pool = pool

@@ -233,6 +233,8 @@ class RecordFiles:
 
     def _open(self, day: str) -> int:
         if self._fd is not None and self._day == day:
+            here: Optional[os.stat_result]
+            there: Optional[os.stat_result]
             try:
                 here = os.fstat(self._fd)
                 there = os.stat(self._path)
