@@ -467,3 +467,33 @@ class UsageTests(AdminTestCase):
             response, body = yield self.get("/_admin/api/usage?" + query)
             self.assertEqual(response.code, 400, query)
             self.assertEqual(json.loads(body)["error"]["param"], param, query)
+
+
+class LimitsTests(AdminTestCase):
+    """``GET /_admin/api/keys`` with per-key policies: what remains."""
+
+    @defer.inlineCallbacks
+    def test_remaining_follows_use(self):
+        """A key's policy is shown, and what remains of its request rate
+        drops with each request; asking does not use any of it."""
+        yield self.start_admin(
+            KEY_POLICY=json.dumps({"alice": {"rpm": 5, "max_parallel": 2,
+                                             "usd_per_day": 1.5}}),
+            # A moving window: no minute can turn between the requests and
+            # the question.
+            RATE_LIMIT_STRATEGY="moving-window",
+        )
+        answer = yield self.api("/_admin/api/keys")
+        alice, bob = answer["forward_keys"]
+        self.assertEqual(alice["policy"], {"rpm": 5, "max_parallel": 2, "usd_per_day": 1.5})
+        self.assertEqual(alice["remaining"]["rpm"]["remaining"], 5)
+        self.assertEqual(alice["remaining"]["max_parallel"], {
+            "limit": 2, "remaining": 2, "reset_seconds": 0.0})
+        self.assertEqual(alice["remaining"]["usd_per_day"]["limit"], 1.5)
+        self.assertEqual((bob["policy"], bob["remaining"]), (None, None))
+        yield self.send("one")
+        yield self.send("two")
+        for _ in range(3):  # asking takes nothing
+            answer = yield self.api("/_admin/api/keys")
+        self.assertEqual(answer["forward_keys"][0]["remaining"]["rpm"]["remaining"], 3)
+        self.assertEqual(answer["forward_keys"][0]["remaining"]["max_parallel"]["remaining"], 2)

@@ -207,3 +207,32 @@ class CanaryTests(SynchronousTestCase):
             hasattr(_sslverify, "IOpenSSLTrustRoot"),
             self.broke("twisted.internet._sslverify.IOpenSSLTrustRoot is gone"),
         )
+
+    def test_twistd_log_file(self) -> None:
+        """twistd's SIGUSR1 handler is still a closure over its LogFile, which
+        twistd_log_file finds."""
+        from twisted.python.logfile import LogFile
+        from twisted.scripts import _twistd_unix
+
+        source = inspect.getsource(_twistd_unix.UnixAppLogger._getLogObserver)
+        self.assertIn(
+            "def rotateLog",
+            source,
+            self.broke("twistd's UnixAppLogger no longer installs a rotateLog closure for SIGUSR1"),
+        )
+        self.assertIn("logFile.rotate", source, self.broke("twistd's rotateLog no longer rotates logFile"))
+        log_file = LogFile("test.log", self.mktemp_dir())
+
+        def rotateLog(signal: object, frame: object) -> None:
+            log_file.rotate()
+
+        self.assertIs(_compat.twistd_log_file(rotateLog), log_file)
+        self.assertIsNone(_compat.twistd_log_file(lambda s, f: None))
+        log_file.close()
+
+    def mktemp_dir(self) -> str:
+        import os
+
+        path = self.mktemp()
+        os.makedirs(path)
+        return path

@@ -310,13 +310,14 @@ class OptionsTests(SynchronousTestCase):
 
     def test_tls_endpoint_refused(self) -> None:
         """A TLS port cannot be handed to workers as a plain socket."""
-        from twisted.internet.ssl import KeyPair
+        # cryptography, not KeyPair.selfSignedCert: that uses pyOpenSSL's
+        # X509Req, which newer pyOpenSSL releases dropped.
+        from .tls_fixtures import ThrowawayCA
 
-        key = KeyPair.generate(size=2048)
-        cert = key.selfSignedCert(1, CN="localhost")
+        issued = ThrowawayCA().issue(["localhost"])
         pem = self.mktemp()
         with open(pem, "wb") as f:
-            f.write(key.dump(1) + cert.dump(1))  # FILETYPE_PEM
+            f.write(issued.key_pem + issued.cert_pem)
         options = Options()
         options.parseOptions(["--workers", "2", "--port", f"ssl:0:privateKey={pem}",
                               "--env-file", os.devnull])
@@ -341,7 +342,7 @@ class OptionsTests(SynchronousTestCase):
                               "--env-file", os.devnull, "--idle-timeout", "7"])
         service = makeService(options, reactor=reactor,
                               environ={"OPENAI_BASE_URL": "http://127.0.0.1:1", "SHUTDOWN_GRACE": "3"})
-        [pool] = list(service)
+        [pool] = [s for s in service if isinstance(s, workers.WorkerPool)]
         # Bound while the service was built (a port in use stops start-up).
         self.assertIsNotNone(pool.bound)
         self.addCleanup(pool.bound.stopListening)

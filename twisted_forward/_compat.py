@@ -3,7 +3,7 @@ Every private Twisted name the proxy uses, in one place.
 
 Each is a debt: it may change in any Twisted release.  tests/test_compat.py
 is the canary that fails first, with a message naming the use, when one
-does.  Checked against the source of Twisted 25.5.0 (the lowest release
+does.  Checked against the source of Twisted 26.4.0 (the lowest release
 pyproject.toml allows) and 26.10.0 (the newest at the time of writing); CI
 runs the suite against both.
 
@@ -44,6 +44,7 @@ __all__ = [
     "clear_exit_signal",
     "limit_accepts_per_read",
     "set_pool_factory",
+    "twistd_log_file",
 ]
 
 #: ``_HTTP11ClientFactory(quiescentCallback, metadata)``: builds
@@ -59,7 +60,7 @@ def set_pool_factory(
 
     ``HTTPConnectionPool._newConnection`` calls
     ``self._factory(quiescentCallback, repr(endpoint))`` for each new
-    connection (Twisted 25.5 to 26.10).
+    connection (Twisted 26.4 to 26.10).
     """
     # Declared as the class; our factory has the same call signature.
     pool._factory = factory  # type: ignore[assignment]
@@ -69,7 +70,7 @@ class ChannelHooks(HTTPChannel):
     """``HTTPChannel`` with its private hooks given public names.
 
     :class:`twisted_forward.framing.ForwardChannel` subclasses this, so the
-    parser's private names appear nowhere else.  Twisted 25.5 to 26.10.
+    parser's private names appear nowhere else.  Twisted 26.4 to 26.10.
     """
 
     def malformed_request(self) -> None:
@@ -109,7 +110,7 @@ def clear_exit_signal(reactor: object) -> None:
 
     The reactor records SIGTERM/SIGINT in its private ``_exitSignal`` (the
     ``_ISupportsExitSignalCapturing`` interface) and twistd and twist re-raise
-    it at exit.  Twisted 25.5 to 26.10.
+    it at exit.  Twisted 26.4 to 26.10.
     """
     if getattr(reactor, "_exitSignal", None) is not None:
         reactor._exitSignal = None  # type: ignore[attr-defined]  # private, see docstring
@@ -122,7 +123,7 @@ def limit_accepts_per_read(port: IListeningPort, batch: int) -> None:
     ``twisted.internet.tcp.Port.doRead`` accepts up to ``numberAccepts``
     connections per call and raises that number when it takes them all; no
     public setting caps it, so it is reset before every call (the bound
-    ``doRead`` replaced on this one instance).  Twisted 25.5 to 26.10.
+    ``doRead`` replaced on this one instance).  Twisted 26.4 to 26.10.
     """
     accept = port.doRead  # type: ignore[attr-defined]  # tcp.Port, not IListeningPort
 
@@ -131,3 +132,26 @@ def limit_accepts_per_read(port: IListeningPort, batch: int) -> None:
         return accept()
 
     port.doRead = doRead  # type: ignore[attr-defined]  # as above
+
+
+def twistd_log_file(handler: Any) -> Any:
+    """The ``twisted.python.logfile.LogFile`` twistd's SIGUSR1 handler
+    rotates, or None.
+
+    twistd (``_twistd_unix.UnixAppLogger._getLogObserver``) installs a
+    closure ``rotateLog`` over its ``logFile`` and keeps no public reference
+    to the file; the closure's cell is the only way to reach it (read in
+    Twisted 25.5 and 26.10).  Used only to reopen that file after an external
+    rotation (logrotate); when the shape changes this returns None and
+    twistd's own SIGUSR1 behaviour stays.
+    """
+    from twisted.python.logfile import BaseLogFile
+
+    for cell in getattr(handler, "__closure__", None) or ():
+        try:
+            value = cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+        if isinstance(value, BaseLogFile):
+            return value
+    return None

@@ -40,13 +40,25 @@ class Metrics:
         return RouteMetrics(self, route)
 
     def watch_keys(self, keys: "DefaultKeys") -> None:
-        """Report the default keys' states (never the keys) at each scrape."""
-        self.registry.register(_KeyStates(keys))
+        """Report the default keys' states (never the keys) at each scrape;
+        a new watch (after a reload) replaces the previous one."""
+        self.watch("keys", _KeyStates(keys))
 
     def watch_chat_records(self, counts: Callable[[], dict[str, int]]) -> None:
         """Report the chat record writer's waiting, failed and dropped
-        records at each scrape (``counts`` as :meth:`ChatRecorder.counts`)."""
-        self.registry.register(_ChatRecordCounts(counts))
+        records at each scrape (``counts`` as :meth:`ChatRecorder.counts`);
+        a new watch (after a reload) replaces the previous one."""
+        self.watch("chat_records", _ChatRecordCounts(counts))
+
+    def watch(self, name: str, collector: Any) -> None:
+        """Register ``collector`` under ``name``, replacing the previous one
+        of that name (a reload builds its collectors again)."""
+        watches: dict[str, Any] = self.__dict__.setdefault("_watches", {})
+        previous = watches.pop(name, None)
+        if previous is not None:
+            self.registry.unregister(previous)
+        self.registry.register(collector)
+        watches[name] = collector
 
     def __init__(self, registry: Optional[CollectorRegistry] = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()

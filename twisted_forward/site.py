@@ -22,7 +22,7 @@ from twisted.web.server import Request, Site
 from zope.interface import implementer
 
 from .access import AccessGate, TrustedProxies
-from .admin.limits import IKeyLimits
+from .admin.limits import IKeyLimits, PolicyLimits
 from .admin.live import LiveTally
 from .admin.resource import is_admin_path
 from .admin.service import Admin, build_admin
@@ -322,6 +322,18 @@ class ForwardSite(Site):
             channel.admit(self.limits, addr)
         return channel
 
+    def serve(self, built: "Built", config: Config) -> None:
+        """Answer new requests with ``built``'s tree (at a reload); a request
+        already being answered keeps the tree it started with, and a
+        kept-alive connection its body cap and deadlines.  Connection caps
+        keep their counts (and their settings, until a restart)."""
+        self.resource = built.root
+        self.metrics = built.metrics
+        self.head_checks = tuple(built.head_checks)
+        self.max_request_body = config.max_request_body
+        self.head_timeout = config.request_head_timeout
+        self.body_timeout = config.request_body_timeout
+
     def getResourceFor(self, request: IRequest) -> IResource:
         # Twisted's Request.process has just set "Server: TwistedWeb/<version>":
         # no answer names the software and its version (relayed answers
@@ -385,6 +397,8 @@ class Built:
     cache: Optional[ResponseCache] = None
     #: The policy gate, or None when no policy is set.
     policy: Optional[PolicyGate] = None
+    #: The cache's series (registered whether or not the cache is on).
+    cache_metrics: Optional[CacheMetrics] = None
     #: The usage ledger (None: LEDGER off), for the admin API to query.
     ledger: Optional[ILedger] = None
     #: The admin page and API, when ADMIN_KEY is set.
@@ -403,11 +417,17 @@ def build_root(
     policy: Optional[PolicyGate] = None,
     ledger: Optional[ILedger] = None,
     limits: Optional[IKeyLimits] = None,
+    cache_metrics: Optional[CacheMetrics] = None,
+    health: Optional[Health] = None,
 ) -> Built:
     """Build the resource tree for ``config``.
 
     Metrics are collected always; they are served at ``config.metrics_path``
-    on this tree unless disabled or given their own port.
+    on this tree unless disabled or given their own port.  A reload builds
+    a new tree with the long-lived parts of the old one passed in (the
+    upstream pool when its settings are the same, the metrics, the health
+    state, the policy gate built around the old counting store, the cache's
+    store and series).
 
     :param cache_store: the response cache's store, instead of the one
         ``config.cache`` names.
@@ -437,10 +457,13 @@ def build_root(
         if isinstance(chat, ChatRecorder):
             metrics.watch_chat_records(chat.counts)
     if ledger is not None:
-        metrics.registry.register(LedgerCollector(ledger.stats))
+        metrics.watch("ledger", LedgerCollector(ledger.stats))
     passthrough = KeyRules(DefaultKeys((), reactor.seconds), ForwardKeys(()), reserved=reserved)
+    if cache_metrics is None:
+        # Registered once per registry: a reload hands the same one on.
+        cache_metrics = CacheMetrics(metrics.registry)
     cache = build_cache(
-        config.cache, config.forward_keys, reactor, CacheMetrics(metrics.registry), cache_store,
+        config.cache, config.forward_keys, reactor, cache_metrics, cache_store,
         config.ssl_cert_file,
     )
     _, _, upstream_cap = resolve_caps(config)
@@ -463,11 +486,14 @@ def build_root(
     ]
     admin = None
     if config.admin_key is not None:
+        if limits is None and policy is not None:
+            limits = PolicyLimits(policy, reactor)
         admin = build_admin(
             config, reactor, openai_keys.default, metrics,
             ledger if isinstance(ledger, LiveTally) else LiveTally(ledger), limits
         )
-    health = Health()
+    if health is None:
+        health = Health()
     served_here = config.metrics and config.metrics_port is None
     router = Router(
         [(p.route.prefix, p) for p in proxies],
@@ -484,6 +510,7 @@ def build_root(
     return Built(
         root, proxies, upstream, health, openai_keys, metrics,
         cache=cache, policy=policy, ledger=ledger, admin=admin, head_checks=(root, router),
+        cache_metrics=cache_metrics,
     )
 
 

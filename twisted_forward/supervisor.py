@@ -32,9 +32,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import sys
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet import defer, endpoints
@@ -44,7 +45,10 @@ from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from .config import ConfigError
 from .exitstatus import give_up
+from .logfiles import LogReopenService
+from .reload import ConfigSource, install_handler
 
 #: The file descriptor a worker finds the listening socket on.
 LISTEN_FD = 3
@@ -152,6 +156,7 @@ class WorkerPool(Service):
         reactor: Any,
         executable: str = sys.executable,
         port: Optional[IListeningPort] = None,
+        source: Optional[ConfigSource] = None,
     ) -> None:
         if count < 1:
             raise WorkersError("--workers must be at least 1")
@@ -164,6 +169,9 @@ class WorkerPool(Service):
         self.executable = executable
         #: Bound by :func:`make_supervisor` already, or bound at start.
         self.bound = port
+        #: Where a reload (SIGHUP) reads the configuration; None: no reloads.
+        self.source = source
+        self._restore_sighup: Optional[Callable[[], None]] = None
         self.port: Optional[IListeningPort] = None
         self.workers: dict[int, _Worker] = {}
         self.restarts: dict[int, IDelayedCall] = {}
@@ -183,6 +191,8 @@ class WorkerPool(Service):
     def startService(self) -> None:
         super().startService()
         self.stopping = False
+        if self.source is not None:
+            self._restore_sighup = install_handler(signal.SIGHUP, self.reactor, self.reload)
         if self.bound is not None:
             bound, self.bound = self.bound, None
             self._bound(bound)
@@ -237,6 +247,37 @@ class WorkerPool(Service):
         )
         self.workers[index] = worker
         self.log.info("worker {index} started (pid {pid})", index=index, pid=worker.pid)
+
+    # ------------------------------------------------------------ reload
+
+    def reload(self) -> bool:
+        """SIGHUP: check the new configuration, then relay the signal to
+        every worker, which reloads and reports on its own log line.
+
+        A configuration the supervisor finds invalid is refused here, once,
+        and no worker is disturbed.
+        """
+        if self.source is None or self.stopping:
+            return False
+        try:
+            config = self.source.load()
+        except ConfigError as e:
+            self.log.error(
+                "reload refused: {why}; the workers keep the running configuration",
+                why=str(e),
+            )
+            return False
+        self.grace = config.shutdown_grace
+        sent = []
+        for index in sorted(self.workers):
+            worker = self.workers[index]
+            _signal(worker, "HUP")
+            sent.append(f"worker {index} (pid {worker.pid})")
+        self.log.info(
+            "reload: sent to {count} worker(s): {workers}; each reports its result",
+            count=len(sent), workers=", ".join(sent) or "none",
+        )
+        return True
 
     # ------------------------------------------------------------ deaths
 
@@ -297,6 +338,9 @@ class WorkerPool(Service):
     def stopService(self) -> Any:
         super().stopService()
         self.stopping = True
+        if self._restore_sighup is not None:
+            self._restore_sighup()
+            self._restore_sighup = None
         for call in self.restarts.values():
             if call.active():
                 call.cancel()
@@ -337,6 +381,7 @@ def make_supervisor(
     environ: dict[str, str],
     grace: float,
     reactor: Any,
+    source: Optional[ConfigSource] = None,
 ) -> IService:
     """The service twistd runs for ``--workers N``."""
     from .listening import endpoint_from_string, listen_now
@@ -348,5 +393,8 @@ def make_supervisor(
         endpoint_from_string(reactor, endpoint, "--port"), SharedSocket(), "--port", endpoint
     )
     top = MultiService()
-    WorkerPool(count, endpoint, options, environ, grace, reactor, port=port).setServiceParent(top)
+    LogReopenService(reactor).setServiceParent(top)
+    WorkerPool(
+        count, endpoint, options, environ, grace, reactor, port=port, source=source
+    ).setServiceParent(top)
     return top

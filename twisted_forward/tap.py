@@ -9,13 +9,15 @@ environment and ``.env``, validates, and builds the service tree.
 from __future__ import annotations
 
 import os
+import signal
 import sys
-from typing import Any, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet import defer
-from twisted.internet.interfaces import IReactorCore, IStreamServerEndpoint
+from twisted.internet.interfaces import IReactorCore, IReactorTime, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -38,9 +40,12 @@ from .ledger.feed import feeding_recorder
 from .ledger.service import check_data_dir, open_ledger
 from .limits import resolve_caps
 from .listening import BoundEndpoint, endpoint_from_string, listen_now
+from .logfiles import LogReopenService
 from .metrics import MetricsResource
 from .policies.prices import PriceTable
-from .site import Built, SidePortSite, build_root, make_site
+from .policies.service import build_gate
+from .reload import ConfigSource, install_handler, restart_only_changes
+from .site import Built, ForwardSite, SidePortSite, build_root, make_site
 
 
 def port_to_endpoint(port: str) -> str:
@@ -126,14 +131,36 @@ def check_log_dir(config: Config) -> None:
         raise log_dir_error(config, e) from None
 
 
+def with_feed(
+    config: Config, reactor: IReactorTime, recorder: Optional[ChatRecorder],
+    feed: Optional[ILedger],
+) -> tuple[Optional[ChatRecorder], Optional[Recorder]]:
+    """The chat recorder (to flush and close) and the recorder the exchanges
+    use: with the ledger fed beside the chat records when there is one."""
+    if feed is None:
+        return recorder, recorder
+    prices = PriceTable.load(config.policy.prices_file, config.policy.unknown_price)
+    return feeding_recorder(recorder, feed, reactor, prices.cost_usd)
+
+
 class ProxyService(Service):
-    """Owns the proxy's lifetime: start-up lines, draining, closing the pool.
+    """Owns the proxy's lifetime: start-up lines, reloads, draining, closing
+    the pool.
+
+    On SIGHUP it reloads (:mod:`twisted_forward.reload`): the configuration
+    is read again and, if valid, a new resource tree serves new requests
+    while open ones finish on the tree they started with.
 
     On stop it marks the proxy draining (``/healthz`` answers 503), lets open
     exchanges finish for up to ``grace`` seconds, then cuts the rest and
     closes the upstream connections; last, the chat records are flushed and
     closed, so every exchange answered is on disk.  The listening port,
     stopped first by the parent service, takes no new connections meanwhile.
+
+    :param site: the site whose tree a reload swaps.
+    :param source: where a reload reads the configuration; None: no reloads.
+    :param admin_service: runs the admin's live figures; a reload hands it
+        the new admin.
     """
 
     log = Logger()
@@ -145,17 +172,33 @@ class ProxyService(Service):
         reactor: Any,
         recorder: Optional[ChatRecorder] = None,
         ledger: Optional[IService] = None,
+        site: Optional[ForwardSite] = None,
+        source: Optional[ConfigSource] = None,
+        admin_service: Optional[AdminService] = None,
+        feed: Optional[ILedger] = None,
     ) -> None:
         self.built = built
         self.config = config
         self.reactor = reactor
         self.recorder = recorder
         self.ledger = ledger
+        self.feed = feed
+        self.site = site
+        self.source = source
+        self.admin_service = admin_service
+        #: Earlier generations with exchanges still open.
+        self.retired: list[_Generation] = []
+        self._restore_sighup: Optional[Callable[[], None]] = None
 
     def startService(self) -> None:
         super().startService()
         if self.ledger is not None:
             self.ledger.startService()
+        self._describe()
+        if self.source is not None and self.site is not None:
+            self._restore_sighup = install_handler(signal.SIGHUP, self.reactor, self.reload)
+
+    def _describe(self) -> None:
         for line in describe(self.config):
             self.log.info("{line}", line=line)
         total, per_client, upstream = resolve_caps(self.config)
@@ -171,47 +214,166 @@ class ProxyService(Service):
                 "access with IP_WHITELIST."
             )
 
+    # ------------------------------------------------------------ reload
+
+    def reload(self) -> bool:
+        """Read the configuration again and serve new requests with it.
+
+        :returns: whether the new configuration is in effect (if not, the
+            reason is logged and the running configuration stays).
+        """
+        if self.source is None or self.site is None or not self.running:
+            return False
+        shadowed = self.source.shadowed_changes()
+        current = self.built
+        try:
+            config = self.source.load()
+            restart_only_changes(self.config, config)
+            same_pool = _pool_settings(config) == _pool_settings(self.config)
+            same_store = (
+                current.policy is not None
+                and config.policy.redis_url == self.config.policy.redis_url
+            )
+            same_cache = (
+                current.cache is not None and config.cache.enabled
+                and _cache_store_settings(config) == _cache_store_settings(self.config)
+            )
+            recorder = open_recorder(config, self.reactor)
+            recorder, exchange_recorder = with_feed(config, self.reactor, recorder, self.feed)
+            try:
+                policy = build_gate(
+                    config.policy, self.reactor, current.metrics,
+                    store=current.policy.store if same_store else None,  # type: ignore[union-attr]
+                )
+                built = build_root(
+                    config, self.reactor, recorder=exchange_recorder,
+                    ledger=self.feed,
+                    upstream=current.upstream if same_pool else None,
+                    metrics=current.metrics, health=current.health, policy=policy,
+                    cache_store=current.cache.store if same_cache else None,  # type: ignore[union-attr]
+                    cache_metrics=current.cache_metrics,
+                )
+            except BaseException:
+                if recorder is not None:
+                    recorder.close()
+                raise
+        except (ConfigError, ValueError, OSError) as e:
+            self.log.error(
+                "reload refused: {why}; the running configuration stays", why=str(e)
+            )
+            return False
+        except Exception:
+            self.log.failure("reload failed; the running configuration stays")
+            return False
+        for name in shadowed:
+            self.log.warn(
+                "reload: {name} changed in {file} but has no effect: the environment "
+                "of a running process cannot change; restart with the new value",
+                name=name, file=self.source.env_file,
+            )
+        self.site.serve(built, config)
+        if self.admin_service is not None and built.admin is not None:
+            self.admin_service.swap(built.admin)
+        self.retired.append(
+            _Generation(current, self.recorder, own_pool=not same_pool,
+                        own_store=not (same_store and built.policy is not None),
+                        own_cache=not (same_cache and built.cache is not None))
+        )
+        self.built, self.config, self.recorder = built, config, recorder
+        self.log.info("reloaded the configuration; open requests finish on the previous one")
+        self._describe()
+        self._close_drained()
+        return True
+
+    def _close_drained(self) -> None:
+        """Close what retired generations own, once their exchanges ended."""
+        for generation in list(self.retired):
+            if any(p.open for p in generation.built.proxies):
+                defer.DeferredList(
+                    [p.drained() for p in generation.built.proxies]
+                ).addCallback(lambda _: self._close_drained())
+                continue
+            self.retired.remove(generation)
+            generation.close()
+
+    # ------------------------------------------------------------ stop
+
     @defer.inlineCallbacks
     def stopService(self) -> Any:
         super().stopService()
+        if self._restore_sighup is not None:
+            self._restore_sighup()
+            self._restore_sighup = None
         self.built.health.draining = True
-        open_count = sum(len(p.open) for p in self.built.proxies)
+        generations = [_Generation(self.built, self.recorder)] + self.retired
+        self.retired = []
+        proxies = [p for g in generations for p in g.built.proxies]
+        open_count = sum(len(p.open) for p in proxies)
         if open_count:
             self.log.info(
                 "draining {count} open request(s) for up to {grace}s",
                 count=open_count, grace=self.config.shutdown_grace,
             )
-            drained = defer.DeferredList(
-                [p.drained() for p in self.built.proxies], consumeErrors=True
-            )
+            drained = defer.DeferredList([p.drained() for p in proxies], consumeErrors=True)
             # On timeout the DeferredList is cancelled, which fires it.
             yield drained.addTimeout(self.config.shutdown_grace, self.reactor)
-            for proxy in self.built.proxies:
+            for proxy in proxies:
                 for exchange in list(proxy.open):
                     exchange.abort()
-        try:
-            yield self.built.upstream.close()
-        finally:
-            try:
-                if self.built.cache is not None:
-                    # After the drain: the last answers have been stored.
-                    yield self.built.cache.close()
-                if self.built.policy is not None:
-                    # Every exchange has ended (and so settled or released its
-                    # reservation): let go of the store.
-                    yield self.built.policy.store.close()
-            finally:
-                try:
-                    if self.recorder is not None:
-                        yield self.recorder.close()
-                finally:
-                    # Last: every exchange has ended, so its figures are pending.
-                    if self.ledger is not None and self.ledger.running:
-                        yield self.ledger.stopService()
+        # Every exchange has ended (and so settled or released its policy
+        # reservation, and stored its answer in the cache): close the pools,
+        # the stores, then the chat records.
+        yield defer.DeferredList([g.close() for g in generations], consumeErrors=True)
+        if self.ledger is not None and self.ledger.running:
+            # Last: every exchange has ended, so its figures are pending.
+            yield self.ledger.stopService()
         # twistd and twist re-raise the terminating signal at exit, so a
         # supervisor would see "killed by SIGTERM".  The shutdown was
         # orderly: report success (exit status 0) instead.
         clear_exit_signal(self.reactor)
+
+
+@dataclass
+class _Generation:
+    """One configuration's tree and what it alone owns, for closing.
+
+    :ivar own_pool: whether its upstream pool is its own (not handed on to
+        the next generation by a reload).
+    :ivar own_store: likewise for its policy gate's counting store.
+    :ivar own_cache: likewise for its response cache's store.
+    """
+
+    built: Built
+    recorder: Optional[ChatRecorder]
+    own_pool: bool = True
+    own_store: bool = True
+    own_cache: bool = True
+
+    @defer.inlineCallbacks
+    def close(self) -> Any:
+        try:
+            if self.own_pool:
+                yield self.built.upstream.close()
+        finally:
+            try:
+                if self.own_cache and self.built.cache is not None:
+                    yield self.built.cache.close()
+                if self.own_store and self.built.policy is not None:
+                    yield self.built.policy.store.close()
+            finally:
+                if self.recorder is not None:
+                    yield self.recorder.close()
+
+
+def _cache_store_settings(config: Config) -> tuple[Any, ...]:
+    """The settings the response cache's store is opened with."""
+    c = config.cache
+    return (c.backend, c.root, c.redis_url, c.max_bytes)
+
+
+def _pool_settings(config: Config) -> tuple[Any, ...]:
+    """The settings the upstream connection pool is built from."""
+    return (config.connect_timeout, config.proxy, config.ssl_cert_file)
 
 
 def makeService(
@@ -254,7 +416,12 @@ def _make_service(
     environ: Optional[dict[str, str]],
     endpoint: Optional[IStreamServerEndpoint],
 ) -> IService:
-    config = load(options, environ)
+    source = ConfigSource(
+        options.setting_values(),
+        dict(os.environ if environ is None else environ),
+        options["env-file"],
+    )
+    config = source.load()
     if endpoint is None:
         endpoint = endpoint_from_string(reactor, options["endpoint"], "--port")
     metrics_endpoint = None
@@ -286,34 +453,33 @@ def _make_service(
             dict(os.environ if environ is None else environ),
             config.shutdown_grace,
             reactor,
+            source=source,
         )
     recorder = open_recorder(config, reactor)
     ledger = open_ledger(config, reactor)
     top = MultiService()
+    LogReopenService(reactor).setServiceParent(top)
     # The exchanges feed the ledger; with the admin page on, through its
     # live tally (which counts tokens for the live figures on the way).
     feed: Optional[ILedger] = ledger
     if config.admin_key is not None:
         feed = LiveTally(ledger)
-    exchange_recorder: Optional[Recorder] = recorder
-    if feed is not None:
-        prices = PriceTable.load(config.policy.prices_file, config.policy.unknown_price)
-        recorder, exchange_recorder = feeding_recorder(recorder, feed, reactor, prices.cost_usd)
-    try:
-        built = build_root(
-            config, reactor, recorder=exchange_recorder, ledger=feed
-        )
-    except ValueError as e:  # a store the configuration names cannot be opened
-        sys.stderr.write(f"openai-forward: {e}\n")
-        raise SystemExit(1) from None
-    ProxyService(built, config, reactor, recorder, ledger).setServiceParent(
-        top
+    recorder, exchange_recorder = with_feed(config, reactor, recorder, feed)
+    # A store the configuration names that cannot be opened raises
+    # ValueError: one line, from makeService.
+    built = build_root(
+        config, reactor, recorder=exchange_recorder, ledger=feed
     )
     site = make_site(built, config, reactor)
-    if built.admin is not None:
+    admin_service = AdminService(built.admin) if built.admin is not None else None
+    ProxyService(
+        built, config, reactor, recorder, ledger,
+        site=site, source=source, admin_service=admin_service, feed=feed,
+    ).setServiceParent(top)
+    if admin_service is not None:
         # Added before the listeners: stopped after they are, it ends the
         # open event streams so the proxy can drain.
-        AdminService(built.admin).setServiceParent(top)
+        admin_service.setServiceParent(top)
     admin_site = None
     if built.admin is not None and admin_endpoint is not None:
         admin_site = SidePortSite(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import sys
 from typing import Any, Callable, Optional
@@ -123,6 +124,10 @@ def _options_argv(values: dict[str, str]) -> list[str]:
 
 def worker_main() -> None:
     """Entry point of a worker process (``python -m twisted_forward.worker``)."""
+    # A reload relayed while this worker starts must not kill it (SIGHUP's
+    # default); it reads the configuration as it is now anyway.  The
+    # service installs its reload handler when it starts.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     spec = _read_spec()
     index = int(spec["worker"])
     family = getattr(socket, "AF_" + spec["family"])

@@ -5,6 +5,7 @@ clockwork: live sampling while the proxy runs, event streams ended on stop.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -49,15 +50,32 @@ class AdminService(Service):
         self.admin.live.stop()
         self.admin.resource.close()
 
+    def swap(self, admin: Admin) -> None:
+        """After a reload: sample and serve ``admin``; the previous one's
+        event streams end (the page's EventSource reconnects to the new)."""
+        previous, self.admin = self.admin, admin
+        if self.running:
+            previous.live.stop()
+            previous.resource.close()
+            admin.live.start()
+
+
+#: One refusals counter per Metrics: a reload builds the admin again on the
+#: same registry, which takes each series once.
+_REFUSALS: "weakref.WeakKeyDictionary[Metrics, Counter]" = weakref.WeakKeyDictionary()
+
 
 def admin_refusals(metrics: Metrics) -> Counter:
     """The counter of refused admin requests, in the proxy's registry."""
-    return Counter(
-        "openai_forward_admin_refusals",
-        "Admin API requests refused, by reason (a missing or wrong admin key).",
-        ["reason"],
-        registry=metrics.registry,
-    )
+    counter = _REFUSALS.get(metrics)
+    if counter is None:
+        counter = _REFUSALS[metrics] = Counter(
+            "openai_forward_admin_refusals",
+            "Admin API requests refused, by reason (a missing or wrong admin key).",
+            ["reason"],
+            registry=metrics.registry,
+        )
+    return counter
 
 
 def build_admin(

@@ -55,7 +55,12 @@
   function int(n) { return (n || 0).toLocaleString("en-US"); }
   function usd(n) {
     n = n || 0;
-    return "$" + (n >= 100 ? n.toFixed(2) : n >= 1 ? n.toFixed(3) : n.toFixed(4));
+    if (n === 0) { return "$0"; }
+    if (n >= 100) { return "$" + n.toFixed(2); }
+    if (n >= 0.01) { return "$" + n.toFixed(4).replace(/0+$/, "").replace(/\.$/, ""); }
+    // Small sums: two significant digits, not a row of zeros.
+    var decimals = Math.min(10, 1 - Math.floor(Math.log10(n)));
+    return "$" + n.toFixed(decimals);
   }
   function rate(n) { return n >= 100 ? Math.round(n).toLocaleString("en-US") : (n || 0).toFixed(1); }
   function utc(seconds) {
@@ -380,6 +385,20 @@
     return parts.length ? parts.join(" · ") : "none";
   }
 
+  function remaining(left) {
+    if (!left) { return "–"; }
+    if (left.error) { return left.error; }
+    var names = Object.keys(left);
+    if (!names.length) { return "–"; }
+    return names.map(function (name) {
+      var r = left[name];
+      var fmt = /^usd/.test(name) ? usd : int;
+      var text = name.replace(/_/g, " ") + " " + fmt(r.remaining) + " of " + fmt(r.limit);
+      if (r.reset_seconds) { text += " (resets in " + Math.ceil(r.reset_seconds) + " s)"; }
+      return text;
+    }).join(" · ");
+  }
+
   function showKeys(keys) {
     var body = $("default-keys-table").tBodies[0];
     clear(body);
@@ -398,7 +417,7 @@
       fbody.appendChild(el("tr", { "data-key": k.label }, [
         el("td", { text: k.label }),
         el("td", { cls: "wrap", text: k.policy ? describe(k.policy) : "no limits" }),
-        el("td", { cls: "wrap remaining", text: k.remaining ? describe(k.remaining) : "–" })]));
+        el("td", { cls: "wrap remaining", text: remaining(k.remaining) })]));
     });
     if (!keys.forward_keys.length) {
       fbody.appendChild(el("tr", null, [el("td", { colspan: "3", cls: "muted", text: "No forward keys." })]));
