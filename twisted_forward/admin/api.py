@@ -108,8 +108,8 @@ def check_params(query: Mapping[str, Sequence[str]], allowed: Sequence[str]) -> 
     silently ignored)."""
     for name in query:
         if name not in allowed:
-            raise BadParam(name, f"unknown parameter {name!r}; this endpoint takes: "
-                           + ", ".join(allowed))
+            takes = ", ".join(allowed) if allowed else "no parameter"
+            raise BadParam(name, f"unknown parameter {name!r}; this endpoint takes {takes}")
 
 
 def usage_csv(rows: list[UsageRow], group: str) -> bytes:
