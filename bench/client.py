@@ -131,6 +131,10 @@ class ResponseParser:
 # ---------------------------------------------------------------- requests
 
 
+#: The key the bench clients send: their own key (it goes upstream as it is).
+CLIENT_KEY = "sk-bench-0123456789abcdef"
+
+
 def chat_request(
     host: str,
     port: int,
@@ -139,6 +143,7 @@ def chat_request(
     interval_ms: float = 50.0,
     hold_s: float = 0.0,
     close: bool = False,
+    key: str = CLIENT_KEY,
 ) -> bytes:
     """A complete chat-completion request, as an OpenAI SDK would send it."""
     body: dict = {
@@ -154,11 +159,11 @@ def chat_request(
     payload = json.dumps(body, separators=(",", ":")).encode()
     return (
         b"POST /v1/chat/completions HTTP/1.1\r\nHost: %s:%d\r\n"
-        b"Authorization: Bearer sk-bench-0123456789abcdef\r\n"
+        b"Authorization: Bearer %s\r\n"
         b"Content-Type: application/json\r\nAccept: application/json\r\n"
         b"User-Agent: twisted-forward-bench\r\n%sContent-Length: %d\r\n\r\n%s"
         % (
-            host.encode(), port,
+            host.encode(), port, key.encode(),
             b"Connection: close\r\n" if close else b"",
             len(payload), payload,
         )
@@ -255,9 +260,11 @@ async def _one_stream(host: str, port: int, request: bytes, expected: int,
 
 
 async def run_streams(host: str, port: int, count: int, events: int,
-                      interval_ms: float, timeout: float) -> list[StreamResult]:
+                      interval_ms: float, timeout: float,
+                      key: str = CLIENT_KEY) -> list[StreamResult]:
     """``count`` concurrent SSE chat streams, each on its own connection."""
-    request = chat_request(host, port, stream=True, events=events, interval_ms=interval_ms)
+    request = chat_request(host, port, stream=True, events=events, interval_ms=interval_ms,
+                           key=key)
     expected = expected_separators(events)
     return await asyncio.gather(
         *(_one_stream(host, port, request, expected, timeout) for _ in range(count))
@@ -271,10 +278,11 @@ class HeldStreams:
     so the listen queue never overflows: this measures memory, not bursts.
     """
 
-    def __init__(self, host: str, port: int, hold_s: float) -> None:
+    def __init__(self, host: str, port: int, hold_s: float, key: str = CLIENT_KEY) -> None:
         self.host = host
         self.port = port
-        self.request = chat_request(host, port, stream=True, events=2, interval_ms=0, hold_s=hold_s)
+        self.request = chat_request(host, port, stream=True, events=2, interval_ms=0,
+                                    hold_s=hold_s, key=key)
         self.transports: list[asyncio.BaseTransport] = []
         self.protocols: list[_StreamProtocol] = []
 
@@ -442,26 +450,34 @@ class KeepAliveClient:
             self.sock = None
 
 
-def upload(host: str, port: int, size: int, timeout: float = 120.0) -> tuple[int, bytes, int]:
-    """POST a ``size``-byte file to ``/v1/files`` as the OpenAI SDK does
-    (multipart/form-data), as fast as the server takes it.
+def upload(host: str, port: int, size: int, timeout: float = 120.0,
+           path: str = "/v1/audio/transcriptions", raw: bool = False,
+           key: str = CLIENT_KEY) -> tuple[int, bytes, int]:
+    """POST a ``size``-byte file to ``path`` (a recorded route by default)
+    as the OpenAI SDK does (multipart/form-data), or as one raw
+    ``application/octet-stream`` body, as fast as the server takes it.
 
     :return: (status, answer body, request body length).
     """
     piece = os.urandom(1 << 16) * 16  # 1 MiB, never all of it in memory at once
     boundary = b"----twisted-forward-bench-7MA4YWxkTrZu0gW"
-    before = (
-        b"--%s\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nfine-tune\r\n"
-        b"--%s\r\nContent-Disposition: form-data; name=\"file\"; filename=\"bench.jsonl\"\r\n"
-        b"Content-Type: application/octet-stream\r\n\r\n" % (boundary, boundary)
-    )
-    after = b"\r\n--%s--\r\n" % boundary
+    if raw:
+        before = after = b""
+        ctype = b"application/octet-stream"
+    else:
+        before = (
+            b"--%s\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nwhisper-1\r\n"
+            b"--%s\r\nContent-Disposition: form-data; name=\"file\"; filename=\"bench.wav\"\r\n"
+            b"Content-Type: application/octet-stream\r\n\r\n" % (boundary, boundary)
+        )
+        after = b"\r\n--%s--\r\n" % boundary
+        ctype = b"multipart/form-data; boundary=" + boundary
     total = len(before) + size + len(after)
     head = (
-        b"POST /v1/files HTTP/1.1\r\nHost: %s:%d\r\n"
-        b"Authorization: Bearer sk-bench-0123456789abcdef\r\n"
-        b"Content-Type: multipart/form-data; boundary=%s\r\nContent-Length: %d\r\n"
-        b"Connection: close\r\n\r\n" % (host.encode(), port, boundary, total)
+        b"POST %s HTTP/1.1\r\nHost: %s:%d\r\n"
+        b"Authorization: Bearer %s\r\n"
+        b"Content-Type: %s\r\nContent-Length: %d\r\n"
+        b"Connection: close\r\n\r\n" % (path.encode(), host.encode(), port, key.encode(), ctype, total)
     )
     chunks: list[bytes] = []
     parser = ResponseParser(chunks.append)
@@ -483,7 +499,7 @@ def upload(host: str, port: int, size: int, timeout: float = 120.0) -> tuple[int
 
 
 def slow_read(host: str, port: int, size: int, rate: float,
-              timeout: float = 120.0) -> tuple[int, int, float]:
+              timeout: float = 120.0, key: str = CLIENT_KEY) -> tuple[int, int, float]:
     """GET ``/big/<size>`` reading at most ``rate`` bytes a second.
 
     The receive buffer is kept small so the reader's slowness reaches the
@@ -491,8 +507,9 @@ def slow_read(host: str, port: int, size: int, rate: float,
 
     :return: (status, body bytes read, seconds).
     """
-    request = b"GET /big/%d HTTP/1.1\r\nHost: %s:%d\r\nConnection: close\r\n\r\n" % (
-        size, host.encode(), port,
+    request = (
+        b"GET /big/%d HTTP/1.1\r\nHost: %s:%d\r\nAuthorization: Bearer %s\r\n"
+        b"Connection: close\r\n\r\n" % (size, host.encode(), port, key.encode())
     )
     parser = ResponseParser()
     started = time.perf_counter()
@@ -519,6 +536,25 @@ def slow_read(host: str, port: int, size: int, rate: float,
 
 
 # ---------------------------------------------------------------- memory
+
+
+def raise_nofile() -> tuple[int, int]:
+    """Raise this process's soft descriptor limit to its hard limit (the
+    drivers hold thousands of connections; children inherit it).
+
+    :return: ``(soft, hard)`` after.
+    """
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    return soft, hard
 
 
 def _children(pid: int) -> list[int]:

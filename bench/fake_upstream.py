@@ -12,7 +12,7 @@ thousands of small answers a second.  It answers:
   20) ``bench.interval_ms`` apart (default 50), then a finish event and
   ``data: [DONE]``.  ``bench.hold_s`` holds the stream open after the first
   event for that long (for counting the memory of open streams).
-- ``POST /v1/files`` (or ``/upload``): reads the body without keeping it and
+- ``POST /v1/files`` (or ``/upload``, ``/v1/audio/transcriptions``): reads the body without keeping it and
   answers ``{"received": n}``.
 - ``GET /big/<n>``: ``n`` bytes, written as fast as the reader takes them
   (with flow control, so a slow reader slows the writer).
@@ -247,7 +247,7 @@ class UpstreamProtocol(asyncio.Protocol):
                     self._stream(request)
                     return
             self._send(_CHAT_RESPONSE)
-        elif path in (b"/v1/files", b"/upload"):
+        elif path in (b"/v1/files", b"/upload", b"/v1/audio/transcriptions"):
             self._send(_simple(b"200 OK", b'{"received":%d}' % self.received))
         elif path.startswith(b"/big/") and method in (b"GET", b"POST"):
             self._big(int(path[5:]))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import select
+import shutil
 import signal
 import socket
 import subprocess
@@ -21,12 +22,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from .client import KeepAliveClient
+from .client import CLIENT_KEY, KeepAliveClient
 
 REPO = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
 #: The key the proxies hold; the bench clients send their own ``sk-bench-…``.
 BENCH_KEY = "sk-bench-proxy-default-key"
+#: The forward key twisted-forward's clients send (label ``bench``), so the
+#: rows with and without policies take the same path through the key rules.
+FORWARD_KEY = "fk-bench0123456789abcdef"
 OPENAI_FORWARD_VERSION = "0.8.1"
 #: openai-forward 0.8.1 imports yaml without declaring it.
 OPENAI_FORWARD_PACKAGES = [f"openai-forward=={OPENAI_FORWARD_VERSION}", "pyyaml"]
@@ -63,6 +67,8 @@ class Server:
     process: subprocess.Popen
     log_path: Optional[Path] = None
     notes: list[str] = field(default_factory=list)
+    #: The key the bench's clients send to this target.
+    key: str = CLIENT_KEY
 
     @property
     def pid(self) -> int:
@@ -116,11 +122,19 @@ class Server:
             self.process.wait(timeout)
 
 
-def start_fake(workdir: Path, cpus: Optional[set[int]], timeout: float = 30.0) -> Server:
-    """The fake upstream on a port the OS picks (read back from its first line)."""
-    log_path = workdir / "fake-upstream.log"
+#: The fake upstreams: the raw asyncio one, and one on aiohttp.
+UPSTREAMS = {"raw": "bench.fake_upstream", "aiohttp": "bench.aiohttp_upstream"}
+
+
+def start_fake(workdir: Path, cpus: Optional[set[int]], timeout: float = 30.0,
+               kind: str = "raw") -> Server:
+    """The fake upstream on a port the OS picks (read back from its first line).
+
+    :param kind: ``raw`` or ``aiohttp`` (see :data:`UPSTREAMS`).
+    """
+    log_path = workdir / f"fake-upstream-{kind}.log"
     process = subprocess.Popen(
-        [sys.executable, "-m", "bench.fake_upstream", "--host", HOST, "--port", "0"],
+        [sys.executable, "-m", UPSTREAMS[kind], "--host", HOST, "--port", "0"],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=open(log_path, "wb"),
@@ -137,6 +151,87 @@ def start_fake(workdir: Path, cpus: Optional[set[int]], timeout: float = 30.0) -
     server = Server("fake upstream", port, process, log_path)
     server.wait_ready(timeout)
     return server
+
+
+NGINX_CONF = """\
+worker_processes 1;
+daemon off;
+master_process on;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+worker_rlimit_nofile 65536;
+events {{ worker_connections 32768; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+    client_max_body_size 0;
+    upstream fake {{ server {host}:{upstream}; keepalive 256; }}
+    server {{
+        listen {host}:{port} backlog=4096;
+        location / {{
+            proxy_pass http://fake;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+            proxy_request_buffering off;
+            proxy_read_timeout 600s;
+        }}
+    }}
+}}
+"""
+
+
+def start_nginx(upstream_port: int, workdir: Path, cpus: Optional[set[int]]) -> Optional[Server]:
+    """nginx from Debian's package as a reverse proxy: one worker, buffering
+    off both ways, HTTP/1.1 keep-alive to the upstream.  None when nginx is
+    not installed (``apt-get install nginx-light``)."""
+    nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
+    if nginx is None:
+        return None
+    port = free_port()
+    rundir = workdir / "nginx"
+    rundir.mkdir(parents=True, exist_ok=True)
+    conf = rundir / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(dir=rundir, host=HOST, upstream=upstream_port, port=port))
+    return _launch("nginx", port, [nginx, "-p", str(rundir), "-c", str(conf)], rundir,
+                   dict(os.environ), cpus, "nginx.log")
+
+
+def start_redis(workdir: Path, cpus: Optional[set[int]], timeout: float = 30.0) -> Optional[Server]:
+    """A redis-server on a loopback port, persistence off; None when it is
+    not installed."""
+    binary = shutil.which("redis-server") or shutil.which("valkey-server")
+    if binary is None:
+        return None
+    port = free_port()
+    rundir = workdir / "redis"
+    rundir.mkdir(parents=True, exist_ok=True)
+    log_path = rundir / "redis.log"
+    process = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", HOST, "--save", "", "--appendonly", "no",
+         "--dir", str(rundir)],
+        cwd=rundir, stdin=subprocess.DEVNULL, stdout=open(log_path, "wb"),
+        stderr=subprocess.STDOUT, preexec_fn=pinning(cpus),
+    )
+    server = Server("redis", port, process, log_path)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not server.alive():
+            raise StartError(f"redis-server exited:\n{server.log_tail()}")
+        try:
+            with socket.create_connection((HOST, port), 1.0) as s:
+                s.sendall(b"PING\r\n")
+                if s.recv(64).startswith(b"+PONG"):
+                    return server
+        except OSError:
+            pass
+        time.sleep(0.05)  # polling a server that is starting up
+    server.stop()
+    raise StartError("redis-server not ready")
 
 
 def _launch(
@@ -192,6 +287,7 @@ def start_twisted_forward(
             "OPENAI_API_KEY": BENCH_KEY,
             "LOG_CHAT": "true",
             "LOG_DIR": str(rundir / "Log"),
+            "FORWARD_KEY": f"bench:{FORWARD_KEY}",
         }
     )
     env.update(extra_env or {})
@@ -203,7 +299,9 @@ def start_twisted_forward(
     ]
     if workers:
         args += ["--workers", str(workers)]
-    return _launch(name, port, args, rundir, env, cpus, "twistd.log")
+    server = _launch(name, port, args, rundir, env, cpus, "twistd.log")
+    server.key = FORWARD_KEY
+    return server
 
 
 def ensure_openai_forward(venv: Path, create: bool, log: Callable[[str], None]) -> Optional[Path]:

@@ -7,6 +7,8 @@ in anything sent or logged.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 from typing import Any, Optional
@@ -443,6 +445,23 @@ class EventsTests(AdminTestCase):
         self.assertEqual(self.admin.live.listeners, 0)
 
     @defer.inlineCallbacks
+    def test_streams_end_at_shutdown(self):
+        """Stopping the proxy ends every open event stream, so it can drain."""
+        yield self.start_admin()
+        response = yield self.client.get(
+            self.url("/_admin/api/events"),
+            headers={b"authorization": [b"Bearer " + ADMIN.encode()]},
+            unbuffered=True,
+        )
+        collector = Collector()
+        response.deliverBody(collector)
+        yield self.next_event(collector, "history")
+        yield self.service.stopService()
+        yield collector.done
+        self.assertEqual(self.admin.resource.streams, set())
+        self.assertEqual(self.admin.live.listeners, 0)
+
+    @defer.inlineCallbacks
     def test_needs_the_key(self):
         """No key, no stream."""
         yield self.start_admin()
@@ -453,6 +472,37 @@ class EventsTests(AdminTestCase):
 
 class UsageTests(AdminTestCase):
     """``GET /_admin/api/usage``: the ledger's rows, as JSON or CSV."""
+
+    @defer.inlineCallbacks
+    def test_rows_by_key_model_and_day_as_json_and_csv(self):
+        """Requests sent through the proxy show in the ledger's rows, grouped
+        and filtered as asked, as JSON and as CSV."""
+        yield self.start_admin(DATA_DIR=os.path.abspath(self.mktemp()))
+        yield self.send("one", ALICE)
+        yield self.send("two", ALICE, model="gpt-4o")
+        yield self.send("three", BOB)
+        answer = yield self.api("/_admin/api/usage?since=today&group=key")
+        rows = {r["key_label"]: r for r in answer["data"]}
+        self.assertEqual(sorted(rows), ["alice", "bob"])
+        self.assertEqual(rows["alice"]["requests"], 2)
+        self.assertEqual(rows["alice"]["prompt_tokens"], 10)
+        self.assertEqual(rows["alice"]["completion_tokens"], 6)
+        self.assertGreater(rows["alice"]["cost_usd"], rows["bob"]["cost_usd"])
+        self.assertEqual(answer["total"]["requests"], 3)
+        self.assertEqual(answer["ledger"]["backend"], "sqlite")
+        answer = yield self.api("/_admin/api/usage?group=model&key=alice")
+        self.assertEqual([(r["model"], r["requests"]) for r in answer["data"]],
+                         [("gpt-4o", 1), ("gpt-4o-mini", 1)])
+        answer = yield self.api("/_admin/api/usage?group=day&model=gpt-4o-mini")
+        [day] = answer["data"]
+        self.assertEqual((day["day"], day["requests"]), (answer["until"], 2))
+        response, body = yield self.get("/_admin/api/usage?group=key&format=csv")
+        self.assertEqual(response.code, 200)
+        self.assertTrue(response.headers.getRawHeaders(b"content-type")[0].startswith(b"text/csv"))
+        self.assertIn(b"attachment", response.headers.getRawHeaders(b"content-disposition")[0])
+        table = list(csv.DictReader(io.StringIO(body.decode())))
+        self.assertEqual([(r["key_label"], r["requests"]) for r in table],
+                         [("alice", "2"), ("bob", "1")])
 
     @defer.inlineCallbacks
     def test_bad_parameters(self):

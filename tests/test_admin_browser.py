@@ -37,6 +37,7 @@ FLAGS = [
     "--disable-background-networking",
     "--disable-component-update",
     "--no-first-run",
+    "--disable-dev-shm-usage",
     "--disable-default-apps",
     "--disable-sync",
     "--metrics-recording-only",

@@ -147,3 +147,56 @@ class SettingSourceTests(SynchronousTestCase):
              config.request_body_timeout),
             (5, 3, 4, 8.0, 9.0),
         )
+
+
+class RaiseDescriptorLimitTests(SynchronousTestCase):
+    """The soft descriptor limit is raised at start-up as far as the hard
+    limit allows, before the caps are derived from it."""
+
+    def run_with(self, soft, hard, refuse=False):
+        import resource
+
+        from twisted_forward.limits import raise_descriptor_limit
+
+        calls = []
+
+        def getrlimit(which):
+            self.assertEqual(which, resource.RLIMIT_NOFILE)
+            return soft, hard
+
+        def setrlimit(which, limits):
+            calls.append(limits)
+            if refuse:
+                raise ValueError("not allowed")
+
+        return raise_descriptor_limit(getrlimit, setrlimit), calls
+
+    def test_raised_to_the_hard_limit(self):
+        """1024 soft, 65536 hard: the soft limit becomes 65536."""
+        result, calls = self.run_with(1024, 65536)
+        self.assertEqual(result, (1024, 65536))
+        self.assertEqual(calls, [(65536, 65536)])
+
+    def test_already_at_the_hard_limit(self):
+        """Nothing to raise: no call, the limit reported as it is."""
+        result, calls = self.run_with(65536, 65536)
+        self.assertEqual(result, (65536, 65536))
+        self.assertEqual(calls, [])
+
+    def test_unlimited_hard_limit(self):
+        """An unlimited hard limit: aim for 2**20 descriptors."""
+        import resource
+
+        result, calls = self.run_with(1024, resource.RLIM_INFINITY)
+        self.assertEqual(result, (1024, 1 << 20))
+        self.assertEqual(calls, [(1 << 20, resource.RLIM_INFINITY)])
+
+    def test_refused(self):
+        """The system refuses: the limit stays as it was."""
+        result, calls = self.run_with(1024, 4096, refuse=True)
+        self.assertEqual(result, (1024, 1024))
+        self.assertEqual(len(calls), 1)
+
+    def test_caps_follow_the_raised_limit(self):
+        """The caps derived after raising use the new limit."""
+        self.assertEqual(default_caps(65536)[0], (65536 - FD_RESERVE) // 2)

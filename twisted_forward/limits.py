@@ -59,6 +59,32 @@ def descriptor_limit() -> int:
     return soft if soft != resource.RLIM_INFINITY else 1 << 20
 
 
+def raise_descriptor_limit(
+    getrlimit: Callable[[int], tuple[int, int]] = resource.getrlimit,
+    setrlimit: Callable[[int, tuple[int, int]], None] = resource.setrlimit,
+) -> tuple[int, int]:
+    """Raise the soft limit on open descriptors as far as the hard limit
+    allows, so one process can hold tens of thousands of streams.
+
+    Called once at start-up, before :func:`resolve_caps` derives the
+    connection caps from the limit (and before workers are spawned: they
+    inherit it).  A refusal from the system leaves the limit as it was.
+
+    :return: ``(before, after)`` soft limits.
+    """
+    soft, hard = getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or (soft >= hard and hard != resource.RLIM_INFINITY):
+        return soft, soft
+    # An unlimited hard limit is not a value setrlimit takes for the soft one
+    # on Linux (nr_open caps it): aim for 2**20, then what the kernel allows.
+    target = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    try:
+        setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError):
+        return soft, soft
+    return soft, target
+
+
 def default_caps(fd_limit: Optional[int] = None) -> tuple[int, int, int]:
     """``(connections, per client, upstream)`` for a descriptor limit."""
     limit = descriptor_limit() if fd_limit is None else fd_limit

@@ -38,7 +38,7 @@ from .config import (
 from .ledger import ILedger
 from .ledger.feed import feeding_recorder
 from .ledger.service import check_data_dir, open_ledger
-from .limits import resolve_caps
+from .limits import raise_descriptor_limit, resolve_caps
 from .listening import BoundEndpoint, endpoint_from_string, listen_now
 from .logfiles import LogReopenService
 from .metrics import MetricsResource
@@ -46,6 +46,8 @@ from .policies.prices import PriceTable
 from .policies.service import build_gate
 from .reload import ConfigSource, install_handler, restart_only_changes
 from .site import Built, ForwardSite, SidePortSite, build_root, make_site
+
+_log = Logger()
 
 
 def port_to_endpoint(port: str) -> str:
@@ -422,6 +424,14 @@ def _make_service(
         options["env-file"],
     )
     config = source.load()
+    # Before anything derives its caps from the limit (and before workers,
+    # which inherit it, are spawned).
+    before, after = raise_descriptor_limit()
+    _log.info(
+        "open-descriptor limit {before} raised to {after} (the hard limit allows it)"
+        if after > before else "open-descriptor limit {after} (not raised)",
+        before=before, after=after,
+    )
     if endpoint is None:
         endpoint = endpoint_from_string(reactor, options["endpoint"], "--port")
     metrics_endpoint = None
