@@ -17,6 +17,7 @@ environment variable CI is set: then it fails.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -56,9 +57,7 @@ def missing() -> str:
     """Why the browser test cannot run here, or ``""``."""
     if not os.access(CHROMIUM, os.X_OK):
         return f"no Chromium at {CHROMIUM} (apt-get install chromium)"
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("playwright") is None:
         return "Playwright for Python is not installed (pip install playwright)"
     return ""
 

@@ -239,6 +239,38 @@ class KeyHealthTests(SynchronousTestCase):
         self.assertIsNone(decision.refusal)
 
 
+class LimitsTests(SynchronousTestCase):
+    """What remains of a key's limits, from the policy store."""
+
+    def test_peek_takes_nothing(self):
+        """The limits reader provides IKeyLimits, reports the limits of a
+        key's policy, and leaves the store's counts as they were."""
+        from twisted_forward.admin.limits import IKeyLimits, PolicyLimits
+        from twisted_forward.policies.gate import PolicyGate
+        from twisted_forward.policies.memory import MemoryStore
+        from twisted_forward.policies.prices import Price, PriceTable
+        from twisted_forward.policies.rules import KeyPolicy, Policies
+
+        clock = Clock()
+        clock.advance(1_800_000_000)
+        store = MemoryStore()
+        gate = PolicyGate(
+            Policies(keys={"alice": KeyPolicy(rpm=3, tokens_per_day=100, max_parallel=1)}),
+            store, PriceTable.load(None, Price(0.0, 0.0, 0.0)), clock,
+        )
+        limits = PolicyLimits(gate, clock)
+        verifyObject(IKeyLimits, limits)
+        for _ in range(5):
+            got = self.successResultOf(limits.describe(["alice", "bob"]))
+        self.assertEqual(got["bob"], {"policy": None, "remaining": None})
+        self.assertEqual(got["alice"]["policy"],
+                         {"rpm": 3, "max_parallel": 1, "tokens_per_day": 100})
+        remaining = got["alice"]["remaining"]
+        self.assertEqual(remaining["rpm"]["remaining"], 3)
+        self.assertEqual(remaining["max_parallel"]["remaining"], 1)
+        self.assertEqual(remaining["tokens_per_day"]["remaining"], 100)
+
+
 class SettingsTests(SynchronousTestCase):
     """ADMIN_KEY and ADMIN_PORT."""
 
