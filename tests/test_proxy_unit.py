@@ -476,3 +476,16 @@ class ScrubbingPathTests(ProxyHarness):
         self.assertEqual(transport.value(), b"")
         self.assertEqual(self.clock.getDelayedCalls(), [])
         self.assertFalse(self.built.proxies[0].open)
+
+    def test_silent_401_revokes_nothing(self):
+        """A default key's 401 that goes silent mid-body is ended by the idle
+        timer, relayed with the proxy's error, and revokes nothing."""
+        channel, transport = self.get()
+        response = FakeResponse(401, {b"content-type": [b"application/json"]}, length=1000)
+        self.upstream.calls[0].deferred.callback(response)
+        response.protocol.dataReceived(b'{"error": {"code": "invalid_api_key"')
+        self.clock.advance(21)
+        self.assertTrue(response.transport.stopped)
+        self.assertEqual(self.status(transport), 401)
+        self.assertEqual(len(self.upstream.calls), 1)
+        self.assertEqual(self.built.keys.default.revoked, frozenset())

@@ -27,6 +27,7 @@ from .cache.settings import (
 )
 from .policies.settings import POLICY_SETTINGS, PolicyConfig, PolicyConfigError
 from .policies.settings import build as build_policy_config
+from .trust import read_ca_file
 
 IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
@@ -234,8 +235,6 @@ def _parse_proxy_url(raw: str) -> ProxyURL:
 
 def parse_ca_file(value: str) -> str:
     """A readable PEM file holding at least one CA certificate."""
-    from .outbound import read_ca_file  # OpenSSL's reading, done once at start
-
     path = value.strip()
     read_ca_file(path)
     return path

@@ -24,12 +24,13 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IRequest, IResponse
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
+from zope.interface import implementer
 
 from .cache.hook import Lookup
 from .cache.interfaces import IExchangeCache
 from .cache.key import without_caching
 from .cache.replay import Replay
-from .chat.recorder import ExchangeInfo, ExchangeTap, NullRecorder, Recorder, RequestBody
+from .chat.recorder import ExchangeInfo, IExchangeTap, IRecorder, NullRecorder, RequestBody
 from .config import Route
 from .errors import error_body, send_error, write_error
 from .framing import Refusal
@@ -85,7 +86,7 @@ class ProxyResource(Resource):
         reactor: IReactorTime,
         read_timeout: float,
         idle_timeout: float,
-        recorder: Optional[Recorder] = None,
+        recorder: Optional[IRecorder] = None,
         metrics: Optional[Metrics] = None,
         cache: Optional[IExchangeCache] = None,
         policy: Optional[IExchangePolicy] = None,
@@ -104,7 +105,7 @@ class ProxyResource(Resource):
         self.reactor = reactor
         self.read_timeout = read_timeout
         self.idle_timeout = idle_timeout
-        self.recorder: Recorder = recorder or NullRecorder()
+        self.recorder: IRecorder = recorder or NullRecorder()
         #: The response cache, when it is on for this route.
         self.cache = cache if cache is not None and cache.on(route) else None
         #: Exchanges in flight, for draining at shutdown.
@@ -261,7 +262,7 @@ class Exchange:
             resource.keys.default.mask() if decision.substituted else None
         )
         self.key_index: Optional[int] = None
-        self.tap: Optional[ExchangeTap] = None
+        self.tap: Optional[IExchangeTap] = None
         self.request_id = f"{_ID_PREFIX}-{next(_ids):x}"
         #: The status given to the client (0 until there is one).
         self.status = 0
@@ -662,10 +663,11 @@ class Exchange:
         self.end("client_left")
 
 
+@implementer(IExchangeTap)
 class _BothTaps:
     """Feeds one answer to two taps (the chat record, the cache)."""
 
-    def __init__(self, first: ExchangeTap, second: ExchangeTap) -> None:
+    def __init__(self, first: IExchangeTap, second: IExchangeTap) -> None:
         self.first = first
         self.second = second
 

@@ -45,7 +45,7 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, Sequence
 
 from twisted.internet.interfaces import IAddress, IDelayedCall, IPushProducer
 from twisted.logger import Logger
@@ -272,10 +272,37 @@ def check_trailers(lines: Iterable[bytes]) -> Optional[Refusal]:
     return None
 
 
+@dataclass(frozen=True)
+class ChannelSettings:
+    """What the site tells each of its channels, given at construction.
+
+    :ivar max_request_body: the largest request body accepted, in bytes, or
+        None for no limit.
+    :ivar max_headers: the most header lines a request head may have.
+    :ivar max_header_bytes: the longest request head (and single line).
+    :ivar head_checks: run on every request head, in order.
+    :ivar head_timeout: seconds from a head's first byte to its end, or None.
+    :ivar body_timeout: seconds a body may go without a byte, or None.
+    :ivar count_refusal: called with each refusal's error code (the
+        refusals metric), or None.
+    :ivar seconds: the clock the refusal answers' ``Date`` is read from.
+    """
+
+    max_request_body: Optional[int] = None
+    max_headers: int = 100
+    max_header_bytes: int = 16384
+    head_checks: tuple["IHeadCheck", ...] = ()
+    head_timeout: Optional[float] = None
+    body_timeout: Optional[float] = None
+    count_refusal: Optional[Callable[[str], None]] = None
+    seconds: Callable[[], float] = time.time
+
+
 class ForwardChannel(ChannelHooks):
     """Twisted's HTTP/1.1 channel with the refusals this module describes.
 
-    Set by the site (:class:`~twisted_forward.site.ForwardSite`):
+    :param settings: its limits, deadlines and head checks, from the site
+        (:class:`~twisted_forward.site.ForwardSite`).  From them:
 
     :ivar max_request_body: the largest request body accepted, in bytes, or
         None for no limit.
@@ -306,8 +333,15 @@ class ForwardChannel(ChannelHooks):
     #: refused) instead of waited on.
     delimiter = b"\n"
 
-    def __init__(self) -> None:
+    def __init__(self, settings: ChannelSettings = ChannelSettings()) -> None:
         super().__init__()
+        self.settings = settings
+        self.max_request_body = settings.max_request_body
+        self.maxHeaders = settings.max_headers
+        self.totalHeadersSize = self.MAX_LENGTH = settings.max_header_bytes
+        self.head_checks = settings.head_checks
+        self.head_timeout = settings.head_timeout
+        self.body_timeout = settings.body_timeout
         self.refused: Optional[Refusal] = None
         self._linger_call: Optional[IDelayedCall] = None
         self._lingered = 0
@@ -525,9 +559,8 @@ class ForwardChannel(ChannelHooks):
             return
         self.refused = refusal
         self._stop_timers()
-        metrics = getattr(getattr(self, "site", None), "metrics", None)
-        if metrics is not None:
-            metrics.refusals.labels(refusal.code).inc()
+        if self.settings.count_refusal is not None:
+            self.settings.count_refusal(refusal.code)
         transport = self.transport
         if transport is None or transport.disconnecting:
             return
@@ -569,10 +602,7 @@ class ForwardChannel(ChannelHooks):
             self.transport.abortConnection()
 
     def _now(self) -> float:
-        # The site's reactor (a test's clock); a channel without a site has
-        # only the wall clock.
-        reactor = getattr(getattr(self, "site", None), "reactor", None)
-        return reactor.seconds() if reactor is not None else time.time()
+        return self.settings.seconds()
 
     def _stop_timers(self) -> None:
         self._cancel(self._head_timer)

@@ -22,10 +22,9 @@ from __future__ import annotations
 import base64
 import ipaddress
 import re
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 from urllib.parse import urlsplit
 
-from OpenSSL.crypto import Error as OpenSSLError
 from twisted.internet import error
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import (
@@ -45,7 +44,6 @@ from twisted.internet.interfaces import (
     ITCPTransport,
 )
 from twisted.internet.protocol import Protocol
-from twisted.internet.ssl import Certificate, trustRootFromCertificates
 from twisted.python.failure import Failure
 from twisted.web.client import (
     URI,
@@ -65,18 +63,13 @@ from twisted.web.iweb import (
 from zope.interface import implementer
 
 from .config import ProxyURL
-
-if TYPE_CHECKING:
-    from ._compat import IOpenSSLTrustRoot
+from .trust import load_trust_root, read_ca_file  # noqa: F401 (read_ca_file: the tests')
 
 #: The longest CONNECT answer head accepted from the proxy.
 MAX_CONNECT_HEAD = 16 * 1024
 
 _STATUS_LINE = re.compile(rb"HTTP/1\.[01] ([0-9]{3})(?: ([^\r\n]*))?\Z")
 _UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
-_PEM_CERTIFICATE = re.compile(
-    rb"-----BEGIN CERTIFICATE-----\r?\n.+?\r?\n-----END CERTIFICATE-----", re.DOTALL
-)
 
 
 class OutboundProxyError(error.ConnectError):
@@ -101,35 +94,6 @@ def proxy_authorization(proxy: ProxyURL) -> Optional[bytes]:
     user, password = proxy.credentials
     token = base64.b64encode(f"{user}:{password}".encode())
     return b"Basic " + token
-
-
-def read_ca_file(path: str) -> list[Certificate]:
-    """The certificates of a PEM bundle (SSL_CERT_FILE), read by OpenSSL.
-
-    OpenSSL reads them as it reads its own CA files, so system bundles
-    with certificates stricter parsers reject load the same way.
-
-    :raises ValueError: if the file cannot be read or holds no certificate.
-    """
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise ValueError(f"cannot read {path!r} ({e.strerror})") from None
-    certificates = []
-    for block in _PEM_CERTIFICATE.findall(data):
-        try:
-            certificates.append(Certificate.loadPEM(block))
-        except OpenSSLError:
-            raise ValueError(f"{path!r} holds a certificate OpenSSL cannot read") from None
-    if not certificates:
-        raise ValueError(f"{path!r} holds no PEM certificate")
-    return certificates
-
-
-def load_trust_root(path: str) -> "IOpenSSLTrustRoot":
-    """The CA certificates in a PEM file, as a trust root for TLS policies."""
-    return trustRootFromCertificates(read_ca_file(path))
 
 
 def tls_policy(ssl_cert_file: Optional[str] = None) -> IPolicyForHTTPS:

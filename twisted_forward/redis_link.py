@@ -134,7 +134,7 @@ def connect(
     if target.tls:
         from twisted.internet.ssl import optionsForClientTLS
 
-        from .outbound import load_trust_root
+        from .trust import load_trust_root
 
         trust = load_trust_root(ca_file) if ca_file is not None else None
         tls = optionsForClientTLS(target.host, trustRoot=trust)

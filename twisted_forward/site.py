@@ -9,7 +9,8 @@ The HTTP server side: the Site, its Request class, and the router.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any, Optional, Sequence
 
 from twisted.internet.interfaces import IAddress, IReactorTime
@@ -29,11 +30,11 @@ from .admin.service import Admin, build_admin
 from .cache.hook import ResponseCache, build_cache
 from .cache.interfaces import ICacheStore
 from .cache.metrics import CacheMetrics
-from .chat.recorder import ChatRecorder, FanOut, Recorder
+from .chat.recorder import ChatRecorder, FanOut, IRecorder
 from .config import Config
 from .errors import write_error
 from .exchange import ProxyResource
-from .framing import ForwardChannel, Refusal, body_too_large
+from .framing import ChannelSettings, ForwardChannel, Refusal, body_too_large
 from .headcheck import IHeadCheck
 from .keys import DefaultKeys, ForwardKeys, KeyRules
 from .ledger import ILedger
@@ -114,7 +115,7 @@ class ForwardRequest(Request):
         self.state = RequestState()
 
     def handleContentChunk(self, data: bytes) -> None:
-        limit = getattr(self.channel, "max_request_body", None)
+        limit = self.channel.max_request_body
         if limit is not None:
             self.body_received += len(data)
             if self.body_received > limit:
@@ -300,24 +301,33 @@ class ForwardSite(Site):
         # request is being answered, so long streams are not affected.
         kwargs.setdefault("timeout", CLIENT_IDLE_TIMEOUT)
         super().__init__(resource, *args, **kwargs)
-        self.max_request_body = max_request_body
-        self.max_headers = max_headers
-        self.max_header_bytes = max_header_bytes
         self.metrics = metrics
         self.head_checks = tuple(head_checks)
         self.limits = limits
-        self.head_timeout = head_timeout
-        self.body_timeout = body_timeout
+        self._new_channels(ChannelSettings(
+            max_request_body=max_request_body,
+            max_headers=max_headers,
+            max_header_bytes=max_header_bytes,
+            head_checks=self.head_checks,
+            head_timeout=head_timeout,
+            body_timeout=body_timeout,
+            count_refusal=self._count_refusal,
+            seconds=self.reactor.seconds,
+        ))
+
+    def _new_channels(self, settings: ChannelSettings) -> None:
+        """Build the channels of new connections with ``settings``."""
+        self.channel_settings = settings
+        # Twisted's buildProtocol calls protocol() with no arguments: each
+        # channel gets its settings at construction this way.
+        self.protocol = partial(ForwardChannel, settings)  # type: ignore[assignment]
+
+    def _count_refusal(self, code: str) -> None:
+        if self.metrics is not None:
+            self.metrics.refusals.labels(code).inc()
 
     def buildProtocol(self, addr: Optional[IAddress]) -> ForwardChannel:  # type: ignore[override]
         channel: ForwardChannel = super().buildProtocol(addr)
-        channel.max_request_body = self.max_request_body
-        channel.maxHeaders = self.max_headers
-        channel.totalHeadersSize = self.max_header_bytes
-        channel.MAX_LENGTH = self.max_header_bytes
-        channel.head_checks = self.head_checks
-        channel.head_timeout = self.head_timeout
-        channel.body_timeout = self.body_timeout
         if self.limits is not None:
             channel.admit(self.limits, addr)
         return channel
@@ -330,9 +340,13 @@ class ForwardSite(Site):
         self.resource = built.root
         self.metrics = built.metrics
         self.head_checks = tuple(built.head_checks)
-        self.max_request_body = config.max_request_body
-        self.head_timeout = config.request_head_timeout
-        self.body_timeout = config.request_body_timeout
+        self._new_channels(replace(
+            self.channel_settings,
+            head_checks=self.head_checks,
+            max_request_body=config.max_request_body,
+            head_timeout=config.request_head_timeout,
+            body_timeout=config.request_body_timeout,
+        ))
 
     def getResourceFor(self, request: IRequest) -> IResource:
         # Twisted's Request.process has just set "Server: TwistedWeb/<version>":
@@ -410,7 +424,7 @@ class Built:
 def build_root(
     config: Config,
     reactor: IReactorTime,
-    recorder: Optional[Recorder] = None,
+    recorder: Optional[IRecorder] = None,
     upstream: Optional[Upstream] = None,
     metrics: Optional[Metrics] = None,
     cache_store: Optional[ICacheStore] = None,

@@ -25,7 +25,7 @@ from ._compat import clear_exit_signal
 from .access import AccessGate
 from .admin.live import LiveTally
 from .admin.service import AdminService
-from .chat.recorder import ChatRecorder, Recorder, open_chat_log
+from .chat.recorder import ChatRecorder, IRecorder, open_chat_log
 from .config import (
     SETTINGS,
     Config,
@@ -136,7 +136,7 @@ def check_log_dir(config: Config) -> None:
 def with_feed(
     config: Config, reactor: IReactorTime, recorder: Optional[ChatRecorder],
     feed: Optional[ILedger],
-) -> tuple[Optional[ChatRecorder], Optional[Recorder]]:
+) -> tuple[Optional[ChatRecorder], Optional[IRecorder]]:
     """The chat recorder (to flush and close) and the recorder the exchanges
     use: with the ledger fed beside the chat records when there is one."""
     if feed is None:

@@ -1,8 +1,8 @@
 """
 Chat records: the interface the proxy feeds, and the recorder behind it.
 
-The proxy calls :meth:`Recorder.begin` once per exchange on an ``openai``
-route; the returned :class:`ExchangeTap` (or None: not recorded) sees the
+The proxy calls :meth:`IRecorder.begin` once per exchange on an ``openai``
+route; the returned :class:`IExchangeTap` (or None: not recorded) sees the
 answer's head, every body chunk as it is relayed, and the end.
 
 :class:`ChatRecorder` taps chat completions, completions, embeddings, audio
@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import IO, Any, Callable, Iterable, Optional, Protocol, Sequence
+from typing import IO, Any, Callable, Iterable, Optional, Sequence
 
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import ILogObserver, Logger, LogPublisher
 from twisted.web.http_headers import Headers
+from zope.interface import Interface, implementer
 
 from .files import (
     CHAT_NAMESPACE,
@@ -133,45 +134,48 @@ class ExchangeInfo:
     cache: str = ""
 
 
-class ExchangeTap(Protocol):
+class IExchangeTap(Interface):
     """Sees one exchange's answer as it is relayed.  Must never raise."""
 
-    def response(self, status: int, headers: Headers) -> None:
+    def response(status: int, headers: Headers) -> None:  # type: ignore[misc]
         """The answer's head, as relayed (or the proxy's own error)."""
 
-    def data(self, chunk: bytes) -> None:
+    def data(chunk: bytes) -> None:  # type: ignore[misc]
         """A body chunk, after it was written to the client."""
 
-    def end(self, outcome: str) -> None:
+    def end(outcome: str) -> None:  # type: ignore[misc]
         """The exchange is over: ``complete``, ``client_left``,
         ``upstream_error``, ``idle_timeout``, ``proxy_error`` or
         ``shutdown`` (cut when the shutdown grace period ran out)."""
 
 
-class Recorder(Protocol):
-    """Decides which exchanges are recorded and records them."""
+class IRecorder(Interface):
+    """Decides which exchanges are recorded and records them: the chat
+    records, the ledger's counting, or several behind one (:class:`FanOut`)."""
 
-    def begin(self, info: ExchangeInfo) -> Optional[ExchangeTap]:
+    def begin(info: ExchangeInfo) -> Optional[IExchangeTap]:  # type: ignore[misc]
         """Start recording an exchange; None if it is not to be recorded."""
 
 
+@implementer(IRecorder)
 class NullRecorder:
     """Records nothing (LOG_CHAT=false)."""
 
-    def begin(self, info: ExchangeInfo) -> Optional[ExchangeTap]:
+    def begin(self, info: ExchangeInfo) -> Optional[IExchangeTap]:
         return None
 
 
+@implementer(IRecorder)
 class FanOut:
     """Several recorders behind one: each exchange gets the taps of all
     those that want it (the chat records, the ledger's counting, …)."""
 
     log = Logger()
 
-    def __init__(self, recorders: Sequence[Recorder]) -> None:
+    def __init__(self, recorders: Sequence[IRecorder]) -> None:
         self.recorders = tuple(recorders)
 
-    def begin(self, info: ExchangeInfo) -> Optional[ExchangeTap]:
+    def begin(self, info: ExchangeInfo) -> Optional[IExchangeTap]:
         """One tap feeding every recorder's tap; None if none wants it."""
         taps = []
         for recorder in self.recorders:
@@ -187,13 +191,14 @@ class FanOut:
         return taps[0] if len(taps) == 1 else FanOutTap(taps)
 
 
+@implementer(IExchangeTap)
 class FanOutTap:
     """Hands each event of an exchange to several taps, shielding each
     from the others' errors."""
 
     log = Logger()
 
-    def __init__(self, taps: Sequence[ExchangeTap]) -> None:
+    def __init__(self, taps: Sequence[IExchangeTap]) -> None:
         self.taps = tuple(taps)
 
     def response(self, status: int, headers: Headers) -> None:
@@ -221,6 +226,7 @@ class FanOutTap:
 # ---------------------------------------------------------------- recording
 
 
+@implementer(IRecorder)
 class ChatRecorder:
     """Taps the recorded kinds of exchange and emits one record each.
 
@@ -239,7 +245,7 @@ class ChatRecorder:
         self._closables = [o for o in observers if hasattr(o, "close")]
         self._writers = [o for o in observers if isinstance(o, ChatLogObserver)]
 
-    def begin(self, info: ExchangeInfo) -> Optional[ExchangeTap]:
+    def begin(self, info: ExchangeInfo) -> Optional[IExchangeTap]:
         """A tap for a recorded kind of exchange; None for any other."""
         try:
             kind = exchange_kind(info.method, info.path)
@@ -280,6 +286,7 @@ class ChatRecorder:
         return gatherResults([o.close() for o in self._closables], consumeErrors=True)
 
 
+@implementer(IExchangeTap)
 class ChatTap:
     """Follows one exchange and turns it into a record at its end.
 

@@ -23,12 +23,12 @@ from zope.interface import implementer
 
 from ..chat.files import RECORD_FIELD
 from ..chat.record import exchange_kind
-from ..chat.recorder import ExchangeInfo, ExchangeTap
+from ..chat.recorder import ExchangeInfo, IExchangeTap, IRecorder
 from ..policies.prices import Price, PriceTable, builtin_prices
 from .interfaces import ILedger, UsageEntry
 
 if TYPE_CHECKING:
-    from ..chat.recorder import ChatRecorder, Recorder
+    from ..chat.recorder import ChatRecorder
 
 #: Outcomes that are not errors: the answer was whole, or the client left
 #: (what was used is counted, the exchange itself did not fail).
@@ -126,6 +126,7 @@ class RecordFeed:
             self.log.failure("ledger: could not count an exchange")
 
 
+@implementer(IRecorder)
 class CountingRecorder:
     """Taps the exchanges the chat records do not cover.
 
@@ -145,13 +146,14 @@ class CountingRecorder:
         self.clock = clock
         self.covered = covered
 
-    def begin(self, info: ExchangeInfo) -> Optional[ExchangeTap]:
+    def begin(self, info: ExchangeInfo) -> Optional[IExchangeTap]:
         """A counting tap, or None for an exchange a chat record covers."""
         if self.covered(info):
             return None
         return CountingTap(self, info)
 
 
+@implementer(IExchangeTap)
 class CountingTap:
     """Counts one exchange: status, bytes, time to first byte."""
 
@@ -196,7 +198,7 @@ class CountingTap:
 
 def feeding_recorder(
     chat: Optional["ChatRecorder"], ledger: ILedger, clock: IReactorTime, price: Pricer
-) -> tuple["ChatRecorder", "Recorder"]:
+) -> tuple["ChatRecorder", "IRecorder"]:
     """Plug ``ledger`` in beside the chat records.
 
     :param price: what usage costs (the policies' price table, so the

@@ -1,0 +1,235 @@
+"""
+How the pieces are wired: extension points are zope interfaces their
+implementations provide, the site hands each channel its settings at
+construction, and no two modules of the package import each other.
+"""
+
+from __future__ import annotations
+
+import ast
+import io
+import os
+from typing import Iterable
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
+from twisted.test.proto_helpers import StringTransport
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.http_headers import Headers
+from twisted.web.resource import Resource
+from zope.interface.verify import verifyObject
+
+from twisted_forward.chat.recorder import (
+    ChatRecorder,
+    ExchangeInfo,
+    FanOut,
+    FanOutTap,
+    IExchangeTap,
+    IRecorder,
+    NullRecorder,
+    RequestBody,
+)
+from twisted_forward.exchange import _BothTaps
+from twisted_forward.framing import ChannelSettings, ForwardChannel
+from twisted_forward.ledger import MemoryLedger
+from twisted_forward.ledger.feed import CountingRecorder
+from twisted_forward.metrics import Metrics
+from twisted_forward.site import ForwardSite
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACKAGE = "twisted_forward"
+
+
+def exchange(path: str = "/v1/chat/completions") -> ExchangeInfo:
+    """One exchange's facts, as the proxy hands them to a recorder."""
+    return ExchangeInfo(
+        request_id="id-1", route="/", method="POST", path=path, client="10.0.0.9",
+        key_label="team-a", started=100.0, body=RequestBody(io.BytesIO(b"{}")),
+    )
+
+
+class RecorderInterfaceTests(SynchronousTestCase):
+    """The recorders and their taps provide IRecorder / IExchangeTap."""
+
+    def test_recorders_provide_irecorder(self):
+        """Every recorder the proxy can be given verifies as an IRecorder."""
+        clock = Clock()
+        chat = ChatRecorder(clock)
+        counting = CountingRecorder(MemoryLedger(), clock)
+        for recorder in (NullRecorder(), chat, counting, FanOut([chat, counting])):
+            self.assertTrue(verifyObject(IRecorder, recorder), recorder)
+
+    def test_taps_provide_iexchangetap(self):
+        """The taps recorders hand out verify as IExchangeTap."""
+        clock = Clock()
+        chat_tap = ChatRecorder(clock).begin(exchange())
+        counting_tap = CountingRecorder(MemoryLedger(), clock, covered=lambda info: False).begin(
+            exchange("/v1/models")
+        )
+        self.assertIsNotNone(chat_tap)
+        self.assertIsNotNone(counting_tap)
+        for tap in (
+            chat_tap,
+            counting_tap,
+            FanOutTap([chat_tap, counting_tap]),
+            _BothTaps(chat_tap, counting_tap),
+        ):
+            self.assertTrue(verifyObject(IExchangeTap, tap), tap)
+
+    def test_fan_out_hands_one_tap_per_exchange(self):
+        """FanOut gives one tap feeding both recorders' taps."""
+        clock = Clock()
+        tap = FanOut([ChatRecorder(clock), CountingRecorder(MemoryLedger(), clock,
+                                                            covered=lambda info: False)]).begin(
+            exchange()
+        )
+        self.assertIsInstance(tap, FanOutTap)
+        tap.response(200, Headers())
+        tap.end("complete")
+
+
+class ChannelSettingsTests(SynchronousTestCase):
+    """The site builds each channel with its settings, set nowhere else."""
+
+    def site(self, **kwargs: object) -> ForwardSite:
+        """A site on a test clock."""
+        self.clock = Clock()
+        return ForwardSite(Resource(), reactor=self.clock, **kwargs)
+
+    def test_channel_gets_the_site_settings(self):
+        """A built channel holds the site's settings object and its limits."""
+        site = self.site(max_request_body=1234, max_headers=7, max_header_bytes=999,
+                         head_timeout=3.0, body_timeout=4.0)
+        channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+        self.assertIs(channel.settings, site.channel_settings)
+        self.assertEqual(
+            (channel.max_request_body, channel.maxHeaders, channel.totalHeadersSize,
+             channel.head_timeout, channel.body_timeout),
+            (1234, 7, 999, 3.0, 4.0),
+        )
+
+    def test_refusal_counted_and_dated_by_the_site(self):
+        """A refusal is counted in the site's metrics, its Date from the site's clock."""
+        metrics = Metrics()
+        site = self.site(metrics=metrics, max_request_body=10)
+        self.clock.advance(86400 * 365)
+        channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        channel.dataReceived(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 11\r\n\r\n")
+        self.assertIn(b"413", transport.value().split(b"\r\n", 1)[0])
+        self.assertIn(b"Date: Fri, 01 Jan 1971", transport.value())
+        counted = metrics.refusals.labels("request_too_large")._value.get()
+        self.assertEqual(counted, 1)
+        channel.connectionLost(None)
+
+    def test_channel_without_a_site(self):
+        """A channel made alone has the defaults: no body cap, no checks."""
+        channel = ForwardChannel()
+        self.assertEqual(channel.settings, ChannelSettings())
+        self.assertIsNone(channel.max_request_body)
+        self.assertEqual(channel.head_checks, ())
+
+
+def _imports(tree: ast.Module, module: str, is_package: bool) -> Iterable[str]:
+    """The package's modules ``tree`` imports, at any depth, except under
+    ``if TYPE_CHECKING:`` (never run)."""
+
+    def visit(nodes: Iterable[ast.AST]) -> Iterable[str]:
+        for node in nodes:
+            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.dump(node.test):
+                continue
+            if isinstance(node, ast.Import):
+                yield from (a.name for a in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = module.split(".")[: None if is_package else -1]
+                    base = base[: len(base) - node.level + 1]
+                    target = ".".join(base + ([node.module] if node.module else []))
+                else:
+                    target = node.module or ""
+                yield target
+                yield from (target + "." + a.name for a in node.names)
+            else:
+                yield from visit(ast.iter_child_nodes(node))
+
+    return visit(tree.body)
+
+
+def import_graph(root: str = ROOT) -> dict[str, set[str]]:
+    """Module name to the package modules it imports."""
+    files: dict[str, tuple[str, bool]] = {}
+    for folder, _, names in os.walk(os.path.join(root, PACKAGE)):
+        for name in names:
+            if name.endswith(".py"):
+                path = os.path.join(folder, name)
+                module = os.path.relpath(path, root)[:-3].replace(os.sep, ".")
+                is_package = name == "__init__.py"
+                if is_package:
+                    module = module[: -len(".__init__")]
+                files[module] = (path, is_package)
+    graph = {}
+    for module, (path, is_package) in files.items():
+        with open(path, encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+        graph[module] = {
+            t for t in _imports(tree, module, is_package) if t in files and t != module
+        }
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The groups of modules that import each other (Tarjan's strongly
+    connected components of more than one module)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def strong(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                strong(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while True:
+                w = stack.pop()
+                group.append(w)
+                if w == v:
+                    break
+            if len(group) > 1:
+                found.append(sorted(group))
+
+    for v in sorted(graph):
+        if v not in index:
+            strong(v)
+    return found
+
+
+class ImportCycleTests(SynchronousTestCase):
+    """No module of the package imports one that imports it back."""
+
+    def test_no_import_cycles(self):
+        """Imports inside functions count too; only TYPE_CHECKING ones do not."""
+        self.assertEqual(cycles(import_graph()), [])
+
+    def test_cycle_is_found(self):
+        """The check sees a cycle through three modules."""
+        graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+        self.assertEqual(cycles(graph), [["a", "b", "c"]])
+
+    def test_function_level_import_counts(self):
+        """An import inside a function is an edge; one under TYPE_CHECKING is not."""
+        tree = ast.parse(
+            "from typing import TYPE_CHECKING\n"
+            "if TYPE_CHECKING:\n    from .x import X\n"
+            "def f():\n    from .y import g\n"
+        )
+        found = set(_imports(tree, "twisted_forward.m", False))
+        self.assertIn("twisted_forward.y", found)
+        self.assertNotIn("twisted_forward.x", found)
