@@ -31,6 +31,7 @@ _TYPES = {
     502: "upstream_error",
     503: "server_error",
     504: "upstream_error",
+    508: "server_error",
 }
 
 

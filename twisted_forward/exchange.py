@@ -38,6 +38,7 @@ from .headcheck import key_refusal
 from .headers import relay_response_headers, upstream_request_headers
 from .keys import KeyDecision, KeyRules, SecretMask, key_refused, looks_keyed, scrub
 from .limits import UpstreamSlots
+from .loops import mark
 from .metrics import Metrics
 from .policies.gate import UNLIMITED, Admission, IExchangePolicy, RequestFacts, client_digest
 from .relay import Relay, ScrubbingRelay, discard
@@ -401,6 +402,7 @@ class Exchange:
         headers = upstream_request_headers(
             self.request.requestHeaders, credentials, default_key=self.decision.substituted
         )
+        mark(headers)
         try:
             d = self.resource.upstream.request(
                 self.request.method, self.url, headers, self._body()

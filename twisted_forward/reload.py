@@ -70,6 +70,15 @@ class ConfigSource:
         self._file_values = values
         return config
 
+    def given(self, env: str) -> bool:
+        """Whether any source gives the setting ``env`` (as of the last load)."""
+        option = next((s.option for s in SETTINGS if s.env == env), None)
+        return (
+            (option is not None and self.options.get(option) is not None)
+            or env in self.environ
+            or env in self._file_values
+        )
+
     def shadowed_changes(self) -> list[str]:
         """Settings whose ``.env`` value differs from what the last
         :meth:`load` read, but that the environment or an option sets (so

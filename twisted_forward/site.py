@@ -40,6 +40,7 @@ from .keys import DefaultKeys, ForwardKeys, KeyRules
 from .ledger import ILedger
 from .ledger.service import LedgerCollector
 from .limits import ConnectionLimits, UpstreamSlots, resolve_caps
+from .loops import is_loop
 from .metrics import Metrics, MetricsResource
 from .policies.gate import PolicyGate
 from .policies.service import build_gate
@@ -204,6 +205,12 @@ class Router(Resource):
             return write_error(request, 400, "invalid_request_target", str(e))
         if path in self._health_paths:
             return self._health(request)
+        if is_loop(request.requestHeaders):
+            return write_error(
+                request, 508, "loop_detected",
+                "This request was forwarded by this proxy and came back to it: the "
+                "upstream (OPENAI_BASE_URL or FORWARD_CONFIG) points at the proxy itself.",
+            )
         if self._metrics is not None and path == self._metrics_path:
             return self._metrics.render(request)
         if is_admin_path(path):

@@ -41,6 +41,7 @@ from .ledger.service import check_data_dir, open_ledger
 from .limits import raise_descriptor_limit, resolve_caps
 from .listening import BoundEndpoint, endpoint_from_string, listen_now
 from .logfiles import LogReopenService
+from .loops import base_v1_notes, own_address_conflict
 from .metrics import MetricsResource
 from .policies.prices import PriceTable
 from .policies.service import build_gate
@@ -133,6 +134,29 @@ def check_log_dir(config: Config) -> None:
         raise log_dir_error(config, e) from None
 
 
+def refuse_own_address(config: Config, source: ConfigSource, port: Any) -> None:
+    """Refuse an upstream that is the proxy's own listening address.
+
+    :raises ConfigError: naming the setting that gave the upstream.
+    """
+    address = port.getHost()
+    if not isinstance(getattr(address, "port", None), int):
+        return  # a unix socket: no URL names it
+    route = own_address_conflict(config.routes, address.host, address.port)
+    if route is None:
+        return
+    setting = (
+        "FORWARD_CONFIG (--forward-config)" if source.given("FORWARD_CONFIG")
+        else "OPENAI_BASE_URL (--base-url)"
+    )
+    raise ConfigError(
+        f"{setting}: {route.base} is this proxy's own address (it listens on port "
+        f"{address.port}): every request would come back to it. Point it at the real "
+        "upstream (https://api.openai.com by default); an OPENAI_BASE_URL exported for "
+        "the SDK is the usual cause"
+    )
+
+
 def with_feed(
     config: Config, reactor: IReactorTime, recorder: Optional[ChatRecorder],
     feed: Optional[ILedger],
@@ -209,6 +233,8 @@ class ProxyService(Service):
             "{upstream} upstream requests in flight (None: no cap)",
             total=total, per_client=per_client, upstream=upstream,
         )
+        for note in base_v1_notes(self.config.routes):
+            self.log.warn("{note}", note=note)
         if self.built.keys.open_relay:
             self.log.warn(
                 "OPENAI_API_KEY is set and FORWARD_KEY is not: anyone who can reach "
@@ -455,7 +481,7 @@ def _make_service(
         check_log_dir(config)
         check_data_dir(config)
 
-        return make_supervisor(
+        supervisor = make_supervisor(
             options["workers"],
             options["endpoint"],
             {"port": options["port"], "env-file": options["env-file"],
@@ -465,6 +491,15 @@ def _make_service(
             reactor,
             source=source,
         )
+        for child in supervisor:  # type: ignore[attr-defined]
+            bound = getattr(child, "bound", None)
+            if bound is not None:
+                try:
+                    refuse_own_address(config, source, bound)
+                except ConfigError:
+                    bound.stopListening()
+                    raise
+        return supervisor
     recorder = open_recorder(config, reactor)
     ledger = open_ledger(config, reactor)
     top = MultiService()
@@ -502,6 +537,11 @@ def _make_service(
         metrics_site = SidePortSite(MetricsResource(built.metrics), reactor=reactor)
     # Bound last, so nothing after can fail with a port left open.
     port = listen_now(endpoint, site, "--port", options["port"])
+    try:
+        refuse_own_address(config, source, port)
+    except ConfigError:
+        port.stopListening()
+        raise
     StreamServerEndpointService(BoundEndpoint(port, site), site).setServiceParent(top)
     bound = [port]
     for extra_site, extra_endpoint, name, value in (

@@ -49,8 +49,10 @@ def join_url(base: UpstreamURL, path: bytes, query: bytes) -> bytes:
         (or empty, for the base itself).
     :param query: ``b""`` or the raw query with its leading ``?``.
     """
+    from .loops import join_path
+
     tail = _UNSAFE.sub(_escape, path + query)
-    return base.origin.encode("ascii") + base.path.encode("ascii") + tail
+    return base.origin.encode("ascii") + join_path(base.path, tail)
 
 
 @implementer(IBodyProducer)
