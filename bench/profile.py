@@ -113,13 +113,13 @@ class Sampler:
 
 def profile_chat(proxy: Server, workdir: Path, seconds: float, cpus: Optional[set[int]]) -> str:
     wrk = shutil.which("wrk")
-    request = client.chat_request(HOST, proxy.port)
+    request = client.chat_request(HOST, proxy.port, key=proxy.key)
     asyncio.run(client.rps_python(HOST, proxy.port, request, 32, 1.0))  # warm-up
     sampler = Sampler(proxy.pid, workdir / "chat.raw", seconds, cpus)
     before = cpu_seconds(proxy.pid)
     if wrk:
         out = subprocess.run(
-            [wrk, "-t1", "-c32", f"-d{int(seconds)}s", "-s", str(wrk_script(workdir)),
+            [wrk, "-t1", "-c32", f"-d{int(seconds)}s", "-s", str(wrk_script(workdir, proxy.key)),
              f"http://{HOST}:{proxy.port}/v1/chat/completions"],
             capture_output=True, text=True, preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
         ).stdout
@@ -135,7 +135,8 @@ def profile_chat(proxy: Server, workdir: Path, seconds: float, cpus: Optional[se
 def _streams_cpu(proxy: Server, streams: int, events: int, interval_ms: float) -> tuple[float, int, float]:
     before = cpu_seconds(proxy.pid)
     started = time.perf_counter()
-    results = asyncio.run(client.run_streams(HOST, proxy.port, streams, events, interval_ms, 120))
+    results = asyncio.run(client.run_streams(HOST, proxy.port, streams, events, interval_ms, 120,
+                                             key=proxy.key))
     wall = time.perf_counter() - started
     return cpu_seconds(proxy.pid) - before, sum(r.whole for r in results), wall
 
@@ -188,6 +189,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--port", default=None,
                         help="endpoint options appended to tcp:PORT:interface=127.0.0.1 (e.g. backlog=1024)")
     parser.add_argument("--no-spy", action="store_true", help="CPU figures only, no py-spy")
+    parser.add_argument("--policies", action="store_true",
+                        help="KEY_POLICY on (in memory), as the bench's policies column")
+    parser.add_argument("--no-log-chat", action="store_true", help="LOG_CHAT=false")
     args = parser.parse_args(argv)
     Sampler.enabled = not args.no_spy
     cpus = os.cpu_count() or 1
@@ -199,7 +203,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         fake = start_fake(workdir, load_cpus)
         servers.append(fake)
-        proxy = start_twisted_forward(fake.port, workdir, proxy_cpus, port_options=args.port)
+        extra = {}
+        if args.policies:
+            from .run import BENCH_POLICY
+
+            extra["KEY_POLICY"] = BENCH_POLICY
+        if args.no_log_chat:
+            extra["LOG_CHAT"] = "false"
+        proxy = start_twisted_forward(fake.port, workdir, proxy_cpus, port_options=args.port,
+                                      extra_env=extra)
         servers.append(proxy)
         if args.scenario == "chat":
             report = profile_chat(proxy, workdir, args.seconds, load_cpus)

@@ -489,3 +489,132 @@ class ScrubbingPathTests(ProxyHarness):
         self.assertEqual(self.status(transport), 401)
         self.assertEqual(len(self.upstream.calls), 1)
         self.assertEqual(self.built.keys.default.revoked, frozenset())
+
+class _WatchTap:
+    """A chat tap noting what the client had received when the exchange ended."""
+
+    def __init__(self, transport: StringTransport) -> None:
+        self.transport = transport
+        self.seen_at_end: Optional[bytes] = None
+
+    def response(self, status, headers) -> None:
+        pass
+
+    def data(self, chunk: bytes) -> None:
+        pass
+
+    def end(self, outcome: str) -> None:
+        self.seen_at_end = self.transport.value()
+
+
+class _WatchRecorder:
+    def __init__(self) -> None:
+        self.taps: list[_WatchTap] = []
+        self.transport: Optional[StringTransport] = None
+
+    def begin(self, info) -> _WatchTap:
+        assert self.transport is not None
+        tap = _WatchTap(self.transport)
+        self.taps.append(tap)
+        return tap
+
+
+class ReplyFirstTests(SynchronousTestCase):
+    """The answer is finished (and so sent) before the exchange's
+    bookkeeping (chat record, policy settle, ledger) runs."""
+
+    def test_answer_finished_before_the_record_ends(self):
+        """When the chat tap's end runs, the client's transport already
+        holds the whole answer, its access line timings included."""
+        clock = MemoryReactorClock()
+        upstream = FakeUpstream()
+        config = load_config({}, {"OPENAI_BASE_URL": "http://upstream.test", "LOG_CHAT": "false"}, None)
+        recorder = _WatchRecorder()
+        built = build_root(config, clock, recorder=recorder, upstream=upstream)
+        site = ForwardSite(built.root, reactor=clock, timeout=None)
+        channel = site.buildProtocol(None)
+        transport = StringTransport()
+        recorder.transport = transport
+        channel.makeConnection(transport)
+        body = b'{"model":"m","messages":[]}'
+        channel.dataReceived(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: proxy\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        response = FakeResponse(200, {b"content-type": [b"application/json"]})
+        upstream.calls[0].deferred.callback(response)
+        clock.advance(0.25)
+        response.protocol.dataReceived(b'{"ok":1}')
+        response.finish()
+        [tap] = recorder.taps
+        self.assertIsNotNone(tap.seen_at_end)
+        self.assertTrue(tap.seen_at_end.endswith(b"0\r\n\r\n"), tap.seen_at_end)
+
+
+class SendNowTests(SynchronousTestCase):
+    """send_now sends a descriptor's buffered bytes on this turn, as the
+    reactor's doWrite would on the next."""
+
+    def descriptor(self, fail: bool = False):
+        from twisted.internet.abstract import FileDescriptor
+        from twisted.internet.testing import MemoryReactor
+
+        sent: list[bytes] = []
+
+        class Descriptor(FileDescriptor):
+            def writeSomeData(self, data):
+                if fail:
+                    return error.ConnectionLost()
+                sent.append(bytes(data))
+                return len(data)
+
+            def fileno(self):
+                return 99
+
+        reactor = MemoryReactor()
+        d = Descriptor(reactor)
+        d.connected = 1
+        return d, reactor, sent
+
+    def test_buffered_bytes_sent_and_write_watch_stopped(self):
+        """The bytes leave at once; the reactor no longer watches for
+        writability."""
+        from twisted_forward._compat import send_now
+
+        d, reactor, sent = self.descriptor()
+        d.write(b"HTTP/1.1 200 OK\r\n\r\n")
+        self.assertIn(d, reactor.getWriters())
+        send_now(d)
+        self.assertEqual(b"".join(sent), b"HTTP/1.1 200 OK\r\n\r\n")
+        self.assertNotIn(d, reactor.getWriters())
+
+    def test_send_error_left_to_the_reactor(self):
+        """A failing send keeps the write watch, so the reactor's own turn
+        finds the error and closes the connection."""
+        from twisted_forward._compat import send_now
+
+        d, reactor, sent = self.descriptor(fail=True)
+        d.write(b"x")
+        send_now(d)
+        self.assertIn(d, reactor.getWriters())
+        self.assertEqual(sent, [])
+
+    def test_disconnecting_left_alone(self):
+        """A closing transport is the reactor's to finish."""
+        from twisted_forward._compat import send_now
+
+        d, reactor, sent = self.descriptor()
+        d.write(b"x")
+        d.disconnecting = True
+        send_now(d)
+        self.assertEqual(sent, [])
+
+    def test_other_transports_left_alone(self):
+        """TLS and in-memory transports are not descriptors: nothing happens."""
+        from twisted_forward._compat import send_now
+
+        transport = StringTransport()
+        transport.write(b"x")
+        send_now(transport)
+        send_now(None)
+        self.assertEqual(transport.value(), b"x")

@@ -233,3 +233,48 @@ class ImportCycleTests(SynchronousTestCase):
         found = set(_imports(tree, "twisted_forward.m", False))
         self.assertIn("twisted_forward.y", found)
         self.assertNotIn("twisted_forward.x", found)
+
+
+class SettingsDeclaredOnceTests(SynchronousTestCase):
+    """Each setting is one SETTINGS row: env, option, parser and Config field."""
+
+    #: Config fields made from several settings rather than filled by one.
+    DERIVED = {"default_keys", "forward_keys", "routes", "cache", "policy"}
+
+    def test_fields_exist(self):
+        """Every row's field is a Config field, filled by no other row."""
+        from dataclasses import fields
+
+        from twisted_forward.config import SETTINGS, Config
+
+        names = {f.name for f in fields(Config)}
+        named = [s.field for s in SETTINGS if s.field is not None]
+        self.assertEqual([n for n in named if n not in names], [])
+        self.assertEqual(len(named), len(set(named)))
+
+    def test_every_config_field_has_its_setting(self):
+        """No Config field is left without a row (or a documented derivation)."""
+        from dataclasses import fields
+
+        from twisted_forward.config import SETTINGS, Config
+
+        named = {s.field for s in SETTINGS}
+        self.assertEqual(
+            sorted(f.name for f in fields(Config) if f.name not in named | self.DERIVED), []
+        )
+
+    def test_names_unique(self):
+        """No two rows share an environment variable or an option."""
+        from twisted_forward.config import SETTINGS
+
+        envs = [s.env for s in SETTINGS]
+        options = [s.option for s in SETTINGS]
+        self.assertEqual(len(envs), len(set(envs)))
+        self.assertEqual(len(options), len(set(options)))
+
+    def test_field_filled_from_its_row(self):
+        """A setting given in the environment lands in its Config field."""
+        from twisted_forward.config import load_config
+
+        config = load_config({}, {"READ_TIMEOUT": "12", "LEDGER_RETENTION_DAYS": "3"})
+        self.assertEqual((config.read_timeout, config.ledger_retention_days), (12.0, 3))

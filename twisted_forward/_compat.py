@@ -155,3 +155,38 @@ def twistd_log_file(handler: Any) -> Any:
         if isinstance(value, BaseLogFile):
             return value
     return None
+
+
+def send_now(transport: Any) -> None:
+    """Send what a TCP transport holds now, not on the reactor's next turn.
+
+    ``transport.write`` only buffers and asks the reactor to say when the
+    socket is writable; the bytes leave on the next turn of the loop, after
+    whatever else this turn does.  Called where an answer is complete (before
+    its access line and record are made) and where a request to the upstream
+    has been written, this is what the reactor would do on that turn:
+    ``doWrite`` (a public method of ``IWriteDescriptor``), which sends what
+    the socket takes, stops the write watch when the buffer is empty, and
+    resumes a non-streaming producer.  A socket that takes nothing leaves the
+    rest to the reactor as before.
+
+    Private name: ``FileDescriptor._writeDisconnecting`` (a half-closed
+    write side, where ``doWrite`` would finish the close and return a result
+    only the reactor may act on).  Checked on Twisted 25.5 to 26.10.
+    Transports that are not plain descriptors (TLS, unix tests'
+    StringTransport) are left alone.
+    """
+    from twisted.internet.abstract import FileDescriptor
+
+    if (
+        not isinstance(transport, FileDescriptor)
+        or not transport.connected
+        or transport.disconnecting
+        or getattr(transport, "_writeDisconnecting", False)
+    ):
+        return
+    why = transport.doWrite()
+    if why is not None:
+        # A send error: let the reactor find it on its next turn and close
+        # the connection its own way.
+        transport.startWriting()

@@ -513,12 +513,20 @@ def parse_endpoint(value: str) -> str:
 
 @dataclass(frozen=True)
 class Setting:
-    """One configurable: its env name, its option name and how to parse it."""
+    """One configurable, declared once: its environment variable, its twistd
+    option (``--option``), its parser, its help text, and the
+    :class:`Config` field its parsed value fills.
+
+    :ivar field: the Config field set to the parsed value, or None for a
+        setting that feeds a derived value instead (the routes, the keys,
+        the cache's and the policies' settings).
+    """
 
     env: str
     option: str
     parse: Callable[[str], object]
     help: str
+    field: Optional[str] = None
 
 
 SETTINGS: tuple[Setting, ...] = (
@@ -532,67 +540,84 @@ SETTINGS: tuple[Setting, ...] = (
             "Serve under this path prefix, e.g. /openai."),
     Setting("FORWARD_CONFIG", "forward-config", parse_forward_config,
             'JSON list of {"base_url","route","type"} rows (overrides base-url/route-prefix).'),
-    Setting("LOG_CHAT", "log-chat", parse_bool, "Write chat records [default: true]."),
-    Setting("LOG_DIR", "log-dir", str, "Directory for chat records [default: Log]."),
+    Setting("LOG_CHAT", "log-chat", parse_bool, "Write chat records [default: true].",
+            field="log_chat"),
+    Setting("LOG_DIR", "log-dir", str, "Directory for chat records [default: Log].",
+            field="log_dir"),
     Setting("IP_WHITELIST", "ip-whitelist", parse_networks,
-            "Only these addresses/CIDR ranges may connect."),
+            "Only these addresses/CIDR ranges may connect.", field="ip_whitelist"),
     Setting("IP_BLACKLIST", "ip-blacklist", parse_networks,
-            "These addresses/CIDR ranges are refused."),
+            "These addresses/CIDR ranges are refused.", field="ip_blacklist"),
     Setting("TRUSTED_PROXIES", "trusted-proxies", parse_trusted_proxies,
-            "Peers whose X-Forwarded-For/Forwarded is believed ('unix': unix-socket peers)."),
+            "Peers whose X-Forwarded-For/Forwarded is believed ('unix': unix-socket peers).",
+            field="trusted_proxies"),
     Setting("CONNECT_TIMEOUT", "connect-timeout", parse_seconds,
-            "Seconds to connect to the upstream [default: 10]."),
+            "Seconds to connect to the upstream [default: 10].", field="connect_timeout"),
     Setting("READ_TIMEOUT", "read-timeout", parse_seconds,
-            "Seconds to the upstream's response head [default: 600]."),
+            "Seconds to the upstream's response head [default: 600].", field="read_timeout"),
     Setting("IDLE_TIMEOUT", "idle-timeout", parse_seconds,
-            "Seconds of silence allowed between body chunks [default: 300]."),
+            "Seconds of silence allowed between body chunks [default: 300].",
+            field="idle_timeout"),
     Setting("MAX_REQUEST_BODY", "max-request-body", parse_size,
-            "Largest request body in bytes, e.g. 512MiB [default: 512MiB]."),
+            "Largest request body in bytes, e.g. 512MiB [default: 512MiB].",
+            field="max_request_body"),
     Setting("MAX_UPSTREAM_HEAD", "max-upstream-head", parse_size,
-            "Largest upstream answer head in bytes; larger is a 502 [default: 64KiB]."),
+            "Largest upstream answer head in bytes; larger is a 502 [default: 64KiB].",
+            field="max_upstream_head"),
     Setting("MAX_UPSTREAM_HEADERS", "max-upstream-headers", parse_count,
-            "Most header lines in an upstream answer head; more is a 502 [default: 100]."),
+            "Most header lines in an upstream answer head; more is a 502 [default: 100].",
+            field="max_upstream_headers"),
     Setting("REQUEST_HEAD_TIMEOUT", "request-head-timeout", parse_seconds,
-            "Seconds a client may take to send a whole request head; then 408 [default: 30]."),
+            "Seconds a client may take to send a whole request head; then 408 [default: 30].",
+            field="request_head_timeout"),
     Setting("REQUEST_BODY_TIMEOUT", "request-body-timeout", parse_seconds,
-            "Seconds a request body may go without a byte; then 408 [default: 60]."),
+            "Seconds a request body may go without a byte; then 408 [default: 60].",
+            field="request_body_timeout"),
     Setting("MAX_CONNECTIONS", "max-connections", parse_cap,
             "Most client connections at once; more get 503, 0: no cap "
-            "[default: from the descriptor limit]."),
+            "[default: from the descriptor limit].", field="max_connections"),
     Setting("MAX_CONNECTIONS_PER_CLIENT", "max-connections-per-client", parse_cap,
             "Most connections from one client address; more get 429, 0: no cap "
-            "[default: half of MAX_CONNECTIONS]."),
+            "[default: half of MAX_CONNECTIONS].", field="max_connections_per_client"),
     Setting("MAX_UPSTREAM_CONNECTIONS", "max-upstream-connections", parse_cap,
             "Most upstream requests in flight; more get 503, 0: no cap "
-            "[default: from the descriptor limit]."),
+            "[default: from the descriptor limit].", field="max_upstream_connections"),
     Setting("PROXY", "proxy", parse_proxy_url,
-            "Outbound HTTP proxy for reaching the upstream, http://[user:pass@]host:port."),
+            "Outbound HTTP proxy for reaching the upstream, http://[user:pass@]host:port.",
+            field="proxy"),
     Setting("SSL_CERT_FILE", "ssl-cert-file", parse_ca_file,
             "PEM file of the CA certificates trusted for upstream TLS "
-            "[default: the system's]."),
+            "[default: the system's].", field="ssl_cert_file"),
     Setting("SHUTDOWN_GRACE", "shutdown-grace", parse_seconds,
-            "Seconds open requests get to finish on SIGTERM [default: 30]."),
+            "Seconds open requests get to finish on SIGTERM [default: 30].",
+            field="shutdown_grace"),
     Setting("HEALTHZ_PATH", "healthz-path", parse_prefix,
-            "Path of the health check [default: /healthz]."),
+            "Path of the health check [default: /healthz].", field="healthz_path"),
     Setting("METRICS", "metrics", parse_bool,
-            "Serve Prometheus metrics [default: true]."),
+            "Serve Prometheus metrics [default: true].", field="metrics"),
     Setting("METRICS_PATH", "metrics-path", parse_prefix,
-            "Path of the Prometheus metrics [default: /metrics]."),
+            "Path of the Prometheus metrics [default: /metrics].", field="metrics_path"),
     Setting("METRICS_PORT", "metrics-port", parse_endpoint,
-            "Serve metrics on this port/endpoint instead of the proxy's own."),
+            "Serve metrics on this port/endpoint instead of the proxy's own.",
+            field="metrics_port"),
     Setting("LEDGER", "ledger", parse_bool,
             "Keep the usage ledger (requests, tokens, cost per key/model/day) "
-            "[default: true]."),
+            "[default: true].", field="ledger"),
     Setting("DATA_DIR", "data-dir", str,
-            "Directory of the SQLite ledger (ledger.sqlite3) [default: data beside LOG_DIR]."),
+            "Directory of the SQLite ledger (ledger.sqlite3) [default: data beside LOG_DIR].",
+            field="data_dir"),
     Setting("DATABASE_URL", "database-url", parse_database_url,
-            "postgresql://… : keep the ledger in PostgreSQL instead of SQLite."),
+            "postgresql://… : keep the ledger in PostgreSQL instead of SQLite.",
+            field="database_url"),
     Setting("LEDGER_RETENTION_DAYS", "ledger-retention-days", parse_days,
-            "Delete ledger day rows older than this many days (0: keep) [default: 0]."),
+            "Delete ledger day rows older than this many days (0: keep) [default: 0].",
+            field="ledger_retention_days"),
     Setting("ADMIN_KEY", "admin-key", parse_admin_key,
-            "Turns on the admin page and API at /_admin/; the key that opens them."),
+            "Turns on the admin page and API at /_admin/; the key that opens them.",
+            field="admin_key"),
     Setting("ADMIN_PORT", "admin-port", parse_endpoint,
-            "Serve /_admin/ on this port/endpoint instead of the proxy's own."),
+            "Serve /_admin/ on this port/endpoint instead of the proxy's own.",
+            field="admin_port"),
     # The response cache: openai-forward 0.8.1's names, then ours.
     Setting("CACHE_OPENAI", "cache-openai", parse_bool,
             "Cache answers on openai routes, for requests that ask [default: false]."),
@@ -690,39 +715,9 @@ def load_config(
         routes=routes,
         policy=policy,
     )
-    for env, attr_name in (
-        ("LOG_CHAT", "log_chat"),
-        ("LOG_DIR", "log_dir"),
-        ("IP_WHITELIST", "ip_whitelist"),
-        ("IP_BLACKLIST", "ip_blacklist"),
-        ("TRUSTED_PROXIES", "trusted_proxies"),
-        ("CONNECT_TIMEOUT", "connect_timeout"),
-        ("READ_TIMEOUT", "read_timeout"),
-        ("IDLE_TIMEOUT", "idle_timeout"),
-        ("MAX_REQUEST_BODY", "max_request_body"),
-        ("MAX_UPSTREAM_HEAD", "max_upstream_head"),
-        ("MAX_UPSTREAM_HEADERS", "max_upstream_headers"),
-        ("REQUEST_HEAD_TIMEOUT", "request_head_timeout"),
-        ("REQUEST_BODY_TIMEOUT", "request_body_timeout"),
-        ("MAX_CONNECTIONS", "max_connections"),
-        ("MAX_CONNECTIONS_PER_CLIENT", "max_connections_per_client"),
-        ("MAX_UPSTREAM_CONNECTIONS", "max_upstream_connections"),
-        ("PROXY", "proxy"),
-        ("SSL_CERT_FILE", "ssl_cert_file"),
-        ("SHUTDOWN_GRACE", "shutdown_grace"),
-        ("HEALTHZ_PATH", "healthz_path"),
-        ("METRICS", "metrics"),
-        ("METRICS_PATH", "metrics_path"),
-        ("METRICS_PORT", "metrics_port"),
-        ("LEDGER", "ledger"),
-        ("DATA_DIR", "data_dir"),
-        ("DATABASE_URL", "database_url"),
-        ("LEDGER_RETENTION_DAYS", "ledger_retention_days"),
-        ("ADMIN_KEY", "admin_key"),
-        ("ADMIN_PORT", "admin_port"),
-    ):
-        if env in parsed:
-            kwargs[attr_name] = parsed[env]
+    for setting in SETTINGS:
+        if setting.field is not None and setting.env in parsed:
+            kwargs[setting.field] = parsed[setting.env]
     try:
         kwargs["cache"] = cache_settings(parsed)
     except ValueError as e:

@@ -248,6 +248,9 @@ class Exchange:
         self.started = resource.reactor.seconds()
         self.client_gone = False
         self.done = False
+        #: Seconds from the request to the upstream to the end of its
+        #: answer, once taken (:meth:`stop_clock`).
+        self.upstream_elapsed: Optional[float] = None
         #: Whether this exchange counts in the upstream cap (until it ends).
         self.holds_slot = False
         #: What reads the answer's body now, if anything.
@@ -606,6 +609,15 @@ class Exchange:
 
     # ------------------------------------------------------------ end
 
+    def stop_clock(self) -> float:
+        """The upstream's time for this exchange, taken once (the first
+        call), and set on the request for its access line."""
+        if self.upstream_elapsed is None:
+            self.upstream_elapsed = self.resource.reactor.seconds() - self.sent_upstream
+            if not self.cache_hit:
+                state_of(self.request).upstream_seconds = self.upstream_elapsed
+        return self.upstream_elapsed
+
     def end(self, outcome: str) -> None:
         if self.done:
             return
@@ -614,9 +626,7 @@ class Exchange:
         if self.holds_slot:
             self.holds_slot = False
             res.upstream_slots.release()
-        elapsed = res.reactor.seconds() - self.sent_upstream
-        if not self.cache_hit:
-            state_of(self.request).upstream_seconds = elapsed
+        elapsed = self.stop_clock()
         if res.metrics is not None:
             res.metrics.ended(
                 self.status, self.decision.label, outcome, elapsed, self.sent,

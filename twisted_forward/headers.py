@@ -143,8 +143,3 @@ def upstream_request_headers(
 def relay_response_headers(upstream: Headers, dest: Headers) -> None:
     """Copy the upstream's answer headers, minus hop-by-hop ones, to ``dest``."""
     _copy(upstream, dest, _NOT_DOWNSTREAM)
-
-
-def names(headers: Headers) -> Iterable[bytes]:
-    """Lower-cased header names, for tests and logging."""
-    return (name.lower() for name, _ in headers.getAllRawHeaders())

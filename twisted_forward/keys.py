@@ -257,10 +257,6 @@ class DefaultKeys:
         resting = [i for i in rotation if i not in self._revoked and i not in ready]
         return ready + resting
 
-    def bearer(self, index: int) -> bytes:
-        """The Authorization value for key ``index``."""
-        return credential_value(AUTHORIZATION, self._keys[index])
-
     def credential(self, index: int, carrier: bytes = AUTHORIZATION) -> tuple[bytes, bytes]:
         """The ``(header, value)`` that sends key ``index`` in ``carrier``."""
         return carrier, credential_value(carrier, self._keys[index])

@@ -179,8 +179,12 @@ class Relay(Protocol):
                 request.write(held)
                 exchange.sent += len(held)
             request.unregisterProducer()
-            exchange.end("complete")
+            # The answer goes out first (the access line sends it before it
+            # is made); the bookkeeping (policy settle, chat record, ledger)
+            # runs after, off the client's wait.
+            exchange.stop_clock()
             request.finish()
+            exchange.end("complete")
             return
         self.log.warn(
             "upstream body broke off on {path}: {why}",

@@ -22,6 +22,7 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 from zope.interface import implementer
 
+from ._compat import send_now
 from .access import AccessGate, TrustedProxies
 from .admin.limits import IKeyLimits, PolicyLimits
 from .admin.live import LiveTally
@@ -363,7 +364,13 @@ class ForwardSite(Site):
         return super().getResourceFor(request)
 
     def log(self, request: Request) -> None:  # type: ignore[override]
-        """One line per answered request: never a key, the key's label only."""
+        """One line per answered request: never a key, the key's label only.
+
+        Called by ``Request.finish`` once the answer's last bytes are
+        written: they are sent first, so the client does not wait for the
+        line (nor for what runs after it: the chat record, the ledger).
+        """
+        send_now(request.channel.transport if request.channel is not None else None)
         state = state_of(request)
         error = state.error
         upstream = state.upstream_seconds

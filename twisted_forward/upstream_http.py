@@ -36,7 +36,7 @@ from twisted.web.client import (
 )
 from twisted.web.iweb import IResponse
 
-from ._compat import HTTP11ClientFactory, HTTP11ClientProtocol, set_pool_factory
+from ._compat import HTTP11ClientFactory, HTTP11ClientProtocol, send_now, set_pool_factory
 
 #: Default cap on an answer head's size, status line and blank line included.
 MAX_HEAD = 64 * 1024
@@ -183,6 +183,8 @@ class GuardedClientProtocol(HTTP11ClientProtocol):
         self.awaiting_head = True
         d = super().request(request)
         d.addBoth(self._head_handed_on)
+        # The request is in the transport's buffer: send it on this turn.
+        send_now(self.transport)
         return d
 
     def _head_handed_on(self, result: object) -> object:
