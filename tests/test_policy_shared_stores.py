@@ -229,8 +229,7 @@ class RedisStoreTests(StoreContract, TestCase):
         self.target = redis_link.parse_redis_url(self.server.url)
 
     def make_store(self) -> RedisStore:
-        client = redis_link.connect(self.target, timeout=2.0)
-        store = RedisStore(client, reactor, timeout=2.0)
+        store = RedisStore(lambda: redis_link.connect(self.target, timeout=2.0), reactor, timeout=2.0)
         self.addCleanup(store.close)
         return store
 
@@ -240,8 +239,7 @@ class RedisStoreTests(StoreContract, TestCase):
         StoreUnavailable, and works again once the server is back."""
         from twisted_forward.policies.store import StoreUnavailable
 
-        client = redis_link.connect(self.target, timeout=0.3)
-        store = RedisStore(client, reactor, timeout=0.3)
+        store = RedisStore(lambda: redis_link.connect(self.target, timeout=0.3), reactor, timeout=0.3)
         self.addCleanup(store.close)
         self.assertTrue((yield store.reserve("r1", [rpm(3)], T0)).granted)
         yield self.server.kill()

@@ -39,6 +39,9 @@ TrustedProxy = Union[IPNetwork, str]
 _SPLIT = re.compile(r"[\s,]+")
 
 
+from .migration import migrate  # noqa: E402
+
+
 class ConfigError(ValueError):
     """A setting has a value the proxy cannot run with; the text names it."""
 
@@ -109,6 +112,8 @@ class Config:
     forward_keys: tuple[ForwardKey, ...] = ()
     routes: tuple[Route, ...] = ()
     log_chat: bool = True
+    #: PRINT_CHAT (openai-forward 0.8.1): each chat record as a log line too.
+    print_chat: bool = False
     log_dir: str = "Log"
     ip_whitelist: tuple[IPNetwork, ...] = ()
     ip_blacklist: tuple[IPNetwork, ...] = ()
@@ -551,6 +556,18 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("TRUSTED_PROXIES", "trusted-proxies", parse_trusted_proxies,
             "Peers whose X-Forwarded-For/Forwarded is believed ('unix': unix-socket peers).",
             field="trusted_proxies"),
+    # openai-forward 0.8.1's names without a twin here (twisted_forward.migration).
+    Setting("LOG_OPENAI", "log-openai", parse_bool,
+            "0.8.1: chat records on openai routes (LOG_CHAT, if that is not given)."),
+    Setting("LOG_GENERAL", "log-general", parse_bool,
+            "0.8.1: general routes are never recorded here; true with a general route is refused."),
+    Setting("TIMEOUT", "timeout", parse_seconds,
+            "0.8.1: seconds to connect to the upstream (CONNECT_TIMEOUT, if that is not given)."),
+    Setting("PRINT_CHAT", "print-chat", parse_bool,
+            "0.8.1: also log each chat record as a line [default: false].",
+            field="print_chat"),
+    Setting("BENCHMARK_MODE", "benchmark-mode", parse_bool,
+            "0.8.1: answering without the upstream; only false is accepted."),
     Setting("CONNECT_TIMEOUT", "connect-timeout", parse_seconds,
             "Seconds to connect to the upstream [default: 10].", field="connect_timeout"),
     Setting("READ_TIMEOUT", "read-timeout", parse_seconds,
@@ -718,6 +735,12 @@ def load_config(
     for setting in SETTINGS:
         if setting.field is not None and setting.env in parsed:
             kwargs[setting.field] = parsed[setting.env]
+    try:
+        migrate(parsed, kwargs)
+    except ValueError as e:
+        env, why = e.args
+        option = next(s.option for s in SETTINGS if s.env == env)
+        raise ConfigError(f"{env} (--{option}): {why}") from None
     try:
         kwargs["cache"] = cache_settings(parsed)
     except ValueError as e:

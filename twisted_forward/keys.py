@@ -181,6 +181,8 @@ class DefaultKeys:
         self._next = 0
         self._resting: dict[int, float] = {}
         self._revoked: set[int] = set()
+        #: Told of every rest and revocation this process decides.
+        self._observers: list[Callable[[int, Optional[float]], None]] = []
         n = len(self._keys)
         #: The keys as a mask wants them, made once (a mask is made per answer).
         self._mask_order = _Secrets.of(self._keys)
@@ -267,11 +269,30 @@ class DefaultKeys:
 
     def rest(self, index: int, seconds: float) -> None:
         """Take key ``index`` out of the front of the rotation for a while."""
-        self._resting[index] = self._clock() + seconds
+        until = self._clock() + seconds
+        self._resting[index] = until
+        for observer in list(self._observers):
+            observer(index, until)
 
     def revoke(self, index: int) -> None:
         """The upstream refused key ``index``: stop using it."""
         self._revoked.add(index)
+        for observer in list(self._observers):
+            observer(index, None)
+
+    def observe(self, observer: Callable[[int, Optional[float]], None]) -> None:
+        """Call ``observer(index, until)`` whenever this process rests key
+        ``index`` until ``until``, or revokes it (``until`` None), so other
+        processes can be told (:mod:`twisted_forward.policies.health`)."""
+        self._observers.append(observer)
+
+    def apply(self, index: int, until: Optional[float]) -> None:
+        """Another process rested key ``index`` until ``until`` (or revoked
+        it, None): do the same here, telling no observer."""
+        if until is None:
+            self._revoked.add(index)
+        elif until > self._resting.get(index, 0.0):
+            self._resting[index] = until
 
     @property
     def revoked(self) -> frozenset[int]:

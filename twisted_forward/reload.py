@@ -70,6 +70,13 @@ class ConfigSource:
         self._file_values = values
         return config
 
+    def unknown(self) -> list[tuple[str, str, str]]:
+        """Unknown variables that look like ours (as of the last load):
+        ``(name, where, closest known name or "")``."""
+        from .migration import unknown_names
+
+        return unknown_names((s.env for s in SETTINGS), self.environ, self._file_values)
+
     def given(self, env: str) -> bool:
         """Whether any source gives the setting ``env`` (as of the last load)."""
         option = next((s.option for s in SETTINGS if s.env == env), None)
@@ -103,6 +110,15 @@ def restart_only_changes(old: Config, new: Config) -> None:
     """
     for field_name, env, option in RESTART_ONLY:
         if getattr(old, field_name) != getattr(new, field_name):
+            raise ConfigError(
+                f"{env} ({option}) cannot change while the proxy runs: restart it to change that"
+            )
+    # The store shared with other processes lives as long as the process.
+    for attr, env, option in (
+        ("redis_url", "REDIS_URL", "--redis-url"),
+        ("store_timeout", "LIMITS_STORE_TIMEOUT", "--limits-store-timeout"),
+    ):
+        if getattr(old.policy, attr) != getattr(new.policy, attr):
             raise ConfigError(
                 f"{env} ({option}) cannot change while the proxy runs: restart it to change that"
             )

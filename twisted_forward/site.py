@@ -43,7 +43,9 @@ from .ledger.service import LedgerCollector
 from .limits import ConnectionLimits, UpstreamSlots, resolve_caps
 from .loops import is_loop
 from .metrics import Metrics, MetricsResource
+from .policies.failover import GuardedStore
 from .policies.gate import PolicyGate
+from .policies.health import KeyHealthLink
 from .policies.service import build_gate
 from .state import RequestState, state_of
 from .target import BadTarget, split_target
@@ -433,6 +435,10 @@ class Built:
     admin: Optional["Admin"] = None
     #: Run on every request head, in order (see :mod:`twisted_forward.headcheck`).
     head_checks: tuple[IHeadCheck, ...] = ()
+    #: The store shared with other processes (supervisor or Redis), or None.
+    shared_store: Optional[GuardedStore] = None
+    #: Keeps the default keys' health in step with the shared store.
+    key_health: Optional[KeyHealthLink] = None
 
 
 def build_root(
@@ -447,8 +453,13 @@ def build_root(
     limits: Optional[IKeyLimits] = None,
     cache_metrics: Optional[CacheMetrics] = None,
     health: Optional[Health] = None,
+    store: Optional[GuardedStore] = None,
 ) -> Built:
     """Build the resource tree for ``config``.
+
+    :param store: the policy store shared with other processes
+        (:func:`twisted_forward.policies.shared.open_shared_store`); it also
+        carries the default keys' health.  None: this process alone.
 
     Metrics are collected always; they are served at ``config.metrics_path``
     on this tree unless disabled or given their own port.  A reload builds
@@ -479,7 +490,10 @@ def build_root(
         reserved=reserved,
     )
     if policy is None:
-        policy = build_gate(config.policy, reactor, metrics)
+        policy = build_gate(config.policy, reactor, metrics, store=store)
+    key_health = None
+    if store is not None and config.default_keys:
+        key_health = KeyHealthLink(openai_keys.default, config.default_keys, store, reactor)
     metrics.watch_keys(openai_keys.default)
     for chat in recorder.recorders if isinstance(recorder, FanOut) else (recorder,):
         if isinstance(chat, ChatRecorder):
@@ -538,7 +552,7 @@ def build_root(
     return Built(
         root, proxies, upstream, health, openai_keys, metrics,
         cache=cache, policy=policy, ledger=ledger, admin=admin, head_checks=(root, router),
-        cache_metrics=cache_metrics,
+        cache_metrics=cache_metrics, shared_store=store, key_health=key_health,
     )
 
 

@@ -26,6 +26,11 @@ any still there ``SHUTDOWN_GRACE + 10`` seconds later).  A worker whose supervis
 Workers write their log lines straight to the supervisor's standard output
 and error, each line tagged ``worker-<n>``.  Each worker writes its own chat
 records; it finds its number in ``TWISTED_FORWARD_WORKER``.
+
+Unless ``REDIS_URL`` is set, the supervisor also keeps the policy counters
+and the default keys' health for all the workers, so limits are exact across
+them: each worker talks to it over its own unix socket pair, found on file
+descriptor 4 (:mod:`twisted_forward.policies.amp_store`).
 """
 
 from __future__ import annotations
@@ -48,6 +53,9 @@ from twisted.python.failure import Failure
 from .config import ConfigError
 from .exitstatus import give_up
 from .logfiles import LogReopenService
+from .policies.amp_store import STORE_FD, StoreHub
+from .policies.memory import MemoryStore
+from .policies.shared import STORE_FD_ENV
 from .reload import ConfigSource, install_handler
 
 #: The file descriptor a worker finds the listening socket on.
@@ -142,6 +150,9 @@ class WorkerPool(Service):
     :param options: the plugin's option values to hand to every worker
         (``workers`` left out).
     :param environ: the environment the workers run with.
+    :param store_hub: the policy store and default keys' health the workers
+        share (:mod:`twisted_forward.policies.amp_store`); each worker gets
+        its own socket to it.  None when they share Redis instead.
     """
 
     log = Logger()
@@ -157,6 +168,7 @@ class WorkerPool(Service):
         executable: str = sys.executable,
         port: Optional[IListeningPort] = None,
         source: Optional[ConfigSource] = None,
+        store_hub: Optional[StoreHub] = None,
     ) -> None:
         if count < 1:
             raise WorkersError("--workers must be at least 1")
@@ -167,6 +179,7 @@ class WorkerPool(Service):
         self.grace = grace
         self.reactor = reactor
         self.executable = executable
+        self.store_hub = store_hub
         #: Bound by :func:`make_supervisor` already, or bound at start.
         self.bound = port
         #: Where a reload (SIGHUP) reads the configuration; None: no reloads.
@@ -238,13 +251,23 @@ class WorkerPool(Service):
             [here] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
         )
         worker = _Worker(self, index, self._spec(index))
-        self.reactor.spawnProcess(
-            worker,
-            self.executable,
-            [self.executable, "-m", "twisted_forward.worker"],
-            env=env,
-            childFDs={0: "w", 1: 1, 2: 2, LISTEN_FD: self.port.fileno()},  # type: ignore[attr-defined]
-        )
+        fds: dict[int, Any] = {0: "w", 1: 1, 2: 2, LISTEN_FD: self.port.fileno()}  # type: ignore[attr-defined]
+        store_end = None
+        if self.store_hub is not None:
+            store_end = self.store_hub.pair(self.reactor)
+            fds[STORE_FD] = store_end.fileno()
+            env[STORE_FD_ENV] = str(STORE_FD)
+        try:
+            self.reactor.spawnProcess(
+                worker,
+                self.executable,
+                [self.executable, "-m", "twisted_forward.worker"],
+                env=env,
+                childFDs=fds,
+            )
+        finally:
+            if store_end is not None:
+                store_end.close()  # the worker has its copy
         self.workers[index] = worker
         self.log.info("worker {index} started (pid {pid})", index=index, pid=worker.pid)
 
@@ -382,8 +405,13 @@ def make_supervisor(
     grace: float,
     reactor: Any,
     source: Optional[ConfigSource] = None,
+    share_store: bool = True,
 ) -> IService:
-    """The service twistd runs for ``--workers N``."""
+    """The service twistd runs for ``--workers N``.
+
+    :param share_store: the supervisor keeps the policy counters and the
+        default keys' health for the workers (not when they use Redis).
+    """
     from .listening import endpoint_from_string, listen_now
 
     check_endpoint(reactor, endpoint)
@@ -394,7 +422,9 @@ def make_supervisor(
     )
     top = MultiService()
     LogReopenService(reactor).setServiceParent(top)
+    hub = StoreHub(MemoryStore(), reactor) if share_store else None
     WorkerPool(
-        count, endpoint, options, environ, grace, reactor, port=port, source=source
+        count, endpoint, options, environ, grace, reactor, port=port, source=source,
+        store_hub=hub,
     ).setServiceParent(top)
     return top

@@ -45,6 +45,7 @@ from .loops import base_v1_notes, own_address_conflict
 from .metrics import MetricsResource
 from .policies.prices import PriceTable
 from .policies.service import build_gate
+from .policies.shared import open_shared_store
 from .reload import ConfigSource, install_handler, restart_only_changes
 from .site import Built, ForwardSite, SidePortSite, build_root, make_site
 
@@ -100,16 +101,39 @@ def load(options: Options, environ: Optional[dict[str, str]] = None) -> Config:
 
 
 def open_recorder(config: Config, reactor: IReactorCore) -> Optional[ChatRecorder]:
-    """The chat recorder, or None when LOG_CHAT is off (nothing is written)."""
-    if not config.log_chat:
-        return None
+    """The chat recorder, or None when LOG_CHAT is off (nothing is written)
+    and PRINT_CHAT too."""
     secrets = config.default_keys + tuple(k.key for k in config.forward_keys)
     if config.admin_key is not None:
         secrets += (config.admin_key,)
-    try:
-        return open_chat_log(config.log_dir, reactor, secrets)
-    except OSError as e:
-        raise log_dir_error(config, e) from None
+    recorder: Optional[ChatRecorder] = None
+    if config.log_chat:
+        try:
+            recorder = open_chat_log(config.log_dir, reactor, secrets)
+        except OSError as e:
+            raise log_dir_error(config, e) from None
+    if config.print_chat:
+        if recorder is None:
+            recorder = ChatRecorder(reactor)
+        recorder.publisher.addObserver(chat_printer(secrets))
+    return recorder
+
+
+def chat_printer(secrets: tuple[str, ...]) -> Callable[[dict], None]:
+    """PRINT_CHAT: an observer logging each chat record as one JSON line,
+    every key masked (as in the record files)."""
+    from .chat.files import RECORD_FIELD, encode_record, secret_forms
+
+    log = Logger(namespace="twisted_forward.print_chat")
+    forms = secret_forms(secrets)
+
+    def observe(event: dict) -> None:
+        record = event.get(RECORD_FIELD)
+        if record is not None:
+            line = encode_record(record, forms).decode("utf-8", "replace").rstrip("\n")
+            log.info("chat {record}", record=line)
+
+    return observe
 
 
 def log_dir_error(config: Config, e: OSError) -> ConfigError:
@@ -221,6 +245,10 @@ class ProxyService(Service):
         if self.ledger is not None:
             self.ledger.startService()
         self._describe()
+        if self.built.shared_store is not None:
+            self.built.shared_store.start()
+        if self.built.key_health is not None:
+            self.built.key_health.start()
         if self.source is not None and self.site is not None:
             self._restore_sighup = install_handler(signal.SIGHUP, self.reactor, self.reload)
 
@@ -233,6 +261,13 @@ class ProxyService(Service):
             "{upstream} upstream requests in flight (None: no cap)",
             total=total, per_client=per_client, upstream=upstream,
         )
+        if self.source is not None:
+            for name, where, close in self.source.unknown():
+                self.log.warn(
+                    "unknown setting {name} in {where}: ignored{hint}",
+                    name=name, where=where,
+                    hint=f"; did you mean {close}?" if close else "",
+                )
         for note in base_v1_notes(self.config.routes):
             self.log.warn("{note}", note=note)
         if self.built.keys.open_relay:
@@ -254,6 +289,7 @@ class ProxyService(Service):
             return False
         shadowed = self.source.shadowed_changes()
         current = self.built
+        shared = current.shared_store
         try:
             config = self.source.load()
             restart_only_changes(self.config, config)
@@ -271,7 +307,11 @@ class ProxyService(Service):
             try:
                 policy = build_gate(
                     config.policy, self.reactor, current.metrics,
-                    store=current.policy.store if same_store else None,  # type: ignore[union-attr]
+                    # The store shared with other processes stays; another
+                    # is handed on when its settings are the same.
+                    store=shared if shared is not None else (
+                        current.policy.store if same_store else None  # type: ignore[union-attr]
+                    ),
                 )
                 built = build_root(
                     config, self.reactor, recorder=exchange_recorder,
@@ -279,7 +319,7 @@ class ProxyService(Service):
                     upstream=current.upstream if same_pool else None,
                     metrics=current.metrics, health=current.health, policy=policy,
                     cache_store=current.cache.store if same_cache else None,  # type: ignore[union-attr]
-                    cache_metrics=current.cache_metrics,
+                    cache_metrics=current.cache_metrics, store=shared,
                 )
             except BaseException:
                 if recorder is not None:
@@ -304,12 +344,14 @@ class ProxyService(Service):
             self.admin_service.swap(built.admin)
         self.retired.append(
             _Generation(current, self.recorder, own_pool=not same_pool,
-                        own_store=not (same_store and built.policy is not None),
+                        own_store=shared is None and not (same_store and built.policy is not None),
                         own_cache=not (same_cache and built.cache is not None))
         )
         self.built, self.config, self.recorder = built, config, recorder
         self.log.info("reloaded the configuration; open requests finish on the previous one")
         self._describe()
+        if built.key_health is not None:
+            built.key_health.start()
         self._close_drained()
         return True
 
@@ -333,7 +375,10 @@ class ProxyService(Service):
             self._restore_sighup()
             self._restore_sighup = None
         self.built.health.draining = True
-        generations = [_Generation(self.built, self.recorder)] + self.retired
+        shared = self.built.shared_store
+        generations = [
+            _Generation(self.built, self.recorder, own_store=shared is None)
+        ] + self.retired
         self.retired = []
         proxies = [p for g in generations for p in g.built.proxies]
         open_count = sum(len(p.open) for p in proxies)
@@ -352,6 +397,10 @@ class ProxyService(Service):
         # reservation, and stored its answer in the cache): close the pools,
         # the stores, then the chat records.
         yield defer.DeferredList([g.close() for g in generations], consumeErrors=True)
+        if shared is not None:
+            # The store shared with other processes, which gives back any
+            # reservation still open.
+            yield shared.close()
         if self.ledger is not None and self.ledger.running:
             # Last: every exchange has ended, so its figures are pending.
             yield self.ledger.stopService()
@@ -490,6 +539,7 @@ def _make_service(
             config.shutdown_grace,
             reactor,
             source=source,
+            share_store=config.policy.redis_url is None,
         )
         for child in supervisor:  # type: ignore[attr-defined]
             bound = getattr(child, "bound", None)
@@ -512,8 +562,13 @@ def _make_service(
     recorder, exchange_recorder = with_feed(config, reactor, recorder, feed)
     # A store the configuration names that cannot be opened raises
     # ValueError: one line, from makeService.
+    shared = open_shared_store(
+        config.policy, reactor, os.environ if environ is None else environ,
+        ca_file=config.ssl_cert_file,
+    )
     built = build_root(
-        config, reactor, recorder=exchange_recorder, ledger=feed
+        config, reactor, recorder=exchange_recorder, ledger=feed,
+        store=shared,
     )
     site = make_site(built, config, reactor)
     admin_service = AdminService(built.admin) if built.admin is not None else None

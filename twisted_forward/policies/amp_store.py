@@ -305,6 +305,9 @@ class SupervisorStore:
         self.protocol = _adopt(reactor, fd, lambda: StoreClient(self._marked))
         os.close(fd)
 
+    def start(self) -> None:
+        """Nothing to do: the connection is made by :meth:`connect`."""
+
     def _marked(self, key: str, until: Mark) -> None:
         for watcher in list(self._watchers):
             watcher(key, until)

@@ -28,16 +28,9 @@ class StoreNotAvailable(ValueError):
 
 def default_store(config: PolicyConfig, reactor: IReactorTime) -> Optional[IPolicyStore]:
     """In memory, unless REDIS_URL asks for Redis."""
-    if config.redis_url:
-        try:
-            from .redis import open_redis_store
-        except ImportError:
-            raise StoreNotAvailable(
-                "REDIS_URL (--redis-url): shared limits on Redis are not available in "
-                "this build"
-            ) from None
-        return open_redis_store(config, reactor)
-    return None
+    from .shared import open_shared_store
+
+    return open_shared_store(config, reactor, {})  # type: ignore[no-any-return]
 
 
 def build_gate(

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping, Optional
-from urllib.parse import urlsplit
 
+from ..redis_link import check_redis_url
 from .prices import Price, load_prices, parse_price
 from .rules import (
     EVERY_KEY,
@@ -36,19 +36,7 @@ BUILTIN_LABELS = ("default",)
 
 def parse_redis_url(value: str) -> str:
     """A ``redis://``, ``rediss://`` or ``unix://`` URL (Redis or Valkey)."""
-    value = value.strip()
-    try:
-        parts = urlsplit(value)
-        parts.port  # noqa: B018 (raises on a bad port)
-    except ValueError as e:
-        raise ValueError(f"not a URL ({e})") from None
-    if parts.scheme not in ("redis", "rediss", "unix"):
-        raise ValueError("must be a redis://, rediss:// or unix:// URL")
-    if parts.scheme == "unix" and not parts.path:
-        raise ValueError("a unix:// URL needs the socket's path")
-    if parts.scheme != "unix" and not parts.hostname:
-        raise ValueError("has no host")
-    return value
+    return check_redis_url(value)
 
 
 def parse_req_rate_limit_backend(value: str) -> str:
@@ -56,6 +44,17 @@ def parse_req_rate_limit_backend(value: str) -> str:
     if value.strip().lower() in ("", "memory://"):
         return ""
     return parse_redis_url(value)
+
+
+def parse_store_timeout(value: str) -> float:
+    """LIMITS_STORE_TIMEOUT: a positive number of seconds, at most 60."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise ValueError(f"{value!r} is not a number of seconds") from None
+    if not 0 < seconds <= 60:
+        raise ValueError(f"{value!r} must be more than 0 and at most 60 seconds")
+    return seconds
 
 
 def parse_failure_mode(value: str) -> str:
@@ -98,6 +97,9 @@ POLICY_SETTINGS: tuple[tuple[str, str, Callable[[str], Any], str], ...] = (
      "[default: 10,30]."),
     ("REDIS_URL", "redis-url", parse_redis_url,
      "Redis/Valkey (redis://, rediss://, unix://) holding limits shared by instances."),
+    ("LIMITS_STORE_TIMEOUT", "limits-store-timeout", parse_store_timeout,
+     "Seconds a shared store (Redis, the --workers supervisor) may take to answer "
+     "[default: 0.5]."),
     ("LIMITS_ON_STORE_FAILURE", "limits-on-store-failure", parse_failure_mode,
      "open (serve, count locally, warn) or closed (503) when the store is down "
      "[default: closed]."),
@@ -137,6 +139,7 @@ class PolicyConfig:
     :ivar redis_url: where shared counters live (None: this process, or the
         ``--workers`` supervisor).
     :ivar on_store_failure: ``open`` or ``closed``.
+    :ivar store_timeout: seconds a shared store may take to answer.
     """
 
     policies: Policies = field(default_factory=Policies)
@@ -145,6 +148,7 @@ class PolicyConfig:
     unknown_price: Price = DEFAULT_UNKNOWN_PRICE
     redis_url: Optional[str] = field(default=None, repr=False)
     on_store_failure: str = "closed"
+    store_timeout: float = 0.5
 
     @property
     def active(self) -> bool:
@@ -272,6 +276,7 @@ def build(
         unknown_price=parsed.get("UNKNOWN_MODEL_PRICE") or DEFAULT_UNKNOWN_PRICE,
         redis_url=redis or backend,
         on_store_failure=parsed.get("LIMITS_ON_STORE_FAILURE", "closed"),
+        store_timeout=parsed.get("LIMITS_STORE_TIMEOUT", 0.5),
     )
     return config, forward_keys, default_keys
 

@@ -1,0 +1,123 @@
+"""
+openai-forward 0.8.1's settings without a twin here: each honoured with its
+0.8.1 meaning or refused in one line; unknown variables that look like ours
+are warned about with the closest known name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+
+from twisted.internet import defer, reactor
+from twisted.trial.unittest import SynchronousTestCase
+
+from twisted_forward.config import ConfigError, load_config
+from twisted_forward.migration import unknown_names
+
+from .harness import ProxyTestCase
+from .test_reload import write_env
+from .test_workers import Supervisor
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+GENERAL = json.dumps([{"base_url": "https://api.openai.com", "route": "/"},
+                      {"base_url": "https://example.com", "route": "/g", "type": "general"}])
+
+
+def load(**env: str):
+    return load_config({}, env)
+
+
+class NamesTests(SynchronousTestCase):
+    """Each 0.8.1 name, on the configuration it makes."""
+
+    def test_log_openai(self) -> None:
+        """LOG_OPENAI=false turns the chat records off; LOG_CHAT, if given, wins."""
+        self.assertFalse(load(LOG_OPENAI="false").log_chat)
+        self.assertTrue(load(LOG_OPENAI="true").log_chat)
+        self.assertTrue(load(LOG_OPENAI="false", LOG_CHAT="true").log_chat)
+
+    def test_timeout_is_the_connect_timeout(self) -> None:
+        """0.8.1's TIMEOUT was aiohttp's connect timeout."""
+        self.assertEqual(load(TIMEOUT="3").connect_timeout, 3.0)
+        self.assertEqual(load(TIMEOUT="3", CONNECT_TIMEOUT="4").connect_timeout, 4.0)
+        with self.assertRaises(ConfigError) as caught:
+            load(TIMEOUT="soon")
+        self.assertEqual(str(caught.exception),
+                         "TIMEOUT (--timeout): 'soon' is not a number of seconds")
+
+    def test_print_chat(self) -> None:
+        self.assertTrue(load(PRINT_CHAT="true").print_chat)
+        self.assertFalse(load().print_chat)
+
+    def test_log_general(self) -> None:
+        """false is how this proxy works; true with a general route is refused."""
+        load(LOG_GENERAL="false", FORWARD_CONFIG=GENERAL)
+        load(LOG_GENERAL="true")  # no general route: nothing to record
+        with self.assertRaises(ConfigError) as caught:
+            load(LOG_GENERAL="true", FORWARD_CONFIG=GENERAL)
+        self.assertTrue(str(caught.exception).startswith(
+            "LOG_GENERAL (--log-general): general routes are relayed as they are"))
+
+    def test_benchmark_mode(self) -> None:
+        load(BENCHMARK_MODE="false")
+        with self.assertRaises(ConfigError) as caught:
+            load(BENCHMARK_MODE="true")
+        self.assertTrue(str(caught.exception).startswith(
+            "BENCHMARK_MODE (--benchmark-mode): answering without the upstream"))
+
+    def test_unknown_names(self) -> None:
+        """A typo of ours is named with the closest known name; the SDK's
+        OPENAI_* in the environment are left alone."""
+        found = unknown_names(
+            ["FORWARD_KEY", "OPENAI_API_KEY"],
+            {"FORWARD_KYE": "x", "OPENAI_ORG_ID": "o", "HOME": "/"},
+            {"OPENAI_API_KYE": "y"},
+        )
+        self.assertEqual(found, [("FORWARD_KYE", "the environment", "FORWARD_KEY"),
+                                 ("OPENAI_API_KYE", "the .env file", "OPENAI_API_KEY")])
+
+
+class MigratedEnvTests(ProxyTestCase):
+    """A 0.8.1 .env, with a real twistd."""
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_log_openai_false_print_chat_and_a_typo(self):
+        """LOG_OPENAI=false: no chat record file; PRINT_CHAT=true: the chat
+        is a log line; FORWARD_KYE: warned, with the name meant."""
+        cwd = os.path.abspath(self.mktemp())
+        os.makedirs(cwd)
+        write_env(os.path.join(cwd, ".env"), LOG_OPENAI="false", PRINT_CHAT="true",
+                  LOG_GENERAL="false", TIMEOUT="5", FORWARD_KYE="fk-typo-typo-typo")
+        process = Supervisor()
+        reactor.spawnProcess(
+            process, sys.executable,
+            TWISTD + ["-n", "--pidfile=", "openai-forward", "--port", "tcp:0:interface=127.0.0.1"],
+            env={"PATH": os.environ.get("PATH", ""), "PYTHONPATH": ROOT,
+                 "OPENAI_API_KEY": "sk-migration-test-key",
+                 "OPENAI_BASE_URL": f"http://127.0.0.1:{self.upstream_port}"},
+            path=cwd,
+        )
+        self.addCleanup(lambda: process.ended.called or (
+            process.transport.signalProcess("KILL"), process.ended.addErrback(lambda _: None))[1])
+        port = int((yield process.wait_for(r"ForwardSite starting on (\d+)")).group(1))
+        response = yield self.client.post(
+            f"http://127.0.0.1:{port}/v1/chat/completions",
+            data=json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode(),
+            headers={b"content-type": [b"application/json"]},
+        )
+        yield response.content()
+        self.assertEqual(response.code, 200)
+        yield process.wait_for(r"chat \{.*" + self.fake.answer_text)
+        yield self.pool.closeCachedConnections()
+        os.kill(process.transport.pid, signal.SIGTERM)
+        yield process.ended
+        self.assertIn("unknown setting FORWARD_KYE in the .env file: ignored; did you mean "
+                      "FORWARD_KEY?", process.output)
+        self.assertFalse(os.path.exists(os.path.join(cwd, "Log")))
+        self.assertNotIn("sk-migration-test-key", process.output)

@@ -1,0 +1,85 @@
+"""
+openai-forward 0.8.1's settings that have no twin here, honoured with their
+0.8.1 meaning or refused in one line; and a warning for unknown variables
+that look like ours (a typo such as ``FORWARD_KYE``).
+
+The key, limit and cache names of 0.8.1 (``OPENAI_API_KEY_CONFIG``,
+``LEVEL_MODELS``, ``REQ_RATE_LIMIT``, ``CACHE_*``...) are settings of their
+own, read by :mod:`twisted_forward.policies.settings` and
+:mod:`twisted_forward.cache.settings`.
+
+================  =====================================================
+0.8.1 name        here
+================  =====================================================
+LOG_OPENAI        chat records on ``openai`` routes: LOG_CHAT, when
+                  LOG_CHAT is not given
+LOG_GENERAL       ``false``: as here (``general`` routes are a byte pipe,
+                  never recorded); ``true`` with a ``general`` route:
+                  refused (not recorded here)
+TIMEOUT           seconds to connect to the upstream (0.8.1's aiohttp
+                  ``ClientTimeout(connect=TIMEOUT)``): CONNECT_TIMEOUT,
+                  when CONNECT_TIMEOUT is not given
+PRINT_CHAT        each chat record also as a log line (keys masked)
+BENCHMARK_MODE    ``false``: as here; ``true`` (answer without the
+                  upstream): refused
+================  =====================================================
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Iterable, Mapping
+
+#: First words of our setting names: an unknown variable starting with one
+#: of these is probably a typo of ours.  ``OPENAI_`` is checked in the .env
+#: file only: the environment holds the SDK's own (OPENAI_ORG_ID, ...).
+PREFIXES = (
+    "FORWARD_", "LOG_", "CACHE_", "IP_", "TRUSTED_", "METRICS_", "ADMIN_", "LEDGER_",
+    "REQ_", "TOKEN_", "GLOBAL_", "RATE_", "SHUTDOWN_", "HEALTHZ_", "ROUTE_", "LEVEL_",
+    "CONNECT_", "READ_", "IDLE_", "MAX_", "REQUEST_", "PRINT_", "BENCHMARK_", "DEFAULT_",
+)
+FILE_ONLY_PREFIXES = ("OPENAI_",)
+
+
+def migrate(parsed: Mapping[str, object], kwargs: dict[str, object]) -> None:
+    """Apply the 0.8.1 names in ``parsed`` to the Config keyword arguments.
+
+    :raises ValueError: ``(setting, message)`` for a value refused.
+    """
+    if "LOG_OPENAI" in parsed and "LOG_CHAT" not in parsed:
+        kwargs["log_chat"] = parsed["LOG_OPENAI"]
+    if "TIMEOUT" in parsed and "CONNECT_TIMEOUT" not in parsed:
+        kwargs["connect_timeout"] = parsed["TIMEOUT"]
+    if parsed.get("LOG_GENERAL") and any(
+        getattr(r, "kind", None) == "general" for r in kwargs.get("routes", ())  # type: ignore[union-attr]
+    ):
+        raise ValueError(
+            "LOG_GENERAL",
+            "general routes are relayed as they are and never recorded here; "
+            "set LOG_GENERAL=false (chat records of openai routes: LOG_CHAT)",
+        )
+    if parsed.get("BENCHMARK_MODE"):
+        raise ValueError(
+            "BENCHMARK_MODE",
+            "answering without the upstream is not supported; set BENCHMARK_MODE=false "
+            "and benchmark against a fake upstream (see bench/)",
+        )
+
+
+def unknown_names(
+    known: Iterable[str], environ: Mapping[str, str], env_file: Mapping[str, str]
+) -> list[tuple[str, str, str]]:
+    """``(name, where, closest known name or "")`` for each unknown variable
+    that starts with one of our prefixes."""
+    known = sorted(set(known))
+    found = []
+    for where, names, prefixes in (
+        ("the environment", environ, PREFIXES),
+        ("the .env file", env_file, PREFIXES + FILE_ONLY_PREFIXES),
+    ):
+        for name in sorted(names):
+            if name in known or not name.startswith(prefixes):
+                continue
+            close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+            found.append((name, where, close[0] if close else ""))
+    return found
