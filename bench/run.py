@@ -614,6 +614,19 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     soft, hard = client.raise_nofile()
     run = Run(settings, machine_info())
+    # One open stream holds two descriptors in the proxy (client and
+    # upstream), and its connection caps follow the limit: past what the
+    # hard limit allows, the proxy would refuse streams (503) by design.
+    from twisted_forward.limits import default_caps
+
+    most = default_caps(hard)[0] - 100  # room for the warm-up's pooled connections
+    if settings.open_streams > most:
+        run.notes.append(
+            f"open streams: {settings.open_streams:,} asked, {most:,} measured: the hard "
+            f"descriptor limit here is {hard} (not raisable without CAP_SYS_RESOURCE), "
+            f"and each stream holds two descriptors in the proxy"
+        )
+        settings.open_streams = most
     run.machine["upstream"] = args.upstream
     run.machine["nofile"] = f"{soft}/{hard}"
     cpus = os.cpu_count() or 1

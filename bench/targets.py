@@ -288,6 +288,9 @@ def start_twisted_forward(
             "LOG_CHAT": "true",
             "LOG_DIR": str(rundir / "Log"),
             "FORWARD_KEY": f"bench:{FORWARD_KEY}",
+            # Every bench client comes from 127.0.0.1: the per-address share
+            # (half the connections) would cap the open-streams measure.
+            "MAX_CONNECTIONS_PER_CLIENT": "0",
         }
     )
     env.update(extra_env or {})

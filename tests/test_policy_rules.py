@@ -315,3 +315,49 @@ class UsageTests(SynchronousTestCase):
         self.assertEqual(
             s.feed(b'data: {"id":"x","choices":[],"usage":{"prompt_tokens":1}}\n\n'), b""
         )
+
+
+class FastBodyFactsTests(SynchronousTestCase):
+    """The C-parser fast path of facts_of gives the scanner's answer, and
+    steps aside wherever the two could differ."""
+
+    BODIES = [
+        b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}',
+        b'{"model": "gpt-4o", "stream": true, "max_tokens": 50, "n": 2, "messages": []}',
+        b'{"model":"o1","max_completion_tokens":7,"max_tokens":9}',
+        b'{"model":"m","n":true,"stream":"yes","max_tokens":-1}',
+        b'{"model":"m","messages":[{"content":"the \\"model\\" field"}]}',
+        b'{"model":"a","model":"b"}',
+        b'{"mod\\u0065l":"escaped","model":"plain"}',
+        b'{"model":"m","stream":true,"stream_options":{"include_usage":true}}',
+        b'{"model":"m"} trailing',
+        b'[1, 2]',
+        b'{"model":"' + b"x" * 5000 + b'"}',
+        b'{"input":"text","model":"text-embedding-3-small"}',
+    ]
+
+    def scanned(self, body: bytes):
+        """facts_of through the scanner only (a bytearray skips the fast path)."""
+        return facts_of(bytearray(body), b"application/json", "/v1/chat/completions")
+
+    def test_same_answer_as_the_scanner(self):
+        """For every body, the facts equal the scanner's."""
+        for body in self.BODIES:
+            self.assertEqual(
+                facts_of(body, b"application/json", "/v1/chat/completions"),
+                self.scanned(body), body[:60],
+            )
+
+    def test_fast_path_taken_for_a_plain_chat_body(self):
+        """A plain chat body is read by the C parser (no scan)."""
+        from twisted_forward.policies import body as module
+
+        self.assertIsNotNone(module._facts_fast(self.BODIES[0], len(self.BODIES[0]), None))
+
+    def test_fast_path_steps_aside(self):
+        """Duplicates, escaped names, stream_options, long models, non-objects
+        and trailing bytes go to the scanner."""
+        from twisted_forward.policies import body as module
+
+        for body in self.BODIES[5:11]:
+            self.assertIsNone(module._facts_fast(body, len(body), None), body[:60])

@@ -63,7 +63,7 @@ _access_log = Logger(namespace="twisted_forward.access")
 _ACCESS_LINE = (
     "%(client)s %(method)s %(path)s %(status)s %(length)sB "
     "route=%(route)s key=%(key)s "
-    "upstream=%(upstream_ms)sms error=%(error)s"
+    "upstream=%(upstream)s error=%(error)s"
 )
 _ACCESS_SYSTEM = "twisted_forward.access#info"
 
@@ -394,7 +394,8 @@ class ForwardSite(Site):
             "{line}",
             # Given, so text log observers need not build it per event.
             log_system=_ACCESS_SYSTEM,
-            line=_ACCESS_LINE % fields,
+            line=_ACCESS_LINE
+            % dict(fields, upstream="-" if upstream is None else f"{fields['upstream_ms']}ms"),
             **fields,
         )
         if error is not None and self.metrics is not None:

@@ -1,0 +1,68 @@
+"""
+Default keys' health follows the shared store (KeyHealthLink), on a fake
+clock with the in-memory store standing for the shared one.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from twisted_forward.keys import DefaultKeys
+from twisted_forward.policies.health import KeyHealthLink
+from twisted_forward.policies.memory import MemoryStore
+from twisted_forward.policies.store import key_id
+
+SECRETS = ("sk-one-0123456789", "sk-two-0123456789", "sk-three-0123456789")
+
+
+class LinkTests(SynchronousTestCase):
+    """Two processes' keys linked through one store."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1000)
+        self.store = MemoryStore()
+        self.here = DefaultKeys(SECRETS, self.clock.seconds)
+        self.there = DefaultKeys(SECRETS, self.clock.seconds)
+
+    def link(self, keys: DefaultKeys) -> KeyHealthLink:
+        link = KeyHealthLink(keys, SECRETS, self.store, self.clock)
+        link.start()
+        return link
+
+    def test_a_revocation_reaches_the_other_process(self) -> None:
+        """A key revoked here is revoked there; the store knows it by its
+        digest only."""
+        self.link(self.here)
+        self.link(self.there)
+        self.here.revoke(1)
+        self.assertEqual(self.there.revoked, frozenset({1}))
+        marks = self.successResultOf(self.store.marks(self.clock.seconds()))
+        self.assertEqual(marks, {key_id(SECRETS[1]): None})
+        self.assertNotIn(SECRETS[1], repr(marks))
+
+    def test_a_rest_reaches_the_other_process_and_ends(self) -> None:
+        """A key resting here for 30 s comes last there too, until the rest
+        is over."""
+        self.link(self.here)
+        self.link(self.there)
+        self.here.rest(0, 30)
+        self.assertEqual(self.there.states()["resting"], 1)
+        self.clock.advance(31)
+        self.assertEqual(self.there.states()["resting"], 0)
+
+    def test_a_process_starting_later_learns_the_marks(self) -> None:
+        """Marks made before a process linked are read when it starts."""
+        self.link(self.here)
+        self.here.revoke(2)
+        self.here.rest(0, 60)
+        self.link(self.there)
+        self.assertEqual(self.there.revoked, frozenset({2}))
+        self.assertEqual(self.there.states(), {"active": 1, "resting": 1, "revoked": 1})
+
+    def test_marks_of_keys_not_configured_here_are_ignored(self) -> None:
+        """Another instance's keys (not ours) change nothing here."""
+        self.link(self.here)
+        self.store.mark(key_id("sk-elsewhere-0123456789"), None)
+        self.assertEqual(self.here.revoked, frozenset())
