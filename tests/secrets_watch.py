@@ -1,6 +1,8 @@
 """
 A watch over every end-to-end test: no configured key (default, forward or admin)
-in any log event or in any byte the proxy sends to a client; no forward key,
+and no password of a store URL (DATABASE_URL, REDIS_URL, the cache's Redis URL)
+in any log event, in any byte the proxy sends to a client (answers, /metrics,
+the admin page and API) or in any chat record it wrote to LOG_DIR; no forward key,
 no admin key and no client-identifying header in any request the fake
 upstream receives.
 
@@ -12,7 +14,10 @@ it ends, whatever it was testing.
 from __future__ import annotations
 
 import functools
+import glob
+import os
 from typing import Any, Callable, Iterable, Optional
+from urllib.parse import unquote, urlsplit
 
 from twisted.application.service import IServiceCollection
 from twisted.internet import defer
@@ -32,6 +37,29 @@ def secret_patterns(secret: str) -> list[bytes]:
     if len(key) - 3 >= 8:
         patterns.append(key[3:])
     return patterns
+
+
+def url_password(url: Optional[str]) -> Optional[str]:
+    """The password in a store URL (``postgresql://u:pw@h/db``), if any."""
+    if not url:
+        return None
+    try:
+        password = urlsplit(url).password
+    except ValueError:
+        return None
+    return unquote(password) if password else None
+
+
+def chat_record_bytes(log_dir: Optional[str]) -> bytes:
+    """Everything the proxy wrote to its chat record files."""
+    if not log_dir or not os.path.isdir(log_dir):
+        return b""
+    out = []
+    for name in sorted(glob.glob(os.path.join(log_dir, "**", "*"), recursive=True)):
+        if os.path.isfile(name):
+            with open(name, "rb") as f:
+                out.append(f.read())
+    return b"\n".join(out)
 
 
 def describe_event(event: LogEvent) -> str:
@@ -54,6 +82,8 @@ class SecretsWatch:
         self.default_keys: tuple[str, ...] = ()
         self.forward_keys: tuple[str, ...] = ()
         self.admin_key: Optional[str] = None
+        self.passwords: tuple[tuple[str, str], ...] = ()
+        self.log_dir: Optional[str] = None
         globalLogPublisher.addObserver(self)
 
     def __call__(self, event: LogEvent) -> None:
@@ -67,6 +97,17 @@ class SecretsWatch:
         self.default_keys = tuple(service.config.default_keys)
         self.forward_keys = tuple(k.key for k in service.config.forward_keys)
         self.admin_key = service.config.admin_key
+        config = service.config
+        urls = [
+            ("DATABASE_URL", getattr(config, "database_url", None)),
+            ("REDIS_URL", getattr(getattr(config, "policy", None), "redis_url", None)),
+            ("the cache's Redis URL", getattr(getattr(config, "cache", None), "redis_url", None)),
+        ]
+        self.passwords = tuple(
+            (name, password) for name, password in
+            ((name, url_password(url)) for name, url in urls) if password
+        )
+        self.log_dir = config.log_dir if getattr(config, "log_chat", True) else None
         site = test.site
         build = site.buildProtocol
         written = self.written
@@ -105,6 +146,7 @@ class SecretsWatch:
         secrets += [("forward key", i, s) for i, s in enumerate(self.forward_keys)]
         if self.admin_key:
             secrets.append(("admin key", 0, self.admin_key))
+        records = chat_record_bytes(self.log_dir)
         # Case-blind: Twisted writes header names title-cased, so a key
         # echoed in a header name goes out as "Sk-Abc…".
         sent = b"".join(self.written).lower()
@@ -113,12 +155,26 @@ class SecretsWatch:
             for pattern in secret_patterns(secret):
                 if pattern.lower() in sent:
                     found.append(f"{kind} #{index} in the bytes sent to a client")
+                if pattern in records:
+                    found.append(f"{kind} #{index} in a chat record")
                 text = pattern.decode("utf-8")
                 for event, description in logged:
                     if text in description:
                         found.append(
                             f"{kind} #{index} in a log event ({event.get('log_format')!r})"
                         )
+        # A password is looked for whole (a short one would match anything).
+        for name, password in self.passwords:
+            if len(password) < 8:
+                continue
+            raw = password.encode("utf-8")
+            if raw.lower() in sent:
+                found.append(f"{name}'s password in the bytes sent to a client")
+            if raw in records:
+                found.append(f"{name}'s password in a chat record")
+            for event, description in logged:
+                if password in description:
+                    found.append(f"{name}'s password in a log event ({event.get('log_format')!r})")
         fake = getattr(test, "fake", None)
         for seen in getattr(fake, "seen", ()):
             for name, values in seen.headers.getAllRawHeaders():

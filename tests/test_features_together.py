@@ -209,3 +209,60 @@ class FeaturesTogetherTests(ProxyTestCase):
         self.assertEqual(response.code, 200, content)
         described = json.loads(content)
         self.assertEqual({k["label"] for k in described["forward_keys"]}, {"alice", "bob"})
+
+
+class StorePasswordsTests(ProxyTestCase):
+    """The passwords in DATABASE_URL and REDIS_URL are secrets too."""
+
+    @defer.inlineCallbacks
+    def test_unreachable_stores_never_show_their_passwords(self) -> None:
+        """PostgreSQL and Redis (policies and cache) configured with passwords
+        and unreachable: requests are served (the stores fail open), and the
+        secrets watch finds neither password in the answers, /metrics, the
+        admin API, the chat records or the log (start-up, store errors,
+        shutdown)."""
+        closed = "127.0.0.1:1"  # nothing listens on port 1
+        yield self.start_proxy(
+            OPENAI_API_KEY=DEFAULT,
+            FORWARD_KEY=f"alice:{ALICE}",
+            KEY_POLICY=json.dumps({"alice": {"rpm": 100}}),
+            REDIS_URL=f"redis://:redis-pass-0123456789@{closed}/0",
+            LIMITS_ON_STORE_FAILURE="open",
+            CACHE_OPENAI="true",
+            CACHE_BACKEND="REDIS",
+            DATABASE_URL=f"postgresql://tf:pg-pass-0123456789@{closed}/ledger",
+            LOG_CHAT="true",
+            LOG_DIR=os.path.abspath(self.mktemp()),
+            ADMIN_KEY=ADMIN,
+        )
+        watch = self.secrets_watch
+        self.assertEqual(
+            sorted(p for _, p in watch.passwords),
+            ["pg-pass-0123456789", "redis-pass-0123456789", "redis-pass-0123456789"],
+        )
+        response = yield self.client.post(
+            self.url("/v1/chat/completions"), data=chat(caching=True),
+            headers={b"authorization": [b"Bearer " + ALICE.encode()],
+                     b"content-type": [b"application/json"]},
+        )
+        content = yield response.content()
+        self.assertEqual(response.code, 200, content)
+        codes = {}
+        for path in ("/metrics", "/_admin/api/usage", "/_admin/api/keys"):
+            response = yield self.client.get(
+                self.url(path), headers={b"authorization": [b"Bearer " + ADMIN.encode()]})
+            yield response.content()
+            codes[path] = response.code
+        # The ledger cannot be read: the usage API says so (503).
+        self.assertEqual(codes, {"/metrics": 200, "/_admin/api/usage": 503,
+                                 "/_admin/api/keys": 200})
+        import psycopg
+        self.flushLoggedErrors(psycopg.OperationalError)
+        # The watch itself can fail: a password planted in a log event is found.
+        from twisted.logger import globalLogPublisher, LogLevel
+        event = {"log_format": "x {u}", "u": "pg-pass-0123456789",
+                 "log_level": LogLevel.info, "log_namespace": "qa", "log_time": 0.0}
+        watch(event)
+        self.assertIn("DATABASE_URL's password in a log event ('x {u}')", watch.leaks(self))
+        watch.events.remove(event)
+        del globalLogPublisher

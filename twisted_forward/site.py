@@ -391,7 +391,8 @@ class ForwardSite(Site):
             log_system=_ACCESS_SYSTEM,
             line="%(client)s %(method)s %(path)s %(status)s %(length)sB "
             "route=%(route)s key=%(key)s "
-            "upstream=%(upstream_ms)sms error=%(error)s" % fields,
+            "upstream=%(upstream)s error=%(error)s"
+            % dict(fields, upstream="-" if upstream is None else "%sms" % fields["upstream_ms"]),
             **fields,
         )
         if error is not None and self.metrics is not None:

@@ -80,6 +80,15 @@ class Options(usage.Options):
         [s.option, None, None, f"{s.help} [{s.env}]"] for s in SETTINGS
     ]
 
+    def opt_version(self) -> None:
+        """Print twisted-forward's version (and Twisted's) and exit."""
+        import twisted
+
+        from . import __version__
+
+        print(f"twisted-forward {__version__} (Twisted {twisted.__version__})")
+        raise SystemExit(0)
+
     def postOptions(self) -> None:
         try:
             self["endpoint"] = port_to_endpoint(self["port"])
@@ -271,7 +280,8 @@ class ProxyService(Service):
                 )
         for note in base_v1_notes(self.config.routes):
             self.log.warn("{note}", note=note)
-        if self.built.keys.open_relay:
+        if self.built.keys.open_relay and not self.config.ip_whitelist:
+            # (With IP_WHITELIST only the listed addresses can spend them.)
             self.log.warn(
                 "OPENAI_API_KEY is set and FORWARD_KEY is not: anyone who can reach "
                 "this port spends your OpenAI keys. Set FORWARD_KEY or restrict "

@@ -101,6 +101,9 @@ class RedisStore:
         self._renewer = LoopingCall(self._renew)
         self._renewer.clock = clock
         self._poller = LoopingCall(self._poll_health)
+        #: The loops' calls in flight, cancelled at close (a poll waiting on
+        #: an unreachable Redis would otherwise outlive the store).
+        self._loop_calls: set["Deferred[Any]"] = set()
         self._poller.clock = clock
         self._closed = False
 
@@ -229,6 +232,8 @@ class RedisStore:
         for loop in (self._renewer, self._poller):
             if loop.running:
                 loop.stop()
+        for call in list(self._loop_calls):
+            call.cancel()
         d = self.release_all(self.clock.seconds())
 
         def disconnect(_: Any) -> Any:
@@ -237,6 +242,16 @@ class RedisStore:
             return None
 
         return d.addCallback(disconnect).addErrback(lambda _: None).addCallback(lambda _: None)
+
+    def _in_flight(self, d: "Deferred[Any]") -> "Deferred[Any]":
+        """Keep a loop's call until it ends, so that close can cancel it."""
+        self._loop_calls.add(d)
+
+        def ended(result: Any) -> Any:
+            self._loop_calls.discard(d)
+            return result
+
+        return d.addBoth(ended)
 
     def _renew(self) -> "Deferred[Any]":
         held = [
@@ -254,7 +269,7 @@ class RedisStore:
             self.log.warn("could not renew {count} slot lease(s): {why}",
                           count=len(held), why=failure.getErrorMessage())
 
-        return self._eval(redis_lua.RENEW, keys, args).addErrback(failed)
+        return self._in_flight(self._eval(redis_lua.RENEW, keys, args)).addErrback(failed)
 
     # ------------------------------------------------------------ IKeyHealth
 
@@ -282,7 +297,8 @@ class RedisStore:
             self._poller.start(HEALTH_POLL, now=False).addErrback(self._loop_failed)
 
     def _poll_health(self) -> "Deferred[None]":
-        d = self._eval(redis_lua.HEALTH_GET, self._health_keys(), [self._health_version])
+        d = self._in_flight(
+            self._eval(redis_lua.HEALTH_GET, self._health_keys(), [self._health_version]))
 
         def read(reply: list) -> None:
             version = str(reply[0])
