@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import sys
+import tempfile
 
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import UNIXClientEndpoint
@@ -173,7 +175,11 @@ class RunModeTests(ProxyTestCase):
         exits and removes the pidfile."""
         cwd = os.path.abspath(self.mktemp())
         os.makedirs(cwd)
-        sock = os.path.join(cwd, "proxy.sock")
+        # A unix socket path is capped at 108 bytes: keep it short, wherever
+        # the checkout (and so the trial temp folder) lives.
+        short = tempfile.mkdtemp(prefix="tf-")
+        self.addCleanup(shutil.rmtree, short, True)
+        sock = os.path.join(short, "proxy.sock")
         pidfile = os.path.join(cwd, "proxy.pid")
         logfile = os.path.join(cwd, "proxy.log")
         launcher = self.spawn(
