@@ -25,9 +25,10 @@ from twisted_forward.tap import ProxyService
 
 from .fake_upstream import chat_chunks
 from .harness import Collector, ProxyTestCase
-from .processes import ROOT, TWISTD
 from .test_workers import Supervisor
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 
 OLD_FK, NEW_FK = "fk-reload-old-1234", "fk-reload-new-5678"
 OLD_SK, NEW_SK = "sk-reload-old-aaaa", "sk-reload-new-bbbb"
@@ -370,8 +371,9 @@ class LogRotationTests(ProxyTestCase):
     @defer.inlineCallbacks
     def test_reopen_after_logrotate_and_twistd_rotation(self):
         """Reopen after logrotate and twistd rotation."""
-        from .test_runmodes import _UnixEndpoints, spawn
         from twisted.web.client import Agent, HTTPConnectionPool, readBody
+
+        from .test_runmodes import _UnixEndpoints, spawn
 
         cwd = os.path.abspath(self.mktemp())
         os.makedirs(cwd)
