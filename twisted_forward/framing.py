@@ -593,8 +593,10 @@ class ForwardChannel(HTTPChannel):
         cors = getattr(self.site, "cors", None)
         if cors is None or not self.requests or self._awaiting_head:
             return []
+        from .admin.resource import is_admin_path  # the admin imports the site's modules
+
         request = self.requests[-1]
-        if request.uri.split(b"?", 1)[0].startswith(b"/_admin"):
+        if is_admin_path(request.uri.split(b"?", 1)[0]):
             return []
         headers = Headers()
         cors.apply(request.method, request.requestHeaders, headers)
