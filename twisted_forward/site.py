@@ -22,6 +22,7 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 from zope.interface import implementer
 
+from ._compat import send_now
 from .access import AccessGate, TrustedProxies
 from .admin.limits import IKeyLimits, PolicyLimits
 from .admin.live import LiveTally
@@ -31,36 +32,46 @@ from .cache.hook import ResponseCache, build_cache
 from .cache.interfaces import ICacheStore
 from .cache.metrics import CacheMetrics
 from .chat.recorder import ChatRecorder, FanOut, IRecorder
-from .ledger.service import LedgerCollector
 from .config import Config
 from .cors import Cors, is_preflight
-from .loops import is_loop
 from .errors import write_error
 from .exchange import ProxyResource
 from .framing import ChannelSettings, ForwardChannel, Refusal, body_too_large
 from .headcheck import IHeadCheck
-from ._compat import send_now
-from .limits import ConnectionLimits, UpstreamSlots, resolve_caps
 from .keys import DefaultKeys, ForwardKeys, KeyRules
 from .ledger import ILedger
+from .ledger.service import LedgerCollector
+from .limits import ConnectionLimits, UpstreamSlots, resolve_caps
+from .loops import is_loop
 from .metrics import Metrics, MetricsResource
-from .policies.gate import PolicyGate
 from .policies.failover import GuardedStore
+from .policies.gate import PolicyGate
 from .policies.health import KeyHealthLink
 from .policies.service import build_gate
 from .state import RequestState, state_of
 from .target import BadTarget, split_target
 from .upstream import Upstream
 
-
 #: Seconds a client connection may sit idle between requests.
 CLIENT_IDLE_TIMEOUT = 60
 #: What ``OPTIONS *`` says the proxy serves.
 ALLOWED_METHODS = b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 
+#: The access line's status for a request whose client left before the
+#: answer's head (nginx's "client closed request").
+CLIENT_CLOSED_REQUEST = 499
+#: The access line's error for a request whose client left unanswered.
+CLIENT_LEFT = "client_left"
+
 #: One line per answered request.  Module level: a Logger class attribute
 #: would take the class's name as its namespace.
 _access_log = Logger(namespace="twisted_forward.access")
+#: The access log line's text, filled with % (see ForwardSite.log).
+_ACCESS_LINE = (
+    "%(client)s %(method)s %(path)s %(status)s %(length)sB "
+    "route=%(route)s key=%(key)s "
+    "upstream=%(upstream)s error=%(error)s"
+)
 _ACCESS_SYSTEM = "twisted_forward.access#info"
 
 
@@ -123,6 +134,33 @@ class ForwardRequest(Request):
             if cors is not None and not is_admin_path(self.uri.split(b"?", 1)[0]):
                 cors.apply(self.method, self.requestHeaders, self.responseHeaders)
         super().write(data)
+
+    def connectionLost(self, reason: object) -> None:
+        """The connection went before this request was finished: the
+        exchange hears of it first (its ``notifyFinish`` errback stops the
+        upstream and takes the upstream's time), then the request gets its
+        one access line, which ``finish`` (never called now) would have
+        written.  A request the channel refused (a slow head, a body over
+        the cap, a bad head with a body) is logged with the refusal; any
+        other is logged as the client having left."""
+        channel = self.channel
+        site = getattr(channel, "site", None)
+        refused = getattr(channel, "refused", None)
+        super().connectionLost(reason)
+        if self.finished or not isinstance(site, ForwardSite):
+            return
+        state = state_of(self)
+        if refused is not None:
+            self.code = refused.status
+            state.error = state.error or refused.code
+        else:
+            if not self.startedWriting:
+                # nginx's "client closed request": no answer was sent.
+                self.code = CLIENT_CLOSED_REQUEST
+            state.error = CLIENT_LEFT
+        # Not site.log: a refusal was counted by the channel, and a client
+        # that left is no refusal.
+        site.access_line(self)
 
     def handleContentChunk(self, data: bytes) -> None:
         limit = self.channel.max_request_body
@@ -396,19 +434,26 @@ class ForwardSite(Site):
         return super().getResourceFor(request)
 
     def log(self, request: Request) -> None:  # type: ignore[override]
-        """One line per answered request: never a key, the key's label only.
+        """One line per request: never a key, the key's label only.
 
-        Called by ``Request.finish`` once the answer's last bytes are
+        Called by ``Request.finish`` (and, for a request never finished, by
+        :meth:`ForwardRequest.connectionLost`) once the answer's last bytes are
         written: they are sent first, so the client does not wait for the
         line (nor for what runs after it: the chat record, the ledger).
         """
         send_now(request.channel.transport if request.channel is not None else None)
+        error = self.access_line(request)
+        if error is not None and self.metrics is not None:
+            self.metrics.refusals.labels(error).inc()
+
+    def access_line(self, request: Request) -> Optional[str]:
+        """Write ``request``'s access line; returns its error code."""
         state = state_of(request)
         error = state.error
         upstream = state.upstream_seconds
         fields = dict(
-            method=request.method.decode("latin-1"),
-            path=request.path.decode("latin-1"),
+            method=(getattr(request, "method", None) or b"-").decode("latin-1"),
+            path=(getattr(request, "path", None) or b"-").decode("latin-1"),
             status=request.code,
             length=request.sentLength,
             client=state.client or "-",
@@ -424,14 +469,11 @@ class ForwardSite(Site):
             "{line}",
             # Given, so text log observers need not build it per event.
             log_system=_ACCESS_SYSTEM,
-            line="%(client)s %(method)s %(path)s %(status)s %(length)sB "
-            "route=%(route)s key=%(key)s "
-            "upstream=%(upstream)s error=%(error)s"
-            % dict(fields, upstream="-" if upstream is None else "%sms" % fields["upstream_ms"]),
+            line=_ACCESS_LINE
+            % dict(fields, upstream="-" if upstream is None else f"{fields['upstream_ms']}ms"),
             **fields,
         )
-        if error is not None and self.metrics is not None:
-            self.metrics.refusals.labels(error).inc()
+        return error
 
 
 class SidePortSite(Site):

@@ -36,8 +36,8 @@ descriptor 4 (:mod:`twisted_forward.policies.amp_store`).
 from __future__ import annotations
 
 import json
-import signal
 import os
+import signal
 import socket
 import sys
 from typing import Any, Callable, Optional
@@ -45,7 +45,7 @@ from typing import Any, Callable, Optional
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet import defer, endpoints
 from twisted.internet.error import ProcessDone
-from twisted.internet.interfaces import IDelayedCall, IListeningPort
+from twisted.internet.interfaces import IDelayedCall, IListeningPort, IProcessTransport
 from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -124,6 +124,9 @@ class SharedSocket(Factory):
 
 class _Worker(ProcessProtocol):
     """The supervisor's end of one worker process."""
+
+    #: The child process, set before connectionMade.
+    transport: IProcessTransport
 
     def __init__(self, pool: "WorkerPool", index: int, spec: bytes) -> None:
         self.pool = pool
