@@ -15,7 +15,7 @@ from twisted.internet import defer, reactor
 from twisted.trial.unittest import SynchronousTestCase
 
 from twisted_forward.config import ConfigError, load_config
-from twisted_forward.migration import unknown_names
+from twisted_forward.migration import REPLACED, unknown_names
 
 from .harness import ProxyTestCase
 from .test_reload import write_env
@@ -69,6 +69,23 @@ class NamesTests(SynchronousTestCase):
             load(BENCHMARK_MODE="true")
         self.assertTrue(str(caught.exception).startswith(
             "BENCHMARK_MODE (--benchmark-mode): answering without the upstream"))
+
+    def test_replaced_names_are_refused(self) -> None:
+        """Every 0.8.1 name with no meaning here stops start-up with one line
+        naming its replacement, from the environment or the .env file; TZ
+        only from the .env file (in the environment it is the system's)."""
+        for name, why in REPLACED.items():
+            for environ, env_file in (({name: "x"}, {}), ({}, {name: "x"})):
+                with self.assertRaises(ConfigError) as caught:
+                    load_config({}, environ, env_file)
+                message = str(caught.exception)
+                self.assertEqual(
+                    message, f"{name}: an openai-forward 0.8.1 setting not read here: {why}")
+                self.assertNotIn("\n", message)
+        load_config({}, {"TZ": "Asia/Shanghai"}, {})
+        with self.assertRaises(ConfigError) as caught:
+            load_config({}, {}, {"TZ": "Asia/Shanghai"})
+        self.assertIn("UTC", str(caught.exception))
 
     def test_unknown_names(self) -> None:
         """A typo of ours is named with the closest known name; the SDK's

@@ -40,7 +40,7 @@ TrustedProxy = Union[IPNetwork, str]
 _SPLIT = re.compile(r"[\s,]+")
 
 
-from .migration import migrate  # noqa: E402
+from .migration import migrate, replaced_name  # noqa: E402
 
 
 class ConfigError(ValueError):
@@ -704,6 +704,10 @@ def load_config(
             value = env_file.get(setting.env)
         if value is not None:
             raw[setting.env] = value
+
+    gone = replaced_name(environ, env_file or {})
+    if gone is not None:
+        raise ConfigError(f"{gone[0]}: an openai-forward 0.8.1 setting not read here: {gone[1]}")
 
     parsed: dict[str, object] = {}
     for setting in SETTINGS:

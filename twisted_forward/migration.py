@@ -22,6 +22,9 @@ TIMEOUT           seconds to connect to the upstream (0.8.1's aiohttp
 PRINT_CHAT        each chat record also as a log line (keys masked)
 BENCHMARK_MODE    ``false``: as here; ``true`` (answer without the
                   upstream): refused
+OPENAI_ROUTE_PREFIX, EXTRA_BASE_URL, EXTRA_ROUTE_PREFIX,
+CHAT_COMPLETION_ROUTE, CUSTOM_MODEL_CONFIG, ITER_CHUNK_TYPE, and TZ in the
+.env file: refused, naming the replacement (:data:`REPLACED`)
 ================  =====================================================
 """
 
@@ -64,6 +67,37 @@ def migrate(parsed: Mapping[str, object], kwargs: dict[str, object]) -> None:
             "answering without the upstream is not supported; set BENCHMARK_MODE=false "
             "and benchmark against a fake upstream (see bench/)",
         )
+
+
+#: openai-forward 0.8.1 names with no meaning here, and what replaces them:
+#: each stops start-up with one line (never silently ignored).
+REPLACED: dict[str, str] = {
+    "OPENAI_ROUTE_PREFIX": "use ROUTE_PREFIX (or the route of a FORWARD_CONFIG row)",
+    "EXTRA_BASE_URL": 'use FORWARD_CONFIG, one {"base_url", "route", "type": "general"} row per upstream',
+    "EXTRA_ROUTE_PREFIX": 'use FORWARD_CONFIG, one {"base_url", "route", "type": "general"} row per upstream',
+    "CHAT_COMPLETION_ROUTE": "chat records cover /v1/chat/completions under every route; remove it",
+    "CUSTOM_MODEL_CONFIG": "custom model back-ends are not supported; route them with FORWARD_CONFIG",
+    "ITER_CHUNK_TYPE": "answers are relayed chunk by chunk as they arrive; remove it",
+}
+#: Names refused only in the .env file: in the environment they are the
+#: system's own (TZ sets every program's time zone).
+REPLACED_IN_FILE: dict[str, str] = {
+    "TZ": "chat records, the ledger and the access log are in UTC; remove TZ from the .env file",
+}
+
+
+def replaced_name(
+    environ: Mapping[str, str], env_file: Mapping[str, str]
+) -> "tuple[str, str] | None":
+    """The first 0.8.1 name given that has no meaning here, with its
+    replacement, or None."""
+    for name, why in REPLACED.items():
+        if name in environ or name in env_file:
+            return name, why
+    for name, why in REPLACED_IN_FILE.items():
+        if name in env_file:
+            return name, why
+    return None
 
 
 def unknown_names(
