@@ -28,7 +28,7 @@ RUN if [ ! -s /etc/ssl/certs/ca-certificates.crt ]; then \
     fi
 
 WORKDIR /src
-COPY setup.py README.md ./
+COPY pyproject.toml README.md ./
 COPY twisted_forward ./twisted_forward
 COPY twisted ./twisted
 # Install into a venv (Debian's own python3 refuses a system-wide pip install),

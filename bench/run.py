@@ -33,8 +33,8 @@ from . import client
 from .targets import (
     HOST,
     REPO,
-    Server,
     UPSTREAMS,
+    Server,
     StartError,
     ensure_openai_forward,
     pinning,
@@ -589,7 +589,10 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--answer-mib", type=int)
     parser.add_argument("--workers", type=int, help="also measure --workers N (0: skip)")
     parser.add_argument("--port-options", default=None,
-                        help="endpoint options for twisted-forward after tcp:PORT:interface=127.0.0.1, e.g. backlog=1024")
+                        help=(
+                            "endpoint options for twisted-forward after tcp:PORT:interface=127.0.0.1, "
+                            "e.g. backlog=1024"
+                        ))
     parser.add_argument("--keep", action="store_true", help="keep the work directory (server logs)")
     parser.add_argument("--only", default="",
                         help="comma list of: latency,rps,streams,open,upload,rawupload,slow,workers")

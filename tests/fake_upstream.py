@@ -30,7 +30,8 @@ import json
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from twisted.internet import defer, reactor as default_reactor
+from twisted.internet import defer
+from twisted.internet import reactor as default_reactor
 from twisted.internet.interfaces import IListeningPort
 from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
@@ -296,9 +297,12 @@ class FakeOpenAI(Resource):
             self.answer_text, body.get("model", "m"), bool(options.get("include_usage"))
         )
         self.open_requests.append(request)
+        # The client's going, seen through the public notifyFinish.
+        gone: list[bool] = []
+        request.notifyFinish().addErrback(lambda _: gone.append(True))
 
         def send(i: int) -> None:
-            if request._disconnected:
+            if gone:
                 return
             if i == len(events):
                 request.finish()

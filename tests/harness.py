@@ -10,16 +10,27 @@ import os
 from typing import Optional
 
 from treq.client import HTTPClient
-from twisted.application.service import IServiceCollection
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import IService, IServiceCollection
 from twisted.internet import defer, reactor
 from twisted.internet.protocol import Factory, Protocol
 from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 
+from twisted_forward.listening import BoundEndpoint
 from twisted_forward.tap import Options, makeService
 
 from .fake_upstream import FakeOpenAI, listen_fake
 
+
+def listeners(service: IService) -> list[StreamServerEndpointService]:
+    """The listening services of a service tree built by makeService, in
+    order (the proxy's port first); each one's ``endpoint`` is a
+    :class:`~twisted_forward.listening.BoundEndpoint` whose ``port`` is
+    already bound."""
+    found = [s for s in IServiceCollection(service) if isinstance(s, StreamServerEndpointService)]
+    assert all(isinstance(s.endpoint, BoundEndpoint) for s in found)
+    return found
 
 class ConnectionTracker:
     """Counts a factory's open connections; tells when all are closed."""
@@ -93,7 +104,6 @@ class ProxyTestCase(TestCase):
         yield self.fake_port.stopListening()
         yield self.fake_tracker.closed()
 
-    @defer.inlineCallbacks
     def start_service(
         self, port: str, args: Optional[list[str]] = None, **env: str
     ) -> defer.Deferred:
@@ -103,25 +113,15 @@ class ProxyTestCase(TestCase):
         options.parseOptions(["--port", port, "--env-file", os.devnull] + list(args or []))
         environ = proxy_env(self.upstream_port, **env)
         self.service = makeService(options, reactor=reactor, environ=environ)
-        listener = [
-            s for s in IServiceCollection(self.service) if hasattr(s, "_waitingForPort")
-        ][0]
+        listener = listeners(self.service)[0]
         self.site = listener.factory
         self.proxy_tracker = ConnectionTracker(self.site)
         self.service.startService()
         self.addCleanup(self._stop_proxy)
-        # Read the port without consuming the service's own Deferred (it
-        # needs the port to stop listening).
-        got_port: defer.Deferred = defer.Deferred()
-
-        def passthrough(port):
-            got_port.callback(port)
-            return port
-
-        listener._waitingForPort.addCallback(passthrough)
-        listening = yield got_port
+        # Bound while the service was built (twisted_forward.listening).
+        listening = listener.endpoint.port
         self.listening_port = listening
-        return listening
+        return defer.succeed(listening)
 
     @defer.inlineCallbacks
     def start_proxy(

@@ -16,7 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from twisted.internet import defer, reactor as default_reactor
+from twisted.internet import defer
+from twisted.internet import reactor as default_reactor
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure

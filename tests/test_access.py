@@ -326,7 +326,10 @@ class GateTests(GateHarness):
 
     def test_spoofed_header_from_untrusted_peer(self):
         self.gate(allow="10.0.0.0/8")
-        t = self.request(tcp("203.0.113.5"), headers=b"X-Forwarded-For: 10.0.0.1\r\nForwarded: for=10.0.0.1\r\nX-Real-IP: 10.0.0.1\r\n")
+        t = self.request(
+            tcp("203.0.113.5"),
+            headers=b"X-Forwarded-For: 10.0.0.1\r\nForwarded: for=10.0.0.1\r\nX-Real-IP: 10.0.0.1\r\n",
+        )
         self.assertRefused(t)
 
     def test_behind_trusted_proxy(self):

@@ -238,16 +238,7 @@ class PageTests(AdminTestCase):
             s for s in self.service
             if isinstance(s, StreamServerEndpointService) and s.factory is not self.site
         ]
-        # Read the port without consuming the service's own Deferred (it
-        # needs the port to stop listening).
-        got: defer.Deferred = defer.Deferred()
-
-        def passthrough(port):
-            got.callback(port)
-            return port
-
-        admin_listener._waitingForPort.addCallback(passthrough)
-        port = yield got
+        port = admin_listener.endpoint.port
         admin_base = f"http://127.0.0.1:{port.getHost().port}"
         response, body = yield self.get("/_admin/api/keys", base=admin_base)
         self.assertEqual(response.code, 200)

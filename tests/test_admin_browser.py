@@ -28,7 +28,6 @@ from urllib.parse import urlsplit
 
 from twisted.internet import defer, threads
 
-
 from .test_admin_api import ADMIN, AdminTestCase
 
 CHROMIUM = os.environ.get("TF_CHROMIUM", "/usr/bin/chromium")

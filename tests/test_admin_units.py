@@ -141,11 +141,11 @@ class RecordsTests(SynchronousTestCase):
     def test_lines_backwards_across_blocks(self):
         """Every line, last first, whatever the block size."""
         path = self.mktemp()
-        lines = [("line %d " % i + "x" * (i * 7)).encode() for i in range(50)]
+        lines = [(f"line {i} " + "x" * (i * 7)).encode() for i in range(50)]
         with open(path, "wb") as f:
             f.write(b"\n".join(lines) + b"\n")
         for block in (1, 7, 64, 1 << 16):
-            self.assertEqual([l for l, _ in lines_backwards(path, block)], lines[::-1])
+            self.assertEqual([line for line, _ in lines_backwards(path, block)], lines[::-1])
 
     def test_newest_first_over_files(self):
         """Newer days and later rotation files first; filters apply."""

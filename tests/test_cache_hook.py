@@ -70,6 +70,16 @@ class BrokenStore:
         return succeed(None)
 
 
+class RaisingStore(BrokenStore):
+    """A store whose calls raise instead of returning a failed Deferred."""
+
+    def get(self, key: bytes) -> "Deferred[Optional[bytes]]":
+        raise OSError("disk on fire")
+
+    def put(self, key: bytes, value: bytes) -> "Deferred[None]":
+        raise OSError("disk on fire")
+
+
 class DamagingStore(MemoryStore):
     """A memory store whose values come back with their last bytes changed."""
 
@@ -185,6 +195,17 @@ class HookTests(SynchronousTestCase):
         self.answer(lookup, b"{}")
         self.assertEqual(self.lookup(cache, body).result, MISS)
         self.assertEqual(self.count("openai_forward_cache_errors_total", op="get"), 2)
+        self.assertEqual(self.count("openai_forward_cache_errors_total", op="put"), 1)
+
+    def test_raising_store_is_a_miss(self) -> None:
+        """A store whose calls raise (not fail their Deferred) makes misses
+        too, counted, and storing fails quietly."""
+        cache = self.cache(store=RaisingStore())
+        body = {"model": "m", "caching": True}
+        lookup = self.lookup(cache, body)
+        self.assertEqual(lookup.result, MISS)
+        self.answer(lookup, b"{}")
+        self.assertEqual(self.count("openai_forward_cache_errors_total", op="get"), 1)
         self.assertEqual(self.count("openai_forward_cache_errors_total", op="put"), 1)
 
     def test_failure_logged_once_until_recovery(self) -> None:

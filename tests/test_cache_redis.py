@@ -19,10 +19,11 @@ from twisted_forward.cache.interfaces import ICacheStore
 from twisted_forward.cache.key import Partitions
 from twisted_forward.cache.metrics import CacheMetrics
 from twisted_forward.cache.redis_store import RedisStore
-from twisted_forward.redis_link import parse_redis_url
 from twisted_forward.cache.settings import CacheSettings
-from twisted_forward.config import Route, parse_url as parse_upstream
+from twisted_forward.config import Route
+from twisted_forward.config import parse_url as parse_upstream
 from twisted_forward.keys import DEFAULT_KEY, KeyDecision
+from twisted_forward.redis_link import parse_redis_url
 
 from .redis_server import start_redis
 

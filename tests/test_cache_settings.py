@@ -80,5 +80,5 @@ class CacheSettingsTests(SynchronousTestCase):
     def test_described_at_start_up(self) -> None:
         """The start-up lines say the cache is on, where, and how partitioned."""
         lines = describe(load_config({}, {"CACHE_OPENAI": "true"}))
-        self.assertTrue(any("cache: memory on openai routes" in l and "partitioned by key" in l
-                            for l in lines), lines)
+        self.assertTrue(any("cache: memory on openai routes" in line and "partitioned by key" in line
+                            for line in lines), lines)

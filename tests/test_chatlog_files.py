@@ -17,10 +17,12 @@ from typing import Any, Callable
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import Logger
+from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
 
 from twisted_forward.chat import recorder as chatlog
+from twisted_forward.chat.export import ExportOptions, export, main
 from twisted_forward.chat.files import (
     CHAT_NAMESPACE,
     ChatLogObserver,
@@ -30,8 +32,7 @@ from twisted_forward.chat.files import (
     record_files,
     secret_forms,
 )
-from twisted_forward.chat.export import ExportOptions, export, main
-from twisted_forward.chat.recorder import RequestBody, ChatRecorder, ExchangeInfo
+from twisted_forward.chat.recorder import ChatRecorder, ExchangeInfo, RequestBody
 
 from .fake_upstream import chat_chunks
 
@@ -200,7 +201,7 @@ class ObserverTests(SynchronousTestCase):
         self.assertEqual(lines_in(self.dir), [])
         self.assertEqual(len(self.clock.getDelayedCalls()), 1)
         self.clock.advance(0.5)
-        self.assertEqual([json.loads(l)["request_id"] for l in lines_in(self.dir)], ["r1", "r2"])
+        self.assertEqual([json.loads(line)["request_id"] for line in lines_in(self.dir)], ["r1", "r2"])
         self.assertEqual(self.clock.getDelayedCalls(), [])  # no timer while idle
 
     def test_big_buffer_written_at_once(self):
@@ -424,7 +425,7 @@ class ExportTests(SynchronousTestCase):
     def test_bad_options(self):
         for args in (["--format", "xml"], ["--since", "yesterday"]):
             options = ExportOptions()
-            self.assertRaises(Exception, options.parseOptions, args)
+            self.assertRaises(UsageError, options.parseOptions, args)
 
     def test_command_line(self):
         out = os.path.abspath(self.mktemp() + ".json")

@@ -17,10 +17,9 @@ from twisted_forward import __version__
 from twisted_forward.chat.files import file_name
 from twisted_forward.chat.views import TailOptions, tail
 from twisted_forward.cli import main
-from twisted_forward.ledger import UsageEntry, sql
+from twisted_forward.ledger import UsageEntry, report, sql
 from twisted_forward.ledger.batching import BatchingLedger
 from twisted_forward.ledger.database import DirectDatabase
-from twisted_forward.ledger import report
 from twisted_forward.ledger.report import parse_day
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

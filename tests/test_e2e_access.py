@@ -101,7 +101,7 @@ class KeyRulesE2E(ProxyTestCase):
         try:
             import openai
         except ImportError:
-            raise self.skipTest("the openai package is not installed")
+            raise self.skipTest("the openai package is not installed") from None
         from twisted.internet.threads import deferToThread
 
         yield self.start()
@@ -153,8 +153,9 @@ class IPGateE2E(ProxyTestCase):
 
     @defer.inlineCallbacks
     def status(self, path="/v1/models", method=b"GET", headers=None, body=None):
-        from twisted.web.client import FileBodyProducer
         from io import BytesIO
+
+        from twisted.web.client import FileBodyProducer
 
         producer = FileBodyProducer(BytesIO(body)) if body is not None else None
         response = yield self.agent.request(

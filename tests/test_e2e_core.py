@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-
 from io import BytesIO
 
 from twisted.internet import defer
@@ -14,7 +13,7 @@ from twisted.web.client import FileBodyProducer, readBody
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH
 
-from .fake_upstream import chat_chunks, chat_answer
+from .fake_upstream import chat_answer, chat_chunks
 from .harness import ProxyTestCase
 
 

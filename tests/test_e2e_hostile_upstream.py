@@ -62,8 +62,9 @@ class HostileCase(ProxyTestCase):
             h.addRawHeader(name, value)
         producer = None
         if body is not None:
-            from twisted.web.client import FileBodyProducer
             from io import BytesIO
+
+            from twisted.web.client import FileBodyProducer
 
             producer = FileBodyProducer(BytesIO(body))
         response = yield self.agent.request(method, self.url(path).encode(), h, producer)
@@ -251,7 +252,7 @@ class ScrubbingPath(HostileCase):
         self.raw.handler = self.stalled_error
         for _ in range(5):
             client = _HangUp(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
-            factory = ClientFactory.forProtocol(lambda: client)
+            factory = ClientFactory.forProtocol(lambda client=client: client)
             reactor.connectTCP("127.0.0.1", self.proxy_port, factory)
             yield self.raw.arrived
             # A round trip through the proxy: by its end the proxy has read

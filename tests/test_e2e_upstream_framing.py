@@ -13,7 +13,6 @@ from twisted.internet import defer
 from .raw_upstream import answer
 from .test_e2e_hostile_upstream import HostileCase, _json
 
-
 # ------------------------------------------------------------------ item 6
 
 

@@ -26,7 +26,6 @@ from twisted.internet import defer
 
 from twisted_forward.ledger.sql import SQLITE_FILE
 from twisted_forward.policies.body import DEFAULT_OUTPUT_RESERVE
-from twisted_forward.tap import ProxyService
 
 from .fake_upstream import chat_chunks
 from .harness import ProxyTestCase
@@ -259,7 +258,7 @@ class StorePasswordsTests(ProxyTestCase):
         import psycopg
         self.flushLoggedErrors(psycopg.OperationalError)
         # The watch itself can fail: a password planted in a log event is found.
-        from twisted.logger import globalLogPublisher, LogLevel
+        from twisted.logger import LogLevel, globalLogPublisher
         event = {"log_format": "x {u}", "u": "pg-pass-0123456789",
                  "log_level": LogLevel.info, "log_namespace": "qa", "log_time": 0.0}
         watch(event)

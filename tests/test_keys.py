@@ -5,8 +5,8 @@ The key rules, the forward-key lookup and the masks, without a network.
 from __future__ import annotations
 
 import hashlib
-import json
 import hmac
+import json
 
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers

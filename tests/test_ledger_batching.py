@@ -10,8 +10,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
-from twisted_forward.ledger import ILedger, UsageEntry, UsageRow
-from twisted_forward.ledger import sql
+from twisted_forward.ledger import ILedger, UsageEntry, UsageRow, sql
 from twisted_forward.ledger.batching import BatchingLedger
 from twisted_forward.ledger.database import DirectDatabase
 
@@ -192,7 +191,7 @@ class BrokenStoreTests(SynchronousTestCase):
         path = os.path.join(self.mktemp())
         with sqlite3.connect(path) as db:
             db.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY, applied TEXT)")
-            for version, statements in sql.MIGRATIONS:
+            for _version, statements in sql.MIGRATIONS:
                 for statement in statements:
                     db.execute(statement)
             db.execute("INSERT INTO schema_version VALUES (?, 'x')", (sql.SCHEMA_VERSION + 1,))

@@ -14,8 +14,8 @@ from typing import Any
 from twisted.internet import defer
 from twisted.web.server import Request
 
-from twisted_forward.ledger.sql import SQLITE_FILE
 from twisted_forward.ledger.feed import builtin_pricer
+from twisted_forward.ledger.sql import SQLITE_FILE
 from twisted_forward.site import Built
 from twisted_forward.tap import ProxyService
 

@@ -8,8 +8,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
 
-from twisted_forward.chat.recorder import ChatRecorder, FanOut, RequestBody
-from twisted_forward.chat.recorder import ExchangeInfo
+from twisted_forward.chat.recorder import ChatRecorder, ExchangeInfo, FanOut, RequestBody
 from twisted_forward.ledger import MemoryLedger
 from twisted_forward.ledger.feed import (
     CountingRecorder,

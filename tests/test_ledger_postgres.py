@@ -12,18 +12,16 @@ import os
 from datetime import datetime, timezone
 from typing import Any
 
-from twisted.application.service import IServiceCollection
 from twisted.internet import defer, reactor
 from twisted.trial.unittest import TestCase
 
-from twisted_forward.ledger import UsageEntry
-from twisted_forward.ledger import sql
+from twisted_forward.cli import main
+from twisted_forward.ledger import UsageEntry, sql
 from twisted_forward.ledger.batching import BatchingLedger
 from twisted_forward.ledger.database import ThreadDatabase
-from twisted_forward.cli import main
 from twisted_forward.tap import Options, makeService
 
-from .harness import ProxyTestCase, proxy_env
+from .harness import ProxyTestCase, listeners, proxy_env
 from .pg_cluster import Cluster
 
 _databases = itertools.count(1)
@@ -133,27 +131,17 @@ class TwoProxiesTests(PostgresCase, ProxyTestCase):
         PostgresCase.setUp(self)
         ProxyTestCase.setUp(self)
 
-    @defer.inlineCallbacks
     def start_second(self, url: str) -> Any:
         options = Options()
         options.parseOptions(["--port", "tcp:0:interface=127.0.0.1", "--env-file", "/dev/null"])
         service = makeService(options, reactor=reactor, environ=proxy_env(
             self.upstream_port, DATABASE_URL=url, FORWARD_KEY="two:fk-two-0123456789abcdef",
             OPENAI_API_KEY="sk-two-default-0123456789"))
-        [listener] = [s for s in IServiceCollection(service) if hasattr(s, "_waitingForPort")]
+        [listener] = listeners(service)
         service.startService()
-        # Read the port without consuming the service's own Deferred (it
-        # needs the port to stop listening), as the harness does.
-        got_port: defer.Deferred = defer.Deferred()
-
-        def passthrough(port: Any) -> Any:
-            got_port.callback(port)
-            return port
-
-        listener._waitingForPort.addCallback(passthrough)
-        port = yield got_port
+        port = listener.endpoint.port
         self.addCleanup(lambda: service.stopService() if service.running else None)
-        return service, f"http://127.0.0.1:{port.getHost().port}"
+        return defer.succeed((service, f"http://127.0.0.1:{port.getHost().port}"))
 
     @defer.inlineCallbacks
     def test_two_instances_one_ledger(self) -> None:

@@ -12,7 +12,6 @@ import os
 import socket
 import sys
 
-
 from twisted.application.service import IServiceCollection
 from twisted.internet import defer, reactor
 from twisted.logger import globalLogPublisher

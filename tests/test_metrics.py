@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 
-from twisted.application.service import IServiceCollection
 from twisted.internet import defer
 from twisted.logger import globalLogPublisher
 
-from .harness import ProxyTestCase
+from .harness import ProxyTestCase, listeners
 
 KEYS = "sk-metrics-secret-one sk-metrics-secret-two"
 FORWARD = "alice:fk-alice-metrics-1"
@@ -102,18 +101,9 @@ class MetricsTests(ProxyTestCase):
     @defer.inlineCallbacks
     def test_own_port(self):
         yield self.start_proxy(METRICS_PORT="tcp:0:interface=127.0.0.1")
-        listeners = [
-            s for s in IServiceCollection(self.service) if hasattr(s, "_waitingForPort")
-        ]
-        self.assertEqual(len(listeners), 2)
-        got: defer.Deferred = defer.Deferred()
-
-        def passthrough(port):
-            got.callback(port)
-            return port
-
-        listeners[1]._waitingForPort.addCallback(passthrough)
-        port = (yield got).getHost().port
+        found = listeners(self.service)
+        self.assertEqual(len(found), 2)
+        port = found[1].endpoint.port.getHost().port
         text = yield self.scrape(f"http://127.0.0.1:{port}/metrics")
         self.assertIn("openai_forward_requests_total", text)
         scraped = yield self.client.get(f"http://127.0.0.1:{port}/metrics")

@@ -76,7 +76,7 @@ class ProxyURLTests(SynchronousTestCase):
             self.assertNotIn("tf user", shown)
         self.assertEqual(
             proxy_authorization(url),
-            b"Basic " + base64.b64encode("tf user:p@ss:w0rd".encode()),
+            b"Basic " + base64.b64encode(b"tf user:p@ss:w0rd"),
         )
 
     def test_unencoded_at_in_password(self) -> None:

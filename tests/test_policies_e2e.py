@@ -16,10 +16,10 @@ import os
 import openai
 from twisted.application.service import IServiceCollection
 from twisted.internet import defer, reactor
-from twisted.internet.task import deferLater
-from zope.interface import implementer
 from twisted.internet.protocol import Protocol
+from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
+from zope.interface import implementer
 
 from twisted_forward.policies.body import DEFAULT_OUTPUT_RESERVE
 from twisted_forward.policies.store import CONCURRENT, FIXED, Bucket, IPolicyStore

@@ -74,7 +74,7 @@ class QuickStartTests(ProxyTestCase):
         yield self.start_service(
             re.sub(r"^tcp:\d+:", "tcp:0:", port), LOG_CHAT="true", LOG_DIR=log_dir, **env
         )
-        self.base = "http://127.0.0.1:%d" % (self.listening_port.getHost().port,)
+        self.base = f"http://127.0.0.1:{self.listening_port.getHost().port}"
         return env
 
     @defer.inlineCallbacks

@@ -370,8 +370,9 @@ class LogRotationTests(ProxyTestCase):
 
     @defer.inlineCallbacks
     def test_reopen_after_logrotate_and_twistd_rotation(self):
-        from .test_runmodes import _UnixEndpoints, spawn
         from twisted.web.client import Agent, HTTPConnectionPool, readBody
+
+        from .test_runmodes import _UnixEndpoints, spawn
 
         cwd = os.path.abspath(self.mktemp())
         os.makedirs(cwd)

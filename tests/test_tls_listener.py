@@ -18,8 +18,8 @@ import tempfile
 import openai
 from treq.client import HTTPClient
 from twisted.internet import defer, reactor
-from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.endpoints import UNIXClientEndpoint
+from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.threads import deferToThread
 from twisted.web.client import (
     Agent,
@@ -29,7 +29,6 @@ from twisted.web.client import (
 )
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
-
 
 from .fake_upstream import chat_chunks
 from .harness import ProxyTestCase

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
+from hyperlink import EncodedURL
 from twisted.trial.unittest import SynchronousTestCase
 
 from twisted_forward.config import parse_url
 from twisted_forward.target import BadTarget, split_target
 from twisted_forward.upstream import join_url
-
-from hyperlink import EncodedURL
 
 
 def _forward(base: str, target: bytes) -> bytes:
@@ -107,24 +106,42 @@ class DirectEndpointTests(SynchronousTestCase):
 
         from twisted_forward.outbound import DirectEndpoints
 
-        factory = DirectEndpoints(MemoryReactorClock(), BrowserLikePolicyForHTTPS(), 7.0)
+        self.reactor = MemoryReactorClock()
+        factory = DirectEndpoints(self.reactor, BrowserLikePolicyForHTTPS(), 7.0)
         return factory.endpointForURI(URI.fromBytes(url))
 
     def test_ip_literals_skip_resolution(self):
+        """An IP literal connects straight to that address and port, with the
+        connect timeout."""
         from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
+        from twisted.internet.protocol import Factory, Protocol
 
         v4 = self.endpoint(b"http://127.0.0.1:8080/v1")
         self.assertIsInstance(v4, TCP4ClientEndpoint)
-        self.assertEqual((v4._host, v4._port, v4._timeout), ("127.0.0.1", 8080, 7.0))
+        v4.connect(Factory.forProtocol(Protocol))
+        host, port, _factory, timeout, _bind = self.reactor.tcpClients[0]
+        self.assertEqual((host, port, timeout), ("127.0.0.1", 8080, 7.0))
         self.assertIsInstance(self.endpoint(b"http://[::1]:8080/v1"), TCP6ClientEndpoint)
 
     def test_names_resolved(self):
+        """A host name goes through HostnameEndpoint (resolution, happy eyeballs)."""
         from twisted.internet.endpoints import HostnameEndpoint
 
         self.assertIsInstance(self.endpoint(b"http://api.openai.com/v1"), HostnameEndpoint)
 
     def test_https_wrapped_in_tls(self):
-        from twisted.internet.endpoints import _WrapperEndpoint
+        """An https upstream's connection starts with a TLS ClientHello."""
+        from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint
+        from twisted.internet.protocol import Factory, Protocol
+        from twisted.internet.testing import StringTransport
 
-        self.assertIsInstance(self.endpoint(b"https://api.openai.com/v1"), _WrapperEndpoint)
-        self.assertIsInstance(self.endpoint(b"https://10.0.0.1/v1"), _WrapperEndpoint)
+        named = self.endpoint(b"https://api.openai.com/v1")
+        self.assertNotIsInstance(named, HostnameEndpoint)
+        literal = self.endpoint(b"https://10.0.0.1/v1")
+        self.assertNotIsInstance(literal, TCP4ClientEndpoint)
+        literal.connect(Factory.forProtocol(Protocol))
+        protocol = self.reactor.tcpClients[0][2].buildProtocol(None)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        # A TLS handshake record: content type 22, version 3.x.
+        self.assertTrue(transport.value().startswith(b"\x16\x03"), transport.value()[:8])

@@ -194,7 +194,6 @@ class CompatCanaryTests(SynchronousTestCase):
         called: list = []
         protocol = _compat.HTTP11ClientFactory(called.append, "m").buildProtocol(None)
         self.assertIsInstance(protocol, _compat.HTTP11ClientProtocol)
-        self.assertEqual(protocol._quiescentCallback, called.append)
 
     def test_pool_connects_with_our_factory(self):
         """A pool given a factory through set_pool_factory connects with it."""

@@ -24,8 +24,8 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from twisted_forward import supervisor as workers
-from twisted_forward.worker import SharedSocketEndpoint
 from twisted_forward.tap import Options, makeService
+from twisted_forward.worker import SharedSocketEndpoint
 
 from .fake_upstream import FakeOpenAI, chat_answer, listen_fake
 from .harness import ConnectionTracker
@@ -361,13 +361,14 @@ class OptionsTests(SynchronousTestCase):
 
     def test_tls_endpoint_refused(self) -> None:
         """A TLS port cannot be handed to workers as a plain socket."""
-        from twisted.internet.ssl import KeyPair
+        # cryptography, not KeyPair.selfSignedCert: that uses pyOpenSSL's
+        # X509Req, which newer pyOpenSSL releases dropped.
+        from .tls_fixtures import ThrowawayCA
 
-        key = KeyPair.generate(size=2048)
-        cert = key.selfSignedCert(1, CN="localhost")
+        issued = ThrowawayCA().issue(["localhost"])
         pem = self.mktemp()
         with open(pem, "wb") as f:
-            f.write(key.dump(1) + cert.dump(1))  # FILETYPE_PEM
+            f.write(issued.key_pem + issued.cert_pem)
         options = Options()
         options.parseOptions(["--workers", "2", "--port", f"ssl:0:privateKey={pem}",
                               "--env-file", os.devnull])

@@ -2,26 +2,50 @@
 Every private Twisted name the proxy uses, in one place.
 
 Each is a debt: it may change in any Twisted release.  tests/test_compat.py
-is the canary that fails first when one does.  Checked against Twisted
-26.10's source (setup.py allows >=25.5, whose twisted.web.client and
-_newclient have the same shape for these names).
+is the canary that fails first, with a message naming the use, when one
+does.  Checked against the source of Twisted 26.4.0 (the lowest release
+pyproject.toml allows) and 26.10.0 (the newest at the time of writing); CI
+runs the suite against both.
+
+What public APIs replaced (no longer here): treq's ``_Response``,
+``HTTPClient._agent`` and ``HTTPClient._cookiejar`` (the upstream client is a
+plain ``IAgent`` now, see :mod:`.upstream`), and ``HTTPChannel._networkProducer``
+(the transport's own ``IPushProducer``/``IConsumer`` methods, see
+:mod:`.framing`).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-# The factory HTTPConnectionPool builds for each new connection; subclassed to
-# hand the pool our own client protocol (twisted_forward.upstream_http).  No
-# public hook builds the pool's protocols.
-from twisted.web.client import HTTPConnectionPool, _HTTP11ClientFactory
+from twisted.internet.interfaces import IListeningPort
 
 # The HTTP/1.1 client protocol itself: public in name, but defined (and only
 # documented) in the private module twisted.web._newclient; subclassed for
 # its public methods (request, dataReceived, connectionLost).
 from twisted.web._newclient import HTTP11ClientProtocol
 
-__all__ = ["HTTP11ClientFactory", "HTTP11ClientProtocol", "set_pool_factory"]
+# The factory HTTPConnectionPool builds for each new connection; subclassed to
+# hand the pool our own client protocol (twisted_forward.upstream_http).  No
+# public hook builds the pool's protocols.
+from twisted.web.client import HTTPConnectionPool, _HTTP11ClientFactory
+from twisted.web.http import HTTPChannel
+
+if TYPE_CHECKING:
+    # Only a type: the interface platformTrust()/trustRootFromCertificates()
+    # return, which twisted.internet.ssl does not re-export.
+    from twisted.internet._sslverify import IOpenSSLTrustRoot as IOpenSSLTrustRoot
+
+__all__ = [
+    "ChannelHooks",
+    "HTTP11ClientFactory",
+    "HTTP11ClientProtocol",
+    "IOpenSSLTrustRoot",
+    "clear_exit_signal",
+    "limit_accepts_per_read",
+    "set_pool_factory",
+    "twistd_log_file",
+]
 
 #: ``_HTTP11ClientFactory(quiescentCallback, metadata)``: builds
 #: ``HTTP11ClientProtocol(quiescentCallback)``; the pool passes a callback
@@ -36,9 +60,78 @@ def set_pool_factory(
 
     ``HTTPConnectionPool._newConnection`` calls
     ``self._factory(quiescentCallback, repr(endpoint))`` for each new
-    connection (read in Twisted 26.10).
+    connection (Twisted 26.4 to 26.10).
     """
-    pool._factory = factory  # type: ignore[attr-defined]
+    # Declared as the class; our factory has the same call signature.
+    pool._factory = factory  # type: ignore[assignment]
+
+
+class ChannelHooks(HTTPChannel):
+    """``HTTPChannel`` with its private hooks given public names.
+
+    :class:`twisted_forward.framing.ForwardChannel` subclasses this, so the
+    parser's private names appear nowhere else.  Twisted 26.4 to 26.10.
+    """
+
+    def malformed_request(self) -> None:
+        """Called when Twisted's parser finds the request malformed; answers
+        400 and drops the connection unless a subclass does better."""
+        HTTPChannel._respondToBadRequestAndDisconnect(self)
+
+    # Twisted calls this (private) method for every request it cannot parse:
+    # routed to the public name above, so our refusals answer in one shape.
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        self.malformed_request()
+
+    def chunked_trailers(self) -> Sequence[bytes]:
+        """The raw trailer lines of the chunked request body just read (call
+        from ``allContentReceived``, before ``HTTPChannel``'s own runs).
+
+        Twisted keeps them, unparsed, in ``_ChunkedTransferDecoder._trailerHeaders``
+        and exposes them nowhere public; empty for a body that is not chunked.
+        """
+        decoder = getattr(self, "_transferDecoder", None)
+        return tuple(getattr(decoder, "_trailerHeaders", ()))
+
+    def use_chunked_body(self) -> bool:
+        """Make the parser read this request's body as chunked, whatever its
+        headers said; False if the parser refused (and dropped the connection).
+
+        Feeds the parser a synthetic ``Transfer-Encoding: chunked`` header
+        line, which makes ``_maybeChooseTransferDecoder`` install its chunked
+        decoder (and adds the header to the request's headers).  Relies on
+        that internal behaviour, not on a private name.
+        """
+        return bool(HTTPChannel.headerReceived(self, b"Transfer-Encoding: chunked"))
+
+
+def clear_exit_signal(reactor: object) -> None:
+    """Forget the signal that stopped ``reactor``, so twistd exits with 0.
+
+    The reactor records SIGTERM/SIGINT in its private ``_exitSignal`` (the
+    ``_ISupportsExitSignalCapturing`` interface) and twistd and twist re-raise
+    it at exit.  Twisted 26.4 to 26.10.
+    """
+    if getattr(reactor, "_exitSignal", None) is not None:
+        reactor._exitSignal = None  # type: ignore[attr-defined]  # private, see docstring
+
+
+def limit_accepts_per_read(port: IListeningPort, batch: int) -> None:
+    """Make a TCP/UNIX listening ``port`` accept at most ``batch`` connections
+    each time its socket is readable.
+
+    ``twisted.internet.tcp.Port.doRead`` accepts up to ``numberAccepts``
+    connections per call and raises that number when it takes them all; no
+    public setting caps it, so it is reset before every call (the bound
+    ``doRead`` replaced on this one instance).  Twisted 26.4 to 26.10.
+    """
+    accept = port.doRead  # type: ignore[attr-defined]  # tcp.Port, not IListeningPort
+
+    def doRead() -> Any:
+        port.numberAccepts = min(port.numberAccepts, batch)  # type: ignore[attr-defined]  # as above
+        return accept()
+
+    port.doRead = doRead  # type: ignore[attr-defined]  # as above
 
 
 def twistd_log_file(handler: Any) -> Any:

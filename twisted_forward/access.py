@@ -48,7 +48,7 @@ UNKNOWN = "unknown"
 #: The client name of a unix-socket peer with no (believed) forwarding header.
 UNIX = "unix"
 
-_MAPPED = ipaddress.ip_network("::ffff:0:0/96")
+_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
 
 
 @dataclass(frozen=True)
@@ -281,7 +281,9 @@ def _walk(hops: list[Optional[IPAddress]], trusted: TrustedProxies) -> Client:
             return _unknown("a forwarding hop with no address")
         if hop not in trusted:
             return _client(hop)
-    return _client(hops[0])  # every hop is a trusted proxy: the first one asked
+    first = hops[0]
+    assert first is not None  # the loop above returned on any None hop
+    return _client(first)  # every hop is a trusted proxy: the first one asked
 
 
 def resolve_client(

@@ -349,7 +349,7 @@ def parse_trusted_proxies(value: str) -> tuple[TrustedProxy, ...]:
 
 def parse_forward_keys(value: str) -> tuple[ForwardKey, ...]:
     """Forward keys, each ``fk-…`` or ``label:fk-…``."""
-    keys = []
+    keys: list[ForwardKey] = []
     for item in parse_list(value):
         label, sep, key = item.rpartition(":")
         if not sep:
@@ -757,8 +757,8 @@ def load_config(
     if kwargs.get("admin_port") is not None and admin_key is None:
         raise ConfigError("ADMIN_PORT (--admin-port): needs ADMIN_KEY")
     if admin_key is not None and (
-        admin_key in default_keys  # type: ignore[operator]
-        or any(k.key == admin_key for k in forward_keys)  # type: ignore[attr-defined]
+        admin_key in default_keys
+        or any(k.key == admin_key for k in forward_keys)
     ):
         raise ConfigError("ADMIN_KEY (--admin-key): must differ from every other key")
     return Config(**kwargs)  # type: ignore[arg-type]

@@ -27,18 +27,18 @@ from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 
 from .cache.hook import Lookup
+from .cache.interfaces import IExchangeCache
 from .cache.key import without_caching
 from .cache.replay import Replay
-from .cache.interfaces import IExchangeCache
 from .chat.recorder import ExchangeInfo, IExchangeTap, IRecorder, NullRecorder, RequestBody
 from .config import Route
 from .errors import error_body, send_error, write_error
 from .framing import Refusal
 from .headcheck import key_refusal
-from .loops import mark
 from .headers import relay_response_headers, upstream_request_headers
 from .keys import KeyDecision, KeyRules, SecretMask, key_refused, looks_keyed, scrub
 from .limits import UpstreamSlots
+from .loops import mark
 from .metrics import Metrics
 from .policies.gate import UNLIMITED, Admission, IExchangePolicy, RequestFacts, client_digest
 from .relay import Relay, ScrubbingRelay, discard

@@ -47,11 +47,12 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, Sequence
 
-from twisted.internet.interfaces import IAddress, IDelayedCall
+from twisted.internet.interfaces import IAddress, IDelayedCall, IPushProducer
 from twisted.logger import Logger
-from twisted.web.http import RESPONSES, HTTPChannel, datetimeToString
+from twisted.web.http import RESPONSES, datetimeToString
 from twisted.web.http_headers import Headers
 
+from ._compat import ChannelHooks
 from .errors import error_body
 
 if TYPE_CHECKING:
@@ -68,7 +69,7 @@ class Refusal:
     message: str
 
 
-#: Twisted's own refusals (``_respondToBadRequestAndDisconnect``) say no more.
+#: Twisted's own refusals (:meth:`ChannelHooks.malformed_request`) say no more.
 MALFORMED = Refusal(
     400, "malformed_request", "The request is not valid HTTP/1.1 and was not read."
 )
@@ -297,7 +298,7 @@ class ChannelSettings:
     seconds: Callable[[], float] = time.time
 
 
-class ForwardChannel(HTTPChannel):
+class ForwardChannel(ChannelHooks):
     """Twisted's HTTP/1.1 channel with the refusals this module describes.
 
     :param settings: its limits, deadlines and head checks, from the site
@@ -472,7 +473,7 @@ class ForwardChannel(HTTPChannel):
                 return
             # Nothing more to read: answered in turn, the connection kept.
             request.head_refusal = refusal
-        if self._codings and not super().headerReceived(b"Transfer-Encoding: chunked"):
+        if self._codings and not self.use_chunked_body():
             return
         if has_body and self.body_timeout is not None:
             # The body's own clock replaces the idle timer until it is in.
@@ -504,8 +505,7 @@ class ForwardChannel(HTTPChannel):
     def allContentReceived(self) -> None:
         if self.refused is not None:
             return
-        decoder = self._transferDecoder
-        refusal = check_trailers(getattr(decoder, "_trailerHeaders", ()))
+        refusal = check_trailers(self.chunked_trailers())
         if refusal is not None:
             self.refuse(refusal)
             return
@@ -540,7 +540,7 @@ class ForwardChannel(HTTPChannel):
         if call is not None and call.active():
             call.cancel()
 
-    def _respondToBadRequestAndDisconnect(self) -> None:
+    def malformed_request(self) -> None:
         # Twisted's own refusals: the same answer shape as ours.
         self.refuse(MALFORMED)
 
@@ -573,13 +573,19 @@ class ForwardChannel(HTTPChannel):
             )
         self.setTimeout(None)
         transport.write(answer(refusal, self._now()))
-        self._networkProducer.unregisterProducer()
+        # HTTPChannel registered itself as the transport's producer and may
+        # have paused it (its _networkProducer is the transport when that is
+        # an IPushProducer, else a no-op).
+        network = IPushProducer(transport, None)
+        if network is not None:
+            transport.unregisterProducer()
         # Only a real socket half-closes; a TLS wrapper would pass the call
         # to the TCP transport under it, skipping the TLS close.
         if not hasattr(type(transport), "loseWriteConnection"):
             transport.loseConnection()
             return
-        self._networkProducer.resumeProducing()
+        if network is not None:
+            network.resumeProducing()
         transport.loseWriteConnection()
         self._linger_call = self.callLater(self.linger_seconds, self._linger_over)
 

@@ -31,7 +31,7 @@ from .framing import Refusal
 class IHeadCheck(Interface):
     """Judges a request from its head alone (method, target, headers, peer)."""
 
-    def check_head(request: IRequest) -> Optional[Refusal]:  # type: ignore[misc]
+    def check_head(request: IRequest) -> Optional[Refusal]:
         """Why ``request`` must be refused now, or None to let it go on.
 
         Called on the reactor thread with the request line and headers in

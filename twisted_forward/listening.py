@@ -21,8 +21,7 @@ from typing import Any, Optional
 
 from twisted.internet import defer, endpoints
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
-from twisted.internet.protocol import Factory
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -76,7 +75,7 @@ def _short(e: Exception) -> str:
 
 
 def listen_now(
-    endpoint: IStreamServerEndpoint, factory: Factory, setting: str, description: str = ""
+    endpoint: IStreamServerEndpoint, factory: IProtocolFactory, setting: str, description: str = ""
 ) -> IListeningPort:
     """Bind ``endpoint`` now, before the reactor runs.
 
@@ -125,13 +124,16 @@ class BoundEndpoint:
     """An endpoint whose port was bound already: ``listen`` hands it over.
 
     Only the factory it was bound with may listen on it, once.
+
+    :ivar port: the bound port, for its address (``port.getHost()``).
     """
 
-    def __init__(self, port: IListeningPort, factory: Factory) -> None:
+    def __init__(self, port: IListeningPort, factory: IProtocolFactory) -> None:
+        self.port = port
         self._port: Optional[IListeningPort] = port
         self._factory = factory
 
-    def listen(self, factory: Factory) -> "defer.Deferred[IListeningPort]":
+    def listen(self, factory: IProtocolFactory) -> "defer.Deferred[IListeningPort]":
         if factory is not self._factory or self._port is None:
             return defer.fail(
                 CannotListenError(None, None, OSError("this bound port is already in use"))

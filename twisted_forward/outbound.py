@@ -25,6 +25,7 @@ import re
 from typing import Any, Optional
 from urllib.parse import urlsplit
 
+from twisted.internet import error
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import (
     HostnameEndpoint,
@@ -33,22 +34,23 @@ from twisted.internet.endpoints import (
     connectProtocol,
     wrapClientTLS,
 )
-from twisted.internet import error
 from twisted.internet.interfaces import (
     IDelayedCall,
     IProtocol,
     IProtocolFactory,
+    IPushProducer,
     IReactorTime,
     IStreamClientEndpoint,
+    ITCPTransport,
 )
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.web.client import (
+    URI,
     Agent,
     BrowserLikePolicyForHTTPS,
     HTTPConnectionPool,
     ProxyAgent,
-    URI,
 )
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import (
@@ -90,7 +92,7 @@ def proxy_authorization(proxy: ProxyURL) -> Optional[bytes]:
     if proxy.credentials is None:
         return None
     user, password = proxy.credentials
-    token = base64.b64encode(f"{user}:{password}".encode("utf-8"))
+    token = base64.b64encode(f"{user}:{password}".encode())
     return b"Basic " + token
 
 
@@ -118,6 +120,9 @@ class _Tunnel(Protocol):
     every byte in either direction belongs to the protocol built from the
     endpoint's factory (the TLS layer, in practice).
     """
+
+    #: The proxy connection (a TCP connection, set before connectionMade).
+    transport: ITCPTransport
 
     def __init__(
         self,
@@ -323,6 +328,7 @@ class OutboundProxyAgent:
     ) -> None:
         if proxy_endpoint is None:
             parts = urlsplit("//" + proxy.netloc)
+            assert parts.hostname is not None  # a ProxyURL always names a host
             proxy_endpoint = HostnameEndpoint(
                 reactor, parts.hostname, parts.port or 80, timeout=connect_timeout
             )
@@ -357,7 +363,8 @@ class _Drop(Protocol):
     """Takes an unwanted answer's body by closing its connection."""
 
     def connectionMade(self) -> None:
-        self.transport.stopProducing()
+        # deliverBody's transport: an IPushProducer over the connection.
+        IPushProducer(self.transport).stopProducing()
 
 
 def _refuse_407(response: IResponse) -> IResponse:
@@ -408,6 +415,7 @@ class DirectEndpoints:
 
     def endpointForURI(self, uri: URI) -> Any:
         host = uri.host.decode("ascii").strip("[]")
+        version: int
         try:
             version = ipaddress.ip_address(host).version
         except ValueError:

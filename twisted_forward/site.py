@@ -22,6 +22,7 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 from zope.interface import implementer
 
+from ._compat import send_now
 from .access import AccessGate, TrustedProxies
 from .admin.limits import IKeyLimits, PolicyLimits
 from .admin.live import LiveTally
@@ -31,26 +32,24 @@ from .cache.hook import ResponseCache, build_cache
 from .cache.interfaces import ICacheStore
 from .cache.metrics import CacheMetrics
 from .chat.recorder import ChatRecorder, FanOut, IRecorder
-from .ledger.service import LedgerCollector
 from .config import Config
-from .loops import is_loop
 from .errors import write_error
 from .exchange import ProxyResource
 from .framing import ChannelSettings, ForwardChannel, Refusal, body_too_large
 from .headcheck import IHeadCheck
-from ._compat import send_now
-from .limits import ConnectionLimits, UpstreamSlots, resolve_caps
 from .keys import DefaultKeys, ForwardKeys, KeyRules
 from .ledger import ILedger
+from .ledger.service import LedgerCollector
+from .limits import ConnectionLimits, UpstreamSlots, resolve_caps
+from .loops import is_loop
 from .metrics import Metrics, MetricsResource
-from .policies.gate import PolicyGate
 from .policies.failover import GuardedStore
+from .policies.gate import PolicyGate
 from .policies.health import KeyHealthLink
 from .policies.service import build_gate
 from .state import RequestState, state_of
 from .target import BadTarget, split_target
 from .upstream import Upstream
-
 
 #: Seconds a client connection may sit idle between requests.
 CLIENT_IDLE_TIMEOUT = 60
@@ -66,6 +65,12 @@ CLIENT_LEFT = "client_left"
 #: One line per answered request.  Module level: a Logger class attribute
 #: would take the class's name as its namespace.
 _access_log = Logger(namespace="twisted_forward.access")
+#: The access log line's text, filled with % (see ForwardSite.log).
+_ACCESS_LINE = (
+    "%(client)s %(method)s %(path)s %(status)s %(length)sB "
+    "route=%(route)s key=%(key)s "
+    "upstream=%(upstream)s error=%(error)s"
+)
 _ACCESS_SYSTEM = "twisted_forward.access#info"
 
 
@@ -429,10 +434,8 @@ class ForwardSite(Site):
             "{line}",
             # Given, so text log observers need not build it per event.
             log_system=_ACCESS_SYSTEM,
-            line="%(client)s %(method)s %(path)s %(status)s %(length)sB "
-            "route=%(route)s key=%(key)s "
-            "upstream=%(upstream)s error=%(error)s"
-            % dict(fields, upstream="-" if upstream is None else "%sms" % fields["upstream_ms"]),
+            line=_ACCESS_LINE
+            % dict(fields, upstream="-" if upstream is None else f"{fields['upstream_ms']}ms"),
             **fields,
         )
         return error

@@ -36,9 +36,9 @@ descriptor 4 (:mod:`twisted_forward.policies.amp_store`).
 from __future__ import annotations
 
 import json
-import signal
 import os
 import shutil
+import signal
 import socket
 import sys
 import tempfile
@@ -48,7 +48,7 @@ from prometheus_client.multiprocess import mark_process_dead
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet import defer, endpoints
 from twisted.internet.error import ProcessDone
-from twisted.internet.interfaces import IDelayedCall, IListeningPort
+from twisted.internet.interfaces import IDelayedCall, IListeningPort, IProcessTransport
 from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -128,6 +128,9 @@ class SharedSocket(Factory):
 
 class _Worker(ProcessProtocol):
     """The supervisor's end of one worker process."""
+
+    #: The child process, set before connectionMade.
+    transport: IProcessTransport
 
     def __init__(self, pool: "WorkerPool", index: int, spec: bytes) -> None:
         self.pool = pool

@@ -9,19 +9,23 @@ environment and ``.env``, validates, and builds the service tree.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 import signal
 import sys
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet import defer
-from twisted.internet.interfaces import IStreamServerEndpoint
-from twisted.internet.interfaces import IReactorCore
+from twisted.internet.interfaces import IReactorCore, IReactorTime, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python import usage
 
+from ._compat import clear_exit_signal
+from .access import AccessGate
+from .admin.live import LiveTally
+from .admin.service import AdminService
+from .chat.recorder import ChatRecorder, IRecorder, open_chat_log
 from .config import (
     SETTINGS,
     Config,
@@ -31,24 +35,19 @@ from .config import (
     parse_endpoint,
     read_env_file,
 )
-from .chat.recorder import ChatRecorder, IRecorder, open_chat_log
-from .admin.live import LiveTally
 from .ledger import ILedger
 from .ledger.feed import feeding_recorder
 from .ledger.service import check_data_dir, open_ledger
-from .policies.prices import PriceTable
-from .metrics import MetricsResource
-from .access import AccessGate
-from .admin.service import AdminService
-from .listening import BoundEndpoint, endpoint_from_string, listen_now
 from .limits import raise_descriptor_limit, resolve_caps
+from .listening import BoundEndpoint, endpoint_from_string, listen_now
 from .logfiles import LogReopenService
 from .loops import base_v1_notes, own_address_conflict
-from .reload import ConfigSource, install_handler, restart_only_changes
+from .metrics import MetricsResource
+from .policies.prices import PriceTable
 from .policies.service import build_gate
 from .policies.shared import open_shared_store
+from .reload import ConfigSource, install_handler, restart_only_changes
 from .site import Built, ForwardSite, SidePortSite, build_root, make_site
-
 
 _log = Logger()
 
@@ -192,7 +191,7 @@ def refuse_own_address(config: Config, source: ConfigSource, port: Any) -> None:
 
 
 def with_feed(
-    config: Config, reactor: IReactorCore, recorder: Optional[ChatRecorder],
+    config: Config, reactor: IReactorTime, recorder: Optional[ChatRecorder],
     feed: Optional[ILedger],
 ) -> tuple[Optional[ChatRecorder], Optional[IRecorder]]:
     """The chat recorder (to flush and close) and the recorder the exchanges
@@ -229,7 +228,7 @@ class ProxyService(Service):
         self,
         built: Built,
         config: Config,
-        reactor: IReactorCore,
+        reactor: Any,
         recorder: Optional[ChatRecorder] = None,
         ledger: Optional[IService] = None,
         site: Optional[ForwardSite] = None,
@@ -325,7 +324,7 @@ class ProxyService(Service):
                     ),
                 )
                 built = build_root(
-                    config, self.reactor, recorder=exchange_recorder,  # type: ignore[arg-type]
+                    config, self.reactor, recorder=exchange_recorder,
                     ledger=self.feed,
                     upstream=current.upstream if same_pool else None,
                     metrics=current.metrics, health=current.health, policy=policy,
@@ -418,8 +417,7 @@ class ProxyService(Service):
         # twistd and twist re-raise the terminating signal at exit, so a
         # supervisor would see "killed by SIGTERM".  The shutdown was
         # orderly: report success (exit status 0) instead.
-        if getattr(self.reactor, "_exitSignal", None) is not None:
-            self.reactor._exitSignal = None  # type: ignore[attr-defined]
+        clear_exit_signal(self.reactor)
 
 
 @dataclass
@@ -467,7 +465,7 @@ def _pool_settings(config: Config) -> tuple[Any, ...]:
 
 def makeService(
     options: Options,
-    reactor: Optional[IReactorCore] = None,
+    reactor: Optional[Any] = None,
     environ: Optional[dict[str, str]] = None,
     endpoint: Optional[IStreamServerEndpoint] = None,
 ) -> IService:
@@ -478,6 +476,9 @@ def makeService(
     standard error and exit status 1: this runs before twistd redirects
     standard error to its log and before a daemon forks.
 
+    :param reactor: the reactor (IReactorCore, IReactorTime, IReactorTCP,
+        ...: typed Any, since zope interfaces cannot be intersected); the
+        global one by default.
     :param environ: the environment to read settings from (tests pass
         their own); ``os.environ`` by default.
     :param endpoint: serve on this endpoint instead of ``--port`` (a worker
@@ -486,19 +487,19 @@ def makeService(
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
-        reactor = default_reactor  # type: ignore[assignment]
+        reactor = default_reactor
     try:
-        return _make_service(options, reactor, environ, endpoint)  # type: ignore[arg-type]
+        return _make_service(options, reactor, environ, endpoint)
     except (ConfigError, ValueError) as e:
         # One clear line, not a traceback.
         sys.stderr.write(f"openai-forward: {e}\n")
         sys.stderr.flush()
-        raise SystemExit(1)
+        raise SystemExit(1) from None
 
 
 def _make_service(
     options: Options,
-    reactor: IReactorCore,
+    reactor: Any,
     environ: Optional[dict[str, str]],
     endpoint: Optional[IStreamServerEndpoint],
 ) -> IService:
@@ -576,13 +577,13 @@ def _make_service(
         ca_file=config.ssl_cert_file,
     )
     built = build_root(
-        config, reactor, recorder=exchange_recorder, ledger=feed,  # type: ignore[arg-type]
+        config, reactor, recorder=exchange_recorder, ledger=feed,
         store=shared,
     )
     site = make_site(built, config, reactor)
     admin_service = AdminService(built.admin) if built.admin is not None else None
     ProxyService(
-        built, config, reactor, recorder, ledger,  # type: ignore[arg-type]
+        built, config, reactor, recorder, ledger,
         site=site, source=source, admin_service=admin_service, feed=feed,
     ).setServiceParent(top)
     if admin_service is not None:

@@ -16,7 +16,7 @@ from OpenSSL.crypto import Error as OpenSSLError
 from twisted.internet.ssl import Certificate, trustRootFromCertificates
 
 if TYPE_CHECKING:
-    from twisted.internet._sslverify import IOpenSSLTrustRoot
+    from ._compat import IOpenSSLTrustRoot
 
 _PEM_CERTIFICATE = re.compile(
     rb"-----BEGIN CERTIFICATE-----\r?\n.+?\r?\n-----END CERTIFICATE-----", re.DOTALL

@@ -26,6 +26,7 @@ import re
 from typing import Any, Callable, Optional
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import ITCPTransport
 from twisted.python.failure import Failure
 from twisted.web.client import (
     HTTPConnectionPool,
@@ -164,6 +165,9 @@ class HeadScanner:
 
 class GuardedClientProtocol(HTTP11ClientProtocol):
     """``HTTP11ClientProtocol`` with the head guard and the reuse guard."""
+
+    #: The upstream connection (TCP, or TLS over it), set before any call.
+    transport: ITCPTransport
 
     def __init__(
         self, quiescentCallback: Callable[[Any], None], max_head: int, max_headers: int

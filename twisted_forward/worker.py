@@ -17,13 +17,19 @@ import socket
 import sys
 from typing import Any, Callable, Optional
 
+from twisted.application.service import IServiceCollection
 from twisted.internet import defer, endpoints, fdesc
-from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
-from twisted.internet.protocol import Factory
-from twisted.logger import Logger
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IProtocolFactory,
+    IReadDescriptor,
+    IStreamServerEndpoint,
+)
+from twisted.logger import ILogObserver, Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from ._compat import limit_accepts_per_read
 from .supervisor import LISTEN_FD
 from .tap import Options, ProxyService, makeService
 
@@ -49,22 +55,31 @@ class SharedSocketEndpoint:
         self._adopted = endpoints.AdoptedStreamServerEndpoint(reactor, fileno, family)
         self.batch = batch
 
-    def listen(self, factory: Factory) -> "defer.Deferred[IListeningPort]":
+    def listen(self, factory: IProtocolFactory) -> "defer.Deferred[IListeningPort]":
         return self._adopted.listen(factory).addCallback(self._take_turns)
 
     def _take_turns(self, port: IListeningPort) -> IListeningPort:
-        accept = port.doRead  # type: ignore[attr-defined]
-        batch = self.batch
-
-        def doRead() -> Any:
-            port.numberAccepts = min(port.numberAccepts, batch)  # type: ignore[attr-defined]
-            return accept()
-
-        port.doRead = doRead  # type: ignore[attr-defined]
+        limit_accepts_per_read(port, self.batch)
         return port
 
 
 
+@implementer(ILogObserver)
+class _Tagged:
+    """Log events marked with the worker they come from, in ``log_system``."""
+
+    def __init__(self, observer: ILogObserver, tag: str) -> None:
+        self.observer = observer
+        self.tag = tag
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        event = dict(event)
+        system = event.get("log_system")
+        event["log_system"] = self.tag if system in (None, "-") else f"{self.tag} {system}"
+        self.observer(event)
+
+
+@implementer(IReadDescriptor)
 class _ParentWatch:
     """Reads the worker's standard input; its end of file means the
     supervisor is gone."""
@@ -119,15 +134,7 @@ def worker_main() -> None:
 
     from twisted.logger import globalLogBeginner, textFileLogObserver
 
-    observer = textFileLogObserver(sys.stdout)
-    tag = f"worker-{index}"
-
-    def tagged(event: dict) -> None:
-        event = dict(event)
-        system = event.get("log_system")
-        event["log_system"] = tag if system in (None, "-") else f"{tag} {system}"
-        observer(event)
-
+    tagged = _Tagged(textFileLogObserver(sys.stdout), f"worker-{index}")
     globalLogBeginner.beginLoggingTo([tagged], redirectStandardIO=False)
 
     from twisted.internet import reactor
@@ -138,7 +145,7 @@ def worker_main() -> None:
     service = makeService(
         options, reactor=reactor, endpoint=SharedSocketEndpoint(reactor, LISTEN_FD, family)
     )
-    for child in service:  # type: ignore[attr-defined]
+    for child in IServiceCollection(service):
         if isinstance(child, ProxyService):
             child.built.health.extra.update({"worker": index, "pid": os.getpid()})
 
@@ -146,24 +153,24 @@ def worker_main() -> None:
 
     def supervisor_gone() -> None:
         log.warn("the supervisor is gone; stopping")
-        reactor.stop()  # type: ignore[attr-defined]
+        reactor.stop()
 
     watch = _ParentWatch(supervisor_gone)
     fdesc.setNonBlocking(0)
 
     def start() -> None:
         service.startService()
-        reactor.addReader(watch)  # type: ignore[attr-defined]
+        reactor.addReader(watch)
         log.info("worker {index} serving (pid {pid})", index=index, pid=os.getpid())
 
     def stop() -> Any:
         # From here on the supervisor closing the pipe is no news.
-        reactor.removeReader(watch)  # type: ignore[attr-defined]
+        reactor.removeReader(watch)
         return service.stopService()
 
     reactor.callWhenRunning(start)
     reactor.addSystemEventTrigger("before", "shutdown", stop)
-    reactor.run()  # type: ignore[attr-defined]
+    reactor.run()
 
 
 if __name__ == "__main__":

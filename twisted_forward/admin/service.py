@@ -6,7 +6,6 @@ clockwork: live sampling while the proxy runs, event streams ended on stop.
 from __future__ import annotations
 
 import weakref
-
 from dataclasses import dataclass
 from typing import Any, Optional
 

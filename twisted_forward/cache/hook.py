@@ -22,7 +22,7 @@ import os
 from dataclasses import dataclass, field, replace
 from typing import Any, Optional, Sequence
 
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -161,15 +161,14 @@ class ResponseCache:
         try:
             d = self.store.get(key)
         except Exception:
-            d = Deferred.fromFailure(Failure())
+            d = fail()  # the exception being handled
         d.addTimeout(settings.timeout, self.clock)
-        d.addCallbacks(
+        looked: Deferred[Lookup] = d.addCallbacks(
             self._found, self._get_failed,
             callbackArgs=(key, examined.body, not examined.wants_usage),
             errbackArgs=(key, examined.body),
         )
-        d.addCallback(lambda lookup: self._counted(label, lookup))
-        return d
+        return looked.addCallback(lambda lookup: self._counted(label, lookup))
 
     def _found(
         self, value: Optional[bytes], key: bytes, body: Optional[bytes], strip_usage: bool
@@ -206,7 +205,7 @@ class ResponseCache:
         try:
             d = self.store.put(key, value)
         except Exception:
-            d = Deferred.fromFailure(Failure())
+            d = fail()  # the exception being handled
         d.addTimeout(self.settings.timeout, self.clock)
 
         def stored(_: object) -> None:

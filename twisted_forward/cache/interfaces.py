@@ -9,13 +9,17 @@ proceed) and, on a miss, a tap that sees the answer as it is relayed.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Optional, Sequence
 
 from zope.interface import Attribute, Interface
 
 if TYPE_CHECKING:
     from twisted.internet.defer import Deferred
+    from twisted.web.http_headers import Headers
+    from twisted.web.iweb import IRequest
 
+    from ..config import Route
+    from ..keys import KeyDecision
     from .hook import Lookup
     from .replay import Replay
 
@@ -44,7 +48,7 @@ class ICacheStore(Interface):
 class IAnswerTap(Interface):
     """Sees one answer as it is relayed (the exchange's tap shape)."""
 
-    def response(status: int, headers: object) -> None:
+    def response(status: int, headers: Headers) -> None:
         """The answer's head."""
 
     def data(chunk: bytes) -> None:
@@ -65,12 +69,12 @@ class IExchangeCache(Interface):
     client's when there is one (the ``caching`` field taken out).
     """
 
-    def on(route: object) -> bool:
+    def on(route: Route) -> bool:
         """Whether requests on ``route`` (a :class:`~twisted_forward.config.Route`)
         go through the cache at all."""
 
-    def lookup(request: object, route: object, target: bytes,
-               decision: object) -> "Deferred[Lookup]":
+    def lookup(request: IRequest, route: Route, target: bytes,
+               decision: KeyDecision) -> "Deferred[Lookup]":
         """Examine a request; never fails (a broken store is a miss).
 
         :param request: the client's request (its method and body are read).
@@ -79,8 +83,8 @@ class IExchangeCache(Interface):
         :param decision: the request's :class:`~twisted_forward.keys.KeyDecision`.
         """
 
-    def replay(request: object, lookup: object, tap: object,
-               headers: object = ()) -> "Replay":
+    def replay(request: IRequest, lookup: Lookup, tap: Optional[IAnswerTap] = None,
+               headers: Sequence[tuple[bytes, bytes]] = ()) -> "Replay":
         """Answer ``request`` from a hit; returns the
         :class:`~.replay.Replay`, whose ``done`` fires with the outcome
         (``complete`` or ``client_left``) and whose ``sent`` counts the bytes

@@ -48,7 +48,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.logger import ILogObserver, Logger, LogEvent
+from twisted.logger import ILogObserver, LogEvent, Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -233,6 +233,8 @@ class RecordFiles:
 
     def _open(self, day: str) -> int:
         if self._fd is not None and self._day == day:
+            here: Optional[os.stat_result]
+            there: Optional[os.stat_result]
             try:
                 here = os.fstat(self._fd)
                 there = os.stat(self._path)

@@ -727,7 +727,9 @@ class AnswerReader:
             self.format = "other"
             self._body = _Tail(EXCERPT)
             self._sink = self._body.add
-        self._sink(held)
+        sink = self._sink
+        if sink is not None:  # set by every branch above
+            sink(held)
 
     def _feed_sse(self, chunk: bytes) -> None:
         assert self._sse is not None

@@ -52,7 +52,6 @@ from .record import (
     summarize_request,
 )
 
-
 #: Pieces a large request body is read in for its record.
 SCAN_PIECE = 256 * 1024
 

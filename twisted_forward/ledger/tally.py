@@ -6,7 +6,7 @@ arithmetic, shared by every store.
 from __future__ import annotations
 
 from datetime import date
-from typing import Iterable, Optional
+from typing import Any, Iterable, Optional
 
 from .interfaces import DIMENSIONS, GROUP_DIMENSIONS, GROUPS, UsageEntry, UsageRow, utc_day
 
@@ -97,6 +97,7 @@ def group_rows(rows: Iterable[UsageRow], group: str) -> list[UsageRow]:
         dims = tuple(getattr(row, d) if d in kept else None for d in DIMENSIONS)
         total = out.get(dims)
         if total is None:
-            total = out[dims] = UsageRow(**dict(zip(DIMENSIONS, dims)))
+            named: dict[str, Any] = dict(zip(DIMENSIONS, dims))
+            total = out[dims] = UsageRow(**named)
         total.add(row)
     return [out[k] for k in sorted(out, key=lambda k: tuple(v or "" for v in k))]

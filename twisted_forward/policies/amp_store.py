@@ -34,7 +34,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorSocket, IReactorTime
-from twisted.internet.protocol import Factory
+from twisted.internet.protocol import ServerFactory, connectionDone
 from twisted.logger import Logger
 from twisted.protocols import amp
 from twisted.python.failure import Failure
@@ -94,14 +94,14 @@ class Settle(amp.Command):
         (b"settlements", amp.AmpList(_BUCKET + [(b"settled", amp.Integer())])),
         (b"now", amp.Float()),
     ]
-    response: list = []
+    response = []
 
 
 class MarkKey(amp.Command):
     """A worker tells the supervisor a default key rests or is revoked."""
 
     arguments = [(b"key", amp.Unicode()), (b"until", amp.Float(optional=True))]
-    response: list = []
+    response = []
 
 
 class KeyMarks(amp.Command):
@@ -118,7 +118,7 @@ class KeyMarked(amp.Command):
     """The supervisor tells a worker a default key rests or is revoked."""
 
     arguments = [(b"key", amp.Unicode()), (b"until", amp.Float(optional=True))]
-    response: list = []
+    response = []
     requiresAnswer = False
 
 
@@ -136,7 +136,7 @@ def _adopt(reactor: IReactorSocket, fd: int, make: Callable[[], amp.AMP]) -> Any
     (which the caller may close afterwards: the reactor keeps its own copy)."""
     built: list[amp.AMP] = []
 
-    class _Once(Factory):
+    class _Once(ServerFactory):
         def buildProtocol(self, addr: Any) -> amp.AMP:
             protocol = make()
             built.append(protocol)
@@ -244,7 +244,7 @@ class StoreServer(amp.AMP):
         marks = self.hub.store.marks_now(now)
         return {"marks": [{"key": k, "until": u} for k, u in marks.items()]}
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         super().connectionLost(reason)
         self.hub.connections.discard(self)
         if self.open:
@@ -277,7 +277,7 @@ class StoreClient(amp.AMP):
         self.on_marked(key, until)
         return {}
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         super().connectionLost(reason)
         self.gone.callback(None)
 
@@ -352,6 +352,7 @@ class SupervisorStore:
         protocol, self.protocol = self.protocol, None
         if protocol is None or protocol.gone.called:
             return succeed(None)
+        assert protocol.transport is not None  # connected: gone has not fired
         protocol.transport.loseConnection()
         return protocol.gone
 

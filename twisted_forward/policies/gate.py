@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import hashlib
 import math
-from urllib.parse import unquote
 from dataclasses import dataclass, field
 from typing import IO, Callable, Optional, Sequence
+from urllib.parse import unquote
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
@@ -272,9 +272,10 @@ class PolicyGate:
         d = self.store.reserve(facts.reservation, plan.buckets, now)
         if not d.called:
             d.addTimeout(STORE_TIMEOUT, self.reactor)
-        d.addCallback(self._verdict, facts, plan, body, counts_tokens, self.store)
-        d.addErrback(self._store_down, facts, plan, body, counts_tokens)
-        return d
+        admitted: Deferred[Admission] = d.addCallback(
+            self._verdict, facts, plan, body, counts_tokens, self.store
+        )
+        return admitted.addErrback(self._store_down, facts, plan, body, counts_tokens)
 
     def _check_model(
         self, facts: RequestFacts, policy: Optional[KeyPolicy], body: BodyFacts

@@ -1,0 +1,238 @@
+"""
+The canary for twisted_forward/_compat.py: every private Twisted name the
+proxy relies on, checked for existence, shape and (where cheap) behaviour.
+
+When one of these fails after a Twisted upgrade, the message names the
+private use that broke; fix it in _compat.py (and nowhere else), or keep the
+Twisted bound in pyproject.toml below the release that broke it.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable
+
+from twisted.internet import base, tcp
+from twisted.internet.testing import StringTransport
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web import client, http
+
+import twisted
+from twisted_forward import _compat
+
+
+def _parameters(function: Callable[..., Any]) -> list[str]:
+    return list(inspect.signature(function).parameters)
+
+
+class CanaryTests(SynchronousTestCase):
+    """Each test names one private use; its failure message says what changed."""
+
+    def broke(self, what: str) -> str:
+        return (
+            f"Twisted {twisted.__version__}: {what}. "
+            "twisted_forward/_compat.py relies on it: adapt it there, or bound Twisted below this release."
+        )
+
+    def test_http11_client_factory(self) -> None:
+        """twisted.web.client._HTTP11ClientFactory(quiescentCallback, metadata)
+        still exists and builds HTTP11ClientProtocol(quiescentCallback)."""
+        factory_class = getattr(client, "_HTTP11ClientFactory", None)
+        self.assertIsNotNone(factory_class, self.broke("twisted.web.client._HTTP11ClientFactory is gone"))
+        self.assertEqual(
+            _parameters(factory_class.__init__)[1:],
+            ["quiescentCallback", "metadata"],
+            self.broke("_HTTP11ClientFactory.__init__ changed its parameters"),
+        )
+        self.assertEqual(
+            _parameters(_compat.HTTP11ClientProtocol.__init__)[1:2],
+            ["quiescentCallback"],
+            self.broke("HTTP11ClientProtocol.__init__ no longer takes quiescentCallback first"),
+        )
+        protocol = factory_class(lambda p: None, "meta").buildProtocol(None)
+        self.assertIsInstance(
+            protocol,
+            _compat.HTTP11ClientProtocol,
+            self.broke("_HTTP11ClientFactory no longer builds HTTP11ClientProtocol"),
+        )
+
+    def test_pool_factory(self) -> None:
+        """HTTPConnectionPool keeps the factory it builds connections with in
+        _factory, and _newConnection still calls it."""
+        from twisted.internet.testing import MemoryReactorClock
+
+        pool = client.HTTPConnectionPool(MemoryReactorClock())
+        self.assertIs(
+            getattr(pool, "_factory", None),
+            client._HTTP11ClientFactory,
+            self.broke("HTTPConnectionPool._factory is gone or no longer _HTTP11ClientFactory"),
+        )
+        self.assertIn(
+            "self._factory(",
+            inspect.getsource(client.HTTPConnectionPool._newConnection),
+            self.broke("HTTPConnectionPool._newConnection no longer calls self._factory"),
+        )
+        _compat.set_pool_factory(pool, _compat.HTTP11ClientFactory)
+        self.assertIs(pool._factory, _compat.HTTP11ClientFactory)
+
+    def _channel(self) -> tuple[_compat.ChannelHooks, StringTransport]:
+        channel = _compat.ChannelHooks()
+        channel.requestFactory = http.Request  # type: ignore[assignment]  # Request's signature differs from the attribute's declared type
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        return channel, transport
+
+    def test_bad_request_hook(self) -> None:
+        """Twisted's parser still reports a malformed request through
+        HTTPChannel._respondToBadRequestAndDisconnect, routed to
+        ChannelHooks.malformed_request."""
+        self.assertTrue(
+            callable(getattr(http.HTTPChannel, "_respondToBadRequestAndDisconnect", None)),
+            self.broke("HTTPChannel._respondToBadRequestAndDisconnect is gone"),
+        )
+        seen: list[str] = []
+        channel, transport = self._channel()
+        channel.malformed_request = lambda: seen.append("malformed")  # type: ignore[method-assign]  # a test double
+        channel.dataReceived(b"GET / HTTP/1.1\r\nno colon here\r\n\r\n")
+        self.assertEqual(
+            seen, ["malformed"], self.broke("a malformed header no longer calls _respondToBadRequestAndDisconnect")
+        )
+
+    def test_default_bad_request(self) -> None:
+        """Without an override, malformed_request answers Twisted's 400."""
+        channel, transport = self._channel()
+        channel.dataReceived(b"GET / HTTP/1.1\r\nno colon here\r\n\r\n")
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 400 "))
+        self.assertTrue(transport.disconnecting)
+
+    def test_chunked_trailers(self) -> None:
+        """The chunked decoder still keeps a body's raw trailer lines in
+        _trailerHeaders, reachable as HTTPChannel._transferDecoder until
+        allContentReceived."""
+        seen: list[tuple[bytes, ...]] = []
+        channel, transport = self._channel()
+        original = channel.allContentReceived
+
+        def all_content() -> None:
+            seen.append(tuple(bytes(line) for line in channel.chunked_trailers()))
+            original()
+
+        channel.allContentReceived = all_content  # type: ignore[method-assign]  # a test double
+        channel.dataReceived(
+            b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"1\r\na\r\n0\r\nX-Trailer: yes\r\n\r\n"
+        )
+        self.assertEqual(
+            seen,
+            [(b"X-Trailer: yes",)],
+            self.broke("HTTPChannel._transferDecoder._trailerHeaders no longer holds the trailer lines"),
+        )
+
+    def test_use_chunked_body(self) -> None:
+        """Feeding the parser a synthetic Transfer-Encoding: chunked line
+        after the real headers still makes it read the body as chunked."""
+        bodies: list[bytes] = []
+        channel, transport = self._channel()
+        original_headers = channel.allHeadersReceived
+
+        def all_headers() -> None:
+            self.assertTrue(channel.use_chunked_body(), self.broke("the synthetic chunked line was refused"))
+            original_headers()
+
+        channel.allHeadersReceived = all_headers  # type: ignore[method-assign]  # a test double
+
+        class Recording(http.Request):
+            def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+                self.content.seek(0)
+                bodies.append(self.content.read())
+                self.channel.transport.loseConnection()  # type: ignore[union-attr]  # set by then
+
+        channel.requestFactory = Recording  # type: ignore[assignment]  # as in _channel
+        channel.dataReceived(b"POST / HTTP/1.1\r\nHost: x\r\n\r\n3\r\nabc\r\n0\r\n\r\n")
+        self.assertEqual(
+            bodies,
+            [b"abc"],
+            self.broke("headerReceived(b'Transfer-Encoding: chunked') no longer installs a chunked decoder"),
+        )
+
+    def test_exit_signal(self) -> None:
+        """Reactors still record the stopping signal in _exitSignal."""
+        self.assertTrue(
+            hasattr(base.ReactorBase, "_exitSignal"),
+            self.broke("ReactorBase._exitSignal is gone (twistd's exit-by-signal)"),
+        )
+        self.assertIn(
+            "self._exitSignal = number",
+            inspect.getsource(base),
+            self.broke("the reactor no longer records the stopping signal in _exitSignal"),
+        )
+
+        class Reactor:
+            _exitSignal = 15
+
+        reactor = Reactor()
+        _compat.clear_exit_signal(reactor)
+        self.assertIsNone(reactor._exitSignal)
+
+    def test_accepts_per_read(self) -> None:
+        """tcp.Port.doRead still reads its batch size from numberAccepts."""
+        source = inspect.getsource(tcp.Port.doRead)
+        self.assertIn(
+            "self.numberAccepts",
+            source,
+            self.broke("tcp.Port.doRead no longer reads numberAccepts"),
+        )
+        self.assertEqual(_parameters(tcp.Port.doRead), ["self"], self.broke("tcp.Port.doRead takes arguments"))
+
+        class Port:
+            numberAccepts = 100
+            calls: list[int] = []
+
+            def doRead(self) -> None:
+                self.calls.append(self.numberAccepts)
+                self.numberAccepts += 20
+
+        port = Port()
+        _compat.limit_accepts_per_read(port, 1)  # type: ignore[arg-type]  # a stand-in port
+        port.doRead()
+        port.doRead()
+        self.assertEqual(port.calls, [1, 1])
+
+    def test_trust_root_interface(self) -> None:
+        """twisted.internet._sslverify.IOpenSSLTrustRoot, named in type hints
+        only, still exists."""
+        from twisted.internet import _sslverify
+
+        self.assertTrue(
+            hasattr(_sslverify, "IOpenSSLTrustRoot"),
+            self.broke("twisted.internet._sslverify.IOpenSSLTrustRoot is gone"),
+        )
+
+    def test_twistd_log_file(self) -> None:
+        """twistd's SIGUSR1 handler is still a closure over its LogFile, which
+        twistd_log_file finds."""
+        from twisted.python.logfile import LogFile
+        from twisted.scripts import _twistd_unix
+
+        source = inspect.getsource(_twistd_unix.UnixAppLogger._getLogObserver)
+        self.assertIn(
+            "def rotateLog",
+            source,
+            self.broke("twistd's UnixAppLogger no longer installs a rotateLog closure for SIGUSR1"),
+        )
+        self.assertIn("logFile.rotate", source, self.broke("twistd's rotateLog no longer rotates logFile"))
+        log_file = LogFile("test.log", self.mktemp_dir())
+
+        def rotateLog(signal: object, frame: object) -> None:
+            log_file.rotate()
+
+        self.assertIs(_compat.twistd_log_file(rotateLog), log_file)
+        self.assertIsNone(_compat.twistd_log_file(lambda s, f: None))
+        log_file.close()
+
+    def mktemp_dir(self) -> str:
+        import os
+
+        path = self.mktemp()
+        os.makedirs(path)
+        return path
