@@ -58,6 +58,7 @@ def hdrs(**values) -> Headers:
 
 class ParseNodeTests(SynchronousTestCase):
     def test_addresses(self):
+        """Addresses."""
         for text, expected in [
             ("192.0.2.1", "192.0.2.1"),
             (" 192.0.2.1 ", "192.0.2.1"),
@@ -71,6 +72,7 @@ class ParseNodeTests(SynchronousTestCase):
             self.assertEqual(parse_node(text), ip(expected), text)
 
     def test_garbage(self):
+        """Garbage."""
         for text in [
             "", "unknown", "_hidden", "example.com", "192.0.2", "192.0.2.256", "01.2.3.4",
             "192.0.2.1:", "192.0.2.1:port", "192.0.2.1:123456", "192.0.2.1:80:80",
@@ -82,6 +84,7 @@ class ParseNodeTests(SynchronousTestCase):
 
 class HeaderParsingTests(SynchronousTestCase):
     def test_x_forwarded_for(self):
+        """X forwarded for."""
         self.assertEqual(
             x_forwarded_for_hops([b"198.51.100.7, unknown,,[2001:db8::2]:9", b"10.0.0.1"]),
             [ip("198.51.100.7"), None, ip("2001:db8::2"), ip("10.0.0.1")],
@@ -90,6 +93,7 @@ class HeaderParsingTests(SynchronousTestCase):
         self.assertEqual(x_forwarded_for_hops([b"\xff\xfe, 1.2.3.4"]), [None, ip("1.2.3.4")])
 
     def test_forwarded(self):
+        """Forwarded."""
         self.assertEqual(
             forwarded_hops(
                 [
@@ -104,6 +108,7 @@ class HeaderParsingTests(SynchronousTestCase):
         self.assertEqual(forwarded_hops([b",, for=192.0.2.1 ,"]), [ip("192.0.2.1")])
 
     def test_malformed_forwarded(self):
+        """Malformed forwarded."""
         for value in [
             b'for="192.0.2.1', b"for=192.0.2.1;for=192.0.2.2", b"for", b"=1.2.3.4",
             b"for=", b"for = 1.2.3.4", b"for=1.2.3.4 x", b'for="a\\', b"for=1.2.3.4;;;\x00",
@@ -119,6 +124,7 @@ class ResolveTests(SynchronousTestCase):
         return resolve_client(peer, hdrs(**headers), trusted(trust))
 
     def test_untrusted_peer_headers_ignored(self):
+        """Untrusted peer headers ignored."""
         client = self.resolve(tcp("203.0.113.5"), x_forwarded_for="10.0.0.1", forwarded="for=10.0.0.1")
         self.assertEqual((client.address, client.name), (ip("203.0.113.5"), "203.0.113.5"))
         client = self.resolve(tcp("203.0.113.5"), "10.0.0.0/8", x_forwarded_for="10.0.0.1")
@@ -133,6 +139,7 @@ class ResolveTests(SynchronousTestCase):
         self.assertEqual(client.address, ip("198.51.100.7"))
 
     def test_chained_trusted_proxies(self):
+        """Chained trusted proxies."""
         client = self.resolve(
             tcp("10.0.0.2"), "10.0.0.0/8 192.168.0.0/16",
             x_forwarded_for="203.0.113.1, 198.51.100.7, 192.168.1.1, 10.0.0.3",
@@ -140,23 +147,28 @@ class ResolveTests(SynchronousTestCase):
         self.assertEqual(client.address, ip("198.51.100.7"))
 
     def test_all_hops_trusted_leftmost(self):
+        """All hops trusted leftmost."""
         client = self.resolve(tcp("10.0.0.2"), "10.0.0.0/8", x_forwarded_for="10.0.0.9, 10.0.0.3")
         self.assertEqual(client.address, ip("10.0.0.9"))
 
     def test_trusted_peer_without_header_is_client(self):
+        """Trusted peer without header is client."""
         self.assertEqual(self.resolve(tcp("10.0.0.2"), "10.0.0.0/8").address, ip("10.0.0.2"))
 
     def test_garbage_reached_is_unknown(self):
+        """Garbage reached is unknown."""
         for value in ["garbage", "198.51.100.7, unknown", "198.51.100.7, _obf", "", " , ",
                       "198.51.100.7, 10.0.0.1:x", "1.2.3.4 5.6.7.8"]:
             client = self.resolve(tcp("10.0.0.2"), "10.0.0.0/8", x_forwarded_for=value)
             self.assertEqual((client.address, client.name), (None, "unknown"), value)
 
     def test_garbage_left_of_client_ignored(self):
+        """Garbage left of client ignored."""
         client = self.resolve(tcp("10.0.0.2"), "10.0.0.0/8", x_forwarded_for="garbage, 198.51.100.7")
         self.assertEqual(client.address, ip("198.51.100.7"))
 
     def test_ipv6(self):
+        """IPv6."""
         client = self.resolve(
             tcp("2001:db8::10"), "2001:db8::/64",
             x_forwarded_for="2001:db8:ffff::1, [2001:db8::11]:443",
@@ -176,6 +188,7 @@ class ResolveTests(SynchronousTestCase):
         self.assertEqual(client.address, ip("198.51.100.7"))
 
     def test_unix_peer(self):
+        """Unix peer."""
         peer = UNIXAddress(None)
         client = self.resolve(peer, "", x_forwarded_for="198.51.100.7")
         self.assertEqual((client.address, client.name), (None, "unix"))
@@ -187,6 +200,7 @@ class ResolveTests(SynchronousTestCase):
         self.assertEqual((client.address, client.name), (None, "unix"))
 
     def test_forwarded_header(self):
+        """Forwarded header."""
         client = self.resolve(
             tcp("10.0.0.2"), "10.0.0.0/8",
             forwarded='for=10.9.9.9, for="198.51.100.7:1234";proto=https, for=10.0.0.5',
@@ -197,6 +211,7 @@ class ResolveTests(SynchronousTestCase):
             self.assertIsNone(client.address, value)
 
     def test_both_headers_must_agree(self):
+        """Both headers must agree."""
         client = self.resolve(
             tcp("10.0.0.2"), "10.0.0.0/8",
             x_forwarded_for="198.51.100.7", forwarded="for=198.51.100.7",
@@ -235,6 +250,7 @@ class ResolveTests(SynchronousTestCase):
 
 class ConfigTests(SynchronousTestCase):
     def test_trusted_proxies_unix(self):
+        """Trusted proxies unix."""
         self.assertEqual(
             parse_trusted_proxies("unix, 10.0.0.0/8 unix:"),
             ("unix", ipaddress.ip_network("10.0.0.0/8")),
@@ -299,12 +315,14 @@ class GateHarness(SynchronousTestCase):
 
 class GateTests(GateHarness):
     def test_no_lists_everyone_passes(self):
+        """No lists everyone passes."""
         self.gate()
         for peer in (tcp("203.0.113.5"), tcp("2001:db8::1"), UNIXAddress(None)):
             self.assertEqual(self.status(self.request(peer)), 200)
         self.assertEqual([s[3] for s in self.leaf.seen], ["203.0.113.5", "2001:db8::1", "unix"])
 
     def test_whitelist(self):
+        """Whitelist."""
         self.gate(allow="10.0.0.0/8, 2001:db8::/32 192.0.2.7")
         for peer in (tcp("10.1.2.3"), tcp("2001:db8::1"), tcp("192.0.2.7"), tcp("::ffff:10.0.0.1")):
             self.assertEqual(self.status(self.request(peer)), 200, peer)
@@ -313,6 +331,7 @@ class GateTests(GateHarness):
         self.assertEqual(len(self.leaf.seen), 4)
 
     def test_blacklist(self):
+        """Blacklist."""
         self.gate(deny="203.0.113.0/24 ::1")
         self.assertRefused(self.request(tcp("203.0.113.9")))
         self.assertRefused(self.request(tcp("::ffff:203.0.113.9")))
@@ -320,11 +339,13 @@ class GateTests(GateHarness):
         self.assertEqual(self.status(self.request(tcp("198.51.100.1"))), 200)
 
     def test_deny_wins_over_allow(self):
+        """Deny wins over allow."""
         self.gate(allow="10.0.0.0/8", deny="10.6.6.0/24")
         self.assertRefused(self.request(tcp("10.6.6.6")))
         self.assertEqual(self.status(self.request(tcp("10.7.7.7"))), 200)
 
     def test_spoofed_header_from_untrusted_peer(self):
+        """Spoofed header from untrusted peer."""
         self.gate(allow="10.0.0.0/8")
         t = self.request(
             tcp("203.0.113.5"),
@@ -333,6 +354,7 @@ class GateTests(GateHarness):
         self.assertRefused(t)
 
     def test_behind_trusted_proxy(self):
+        """Behind trusted proxy."""
         self.gate(allow="198.51.100.0/24", trust="127.0.0.1 ::1")
         t = self.request(tcp("127.0.0.1"), headers=b"X-Forwarded-For: 10.0.0.1, 198.51.100.7\r\n")
         self.assertEqual(self.status(t), 200)
@@ -343,6 +365,7 @@ class GateTests(GateHarness):
         self.assertRefused(self.request(tcp("127.0.0.1")))
 
     def test_garbage_never_grants(self):
+        """Garbage never grants."""
         for allow, deny in (("198.51.100.0/24", ""), ("", "203.0.113.0/24")):
             self.gate(allow=allow, deny=deny, trust="127.0.0.1")
             for header in (
@@ -358,12 +381,14 @@ class GateTests(GateHarness):
                 self.assertEqual(self.leaf.seen, [])
 
     def test_garbage_without_lists_passes_as_unknown(self):
+        """Garbage without lists passes as unknown."""
         self.gate(trust="127.0.0.1")
         t = self.request(tcp("127.0.0.1"), headers=b"X-Forwarded-For: nonsense\r\n")
         self.assertEqual(self.status(t), 200)
         self.assertEqual(self.leaf.seen[-1][3], "unknown")
 
     def test_unix_socket_peer(self):
+        """Unix socket peer."""
         self.gate(allow="198.51.100.0/24")
         self.assertRefused(self.request(UNIXAddress(None), headers=b"X-Forwarded-For: 198.51.100.7\r\n"))
         self.gate(allow="198.51.100.0/24", trust="unix")
@@ -372,12 +397,14 @@ class GateTests(GateHarness):
         self.assertRefused(self.request(UNIXAddress(None)))
 
     def test_head_refused_without_body(self):
+        """Head refused without body."""
         self.gate(deny="203.0.113.0/24")
         t = self.request(tcp("203.0.113.9"), method=b"HEAD")
         self.assertEqual(self.status(t), 403)
         self.assertEqual(self.body(t), b"")
 
     def test_refusal_logged_without_headers(self):
+        """Refusal logged without headers."""
         self.gate(allow="10.0.0.0/8")
         with capturedLogs() as events:
             self.request(tcp("203.0.113.5"), headers=b"X-Forwarded-For: 10.0.0.1\r\n")
@@ -396,6 +423,7 @@ class GateTests(GateHarness):
         self.assertEqual(len(child.seen), 1)
 
     def test_exempt_paths(self):
+        """Exempt paths."""
         self.gate(allow="10.0.0.0/8", exempt=[b"/healthz"])
         self.assertEqual(self.status(self.request(tcp("11.0.0.1"), b"/healthz")), 200)
         self.assertEqual(self.status(self.request(tcp("11.0.0.1"), b"/healthz?probe=1")), 200)
@@ -439,6 +467,7 @@ class BuiltTreeTests(GateHarness):
         return built
 
     def test_refusal_never_reaches_upstream(self):
+        """Refusal never reaches upstream."""
         self.build(IP_BLACKLIST="203.0.113.0/24", OPENAI_API_KEY="sk-default-000000000")
         self.assertRefused(
             self.request(tcp("203.0.113.9"), b"/v1/chat/completions", method=b"POST", body=b"{}")
@@ -448,6 +477,7 @@ class BuiltTreeTests(GateHarness):
         self.assertEqual(len(self.upstream.calls), 1)
 
     def test_health_check_exempt(self):
+        """Health check exempt."""
         self.build(IP_WHITELIST="10.0.0.0/8", ROUTE_PREFIX="/openai")
         for target in (b"/healthz", b"/openai/healthz"):
             t = self.request(tcp("203.0.113.9"), target)
@@ -457,11 +487,13 @@ class BuiltTreeTests(GateHarness):
         self.assertEqual(self.upstream.calls, [])
 
     def test_health_path_setting_followed(self):
+        """Health path setting followed."""
         self.build(IP_WHITELIST="10.0.0.0/8", HEALTHZ_PATH="/ready")
         self.assertEqual(self.status(self.request(tcp("203.0.113.9"), b"/ready")), 200)
         self.assertRefused(self.request(tcp("203.0.113.9"), b"/healthz"))
 
     def test_client_address_in_chat_record(self):
+        """Client address in chat record."""
         self.build(TRUSTED_PROXIES="127.0.0.1", OPENAI_API_KEY="sk-default-000000000",
                    FORWARD_KEY="alice:fk-alice-00000000 fk-anon-00000000")
         self.request(tcp("127.0.0.1"), headers=b"X-Forwarded-For: 198.51.100.7\r\n"
@@ -473,6 +505,7 @@ class BuiltTreeTests(GateHarness):
         self.assertNotIn("anon", self.recorder.infos[1].key_label)
 
     def test_key_label_on_every_request_for_the_access_log(self):
+        """Key label on every request for the access log."""
         logged = []
 
         class Site(ForwardSite):
@@ -487,6 +520,7 @@ class BuiltTreeTests(GateHarness):
         self.assertEqual(len(self.upstream.calls), 1)
 
     def test_key_refusal_before_upstream(self):
+        """Key refusal before upstream."""
         self.build(OPENAI_API_KEY="sk-default-000000000", FORWARD_KEY="fk-good-00000000")
         for auth in (b"", b"Authorization: Bearer fk-bad-000000000\r\n", b"Api-Key: fk-bad-0000000\r\n",
                      b"Authorization: fk-good-00000000\r\n"):
@@ -502,6 +536,7 @@ class GeneralRouteTests(GateHarness):
     """general routes spend no key of ours, and never forward a forward key."""
 
     def test_general_route(self):
+        """General route."""
         upstream = RecordingUpstream()
         config = load_config({}, {
             "OPENAI_API_KEY": "sk-default-000000000", "FORWARD_KEY": "fk-good-00000000",
@@ -533,12 +568,14 @@ class StartupWarningTests(SynchronousTestCase):
         return [formatEvent(e) for e in events if e["log_level"] >= LogLevel.warn]
 
     def test_open_relay_warned(self):
+        """Open relay warned."""
         [warning] = self.warnings(OPENAI_API_KEY="sk-default-000000000")
         self.assertIn("anyone who can reach this port spends your OpenAI keys", warning)
         self.assertIn("FORWARD_KEY", warning)
         self.assertNotIn("sk-default", warning)
 
     def test_no_warning_with_forward_keys_or_without_keys(self):
+        """No warning with forward keys or without keys."""
         self.assertEqual(
             self.warnings(OPENAI_API_KEY="sk-default-000000000", FORWARD_KEY="fk-good-00000000"), []
         )

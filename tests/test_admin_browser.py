@@ -76,20 +76,26 @@ def post_chat(base: str, key: str, text: str, model: str, stream: bool) -> int:
         return response.status
 
 
+def launch(playwright: Any, folder: str) -> Any:
+    """Debian's headless Chromium with a fresh profile in ``folder``; the
+    caller closes the context it returns."""
+    return playwright.chromium.launch_persistent_context(
+        tempfile.mkdtemp(prefix="profile-", dir=folder),
+        executable_path=CHROMIUM,
+        headless=True,
+        args=FLAGS,
+        viewport={"width": 1360, "height": 1500},
+        service_workers="block",
+    )
+
+
 def drive(base: str, folder: str) -> dict[str, Any]:
     """Everything the browser does; runs in a thread.  Returns what it saw."""
     from playwright.sync_api import sync_playwright
 
     seen: dict[str, Any] = {"urls": [], "console_errors": [], "page_errors": []}
     with sync_playwright() as p:
-        context = p.chromium.launch_persistent_context(
-            tempfile.mkdtemp(prefix="profile-", dir=folder),
-            executable_path=CHROMIUM,
-            headless=True,
-            args=FLAGS,
-            viewport={"width": 1360, "height": 1500},
-            service_workers="block",
-        )
+        context = launch(p, folder)
         try:
             context.on("request", lambda r: seen["urls"].append(r.url))
             page = context.new_page()

@@ -14,7 +14,8 @@ import sys
 
 from twisted.trial.unittest import SynchronousTestCase
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from .processes import ROOT
+
 
 
 class BenchSmokeTests(SynchronousTestCase):

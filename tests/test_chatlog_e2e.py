@@ -71,6 +71,7 @@ class ChatLogTestCase(ProxyTestCase):
 class RecordedExchangeTests(ChatLogTestCase):
     @defer.inlineCallbacks
     def test_streamed_and_plain_answers_beside_their_questions(self):
+        """Streamed and plain answers beside their questions."""
         yield self.start_recording()
         self.fake.answer_text = "A plain answer"
         yield self.post("/v1/chat/completions", chat_body("plain question"))
@@ -100,6 +101,7 @@ class RecordedExchangeTests(ChatLogTestCase):
 
     @defer.inlineCallbacks
     def test_hundreds_of_concurrent_exchanges_one_record_each(self):
+        """Hundreds of concurrent exchanges one record each."""
         yield self.start_recording()
         count = 300
         self.fake.answer_text = "the same answer for everyone"
@@ -153,6 +155,7 @@ class RecordedExchangeTests(ChatLogTestCase):
 
     @defer.inlineCallbacks
     def test_broken_body_relayed_untouched_and_recorded_as_such(self):
+        """Broken body relayed untouched and recorded as such."""
         yield self.start_recording()
         garbage = [b"data: {not json\r\n\r\n", b"data: \xff\xfe\r", b"\n\r\n: c\n", b"data: {\"choi"]
 
@@ -177,6 +180,7 @@ class RecordedExchangeTests(ChatLogTestCase):
 
     @defer.inlineCallbacks
     def test_non_json_answer_recorded_as_such(self):
+        """Non JSON answer recorded as such."""
         yield self.start_recording()
         self.fake.override = lambda request: (
             request.setHeader(b"content-type", b"application/json"), b"<html>oops</html>"
@@ -188,6 +192,7 @@ class RecordedExchangeTests(ChatLogTestCase):
 
     @defer.inlineCallbacks
     def test_completions_recorded(self):
+        """Completions recorded."""
         yield self.start_recording()
         events = [
             b'data: {"id": "cmpl-1", "model": "babbage-002", "choices": [{"index": 0, "text": "Once"}]}\n\n',
@@ -215,6 +220,7 @@ class RecordedExchangeTests(ChatLogTestCase):
 
     @defer.inlineCallbacks
     def test_gzip_answer_relayed_verbatim_and_recorded(self):
+        """Gzip answer relayed verbatim and recorded."""
         import gzip
 
         from twisted.web.client import readBody
@@ -242,6 +248,7 @@ class RecordedExchangeTests(ChatLogTestCase):
 
     @defer.inlineCallbacks
     def test_proxy_timeout_recorded(self):
+        """Proxy timeout recorded."""
         yield self.start_recording(READ_TIMEOUT="0.2")
         self.fake.override = lambda request: NOT_DONE_YET
         response, body = yield self.post("/v1/chat/completions", chat_body("slow"))
@@ -252,6 +259,7 @@ class RecordedExchangeTests(ChatLogTestCase):
 
     @defer.inlineCallbacks
     def test_metadata_only_and_unrecorded_routes(self):
+        """Metadata only and unrecorded routes."""
         yield self.start_recording()
         vector = [0.0123456789] * 64
 
@@ -333,6 +341,7 @@ class SecretTests(ChatLogTestCase):
 class LogChatOffTests(ChatLogTestCase):
     @defer.inlineCallbacks
     def test_log_chat_false_writes_nothing(self):
+        """Log chat false writes nothing."""
         log_dir = os.path.abspath(self.mktemp())
         # With the ledger on, records are assembled (never written) for it:
         # tests/test_ledger_e2e.py checks that case writes no chat file.
@@ -346,6 +355,7 @@ class LogChatOffTests(ChatLogTestCase):
         self.assertFalse(os.path.exists(log_dir))
 
     def test_unwritable_log_dir_stops_start_up(self):
+        """Unwritable log dir stops start up."""
         from twisted.internet import reactor
 
         from twisted_forward.tap import Options, makeService

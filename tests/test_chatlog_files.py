@@ -35,8 +35,8 @@ from twisted_forward.chat.files import (
 from twisted_forward.chat.recorder import ChatRecorder, ExchangeInfo, RequestBody
 
 from .fake_upstream import chat_chunks
+from .processes import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def inline(f: Callable[[], Any]) -> Deferred:
@@ -84,6 +84,7 @@ def record(n: int, day: str = "2025-06-01", **extra: Any) -> dict[str, Any]:
 
 class EncodeTests(SynchronousTestCase):
     def test_one_line_whatever_the_text(self):
+        """One line whatever the text."""
         nasty = "line\nbreak\r\u2028sep\u2029para\x00nul \ud800 lone \U0001f389 é"
         line = encode_record(record(1, content=nasty))
         self.assertTrue(line.endswith(b"\n"))
@@ -94,9 +95,11 @@ class EncodeTests(SynchronousTestCase):
         self.assertEqual(decoded["content"], nasty)
 
     def test_plain_utf8_not_escaped(self):
+        """Plain UTF-8 not escaped."""
         self.assertIn("世界".encode(), encode_record(record(1, content="世界")))
 
     def test_unencodable_record_still_leaves_a_line(self):
+        """Unencodable record still leaves a line."""
         line = encode_record(record(7, value=float("nan"), other={1, 2}))
         self.assertEqual(
             json.loads(line),
@@ -105,6 +108,7 @@ class EncodeTests(SynchronousTestCase):
         )
 
     def test_secrets_masked(self):
+        """Secrets masked."""
         secrets = secret_forms(["sk-live-123456", 'fk-with"quote'])
         line = encode_record(record(1, a="key sk-live-123456 here", b='fk-with"quote'), secrets)
         self.assertNotIn(b"sk-live-123456", line)
@@ -117,6 +121,7 @@ class RecordFilesTests(SynchronousTestCase):
         self.dir = self.mktemp()
 
     def test_day_files_and_whole_lines(self):
+        """Day files and whole lines."""
         files = RecordFiles(self.dir)
         files.append([("2025-06-01", b"a\n"), ("2025-06-01", b"b\n"), ("2025-06-02", b"c\n")])
         files.append([("2025-06-01", b"d\n")])
@@ -127,6 +132,7 @@ class RecordFilesTests(SynchronousTestCase):
         self.assertEqual(os.stat(os.path.join(self.dir, "chat_2025-06-02.jsonl")).st_mode & 0o777, 0o600)
 
     def test_size_rotation(self):
+        """Size rotation."""
         files = RecordFiles(self.dir, max_bytes=10)
         for i in range(5):
             files.append([("2025-06-01", b"%07d\n" % i)])
@@ -138,6 +144,7 @@ class RecordFilesTests(SynchronousTestCase):
         self.assertEqual(lines_in(self.dir), [b"%07d\n" % i for i in range(5)])
 
     def test_file_removed_under_the_writer(self):
+        """File removed under the writer."""
         files = RecordFiles(self.dir)
         files.append([("2025-06-01", b"a\n")])
         os.rename(os.path.join(self.dir, "chat_2025-06-01.jsonl"), os.path.join(self.dir, "old"))
@@ -195,6 +202,7 @@ class ObserverTests(SynchronousTestCase):
         self.log.info("record", chat_record=rec)
 
     def test_buffered_until_the_timer(self):
+        """Buffered until the timer."""
         self.observer()
         self.emit(record(1))
         self.emit(record(2))
@@ -205,6 +213,7 @@ class ObserverTests(SynchronousTestCase):
         self.assertEqual(self.clock.getDelayedCalls(), [])  # no timer while idle
 
     def test_big_buffer_written_at_once(self):
+        """Big buffer written at once."""
         self.observer(flush_bytes=1000)
         self.emit(record(1, pad="x" * 600))
         self.assertEqual(lines_in(self.dir), [])
@@ -230,6 +239,7 @@ class ObserverTests(SynchronousTestCase):
         self.assertEqual(len(lines_in(self.dir)), 2)
 
     def test_other_namespaces_ignored(self):
+        """Other namespaces ignored."""
         observer = self.observer()
         Logger(namespace="twisted_forward.access", observer=observer).info("x", chat_record=record(1))
         self.log.info("no record here")
@@ -237,6 +247,7 @@ class ObserverTests(SynchronousTestCase):
         self.assertEqual(lines_in(self.dir), [])
 
     def test_failed_write_kept_and_retried(self):
+        """Failed write kept and retried."""
         os.makedirs(self.dir)
         blocker = os.path.join(self.dir, "file-not-dir")
         with open(blocker, "w"):
@@ -252,6 +263,7 @@ class ObserverTests(SynchronousTestCase):
         self.assertEqual(len(lines_in(blocker)), 1)
 
     def test_close_does_not_hang_on_a_broken_disk(self):
+        """Close does not hang on a broken disk."""
         os.makedirs(self.dir)
         self.files.directory = os.path.join(self.dir, "file-not-dir")
         with open(self.files.directory, "w"):
@@ -262,6 +274,7 @@ class ObserverTests(SynchronousTestCase):
         self.assertEqual((observer.pending, self.clock.getDelayedCalls()), (0, []))
 
     def test_close_writes_everything_then_late_lines_at_once(self):
+        """Close writes everything then late lines at once."""
         manual = Manual()
         observer = self.observer(run=manual)
         for n in range(3):
@@ -295,6 +308,7 @@ class RecorderTests(SynchronousTestCase):
         self.recorder = ChatRecorder(self.clock, [self.events.append])
 
     def test_one_event_per_exchange_on_the_chat_namespace(self):
+        """One event per exchange on the chat namespace."""
         body = json.dumps({"model": "m", "stream": True,
                            "messages": [{"role": "user", "content": "hi"}]}).encode()
         tap = self.recorder.begin(info(body=body))
@@ -320,10 +334,12 @@ class RecorderTests(SynchronousTestCase):
         self.assertEqual(rec["choices"][0]["content"], "Hi back")
 
     def test_not_recorded(self):
+        """Not recorded."""
         self.assertIsNone(self.recorder.begin(info(path="/v1/models")))
         self.assertIsNone(self.recorder.begin(info(method="GET")))
 
     def test_proxy_error_recorded(self):
+        """Proxy error recorded."""
         tap = self.recorder.begin(info(body=b'{"model": "m", "messages": []}'))
         tap.response(504, Headers())
         tap.end("proxy_error")
@@ -332,12 +348,14 @@ class RecorderTests(SynchronousTestCase):
                          (504, "proxy_error", [], "empty"))
 
     def test_client_left_before_the_answer(self):
+        """Client left before the answer."""
         tap = self.recorder.begin(info(body=b'{"model": "m", "messages": []}'))
         tap.end("client_left")
         rec = self.events[0]["chat_record"]
         self.assertEqual((rec["status"], rec["client_left"]), (None, True))
 
     def test_tap_never_raises(self):
+        """Tap never raises."""
         class Gone(RequestBody):
             def head(self, size: int) -> bytes:
                 raise OSError("gone")
@@ -355,6 +373,7 @@ class RecorderTests(SynchronousTestCase):
         self.flushLoggedErrors(AttributeError)
 
     def test_emit_failure_contained(self):
+        """Emit failure contained."""
         recorder = ChatRecorder(self.clock, [])
         self.patch(recorder, "emit", lambda rec: 1 / 0)
         tap = recorder.begin(info())
@@ -362,6 +381,7 @@ class RecorderTests(SynchronousTestCase):
         self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
 
     def test_open_chat_log_refuses_unwritable_dir(self):
+        """Open chat log refuses unwritable dir."""
         path = self.mktemp()
         with open(path, "w"):
             pass
@@ -401,11 +421,13 @@ class ExportTests(SynchronousTestCase):
         return [r["request_id"] for r in self.run_export(*args)[0]]
 
     def test_everything_in_order_torn_line_reported(self):
+        """Everything in order torn line reported."""
         records, bad = self.run_export()
         self.assertEqual([r["request_id"] for r in records], ["r0", "r1", "r2", "r3"])
         self.assertEqual(bad, [os.path.join(self.dir, "chat_2025-06-01.jsonl") + ":2"])
 
     def test_filters(self):
+        """Filters."""
         self.assertEqual(self.ids("--since", "2025-06-01"), ["r1", "r2", "r3"])
         self.assertEqual(self.ids("--until", "2025-06-01"), ["r0", "r1", "r2"])
         self.assertEqual(self.ids("--since", "2025-06-01", "--until", "2025-06-01"), ["r1", "r2"])
@@ -417,17 +439,20 @@ class ExportTests(SynchronousTestCase):
         self.assertEqual(self.ids("--kind", "chat", "-k", "team-b"), ["r1", "r3"])
 
     def test_json_array(self):
+        """JSON array."""
         records, _ = self.run_export("--format", "json", "--model", "gpt-4o")
         self.assertEqual([r["request_id"] for r in records], ["r0", "r3"])
         records, _ = self.run_export("--format", "json", "--model", "none")
         self.assertEqual(records, [])
 
     def test_bad_options(self):
+        """Bad options."""
         for args in (["--format", "xml"], ["--since", "yesterday"]):
             options = ExportOptions()
             self.assertRaises(UsageError, options.parseOptions, args)
 
     def test_command_line(self):
+        """Command line."""
         out = os.path.abspath(self.mktemp() + ".json")
         process = subprocess.run(
             [sys.executable, "-m", "twisted_forward.chat", "export", "-d", self.dir,

@@ -57,6 +57,7 @@ DONE = b"data: [DONE]\n\n"
 
 class KindTests(SynchronousTestCase):
     def test_recorded_paths(self):
+        """Recorded paths."""
         for path, kind in [
             ("/v1/chat/completions", "chat"),
             ("/chat/completions", "chat"),
@@ -71,6 +72,7 @@ class KindTests(SynchronousTestCase):
             self.assertEqual(exchange_kind("POST", path), kind, path)
 
     def test_other_routes_not_recorded(self):
+        """Other routes not recorded."""
         for method, path in [
             ("GET", "/v1/chat/completions"),  # the stored-completions list
             ("POST", "/v1/chat/completions/chatcmpl-1"),
@@ -84,6 +86,7 @@ class KindTests(SynchronousTestCase):
 
 class StreamedChatTests(SynchronousTestCase):
     def test_fake_upstream_stream(self):
+        """Fake upstream stream."""
         result = read("chat", chat_chunks("Hello there world"))
         self.assertEqual(result["format"], "sse")
         self.assertTrue(result["done"])
@@ -105,6 +108,7 @@ class StreamedChatTests(SynchronousTestCase):
         self.assertEqual(result["choices"][0]["role"], "assistant")
 
     def test_n_choices_kept_apart(self):
+        """N choices kept apart."""
         events = []
         for word_a, word_b in [("A1", "B1"), (" A2", " B2"), (" A3", " B3")]:
             events.append(chunk([{"index": 1, "delta": {"content": word_b}}]))
@@ -118,6 +122,7 @@ class StreamedChatTests(SynchronousTestCase):
         )
 
     def test_tool_calls_streamed(self):
+        """Tool calls streamed."""
         events = [
             chunk([{"index": 0, "delta": {"role": "assistant", "content": None, "tool_calls": [
                 {"index": 0, "id": "call_a", "type": "function",
@@ -161,6 +166,7 @@ class StreamedChatTests(SynchronousTestCase):
         )
 
     def test_legacy_function_call(self):
+        """Legacy function call."""
         events = [
             chunk([{"index": 0, "delta": {"role": "assistant", "function_call": {"name": "lookup", "arguments": ""}}}]),
             chunk([{"index": 0, "delta": {"function_call": {"arguments": '{"q":'}}}]),
@@ -171,6 +177,7 @@ class StreamedChatTests(SynchronousTestCase):
         self.assertEqual(choice["function_call"], {"name": "lookup", "arguments": '{"q": 1}'})
 
     def test_usage_chunk_refusal_reasoning_and_audio(self):
+        """Usage chunk refusal reasoning and audio."""
         events = [
             chunk([{"index": 0, "delta": {"reasoning_content": "think "}}]),
             chunk([{"index": 0, "delta": {"reasoning_content": "more"}}]),
@@ -189,6 +196,7 @@ class StreamedChatTests(SynchronousTestCase):
         self.assertEqual(result["usage"]["total_tokens"], 7)
 
     def test_error_event_mid_stream(self):
+        """Error event mid stream."""
         events = [
             chunk([{"index": 0, "delta": {"content": "par"}}]),
             sse_event({"error": {"message": "overloaded", "type": "server_error"}}),
@@ -200,6 +208,7 @@ class StreamedChatTests(SynchronousTestCase):
         self.assertFalse(result["done"])
 
     def test_completion_stream(self):
+        """Completion stream."""
         events = [
             sse_event({"id": "cmpl", "object": "text_completion", "model": "davinci",
                        "choices": [{"index": 0, "text": "Once", "finish_reason": None}]}),
@@ -211,6 +220,7 @@ class StreamedChatTests(SynchronousTestCase):
         self.assertEqual(result["response_model"], "davinci")
 
     def test_non_json_event_recorded_as_such(self):
+        """Non JSON event recorded as such."""
         events = [
             chunk([{"index": 0, "delta": {"content": "ok"}}]),
             b"data: this is not json\n\n",
@@ -224,6 +234,7 @@ class StreamedChatTests(SynchronousTestCase):
         self.assertEqual(result["excerpt"], "this is not json")
 
     def test_stream_cut_mid_event(self):
+        """Stream cut mid event."""
         whole = chunk([{"index": 0, "delta": {"content": "Hel"}}])
         result = read("chat", [whole, b'data: {"choices": [{"delta": {"content": "lo'])
         self.assertEqual(result["choices"][0]["content"], "Hel")
@@ -233,6 +244,7 @@ class StreamedChatTests(SynchronousTestCase):
         )
 
     def test_gzip_stream_split_anywhere(self):
+        """Gzip stream split anywhere."""
         plain = b"".join(chat_chunks("a gzipped stream"))
         packed = gzip.compress(plain)
         for step in (1, 7, 100):
@@ -242,6 +254,7 @@ class StreamedChatTests(SynchronousTestCase):
             self.assertEqual(result["size"], len(packed))
 
     def test_text_limit(self):
+        """Text limit."""
         self.patch(chatrecord, "TEXT_LIMIT", 10)
         events = [chunk([{"index": 0, "delta": {"content": "12345"}}])] * 3 + [DONE]
         [choice] = read("chat", events)["choices"]
@@ -251,6 +264,7 @@ class StreamedChatTests(SynchronousTestCase):
 
 class WholeAnswerTests(SynchronousTestCase):
     def test_json_chat_answer(self):
+        """JSON chat answer."""
         body = json.dumps(chat_answer("Plain answer", "gpt-x")).encode()
         result = read("chat", [body[:10], body[10:]], ctype=b"application/json; charset=utf-8")
         self.assertEqual(result["format"], "json")
@@ -261,6 +275,7 @@ class WholeAnswerTests(SynchronousTestCase):
         self.assertEqual(result["response_model"], "gpt-x")
 
     def test_json_answer_with_tool_calls_and_n(self):
+        """JSON answer with tool calls and n."""
         answer = {
             "id": "x", "model": "m",
             "choices": [
@@ -275,28 +290,33 @@ class WholeAnswerTests(SynchronousTestCase):
         self.assertEqual(result["choices"][1]["content"], "second")
 
     def test_deflate_both_flavours(self):
+        """Deflate both flavours."""
         body = json.dumps(chat_answer("deflated")).encode()
         for packed in (zlib.compress(body), zlib.compress(body)[2:-4]):  # zlib, raw
             result = read("chat", [packed], ctype=b"application/json", encoding=b"deflate")
             self.assertEqual(result["choices"][0]["content"], "deflated")
 
     def test_broken_gzip(self):
+        """Broken gzip."""
         result = read("chat", [b"not gzip at all"], ctype=b"application/json", encoding=b"gzip")
         self.assertEqual(result["problems"], ["answer is not valid gzip data"])
         self.assertEqual(result["size"], 15)
 
     def test_unknown_encoding_noted(self):
+        """Unknown encoding noted."""
         result = read("chat", [b"\x1b\x00brotli"], ctype=b"application/json", encoding=b"br")
         self.assertEqual(result["format"], "encoded")
         self.assertEqual(result["problems"], ["answer encoded as br: not decoded"])
         self.assertEqual(result["choices"], [])
 
     def test_broken_json_body(self):
+        """Broken JSON body."""
         result = read("chat", [b'{"choices": [{"message": '], ctype=b"application/json")
         self.assertEqual(result["problems"], ["answer is not valid JSON"])
         self.assertEqual(result["excerpt"], '{"choices": [{"message": ')
 
     def test_sniffed_without_content_type(self):
+        """Sniffed without content type."""
         body = json.dumps(chat_answer("sniffed")).encode()
         self.assertEqual(read("chat", [b"  ", body], ctype=None)["choices"][0]["content"], "sniffed")
         stream = chat_chunks("sniffed stream")
@@ -307,6 +327,7 @@ class WholeAnswerTests(SynchronousTestCase):
         self.assertEqual((result["format"], result["excerpt"]), ("other", "<html>bad gateway</html>"))
 
     def test_error_answer_keeps_error_without_key(self):
+        """Error answer keeps error without key."""
         body = json.dumps({"error": {
             "message": "Incorrect API key provided: sk-proj-abcdefghijklmnop1234.",
             "type": "invalid_request_error", "code": "invalid_api_key"}}).encode()
@@ -316,10 +337,12 @@ class WholeAnswerTests(SynchronousTestCase):
         self.assertIn("sk-***", result["error"]["message"])
 
     def test_empty_answer(self):
+        """Empty answer."""
         result = read("chat", [], ctype=b"application/json", status=500)
         self.assertEqual((result["choices"], result["problems"]), ([], []))
 
     def test_too_large_answer(self):
+        """Too large answer."""
         self.patch(chatrecord, "BODY_LIMIT", 100)
         body = json.dumps(chat_answer("x" * 200)).encode()
         result = read("chat", [body[:50], body[50:]], ctype=b"application/json")
@@ -327,6 +350,7 @@ class WholeAnswerTests(SynchronousTestCase):
         self.assertEqual(result["usage"]["total_tokens"], 8)  # found in the tail
 
     def test_decompression_bounded(self):
+        """Decompression bounded."""
         self.patch(chatrecord, "BODY_LIMIT", 1000)
         packed = gzip.compress(b"{" + b" " * 100_000 + b"}")
         result = read("chat", [packed], ctype=b"application/json", encoding=b"gzip")
@@ -335,6 +359,7 @@ class WholeAnswerTests(SynchronousTestCase):
 
 class MetadataAnswerTests(SynchronousTestCase):
     def test_embeddings_usage_without_vectors(self):
+        """Embeddings usage without vectors."""
         body = json.dumps({
             "object": "list",
             "data": [{"object": "embedding", "index": i, "embedding": [0.123456] * 50} for i in range(3)],
@@ -348,6 +373,7 @@ class MetadataAnswerTests(SynchronousTestCase):
         self.assertNotIn("choices", result)
 
     def test_large_embeddings_usage_from_tail(self):
+        """Large embeddings usage from tail."""
         body = json.dumps({
             "data": [{"embedding": [0.5] * 1000} for _ in range(300)],
             "usage": {"prompt_tokens": 4000, "total_tokens": 4000},
@@ -359,11 +385,13 @@ class MetadataAnswerTests(SynchronousTestCase):
         self.assertEqual(result["problems"], [])
 
     def test_speech_is_bytes_only(self):
+        """Speech is bytes only."""
         result = read("audio", [b"ID3\x00" * 1000], ctype=b"audio/mpeg")
         self.assertEqual((result["format"], result["size"], result["usage"]), ("binary", 4000, None))
         self.assertNotIn("excerpt", result)
 
     def test_image_stream_usage_only(self):
+        """Image stream usage only."""
         events = [
             sse_event({"type": "image_generation.partial_image", "b64_json": "QUFB" * 100}),
             sse_event({"type": "image_generation.completed", "b64_json": "QkJC" * 100,
@@ -376,6 +404,7 @@ class MetadataAnswerTests(SynchronousTestCase):
 
 class RequestTests(SynchronousTestCase):
     def test_chat_request(self):
+        """Chat request."""
         image = "data:image/png;base64," + "iVBORw0KGgo" * 500
         body = json.dumps({
             "model": "gpt-4o", "stream": True, "temperature": 0.2,
@@ -396,11 +425,13 @@ class RequestTests(SynchronousTestCase):
         self.assertEqual(url, f"data:image/png;base64,… ({len(image)} characters omitted)")
 
     def test_completion_prompt(self):
+        """Completion prompt."""
         out = summarize_request("completion", b'{"model": "m", "prompt": ["a", "b"], "max_tokens": 5}')
         self.assertEqual((out["prompt"], out["params"]), (["a", "b"], {"max_tokens": 5}))
         self.assertNotIn("messages", out)
 
     def test_request_not_json(self):
+        """Request not JSON."""
         out = summarize_request("chat", b"model=gpt&messages=hi")
         self.assertEqual(out["problems"], ["request body is not JSON"])
         self.assertEqual(out["request_excerpt"], "model=gpt&messages=hi")
@@ -408,6 +439,7 @@ class RequestTests(SynchronousTestCase):
         self.assertEqual(summarize_request("chat", b"")["problems"], ["request body is not JSON"])
 
     def test_embeddings_request_has_no_input(self):
+        """Embeddings request has no input."""
         out = summarize_request("embeddings", json.dumps({
             "model": "e", "input": ["secret text one", "two"], "dimensions": 256}).encode())
         self.assertEqual(out["params"], {"dimensions": 256, "input_count": 2})
@@ -416,12 +448,14 @@ class RequestTests(SynchronousTestCase):
         self.assertEqual(out["params"]["input_count"], 1)  # one tokenised input
 
     def test_large_embeddings_request_not_parsed(self):
+        """Large embeddings request not parsed."""
         body = json.dumps({"input": ["text " * 100] * 3000, "model": "text-embedding-3-large"}).encode()
         self.assertGreater(len(body), chatrecord.METADATA_LIMIT)
         out = summarize_request("embeddings", body)
         self.assertEqual((out["model"], out["params"]), ("text-embedding-3-large", {}))
 
     def test_multipart_audio_request(self):
+        """Multipart audio request."""
         audio = b"RIFF" + bytes(range(256)) * 40
         body = (
             b"--XyZ\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\n"
@@ -437,6 +471,7 @@ class RequestTests(SynchronousTestCase):
         self.assertEqual(multipart_fields(b"junk", {"model"}), {})
 
     def test_strip_media(self):
+        """Strip media."""
         self.assertEqual(strip_media({"a": ["short", 1, None]}), {"a": ["short", 1, None]})
         self.assertTrue(strip_media("QUJD" * 400).startswith("… (base64, 1600 characters"))
         prose = "word " * 400
@@ -445,6 +480,7 @@ class RequestTests(SynchronousTestCase):
 
 class AssemblerTests(SynchronousTestCase):
     def test_ignores_junk_shapes(self):
+        """Ignores junk shapes."""
         assembler = ChoiceAssembler("chat")
         for obj in ({"choices": "no"}, {"choices": [1, None]}, {"choices": [{"delta": "x"}]},
                     {"choices": [{"index": 0, "delta": {"content": 5}}]}):

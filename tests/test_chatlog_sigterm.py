@@ -8,61 +8,19 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sys
-from typing import Optional
 
 from twisted.internet import defer, reactor
 from twisted.internet.error import ProcessDone
-from twisted.internet.protocol import ProcessProtocol
 
 from twisted_forward.chat.files import read_records, record_files
 
 from .fake_upstream import chat_chunks
 from .harness import Collector, ProxyTestCase
+from .processes import ROOT, ChildProcess as Twistd
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_KEY = "sk-sigterm-secret-abcdef0123"
 FORWARD_KEY = "fk-sigterm-secret-abcdef0123"
-
-
-class Twistd(ProcessProtocol):
-    """A twistd child: its output, patterns awaited in it, and its end."""
-
-    def __init__(self) -> None:
-        self.output = b""
-        self.ended: defer.Deferred = defer.Deferred()
-        self.exit_code: Optional[int] = None
-        self._waiters: list[tuple["re.Pattern[bytes]", defer.Deferred]] = []
-
-    def wait_for(self, pattern: bytes) -> defer.Deferred:
-        """Fires with the match once ``pattern`` shows up in the output."""
-        regex = re.compile(pattern)
-        match = regex.search(self.output)
-        if match:
-            return defer.succeed(match)
-        d: defer.Deferred = defer.Deferred()
-        self._waiters.append((regex, d))
-        return d
-
-    def outReceived(self, data: bytes) -> None:
-        self.output += data
-        waiting, self._waiters = self._waiters, []
-        for regex, d in waiting:
-            match = regex.search(self.output)
-            if match:
-                d.callback(match)
-            else:
-                self._waiters.append((regex, d))
-
-    errReceived = outReceived
-
-    def processEnded(self, reason) -> None:
-        self.exit_code = getattr(reason.value, "exitCode", None)
-        for _, d in self._waiters:
-            d.errback(AssertionError(f"twistd ended; output:\n{self.output.decode(errors='replace')}"))
-        self._waiters = []
-        self.ended.callback(reason.value)
 
 
 class SigtermTests(ProxyTestCase):
@@ -100,6 +58,7 @@ class SigtermTests(ProxyTestCase):
 
     @defer.inlineCallbacks
     def test_records_intact_after_sigterm_right_after_a_burst(self):
+        """Records intact after SIGTERM right after a burst."""
         workdir = os.path.abspath(self.mktemp())
         os.makedirs(workdir)
         twistd = self.spawn_twistd(workdir)
@@ -145,9 +104,9 @@ class SigtermTests(ProxyTestCase):
         self.assertEqual(
             (type(ended), ended.exitCode),
             (ProcessDone, 0),
-            twistd.output.decode(errors="replace"),
+            twistd.output,
         )
-        self.assertIn(b"Server Shut Down", twistd.output)
+        self.assertIn("Server Shut Down", twistd.output)
 
         full = b"".join(chat_chunks(self.fake.answer_text, "gpt-4o-mini"))
         self.assertEqual([c.body for c in collectors], [full] * stream_count)
@@ -168,5 +127,5 @@ class SigtermTests(ProxyTestCase):
         for path in record_files(log_dir):
             with open(path, "rb") as f:
                 self.assertNotIn(b"sigterm-secret", f.read())
-        self.assertNotIn(b"sigterm-secret", twistd.output)
-        self.assertIn(b"burst", twistd.output)  # the label is fine
+        self.assertNotIn("sigterm-secret", twistd.output)
+        self.assertIn("burst", twistd.output)  # the label is fine

@@ -21,8 +21,8 @@ from twisted_forward.ledger import UsageEntry, report, sql
 from twisted_forward.ledger.batching import BatchingLedger
 from twisted_forward.ledger.database import DirectDatabase
 from twisted_forward.ledger.report import parse_day
+from .processes import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TODAY = date(2026, 12, 2)
 
 

@@ -26,16 +26,19 @@ def _load(args=(), env=None, env_file=None):
 
 class OptionsTests(SynchronousTestCase):
     def test_port_number_means_tcp(self):
+        """Port number means tcp."""
         options = Options()
         options.parseOptions(["--port", "9999"])
         self.assertEqual(options["endpoint"], "tcp:9999:backlog=1024")
 
     def test_port_default(self):
+        """Port default."""
         options = Options()
         options.parseOptions([])
         self.assertEqual(options["endpoint"], "tcp:8000:backlog=1024")
 
     def test_port_endpoint_string_kept(self):
+        """Port endpoint string kept."""
         for port, endpoint in (
             ("tcp:9999:interface=127.0.0.1", "tcp:9999:interface=127.0.0.1:backlog=1024"),
             ("tcp:9999:backlog=10", "tcp:9999:backlog=10"),
@@ -48,9 +51,11 @@ class OptionsTests(SynchronousTestCase):
             self.assertEqual(options["endpoint"], endpoint)
 
     def test_port_out_of_range(self):
+        """Port out of range."""
         self.assertRaises(usage.UsageError, Options().parseOptions, ["--port", "70000"])
 
     def test_every_setting_has_an_option(self):
+        """Every setting has an option."""
         options = Options()
         options.parseOptions(["--read-timeout", "5", "--route-prefix", "openai/"])
         self.assertEqual(options["read-timeout"], "5")
@@ -61,6 +66,7 @@ class OptionsTests(SynchronousTestCase):
 
 class LoadTests(SynchronousTestCase):
     def test_defaults(self):
+        """Defaults."""
         config = _load()
         self.assertEqual(
             config.routes, (Route("", UpstreamURL("https", "api.openai.com", ""), "openai"),)
@@ -75,6 +81,7 @@ class LoadTests(SynchronousTestCase):
         self.assertEqual((config.max_upstream_head, config.max_upstream_headers), (65536, 100))
 
     def test_precedence_options_env_dotenv(self):
+        """Precedence options env dotenv."""
         env_file = {"READ_TIMEOUT": "1", "IDLE_TIMEOUT": "2", "CONNECT_TIMEOUT": "3"}
         env = {"READ_TIMEOUT": "10", "IDLE_TIMEOUT": "20"}
         config = _load(["--read-timeout", "100"], env, env_file)
@@ -83,6 +90,7 @@ class LoadTests(SynchronousTestCase):
         self.assertEqual(config.connect_timeout, 3)
 
     def test_dotenv_file_read(self):
+        """Dotenv file read."""
         path = self.mktemp()
         with open(path, "w") as f:
             f.write("OPENAI_API_KEY=sk-a,sk-b\nROUTE_PREFIX=/v\n")
@@ -93,6 +101,7 @@ class LoadTests(SynchronousTestCase):
         self.assertEqual(config.routes[0].prefix, "/v")
 
     def test_lists_split_on_space_and_comma(self):
+        """Lists split on space and comma."""
         config = _load(env={"OPENAI_API_KEY": " sk-a, sk-b  sk-c,", "IP_BLACKLIST": "10.0.0.0/8 ::1"})
         self.assertEqual(config.default_keys, ("sk-a", "sk-b", "sk-c"))
         self.assertEqual(
@@ -101,10 +110,12 @@ class LoadTests(SynchronousTestCase):
         )
 
     def test_base_url_with_path(self):
+        """Base URL with path."""
         config = _load(env={"OPENAI_BASE_URL": "https://example.com:8443/openai/"})
         self.assertEqual(config.routes[0].base, UpstreamURL("https", "example.com:8443", "/openai"))
 
     def test_forward_config(self):
+        """Forward config."""
         config = _load(
             env={
                 "FORWARD_CONFIG": '[{"base_url": "http://127.0.0.1:1", "route": "/", "type": "openai"},'
@@ -120,6 +131,7 @@ class LoadTests(SynchronousTestCase):
         )
 
     def test_forward_key_labels(self):
+        """Forward key labels."""
         long_key = "fk-" + "7d1c0b9e51a8e2f4c3b6a9d0"
         config = _load(
             env={"OPENAI_API_KEY": "sk-a", "FORWARD_KEY": f"alice:fk-alice-123, fk-anon-4567 {long_key}"}
@@ -135,6 +147,7 @@ class LoadTests(SynchronousTestCase):
         self.assertNotIn("sk-a", repr(config))
 
     def test_bad_settings_name_the_setting(self):
+        """Bad settings name the setting."""
         cases = {
             "OPENAI_BASE_URL": ["ftp://x", "not a url", "http://", "https://u:p@h", "http://h:99999"],
             "READ_TIMEOUT": ["soon", "-1", "0", "inf"],
@@ -169,9 +182,11 @@ class LoadTests(SynchronousTestCase):
         self.assertEqual((config.max_upstream_head, config.max_upstream_headers), (1 << 20, 7))
 
     def test_forward_keys_need_default_keys(self):
+        """Forward keys need default keys."""
         self.assertRaises(ConfigError, _load, env={"FORWARD_KEY": "fk-12345678"})
 
     def test_sizes(self):
+        """Sizes."""
         self.assertEqual(parse_size("512MiB"), 512 * 1024 * 1024)
         self.assertEqual(parse_size("10MB"), 10_000_000)
         self.assertEqual(parse_size("1048576"), 1048576)

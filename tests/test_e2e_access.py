@@ -50,6 +50,7 @@ class KeyRulesE2E(ProxyTestCase):
 
     @defer.inlineCallbacks
     def test_forward_key_swapped_for_default_key(self):
+        """Forward key swapped for default key."""
         yield self.start()
         response, body = yield self.get(authorization="Bearer " + ALICE)
         self.assertEqual(response.code, 200)
@@ -62,6 +63,7 @@ class KeyRulesE2E(ProxyTestCase):
 
     @defer.inlineCallbacks
     def test_api_key_headers(self):
+        """API key headers."""
         yield self.start()
         yield self.get(api_key=ALICE)
         yield self.get(x_api_key=BOB)
@@ -72,6 +74,7 @@ class KeyRulesE2E(ProxyTestCase):
 
     @defer.inlineCallbacks
     def test_refusals_never_reach_upstream(self):
+        """Refusals never reach upstream."""
         yield self.start()
         for headers in (
             {},
@@ -121,6 +124,7 @@ class KeyRulesE2E(ProxyTestCase):
 
     @defer.inlineCallbacks
     def test_client_own_key_untouched_with_forward_keys_set(self):
+        """Client own key untouched with forward keys set."""
         yield self.start()
         response, _ = yield self.get(authorization="Bearer sk-client-own-key")
         self.assertEqual(response.code, 200)
@@ -142,6 +146,7 @@ class KeyRulesE2E(ProxyTestCase):
 
     @defer.inlineCallbacks
     def test_no_open_relay_warning_with_forward_keys(self):
+        """No open relay warning with forward keys."""
         yield self.start()
         self.assertFalse(
             [e for e in self.secrets_watch.events if "anyone who can reach" in formatEvent(e)]
@@ -166,6 +171,7 @@ class IPGateE2E(ProxyTestCase):
 
     @defer.inlineCallbacks
     def test_blacklisted_refused_before_upstream(self):
+        """Blacklisted refused before upstream."""
         yield self.start_proxy(IP_BLACKLIST="127.0.0.0/8")
         code, body = yield self.status()
         self.assertEqual(code, 403)
@@ -176,6 +182,7 @@ class IPGateE2E(ProxyTestCase):
 
     @defer.inlineCallbacks
     def test_health_check_reachable_when_refused(self):
+        """Health check reachable when refused."""
         yield self.start_proxy(IP_WHITELIST="10.0.0.0/8", ROUTE_PREFIX="/openai")
         for path in ("/healthz", "/openai/healthz"):
             code, body = yield self.status(path)
@@ -186,6 +193,7 @@ class IPGateE2E(ProxyTestCase):
 
     @defer.inlineCallbacks
     def test_whitelist(self):
+        """Whitelist."""
         yield self.start_proxy(IP_WHITELIST="10.0.0.0/8, ::1")
         code, _ = yield self.status()
         self.assertEqual(code, 403)
@@ -196,6 +204,7 @@ class IPGateE2E(ProxyTestCase):
 
     @defer.inlineCallbacks
     def test_spoofed_forwarding_headers_ignored(self):
+        """Spoofed forwarding headers ignored."""
         yield self.start_proxy(IP_WHITELIST="198.51.100.0/24")
         spoof = {
             b"x-forwarded-for": [b"198.51.100.7"],
@@ -231,6 +240,7 @@ class NothingLeaksE2E(ProxyTestCase):
 
     @defer.inlineCallbacks
     def test_no_client_identifying_header_upstream(self):
+        """No client identifying header upstream."""
         yield self.start_proxy(OPENAI_API_KEY=DEFAULT)
         headers = {name: [b"203.0.113.9"] for name in CLIENT_IDENTIFYING}
         headers[b"cookie"] = [b"session=1"]
@@ -289,12 +299,15 @@ class NothingLeaksE2E(ProxyTestCase):
         self.assertEqual(_json(body)["error"]["message"], expected_message)
 
     def test_gzip_error_echo_decoded_and_masked(self):
+        """Gzip error echo decoded and masked."""
         return self.check_error_echo(gzip.compress, b"gzip", "Incorrect API key provided: sk-***")
 
     def test_deflate_error_echo_decoded_and_masked(self):
+        """Deflate error echo decoded and masked."""
         return self.check_error_echo(zlib.compress, b"deflate", "Incorrect API key provided: sk-***")
 
     def test_raw_deflate_error_echo_decoded_and_masked(self):
+        """Raw deflate error echo decoded and masked."""
         def raw(data):
             c = zlib.compressobj(wbits=-15)
             return c.compress(data) + c.flush()
@@ -302,17 +315,20 @@ class NothingLeaksE2E(ProxyTestCase):
         return self.check_error_echo(raw, b"deflate", "Incorrect API key provided: sk-***")
 
     def test_unknown_coding_withheld(self):
+        """Unknown coding withheld."""
         return self.check_error_echo(
             gzip.compress, b"br", "The upstream's error answer was unreadable."
         )
 
     def test_stacked_codings_withheld(self):
+        """Stacked codings withheld."""
         return self.check_error_echo(
             lambda b: gzip.compress(gzip.compress(b)), b"gzip, gzip",
             "The upstream's error answer was unreadable.",
         )
 
     def test_gzip_bomb_withheld(self):
+        """Gzip bomb withheld."""
         big = b" " * (8 << 20)
         return self.check_error_echo(
             lambda b: gzip.compress(b[:-2] + big + b[-2:]), b"gzip",
@@ -321,6 +337,7 @@ class NothingLeaksE2E(ProxyTestCase):
 
     @defer.inlineCallbacks
     def test_header_echo_masked(self):
+        """Header echo masked."""
         yield self.start_proxy(OPENAI_API_KEY=DEFAULT)
 
         def answer(request):
@@ -405,6 +422,7 @@ class SecretsWatchE2E(ProxyTestCase):
 
     @defer.inlineCallbacks
     def test_watch_catches_leaks(self):
+        """Watch catches leaks."""
         yield self.start_proxy(OPENAI_API_KEY=DEFAULT, FORWARD_KEY=ALICE)
         watch = self.secrets_watch
         self.assertEqual(watch.leaks(self), [])

@@ -26,6 +26,7 @@ class ForwardingTests(ProxyTestCase):
 
     @defer.inlineCallbacks
     def test_chat_completion(self):
+        """Chat completion."""
         yield self.start_proxy()
         body = json.dumps(
             {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
@@ -71,6 +72,7 @@ class ForwardingTests(ProxyTestCase):
 
     @defer.inlineCallbacks
     def test_multipart_upload_byte_for_byte(self):
+        """Multipart upload byte for byte."""
         yield self.start_proxy()
         payload = os.urandom(300_000)  # above Twisted's in-memory threshold
         boundary = b"----tfboundary7MA4YWxkTrZu0gW"
@@ -101,6 +103,7 @@ class ForwardingTests(ProxyTestCase):
 
     @defer.inlineCallbacks
     def test_delete_and_get(self):
+        """Delete and get."""
         yield self.start_proxy()
         response = yield self.client.delete(self.url("/v1/files/file-abc"))
         self.assertEqual(
@@ -113,6 +116,7 @@ class ForwardingTests(ProxyTestCase):
 
     @defer.inlineCallbacks
     def test_query_string_raw(self):
+        """Query string raw."""
         yield self.start_proxy()
         target = "/echo?limit=2&&order=desc&a+b=%20c&flag&x=%2F"
         response = yield self.client.get(self.url(target))
@@ -121,6 +125,7 @@ class ForwardingTests(ProxyTestCase):
 
     @defer.inlineCallbacks
     def test_upstream_errors_pass_through(self):
+        """Upstream errors pass through."""
         yield self.start_proxy()
         for code in (400, 404, 429, 500, 503):
             response = yield self.client.get(
@@ -152,6 +157,7 @@ class ForwardingTests(ProxyTestCase):
 
     @defer.inlineCallbacks
     def test_large_answer_streams_whole(self):
+        """Large answer streams whole."""
         yield self.start_proxy()
         response = yield self.client.get(self.url("/big/5000000"))
         self.assertEqual(response.length, 5_000_000)
@@ -164,6 +170,7 @@ class KeyTests(ProxyTestCase):
 
     @defer.inlineCallbacks
     def test_default_keys_in_turn(self):
+        """Default keys in turn."""
         yield self.start_proxy(OPENAI_API_KEY="sk-test-one, sk-test-two")
         for _ in range(4):
             response = yield self.client.get(self.url("/echo"))
@@ -175,6 +182,7 @@ class KeyTests(ProxyTestCase):
 
     @defer.inlineCallbacks
     def test_client_key_untouched(self):
+        """Client key untouched."""
         yield self.start_proxy(OPENAI_API_KEY="sk-test-one")
         response = yield self.client.get(
             self.url("/echo"), headers={b"authorization": b"Bearer sk-client-own"}
@@ -184,6 +192,7 @@ class KeyTests(ProxyTestCase):
 
     @defer.inlineCallbacks
     def test_no_keys_no_authorization(self):
+        """No keys no authorization."""
         yield self.start_proxy()
         response = yield self.client.get(self.url("/echo"))
         yield response.content()
@@ -193,6 +202,7 @@ class KeyTests(ProxyTestCase):
 class RoutePrefixTests(ProxyTestCase):
     @defer.inlineCallbacks
     def test_prefix_stripped(self):
+        """Prefix stripped."""
         yield self.start_proxy(ROUTE_PREFIX="/openai")
         response = yield self.client.get(self.url("/openai/v1/models?x=1"))
         self.assertEqual(response.code, 200)
@@ -201,6 +211,7 @@ class RoutePrefixTests(ProxyTestCase):
 
     @defer.inlineCallbacks
     def test_outside_prefix_is_404_json(self):
+        """Outside prefix is 404 JSON."""
         yield self.start_proxy(ROUTE_PREFIX="/openai")
         for path in ("/v1/models", "/openaiv1/models", "/"):
             response = yield self.client.get(self.url(path))

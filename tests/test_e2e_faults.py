@@ -24,6 +24,7 @@ class FaultTests(ProxyTestCase):
 
     @defer.inlineCallbacks
     def test_stalled_head_is_504_and_upstream_request_dropped(self):
+        """Stalled head is 504 and upstream request dropped."""
         yield self.start_proxy(READ_TIMEOUT="0.2")
         response = yield self.client.get(self.url("/stall"))
         body = json.loads((yield response.content()))
@@ -36,6 +37,7 @@ class FaultTests(ProxyTestCase):
 
     @defer.inlineCallbacks
     def test_stream_gone_silent_is_cut_and_counted(self):
+        """Stream gone silent is cut and counted."""
         yield self.start_proxy(IDLE_TIMEOUT="0.2")
         self.fake.hold_at = 2  # two events, then silence
         response, collector = yield self.open_stream()
@@ -68,6 +70,7 @@ class FaultTests(ProxyTestCase):
 
     @defer.inlineCallbacks
     def test_reset_mid_stream(self):
+        """Reset mid stream."""
         yield self.start_proxy()
         response = yield self.client.get(self.url("/reset"), unbuffered=True)
         collector = Collector()

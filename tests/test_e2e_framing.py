@@ -73,6 +73,7 @@ class SmugglingTests(RawTestCase):
 
     @defer.inlineCallbacks
     def test_every_shape_refused_nothing_upstream(self):
+        """Every shape refused nothing upstream."""
         yield self.start_proxy()
         for shape in SMUGGLING:
             received = yield self.exchange(shape.raw)
@@ -154,6 +155,7 @@ class BodyCapTests(RawTestCase):
 
     @defer.inlineCallbacks
     def test_expect_100_continue_over_cap(self):
+        """Expect 100 continue over cap."""
         yield self.start_proxy(MAX_REQUEST_BODY=str(self.cap))
         received = yield self.exchange(
             b"POST /v1/files HTTP/1.1\r\nHost: proxy\r\nExpect: 100-continue\r\n"
@@ -178,6 +180,7 @@ class BodyCapTests(RawTestCase):
 
     @defer.inlineCallbacks
     def test_body_at_cap_forwarded(self):
+        """Body at cap forwarded."""
         yield self.start_proxy(MAX_REQUEST_BODY=str(self.cap))
         response = yield self.client.post(self.url("/echo"), data=b"a" * self.cap)
         yield response.content()
@@ -196,6 +199,7 @@ class BodyCapTests(RawTestCase):
 
     @defer.inlineCallbacks
     def test_default_cap_allows_chunked_uploads(self):
+        """Default cap allows chunked uploads."""
         yield self.start_proxy()
         received = yield self.exchange(
             b"POST /echo HTTP/1.1\r\nHost: proxy\r\nTransfer-Encoding: chunked\r\n"
@@ -211,6 +215,7 @@ class GateBeforeBodyTests(RawTestCase):
 
     @defer.inlineCallbacks
     def test_refused_before_the_body(self):
+        """Refused before the body."""
         yield self.start_proxy(IP_BLACKLIST="127.0.0.1")
         # Only the head of a 10 MB upload is sent: the answer comes anyway.
         received = yield self.exchange(
@@ -226,6 +231,7 @@ class GateBeforeBodyTests(RawTestCase):
 
     @defer.inlineCallbacks
     def test_allowed_address_uploads(self):
+        """Allowed address uploads."""
         yield self.start_proxy(IP_WHITELIST="127.0.0.0/8")
         response = yield self.client.post(self.url("/echo"), data=b"x" * 5000)
         yield response.content()

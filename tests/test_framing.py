@@ -541,6 +541,7 @@ class RefusalTests(SynchronousTestCase):
         )
 
     def test_reason_phrase_431(self):
+        """Reason phrase 431."""
         [shape] = [s for s in ADDED if s.name == "too_many_headers"]
         raw = Server().feed(shape.raw)
         self.assertTrue(raw.startswith(b"HTTP/1.1 431 Request Header Fields Too Large\r\n"))
@@ -554,6 +555,7 @@ class RefusalTests(SynchronousTestCase):
         self.assertEqual(server.transport.value().count(b"HTTP/1.1 "), 1)
 
     def test_served_then_refused_on_one_connection(self):
+        """Served then refused on one connection."""
         server = Server()
         server.feed(b"GET /first HTTP/1.1\r\nHost: p\r\n\r\n")
         server.feed(b"GET /second HTTP/1.1\r\nHost: p\r\nX: \x01\r\n\r\n" + SMUGGLED)
@@ -577,6 +579,7 @@ class RefusalTests(SynchronousTestCase):
         self.assertTrue(server.transport.disconnected)
 
     def test_linger_bounded_in_bytes(self):
+        """Linger bounded in bytes."""
         server = Server()
         server.feed(post(b"Content-Length: 5000\r\n"))
         server.feed(b"a" * server.channel.linger_bytes)
@@ -586,6 +589,7 @@ class RefusalTests(SynchronousTestCase):
         self.assertEqual(server.clock.getDelayedCalls(), [])
 
     def test_connection_lost_cancels_linger(self):
+        """Connection lost cancels linger."""
         server = Server()
         server.feed(post(b"Content-Length: 5000\r\n"))
         # The idle timeout is off; the linger timer is the one call left.
@@ -602,6 +606,7 @@ class RefusalTests(SynchronousTestCase):
         self.assertTrue(server.transport.disconnecting)
 
     def test_refusal_logged_without_request_details(self):
+        """Refusal logged without request details."""
         events: list[dict] = []
         globalLogPublisher.addObserver(events.append)
         self.addCleanup(globalLogPublisher.removeObserver, events.append)
@@ -625,6 +630,7 @@ class BodyCapTests(SynchronousTestCase):
         self.assertNotIn(b"100 Continue", raw)
 
     def test_content_length_under_cap_gets_100_continue(self):
+        """Content length under cap gets 100 continue."""
         server = Server()
         raw = server.feed(post(b"Content-Length: %d\r\nExpect: 100-continue\r\n" % CAP))
         self.assertEqual(raw, b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -653,6 +659,7 @@ class BodyCapTests(SynchronousTestCase):
         self.assertEqual(parse_answer(server.transport.value()).status, 413)
 
     def test_no_cap(self):
+        """No cap."""
         server = Server(max_request_body=None)
         server.feed(post(b"Content-Length: 5000\r\n", b"a" * 5000))
         self.assertEqual([len(r.body) for r in server.resource.seen], [5000])
@@ -685,6 +692,7 @@ class FormBodyTests(SynchronousTestCase):
         self.assertEqual([r.body for r in server.resource.seen], [body])
 
     def test_form_not_parsed_into_args(self):
+        """Form not parsed into args."""
         body = b"a=1&b=2"
         server = Server()
         server.feed(
@@ -700,6 +708,7 @@ class LimitTests(SynchronousTestCase):
     """Header limits come from the site."""
 
     def test_site_limits(self):
+        """Site limits."""
         server = Server(max_headers=3, max_header_bytes=200)
         self.assertEqual(
             (
@@ -723,6 +732,7 @@ class CheckTests(SynchronousTestCase):
     """The decision table of RFC 9112 §6.1 for transfer codings."""
 
     def test_transfer_codings(self):
+        """Transfer codings."""
         def code(*codings: bytes) -> Optional[int]:
             refusal: Optional[Refusal] = framing.check_transfer_codings(list(codings))
             return None if refusal is None else refusal.status

@@ -59,6 +59,7 @@ class ForwardKeyTests(SynchronousTestCase):
     """A forward key is swapped for a default key in the header it came in."""
 
     def test_matching_forward_key_substituted(self):
+        """Matching forward key substituted."""
         r = rules()
         client = headers(authorization="Bearer " + ALICE)
         decision = r.decide(client)
@@ -75,11 +76,13 @@ class ForwardKeyTests(SynchronousTestCase):
         self.assertNotIn(BOB[3:], decision.label)
 
     def test_scheme_case_and_whitespace(self):
+        """Scheme case and whitespace."""
         for value in ("bearer " + ALICE, "BEARER  " + ALICE, "Bearer\t" + ALICE, " Bearer " + ALICE + " "):
             decision = rules().decide(headers(authorization=value))
             self.assertEqual(decision.label, "alice", value)
 
     def test_api_key_headers_carry_forward_keys(self):
+        """API key headers carry forward keys."""
         for name in ("api-key", "x-api-key"):
             r = rules()
             client = Headers({name.encode(): [ALICE.encode()]})
@@ -90,6 +93,7 @@ class ForwardKeyTests(SynchronousTestCase):
             self.assertIsNone(sent.getRawHeaders(b"authorization"))
 
     def test_unknown_forward_key_refused(self):
+        """Unknown forward key refused."""
         for client in (
             headers(authorization="Bearer fk-not-a-configured-key"),
             headers(authorization="Bearer " + ALICE + "x"),
@@ -102,6 +106,7 @@ class ForwardKeyTests(SynchronousTestCase):
             self.assertFalse(decision.substituted)
 
     def test_forward_key_without_forward_keys_configured_refused(self):
+        """Forward key without forward keys configured refused."""
         decision = rules(forward=()).decide(headers(authorization="Bearer " + ALICE))
         self.assertIsNotNone(decision.refusal)
 
@@ -123,6 +128,7 @@ class ForwardKeyTests(SynchronousTestCase):
             self.assertEqual(decision.send, ())
 
     def test_forward_key_beside_another_credential_refused(self):
+        """Forward key beside another credential refused."""
         for client in (
             headers(authorization="Bearer " + ALICE, api_key="sk-own"),
             headers(authorization="Bearer sk-own", x_api_key=ALICE),
@@ -133,6 +139,7 @@ class ForwardKeyTests(SynchronousTestCase):
             )
 
     def test_several_headers_refused(self):
+        """Several headers refused."""
         h = Headers({b"authorization": [b"Bearer " + ALICE.encode(), b"Bearer sk-own"]})
         self.assertEqual(
             rules().decide(h).refusal, "Send one authorization header, not several."
@@ -143,6 +150,7 @@ class ClientKeyTests(SynchronousTestCase):
     """A client's own key goes upstream untouched, in its own header."""
 
     def test_own_key_untouched(self):
+        """Own key untouched."""
         for value in ("Bearer sk-client-own", "bearer  sk-client-own", "Basic dXNlcjpwYXNz", "sk-bare"):
             r = rules()
             client = headers(authorization=value)
@@ -152,6 +160,7 @@ class ClientKeyTests(SynchronousTestCase):
             self.assertEqual(sent.getRawHeaders(b"authorization"), [value.encode()])
 
     def test_own_keys_in_every_header_untouched(self):
+        """Own keys in every header untouched."""
         r = rules()
         client = headers(authorization="Bearer sk-a", api_key="azure-key", x_api_key="sk-ant-b")
         decision = r.decide(client)
@@ -162,6 +171,7 @@ class ClientKeyTests(SynchronousTestCase):
         self.assertEqual(sent.getRawHeaders(b"x-api-key"), [b"sk-ant-b"])
 
     def test_decision_repr_holds_no_key(self):
+        """Decision repr holds no key."""
         decision = rules().decide(headers(authorization="Bearer sk-client-secret"))
         self.assertNotIn("sk-client-secret", repr(decision))
         self.assertEqual(decision.authorization, b"Bearer sk-client-secret")
@@ -180,6 +190,7 @@ class NoKeyTests(SynchronousTestCase):
         )
 
     def test_refused_when_forward_keys_set(self):
+        """Refused when forward keys set."""
         for client in self.keyless():
             decision = rules().decide(client)
             self.assertEqual(
@@ -187,6 +198,7 @@ class NoKeyTests(SynchronousTestCase):
             )
 
     def test_default_key_when_only_default_keys(self):
+        """Default key when only default keys."""
         for client in self.keyless():
             r = rules(forward=())
             decision = r.decide(client)
@@ -196,6 +208,7 @@ class NoKeyTests(SynchronousTestCase):
             self.assertTrue(r.open_relay)
 
     def test_nothing_when_no_keys(self):
+        """Nothing when no keys."""
         r = rules(default=(), forward=())
         decision = r.decide(Headers())
         self.assertEqual((decision.label, decision.substituted, decision.refusal), (NO_KEY, False, None))
@@ -203,12 +216,14 @@ class NoKeyTests(SynchronousTestCase):
         self.assertFalse(r.open_relay)
 
     def test_open_relay_only_without_forward_keys(self):
+        """Open relay only without forward keys."""
         self.assertFalse(rules().open_relay)
         self.assertTrue(rules(forward=()).open_relay)
 
 
 class ParseCredentialTests(SynchronousTestCase):
     def test_table(self):
+        """Table."""
         A = b"authorization"
         for header, value, expected in [
             (A, b"", ("none", b"")),
@@ -241,6 +256,7 @@ class ConstantTimeLookupTests(SynchronousTestCase):
         self.forward = ForwardKeys(self.keys)
 
     def test_every_key_compared_on_hit_and_miss(self):
+        """Every key compared on hit and miss."""
         for candidate, label in [
             (self.keys[0].key, "k0"),
             (self.keys[4].key, "k4"),
@@ -256,6 +272,7 @@ class ConstantTimeLookupTests(SynchronousTestCase):
                 self.assertEqual(a, hashlib.sha256(candidate.encode()).digest())
 
     def test_keys_not_kept(self):
+        """Keys not kept."""
         state = repr(vars(self.forward))
         for k in self.keys:
             self.assertNotIn(k.key, state)
@@ -265,6 +282,7 @@ class ConstantTimeLookupTests(SynchronousTestCase):
 
 class ScrubTests(SynchronousTestCase):
     def test_key_shapes_masked(self):
+        """Key shapes masked."""
         for text, expected in [
             (b"Incorrect API key provided: sk-proj-abc****************wxyz. You can",
              b"Incorrect API key provided: sk-*** You can"),
@@ -287,6 +305,7 @@ class SecretMaskTests(SynchronousTestCase):
         return b"".join(out), out
 
     def test_same_length_mask(self):
+        """Same length mask."""
         body = b'{"echo": "Bearer ' + self.secret + b'", "again": "' + self.secret + b'"}'
         result, _ = self.masked([body])
         self.assertEqual(len(result), len(body))
@@ -295,6 +314,7 @@ class SecretMaskTests(SynchronousTestCase):
         self.assertEqual(result.count(b"sk-" + b"*" * (len(self.secret) - 3)), 2)
 
     def test_split_at_every_point(self):
+        """Split at every point."""
         body = b"data: {\"k\": \"" + self.secret + b"\"}\n\n"
         for cut in range(1, len(body)):
             result, _ = self.masked([body[:cut], body[cut:]])
@@ -302,16 +322,19 @@ class SecretMaskTests(SynchronousTestCase):
             self.assertEqual(len(result), len(body))
 
     def test_byte_by_byte(self):
+        """Byte by byte."""
         body = b"xx" + self.secret + b"yy" + self.secret[:5]
         result, _ = self.masked([bytes([b]) for b in body])
         self.assertEqual(result, b"xxsk-" + b"*" * 22 + b"yy" + self.secret[:5])
 
     def test_sse_events_not_held(self):
+        """SSE events not held."""
         events = [b"data: {\"x\": \"is sk\"}\n\n", b"data: [DONE]\n\n"]
         _, out = self.masked(events)
         self.assertEqual(out[:2], events)
 
     def test_possible_start_held_until_known(self):
+        """Possible start held until known."""
         mask = SecretMask([self.secret])
         self.assertEqual(mask.feed(b"abc sk-def"), b"abc ")
         self.assertEqual(mask.feed(b"ault"), b"")
@@ -319,22 +342,26 @@ class SecretMaskTests(SynchronousTestCase):
         self.assertEqual(mask.flush(), b"")
 
     def test_short_secret_wholly_masked(self):
+        """Short secret wholly masked."""
         result, _ = self.masked([b"key=abcd1234;"], [b"abcd1234"])
         self.assertEqual(result, b"key=********;")
 
     def test_several_secrets(self):
+        """Several secrets."""
         other = b"azure0123456789abcdef"
         result, _ = self.masked([b"1 " + self.secret + b" 2 " + other], [self.secret, other])
         self.assertNotIn(self.secret, result)
         self.assertNotIn(b"0123456789abcdef", result)
 
     def test_no_secrets_passes_everything(self):
+        """No secrets passes everything."""
         mask = SecretMask([])
         self.assertEqual(mask.feed(b"sk-"), b"sk-")
 
 
 class ConfigReprTests(SynchronousTestCase):
     def test_no_key_in_config_repr(self):
+        """No key in config repr."""
         config = load_config(
             {}, {"OPENAI_API_KEY": DEFAULT, "FORWARD_KEY": "alice:" + ALICE + " " + BOB}
         )
@@ -348,6 +375,7 @@ class ConfigReprTests(SynchronousTestCase):
 
 class CredentialHeadersTests(SynchronousTestCase):
     def test_only_the_decision_credentials_go_upstream(self):
+        """Only the decision credentials go upstream."""
         client = Headers(
             {b"authorization": [b"Bearer fk-x"], b"api-key": [b"fk-y"], b"x-api-key": [b"z"],
              b"x-other": [b"kept"]}
@@ -361,6 +389,7 @@ class CredentialHeadersTests(SynchronousTestCase):
 
 class ErrorBodyTests(SynchronousTestCase):
     def test_key_shapes_masked_in_proxy_errors(self):
+        """Key shapes masked in proxy errors."""
         from twisted_forward.errors import error_body
 
         body = error_body(502, "upstream_error", "echo of sk-proj-abcdef and fk-alice-1234")

@@ -25,8 +25,8 @@ from .harness import ProxyTestCase
 from .test_reload import write_env
 from .test_startup import TWISTD, run
 from .test_workers import Supervisor
+from .processes import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def free_port() -> int:
@@ -91,6 +91,7 @@ class RuntimeLoopTests(ProxyTestCase):
 
     @defer.inlineCallbacks
     def test_loop_through_another_proxy(self):
+        """Loop through another proxy."""
         env_file = os.path.abspath(self.mktemp())
         write_env(env_file)
         yield self.start_proxy(["--env-file", env_file])

@@ -69,6 +69,7 @@ class MemoryTests(ProxyTestCase):
 
     @defer.inlineCallbacks
     def test_slow_reader_200mib(self):
+        """Slow reader 200mib."""
         pid, port = yield self.start_child()
         before = _status_kib(pid, "VmRSS")
         size = 200 * MiB
@@ -83,6 +84,7 @@ class MemoryTests(ProxyTestCase):
 
     @defer.inlineCallbacks
     def test_upload_100mib(self):
+        """Upload 100mib."""
         pid, port = yield self.start_child()
         before = _status_kib(pid, "VmRSS")
         size = 100 * MiB

@@ -36,6 +36,7 @@ class MetricsTests(ProxyTestCase):
 
     @defer.inlineCallbacks
     def test_counts_what_was_done_and_holds_no_secret(self):
+        """Counts what was done and holds no secret."""
         yield self.start_proxy(OPENAI_API_KEY=KEYS, FORWARD_KEY=FORWARD)
         ok = {b"authorization": b"Bearer fk-alice-metrics-1"}
         response = yield self.client.post(
@@ -71,6 +72,7 @@ class MetricsTests(ProxyTestCase):
 
     @defer.inlineCallbacks
     def test_open_stream_gauge(self):
+        """Open stream gauge."""
         yield self.start_proxy()
         self.fake.hold_at = 2
         response, collector = yield self.open_stream("/v1/chat/completions")
@@ -84,6 +86,7 @@ class MetricsTests(ProxyTestCase):
 
     @defer.inlineCallbacks
     def test_disabled_path_is_forwarded(self):
+        """Disabled path is forwarded."""
         yield self.start_proxy(METRICS="false")
         response = yield self.client.get(self.url("/metrics"))
         yield response.content()
@@ -91,6 +94,7 @@ class MetricsTests(ProxyTestCase):
 
     @defer.inlineCallbacks
     def test_path_configurable(self):
+        """Path configurable."""
         yield self.start_proxy(METRICS_PATH="/internal/prom")
         text = yield self.scrape(self.url("/internal/prom"))
         self.assertIn("openai_forward_requests_total", text)
@@ -100,6 +104,7 @@ class MetricsTests(ProxyTestCase):
 
     @defer.inlineCallbacks
     def test_own_port(self):
+        """Own port."""
         yield self.start_proxy(METRICS_PORT="tcp:0:interface=127.0.0.1")
         found = listeners(self.service)
         self.assertEqual(len(found), 2)
@@ -135,6 +140,7 @@ class MetricsTests(ProxyTestCase):
 
     @defer.inlineCallbacks
     def test_access_line(self):
+        """Access line."""
         events = []
         globalLogPublisher.addObserver(events.append)
         self.addCleanup(globalLogPublisher.removeObserver, events.append)

@@ -19,10 +19,9 @@ from twisted_forward.migration import unknown_names
 
 from .harness import ProxyTestCase
 from .test_reload import write_env
+from .processes import ROOT, TWISTD
 from .test_workers import Supervisor
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 GENERAL = json.dumps([{"base_url": "https://api.openai.com", "route": "/"},
                       {"base_url": "https://example.com", "route": "/g", "type": "general"}])
 
@@ -50,6 +49,7 @@ class NamesTests(SynchronousTestCase):
                          "TIMEOUT (--timeout): 'soon' is not a number of seconds")
 
     def test_print_chat(self) -> None:
+        """Print chat."""
         self.assertTrue(load(PRINT_CHAT="true").print_chat)
         self.assertFalse(load().print_chat)
 
@@ -63,6 +63,7 @@ class NamesTests(SynchronousTestCase):
             "LOG_GENERAL (--log-general): general routes are relayed as they are"))
 
     def test_benchmark_mode(self) -> None:
+        """Benchmark mode."""
         load(BENCHMARK_MODE="false")
         with self.assertRaises(ConfigError) as caught:
             load(BENCHMARK_MODE="true")

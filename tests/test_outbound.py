@@ -63,11 +63,13 @@ class ProxyURLTests(SynchronousTestCase):
     """PROXY parsing: user info is accepted here only, and never shown."""
 
     def test_plain(self) -> None:
+        """Plain."""
         url = parse_proxy_url("http://proxy.example:3128")
         self.assertEqual(url, ProxyURL("http", "proxy.example:3128", "", None))
         self.assertIsNone(proxy_authorization(url))
 
     def test_credentials_kept_apart_and_hidden(self) -> None:
+        """Credentials kept apart and hidden."""
         url = parse_proxy_url("http://tf%20user:p%40ss:w0rd@proxy.example:3128/")
         self.assertEqual(url.credentials, ("tf user", "p@ss:w0rd"))
         self.assertEqual(url.netloc, "proxy.example:3128")
@@ -80,11 +82,13 @@ class ProxyURLTests(SynchronousTestCase):
         )
 
     def test_unencoded_at_in_password(self) -> None:
+        """Unencoded at in password."""
         url = parse_proxy_url("http://u:p@ss@127.0.0.1:8080")
         self.assertEqual(url.credentials, ("u", "p@ss"))
         self.assertEqual(url.netloc, "127.0.0.1:8080")
 
     def test_refused(self) -> None:
+        """Refused."""
         for value in (
             "https://proxy.example:3128",
             "socks5://proxy.example:1080",
@@ -96,6 +100,7 @@ class ProxyURLTests(SynchronousTestCase):
                 parse_proxy_url(value)
 
     def test_errors_do_not_repeat_the_password(self) -> None:
+        """Errors do not repeat the password."""
         for value in (
             "https://u:secret-pw@proxy.example:3128",
             "http://u:secret-pw@proxy.example:99999",
@@ -109,10 +114,12 @@ class ProxyURLTests(SynchronousTestCase):
             self.assertNotIn("pw", str(caught.exception))
 
     def test_user_info_still_refused_elsewhere(self) -> None:
+        """User info still refused elsewhere."""
         with self.assertRaises(ConfigError):
             load_config({}, {"OPENAI_BASE_URL": "https://u:p@api.example"})
 
     def test_config_and_describe(self) -> None:
+        """Config and describe."""
         config = load_config(
             {"proxy": "http://u:secret-pw@127.0.0.1:3128"}, {"PROXY": "http://other:1"}
         )
@@ -124,6 +131,7 @@ class ProxyURLTests(SynchronousTestCase):
 
 class SSLCertFileTests(SynchronousTestCase):
     def test_valid(self) -> None:
+        """Valid."""
         path = shared_ca().write(self.mktemp())
         config = load_config({}, {"SSL_CERT_FILE": path})
         self.assertEqual(config.ssl_cert_file, path)
@@ -137,6 +145,7 @@ class SSLCertFileTests(SynchronousTestCase):
         self.assertEqual(subjects, [b"twisted-forward test CA"] * 2)
 
     def test_corrupt_certificate(self) -> None:
+        """Corrupt certificate."""
         path = self.mktemp()
         with open(path, "wb") as f:
             f.write(b"-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydA==\n-----END CERTIFICATE-----\n")
@@ -145,6 +154,7 @@ class SSLCertFileTests(SynchronousTestCase):
         self.assertIn("OpenSSL cannot read", str(caught.exception))
 
     def test_missing_or_empty(self) -> None:
+        """Missing or empty."""
         with self.assertRaises(ConfigError) as caught:
             load_config({}, {"SSL_CERT_FILE": "/nonexistent/ca.pem"})
         self.assertIn("SSL_CERT_FILE", str(caught.exception))
@@ -184,6 +194,7 @@ class TunnelTests(SynchronousTestCase):
         return protocol, transport
 
     def test_connect_request(self) -> None:
+        """Connect request."""
         self.connect(b"Basic dTpw")
         _, transport = self.proxy_answers()
         self.assertEqual(
@@ -194,6 +205,7 @@ class TunnelTests(SynchronousTestCase):
         )
 
     def test_ipv6_target_bracketed(self) -> None:
+        """IPv6 target bracketed."""
         self.connect(host=b"2001:db8::1")
         _, transport = self.proxy_answers()
         self.assertTrue(transport.value().startswith(b"CONNECT [2001:db8::1]:443 HTTP/1.1\r\n"))
@@ -235,6 +247,7 @@ class TunnelTests(SynchronousTestCase):
             self.assertTrue(transport.disconnecting)
 
     def test_not_http(self) -> None:
+        """Not HTTP."""
         d = self.connect()
         protocol, transport = self.proxy_answers()
         protocol.dataReceived(b"SSH-2.0-OpenSSH\r\n\r\n")
@@ -243,6 +256,7 @@ class TunnelTests(SynchronousTestCase):
         self.assertTrue(transport.disconnecting)
 
     def test_head_too_long(self) -> None:
+        """Head too long."""
         d = self.connect()
         protocol, transport = self.proxy_answers()
         protocol.dataReceived(b"HTTP/1.1 200 OK\r\n")
@@ -254,12 +268,14 @@ class TunnelTests(SynchronousTestCase):
         self.assertTrue(transport.disconnecting)
 
     def test_closed_before_answer(self) -> None:
+        """Closed before answer."""
         d = self.connect()
         protocol, _ = self.proxy_answers()
         protocol.connectionLost(Failure(ConnectionDone()))
         self.failureResultOf(d, OutboundProxyError)
 
     def test_timeout_waiting_for_answer(self) -> None:
+        """Timeout waiting for answer."""
         d = self.connect()
         _, transport = self.proxy_answers()
         self.clock.advance(9.9)
@@ -269,6 +285,7 @@ class TunnelTests(SynchronousTestCase):
         self.assertTrue(transport.disconnecting)
 
     def test_timeout_while_connecting(self) -> None:
+        """Timeout while connecting."""
         d = self.connect()
         self.clock.advance(10)
         self.failureResultOf(d, TimeoutError)
@@ -276,6 +293,7 @@ class TunnelTests(SynchronousTestCase):
         self.assertTrue(connector.stoppedConnecting)
 
     def test_cancel_while_waiting_for_answer(self) -> None:
+        """Cancel while waiting for answer."""
         d = self.connect()
         _, transport = self.proxy_answers()
         d.cancel()
@@ -284,6 +302,7 @@ class TunnelTests(SynchronousTestCase):
         self.assertFalse(self.clock.getDelayedCalls())
 
     def test_cancel_while_connecting(self) -> None:
+        """Cancel while connecting."""
         d = self.connect()
         d.cancel()
         self.failureResultOf(d, CancelledError)
@@ -564,6 +583,7 @@ class OutboundProxyTests(ProxyTestCase):
 
     @defer.inlineCallbacks
     def test_wrong_credentials_502(self):
+        """Wrong credentials 502."""
         self.outbound.credentials = b"Basic " + base64.b64encode(b"tf-user:right")
         yield self.start_proxy(
             **self.https_env(PROXY=f"http://tf-user:wrong-pw@127.0.0.1:{self.outbound_port}")
@@ -576,6 +596,7 @@ class OutboundProxyTests(ProxyTestCase):
 
     @defer.inlineCallbacks
     def test_connect_refused_502(self):
+        """Connect refused 502."""
         yield self.start_proxy(**self.https_env())
         for answer in (b"407 Proxy Authentication Required", b"403 Forbidden", b"502 Bad Gateway"):
             self.outbound.answer = answer
@@ -604,6 +625,7 @@ class OutboundProxyTests(ProxyTestCase):
 
     @defer.inlineCallbacks
     def test_proxy_unreachable_502(self):
+        """Proxy unreachable 502."""
         yield self.start_proxy(**self.https_env(PROXY=f"http://127.0.0.1:{_unused_port()}"))
         yield self.assert_proxy_error()
 

@@ -142,6 +142,7 @@ class TimeoutTests(ProxyHarness):
     env = {"READ_TIMEOUT": "30", "IDLE_TIMEOUT": "20"}
 
     def test_head_timeout_is_504(self):
+        """Head timeout is 504."""
         channel, transport = self.get()
         [call] = self.upstream.calls
         self.clock.advance(29)
@@ -152,6 +153,7 @@ class TimeoutTests(ProxyHarness):
         self.assertEqual(self.error_code(transport), "upstream_timeout")
 
     def test_head_in_time_cancels_timer(self):
+        """Head in time cancels timer."""
         channel, transport = self.get()
         response = FakeResponse(200, {b"content-type": [b"application/json"]}, length=2)
         self.upstream.calls[0].deferred.callback(response)
@@ -161,6 +163,7 @@ class TimeoutTests(ProxyHarness):
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_connect_refused_is_502(self):
+        """Connect refused is 502."""
         channel, transport = self.get()
         self.upstream.calls[0].deferred.errback(error.ConnectionRefusedError())
         self.assertEqual(self.status(transport), 502)
@@ -168,6 +171,7 @@ class TimeoutTests(ProxyHarness):
         self.assertNotIn(b"upstream.test", transport.value())
 
     def test_connect_timeout_is_504(self):
+        """Connect timeout is 504."""
         channel, transport = self.get()
         self.upstream.calls[0].deferred.errback(error.TimeoutError())
         self.assertEqual(self.status(transport), 504)
@@ -226,6 +230,7 @@ class ClientIdleTests(ProxyHarness):
 
 class ClientGoneTests(ProxyHarness):
     def test_before_head_cancels_upstream_request(self):
+        """Before head cancels upstream request."""
         channel, transport = self.get()
         call = self.upstream.calls[0]
         channel.connectionLost(Failure(error.ConnectionDone()))
@@ -234,6 +239,7 @@ class ClientGoneTests(ProxyHarness):
         self.assertFalse(self.built.proxies[0].open)
 
     def test_after_head_stops_upstream(self):
+        """After head stops upstream."""
         channel, transport = self.get()
         response = FakeResponse(200, {b"content-type": [b"text/event-stream"]})
         self.upstream.calls[0].deferred.callback(response)
@@ -261,6 +267,7 @@ class RelayTests(ProxyHarness):
         self.assertEqual(response.transport.resumed, 1)
 
     def test_chunks_written_as_they_come(self):
+        """Chunks written as they come."""
         channel, transport = self.get()
         response = FakeResponse(200, {b"content-type": [b"text/event-stream"]})
         self.upstream.calls[0].deferred.callback(response)
@@ -271,6 +278,7 @@ class RelayTests(ProxyHarness):
         self.assertTrue(transport.value().endswith(b"0\r\n\r\n"))
 
     def test_known_length_kept(self):
+        """Known length kept."""
         channel, transport = self.get()
         response = FakeResponse(200, length=5)
         self.upstream.calls[0].deferred.callback(response)
@@ -291,6 +299,7 @@ class RelayTests(ProxyHarness):
         self.assertTrue(getattr(transport, "aborted", False) or transport.disconnecting)
 
     def test_request_line_garbage_is_400(self):
+        """Request line garbage is 400."""
         channel, transport = self.send(b"GET evil.com/x HTTP/1.1\r\nHost: h\r\n\r\n")
         self.assertEqual(self.status(transport), 400)
         self.assertEqual(self.upstream.calls, [])
@@ -314,6 +323,7 @@ class FailoverTests(ProxyHarness):
         return call.headers.getRawHeaders(b"authorization")[0]
 
     def test_429_tries_next_key_and_rests_the_first(self):
+        """429 tries next key and rests the first."""
         channel, transport = self.get()
         first = self.upstream.calls[0]
         self.assertEqual(self.auth(first), b"Bearer sk-first-000")
@@ -349,6 +359,7 @@ class FailoverTests(ProxyHarness):
             self.answer(self.upstream.calls[-1], 200)
 
     def test_all_keys_fail_last_answer_relayed_scrubbed(self):
+        """All keys fail last answer relayed scrubbed."""
         channel, transport = self.get()
         for call_index in range(3):
             call = self.upstream.calls[call_index]
@@ -360,12 +371,14 @@ class FailoverTests(ProxyHarness):
         self.assertIn(b"sk-***", transport.value())
 
     def test_client_key_never_retried(self):
+        """Client key never retried."""
         channel, transport = self.get(headers=b"Authorization: Bearer sk-client-own\r\n")
         self.answer(self.upstream.calls[0], 429)
         self.assertEqual(len(self.upstream.calls), 1)
         self.assertEqual(self.status(transport), 429)
 
     def test_post_body_replayed(self):
+        """Post body replayed."""
         body = b'{"model": "m", "messages": []}'
         channel, transport = self.send(
             b"POST /v1/chat/completions HTTP/1.1\r\nHost: h\r\nContent-Type: application/json\r\n"

@@ -370,6 +370,7 @@ class LogRotationTests(ProxyTestCase):
 
     @defer.inlineCallbacks
     def test_reopen_after_logrotate_and_twistd_rotation(self):
+        """Reopen after logrotate and twistd rotation."""
         from twisted.web.client import Agent, HTTPConnectionPool, readBody
 
         from .test_runmodes import _UnixEndpoints, spawn

@@ -35,6 +35,7 @@ class RouteTests(ProxyTestCase):
 
     @defer.inlineCallbacks
     def test_two_upstreams(self):
+        """Two upstreams."""
         yield self.start_proxy(FORWARD_CONFIG=self.forward_config(), OPENAI_API_KEY="sk-route-default")
         response = yield self.client.get(self.url("/v1/models"))
         yield response.content()
@@ -53,6 +54,7 @@ class RouteTests(ProxyTestCase):
 
     @defer.inlineCallbacks
     def test_general_route_sse_event_by_event(self):
+        """General route SSE event by event."""
         config = json.dumps(
             [{"base_url": f"http://127.0.0.1:{self.other_port.getHost().port}",
               "route": "/local", "type": "general"}]
@@ -76,6 +78,7 @@ class RouteTests(ProxyTestCase):
 
     @defer.inlineCallbacks
     def test_unrouted_path_404_and_health_under_prefixes(self):
+        """Unrouted path 404 and health under prefixes."""
         config = json.dumps(
             [{"base_url": f"http://127.0.0.1:{self.upstream_port}", "route": "/openai", "type": "openai"},
              {"base_url": f"http://127.0.0.1:{self.other_port.getHost().port}", "route": "/local",
@@ -91,6 +94,7 @@ class RouteTests(ProxyTestCase):
 
     @defer.inlineCallbacks
     def test_health_path_configurable(self):
+        """Health path configurable."""
         yield self.start_proxy(HEALTHZ_PATH="/ping", ROUTE_PREFIX="/openai")
         for path in ("/ping", "/openai/ping"):
             response = yield self.client.get(self.url(path))

@@ -22,9 +22,9 @@ from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
 from .harness import ProxyTestCase
+from .processes import ROOT, TWISTD
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TWISTD = ["-c", "from twisted.scripts.twistd import run; run()"]
+TWISTD_ARGS = TWISTD[1:]  # spawn() puts the interpreter in front
 _STARTED = re.compile(rb"ForwardSite starting on (\d+)")
 
 
@@ -113,7 +113,7 @@ def spawn_twistd(test: ProxyTestCase, **env: str) -> Process:
     os.makedirs(cwd)
     return spawn(
         test,
-        [*TWISTD, "-n", "--pidfile=", "openai-forward", "--port", "tcp:0:interface=127.0.0.1"],
+        [*TWISTD_ARGS, "-n", "--pidfile=", "openai-forward", "--port", "tcp:0:interface=127.0.0.1"],
         child_env(test.upstream_port, **env),
         cwd,
     )
@@ -134,6 +134,7 @@ class RunModeTests(ProxyTestCase):
 
     @defer.inlineCallbacks
     def test_twistd_foreground(self):
+        """Twistd foreground."""
         process = spawn_twistd(self)
         port = yield process.listening
         yield self.check_forwarding(port)
@@ -183,7 +184,7 @@ class RunModeTests(ProxyTestCase):
         pidfile = os.path.join(cwd, "proxy.pid")
         logfile = os.path.join(cwd, "proxy.log")
         launcher = self.spawn(
-            [*TWISTD, f"--pidfile={pidfile}", f"--logfile={logfile}",
+            [*TWISTD_ARGS, f"--pidfile={pidfile}", f"--logfile={logfile}",
              "openai-forward", "--port", f"unix:{sock}"],
             child_env(self.upstream_port),
             cwd,
@@ -234,7 +235,7 @@ class RunModeTests(ProxyTestCase):
         cwd = os.path.abspath(self.mktemp())
         os.makedirs(cwd)
         process = self.spawn(
-            [*TWISTD, *cmd[1:-1], "tcp:0:interface=127.0.0.1"],
+            [*TWISTD_ARGS, *cmd[1:-1], "tcp:0:interface=127.0.0.1"],
             child_env(self.upstream_port),
             cwd,
         )
@@ -246,10 +247,11 @@ class RunModeTests(ProxyTestCase):
 
     @defer.inlineCallbacks
     def test_bad_setting_one_line(self):
+        """Bad setting one line."""
         cwd = os.path.abspath(self.mktemp())
         os.makedirs(cwd)
         process = self.spawn(
-            [*TWISTD, "-n", "--pidfile=", "openai-forward", "--port", "0"],
+            [*TWISTD_ARGS, "-n", "--pidfile=", "openai-forward", "--port", "0"],
             child_env(self.upstream_port, READ_TIMEOUT="soon"),
             cwd,
         )
@@ -264,12 +266,13 @@ class RunModeTests(ProxyTestCase):
 
     @defer.inlineCallbacks
     def test_dotenv_in_working_directory(self):
+        """Dotenv in working directory."""
         cwd = os.path.abspath(self.mktemp())
         os.makedirs(cwd)
         with open(os.path.join(cwd, ".env"), "w") as f:
             f.write("ROUTE_PREFIX=/from-dotenv\n")
         process = self.spawn(
-            [*TWISTD, "-n", "--pidfile=", "openai-forward",
+            [*TWISTD_ARGS, "-n", "--pidfile=", "openai-forward",
              "--port", "tcp:0:interface=127.0.0.1"],
             child_env(self.upstream_port),
             cwd,

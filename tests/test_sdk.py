@@ -61,6 +61,7 @@ class SDKTestCase(ProxyTestCase):
 class SDKTests(SDKTestCase):
     @defer.inlineCallbacks
     def test_chat_with_forward_key(self):
+        """Chat with forward key."""
         yield self.start_proxy(FORWARD_KEY="fk-sdk-key-1", OPENAI_API_KEY="sk-real-default")
         completion = yield self.in_thread(
             lambda c: c.chat.completions.create(model="gpt-4o-mini", messages=_MESSAGES),
@@ -96,6 +97,7 @@ class SDKTests(SDKTestCase):
 
     @defer.inlineCallbacks
     def test_async_streaming(self):
+        """Async streaming."""
         yield self.start_proxy()
         self.fake.hold_at = 2
 
@@ -160,6 +162,7 @@ class SDKTests(SDKTestCase):
 
     @defer.inlineCallbacks
     def test_models_list(self):
+        """Models list."""
         yield self.start_proxy()
         models = yield self.in_thread(lambda c: [m.id for m in c.models.list()])
         self.assertEqual(models, ["gpt-4o-mini"])
@@ -185,6 +188,7 @@ class SDKErrorTests(SDKTestCase):
 
     @defer.inlineCallbacks
     def test_unknown_forward_key_is_authentication_error(self):
+        """Unknown forward key is authentication error."""
         yield self.start_proxy(FORWARD_KEY="fk-sdk-key-1", OPENAI_API_KEY="sk-real-default")
         error = yield self.assertFailure(
             self.in_thread(lambda c: c.models.list(), api_key="fk-not-a-known-key"),
@@ -197,6 +201,7 @@ class SDKErrorTests(SDKTestCase):
 
     @defer.inlineCallbacks
     def test_refused_ip_is_permission_denied(self):
+        """Refused IP is permission denied."""
         yield self.start_proxy(IP_BLACKLIST="127.0.0.1")
         error = yield self.assertFailure(
             self.in_thread(lambda c: c.models.list()), openai.PermissionDeniedError
@@ -207,6 +212,7 @@ class SDKErrorTests(SDKTestCase):
 
     @defer.inlineCallbacks
     def test_upstream_500_is_internal_server_error(self):
+        """Upstream 500 is internal server error."""
         yield self.start_proxy()
 
         def fail(request: Request) -> bytes:
@@ -239,6 +245,7 @@ class SDKErrorTests(SDKTestCase):
 
     @defer.inlineCallbacks
     def test_unreachable_upstream_is_a_502(self):
+        """Unreachable upstream is a 502."""
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             closed_port = s.getsockname()[1]

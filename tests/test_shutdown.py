@@ -25,6 +25,7 @@ def _stream_body() -> bytes:
 class DrainTests(ProxyTestCase):
     @defer.inlineCallbacks
     def test_open_stream_finishes_health_says_draining(self):
+        """Open stream finishes health says draining."""
         yield self.start_proxy()
         self.fake.hold_at = 2
         response, collector = yield self.open_stream()
@@ -55,6 +56,7 @@ class GraceExpiryTests(ProxyHarness):
     env = {"SHUTDOWN_GRACE": "30"}
 
     def test_grace_expiry_cuts_open_exchanges(self):
+        """Grace expiry cuts open exchanges."""
         service = ProxyService(self.built, self.config, self.clock)
         service.startService()
         channel, transport = self.get()
@@ -73,6 +75,7 @@ class GraceExpiryTests(ProxyHarness):
         self.assertFalse(self.built.proxies[0].open)
 
     def test_no_open_exchange_stops_at_once(self):
+        """No open exchange stops at once."""
         service = ProxyService(self.built, self.config, self.clock)
         service.startService()
         self.successResultOf(service.stopService())

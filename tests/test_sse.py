@@ -40,13 +40,16 @@ class FormatTests(SynchronousTestCase):
     """The rules of the event-stream format, one by one."""
 
     def test_one_event(self):
+        """One event."""
         self.assertEqual(decode(b'data: {"a": 1}\n\n'), [Event('{"a": 1}')])
 
     def test_several_events_in_one_chunk(self):
+        """Several events in one chunk."""
         events = decode(b"data: one\n\ndata: two\n\ndata: three\n\n")
         self.assertEqual([e.data for e in events], ["one", "two", "three"])
 
     def test_event_split_at_every_offset(self):
+        """Event split at every offset."""
         stream = b"event: x\r\nid: 7\r\ndata: first\r\ndata: second\r\n\r\ndata: b\n\n"
         expected = [Event("first\nsecond", "x", "7"), Event("b", "message", "7")]
         for cut in range(1, len(stream)):
@@ -54,12 +57,14 @@ class FormatTests(SynchronousTestCase):
                 self.assertEqual(decode(stream[:cut], stream[cut:]), expected)
 
     def test_one_byte_at_a_time(self):
+        """One byte at a time."""
         stream = b"".join(chat_chunks("one two three"))
         chunks = [stream[i : i + 1] for i in range(len(stream))]
         self.assertEqual(decode(*chunks), decode(stream))
         self.assertEqual(len(decode(stream)), 5)
 
     def test_line_endings(self):
+        """Line endings."""
         for end in (b"\n", b"\r\n", b"\r"):
             with self.subTest(end=end):
                 stream = b"data: a" + end + b"data: b" + end + end + b"data: c" + end + end
@@ -72,36 +77,44 @@ class FormatTests(SynchronousTestCase):
         self.assertEqual([e.data for e in events], ["a\nb"])
 
     def test_lone_cr_ends_a_line(self):
+        """Lone cr ends a line."""
         decoder = SSEDecoder()
         self.assertEqual(decode(b"data: a\r", decoder=decoder), [])
         self.assertEqual([e.data for e in decode(b"\r", decoder=decoder)], ["a"])
 
     def test_comments_ignored(self):
+        """Comments ignored."""
         decoder = SSEDecoder()
         events = decode(b": keep-alive\n\n: ping\ndata: x\n: mid\n\n", decoder=decoder)
         self.assertEqual([e.data for e in events], ["x"])
         self.assertEqual(decoder.comments, 3)
 
     def test_space_after_colon(self):
+        """Space after colon."""
         events = decode(b"data:x\n\ndata:  two spaces\n\ndata\n\n")
         self.assertEqual([e.data for e in events], ["x", " two spaces", ""])
 
     def test_empty_data_line_is_an_event(self):
+        """Empty data line is an event."""
         self.assertEqual(decode(b"data:\n\n"), [Event("")])
 
     def test_event_without_data_not_dispatched(self):
+        """Event without data not dispatched."""
         self.assertEqual(decode(b"event: ping\n\nid: 3\n\ndata: y\n\n"), [Event("y", "message", "3")])
 
     def test_field_names_are_case_sensitive(self):
+        """Field names are case sensitive."""
         self.assertEqual(decode(b"Data: no\nDATA: no\ndata: yes\n\n"), [Event("yes")])
 
     def test_retry_and_id(self):
+        """Retry and ID."""
         decoder = SSEDecoder()
         decode(b"retry: 1500\nretry: soon\nid: a\0b\ndata: x\n\n", decoder=decoder)
         self.assertEqual(decoder.retry, 1500)
         self.assertEqual(decode(b"id: a\0b\ndata: x\n\n"), [Event("x", "message", None)])
 
     def test_done_stops_decoding(self):
+        """Done stops decoding."""
         decoder = SSEDecoder()
         events = decode(b"data: 1\n\ndata: [DONE]\n\ndata: 2\n\n", b"data: 3\n\n", decoder=decoder)
         self.assertEqual([e.data for e in events], ["1"])
@@ -110,11 +123,13 @@ class FormatTests(SynchronousTestCase):
         self.assertFalse(decoder.close())
 
     def test_done_split_across_chunks(self):
+        """Done split across chunks."""
         decoder = SSEDecoder()
         decode(b"data: [DO", b"NE]\r", b"\n\r\n", decoder=decoder)
         self.assertTrue(decoder.done)
 
     def test_unfinished_event_at_close(self):
+        """Unfinished event at close."""
         decoder = SSEDecoder()
         self.assertEqual(decode(b"data: whole\n\ndata: half", decoder=decoder), [Event("whole")])
         self.assertTrue(decoder.close())
@@ -126,6 +141,7 @@ class FormatTests(SynchronousTestCase):
         self.assertFalse(decoder.close())
 
     def test_utf8_split_inside_a_character(self):
+        """UTF-8 split inside a character."""
         text = "héllo → 世界 🎉"
         stream = b"data: " + text.encode() + b"\n\n"
         for cut in range(6, len(stream) - 2):
@@ -133,9 +149,11 @@ class FormatTests(SynchronousTestCase):
                 self.assertEqual(decode(stream[:cut], stream[cut:]), [Event(text)])
 
     def test_invalid_utf8_replaced(self):
+        """Invalid UTF-8 replaced."""
         self.assertEqual(decode(b"data: a\xffb\n\n"), [Event("a\ufffdb")])
 
     def test_bom_dropped_at_start_only(self):
+        """Bom dropped at start only."""
         bom = b"\xef\xbb\xbf"
         self.assertEqual(decode(bom[:2], bom[2:] + b"data: x\n\n"), [Event("x")])
         # Later, a BOM is just a character: here it spoils a field name.
@@ -146,6 +164,7 @@ class FormatTests(SynchronousTestCase):
         self.assertEqual(decode(b"data: " + bom + b"\n\n"), [Event("\ufeff")])
 
     def test_endless_line_stops_decoding_without_raising(self):
+        """Endless line stops decoding without raising."""
         decoder = SSEDecoder(max_event_bytes=1000)
         for _ in range(10):
             self.assertEqual(decoder.feed(b"x" * 200), [])
@@ -153,11 +172,13 @@ class FormatTests(SynchronousTestCase):
         self.assertEqual(decoder.feed(b"\n\ndata: later\n\n"), [])
 
     def test_endless_event_stops_decoding(self):
+        """Endless event stops decoding."""
         decoder = SSEDecoder(max_event_bytes=1000)
         decode(*[b"data: " + b"y" * 100 + b"\n"] * 20, decoder=decoder)
         self.assertTrue(decoder.overflow)
 
     def test_long_line_in_many_pieces_is_kept_whole(self):
+        """Long line in many pieces is kept whole."""
         payload = "z" * 50_000
         stream = b"data: " + payload.encode() + b"\n\n"
         chunks = [stream[i : i + 7] for i in range(0, len(stream), 7)]
@@ -207,6 +228,7 @@ class PropertyTests(SynchronousTestCase):
     @settings(max_examples=300, deadline=None)
     @given(streams(), st.lists(st.integers(0, 2000), max_size=30))
     def test_random_streams_random_splits(self, stream_and_events, cuts):
+        """Random streams random splits."""
         stream, expected = stream_and_events
         decoder = SSEDecoder()
         self.assertEqual(decode(*split_at(stream, cuts), decoder=decoder), expected)

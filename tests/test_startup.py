@@ -21,8 +21,11 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted_forward import supervisor as workers
 from twisted_forward.listening import BoundEndpoint, listen_error
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TWISTD = ["-c", "from twisted.scripts.twistd import run; run()"]
+from .processes import ROOT
+from .processes import TWISTD as TWISTD_COMMAND
+
+#: twistd's arguments: run() puts the interpreter in front.
+TWISTD = TWISTD_COMMAND[1:]
 
 
 class Run(ProcessProtocol):

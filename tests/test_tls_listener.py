@@ -82,6 +82,7 @@ class TLSListenerTests(ProxyTestCase):
 
     @defer.inlineCallbacks
     def test_https_clients(self):
+        """Https clients."""
         yield self.start_tls()
         response = yield self.tls_client.get(self.https_base + "/v1/models")
         self.assertEqual(response.code, 200)
@@ -156,6 +157,7 @@ class UnixListenerTests(ProxyTestCase):
 
     @defer.inlineCallbacks
     def test_unix_socket(self):
+        """Unix socket."""
         yield self.start_unix()
         self.assertEqual(stat.S_IMODE(os.stat(self.socket_path).st_mode), 0o660)
         response = yield self.unix_client.get("http://proxy.local/v1/models?x=1")
@@ -175,6 +177,7 @@ class UnixListenerTests(ProxyTestCase):
 
     @defer.inlineCallbacks
     def test_healthz_on_unix_socket(self):
+        """Healthz on unix socket."""
         yield self.start_unix()
         response = yield self.unix_client.get("http://proxy.local/healthz")
         self.assertEqual(json.loads((yield response.content())), {"status": "ok"})
@@ -217,6 +220,7 @@ class SystemdActivationTests(ProxyTestCase):
 
     @defer.inlineCallbacks
     def test_inherited_socket(self):
+        """Inherited socket."""
         listening = socket.socket()
         self.addCleanup(listening.close)
         listening.bind(("127.0.0.1", 0))

@@ -17,18 +17,21 @@ def _forward(base: str, target: bytes) -> bytes:
 
 class JoinTests(SynchronousTestCase):
     def test_plain(self):
+        """Plain."""
         self.assertEqual(
             _forward("https://api.openai.com", b"/v1/models?limit=2"),
             b"https://api.openai.com/v1/models?limit=2",
         )
 
     def test_base_path(self):
+        """Base path."""
         self.assertEqual(
             _forward("https://example.com/openai/", b"/v1/chat/completions"),
             b"https://example.com/openai/v1/chat/completions",
         )
 
     def test_hostile_paths_cannot_change_host(self):
+        """Hostile paths cannot change host."""
         for target in (
             b"//evil.com/x",
             b"/@evil.com",
@@ -49,6 +52,7 @@ class JoinTests(SynchronousTestCase):
             self.assertEqual(parsed.userinfo, "", (target, url))
 
     def test_absolute_form_uses_path_only(self):
+        """Absolute form uses path only."""
         self.assertEqual(
             _forward("https://api.openai.com", b"http://evil.com/v1/models?x=1"),
             b"https://api.openai.com/v1/models?x=1",
@@ -59,26 +63,31 @@ class JoinTests(SynchronousTestCase):
         )
 
     def test_unsafe_bytes_escaped(self):
+        """Unsafe bytes escaped."""
         self.assertEqual(
             _forward("http://h", b"/a\xc3\xa9#b"), b"http://h/a%C3%A9%23b"
         )
 
     def test_query_kept_raw(self):
+        """Query kept raw."""
         self.assertEqual(
             _forward("http://h", b"/a?x=%2F&&y&a+b=%20"), b"http://h/a?x=%2F&&y&a+b=%20"
         )
 
     def test_refused_targets(self):
+        """Refused targets."""
         for target in (b"*", b"evil.com/x", b"", b"/a/../b", b"/..", b"/a/./b", b"/%2e%2E/x",
                        b"/a/.%2e/b", b"http://h/../x"):
             self.assertRaises(BadTarget, split_target, target)
 
     def test_dots_inside_segments_allowed(self):
+        """Dots inside segments allowed."""
         self.assertEqual(split_target(b"/v1/files/a..b/.x"), (b"/v1/files/a..b/.x", b""))
 
 
 class EndpointCacheTests(SynchronousTestCase):
     def test_one_endpoint_per_origin(self):
+        """One endpoint per origin."""
         from twisted.web.client import URI
 
         from twisted_forward.outbound import _CachedEndpoints

@@ -35,8 +35,8 @@ from twisted_forward.ledger import MemoryLedger
 from twisted_forward.ledger.feed import CountingRecorder
 from twisted_forward.metrics import Metrics
 from twisted_forward.site import ForwardSite
+from .processes import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = "twisted_forward"
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import sys
 from typing import Any, Optional
@@ -29,56 +28,8 @@ from twisted_forward.worker import SharedSocketEndpoint
 
 from .fake_upstream import FakeOpenAI, chat_answer, listen_fake
 from .harness import ConnectionTracker
+from .processes import ROOT, TWISTD, ChildProcess as Supervisor
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
-
-
-class Supervisor(ProcessProtocol):
-    """The twistd process under test: collects its output lines, and lets a
-    test wait for a line matching a pattern."""
-
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-        self._partial = b""
-        self._waiters: list[tuple[re.Pattern, int, defer.Deferred]] = []
-        self.ended: defer.Deferred = defer.Deferred()
-
-    def outReceived(self, data: bytes) -> None:
-        self._partial += data
-        *complete, self._partial = self._partial.split(b"\n")
-        for raw in complete:
-            self.lines.append(raw.decode("utf-8", "replace"))
-        self._check()
-
-    errReceived = outReceived
-
-    def _check(self) -> None:
-        for waiter in list(self._waiters):
-            pattern, start, d = waiter
-            for line in self.lines[start:]:
-                match = pattern.search(line)
-                if match:
-                    self._waiters.remove(waiter)
-                    d.callback(match)
-                    break
-
-    def wait_for(self, pattern: str, start: int = 0) -> defer.Deferred:
-        """Fires with the match of the first line from ``start`` on matching."""
-        d: defer.Deferred = defer.Deferred()
-        self._waiters.append((re.compile(pattern), start, d))
-        self._check()
-        return d
-
-    def processEnded(self, reason: Failure) -> None:
-        for _, _, d in self._waiters:
-            d.errback(AssertionError("supervisor ended:\n" + "\n".join(self.lines[-30:])))
-        self._waiters = []
-        self.ended.callback(reason.value)
-
-    @property
-    def output(self) -> str:
-        return "\n".join(self.lines)
 
 
 class WorkersEndToEndTests(TestCase):
@@ -146,6 +97,7 @@ class WorkersEndToEndTests(TestCase):
 
     @defer.inlineCallbacks
     def test_two_processes_restart_and_clean_stop(self) -> Any:
+        """Two processes restart and clean stop."""
         supervisor = self.start_supervisor(2)
         match = yield supervisor.wait_for(r"listening on 127\.0\.0\.1:(\d+); starting 2 worker")
         port = int(match.group(1))
@@ -306,6 +258,7 @@ class TakeTurnsTests(TestCase):
 
     @defer.inlineCallbacks
     def test_one_accept_per_wakeup(self) -> Any:
+        """One accept per wakeup."""
         import socket
 
         listener = socket.socket()
@@ -346,16 +299,19 @@ class OptionsTests(SynchronousTestCase):
     """``--workers`` on the command line."""
 
     def test_default_is_in_process(self) -> None:
+        """Default is in process."""
         options = Options()
         options.parseOptions([])
         self.assertEqual(options["workers"], 0)
 
     def test_number(self) -> None:
+        """Number."""
         options = Options()
         options.parseOptions(["--workers", "3"])
         self.assertEqual(options["workers"], 3)
 
     def test_not_a_number(self) -> None:
+        """Not a number."""
         for bad in ("two", "-1", "1.5"):
             self.assertRaises(usage.UsageError, Options().parseOptions, ["--workers", bad])
 
@@ -388,6 +344,7 @@ class OptionsTests(SynchronousTestCase):
             sys.stderr = saved
 
     def test_supervisor_built(self) -> None:
+        """Supervisor built."""
         options = Options()
         options.parseOptions(["--workers", "2", "--port", "tcp:0:interface=127.0.0.1",
                               "--env-file", os.devnull, "--idle-timeout", "7"])
@@ -502,6 +459,7 @@ class RestartTests(SynchronousTestCase):
         self.assertEqual(set(self.pool.workers), {1, 2})
 
     def test_backoff_capped(self) -> None:
+        """Backoff capped."""
         for _ in range(12):
             self.die(2)
             self.clock.advance(workers.MAX_DELAY)

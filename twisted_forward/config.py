@@ -28,6 +28,7 @@ from .cache.settings import (
 from .policies.settings import POLICY_SETTINGS, PolicyConfig, PolicyConfigError
 from .policies.settings import build as build_policy_config
 from .trust import read_ca_file
+from .cors import parse_cors_origins
 
 IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
@@ -118,6 +119,9 @@ class Config:
     ip_whitelist: tuple[IPNetwork, ...] = ()
     ip_blacklist: tuple[IPNetwork, ...] = ()
     trusted_proxies: tuple[TrustedProxy, ...] = ()
+    #: CORS_ORIGINS: ``("*",)`` any origin, else these origins; ``()`` off
+    #: (:mod:`twisted_forward.cors`).
+    cors_origins: tuple[str, ...] = ("*",)
     connect_timeout: float = 10.0
     read_timeout: float = 600.0
     idle_timeout: float = 300.0
@@ -556,6 +560,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("TRUSTED_PROXIES", "trusted-proxies", parse_trusted_proxies,
             "Peers whose X-Forwarded-For/Forwarded is believed ('unix': unix-socket peers).",
             field="trusted_proxies"),
+    Setting("CORS_ORIGINS", "cors-origins", parse_cors_origins,
+            "Origins whose pages may call the proxy (CORS): '*', a list, or 'none' [default: *].",
+            field="cors_origins"),
     # openai-forward 0.8.1's names without a twin here (twisted_forward.migration).
     Setting("LOG_OPENAI", "log-openai", parse_bool,
             "0.8.1: chat records on openai routes (LOG_CHAT, if that is not given)."),

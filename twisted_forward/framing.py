@@ -117,8 +117,11 @@ _HOST = re.compile(
 _VISIBLE_ASCII = re.compile(rb"[\x21-\x7e]+")
 
 
-def answer(refusal: Refusal, now: float) -> bytes:
-    """The complete HTTP/1.1 response that refuses a request."""
+def answer(
+    refusal: Refusal, now: float, extra: Sequence[tuple[bytes, bytes]] = ()
+) -> bytes:
+    """The complete HTTP/1.1 response that refuses a request (``extra``:
+    more header lines, such as the CORS headers)."""
     body = error_body(refusal.status, refusal.code, refusal.message)
     phrase = _PHRASES.get(refusal.status) or RESPONSES.get(refusal.status, b"Error")
     return b"".join(
@@ -127,6 +130,7 @@ def answer(refusal: Refusal, now: float) -> bytes:
             b"Date: %s\r\n" % datetimeToString(now),
             b"Content-Type: application/json\r\n",
             b"Content-Length: %d\r\n" % len(body),
+            *(b"%s: %s\r\n" % (name, value) for name, value in extra),
             b"Connection: close\r\n\r\n",
             body,
         ]
@@ -572,7 +576,7 @@ class ForwardChannel(ChannelHooks):
                 code=refusal.code,
             )
         self.setTimeout(None)
-        transport.write(answer(refusal, self._now()))
+        transport.write(answer(refusal, self._now(), self._cors_headers()))
         # HTTPChannel registered itself as the transport's producer and may
         # have paused it (its _networkProducer is the transport when that is
         # an IPushProducer, else a no-op).
@@ -588,6 +592,21 @@ class ForwardChannel(ChannelHooks):
             network.resumeProducing()
         transport.loseWriteConnection()
         self._linger_call = self.callLater(self.linger_seconds, self._linger_over)
+
+    def _cors_headers(self) -> list[tuple[bytes, bytes]]:
+        """The CORS headers of a refusal of the request in hand, when it is
+        a cross-origin one (:mod:`twisted_forward.cors`)."""
+        cors = getattr(self.site, "cors", None)
+        if cors is None or not self.requests or self._awaiting_head:
+            return []
+        from .admin.resource import is_admin_path  # the admin imports the site's modules
+
+        request = self.requests[-1]
+        if is_admin_path(request.uri.split(b"?", 1)[0]):
+            return []
+        headers = Headers()
+        cors.apply(request.method, request.requestHeaders, headers)
+        return [(name, value) for name, values in headers.getAllRawHeaders() for value in values]
 
     def _drop(self, data: bytes) -> None:
         self._lingered += len(data)

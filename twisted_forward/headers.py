@@ -78,12 +78,13 @@ CLIENT_IDENTIFYING: frozenset[bytes] = frozenset(
 #: Never sent upstream.  Host and Content-Length are the Agent's to write for
 #: the upstream; cookies are the client's with us, not with the upstream;
 #: Expect was answered by our server already; the credential headers are
-#: rebuilt by the key rules.
+#: rebuilt by the key rules; Origin is the client's page, and CORS is the
+#: proxy's to answer (:mod:`twisted_forward.cors`).
 _NOT_UPSTREAM: frozenset[bytes] = (
     HOP_BY_HOP
     | CLIENT_IDENTIFYING
     | frozenset(CREDENTIAL_HEADERS)
-    | frozenset({b"host", b"content-length", b"cookie", b"cookie2", b"expect"})
+    | frozenset({b"host", b"content-length", b"cookie", b"cookie2", b"expect", b"origin"})
 )
 
 #: Headers that choose which of the key holder's organizations and projects

@@ -33,6 +33,7 @@ from .cache.interfaces import ICacheStore
 from .cache.metrics import CacheMetrics
 from .chat.recorder import ChatRecorder, FanOut, IRecorder
 from .config import Config
+from .cors import Cors, is_preflight
 from .errors import write_error
 from .exchange import ProxyResource
 from .framing import ChannelSettings, ForwardChannel, Refusal, body_too_large
@@ -124,6 +125,16 @@ class ForwardRequest(Request):
         #: What the stages learn about this request (:mod:`.state`).
         self.state = RequestState()
 
+    def write(self, data: bytes) -> None:
+        """Every answer's head passes here first: the CORS headers of an
+        answer to a cross-origin request (:mod:`twisted_forward.cors`) are
+        set just before it is written."""
+        if not self.startedWriting:
+            cors: Optional[Cors] = getattr(getattr(self.channel, "site", None), "cors", None)
+            if cors is not None and not is_admin_path(self.uri.split(b"?", 1)[0]):
+                cors.apply(self.method, self.requestHeaders, self.responseHeaders)
+        super().write(data)
+
     def connectionLost(self, reason: object) -> None:
         """The connection went before this request was finished: the
         exchange hears of it first (its ``notifyFinish`` errback stops the
@@ -188,8 +199,11 @@ class Router(Resource):
         metrics: Optional[IResource] = None,
         metrics_path: str = "/metrics",
         admin: Optional[IResource] = None,
+        cors: Optional[Cors] = None,
     ) -> None:
         super().__init__()
+        #: Answers CORS preflights itself when on (:mod:`twisted_forward.cors`).
+        self.cors = cors
         self._routes = sorted(
             ((prefix.encode("ascii"), res) for prefix, res in routes),
             key=lambda item: len(item[0]),
@@ -227,6 +241,7 @@ class Router(Resource):
             path in self._health_paths
             or (self._metrics is not None and path == self._metrics_path)
             or is_admin_path(path)
+            or self._answers_preflight(request, path)
         ):
             return None
         found = self.route_for(path)
@@ -241,6 +256,12 @@ class Router(Resource):
             return write_error(request, 400, "invalid_request_target", str(e))
         if path in self._health_paths:
             return self._health(request)
+        if self._answers_preflight(request, path):
+            assert self.cors is not None
+            request.setResponseCode(
+                self.cors.preflight(request.requestHeaders, request.responseHeaders)
+            )
+            return b""
         if is_loop(request.requestHeaders):
             return write_error(
                 request, 508, "loop_detected",
@@ -276,6 +297,16 @@ class Router(Resource):
             return resource.render(request)
         return write_error(
             request, 404, "unknown_route", "No route on this proxy matches the request path."
+        )
+
+    def _answers_preflight(self, request: IRequest, path: bytes) -> bool:
+        """Whether ``request`` is a CORS preflight the proxy answers itself
+        (never forwarded, never asking for a key; not for the admin API)."""
+        return (
+            self.cors is not None
+            and self.cors.enabled
+            and is_preflight(request.method, request.requestHeaders)
+            and not is_admin_path(path)
         )
 
     @staticmethod
@@ -334,6 +365,7 @@ class ForwardSite(Site):
         limits: Optional[ConnectionLimits] = None,
         head_timeout: Optional[float] = None,
         body_timeout: Optional[float] = None,
+        cors: Optional[Cors] = None,
         **kwargs: Any,
     ) -> None:
         # Bodies go upstream as sent: never parsed into request.args (which
@@ -345,6 +377,8 @@ class ForwardSite(Site):
         kwargs.setdefault("timeout", CLIENT_IDLE_TIMEOUT)
         super().__init__(resource, *args, **kwargs)
         self.metrics = metrics
+        #: The CORS headers every answer to a cross-origin request gets.
+        self.cors = cors
         self.head_checks = tuple(head_checks)
         self.limits = limits
         self._new_channels(ChannelSettings(
@@ -381,6 +415,7 @@ class ForwardSite(Site):
         kept-alive connection its body cap and deadlines.  Connection caps
         keep their counts (and their settings, until a restart)."""
         self.resource = built.root
+        self.cors = Cors(config.cors_origins)
         self.metrics = built.metrics
         self.head_checks = tuple(built.head_checks)
         self._new_channels(replace(
@@ -584,6 +619,7 @@ def build_root(
         MetricsResource(metrics, config.admin_key) if served_here else None,
         config.metrics_path,
         admin.resource if admin is not None and config.admin_port is None else None,
+        Cors(config.cors_origins),
     )
     root = AccessGate(
         router, config.ip_whitelist, config.ip_blacklist, config.trusted_proxies,
@@ -614,6 +650,7 @@ def make_site(
         max_request_body=config.max_request_body,
         metrics=built.metrics,
         head_checks=built.head_checks,
+        cors=Cors(config.cors_origins),
         limits=limits,
         head_timeout=config.request_head_timeout,
         body_timeout=config.request_body_timeout,
