@@ -166,7 +166,7 @@ class RateLimitTests(PolicyTestCase):
             self.assertEqual(response.code, 200)
             self.assertEqual(self.header(response, "x-ratelimit-limit-requests"), "2")
             self.assertEqual(self.header(response, "x-ratelimit-remaining-requests"), remaining)
-            self.assertRegex(self.header(response, "x-ratelimit-reset-requests"), r"^\d+(ms|s)$")
+            self.assertRegex(self.header(response, "x-ratelimit-reset-requests"), r"^(\d+h)?(\d+m)?\d+(ms|s)$")
         response, content = yield self.post(ALICE, chat())
         error = self.assertError(response, content, 429, "rate_limit_exceeded")
         self.assertEqual(error["type"], "rate_limit_error")
