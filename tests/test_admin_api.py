@@ -136,7 +136,7 @@ class AuthTests(AdminTestCase):
                 [b'Bearer realm="twisted-forward admin"'],
             )
             self.assertEqual(response.headers.getRawHeaders(b"cache-control"), [b"no-store"])
-        response, body = yield self.get("/metrics", key=None)
+        response, body = yield self.get("/metrics")
         self.assertEqual(
             metric(body.decode(), "openai_forward_admin_refusals_total",
                    reason="invalid_admin_key"),

@@ -119,6 +119,26 @@ class MetricsTests(ProxyTestCase):
         self.assertEqual([s.uri for s in self.fake.seen], [b"/metrics"])
 
     @defer.inlineCallbacks
+    def test_public_port_needs_admin_key(self):
+        """With ADMIN_KEY set, /metrics on the proxy's public port needs it
+        as a Bearer token (401, OpenAI-shaped, otherwise); the key itself
+        is never in the answer."""
+        admin = "admin-metrics-key-0123456789"
+        yield self.start_proxy(ADMIN_KEY=admin)
+        for headers in ({}, {b"authorization": [b"Bearer wrong-admin-key"]}):
+            response = yield self.client.get(self.url("/metrics"), headers=headers)
+            body = json.loads((yield response.content()))
+            self.assertEqual(response.code, 401)
+            self.assertEqual(body["error"]["code"], "invalid_admin_key")
+        response = yield self.client.get(
+            self.url("/metrics"), headers={b"authorization": [b"Bearer " + admin.encode()]})
+        text = (yield response.content()).decode()
+        self.assertEqual(response.code, 200)
+        self.assertIn("openai_forward_requests_total", text)
+        self.assertNotIn(admin, text)
+        self.assertEqual(self.fake.seen, [])
+
+    @defer.inlineCallbacks
     def test_access_line(self):
         """Access line."""
         events = []

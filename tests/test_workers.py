@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sys
 from typing import Any, Optional
@@ -141,6 +142,57 @@ class WorkersEndToEndTests(TestCase):
         self.assertRegex(supervisor.output, rf"worker 2 \(pid {survivor}\) stopped: exited cleanly")
         self.assertNotIn("Traceback", supervisor.output)
         self.assertNotIn("Unhandled", supervisor.output)
+
+    @defer.inlineCallbacks
+    def test_metrics_summed_across_workers(self) -> Any:
+        """Requests served by both workers: every scrape, whichever worker
+        answers it, counts all of them; the multiprocess folder goes at
+        stop."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        supervisor = self.start_supervisor(2)
+        match = yield supervisor.wait_for(r"listening on 127\.0\.0\.1:(\d+); starting 2 worker")
+        port = int(match.group(1))
+        yield supervisor.wait_for(r"\[worker-1\] worker 1 serving")
+        yield supervisor.wait_for(r"\[worker-2\] worker 2 serving")
+
+        def served_by_both(path: str) -> bool:
+            return all(
+                re.search(rf"\[worker-{i}[ \]].* GET {path} 200 ", supervisor.output)
+                for i in (1, 2)
+            )
+
+        sent = 0
+        while sent < 200 and not (sent >= 4 and served_by_both("/v1/models")):
+            response = yield self.client.get(f"http://127.0.0.1:{port}/v1/models")
+            yield response.content()
+            self.assertEqual(response.code, 200)
+            sent += 1
+        yield supervisor.wait_for(r"\[worker-1[ \]].* GET /v1/models 200 ")
+        yield supervisor.wait_for(r"\[worker-2[ \]].* GET /v1/models 200 ")
+
+        totals = []
+        while len(totals) < 200 and not (len(totals) >= 2 and served_by_both("/metrics")):
+            response = yield self.client.get(f"http://127.0.0.1:{port}/metrics")
+            text = (yield response.content()).decode()
+            self.assertEqual(response.code, 200)
+            total = 0.0
+            for family in text_string_to_metric_families(text):
+                if family.name == "openai_forward_requests":
+                    total += sum(s.value for s in family.samples if s.name.endswith("_total"))
+            totals.append(total)
+        yield supervisor.wait_for(r"\[worker-1[ \]].* GET /metrics 200 ")
+        yield supervisor.wait_for(r"\[worker-2[ \]].* GET /metrics 200 ")
+        self.assertEqual(set(totals), {float(sent)})
+
+        folders = [name for name in os.listdir("/tmp")
+                   if name.startswith("twisted-forward-metrics-")]
+        supervisor.transport.signalProcess("TERM")
+        yield supervisor.ended
+        left = [name for name in os.listdir("/tmp")
+                if name.startswith("twisted-forward-metrics-")]
+        self.assertTrue(folders)
+        self.assertLess(len(left), len(folders))
 
     @defer.inlineCallbacks
     def test_workers_stop_when_the_supervisor_is_killed(self) -> Any:

@@ -10,6 +10,7 @@ per chunk.
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 from prometheus_client import (
@@ -21,11 +22,27 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
 from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 
+from .admin.auth import AdminAuth
+from .errors import write_error
+
 if TYPE_CHECKING:
     from .keys import DefaultKeys
+
+#: Set by the supervisor for its workers (``--workers``): the folder where
+#: prometheus_client's multiprocess mode keeps every worker's series, so a
+#: scrape of any worker answers for all of them.  prometheus_client reads
+#: it when first imported.
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def multiprocess_dir() -> Optional[str]:
+    """The multiprocess folder this process writes its series to, or None."""
+    return os.environ.get(MULTIPROC_ENV) or None
+
 
 _LATENCY_BUCKETS = (
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
@@ -88,6 +105,8 @@ class Metrics:
             "Exchanges in flight (open streams included).",
             ["route"],
             registry=r,
+            # With --workers: the sum over the workers alive.
+            multiprocess_mode="livesum",
         )
         self.relayed_bytes = Counter(
             "openai_forward_relayed_bytes",
@@ -211,16 +230,53 @@ class _ChatRecordCounts:
         )
 
 
+class AllWorkers:
+    """What a scrape of one worker reports under ``--workers``: every
+    worker's counters, histograms and gauges, summed from the multiprocess
+    folder, and this worker's scrape-time collectors (default keys' states,
+    chat record writer, ledger), which do not live in that folder."""
+
+    def __init__(self, metrics: Metrics, path: str) -> None:
+        self._metrics = metrics
+        self._files = MultiProcessCollector(None, path)
+
+    def collect(self) -> Iterator[Any]:
+        yield from self._files.collect()
+        watches: dict[str, Any] = self._metrics.__dict__.get("_watches", {})
+        for collector in list(watches.values()):
+            yield from collector.collect()
+
+
 class MetricsResource(Resource):
-    """Serves the registry in Prometheus' text format."""
+    """Serves the registry in Prometheus' text format.
+
+    :param admin_key: when set, a scrape must carry it as its Bearer
+        credential (the metrics on the proxy's public port); None for an
+        open scrape (METRICS_PORT, or no ADMIN_KEY).
+    :param multiproc: the multiprocess folder of ``--workers`` (default: the
+        one this process was started with), or None for this process alone.
+    """
 
     isLeaf = True
 
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(
+        self, metrics: Metrics, admin_key: Optional[str] = None,
+        multiproc: Optional[str] = None,
+    ) -> None:
         super().__init__()
         self.metrics = metrics
+        self._auth = AdminAuth(admin_key) if admin_key else None
+        path = multiproc if multiproc is not None else multiprocess_dir()
+        self._source: Any = AllWorkers(metrics, path) if path else metrics.registry
 
     def render_GET(self, request: IRequest) -> bytes:
-        request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode("ascii"))
         request.setHeader(b"cache-control", b"no-store")
-        return generate_latest(self.metrics.registry)
+        if self._auth is not None and not self._auth.allows(request):
+            request.setHeader(b"www-authenticate", b'Bearer realm="twisted-forward metrics"')
+            return write_error(
+                request, 401, "invalid_admin_key",
+                "The metrics on this port need the admin key as a Bearer token "
+                "(or serve them on METRICS_PORT).",
+            )
+        request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode("ascii"))
+        return generate_latest(self._source)

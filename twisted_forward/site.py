@@ -616,7 +616,7 @@ def build_root(
         [(p.route.prefix, p) for p in proxies],
         health,
         config.healthz_path,
-        MetricsResource(metrics) if served_here else None,
+        MetricsResource(metrics, config.admin_key) if served_here else None,
         config.metrics_path,
         admin.resource if admin is not None and config.admin_port is None else None,
         Cors(config.cors_origins),

@@ -37,11 +37,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 from typing import Any, Callable, Optional
 
+from prometheus_client.multiprocess import mark_process_dead
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet import defer, endpoints
 from twisted.internet.error import ProcessDone
@@ -53,6 +56,7 @@ from twisted.python.failure import Failure
 from .config import ConfigError
 from .exitstatus import give_up
 from .logfiles import LogReopenService
+from .metrics import MULTIPROC_ENV
 from .policies.amp_store import STORE_FD, StoreHub
 from .policies.memory import MemoryStore
 from .policies.shared import STORE_FD_ENV
@@ -196,6 +200,9 @@ class WorkerPool(Service):
         self.stable = False
         self.stopping = False
         self._all_ended: list[defer.Deferred[None]] = []
+        #: The multiprocess metrics folder the workers share (see
+        #: :mod:`twisted_forward.metrics`), made at start, removed at stop.
+        self.metrics_dir: Optional[str] = None
         #: Fires with the listening port once it is bound (for tests).
         self.listening: defer.Deferred[IListeningPort] = defer.Deferred()
 
@@ -204,6 +211,10 @@ class WorkerPool(Service):
     def startService(self) -> None:
         super().startService()
         self.stopping = False
+        if self.metrics_dir is None:
+            # A new folder each start: series of a previous run must not
+            # be summed into this one.
+            self.metrics_dir = tempfile.mkdtemp(prefix="twisted-forward-metrics-")
         if self.source is not None:
             self._restore_sighup = install_handler(signal.SIGHUP, self.reactor, self.reload)
         if self.bound is not None:
@@ -247,6 +258,8 @@ class WorkerPool(Service):
         here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env = dict(self.environ)
         env[WORKER_ENV] = str(index)
+        if self.metrics_dir is not None:
+            env[MULTIPROC_ENV] = self.metrics_dir
         env["PYTHONPATH"] = os.pathsep.join(
             [here] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
         )
@@ -305,6 +318,9 @@ class WorkerPool(Service):
     # ------------------------------------------------------------ deaths
 
     def _ended(self, worker: _Worker, reason: Failure) -> None:
+        if self.metrics_dir is not None and worker.pid is not None:
+            # Its counters stay in the sums; its live gauges go.
+            mark_process_dead(worker.pid, self.metrics_dir)
         if self.workers.get(worker.index) is worker:
             del self.workers[worker.index]
         why = "exited cleanly" if reason.check(ProcessDone) else reason.getErrorMessage()
@@ -382,6 +398,9 @@ class WorkerPool(Service):
         if self.port is not None:
             port, self.port = self.port, None
             yield port.stopListening()
+        if self.metrics_dir is not None:
+            shutil.rmtree(self.metrics_dir, ignore_errors=True)
+            self.metrics_dir = None
 
     def _kill_stragglers(self) -> None:
         for worker in list(self.workers.values()):

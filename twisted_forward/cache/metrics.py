@@ -49,6 +49,7 @@ class CacheMetrics:
             "openai_forward_cache_size_bytes",
             "Bytes held by the in-memory cache store.",
             registry=registry,
+            multiprocess_mode="livesum",
         )
 
     def evicted(self, count: int = 1) -> None:
