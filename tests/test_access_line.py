@@ -15,7 +15,6 @@ from twisted.logger import globalLogPublisher
 from .harness import ProxyTestCase
 from .test_startup import TWISTD, run
 
-
 ACCESS = "twisted_forward.access"
 
 

@@ -17,7 +17,6 @@ from twisted.trial.unittest import SynchronousTestCase
 from .processes import ROOT
 
 
-
 class BenchSmokeTests(SynchronousTestCase):
     def run_bench(self, *extra: str) -> tuple[str, str]:
         out = os.path.abspath(self.mktemp())

@@ -38,7 +38,6 @@ from .fake_upstream import chat_chunks
 from .processes import ROOT
 
 
-
 def inline(f: Callable[[], Any]) -> Deferred:
     """A runner that runs the blocking write at once (tests only)."""
     try:

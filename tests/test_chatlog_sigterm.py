@@ -17,7 +17,8 @@ from twisted_forward.chat.files import read_records, record_files
 
 from .fake_upstream import chat_chunks
 from .harness import Collector, ProxyTestCase
-from .processes import ROOT, ChildProcess as Twistd
+from .processes import ROOT
+from .processes import ChildProcess as Twistd
 
 DEFAULT_KEY = "sk-sigterm-secret-abcdef0123"
 FORWARD_KEY = "fk-sigterm-secret-abcdef0123"

@@ -22,11 +22,10 @@ from twisted_forward.loops import HOP_HEADER, HOP_TOKEN, MAX_HOPS, is_loop, join
 from twisted_forward.tap import ProxyService
 
 from .harness import ProxyTestCase
+from .processes import ROOT
 from .test_reload import write_env
 from .test_startup import TWISTD, run
 from .test_workers import Supervisor
-from .processes import ROOT
-
 
 
 def free_port() -> int:

@@ -18,8 +18,8 @@ from twisted_forward.config import ConfigError, load_config
 from twisted_forward.migration import REPLACED, unknown_names
 
 from .harness import ProxyTestCase
-from .test_reload import write_env
 from .processes import ROOT, TWISTD
+from .test_reload import write_env
 from .test_workers import Supervisor
 
 GENERAL = json.dumps([{"base_url": "https://api.openai.com", "route": "/"},

@@ -35,6 +35,7 @@ from twisted_forward.ledger import MemoryLedger
 from twisted_forward.ledger.feed import CountingRecorder
 from twisted_forward.metrics import Metrics
 from twisted_forward.site import ForwardSite
+
 from .processes import ROOT
 
 PACKAGE = "twisted_forward"

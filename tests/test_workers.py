@@ -29,8 +29,8 @@ from twisted_forward.worker import SharedSocketEndpoint
 
 from .fake_upstream import FakeOpenAI, chat_answer, listen_fake
 from .harness import ConnectionTracker
-from .processes import ROOT, TWISTD, ChildProcess as Supervisor
-
+from .processes import ROOT, TWISTD
+from .processes import ChildProcess as Supervisor
 
 
 class WorkersEndToEndTests(TestCase):

@@ -25,10 +25,10 @@ from .cache.settings import (
     parse_interval,
     parse_routes,
 )
+from .cors import parse_cors_origins
 from .policies.settings import POLICY_SETTINGS, PolicyConfig, PolicyConfigError
 from .policies.settings import build as build_policy_config
 from .trust import read_ca_file
-from .cors import parse_cors_origins
 
 IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 

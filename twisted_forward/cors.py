@@ -67,7 +67,7 @@ def parse_cors_origins(value: str) -> tuple[str, ...]:
     for item in items:
         try:
             parts = urlsplit(item)
-            parts.port  # raises ValueError on a bad port
+            _ = parts.port  # raises ValueError on a bad port
         except ValueError:
             parts = None
         if (

@@ -14,9 +14,8 @@ from __future__ import annotations
 import csv
 import io
 import json
-import re
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta, timezone
+from datetime import date, datetime, timezone
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 from twisted.internet.defer import Deferred, succeed
@@ -25,6 +24,7 @@ from twisted.internet.interfaces import IReactorTime
 from ..keys import DefaultKeys
 from ..ledger import FIGURES, GROUPS, ILedger, UsageRow
 from ..ledger.interfaces import GROUP_DIMENSIONS
+from ..ledger.report import parse_day as read_day
 from .exchanges import Found, recent_records
 from .limits import IKeyLimits
 
@@ -33,7 +33,6 @@ MAX_EXCHANGES = 200
 #: Days a usage query may span at most.
 MAX_DAYS = 3660
 
-_RELATIVE = re.compile(r"^(\d{1,4})d$")
 
 #: Runs a blocking callable off the reactor thread.
 Runner = Callable[[Callable[[], Any]], "Deferred[Any]"]
@@ -71,26 +70,12 @@ def iso_time(seconds: float) -> str:
 
 
 def parse_day(param: str, value: str, today: date) -> date:
-    """A day: ``YYYY-MM-DD`` (a longer ISO time is cut to its day),
-    ``today``, ``yesterday``, or ``Nd`` (the N days ending today: ``7d``
-    is today and the six days before)."""
-    text = value.strip().lower()
-    if text == "today":
-        return today
-    if text == "yesterday":
-        return today - timedelta(days=1)
-    match = _RELATIVE.match(text)
-    if match:
-        days = int(match.group(1))
-        if days < 1:
-            raise BadParam(param, f"{param}: {value!r} must be at least 1d")
-        return today - timedelta(days=days - 1)
+    """A day for the query parameter ``param``, read as the command line
+    reads it (:func:`twisted_forward.ledger.report.parse_day`)."""
     try:
-        return date.fromisoformat(text[:10])
-    except ValueError:
-        raise BadParam(
-            param, f"{param}: {value!r} is not a day (YYYY-MM-DD, today, yesterday or 7d)"
-        ) from None
+        return read_day(value, today)
+    except ValueError as e:
+        raise BadParam(param, f"{param}: {e}") from None
 
 
 def one(query: Mapping[str, Sequence[str]], name: str, default: Optional[str] = None) -> Optional[str]:

@@ -19,7 +19,7 @@ from . import sql
 from .database import DirectDatabase
 from .interfaces import GROUP_DIMENSIONS, GROUPS, UsageRow
 
-_RELATIVE = re.compile(r"^(\d+)d$")
+_RELATIVE = re.compile(r"^(\d{1,4})d$")
 
 
 def utc_today() -> date:
@@ -28,10 +28,12 @@ def utc_today() -> date:
 
 
 def parse_day(value: str, today: date) -> date:
-    """``YYYY-MM-DD``, ``today``, ``yesterday``, or ``Nd``: the first of the
-    last N UTC days (``1d`` is today, ``7d`` the week ending today).
+    """``YYYY-MM-DD`` (a longer ISO time is cut to its day), ``today``,
+    ``yesterday``, or ``Nd``: the first of the last N UTC days (``1d`` is
+    today, ``7d`` the week ending today).  The command line and the admin
+    API both read days with it.
 
-    :raises usage.UsageError: for anything else.
+    :raises ValueError: for anything else, saying why.
     """
     text = value.strip().lower()
     if text == "today":
@@ -42,14 +44,22 @@ def parse_day(value: str, today: date) -> date:
     if match:
         days = int(match.group(1))
         if days < 1:
-            raise usage.UsageError(f"{value!r}: say at least 1d")
+            raise ValueError(f"{value!r} must be at least 1d")
         return today - timedelta(days=days - 1)
     try:
-        return date.fromisoformat(text)
+        return date.fromisoformat(text[:10])
     except ValueError:
-        raise usage.UsageError(
+        raise ValueError(
             f"{value!r} is not a day: YYYY-MM-DD, today, yesterday or Nd (7d: the last 7 days)"
         ) from None
+
+
+def _cli_day(value: str, today: date) -> date:
+    """:func:`parse_day` for the command line."""
+    try:
+        return parse_day(value, today)
+    except ValueError as e:
+        raise usage.UsageError(str(e)) from None
 
 
 class UsageOptions(usage.Options):
@@ -79,8 +89,8 @@ class UsageOptions(usage.Options):
         if self["by"] not in GROUPS:
             raise usage.UsageError(f"--by must be one of {', '.join(GROUPS)}")
         today = utc_today()
-        self["since-day"] = parse_day(self["since"], today)
-        self["until-day"] = parse_day(self["until"], today)
+        self["since-day"] = _cli_day(self["since"], today)
+        self["until-day"] = _cli_day(self["until"], today)
         if self["since-day"] > self["until-day"]:
             raise usage.UsageError("--since is after --until")
 
