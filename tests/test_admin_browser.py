@@ -76,6 +76,16 @@ def post_chat(base: str, key: str, text: str, model: str, stream: bool) -> int:
         return response.status
 
 
+def require_browser(test: Any) -> None:
+    """Skip ``test`` when Chromium or Playwright is missing, but fail it when
+    CI is set: CI must really run the browser tests."""
+    why = missing()
+    if why:
+        if os.environ.get("CI"):
+            test.fail(f"CI is set and the browser test cannot run: {why}")
+        test.skipTest(why)
+
+
 def launch(playwright: Any, folder: str) -> Any:
     """Debian's headless Chromium with a fresh profile in ``folder``; the
     caller closes the context it returns."""
@@ -199,11 +209,7 @@ class BrowserTests(AdminTestCase):
     timeout = 240
 
     def setUp(self) -> None:
-        why = missing()
-        if why:
-            if os.environ.get("CI"):
-                self.fail(f"CI is set and the browser test cannot run: {why}")
-            self.skipTest(why)
+        require_browser(self)
         return super().setUp()
 
     @defer.inlineCallbacks

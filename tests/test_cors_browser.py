@@ -21,7 +21,7 @@ from twisted.web.server import Site
 from twisted.web.static import File
 
 from .harness import ProxyTestCase
-from .test_admin_browser import WAIT_MS, launch, missing
+from .test_admin_browser import WAIT_MS, launch, require_browser
 
 FK = "fk-browser-page-0001"
 REAL = "sk-browser-page-real-0001"
@@ -105,11 +105,7 @@ class CrossOriginPageTests(ProxyTestCase):
     timeout = 180
 
     def setUp(self) -> None:
-        why = missing()
-        if why:
-            if os.environ.get("CI"):
-                self.fail(f"CI is set and the browser test cannot run: {why}")
-            self.skipTest(why)
+        require_browser(self)
         return super().setUp()
 
     @defer.inlineCallbacks

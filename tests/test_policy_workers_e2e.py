@@ -11,15 +11,11 @@ import re
 import sys
 from typing import Any
 
-from treq.client import HTTPClient
 from twisted.internet import defer, reactor
-from twisted.trial.unittest import TestCase
-from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.server import Request
 
-from .fake_upstream import FakeOpenAI, chat_answer, listen_fake
-from .harness import ConnectionTracker
-from .test_workers import ROOT, TWISTD, Supervisor
+from .fake_upstream import chat_answer
+from .test_workers import ROOT, TWISTD, Supervisor, WorkersTestCase
 
 ALICE = "fk-alice-0123456789"
 DEAD = "sk-dead-0123456789"
@@ -27,27 +23,8 @@ LIVE = "sk-live-0123456789"
 _ANSWERED = re.compile(r"\[worker-(\d+)[^\]]*\].* POST /v1/chat/completions (\d{3}) ")
 
 
-class WorkersPolicyTests(TestCase):
+class WorkersPolicyTests(WorkersTestCase):
     """The plugin with ``--workers 2`` as twistd runs it."""
-
-    timeout = 60
-
-    def setUp(self) -> None:
-        self.fake = FakeOpenAI()
-        self.fake_port = listen_fake(self.fake)
-        self.fake_tracker = ConnectionTracker(self.fake_port.factory)
-        # A new connection each request, so either worker may take it.
-        self.pool = HTTPConnectionPool(reactor, persistent=False)
-        self.client = HTTPClient(Agent(reactor, pool=self.pool))
-        self.workdir = self.mktemp()
-        os.makedirs(self.workdir)
-        self.addCleanup(self._stop_upstream)
-
-    @defer.inlineCallbacks
-    def _stop_upstream(self) -> Any:
-        yield self.pool.closeCachedConnections()
-        yield self.fake_port.stopListening()
-        yield self.fake_tracker.closed()
 
     @defer.inlineCallbacks
     def start(self, **env: str) -> Any:

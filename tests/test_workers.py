@@ -33,8 +33,9 @@ from .processes import ROOT, TWISTD
 from .processes import ChildProcess as Supervisor
 
 
-class WorkersEndToEndTests(TestCase):
-    """The plugin with ``--workers 2`` as twistd runs it."""
+class WorkersTestCase(TestCase):
+    """A fake upstream and a client that opens a new connection per request
+    (so either worker may take it), for tests of ``--workers``."""
 
     timeout = 60
 
@@ -54,6 +55,10 @@ class WorkersEndToEndTests(TestCase):
         yield self.pool.closeCachedConnections()
         yield self.fake_port.stopListening()
         yield self.fake_tracker.closed()
+
+
+class WorkersEndToEndTests(WorkersTestCase):
+    """The plugin with ``--workers 2`` as twistd runs it."""
 
     def start_supervisor(self, count: int = 2, **env: str) -> Supervisor:
         environ = {
