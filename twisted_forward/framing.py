@@ -52,7 +52,7 @@ from twisted.logger import Logger
 from twisted.web.http import RESPONSES, datetimeToString
 from twisted.web.http_headers import Headers
 
-from ._compat import ChannelHooks
+from ._compat import CHANNEL_SLOTS, ChannelHooks, fill_slot_defaults, slot_defaults
 from .errors import error_body
 
 if TYPE_CHECKING:
@@ -302,6 +302,10 @@ class ChannelSettings:
     seconds: Callable[[], float] = time.time
 
 
+#: The class-level values the slots of :class:`ForwardChannel` hide.
+_CHANNEL_DEFAULTS = slot_defaults(ChannelHooks, CHANNEL_SLOTS)
+
+
 class ForwardChannel(ChannelHooks):
     """Twisted's HTTP/1.1 channel with the refusals this module describes.
 
@@ -321,13 +325,23 @@ class ForwardChannel(ChannelHooks):
     :ivar linger_bytes: ... and how much of it at most.
     """
 
+    # One pointer each instead of a hash table per connection (see
+    # twisted_forward._compat.CHANNEL_SLOTS).
+    __slots__ = CHANNEL_SLOTS + (
+        "settings", "max_request_body", "head_checks", "head_timeout", "body_timeout",
+        "limits", "refused", "_linger_call", "_lingered", "_refuse_on_connect",
+        "_counted", "_counted_peer", "_awaiting_head", "_head_timer", "_body_timer",
+        "_body_last", "_idle_timeout", "_in_head", "_head_version", "_head_size",
+        "_header_count", "_codings",
+    )
+
     log = Logger()
 
-    max_request_body: Optional[int] = None
-    head_checks: Sequence["IHeadCheck"] = ()
-    head_timeout: Optional[float] = None
-    body_timeout: Optional[float] = None
-    limits: Optional["ConnectionLimits"] = None
+    max_request_body: Optional[int]
+    head_checks: Sequence["IHeadCheck"]
+    head_timeout: Optional[float]
+    body_timeout: Optional[float]
+    limits: Optional["ConnectionLimits"]
     maxHeaders = 100
     totalHeadersSize = 16384
     MAX_LENGTH = 16384
@@ -338,8 +352,10 @@ class ForwardChannel(ChannelHooks):
     delimiter = b"\n"
 
     def __init__(self, settings: ChannelSettings = ChannelSettings()) -> None:
+        fill_slot_defaults(self, _CHANNEL_DEFAULTS)
         super().__init__()
         self.settings = settings
+        self.limits = None
         self.max_request_body = settings.max_request_body
         self.maxHeaders = settings.max_headers
         self.totalHeadersSize = self.MAX_LENGTH = settings.max_header_bytes
