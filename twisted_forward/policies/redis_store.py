@@ -157,7 +157,7 @@ class RedisStore:
         d = self._eval(redis_lua.RESERVE, [_bucket_key(b) for b in buckets], args)
         return d.addCallback(self._verdict, reservation, buckets)
 
-    def _verdict(self, reply: list, reservation: str, buckets: tuple[Bucket, ...]) -> Verdict:
+    def _verdict(self, reply: list[Any], reservation: str, buckets: tuple[Bucket, ...]) -> Verdict:
         granted = int(reply[0]) == 1
         states = []
         for i, bucket in enumerate(buckets):
@@ -285,7 +285,7 @@ class RedisStore:
     def marks(self, now: float) -> "Deferred[Mapping[str, Mark]]":
         d = self._eval(redis_lua.HEALTH_GET, self._health_keys(), [""])
 
-        def read(reply: list) -> dict[str, Mark]:
+        def read(reply: list[Any]) -> dict[str, Mark]:
             marks = _read_marks(reply)
             return {k: u for k, u in marks.items() if u is None or u > now}
 
@@ -300,7 +300,7 @@ class RedisStore:
         d = self._in_flight(
             self._eval(redis_lua.HEALTH_GET, self._health_keys(), [self._health_version]))
 
-        def read(reply: list) -> None:
+        def read(reply: list[Any]) -> None:
             version = str(reply[0])
             if version == self._health_version:
                 return
@@ -317,7 +317,7 @@ class RedisStore:
         return d.addCallback(read).addErrback(lambda _: None)
 
 
-def _read_marks(reply: list) -> dict[str, Mark]:
+def _read_marks(reply: list[Any]) -> dict[str, Mark]:
     marks: dict[str, Mark] = {}
     for key, value in zip(reply[1::2], reply[2::2]):
         state, _, when = str(value).partition(":")
