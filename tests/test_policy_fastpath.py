@@ -18,7 +18,6 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from twisted_forward.policies import gate as gate_module
-from twisted_forward.policies.gate import PolicyGate
 from twisted_forward.policies.memory import MemoryStore
 from twisted_forward.policies.rules import KeyPolicy, Policies, Rate, RouteRate
 from twisted_forward.policies.store import (
