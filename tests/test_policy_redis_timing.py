@@ -138,7 +138,7 @@ class TimingTests(SynchronousTestCase):
         self.assertEqual(self.returned, [1])
         self.clock.advance(0)
         self.assertEqual(self.calls(), before + 1)
-        self.assertIn(b"$1\r\na\r\n$1\r\n1\r\n$4\r\nlate\r\n", self.transport.value())
+        self.assertIn(b"\r\na late 1 1 f 1800000000000 1 0\r\n", self.transport.value())
         self.answer("0")
         self.assertNotIn("late", self.store.open)
 
@@ -164,7 +164,7 @@ class TimingTests(SynchronousTestCase):
         self.clock.advance(0)
         self.assertEqual(self.calls(), before + 1)
         written = self.transport.value()
-        self.assertLess(written.rindex(b"$1\r\na\r\n"), written.rindex(b"$1\r\nr\r\n"))
+        self.assertLess(written.rindex(b"\r\na b 1 "), written.rindex(b"\r\nr c "))
         self.answer("0", "1 0 0 2 60000")
         self.successResultOf(s)
         self.assertTrue(self.successResultOf(r).granted)

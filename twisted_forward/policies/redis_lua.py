@@ -240,10 +240,17 @@ return #KEYS
 #: exactly as :data:`RESERVE` or :data:`ADJUST` would (the whole call is one
 #: atomic step, so the order within it is the order they happened in).
 #:
-#: KEYS: every operation's bucket keys, one operation after the other.
-#: ARGV: per operation, ``r``, bucket count, reservation id, now_ms, then
-#: :data:`RESERVE_FIELDS` per bucket; or ``a``, bucket count, reservation
-#: id, then :data:`ADJUST_FIELDS` per bucket.
+#: KEYS: the bucket keys the operations use, each once.
+#: ARGV: one string per operation, its fields separated by spaces (one
+#: argument an operation, not thirty: the client encodes each argument on
+#: its own, in Python):
+#:
+#: - ``r <reservation id> <now_ms> <count>`` then per bucket ``<key index>
+#:   <kind> <window_ms> <limit> <amount> <start_ms> <end_ms>``
+#:   (:data:`RESERVE`'s fields, the key by its 1-based index in KEYS);
+#: - ``a <reservation id> <count>`` then per bucket ``<key index> <kind>
+#:   <tag> <old amount> <new amount>`` (:data:`ADJUST`'s; ``-`` for an
+#:   empty tag).
 #:
 #: Returns one status reply (a single line) per operation: for ``r``,
 #: ``"granted refused_index retry_ms used_1 reset_ms_1 used_2 reset_ms_2
@@ -254,28 +261,46 @@ return #KEYS
 #: turns of a busy reactor to read; lines are read all at once.
 BATCH = _PRELUDE + _STEPS + r"""
 local out = {}
-local k, a = 0, 0
-local total = #ARGV
-while a < total do
-  local op, n, rid = ARGV[a + 1], tonumber(ARGV[a + 2]), ARGV[a + 3]
+for a = 1, #ARGV do
+  local f = {}
+  for field in string.gmatch(ARGV[a], '%S+') do
+    f[#f + 1] = field
+  end
+  local op, rid = f[1], f[2]
+  local keys, fields = {}, {}
   if op == 'r' then
-    local now = now_ms(ARGV[a + 4])
-    local refused, retry, used, resets = reserve(now, rid, KEYS, k, ARGV, a + 4, n)
+    local now = now_ms(f[3])
+    local n = tonumber(f[4])
+    for i = 1, n do
+      local o = 4 + (i - 1) * 7
+      keys[i] = KEYS[tonumber(f[o + 1])]
+      for j = 2, 7 do
+        fields[#fields + 1] = f[o + j]
+      end
+    end
+    local refused, retry, used, resets = reserve(now, rid, keys, 0, fields, 0, n)
     local parts = {refused == 0 and 1 or 0, refused, math.ceil(retry)}
     for i = 1, n do
       parts[#parts + 1] = tostring(used[i])
       parts[#parts + 1] = math.ceil(resets[i])
     end
     out[#out + 1] = redis.status_reply(table.concat(parts, ' '))
-    a = a + 4 + 6 * n
   elseif op == 'a' then
-    adjust(rid, KEYS, k, ARGV, a + 3, n)
+    local n = tonumber(f[3])
+    for i = 1, n do
+      local o = 3 + (i - 1) * 5
+      keys[i] = KEYS[tonumber(f[o + 1])]
+      fields[#fields + 1] = f[o + 2]
+      local tag = f[o + 3]
+      fields[#fields + 1] = tag == '-' and '' or tag
+      fields[#fields + 1] = f[o + 4]
+      fields[#fields + 1] = f[o + 5]
+    end
+    adjust(rid, keys, 0, fields, 0, n)
     out[#out + 1] = redis.status_reply('0')
-    a = a + 3 + 4 * n
   else
     error('unknown operation ' .. tostring(op))
   end
-  k = k + n
 end
 return out
 """

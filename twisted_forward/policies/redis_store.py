@@ -104,19 +104,26 @@ def connection(target: redis_link.RedisTarget, timeout: float, ca_file: Optional
 
 
 class _Op:
-    """One reservation or adjustment waiting for its batch."""
+    """One reservation or adjustment waiting for its batch.
 
-    __slots__ = ("keys", "args", "deferred", "reservation", "buckets")
+    :ivar keys: its buckets' keys, in order.
+    :ivar head: the start of its BATCH argument (``r <id> <now> <count>``).
+    :ivar fields: per bucket, its fields after the key index.
+    """
+
+    __slots__ = ("keys", "head", "fields", "deferred", "reservation", "buckets")
 
     def __init__(
         self,
         keys: list[str],
-        args: list[Any],
+        head: str,
+        fields: list[str],
         reservation: str,
         buckets: Optional[tuple[Bucket, ...]] = None,
     ) -> None:
         self.keys = keys
-        self.args = args
+        self.head = head
+        self.fields = fields
         self.reservation = reservation
         #: A reservation's buckets; None for an adjustment.
         self.buckets = buckets
@@ -283,11 +290,17 @@ class RedisStore:
             self._send(queue[i:i + BATCH_MAX])
 
     def _send(self, ops: list[_Op]) -> None:
-        keys: list[str] = []
-        args: list[Any] = []
+        index: dict[str, int] = {}
+        args: list[str] = []
         for op in ops:
-            keys += op.keys
-            args += op.args
+            parts = [op.head]
+            for key, fields in zip(op.keys, op.fields):
+                i = index.get(key)
+                if i is None:
+                    i = index[key] = len(index) + 1
+                parts.append(f"{i} {fields}")
+            args.append(" ".join(parts))
+        keys = list(index)
         d = self._eval(redis_lua.BATCH, keys, args, late=lambda reply: self._late(ops, reply))
 
         def answered(reply: list) -> None:
@@ -325,15 +338,16 @@ class RedisStore:
         buckets = tuple(buckets)
         if not buckets:
             return succeed(Verdict(True, ()))
-        args: list[Any] = ["r", len(buckets), reservation, _ms(now)]
+        fields = []
         for b in buckets:
             if b.kind == FIXED:
-                args += ["f", 0, b.limit, b.amount, _ms(b.start), _ms(b.end)]
+                fields.append(f"f 0 {b.limit} {b.amount} {_ms(b.start)} {_ms(b.end)}")
             elif b.kind == CONCURRENT:
-                args += ["c", _ms(min(b.seconds, LEASE)), b.limit, b.amount, 0, 0]
+                fields.append(f"c {_ms(min(b.seconds, LEASE))} {b.limit} {b.amount} 0 0")
             else:
-                args += ["m", _ms(b.seconds), b.limit, b.amount, 0, 0]
-        op = _Op([_bucket_key(b) for b in buckets], args, reservation, buckets)
+                fields.append(f"m {_ms(b.seconds)} {b.limit} {b.amount} 0 0")
+        op = _Op([_bucket_key(b) for b in buckets], f"r {reservation} {_ms(now)} {len(buckets)}",
+                 fields, reservation, buckets)
         return self._enqueue(op).addCallback(self._verdict, reservation, buckets)
 
     def _verdict(self, line: str, reservation: str, buckets: tuple[Bucket, ...]) -> Verdict:
@@ -377,11 +391,11 @@ class RedisStore:
         if not changes:
             return succeed(None)
         keys = [_bucket_key(b) for b, _ in changes]
-        args: list[Any] = ["a", len(changes), reservation]
-        for b, new in changes:
-            tag = str(_ms(b.start)) if b.kind == FIXED else ""
-            args += [_KIND[b.kind], tag, b.amount, new]
-        d = self._enqueue(_Op(keys, args, reservation))
+        fields = [
+            f"{_KIND[b.kind]} {_ms(b.start) if b.kind == FIXED else '-'} {b.amount} {new}"
+            for b, new in changes
+        ]
+        d = self._enqueue(_Op(keys, f"a {reservation} {len(changes)}", fields, reservation))
         finished: Deferred[None] = Deferred()
         self._settling.add(finished)
 
