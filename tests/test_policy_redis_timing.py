@@ -169,5 +169,15 @@ class TimingTests(SynchronousTestCase):
         self.successResultOf(s)
         self.assertTrue(self.successResultOf(r).granted)
 
+    def test_close_leaves_nothing_on_the_clock(self) -> None:
+        """A health poll waiting for an answer when the store closes is
+        cancelled with its timers: nothing is left to fire."""
+        self.store.watch(lambda key, until: None)
+        self.clock.advance(1.0)  # the first poll
+        self.clock.advance(0)  # its wait armed
+        self.successResultOf(self.store.close())
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
     def tearDown(self) -> Any:
-        self.store._renewer.stop()
+        if self.store._renewer.running:
+            self.store._renewer.stop()

@@ -227,8 +227,20 @@ class RedisStore:
             d = self.client.eval(script, list(keys), list(args))
         except Exception as e:  # txredisapi raises at once when stopped
             return fail(StoreUnavailable(f"redis: {e}"))
-        result: Deferred[Any] = Deferred()
         timers: list[IDelayedCall] = []
+
+        def stop_timers() -> None:
+            for timer in timers:
+                if timer.active():
+                    timer.cancel()
+
+        def cancel(_: "Deferred[Any]") -> None:
+            # Cancelled (the store closing): nothing of this call may stay
+            # on the reactor.
+            stop_timers()
+            d.cancel()
+
+        result: Deferred[Any] = Deferred(cancel)
 
         def arm() -> None:
             # On the reactor's next turn: ``write`` only buffers, and the
@@ -237,22 +249,18 @@ class RedisStore:
             if not result.called:
                 timers.append(self.clock.callLater(self.timeout, self._expired, result))
 
-        self.clock.callLater(0, arm)
+        timers.append(self.clock.callLater(0, arm))
 
         def answered(reply: Any) -> None:
             self._replies += 1
-            for timer in timers:
-                if timer.active():
-                    timer.cancel()
+            stop_timers()
             if not result.called:
                 result.callback(reply)
             elif late is not None:
                 late(reply)
 
         def failed(failure: Failure) -> None:
-            for timer in timers:
-                if timer.active():
-                    timer.cancel()
+            stop_timers()
             if not result.called:
                 result.errback(Failure(StoreUnavailable(f"redis: {failure.getErrorMessage()}")))
 
