@@ -27,7 +27,6 @@ from zope.interface.interface import InterfaceClass
 from zope.interface.verify import verifyObject
 
 from twisted_forward.admin.limits import PolicyLimits
-
 from twisted_forward.chat.recorder import (
     ChatRecorder,
     ExchangeInfo,
@@ -38,12 +37,12 @@ from twisted_forward.chat.recorder import (
     NullRecorder,
     RequestBody,
 )
+from twisted_forward.config import load_config
 from twisted_forward.exchange import _BothTaps
 from twisted_forward.framing import ChannelSettings, ForwardChannel
 from twisted_forward.ledger import MemoryLedger
 from twisted_forward.ledger.feed import CountingRecorder
 from twisted_forward.metrics import Metrics
-from twisted_forward.config import load_config
 from twisted_forward.site import Built, ForwardSite, build_root
 
 from .processes import ROOT
@@ -161,7 +160,7 @@ class ExtensionPointTests(SynchronousTestCase):
         from twisted_forward.admin.limits import IKeyLimits
         from twisted_forward.admin.live import LiveTally
         from twisted_forward.cache.hook import StoringTap
-        from twisted_forward.cache.interfaces import IAnswerTap, ICacheStore, IExchangeCache
+        from twisted_forward.cache.interfaces import ICacheStore, IExchangeCache
         from twisted_forward.cache.lmdb_store import LMDBStore
         from twisted_forward.cache.memory import MemoryStore as MemoryCacheStore
         from twisted_forward.cache.redis_store import RedisStore as RedisCacheStore
@@ -220,7 +219,7 @@ class ExtensionPointTests(SynchronousTestCase):
                 self.clock, RedisTarget("127.0.0.1", 1), 60, 1000, 1.0
             )),
             (IExchangeCache, built.cache),
-            (IAnswerTap, StoringTap(built.cache, b"key")),
+            (IExchangeTap, StoringTap(built.cache, b"key")),
             *((IHeadCheck, check) for check in built.head_checks),
         ]
 
