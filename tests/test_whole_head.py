@@ -165,3 +165,41 @@ class WholeHeadChannelTests(SynchronousTestCase):
     def test_default_on(self) -> None:
         """Whole heads are the channel's default."""
         self.assertTrue(ForwardChannel.whole_heads)
+
+
+class BodyDeadlineTests(SynchronousTestCase):
+    """A body that came whole with its head needs no deadline of its own."""
+
+    def body_timers(self, server: Server) -> list:
+        return [
+            call for call in server.clock.getDelayedCalls()
+            if getattr(call.func, "__name__", "") == "_body_check"
+        ]
+
+    def test_no_body_timer_when_body_in_hand(self) -> None:
+        """Head and whole body in one read: served, and no body timer was
+        ever started (each would be a timer made and cancelled per request)."""
+        server = Server(body_timeout=60.0)
+        started = []
+        original = server.channel.callLater
+
+        def call_later(delay, func, *args, **kwargs):
+            started.append(getattr(func, "__name__", ""))
+            return original(delay, func, *args, **kwargs)
+
+        server.channel.callLater = call_later  # type: ignore[method-assign]
+        server.feed(b"POST / HTTP/1.1\r\nHost: p\r\nContent-Length: 5\r\n\r\nhello")
+        self.assertEqual([r.body for r in server.resource.seen], [b"hello"])
+        self.assertNotIn("_body_check", started)
+
+    def test_body_timer_when_body_still_coming(self) -> None:
+        """A body not all here with the head keeps its deadline: 408 after
+        body_timeout seconds of silence."""
+        server = Server(body_timeout=60.0)
+        server.feed(b"POST / HTTP/1.1\r\nHost: p\r\nContent-Length: 5\r\n\r\nhel")
+        self.assertEqual(len(self.body_timers(server)), 1)
+        server.clock.advance(60)
+        answer = parse_answer(server.transport.value())
+        self.assertEqual((answer.status, answer.json()["error"]["code"]),
+                         (408, "request_body_timeout"))
+        self.assertEqual(server.resource.seen, [])

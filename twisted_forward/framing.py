@@ -399,6 +399,7 @@ class ForwardChannel(ChannelHooks):
         self._body_timer: Optional[IDelayedCall] = None
         self._body_last = 0.0
         self._idle_timeout: Optional[float] = None
+        self._body_in_hand = 0
         self._new_head()
 
     def _new_head(self) -> None:
@@ -498,6 +499,9 @@ class ForwardChannel(ChannelHooks):
             LineReceiver.dataReceived(self, rest)
             return
         fields, end = split
+        # Bytes of the body already here: when they are the whole body, it
+        # needs no deadline of its own (see allHeadersReceived).
+        self._body_in_hand = len(rest) - end
         self._header_count += len(fields)
         self._head_size += end - 2 * (len(fields) + 1)
         headers = request.requestHeaders
@@ -562,8 +566,15 @@ class ForwardChannel(ChannelHooks):
             request.head_refusal = refusal
         if self._codings and not self.use_chunked_body():
             return
-        if has_body and self.body_timeout is not None:
-            # The body's own clock replaces the idle timer until it is in.
+        in_hand = self._body_in_hand
+        self._body_in_hand = 0
+        if (
+            has_body
+            and self.body_timeout is not None
+            and not (self.length is not None and 0 < self.length <= in_hand)
+        ):
+            # The body's own clock replaces the idle timer until it is in
+            # (not needed when the whole body came in the head's read).
             self._idle_timeout = self.setTimeout(None)
             self._body_last = self._now()
             self._body_timer = self.callLater(self.body_timeout, self._body_check)
