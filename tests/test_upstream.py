@@ -194,7 +194,7 @@ class HostHeaderTests(SynchronousTestCase):
         self.assertEqual(len(wire), 2)
         for raw in wire:
             lines = raw.split(b"\r\n\r\n")[0].lower().split(b"\r\n")
-            self.assertEqual([l for l in lines if l.startswith(b"host:")], [b"host: 127.0.0.1:8000"])
+            self.assertEqual([line for line in lines if line.startswith(b"host:")], [b"host: 127.0.0.1:8000"])
         for headers in seen:
             self.assertEqual(headers.getRawHeaders(b"host"), [b"127.0.0.1:8000"])
 
