@@ -84,6 +84,10 @@ class ProxyTestCase(TestCase):
     """Starts the fake upstream; ``start_proxy`` starts the real plugin."""
 
     timeout = 30
+    #: Settings every proxy of this test case starts with (a test's own win):
+    #: e.g. ``{"METRICS": "public"}`` for tests that scrape /metrics on the
+    #: public port without the admin key.
+    proxy_settings: dict[str, str] = {}
 
     def setUp(self) -> None:
         self.fake = FakeOpenAI()
@@ -111,7 +115,7 @@ class ProxyTestCase(TestCase):
         listening port.  Stopped (and its connections waited for) at cleanup."""
         options = Options()
         options.parseOptions(["--port", port, "--env-file", os.devnull] + list(args or []))
-        environ = proxy_env(self.upstream_port, **env)
+        environ = proxy_env(self.upstream_port, **{**self.proxy_settings, **env})
         self.service = makeService(options, reactor=reactor, environ=environ)
         listener = listeners(self.service)[0]
         self.site = listener.factory
