@@ -198,6 +198,65 @@ class CanaryTests(SynchronousTestCase):
         port.doRead()
         self.assertEqual(port.calls, [1, 1])
 
+    def test_send_now_half_closed(self) -> None:
+        """send_now still recognises a half-closed write side by
+        FileDescriptor._writeDisconnecting (set by loseWriteConnection, read
+        by doWrite once the buffer is empty) and leaves it to the reactor."""
+        from twisted.internet import abstract
+        from twisted.internet.testing import MemoryReactor
+
+        self.assertIs(
+            getattr(abstract.FileDescriptor, "_writeDisconnecting", None),
+            False,
+            self.broke("FileDescriptor._writeDisconnecting is gone or no longer a False default"),
+        )
+        self.assertIn(
+            "self._writeDisconnecting",
+            inspect.getsource(abstract.FileDescriptor.doWrite),
+            self.broke("FileDescriptor.doWrite no longer reads _writeDisconnecting "
+                       "(send_now's half-close guard would be stale)"),
+        )
+        self.assertEqual(
+            _parameters(abstract.FileDescriptor.doWrite),
+            ["self"],
+            self.broke("FileDescriptor.doWrite takes arguments"),
+        )
+        sent: list[bytes] = []
+
+        class Descriptor(abstract.FileDescriptor):
+            connected = 1
+
+            def writeSomeData(self, data: bytes) -> int:
+                sent.append(bytes(data))
+                return len(data)
+
+            def fileno(self) -> int:
+                return 99
+
+        reactor = MemoryReactor()
+        half_closed = Descriptor(reactor)  # type: ignore[arg-type]  # MemoryReactor provides what FileDescriptor uses
+        half_closed.write(b"x")
+        half_closed.loseWriteConnection()
+        self.assertIs(
+            getattr(half_closed, "_writeDisconnecting", None),
+            True,
+            self.broke("FileDescriptor.loseWriteConnection no longer sets _writeDisconnecting"),
+        )
+        _compat.send_now(half_closed)
+        self.assertEqual(sent, [], self.broke("send_now wrote on a half-closed write side"))
+        self.assertIn(half_closed, reactor.getWriters())
+        open_descriptor = Descriptor(reactor)  # type: ignore[arg-type]  # as above
+        open_descriptor.write(b"y")
+        _compat.send_now(open_descriptor)
+        self.assertEqual(
+            sent, [b"y"], self.broke("FileDescriptor.doWrite no longer sends the buffered bytes")
+        )
+        self.assertNotIn(
+            open_descriptor,
+            reactor.getWriters(),
+            self.broke("FileDescriptor.doWrite no longer stops the write watch once the buffer is empty"),
+        )
+
     def test_trust_root_interface(self) -> None:
         """twisted.internet._sslverify.IOpenSSLTrustRoot, named in type hints
         only, still exists."""
@@ -236,3 +295,31 @@ class CanaryTests(SynchronousTestCase):
         path = self.mktemp()
         os.makedirs(path)
         return path
+
+
+class CanaryCoverageTests(SynchronousTestCase):
+    """Every private use _compat.py fences has its canary above."""
+
+    def test_every_export_has_a_canary(self) -> None:
+        """Each name _compat exports is in its __all__ and named by a canary
+        in this module (a new private use needs its own test here)."""
+        import ast
+        import sys
+
+        with open(_compat.__file__, encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+        defined = {
+            node.name
+            for node in tree.body
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and not node.name.startswith("_")
+        }
+        self.assertEqual(
+            sorted(defined - set(_compat.__all__)), [], "defined in _compat.py but not in its __all__"
+        )
+        source = inspect.getsource(sys.modules[__name__])
+        canaries = source[: source.index("class CanaryCoverageTests")]
+        self.assertEqual(
+            [name for name in _compat.__all__ if name not in canaries],
+            [],
+            "exported by _compat.py with no canary in tests/test_compat.py",
+        )

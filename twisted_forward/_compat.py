@@ -43,6 +43,7 @@ __all__ = [
     "IOpenSSLTrustRoot",
     "clear_exit_signal",
     "limit_accepts_per_read",
+    "send_now",
     "set_pool_factory",
     "twistd_log_file",
 ]

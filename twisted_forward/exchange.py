@@ -45,7 +45,7 @@ from .relay import Relay, ScrubbingRelay, discard
 from .state import state_of
 from .upstream import (
     BytesProducer,
-    Upstream,
+    IUpstream,
     join_url,
     response_length,
 )
@@ -82,7 +82,7 @@ class ProxyResource(Resource):
     def __init__(
         self,
         route: Route,
-        upstream: Upstream,
+        upstream: IUpstream,
         keys: KeyRules,
         reactor: IReactorTime,
         read_timeout: float,
@@ -101,6 +101,7 @@ class ProxyResource(Resource):
         self.upstream_slots = upstream_slots if upstream_slots is not None else UpstreamSlots(None)
         self.route_label = route.prefix or "/"
         self.metrics = metrics.for_route(self.route_label) if metrics is not None else None
+        #: Where requests go (:class:`~twisted_forward.upstream.IUpstream`).
         self.upstream = upstream
         self.keys = keys
         self.reactor = reactor

@@ -50,7 +50,7 @@ from .policies.health import KeyHealthLink
 from .policies.service import build_gate
 from .state import RequestState, state_of
 from .target import BadTarget, split_target
-from .upstream import Upstream
+from .upstream import IUpstream, Upstream
 
 #: Seconds a client connection may sit idle between requests.
 CLIENT_IDLE_TIMEOUT = 60
@@ -494,7 +494,7 @@ class Built:
 
     root: IResource
     proxies: list[ProxyResource]
-    upstream: Upstream
+    upstream: IUpstream
     health: Health
     keys: KeyRules
     metrics: Metrics
@@ -520,7 +520,7 @@ def build_root(
     config: Config,
     reactor: IReactorTime,
     recorder: Optional[IRecorder] = None,
-    upstream: Optional[Upstream] = None,
+    upstream: Optional[IUpstream] = None,
     metrics: Optional[Metrics] = None,
     cache_store: Optional[ICacheStore] = None,
     policy: Optional[PolicyGate] = None,
@@ -545,6 +545,9 @@ def build_root(
 
     :param cache_store: the response cache's store, instead of the one
         ``config.cache`` names.
+    :param upstream: what every route sends its requests through (any
+        :class:`~twisted_forward.upstream.IUpstream`); by default a new
+        :class:`~twisted_forward.upstream.Upstream` pool for ``config``.
     """
     if metrics is None:
         metrics = Metrics()

@@ -29,7 +29,7 @@ from twisted.internet.interfaces import IConsumer, IReactorTime
 from twisted.web.client import HTTPConnectionPool
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IBodyProducer, IResponse
-from zope.interface import implementer
+from zope.interface import Interface, implementer
 
 from .config import ProxyURL, UpstreamURL
 from .outbound import upstream_agent
@@ -77,6 +77,32 @@ class BytesProducer:
         pass
 
 
+class IUpstream(Interface):
+    """What an exchange sends its request upstream through (the extension
+    point for another HTTP client: a recording double, a different pool).
+
+    :class:`Upstream` is the proxy's; :func:`~twisted_forward.site.build_root`
+    takes any provider and hands it to every route's
+    :class:`~twisted_forward.exchange.ProxyResource`.
+    """
+
+    def request(
+        method: bytes, url: bytes, headers: Headers, body: Optional[IBodyProducer]
+    ) -> "Deferred[IResponse]":
+        """Send one request exactly as given (no redirects followed, no
+        cookies kept, the body untouched); fire with the answer's head, its
+        body unread (``IResponse.deliverBody``).  Cancelling the Deferred
+        abandons the request.
+
+        :param url: an absolute URI, already encoded (see :func:`join_url`).
+        """
+
+    def close() -> "Deferred[None]":
+        """Let go of idle connections (at shutdown, or when a reload
+        replaces this client); requests in flight are not cut."""
+
+
+@implementer(IUpstream)
 class Upstream:
     """The proxy's HTTP client: one connection pool, no cookies, no redirects.
 
