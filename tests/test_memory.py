@@ -15,7 +15,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 
 from .harness import ProxyTestCase
-from .test_runmodes import spawn_twistd
+from .test_runmodes import listening_port, spawn_twistd
 
 MiB = 1024 * 1024
 #: Allowed growth of the proxy's peak resident memory (the issue's bound).
@@ -60,12 +60,12 @@ class MemoryTests(ProxyTestCase):
     @defer.inlineCallbacks
     def start_child(self):
         process = spawn_twistd(self)
-        port = yield process.listening
+        port = yield listening_port(process)
         # Warm up: import and allocate what every request needs.
         response = yield self.client.get(f"http://127.0.0.1:{port}/v1/models")
         yield response.content()
         yield self.pool.closeCachedConnections()
-        return process.transport.pid, port
+        return process.pid, port
 
     @defer.inlineCallbacks
     def test_slow_reader_200mib(self):

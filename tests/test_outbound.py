@@ -42,7 +42,7 @@ from twisted_forward.outbound import (
 )
 
 from .fake_upstream import chat_chunks
-from .harness import ConnectionTracker, ProxyTestCase
+from .harness import ConnectionTracker, ProxyTestCase, listen_tracked
 from .tls_fixtures import ThrowawayCA
 
 _CA: Optional[ThrowawayCA] = None
@@ -484,8 +484,7 @@ class OutboundProxyTests(ProxyTestCase):
         self.ca_file = ca.write(self.mktemp())
         self.tls_port = self.listen_tls(ca.issue(["localhost", "127.0.0.1"]).options())
         self.outbound = ScriptedProxy()
-        port = reactor.listenTCP(0, self.outbound, interface="127.0.0.1")
-        tracker = ConnectionTracker(self.outbound)
+        port, tracker = listen_tracked(self.outbound)
         self.outbound_port = port.getHost().port
 
         @defer.inlineCallbacks
@@ -500,8 +499,8 @@ class OutboundProxyTests(ProxyTestCase):
 
     def listen_tls(self, options) -> int:
         """Serve the fake upstream over TLS too; its port."""
-        port = reactor.listenSSL(0, Site(self.fake), options, interface="127.0.0.1")
-        tracker = ConnectionTracker(port.factory)
+        tracker = ConnectionTracker(Site(self.fake))
+        port = reactor.listenSSL(0, tracker, options, interface="127.0.0.1")
 
         @defer.inlineCallbacks
         def stop():

@@ -6,16 +6,15 @@ import json
 
 from twisted.internet import defer
 
-from .fake_upstream import FakeOpenAI, chat_chunks, listen_fake
-from .harness import Collector, ConnectionTracker, ProxyTestCase
+from .fake_upstream import FakeOpenAI, chat_chunks, fake_site
+from .harness import Collector, ProxyTestCase, listen_tracked
 
 
 class RouteTests(ProxyTestCase):
     def setUp(self):
         super().setUp()
         self.other = FakeOpenAI()
-        self.other_port = listen_fake(self.other)
-        tracker = ConnectionTracker(self.other_port.factory)
+        self.other_port, tracker = listen_tracked(fake_site(self.other))
 
         @defer.inlineCallbacks
         def stop():

@@ -6,16 +6,16 @@ period, cut the rest, exit 0.
 from __future__ import annotations
 
 import json
-import os
-import signal
 
 from twisted.internet import defer
+from twisted.web.client import ResponseDone
 
 from twisted_forward.tap import ProxyService
 
 from .harness import Collector, ProxyTestCase
+from .processes import assert_exit
 from .test_proxy_unit import FakeResponse, ProxyHarness
-from .test_runmodes import Process, spawn_twistd
+from .test_runmodes import listening_port, spawn_twistd
 
 
 def _stream_body() -> bytes:
@@ -88,7 +88,7 @@ class SigtermTests(ProxyTestCase):
     def test_sigterm_with_stream_open(self):
         """SIGTERM mid-stream: the stream completes, the process exits 0."""
         process = spawn_twistd(self)
-        port = yield process.listening
+        port = yield listening_port(process)
         self.fake.hold_at = 3
         arrived = self.fake.arrived
         response = yield self.client.post(
@@ -98,26 +98,14 @@ class SigtermTests(ProxyTestCase):
         collector = Collector()
         response.deliverBody(collector)
         yield collector.got_data
-        os.kill(process.transport.pid, signal.SIGTERM)
+        process.signal("TERM")
         # Released only once the proxy logged that it is draining.
-        while b"draining 1 open request" not in process.output:
-            yield _next_output(process)
+        yield process.wait_for("draining 1 open request")
         self.fake.release.callback(None)
         yield collector.done
+        # The whole stream, ended by the proxy's own close (not an abort).
         self.assertTrue(collector.body.endswith(b"data: [DONE]\n\n"))
-        code = yield process.ended
-        self.assertEqual(code, 0)
+        self.assertIsInstance(collector.reason.value, ResponseDone, collector.reason)
+        yield process.exited()
+        assert_exit(self, process, 0)
 
-
-def _next_output(process: Process) -> defer.Deferred:
-    """Fires at the child's next output."""
-    d: defer.Deferred = defer.Deferred()
-    original = process.outReceived
-
-    def out(data: bytes) -> None:
-        process.outReceived = original
-        original(data)
-        d.callback(None)
-
-    process.outReceived = out
-    return d

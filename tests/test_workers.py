@@ -27,8 +27,8 @@ from twisted_forward import supervisor as workers
 from twisted_forward.tap import Options, makeService
 from twisted_forward.worker import SharedSocketEndpoint
 
-from .fake_upstream import FakeOpenAI, chat_answer, listen_fake
-from .harness import ConnectionTracker
+from .fake_upstream import FakeOpenAI, chat_answer, fake_site
+from .harness import listen_tracked
 from .processes import ROOT, TWISTD
 from .processes import ChildProcess as Supervisor
 
@@ -65,8 +65,7 @@ class WorkersTestCase(TestCase):
 
     def setUp(self) -> None:
         self.fake = FakeOpenAI()
-        self.fake_port = listen_fake(self.fake)
-        self.fake_tracker = ConnectionTracker(self.fake_port.factory)
+        self.fake_port, self.fake_tracker = listen_tracked(fake_site(self.fake))
         # A new connection each request, so either worker may take it.
         self.pool = HTTPConnectionPool(reactor, persistent=False)
         self.client = HTTPClient(Agent(reactor, pool=self.pool))

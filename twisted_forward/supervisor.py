@@ -51,7 +51,7 @@ from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from .config import ConfigError
+from .config import Config, ConfigError
 from .exitstatus import give_up
 from .logfiles import LogReopenService
 from .metrics import MULTIPROC_ENV
@@ -219,6 +219,8 @@ class WorkerPool(Service):
         #: :mod:`twisted_forward.metrics`), made at start, removed at stop.
         self.metrics_dir: Optional[str] = None
         self.metrics_folder: Optional[MetricsFolder] = None
+        #: The site of METRICS_PORT, when the supervisor serves it.
+        self.metrics_site: Any = None
         #: Fires with the listening port once it is bound (for tests).
         self.listening: defer.Deferred[IListeningPort] = defer.Deferred()
 
@@ -330,6 +332,8 @@ class WorkerPool(Service):
             )
             return False
         self.grace = config.shutdown_grace
+        if self.metrics_site is not None:
+            self.metrics_site.serve(self.metrics_site.resource, (ip_gate(config),))
         sent = []
         for index in sorted(self.workers):
             worker = self.workers[index]
@@ -439,6 +443,13 @@ class WorkerPool(Service):
             _signal(worker, "KILL")
 
 
+def ip_gate(config: Config) -> Any:
+    """The IP gate of the supervisor's METRICS_PORT."""
+    from .access import AccessGate
+
+    return AccessGate(config.ip_whitelist, config.ip_blacklist, config.trusted_proxies)
+
+
 def _signal(worker: _Worker, name: str) -> None:
     try:
         worker.transport.signalProcess(name)
@@ -455,15 +466,15 @@ def make_supervisor(
     reactor: Any,
     source: Optional[ConfigSource] = None,
     share_store: bool = True,
-    metrics_port: Optional[tuple[Any, str, str]] = None,
+    metrics_port: Optional[tuple[Any, str, Config]] = None,
 ) -> IService:
     """The service twistd runs for ``--workers N``.
 
     :param share_store: the supervisor keeps the policy counters and the
         default keys' health for the workers (not when they use Redis).
-    :param metrics_port: METRICS_PORT's endpoint, its description and
-        METRICS_PATH: the supervisor serves the workers' summed metrics
-        there.
+    :param metrics_port: METRICS_PORT's endpoint, its description and the
+        configuration: the supervisor serves the workers' summed metrics
+        there, behind the IP gate.
     """
     from .listening import endpoint_from_string, listen_now
 
@@ -491,10 +502,11 @@ def make_supervisor(
 
 
 def serve_metrics(
-    pool: WorkerPool, endpoint: Any, description: str, path: str, reactor: Any
+    pool: WorkerPool, endpoint: Any, description: str, config: Config, reactor: Any
 ) -> IService:
     """METRICS_PORT under ``--workers``: bound now, served by the supervisor,
-    every scrape the sum over the workers' multiprocess folder.
+    every scrape the sum over the workers' multiprocess folder, behind the
+    IP gate (as on the workers' port; a reload brings the new lists).
 
     :raises ConfigError: when the port cannot be had.
     """
@@ -505,12 +517,14 @@ def serve_metrics(
     from .site import SidePortSite
 
     site = SidePortSite(
-        MetricsResource(None, source=WorkersFolder(lambda: pool.metrics_dir)), reactor=reactor
+        MetricsResource(None, source=WorkersFolder(lambda: pool.metrics_dir)), reactor=reactor,
+        head_checks=(ip_gate(config),),
     )
     bound = listen_now(endpoint, site, "METRICS_PORT (--metrics-port)", description)
+    pool.metrics_site = site
     log = Logger(namespace="twisted_forward.supervisor")
     log.info(
         "metrics of all the workers, summed, on {address} (METRICS_PORT; any path, "
-        "{path} included)", address=_describe(bound.getHost()), path=path,
+        "{path} included)", address=_describe(bound.getHost()), path=config.metrics_path,
     )
     return StreamServerEndpointService(BoundEndpoint(bound, site), site)
