@@ -251,6 +251,22 @@ class WorkersEndToEndTests(WorkersTestCase):
         self.assertNotIn("Traceback", supervisor.output)
 
     @defer.inlineCallbacks
+    def test_metrics_port_of_the_supervisor_behind_the_ip_gate(self) -> Any:
+        """The supervisor's METRICS_PORT runs the IP gate as every other
+        listener: a refused address gets the proxy's 403, no figures."""
+        supervisor = self.start_supervisor(
+            1, METRICS_PORT="tcp:0:interface=127.0.0.1", IP_BLACKLIST="127.0.0.1",
+            TMPDIR=self.private_tmp())
+        match = yield supervisor.wait_for(
+            r"metrics of all the workers, summed, on 127\.0\.0\.1:(\d+) \(METRICS_PORT")
+        response = yield self.client.get(f"http://127.0.0.1:{match.group(1)}/metrics")
+        body = json.loads((yield response.content()))
+        self.assertEqual(response.code, 403)
+        self.assertEqual(body["error"]["code"], "ip_not_allowed")
+        supervisor.transport.signalProcess("TERM")
+        yield supervisor.ended
+
+    @defer.inlineCallbacks
     def test_metrics_folder_of_a_killed_supervisor_is_swept(self) -> Any:
         """A SIGKILLed supervisor cannot remove its multiprocess folder; the
         next supervisor to start removes it (its owner's lock is gone) and
