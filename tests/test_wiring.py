@@ -27,7 +27,6 @@ from zope.interface.interface import InterfaceClass
 from zope.interface.verify import verifyObject
 
 from twisted_forward.admin.limits import PolicyLimits
-
 from twisted_forward.chat.recorder import (
     ChatRecorder,
     ExchangeInfo,
@@ -38,12 +37,12 @@ from twisted_forward.chat.recorder import (
     NullRecorder,
     RequestBody,
 )
+from twisted_forward.config import load_config
 from twisted_forward.exchange import _BothTaps
 from twisted_forward.framing import ChannelSettings, ForwardChannel
 from twisted_forward.ledger import MemoryLedger
 from twisted_forward.ledger.feed import CountingRecorder
 from twisted_forward.metrics import Metrics
-from twisted_forward.config import load_config
 from twisted_forward.site import Built, ForwardSite, build_root
 
 from .processes import ROOT

@@ -29,13 +29,13 @@ from twisted_forward.worker import SharedSocketEndpoint
 
 from .fake_upstream import FakeOpenAI, chat_answer, fake_site
 from .harness import listen_tracked
-from .processes import ROOT, TWISTD
-from .processes import ChildProcess as Supervisor
+from .processes import ChildProcess, assert_signalled, child_env, spawn_twistd
 
 
 class WorkersTestCase(TestCase):
     """A fake upstream and a client that opens a new connection per request
-    (so either worker may take it), for tests of ``--workers``."""
+    (so either worker may take it), and a real ``twistd openai-forward
+    --workers N`` to start and stop, for tests of ``--workers``."""
 
     timeout = 60
 
@@ -55,36 +55,31 @@ class WorkersTestCase(TestCase):
         yield self.fake_port.stopListening()
         yield self.fake_tracker.closed()
 
-
-class WorkersEndToEndTests(WorkersTestCase):
-    """The plugin with ``--workers 2`` as twistd runs it."""
-
-    def start_supervisor(self, count: int = 2, **env: str) -> Supervisor:
-        environ = {
-            "PATH": os.environ.get("PATH", ""),
-            "PYTHONPATH": ROOT,
+    def start_supervisor(self, count: int = 2, **env: str) -> ChildProcess:
+        """``twistd -n openai-forward --workers COUNT`` on a free loopback
+        port in front of the fake upstream; killed at cleanup if alive."""
+        environ = child_env(**{
             "OPENAI_BASE_URL": f"http://127.0.0.1:{self.fake_port.getHost().port}",
-            "LOG_CHAT": "false",
             "SHUTDOWN_GRACE": "5",
-        }
-        environ.update(env)
-        supervisor = Supervisor()
-        reactor.spawnProcess(
-            supervisor,
-            sys.executable,
-            TWISTD + ["-n", "--pidfile=", "openai-forward", "--workers", str(count),
-                      "--port", "tcp:0:interface=127.0.0.1", "--env-file", os.devnull],
-            env=environ,
-            path=self.workdir,
+            **env,
+        })
+        return spawn_twistd(
+            self,
+            ["-n", "--pidfile=", "openai-forward", "--workers", str(count),
+             "--port", "tcp:0:interface=127.0.0.1", "--env-file", os.devnull],
+            environ,
+            self.workdir,
         )
-        self.addCleanup(self._kill_if_running, supervisor)
-        return supervisor
 
-    def _kill_if_running(self, supervisor: Supervisor) -> Any:
-        if supervisor.ended.called:
-            return None
-        supervisor.transport.signalProcess("KILL")
-        return supervisor.ended.addErrback(lambda _: None)
+    @defer.inlineCallbacks
+    def stop_supervisor(self, supervisor: ChildProcess) -> Any:
+        """SIGTERM the supervisor and wait for it: an orderly stop ends with
+        twistd's "Server Shut Down." and the signal re-raised (as twistd
+        does once it has shut down), not a death mid-way."""
+        supervisor.signal("TERM")
+        yield supervisor.exited()
+        assert_signalled(self, supervisor, signal.SIGTERM)
+        self.assertIn("Server Shut Down.", supervisor.lines[-1], supervisor.tail())
 
     @defer.inlineCallbacks
     def serving_pids(self, port: int, want: set[int], tries: int = 300) -> Any:
@@ -100,6 +95,10 @@ class WorkersEndToEndTests(WorkersTestCase):
                 return seen
         self.fail(f"after {tries} requests only pids {sorted(seen)} answered, wanted {want or 2}")
 
+
+class WorkersEndToEndTests(WorkersTestCase):
+    """The plugin with ``--workers 2`` as twistd runs it."""
+
     @defer.inlineCallbacks
     def test_two_processes_restart_and_clean_stop(self) -> Any:
         """Two processes restart and clean stop."""
@@ -111,7 +110,7 @@ class WorkersEndToEndTests(WorkersTestCase):
 
         seen = yield self.serving_pids(port, set())
         self.assertEqual(sorted(seen.values()), [1, 2])
-        self.assertNotIn(supervisor.transport.pid, seen)
+        self.assertNotIn(supervisor.pid, seen)
 
         # Each worker is a whole proxy.
         response = yield self.client.post(
@@ -134,12 +133,7 @@ class WorkersEndToEndTests(WorkersTestCase):
         yield self.serving_pids(port, {replacement, survivor})
 
         # SIGTERM to the supervisor stops everything, cleanly.
-        supervisor.transport.signalProcess("TERM")
-        reason = yield supervisor.ended
-        # twistd re-raises the signal that stopped it once it has shut down.
-        self.assertIsInstance(reason, ProcessTerminated, supervisor.output)
-        self.assertEqual(reason.signal, signal.SIGTERM)
-        self.assertIn("Server Shut Down.", supervisor.lines[-1])
+        yield self.stop_supervisor(supervisor)
         for pid in (replacement, survivor, victim):
             self.assertRaises(ProcessLookupError, os.kill, pid, 0)
         self.assertRegex(supervisor.output, rf"worker 1 \(pid {replacement}\) stopped: exited cleanly")
@@ -191,8 +185,7 @@ class WorkersEndToEndTests(WorkersTestCase):
 
         folders = [name for name in os.listdir("/tmp")
                    if name.startswith("twisted-forward-metrics-")]
-        supervisor.transport.signalProcess("TERM")
-        yield supervisor.ended
+        yield self.stop_supervisor(supervisor)
         left = [name for name in os.listdir("/tmp")
                 if name.startswith("twisted-forward-metrics-")]
         self.assertTrue(folders)
@@ -207,11 +200,11 @@ class WorkersEndToEndTests(WorkersTestCase):
         yield supervisor.wait_for(r"worker 1 serving")
         mark = len(supervisor.lines)
         # Only the supervisor gets the signal; the worker sees its pipe close.
-        supervisor.transport.signalProcess("KILL")
+        supervisor.signal("KILL")
         # The worker writes to the supervisor's output pipe, so this fires
         # only once the worker has exited too.
-        reason = yield supervisor.ended
-        self.assertIsInstance(reason, ProcessTerminated)
+        yield supervisor.exited()
+        assert_signalled(self, supervisor, signal.SIGKILL)
         after = "\n".join(supervisor.lines[mark:])
         self.assertIn("[worker-1] the supervisor is gone; stopping", after)
         self.assertIn("[worker-1] Main loop terminated", after)
@@ -245,8 +238,7 @@ class WorkersEndToEndTests(WorkersTestCase):
 
         codes = yield defer.gatherResults([ask(b) for b in bodies])
         self.assertEqual(codes, [200] * count)
-        supervisor.transport.signalProcess("TERM")
-        yield supervisor.ended
+        yield self.stop_supervisor(supervisor)
         records = []
         for folder, _, files in os.walk(log_dir):
             for name in files:
