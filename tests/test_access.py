@@ -1,6 +1,7 @@
 """
 The IP gate: address parsing, the trusted-proxy walk, and the gate itself
-driven through the real HTTP parser on a StringTransport.
+(a head check, the one place the gate decides) driven through the real HTTP
+parser on a StringTransport.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from twisted_forward.config import (
     parse_networks,
     parse_trusted_proxies,
 )
-from twisted_forward.site import ForwardSite, build_root
+from twisted_forward.site import ForwardSite, build_root, make_site
 from twisted_forward.state import state_of
 from twisted_forward.tap import ProxyService
 
@@ -281,10 +282,12 @@ class GateHarness(SynchronousTestCase):
     def gate(self, allow="", deny="", trust="", wrapped=None, exempt=()):
         self.leaf = wrapped if wrapped is not None else Leaf()
         gate = AccessGate(
-            self.leaf, parse_networks(allow), parse_networks(deny),
+            parse_networks(allow), parse_networks(deny),
             parse_trusted_proxies(trust), exempt_paths=exempt,
         )
-        self.site = ForwardSite(gate, reactor=MemoryReactorClock(), timeout=None)
+        self.site = ForwardSite(
+            self.leaf, reactor=MemoryReactorClock(), timeout=None, head_checks=(gate,)
+        )
         return gate
 
     def request(self, peer, target=b"/v1/models", headers=b"", method=b"GET", body=b"") -> StringTransport:
@@ -411,8 +414,9 @@ class GateTests(GateHarness):
         [event] = [e for e in events if e.get("log_format", "").startswith("refused")]
         self.assertEqual((event["client"], event["why"]), ("203.0.113.5", "not in IP_WHITELIST"))
 
-    def test_wraps_a_tree(self):
-        """Like HTTPAuthSessionWrapper: the wrapped tree sees the full path."""
+    def test_tree_traversal_untouched(self):
+        """The gate decides on the head and leaves traversal alone: the tree
+        sees the full path, split by Twisted as usual."""
         root = Resource()
         child = Leaf()
         root.putChild(b"v1", child)
@@ -463,7 +467,7 @@ class BuiltTreeTests(GateHarness):
         self.recorder = Recorder()
         config = load_config({}, {"OPENAI_BASE_URL": "http://upstream.test", **env})
         built = build_root(config, MemoryReactorClock(), self.recorder, self.upstream)
-        self.site = ForwardSite(built.root, reactor=MemoryReactorClock(), timeout=None)
+        self.site = make_site(built, config, MemoryReactorClock(), timeout=None)
         return built
 
     def test_refusal_never_reaches_upstream(self):
@@ -475,6 +479,38 @@ class BuiltTreeTests(GateHarness):
         self.assertEqual(self.upstream.calls, [])
         self.request(tcp("198.51.100.9"))
         self.assertEqual(len(self.upstream.calls), 1)
+
+    def test_one_layer(self):
+        """The gate is the site's first head check and nothing else: the
+        resource tree holds no second gate, so a site serving the tree
+        without the head checks would not refuse (every listener is built
+        with them: tests/test_gate_listeners.py)."""
+        built = self.build(IP_BLACKLIST="203.0.113.0/24")
+        self.assertIs(built.head_checks[0], built.gate)
+        self.assertIsInstance(built.gate, AccessGate)
+        self.assertEqual(tuple(self.site.head_checks), built.head_checks)
+        self.assertRefused(self.request(tcp("203.0.113.9")))
+        self.assertEqual(self.upstream.calls, [])
+        self.site = ForwardSite(built.root, reactor=MemoryReactorClock(), timeout=None)
+        self.request(tcp("203.0.113.9"))
+        self.assertEqual(len(self.upstream.calls), 1)
+
+    def test_reload_reaches_kept_alive_connections(self):
+        """A reload's new lists refuse the next request on a connection
+        opened before it, not only on new connections."""
+        self.build()
+        channel = self.site.buildProtocol(None)
+        transport = StringTransport(peerAddress=tcp("203.0.113.9"))
+        channel.makeConnection(transport)
+        channel.dataReceived(b"GET /healthz HTTP/1.1\r\nHost: proxy\r\n\r\n")
+        self.assertEqual(self.status(transport), 200)
+        transport.clear()
+        config = load_config({}, {"OPENAI_BASE_URL": "http://upstream.test",
+                                  "IP_BLACKLIST": "203.0.113.0/24"})
+        self.site.serve(build_root(config, MemoryReactorClock(), None, self.upstream), config)
+        channel.dataReceived(b"GET /v1/models HTTP/1.1\r\nHost: proxy\r\n\r\n")
+        self.assertRefused(transport)
+        self.assertEqual(self.upstream.calls, [])
 
     def test_health_check_exempt(self):
         """Health check exempt."""
@@ -513,7 +549,8 @@ class BuiltTreeTests(GateHarness):
                 logged.append((state_of(request).client, state_of(request).key_label))
 
         self.build(OPENAI_API_KEY="sk-default-000000000", FORWARD_KEY="alice:fk-alice-00000000")
-        self.site = Site(self.site.resource, reactor=MemoryReactorClock(), timeout=None)
+        self.site = Site(self.site.resource, reactor=MemoryReactorClock(), timeout=None,
+                         head_checks=self.site.head_checks)
         self.request(tcp("198.51.100.9"), headers=b"Authorization: Bearer fk-wrong-00000000\r\n")
         self.request(tcp("198.51.100.9"), headers=b"Authorization: Bearer sk-own\r\n")
         self.assertEqual(logged[0], ("198.51.100.9", "refused"))
@@ -543,7 +580,7 @@ class GeneralRouteTests(GateHarness):
             "FORWARD_CONFIG": '[{"base_url": "http://other.test", "route": "/other", "type": "general"}]',
         })
         built = build_root(config, MemoryReactorClock(), None, upstream)
-        self.site = ForwardSite(built.root, reactor=MemoryReactorClock(), timeout=None)
+        self.site = make_site(built, config, MemoryReactorClock(), timeout=None)
         t = self.request(tcp("198.51.100.9"), b"/other/x", b"Authorization: Bearer fk-good-00000000\r\n")
         self.assertEqual(self.status(t), 401)
         self.assertEqual(upstream.calls, [])

@@ -284,7 +284,9 @@ class ChannelSettings:
         None for no limit.
     :ivar max_headers: the most header lines a request head may have.
     :ivar max_header_bytes: the longest request head (and single line).
-    :ivar head_checks: run on every request head, in order.
+    :ivar head_checks: run on every request head, in order (the site's
+        :class:`~twisted_forward.headcheck.HeadChecks`, which a reload
+        updates for every connection).
     :ivar head_timeout: seconds from a head's first byte to its end, or None.
     :ivar body_timeout: seconds a body may go without a byte, or None.
     :ivar count_refusal: called with each refusal's error code (the
@@ -295,7 +297,7 @@ class ChannelSettings:
     max_request_body: Optional[int] = None
     max_headers: int = 100
     max_header_bytes: int = 16384
-    head_checks: tuple["IHeadCheck", ...] = ()
+    head_checks: Iterable["IHeadCheck"] = ()
     head_timeout: Optional[float] = None
     body_timeout: Optional[float] = None
     count_refusal: Optional[Callable[[str], None]] = None
@@ -324,7 +326,7 @@ class ForwardChannel(ChannelHooks):
     log = Logger()
 
     max_request_body: Optional[int] = None
-    head_checks: Sequence["IHeadCheck"] = ()
+    head_checks: Iterable["IHeadCheck"] = ()
     head_timeout: Optional[float] = None
     body_timeout: Optional[float] = None
     limits: Optional["ConnectionLimits"] = None

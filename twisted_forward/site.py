@@ -3,7 +3,12 @@ The HTTP server side: the Site, its Request class, and the router.
 
 ``build_root`` assembles the resource tree the design describes::
 
-    AccessGate -> Router -> /healthz, ProxyResource per route
+    Router -> /healthz, /metrics, /_admin/, ProxyResource per route
+
+and the head checks every request passes first, in the channel
+(:mod:`twisted_forward.headcheck`): the IP gate
+(:class:`~twisted_forward.access.AccessGate`), then the route's key check.
+The side ports (METRICS_PORT, ADMIN_PORT) run the same IP gate the same way.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from .cors import Cors, is_preflight
 from .errors import write_error
 from .exchange import ProxyResource
 from .framing import ChannelSettings, ForwardChannel, Refusal, body_too_large
-from .headcheck import IHeadCheck
+from .headcheck import HeadChecks, IHeadCheck
 from .keys import DefaultKeys, ForwardKeys, KeyRules
 from .ledger import ILedger
 from .ledger.service import LedgerCollector
@@ -211,7 +216,9 @@ class Router(Resource):
         )
         self.health = health
         healthz = healthz_path.encode("ascii")
-        self._health_paths = frozenset(
+        #: The health check's paths (also under each route prefix): served
+        #: to everyone, past the IP gate and the keys.
+        self.health_paths = frozenset(
             [healthz] + [prefix + healthz for prefix, _ in self._routes if prefix]
         )
         self._metrics = metrics
@@ -238,7 +245,7 @@ class Router(Resource):
         except BadTarget:
             return None
         if (
-            path in self._health_paths
+            path in self.health_paths
             or (self._metrics is not None and path == self._metrics_path)
             or is_admin_path(path)
             or self._answers_preflight(request, path)
@@ -254,7 +261,7 @@ class Router(Resource):
             path, query = split_target(request.uri)
         except BadTarget as e:
             return write_error(request, 400, "invalid_request_target", str(e))
-        if path in self._health_paths:
+        if path in self.health_paths:
             return self._health(request)
         if self._answers_preflight(request, path):
             assert self.cors is not None
@@ -379,7 +386,8 @@ class ForwardSite(Site):
         self.metrics = metrics
         #: The CORS headers every answer to a cross-origin request gets.
         self.cors = cors
-        self.head_checks = tuple(head_checks)
+        #: Run on every request head, by every channel of this site.
+        self.head_checks = HeadChecks(head_checks)
         self.limits = limits
         self._new_channels(ChannelSettings(
             max_request_body=max_request_body,
@@ -412,15 +420,16 @@ class ForwardSite(Site):
     def serve(self, built: "Built", config: Config) -> None:
         """Answer new requests with ``built``'s tree (at a reload); a request
         already being answered keeps the tree it started with, and a
-        kept-alive connection its body cap and deadlines.  Connection caps
-        keep their counts (and their settings, until a restart)."""
+        kept-alive connection its body cap and deadlines; the head checks
+        (IP gate, keys) apply to the next request on every connection.
+        Connection caps keep their counts (and their settings, until a
+        restart)."""
         self.resource = built.root
         self.cors = Cors(config.cors_origins)
         self.metrics = built.metrics
-        self.head_checks = tuple(built.head_checks)
+        self.head_checks.replace(built.head_checks)
         self._new_channels(replace(
             self.channel_settings,
-            head_checks=self.head_checks,
             max_request_body=config.max_request_body,
             head_timeout=config.request_head_timeout,
             body_timeout=config.request_body_timeout,
@@ -477,11 +486,34 @@ class ForwardSite(Site):
 
 
 class SidePortSite(Site):
-    """A plain Site for the proxy's side ports (METRICS_PORT, ADMIN_PORT):
-    no connection log lines, and no ``Server: TwistedWeb/<version>`` header
-    (no answer of the proxy names its software and version)."""
+    """The Site of the proxy's side ports (METRICS_PORT, ADMIN_PORT): no
+    connection log lines, no ``Server: TwistedWeb/<version>`` header (no
+    answer of the proxy names its software and version), and the proxy's
+    channel, so the same head checks (the IP gate) decide on the head of
+    every request, as on the proxy's own port.
+
+    :param head_checks: run on every request head, in order.
+    """
 
     noisy = False
+    requestFactory = ForwardRequest
+    protocol = ForwardChannel  # type: ignore[assignment]
+
+    def __init__(
+        self, resource: IResource, *args: Any, head_checks: Sequence[IHeadCheck] = (),
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(resource, *args, **kwargs)
+        #: Run on every request head, by every channel of this site.
+        self.head_checks = HeadChecks(head_checks)
+        settings = ChannelSettings(head_checks=self.head_checks, seconds=self.reactor.seconds)
+        self.protocol = partial(ForwardChannel, settings)  # type: ignore[assignment]
+
+    def serve(self, resource: IResource, head_checks: Sequence[IHeadCheck]) -> None:
+        """Answer new requests with ``resource``, behind ``head_checks``,
+        from the next request on (at a reload)."""
+        self.resource = resource
+        self.head_checks.replace(head_checks)
 
     def getResourceFor(self, request: IRequest) -> IResource:
         request.responseHeaders.removeHeader(b"server")
@@ -492,12 +524,17 @@ class SidePortSite(Site):
 class Built:
     """What :func:`build_root` made, for the service to manage."""
 
+    #: The resource tree (the :class:`Router`): reached only past the head
+    #: checks, which every listener's channel runs.
     root: IResource
     proxies: list[ProxyResource]
     upstream: IUpstream
     health: Health
     keys: KeyRules
     metrics: Metrics
+    #: The IP gate: the first head check, on the proxy's port and the side
+    #: ports alike.
+    gate: AccessGate
     #: The response cache, None when it is off.
     cache: Optional[ResponseCache] = None
     #: The policy gate, or None when no policy is set.
@@ -624,13 +661,13 @@ def build_root(
         admin.resource if admin is not None and config.admin_port is None else None,
         Cors(config.cors_origins),
     )
-    root = AccessGate(
-        router, config.ip_whitelist, config.ip_blacklist, config.trusted_proxies,
-        exempt_paths=router._health_paths,
+    gate = AccessGate(
+        config.ip_whitelist, config.ip_blacklist, config.trusted_proxies,
+        exempt_paths=router.health_paths,
     )
     return Built(
-        root, proxies, upstream, health, openai_keys, metrics,
-        cache=cache, policy=policy, ledger=ledger, admin=admin, head_checks=(root, router),
+        router, proxies, upstream, health, openai_keys, metrics, gate,
+        cache=cache, policy=policy, ledger=ledger, admin=admin, head_checks=(gate, router),
         cache_metrics=cache_metrics, shared_store=store, key_health=key_health,
     )
 

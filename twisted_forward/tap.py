@@ -12,7 +12,7 @@ import os
 import signal
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService, Service
@@ -20,9 +20,9 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorCore, IReactorTime, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python import usage
+from twisted.web.resource import IResource
 
 from ._compat import clear_exit_signal
-from .access import AccessGate
 from .admin.live import LiveTally
 from .admin.service import AdminService
 from .chat.recorder import ChatRecorder, IRecorder, open_chat_log
@@ -220,6 +220,9 @@ class ProxyService(Service):
     :param source: where a reload reads the configuration; None: no reloads.
     :param admin_service: runs the admin's live figures; a reload hands it
         the new admin.
+    :param side_sites: the side ports' sites (METRICS_PORT, ADMIN_PORT),
+        each with what it serves of a tree; a reload gives them the new
+        tree's part and IP gate.
     """
 
     log = Logger()
@@ -235,6 +238,7 @@ class ProxyService(Service):
         source: Optional[ConfigSource] = None,
         admin_service: Optional[AdminService] = None,
         feed: Optional[ILedger] = None,
+        side_sites: Sequence[tuple[SidePortSite, Callable[[Built], IResource]]] = (),
     ) -> None:
         self.built = built
         self.config = config
@@ -245,6 +249,7 @@ class ProxyService(Service):
         self.site = site
         self.source = source
         self.admin_service = admin_service
+        self.side_sites = tuple(side_sites)
         #: Earlier generations with exchanges still open.
         self.retired: list[_Generation] = []
         self._restore_sighup: Optional[Callable[[], None]] = None
@@ -350,6 +355,8 @@ class ProxyService(Service):
                 name=name, file=self.source.env_file,
             )
         self.site.serve(built, config)
+        for side, part in self.side_sites:
+            side.serve(part(built), (built.gate,))
         if self.admin_service is not None and built.admin is not None:
             self.admin_service.swap(built.admin)
         self.retired.append(
@@ -450,6 +457,18 @@ class _Generation:
             finally:
                 if self.recorder is not None:
                     yield self.recorder.close()
+
+
+def admin_resource(built: Built) -> IResource:
+    """What ADMIN_PORT serves: the admin page and API of ``built``."""
+    assert built.admin is not None  # ADMIN_PORT needs ADMIN_KEY
+    return built.admin.resource
+
+
+def side_metrics(built: Built) -> IResource:
+    """What METRICS_PORT serves: ``built``'s metrics, with no key (the port
+    is the operator's choice of who can reach it, behind the IP gate)."""
+    return MetricsResource(built.metrics)
 
 
 def _cache_store_settings(config: Config) -> tuple[Any, ...]:
@@ -581,25 +600,31 @@ def _make_service(
         store=shared,
     )
     site = make_site(built, config, reactor)
+    # The side ports run the proxy's IP gate on every request head, as its
+    # own port does (and follow reloads with it).
+    side_sites: list[tuple[SidePortSite, Callable[[Built], IResource]]] = []
+    admin_site = None
+    if built.admin is not None and admin_endpoint is not None:
+        admin_site = SidePortSite(
+            admin_resource(built), reactor=reactor, head_checks=(built.gate,)
+        )
+        side_sites.append((admin_site, admin_resource))
+    metrics_site = None
+    if config.metrics and metrics_endpoint is not None:
+        metrics_site = SidePortSite(
+            side_metrics(built), reactor=reactor, head_checks=(built.gate,)
+        )
+        side_sites.append((metrics_site, side_metrics))
     admin_service = AdminService(built.admin) if built.admin is not None else None
     ProxyService(
         built, config, reactor, recorder, ledger,
         site=site, source=source, admin_service=admin_service, feed=feed,
+        side_sites=side_sites,
     ).setServiceParent(top)
     if admin_service is not None:
         # Added before the listeners: stopped after they are, it ends the
         # open event streams so the proxy can drain.
         admin_service.setServiceParent(top)
-    admin_site = None
-    if built.admin is not None and admin_endpoint is not None:
-        admin_site = SidePortSite(
-            AccessGate(built.admin.resource, config.ip_whitelist, config.ip_blacklist,
-                       config.trusted_proxies),
-            reactor=reactor,
-        )
-    metrics_site = None
-    if config.metrics and metrics_endpoint is not None:
-        metrics_site = SidePortSite(MetricsResource(built.metrics), reactor=reactor)
     # Bound last, so nothing after can fail with a port left open.
     port = listen_now(endpoint, site, "--port", options["port"])
     try:
