@@ -46,7 +46,8 @@ class NamesTests(SynchronousTestCase):
                          "TIMEOUT (--timeout): 'soon' is not a number of seconds")
 
     def test_print_chat(self) -> None:
-        """Print chat."""
+        """The 0.8.1 setting PRINT_CHAT=true turns on printing chats to the log; unset, it
+        is off."""
         self.assertTrue(load(PRINT_CHAT="true").print_chat)
         self.assertFalse(load().print_chat)
 
@@ -60,7 +61,8 @@ class NamesTests(SynchronousTestCase):
             "LOG_GENERAL (--log-general): general routes are relayed as they are"))
 
     def test_benchmark_mode(self) -> None:
-        """Benchmark mode."""
+        """BENCHMARK_MODE=false is accepted, but BENCHMARK_MODE=true stops start-up with a
+        line saying answering without the upstream is gone."""
         load(BENCHMARK_MODE="false")
         with self.assertRaises(ConfigError) as caught:
             load(BENCHMARK_MODE="true")

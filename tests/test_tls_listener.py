@@ -82,7 +82,8 @@ class TLSListenerTests(ProxyTestCase):
 
     @defer.inlineCallbacks
     def test_https_clients(self):
-        """Https clients."""
+        """On an ssl: port, HTTPS clients trusting the test CA get plain and streamed
+        answers through the proxy."""
         yield self.start_tls()
         response = yield self.tls_client.get(self.https_base + "/v1/models")
         self.assertEqual(response.code, 200)
@@ -157,7 +158,8 @@ class UnixListenerTests(ProxyTestCase):
 
     @defer.inlineCallbacks
     def test_unix_socket(self):
-        """Unix socket."""
+        """A unix: port with mode=660 creates the socket with those permissions and serves
+        plain and streamed requests; the upstream sees its own host name, not the socket."""
         yield self.start_unix()
         self.assertEqual(stat.S_IMODE(os.stat(self.socket_path).st_mode), 0o660)
         response = yield self.unix_client.get("http://proxy.local/v1/models?x=1")
@@ -177,7 +179,7 @@ class UnixListenerTests(ProxyTestCase):
 
     @defer.inlineCallbacks
     def test_healthz_on_unix_socket(self):
-        """Healthz on unix socket."""
+        """The health check answers {"status": "ok"} on a unix socket too."""
         yield self.start_unix()
         response = yield self.unix_client.get("http://proxy.local/healthz")
         self.assertEqual(json.loads((yield response.content())), {"status": "ok"})

@@ -101,7 +101,9 @@ class WorkersEndToEndTests(WorkersTestCase):
 
     @defer.inlineCallbacks
     def test_two_processes_restart_and_clean_stop(self) -> Any:
-        """Two processes restart and clean stop."""
+        """With --workers 2 both workers serve (the supervisor does not), each is a whole
+        proxy, a killed worker is restarted and serves again, and SIGTERM stops the
+        supervisor in order with every worker exited cleanly and no traceback."""
         supervisor = self.start_supervisor(2)
         match = yield supervisor.wait_for(r"listening on 127\.0\.0\.1:(\d+); starting 2 worker")
         port = int(match.group(1))
@@ -255,7 +257,8 @@ class TakeTurnsTests(TestCase):
 
     @defer.inlineCallbacks
     def test_one_accept_per_wakeup(self) -> Any:
-        """One accept per wakeup."""
+        """Each read of the shared listening socket accepts exactly one waiting connection,
+        so one worker cannot take the whole queue while another sits idle."""
         import socket
 
         listener = socket.socket()
@@ -296,19 +299,19 @@ class OptionsTests(SynchronousTestCase):
     """``--workers`` on the command line."""
 
     def test_default_is_in_process(self) -> None:
-        """Default is in process."""
+        """Without --workers the proxy runs in one process (workers is 0)."""
         options = Options()
         options.parseOptions([])
         self.assertEqual(options["workers"], 0)
 
     def test_number(self) -> None:
-        """Number."""
+        """--workers 3 is read as the number 3."""
         options = Options()
         options.parseOptions(["--workers", "3"])
         self.assertEqual(options["workers"], 3)
 
     def test_not_a_number(self) -> None:
-        """Not a number."""
+        """--workers refuses a word, a negative number and a fraction as usage errors."""
         for bad in ("two", "-1", "1.5"):
             self.assertRaises(usage.UsageError, Options().parseOptions, ["--workers", bad])
 
@@ -341,7 +344,9 @@ class OptionsTests(SynchronousTestCase):
             sys.stderr = saved
 
     def test_supervisor_built(self) -> None:
-        """Supervisor built."""
+        """With --workers 2 makeService builds a WorkerPool of two, binds the port at once
+        (so a busy port stops start-up), takes SHUTDOWN_GRACE and hands the workers every
+        other option but --workers."""
         options = Options()
         options.parseOptions(["--workers", "2", "--port", "tcp:0:interface=127.0.0.1",
                               "--env-file", os.devnull, "--idle-timeout", "7"])
@@ -456,7 +461,8 @@ class RestartTests(SynchronousTestCase):
         self.assertEqual(set(self.pool.workers), {1, 2})
 
     def test_backoff_capped(self) -> None:
-        """Backoff capped."""
+        """A worker that keeps dying is restarted each time with a delay that grows to
+        MAX_DELAY and stays there, so a crash loop neither spins nor stops restarting."""
         for _ in range(12):
             self.die(2)
             self.clock.advance(workers.MAX_DELAY)
