@@ -160,7 +160,7 @@ class ExtensionPointTests(SynchronousTestCase):
         from twisted_forward.admin.limits import IKeyLimits
         from twisted_forward.admin.live import LiveTally
         from twisted_forward.cache.hook import StoringTap
-        from twisted_forward.cache.interfaces import IAnswerTap, ICacheStore, IExchangeCache
+        from twisted_forward.cache.interfaces import ICacheStore, IExchangeCache
         from twisted_forward.cache.lmdb_store import LMDBStore
         from twisted_forward.cache.memory import MemoryStore as MemoryCacheStore
         from twisted_forward.cache.redis_store import RedisStore as RedisCacheStore
@@ -218,7 +218,7 @@ class ExtensionPointTests(SynchronousTestCase):
                 self.clock, RedisTarget("127.0.0.1", 1), 60, 1000, 1.0
             )),
             (IExchangeCache, built.cache),
-            (IAnswerTap, StoringTap(built.cache, b"key")),
+            (IExchangeTap, StoringTap(built.cache, b"key")),
             *((IHeadCheck, check) for check in built.head_checks),
         ]
 

@@ -23,7 +23,7 @@ from twisted.web.client import FileBodyProducer
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IRequest, IResponse
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET
+from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
 from .cache.hook import Lookup
@@ -33,7 +33,7 @@ from .cache.replay import Replay
 from .chat.recorder import ExchangeInfo, IExchangeTap, IRecorder, NullRecorder, RequestBody
 from .config import Route
 from .errors import error_body, send_error, write_error
-from .framing import Refusal
+from .framing import Refusal, client_transport
 from .headcheck import key_refusal
 from .headers import relay_response_headers, upstream_request_headers
 from .keys import KeyDecision, KeyRules, SecretMask, key_refused, looks_keyed, scrub
@@ -139,7 +139,7 @@ class ProxyResource(Resource):
         state_of(request).key_label = decision.label
         return key_refusal(decision.refusal)
 
-    def render(self, request: IRequest) -> bytes | int:
+    def render(self, request: Request) -> bytes | int:
         state = state_of(request)
         path = state.path
         query = state.query
@@ -158,7 +158,7 @@ class ProxyResource(Resource):
         return self._admit(request, path, query, decision)
 
     def _admit(
-        self, request: IRequest, path: bytes, query: bytes, decision: KeyDecision
+        self, request: Request, path: bytes, query: bytes, decision: KeyDecision
     ) -> bytes | int:
         """Ask the policies, then refuse or start the exchange.  A store
         that answers at once (memory) answers within this call."""
@@ -193,8 +193,8 @@ class ProxyResource(Resource):
                 admission.finish(False)
                 return
             body = self._admitted(admission, request, path, query, decision)
-            if body is not NOT_DONE_YET:
-                request.write(body)  # type: ignore[arg-type]
+            if isinstance(body, bytes):  # else NOT_DONE_YET: the exchange answers
+                request.write(body)
                 request.finish()
 
         d.addCallback(later)
@@ -204,7 +204,7 @@ class ProxyResource(Resource):
     def _admitted(
         self,
         admission: Admission,
-        request: IRequest,
+        request: Request,
         path: bytes,
         query: bytes,
         decision: KeyDecision,
@@ -232,7 +232,7 @@ class Exchange:
     def __init__(
         self,
         resource: ProxyResource,
-        request: IRequest,
+        request: Request,
         path: bytes,
         query: bytes,
         decision: KeyDecision,
@@ -256,7 +256,8 @@ class Exchange:
         self.holds_slot = False
         #: What reads the answer's body now, if anything.
         self.relay: Optional[Relay | ScrubbingRelay] = None
-        self.pending = None  # the Deferred for the head of the current attempt
+        #: The Deferred for the head of the current attempt.
+        self.pending: Optional[Deferred[IResponse]] = None
         self.head_timer: Optional[IDelayedCall] = None
         self.timed_out = False
         #: Default keys left to try; chosen when forwarding starts (a cache
@@ -663,9 +664,9 @@ class Exchange:
             return
         self._stop_upstream()
         self.end("shutdown")
-        channel = getattr(self.request, "channel", None)
-        if channel is not None and channel.transport is not None:
-            channel.transport.abortConnection()
+        transport = client_transport(self.request.channel)
+        if transport is not None:
+            transport.abortConnection()
 
     def _finished(self, result: object) -> None:
         """The client connection finished or was lost."""

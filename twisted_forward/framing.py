@@ -45,12 +45,13 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, Protocol, Sequence, cast
 
 from twisted.internet.interfaces import IAddress, IDelayedCall, IPushProducer
 from twisted.logger import Logger
-from twisted.web.http import RESPONSES, datetimeToString
+from twisted.web.http import RESPONSES, HTTPChannel, datetimeToString
 from twisted.web.http_headers import Headers
+from twisted.web.server import Site
 
 from ._compat import ChannelHooks
 from .errors import error_body
@@ -304,6 +305,39 @@ class ChannelSettings:
     seconds: Callable[[], float] = time.time
 
 
+class ClientTransport(Protocol):
+    """A client connection's transport, as the channel and the relay use it.
+
+    ``Protocol.transport`` is declared an ``ITransport``; what a listening
+    port gives its channels (``tcp.Server``, ``unix.Server``, the TLS
+    wrapper) has these too, which no one interface names.
+    """
+
+    #: True once a close was asked for.
+    disconnecting: bool
+
+    def write(self, data: bytes) -> None: ...
+
+    def getPeer(self) -> IAddress: ...
+
+    def loseConnection(self) -> None: ...
+
+    def abortConnection(self) -> None: ...
+
+    def unregisterProducer(self) -> None: ...
+
+    #: Only a plain socket's class has it (see :meth:`ForwardChannel.refuse`).
+    def loseWriteConnection(self) -> None: ...
+
+
+def client_transport(channel: Optional[HTTPChannel]) -> Optional[ClientTransport]:
+    """``channel``'s transport as a :class:`ClientTransport`; None when
+    there is no channel (a finished request has none) or no connection."""
+    if channel is None:
+        return None
+    return cast(Optional[ClientTransport], channel.transport)
+
+
 class ForwardChannel(ChannelHooks):
     """Twisted's HTTP/1.1 channel with the refusals this module describes.
 
@@ -325,6 +359,8 @@ class ForwardChannel(ChannelHooks):
 
     log = Logger()
 
+    #: The site that built this channel (set by ``Site.buildProtocol``).
+    site: Site
     max_request_body: Optional[int] = None
     head_checks: Iterable["IHeadCheck"] = ()
     head_timeout: Optional[float] = None
@@ -567,7 +603,7 @@ class ForwardChannel(ChannelHooks):
         self._stop_timers()
         if self.settings.count_refusal is not None:
             self.settings.count_refusal(refusal.code)
-        transport = self.transport
+        transport = client_transport(self)
         if transport is None or transport.disconnecting:
             return
         if not quiet:
@@ -619,8 +655,9 @@ class ForwardChannel(ChannelHooks):
         if self._linger_call is not None and self._linger_call.active():
             self._linger_call.cancel()
         self._linger_call = None
-        if self.transport is not None:
-            self.transport.abortConnection()
+        transport = client_transport(self)
+        if transport is not None:
+            transport.abortConnection()
 
     def _now(self) -> float:
         return self.settings.seconds()

@@ -95,6 +95,8 @@ class ForwardRequest(Request):
     """
 
     defaultContentType = None
+    #: The connection it came on (Twisted sets None once it is finished).
+    channel: ForwardChannel
     #: Body bytes received so far.
     body_received = 0
     #: Set by the channel when a head check refused this (bodiless) request:
@@ -111,7 +113,7 @@ class ForwardRequest(Request):
         if self.head_refusal is None and self.path != b"*":
             super().process()
             return
-        self.site = self.channel.site
+        self.site = site = self.channel.site
         self.setHeader(b"date", datetimeToString())
         self.prepath = []
         self.postpath = []
@@ -121,7 +123,7 @@ class ForwardRequest(Request):
             self.finish()
             return
         try:
-            self.render(self.site.resource)
+            self.render(site.resource)
         except BaseException:
             self.processingFailed(Failure())
 
@@ -254,7 +256,7 @@ class Router(Resource):
         found = self.route_for(path)
         return found[0].check_head(request) if found is not None else None
 
-    def render(self, request: IRequest) -> bytes | int:
+    def render(self, request: Request) -> bytes | int:
         if request.uri == b"*":
             return self._asterisk(request)
         try:

@@ -17,10 +17,11 @@ from typing import Any, Callable, Optional, Sequence
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet import defer
-from twisted.internet.interfaces import IReactorCore, IReactorTime, IStreamServerEndpoint
-from twisted.logger import Logger
+from twisted.internet.interfaces import IReactorTime, IStreamServerEndpoint
+from twisted.logger import ILogObserver, LogEvent, Logger
 from twisted.python import usage
 from twisted.web.resource import IResource
+from zope.interface import provider
 
 from ._compat import clear_exit_signal
 from .admin.live import LiveTally
@@ -109,9 +110,13 @@ def load(options: Options, environ: Optional[dict[str, str]] = None) -> Config:
     return load_config(options.setting_values(), env, read_env_file(options["env-file"]))
 
 
-def open_recorder(config: Config, reactor: IReactorCore) -> Optional[ChatRecorder]:
+def open_recorder(config: Config, reactor: Any) -> Optional[ChatRecorder]:
     """The chat recorder, or None when LOG_CHAT is off (nothing is written)
-    and PRINT_CHAT too."""
+    and PRINT_CHAT too.
+
+    :param reactor: the reactor: its clock (``IReactorTime``) and thread
+        pool (``IReactorThreads``, for the record files' writes).
+    """
     secrets = config.default_keys + tuple(k.key for k in config.forward_keys)
     if config.admin_key is not None:
         secrets += (config.admin_key,)
@@ -128,7 +133,7 @@ def open_recorder(config: Config, reactor: IReactorCore) -> Optional[ChatRecorde
     return recorder
 
 
-def chat_printer(secrets: tuple[str, ...]) -> Callable[[dict], None]:
+def chat_printer(secrets: tuple[str, ...]) -> ILogObserver:
     """PRINT_CHAT: an observer logging each chat record as one JSON line,
     every key masked (as in the record files)."""
     from .chat.files import RECORD_FIELD, encode_record, secret_forms
@@ -136,7 +141,8 @@ def chat_printer(secrets: tuple[str, ...]) -> Callable[[dict], None]:
     log = Logger(namespace="twisted_forward.print_chat")
     forms = secret_forms(secrets)
 
-    def observe(event: dict) -> None:
+    @provider(ILogObserver)
+    def observe(event: LogEvent) -> None:
         record = event.get(RECORD_FIELD)
         if record is not None:
             line = encode_record(record, forms).decode("utf-8", "replace").rstrip("\n")
