@@ -115,7 +115,11 @@ class Server:
         self.channel.makeConnection(self.transport)
 
     def feed(self, data: bytes) -> bytes:
-        self.channel.dataReceived(data)
+        if isinstance(data, Bytewise):
+            for i in range(len(data)):
+                self.channel.dataReceived(data[i : i + 1])
+        else:
+            self.channel.dataReceived(data)
         return self.transport.value()
 
 
@@ -432,6 +436,18 @@ TWISTED = [
     Shape(
         "bare_lf_after_request_line", b"GET / HTTP/1.1\nHost: p\r\n\r\n", 400, "bare_line_feed"
     ),
+    Shape(
+        "bare_lf_between_headers",
+        b"GET / HTTP/1.1\r\nHost: p\r\nX-A: a\nX-B: b\r\n\r\n",
+        400,
+        "bare_line_feed",
+    ),
+    Shape(
+        "bare_lf_ending_head",
+        b"GET / HTTP/1.1\r\nHost: p\r\nX-A: a\r\n\n",
+        400,
+        "bare_line_feed",
+    ),
     Shape("http_12", b"GET / HTTP/1.2\r\nHost: p\r\n\r\n", 400, "malformed_request"),
     Shape("double_space", b"GET  / HTTP/1.1\r\nHost: p\r\n\r\n", 400, "malformed_request"),
     Shape("h2_preface", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 400, "malformed_request"),
@@ -502,18 +518,36 @@ class ShapeTests(SynchronousTestCase):
         self.assertFalse(server.transport.write_closed)
 
 
-for _shape in ADDED + TWISTED:
-    setattr(
-        ShapeTests,
-        f"test_refused_{_shape.name}",
-        lambda self, shape=_shape: self.check_refused(shape),
-    )
-for _name, _raw, _body in ACCEPTED:
-    setattr(
-        ShapeTests,
-        f"test_served_{_name}",
-        lambda self, raw=_raw, body=_body: self.check_served(raw, body),
-    )
+class BytewiseShapeTests(ShapeTests):
+    """Every shape again, fed one byte at a time: the header section is then
+    never whole in one read, so it takes the line-by-line way
+    (:func:`~twisted_forward.framing.split_head` is for whole ones), and
+    must be judged the same."""
+
+    def check_refused(self, shape: Shape) -> None:
+        super().check_refused(Shape(shape.name, Bytewise(shape.raw), shape.status, shape.code))
+
+    def check_served(self, raw: bytes, body: bytes) -> None:
+        super().check_served(Bytewise(raw), body)
+
+
+class Bytewise(bytes):
+    """Marks bytes :class:`Server.feed` gives the channel one at a time."""
+
+
+for _case in (ShapeTests, BytewiseShapeTests):
+    for _shape in ADDED + TWISTED:
+        setattr(
+            _case,
+            f"test_refused_{_shape.name}",
+            lambda self, shape=_shape: self.check_refused(shape),
+        )
+    for _name, _raw, _body in ACCEPTED:
+        setattr(
+            _case,
+            f"test_served_{_name}",
+            lambda self, raw=_raw, body=_body: self.check_served(raw, body),
+        )
 
 
 class RefusalTests(SynchronousTestCase):

@@ -163,3 +163,64 @@ class DirectEndpointTests(SynchronousTestCase):
         protocol.makeConnection(transport)
         # A TLS handshake record: content type 22, version 3.x.
         self.assertTrue(transport.value().startswith(b"\x16\x03"), transport.value()[:8])
+
+
+class HostHeaderTests(SynchronousTestCase):
+    """:meth:`Upstream.request` sets the Host Twisted's Agent would, once per
+    origin, so the agent has no headers to copy."""
+
+    def test_values(self):
+        """Default ports left out, others kept, IPv6 literals bracketed."""
+        from twisted_forward.upstream import host_value
+
+        self.assertEqual(host_value(b"http://api.example"), b"api.example")
+        self.assertEqual(host_value(b"https://api.example:443"), b"api.example")
+        self.assertEqual(host_value(b"http://api.example:443"), b"api.example:443")
+        self.assertEqual(host_value(b"https://10.0.0.1:8443"), b"10.0.0.1:8443")
+        self.assertEqual(host_value(b"http://[::1]:8000"), b"[::1]:8000")
+
+    def test_on_the_wire(self):
+        """Through the real agent and pool: one Host line, the right value,
+        and the agent sends the very headers it was given (no copy)."""
+        from twisted.internet.testing import MemoryReactorClock, StringTransport
+        from twisted.web.http_headers import Headers
+
+        from twisted_forward.upstream import Upstream
+
+        reactor = MemoryReactorClock()
+        upstream = Upstream(reactor, 5.0)
+        seen = []
+        for path in (b"/v1/models", b"/v1/chat/completions?x=1"):
+            headers = Headers({b"x-a": [b"1"]})
+            seen.append(headers)
+            upstream.request(b"GET", b"http://127.0.0.1:8000" + path, headers, None)
+        wire = []
+        for _, _, factory, _, _ in reactor.tcpClients:
+            protocol = factory.buildProtocol(None)
+            transport = StringTransport()
+            protocol.makeConnection(transport)
+            wire.append(transport.value())
+        self.assertEqual(len(wire), 2)
+        for raw in wire:
+            lines = raw.split(b"\r\n\r\n")[0].lower().split(b"\r\n")
+            self.assertEqual([line for line in lines if line.startswith(b"host:")], [b"host: 127.0.0.1:8000"])
+        for headers in seen:
+            self.assertEqual(headers.getRawHeaders(b"host"), [b"127.0.0.1:8000"])
+
+    def test_given_host_kept(self):
+        """A Host already in the headers is not replaced."""
+        from twisted.internet.defer import succeed
+        from twisted.web.http_headers import Headers
+
+        from twisted_forward.upstream import Upstream
+
+        class Agent:
+            def request(self, method, url, headers, body):
+                self.headers = headers
+                return succeed(None)
+
+        agent = Agent()
+        Upstream(None, 5.0, agent=agent).request(  # type: ignore[arg-type]
+            b"GET", b"https://api.example/v1", Headers({b"host": [b"other"]}), None
+        )
+        self.assertEqual(agent.headers.getRawHeaders(b"host"), [b"other"])

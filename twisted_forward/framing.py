@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, Protocol, S
 
 from twisted.internet.interfaces import IAddress, IDelayedCall, IPushProducer
 from twisted.logger import Logger
+from twisted.protocols.basic import LineReceiver
 from twisted.web.http import RESPONSES, HTTPChannel, datetimeToString
 from twisted.web.http_headers import Headers
 from twisted.web.server import Site
@@ -116,6 +117,44 @@ _HOST = re.compile(
     rb"(?:\[[0-9A-Za-z:.\-_~!$&'()*+,;=%]+\]|[0-9A-Za-z\-._~!$&'()*+,;=%]*)(?::[0-9]*)?"
 )
 _VISIBLE_ASCII = re.compile(rb"[\x21-\x7e]+")
+#: Header lines, each ending in CRLF, none folded, no control byte but HTAB
+#: in a value: a header section :func:`split_head` takes whole.
+_FIELDS = re.compile(rb"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\x00-\x08\x0a-\x1f\x7f]*\r\n)*")
+#: Header names (lower-cased) that set the body's framing: they go through
+#: Twisted's own header handling, which picks the body decoder.
+_FRAMING_NAMES = frozenset([b"content-length", b"transfer-encoding"])
+
+
+def split_head(
+    data: bytes, max_fields: int, max_bytes: int
+) -> Optional[tuple[list[tuple[bytes, bytes]], int]]:
+    """Take a whole, clean header section from the start of ``data`` at once.
+
+    ``data`` is what follows a request line.  When it holds the whole header
+    section (up to the blank line), every line ending in CRLF, every name a
+    token, no folded line, no control byte but HTAB in a value, at most
+    ``max_fields`` lines and ``max_bytes`` bytes of lines (CRLFs not
+    counted): the ``(name, value)`` pairs (values stripped of SP/HTAB, as
+    Twisted does) and the offset just past the blank line.  None otherwise:
+    the section is then read line by line, the way that finds (and refuses)
+    whatever is wrong with it, or waits for the rest of it.
+    """
+    if data[:2] == b"\r\n":
+        return None  # no header at all: rare, left to the line parser
+    end = data.find(b"\r\n\r\n", 0, max_bytes + 2 * max_fields + 4)
+    if end < 0:
+        return None
+    block = data[: end + 2]
+    count = block.count(b"\r\n")
+    if count > max_fields or len(block) - 2 * count > max_bytes:
+        return None
+    if _FIELDS.fullmatch(block) is None:
+        return None
+    fields = []
+    for line in block[:-2].split(b"\r\n"):
+        name, _, value = line.partition(b":")
+        fields.append((name, value.strip(b" \t")))
+    return fields, end + 4
 
 
 def answer(
@@ -374,6 +413,9 @@ class ForwardChannel(ChannelHooks):
     #: Lines are split at LF, so one ending without its CR is seen (and
     #: refused) instead of waited on.
     delimiter = b"\n"
+    #: Take a request's header section whole when it is all here and clean
+    #: (:func:`split_head`), instead of line by line.
+    whole_heads = True
 
     def __init__(self, settings: ChannelSettings = ChannelSettings()) -> None:
         super().__init__()
@@ -395,6 +437,7 @@ class ForwardChannel(ChannelHooks):
         self._body_timer: Optional[IDelayedCall] = None
         self._body_last = 0.0
         self._idle_timeout: Optional[float] = None
+        self._body_in_hand = 0
         self._new_head()
 
     def _new_head(self) -> None:
@@ -467,6 +510,50 @@ class ForwardChannel(ChannelHooks):
             refusal = check_request_target(target)
             if refusal is not None:
                 self.refuse(refusal)
+                return
+            if self.whole_heads:
+                self._take_whole_head(request)
+
+    def _take_whole_head(self, request: Any) -> None:
+        """Read the header section that follows the request line just
+        parsed in one go, when it is all here and clean (:func:`split_head`);
+        otherwise leave it to the line-by-line parser.
+
+        Each header line is judged as :meth:`headerReceived` would judge it
+        (the same refusals); only the framing headers go through Twisted's
+        own handling, which picks the body decoder.  The blank line then
+        ends the head the usual way, and the bytes after it (the body, the
+        next request) go back to the line receiver's buffer.
+        """
+        rest = self.clearLineBuffer()
+        split = split_head(
+            rest,
+            self.maxHeaders - self._header_count,
+            self.totalHeadersSize - self._head_size,
+        )
+        if split is None:
+            # Still being received (busy), so only buffered: parsed next,
+            # line by line.
+            LineReceiver.dataReceived(self, rest)
+            return
+        fields, end = split
+        # Bytes of the body already here: when they are the whole body, it
+        # needs no deadline of its own (see allHeadersReceived).
+        self._body_in_hand = len(rest) - end
+        self._header_count += len(fields)
+        self._head_size += end - 2 * (len(fields) + 1)
+        headers = request.requestHeaders
+        for name, value in fields:
+            if name.lower() in _FRAMING_NAMES:
+                if not self.headerReceived(name + b":" + value):
+                    return
+            else:
+                headers.addRawHeader(name, value)
+        # The blank line (its CR still on, as the line receiver gives it):
+        # ends the head the usual way.
+        self.lineReceived(b"\r")
+        if rest[end:]:
+            LineReceiver.dataReceived(self, rest[end:])
 
     def lineLengthExceeded(self, line: bytes) -> None:
         self.refuse(HEADERS_TOO_LARGE if self._in_head else REQUEST_LINE_TOO_LONG)
@@ -517,8 +604,15 @@ class ForwardChannel(ChannelHooks):
             request.head_refusal = refusal
         if self._codings and not self.use_chunked_body():
             return
-        if has_body and self.body_timeout is not None:
-            # The body's own clock replaces the idle timer until it is in.
+        in_hand = self._body_in_hand
+        self._body_in_hand = 0
+        if (
+            has_body
+            and self.body_timeout is not None
+            and not (self.length is not None and 0 < self.length <= in_hand)
+        ):
+            # The body's own clock replaces the idle timer until it is in
+            # (not needed when the whole body came in the head's read).
             self._idle_timeout = self.setTimeout(None)
             self._body_last = self._now()
             self._body_timer = self.callLater(self.body_timeout, self._body_check)
