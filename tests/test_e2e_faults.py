@@ -17,6 +17,9 @@ from .test_metrics import _sample
 
 
 class FaultTests(ProxyTestCase):
+    #: They scrape /metrics on the proxy's port, without the admin key.
+    proxy_settings = {"METRICS": "public"}
+
     @defer.inlineCallbacks
     def metrics(self) -> defer.Deferred:
         response = yield self.client.get(self.url("/metrics"))

@@ -51,7 +51,8 @@ class RedisInstancesTests(PolicyTestCase):
         """A second instance of the plugin on loopback; stopped at cleanup."""
         options = Options()
         options.parseOptions(["--port", "tcp:0:interface=127.0.0.1", "--env-file", os.devnull])
-        service = makeService(options, reactor=reactor, environ=proxy_env(self.upstream_port, **env))
+        environ = proxy_env(self.upstream_port, **{**self.proxy_settings, **env})
+        service = makeService(options, reactor=reactor, environ=environ)
         listener = [s for s in IServiceCollection(service) if hasattr(s, "_waitingForPort")][0]
         IService(service).startService()
         self.addCleanup(service.stopService)
