@@ -347,8 +347,12 @@ class FakeOpenAI(Resource):
         return NOT_DONE_YET
 
 
+def fake_site(resource: FakeOpenAI) -> Site:
+    """The site that serves the fake upstream: bodies as sent, with no form
+    or multipart parsing (like OpenAI)."""
+    return Site(resource, parsePOSTFormSubmission=False)
+
+
 def listen_fake(resource: FakeOpenAI, reactor=default_reactor) -> IListeningPort:
     """Serve the fake upstream on 127.0.0.1, on a port the OS picks."""
-    # Bodies as sent: no form or multipart parsing (like OpenAI).
-    site = Site(resource, parsePOSTFormSubmission=False)
-    return reactor.listenTCP(0, site, interface="127.0.0.1")
+    return reactor.listenTCP(0, fake_site(resource), interface="127.0.0.1")

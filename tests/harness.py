@@ -7,20 +7,33 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Optional
+from typing import Callable, Optional
 
 from treq.client import HTTPClient
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, IServiceCollection
 from twisted.internet import defer, reactor
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import (
+    IAddress,
+    IListeningPort,
+    IProtocolFactory,
+    IProtocolNegotiationFactory,
+    IStreamServerEndpoint,
+    ITransport,
+)
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
+from zope.interface import alsoProvides, implementer
 
-from twisted_forward.listening import BoundEndpoint
+from twisted_forward.config import ConfigError
+from twisted_forward.listening import BoundEndpoint, endpoint_from_string
 from twisted_forward.tap import Options, makeService
 
-from .fake_upstream import FakeOpenAI, listen_fake
+from .fake_upstream import FakeOpenAI, fake_site
 
 
 def listeners(service: IService) -> list[StreamServerEndpointService]:
@@ -32,42 +45,123 @@ def listeners(service: IService) -> list[StreamServerEndpointService]:
     assert all(isinstance(s.endpoint, BoundEndpoint) for s in found)
     return found
 
-class ConnectionTracker:
-    """Counts a factory's open connections; tells when all are closed."""
+class _Observed(ProtocolWrapper):
+    """Stands between a transport and one protocol to see the connection
+    begin and end.
 
-    def __init__(self, factory: Factory) -> None:
-        self.open = 0
-        self._waiters: list[defer.Deferred] = []
-        original = factory.buildProtocol
+    Unlike :class:`~twisted.protocols.policies.ProtocolWrapper`, it hands
+    the wrapped protocol the real transport: what the protocol writes goes
+    straight to the socket, so the proxy under test runs on the same TCP
+    (or TLS) transport as in production.
+    """
 
-        def build(addr):
-            protocol = original(addr)
-            if protocol is None:
-                return None
-            self.open += 1
-            lost = protocol.connectionLost
+    factory: "ConnectionTracker"
 
-            def connection_lost(reason, _lost=lost):
-                try:
-                    return _lost(reason)
-                finally:
-                    self.open -= 1
-                    if not self.open:
-                        waiters, self._waiters[:] = list(self._waiters), []
-                        for d in waiters:
-                            d.callback(None)
+    def makeConnection(self, transport: ITransport) -> None:
+        Protocol.makeConnection(self, transport)
+        self.factory.registerProtocol(self)
+        for observe in self.factory.on_connect:
+            observe(transport)
+        self.wrappedProtocol.makeConnection(transport)
 
-            protocol.connectionLost = connection_lost
-            return protocol
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        try:
+            self.wrappedProtocol.connectionLost(reason)
+        finally:
+            self.factory.connection_ended(self, reason)
 
-        factory.buildProtocol = build
 
-    def closed(self) -> defer.Deferred:
-        if not self.open:
+class ConnectionTracker(WrappingFactory):
+    """Wraps a server factory (listen on the tracker, not on the factory) to
+    count its open connections, tell when all are closed, and keep how each
+    one ended: a clean close (``ConnectionDone``, a FIN) or an abort
+    (``ConnectionLost``: a reset, or the connection dropped).
+
+    :ivar endings: the reason each closed connection ended, in order.
+    :ivar on_connect: called with each new connection's transport before
+        the wrapped protocol gets it.
+    """
+
+    protocol = _Observed
+
+    def __init__(self, factory: IProtocolFactory) -> None:
+        super().__init__(factory)
+        if IProtocolNegotiationFactory.providedBy(factory):
+            # TLS asks the factory it wraps for the ALPN protocols (a Site
+            # offers http/1.1): without them it refuses clients that send ALPN.
+            alsoProvides(self, IProtocolNegotiationFactory)
+        self.endings: list[Failure] = []
+        self.on_connect: list[Callable[[ITransport], object]] = []
+        self._waiters: list[defer.Deferred[None]] = []
+
+    def acceptableProtocols(self) -> list[bytes]:
+        """The wrapped factory's ALPN protocols (when it has any)."""
+        return list(IProtocolNegotiationFactory(self.wrappedFactory).acceptableProtocols())
+
+    @property
+    def open(self) -> int:
+        """How many connections are open now."""
+        return len(self.protocols)
+
+    def buildProtocol(self, addr: IAddress) -> Optional[_Observed]:  # type: ignore[override]  # WrappingFactory declares its own wrapper class
+        inner = self.wrappedFactory.buildProtocol(addr)
+        if inner is None:
+            return None
+        return self.protocol(self, inner)
+
+    def unregisterProtocol(self, p: ProtocolWrapper) -> None:
+        """Not used: :meth:`connection_ended` is called once the wrapped
+        protocol has seen the loss."""
+
+    def connection_ended(self, p: ProtocolWrapper, reason: Failure) -> None:
+        """``p``'s connection ended for ``reason``."""
+        del self.protocols[p]
+        self.endings.append(reason)
+        if not self.protocols:
+            waiters, self._waiters = self._waiters, []
+            for d in waiters:
+                d.callback(None)
+
+    def closed(self) -> defer.Deferred[None]:
+        """Fires once no connection is open (at once if none is)."""
+        if not self.protocols:
             return defer.succeed(None)
-        d: defer.Deferred = defer.Deferred()
+        d: defer.Deferred[None] = defer.Deferred()
         self._waiters.append(d)
         return d
+
+    def clean_closes(self) -> int:
+        """How many connections ended with a clean close (a FIN)."""
+        return sum(1 for r in self.endings if r.check(ConnectionDone) is not None)
+
+    def aborts(self) -> int:
+        """How many connections ended otherwise (a reset, or dropped)."""
+        return len(self.endings) - self.clean_closes()
+
+
+@implementer(IStreamServerEndpoint)
+class TrackedEndpoint:
+    """An endpoint that listens with a :class:`ConnectionTracker` around the
+    factory it is given: how the harness watches the proxy's connections
+    through ``makeService(..., endpoint=)``, a public parameter.
+
+    :ivar tracker: the tracker, once ``listen`` was called.
+    """
+
+    def __init__(self, endpoint: IStreamServerEndpoint) -> None:
+        self.endpoint = endpoint
+        self.tracker: Optional[ConnectionTracker] = None
+
+    def listen(self, factory: IProtocolFactory) -> "defer.Deferred[IListeningPort]":
+        self.tracker = ConnectionTracker(factory)
+        return self.endpoint.listen(self.tracker)
+
+
+def listen_tracked(factory: IProtocolFactory) -> tuple[IListeningPort, ConnectionTracker]:
+    """Listen on 127.0.0.1 (a port the OS picks) with ``factory`` inside a
+    :class:`ConnectionTracker`; returns the port and the tracker."""
+    tracker = ConnectionTracker(factory)
+    return reactor.listenTCP(0, tracker, interface="127.0.0.1"), tracker
 
 
 def proxy_env(upstream_port: int, **extra: str) -> dict[str, str]:
@@ -84,20 +178,20 @@ class ProxyTestCase(TestCase):
     """Starts the fake upstream; ``start_proxy`` starts the real plugin."""
 
     timeout = 30
+    #: Settings every proxy of this test case starts with (a test's own win):
+    #: e.g. ``{"METRICS": "public"}`` for tests that scrape /metrics on the
+    #: public port without the admin key.
+    proxy_settings: dict[str, str] = {}
 
     def setUp(self) -> None:
         self.fake = FakeOpenAI()
-        from twisted.web.server import Site
-
-        self.fake_port = listen_fake(self.fake)
-        self.fake_tracker = ConnectionTracker(self.fake_port.factory)
+        self.fake_port, self.fake_tracker = listen_tracked(fake_site(self.fake))
         self.upstream_port = self.fake_port.getHost().port
         self.pool = HTTPConnectionPool(reactor, persistent=True)
         self.agent = Agent(reactor, pool=self.pool)
         self.client = HTTPClient(self.agent)
         self.addCleanup(self._stop_upstream)
         self.addCleanup(self.pool.closeCachedConnections)
-        del Site
 
     @defer.inlineCallbacks
     def _stop_upstream(self):
@@ -111,11 +205,18 @@ class ProxyTestCase(TestCase):
         listening port.  Stopped (and its connections waited for) at cleanup."""
         options = Options()
         options.parseOptions(["--port", port, "--env-file", os.devnull] + list(args or []))
-        environ = proxy_env(self.upstream_port, **env)
-        self.service = makeService(options, reactor=reactor, environ=environ)
+        environ = proxy_env(self.upstream_port, **{**self.proxy_settings, **env})
+        try:
+            endpoint: Optional[TrackedEndpoint] = TrackedEndpoint(
+                endpoint_from_string(reactor, options["endpoint"], "--port")
+            )
+        except ConfigError:
+            endpoint = None  # makeService says why, as it does for a user
+        self.service = makeService(options, reactor=reactor, environ=environ, endpoint=endpoint)
         listener = listeners(self.service)[0]
         self.site = listener.factory
-        self.proxy_tracker = ConnectionTracker(self.site)
+        assert endpoint is not None and endpoint.tracker is not None
+        self.proxy_tracker = endpoint.tracker
         self.service.startService()
         self.addCleanup(self._stop_proxy)
         # Bound while the service was built (twisted_forward.listening).
@@ -184,4 +285,4 @@ class Collector(Protocol):
 # headers reaching the upstream (tests/secrets_watch.py).
 from .secrets_watch import watch_secrets  # noqa: E402
 
-ProxyTestCase.start_service = watch_secrets(ProxyTestCase.start_service)  # type: ignore[method-assign]
+ProxyTestCase.start_service = watch_secrets(ProxyTestCase.start_service)  # type: ignore[method-assign]  # wrapped once, for every subclass

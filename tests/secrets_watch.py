@@ -108,36 +108,28 @@ class SecretsWatch:
             ((name, url_password(url)) for name, url in urls) if password
         )
         self.log_dir = config.log_dir if getattr(config, "log_chat", True) else None
-        site = test.site
-        build = site.buildProtocol
         written = self.written
 
-        def build_protocol(addr: Any) -> Any:
-            protocol = build(addr)
-            if protocol is None:
-                return None
-            make = protocol.makeConnection
+        def tap(transport: Any) -> None:
+            # What the proxy writes to a client, seen on the real transport:
+            # a ProtocolWrapper in between would hide the TCP transport from
+            # the proxy (its send_now and producers), so the end-to-end tests
+            # would no longer run what production runs.
+            write, write_sequence = transport.write, transport.writeSequence
 
-            def make_connection(transport: Any) -> Any:
-                write, write_sequence = transport.write, transport.writeSequence
+            def tapped_write(data: bytes) -> Any:
+                written.append(bytes(data))
+                return write(data)
 
-                def tapped_write(data: bytes) -> Any:
-                    written.append(bytes(data))
-                    return write(data)
+            def tapped_write_sequence(seq: Iterable[bytes]) -> Any:
+                seq = list(seq)
+                written.extend(bytes(d) for d in seq)
+                return write_sequence(seq)
 
-                def tapped_write_sequence(seq: Iterable[bytes]) -> Any:
-                    seq = list(seq)
-                    written.extend(bytes(d) for d in seq)
-                    return write_sequence(seq)
+            transport.write = tapped_write
+            transport.writeSequence = tapped_write_sequence
 
-                transport.write = tapped_write
-                transport.writeSequence = tapped_write_sequence
-                return make(transport)
-
-            protocol.makeConnection = make_connection
-            return protocol
-
-        site.buildProtocol = build_protocol
+        test.proxy_tracker.on_connect.append(tap)
 
     def leaks(self, test: Any) -> list[str]:
         """Where a secret or an identifying header showed up; empty if nowhere."""

@@ -13,7 +13,8 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import globalLogPublisher
 
 from .harness import ProxyTestCase
-from .test_startup import TWISTD, run
+from .processes import TWISTD, assert_exit, run
+from .test_startup import startup_env
 
 ACCESS = "twisted_forward.access"
 
@@ -34,6 +35,9 @@ class RawClient(Protocol):
 
 class AccessLineTests(ProxyTestCase):
     """What operators read in the log."""
+
+    #: They scrape /metrics on the proxy's port, without the admin key.
+    proxy_settings = {"METRICS": "public"}
 
     def capture(self) -> list[dict]:
         events: list[dict] = []
@@ -157,6 +161,6 @@ class AccessLineTests(ProxyTestCase):
 
         cwd = os.path.abspath(self.mktemp())
         os.makedirs(cwd)
-        code, process = yield run(self, [*TWISTD, "openai-forward", "--version"], cwd)
-        self.assertEqual(code, 0, process.errors)
-        self.assertTrue(process.output.decode().startswith(f"twisted-forward {__version__} "))
+        process = yield run(self, [*TWISTD, "openai-forward", "--version"], startup_env(), cwd)
+        assert_exit(self, process, 0)
+        self.assertTrue(process.out.decode().startswith(f"twisted-forward {__version__} "))

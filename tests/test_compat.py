@@ -198,6 +198,65 @@ class CanaryTests(SynchronousTestCase):
         port.doRead()
         self.assertEqual(port.calls, [1, 1])
 
+    def test_send_now_half_closed(self) -> None:
+        """send_now still recognises a half-closed write side by
+        FileDescriptor._writeDisconnecting (set by loseWriteConnection, read
+        by doWrite once the buffer is empty) and leaves it to the reactor."""
+        from twisted.internet import abstract
+        from twisted.internet.testing import MemoryReactor
+
+        self.assertIs(
+            getattr(abstract.FileDescriptor, "_writeDisconnecting", None),
+            False,
+            self.broke("FileDescriptor._writeDisconnecting is gone or no longer a False default"),
+        )
+        self.assertIn(
+            "self._writeDisconnecting",
+            inspect.getsource(abstract.FileDescriptor.doWrite),
+            self.broke("FileDescriptor.doWrite no longer reads _writeDisconnecting "
+                       "(send_now's half-close guard would be stale)"),
+        )
+        self.assertEqual(
+            _parameters(abstract.FileDescriptor.doWrite),
+            ["self"],
+            self.broke("FileDescriptor.doWrite takes arguments"),
+        )
+        sent: list[bytes] = []
+
+        class Descriptor(abstract.FileDescriptor):
+            connected = 1
+
+            def writeSomeData(self, data: bytes) -> int:
+                sent.append(bytes(data))
+                return len(data)
+
+            def fileno(self) -> int:
+                return 99
+
+        reactor = MemoryReactor()
+        half_closed = Descriptor(reactor)  # type: ignore[arg-type]  # MemoryReactor provides what FileDescriptor uses
+        half_closed.write(b"x")
+        half_closed.loseWriteConnection()
+        self.assertIs(
+            getattr(half_closed, "_writeDisconnecting", None),
+            True,
+            self.broke("FileDescriptor.loseWriteConnection no longer sets _writeDisconnecting"),
+        )
+        _compat.send_now(half_closed)
+        self.assertEqual(sent, [], self.broke("send_now wrote on a half-closed write side"))
+        self.assertIn(half_closed, reactor.getWriters())
+        open_descriptor = Descriptor(reactor)  # type: ignore[arg-type]  # as above
+        open_descriptor.write(b"y")
+        _compat.send_now(open_descriptor)
+        self.assertEqual(
+            sent, [b"y"], self.broke("FileDescriptor.doWrite no longer sends the buffered bytes")
+        )
+        self.assertNotIn(
+            open_descriptor,
+            reactor.getWriters(),
+            self.broke("FileDescriptor.doWrite no longer stops the write watch once the buffer is empty"),
+        )
+
     def test_trust_root_interface(self) -> None:
         """twisted.internet._sslverify.IOpenSSLTrustRoot, named in type hints
         only, still exists."""
@@ -236,3 +295,104 @@ class CanaryTests(SynchronousTestCase):
         path = self.mktemp()
         os.makedirs(path)
         return path
+
+
+class CanaryCoverageTests(SynchronousTestCase):
+    """Every private use _compat.py fences has its canary above."""
+
+    def test_every_export_has_a_canary(self) -> None:
+        """Each name _compat exports is in its __all__ and named by a canary
+        in this module (a new private use needs its own test here)."""
+        import ast
+        import sys
+
+        with open(_compat.__file__, encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+        defined = {
+            node.name
+            for node in tree.body
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and not node.name.startswith("_")
+        }
+        self.assertEqual(
+            sorted(defined - set(_compat.__all__)), [], "defined in _compat.py but not in its __all__"
+        )
+        source = inspect.getsource(sys.modules[__name__])
+        canaries = source[: source.index("class CanaryCoverageTests")]
+        self.assertEqual(
+            [name for name in _compat.__all__ if name not in canaries],
+            [],
+            "exported by _compat.py with no canary in tests/test_compat.py",
+        )
+
+    def test_no_private_use_outside_compat(self) -> None:
+        """Outside _compat.py the package touches no private name it does not
+        define itself: no ``x._name`` of Twisted's or treq's, no
+        ``getattr(x, "_name")``, no import from a private module or of a
+        private name (``os._exit`` is documented public API)."""
+        import ast
+        import os
+
+        package = os.path.dirname(_compat.__file__)
+        own: set[str] = set()
+        uses: list[tuple[str, int, str]] = []
+        for folder, _, names in os.walk(package):
+            for name in names:
+                if not name.endswith(".py"):
+                    continue
+                path = os.path.join(folder, name)
+                with open(path, encoding="utf-8") as f:
+                    tree = ast.parse(f.read())
+                where = os.path.relpath(path, os.path.dirname(package))
+                if name == "_compat.py":
+                    # What it sets (pool._factory, reactor._exitSignal) is
+                    # Twisted's, not ours.
+                    continue
+                for node in ast.walk(tree):
+                    own.update(_private_definitions(node))
+                    uses.extend((where, node.lineno, use) for use in _private_uses(node))
+        foreign = [u for u in uses if u[2] not in own | {"_exit"}]
+        self.assertEqual(foreign, [], "private names used outside twisted_forward/_compat.py")
+
+
+def _private_definitions(node: Any) -> list[str]:
+    """The private names ``node`` defines that other objects may reach: a
+    function, method or class named ``_x``, or a module or class variable.
+    (An attribute set on ``self`` is reached through ``self`` only.)"""
+    import ast
+
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        return [node.name]
+    if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+        return [node.id]
+    if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+        return [node.target.id]
+    return []
+
+
+def _private_uses(node: Any) -> list[str]:
+    """The private names ``node`` reads from elsewhere: ``x._name``,
+    ``getattr(x, "_name")``, and imports from Twisted's or treq's private
+    modules or of their private names."""
+    import ast
+
+    def private(name: str) -> bool:
+        return name.startswith("_") and not name.startswith("__")
+
+    if isinstance(node, ast.Attribute) and private(node.attr):
+        if isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"):
+            return []
+        return [node.attr]
+    if (
+        isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Name)
+        and node.func.id in ("getattr", "setattr", "hasattr", "delattr")
+        and len(node.args) >= 2
+        and isinstance(node.args[1], ast.Constant)
+        and isinstance(node.args[1].value, str)
+        and private(node.args[1].value)
+    ):
+        return [node.args[1].value]
+    if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in ("twisted", "treq"):
+        parts = (node.module or "").split(".")
+        return [p for p in parts if private(p)] + [a.name for a in node.names if private(a.name)]
+    return []

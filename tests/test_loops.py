@@ -10,10 +10,9 @@ from __future__ import annotations
 import json
 import os
 import socket
-import sys
 
 from twisted.application.service import IServiceCollection
-from twisted.internet import defer, reactor
+from twisted.internet import defer
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
@@ -22,10 +21,9 @@ from twisted_forward.loops import HOP_HEADER, HOP_TOKEN, MAX_HOPS, is_loop, join
 from twisted_forward.tap import ProxyService
 
 from .harness import ProxyTestCase
-from .processes import ROOT
+from .processes import TWISTD, assert_exit, child_env, run, spawn_twistd
 from .test_reload import write_env
-from .test_startup import TWISTD, run
-from .test_workers import Supervisor
+from .test_startup import startup_env
 
 
 def free_port() -> int:
@@ -49,14 +47,14 @@ class OwnAddressTests(ProxyTestCase):
         os.makedirs(cwd)
         for workers in ([], ["--workers", "2"]):
             port = free_port()
-            code, process = yield run(
+            process = yield run(
                 self, [*TWISTD, "-n", "--pidfile=", "openai-forward", *workers,
                        "--port", f"tcp:{port}:interface=127.0.0.1"],
-                cwd, OPENAI_BASE_URL=f"http://127.0.0.1:{port}/v1",
+                startup_env(OPENAI_BASE_URL=f"http://127.0.0.1:{port}/v1"), cwd,
             )
-            self.assertEqual(code, 1, process.output)
+            assert_exit(self, process, 1)
             self.assertEqual(
-                process.errors.decode().splitlines(),
+                process.errors.splitlines(),
                 [f"openai-forward: OPENAI_BASE_URL (--base-url): http://127.0.0.1:{port}/v1 "
                  f"is this proxy's own address (it listens on port {port}): every request "
                  "would come back to it. Point it at the real upstream "
@@ -71,14 +69,15 @@ class OwnAddressTests(ProxyTestCase):
         cwd = os.path.abspath(self.mktemp())
         os.makedirs(cwd)
         port = free_port()
-        code, process = yield run(
+        process = yield run(
             self, [*TWISTD, "-n", "--pidfile=", "openai-forward", "--port", str(port)],
-            cwd, FORWARD_CONFIG=json.dumps(
+            startup_env(FORWARD_CONFIG=json.dumps(
                 [{"base_url": "https://api.openai.com", "route": "/"},
-                 {"base_url": f"http://localhost:{port}", "route": "/self"}]),
+                 {"base_url": f"http://localhost:{port}", "route": "/self"}])),
+            cwd,
         )
-        self.assertEqual(code, 1)
-        self.assertTrue(process.errors.decode().startswith(
+        assert_exit(self, process, 1)
+        self.assertTrue(process.errors.startswith(
             f"openai-forward: FORWARD_CONFIG (--forward-config): http://localhost:{port} is "
             "this proxy's own address"), process.errors)
 
@@ -90,24 +89,19 @@ class RuntimeLoopTests(ProxyTestCase):
 
     @defer.inlineCallbacks
     def test_loop_through_another_proxy(self):
-        """Loop through another proxy."""
+        """When a reload points the proxy at a second real proxy that forwards back to it,
+        the looping request is answered 508 loop_detected instead of circling, and never
+        reaches the upstream."""
         env_file = os.path.abspath(self.mktemp())
         write_env(env_file)
         yield self.start_proxy(["--env-file", env_file])
         # The second proxy forwards to this one...
         cwd = os.path.abspath(self.mktemp())
         os.makedirs(cwd)
-        other = Supervisor()
-        reactor.spawnProcess(
-            other, sys.executable,
-            [sys.executable, *TWISTD, "-n", "--pidfile=", "openai-forward",
-             "--port", "tcp:0:interface=127.0.0.1"],
-            env={"PATH": os.environ.get("PATH", ""), "PYTHONPATH": ROOT, "LOG_CHAT": "false",
-                 "OPENAI_BASE_URL": self.base},
-            path=cwd,
+        other = spawn_twistd(
+            self, ["-n", "--pidfile=", "openai-forward", "--port", "tcp:0:interface=127.0.0.1"],
+            child_env(OPENAI_BASE_URL=self.base), cwd,
         )
-        self.addCleanup(lambda: other.ended.called or (
-            other.transport.signalProcess("KILL"), other.ended.addErrback(lambda _: None))[1])
         match = yield other.wait_for(r"ForwardSite starting on (\d+)")
         # ...and a reload points this one at the second: a loop.
         # (FORWARD_CONFIG: the harness gives OPENAI_BASE_URL in the environment.)

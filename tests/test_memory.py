@@ -15,7 +15,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 
 from .harness import ProxyTestCase
-from .test_runmodes import spawn_twistd
+from .test_runmodes import listening_port, spawn_twistd
 
 MiB = 1024 * 1024
 #: Allowed growth of the proxy's peak resident memory (the issue's bound).
@@ -60,16 +60,17 @@ class MemoryTests(ProxyTestCase):
     @defer.inlineCallbacks
     def start_child(self):
         process = spawn_twistd(self)
-        port = yield process.listening
+        port = yield listening_port(process)
         # Warm up: import and allocate what every request needs.
         response = yield self.client.get(f"http://127.0.0.1:{port}/v1/models")
         yield response.content()
         yield self.pool.closeCachedConnections()
-        return process.transport.pid, port
+        return process.pid, port
 
     @defer.inlineCallbacks
     def test_slow_reader_200mib(self):
-        """Slow reader 200mib."""
+        """A 200 MiB answer to a client that reads slowly grows the proxy's peak memory by
+        less than LIMIT: back-pressure holds the upstream instead of buffering the body."""
         pid, port = yield self.start_child()
         before = _status_kib(pid, "VmRSS")
         size = 200 * MiB
@@ -84,7 +85,9 @@ class MemoryTests(ProxyTestCase):
 
     @defer.inlineCallbacks
     def test_upload_100mib(self):
-        """Upload 100mib."""
+        """A 100 MiB multipart upload reaches the upstream intact (same length and SHA-256)
+        while the proxy's peak memory grows by less than LIMIT: the body is streamed,
+        never parsed or held whole."""
         pid, port = yield self.start_child()
         before = _status_kib(pid, "VmRSS")
         size = 100 * MiB

@@ -25,7 +25,7 @@ from zope.interface import implementer
 from .fake_upstream import chat_answer
 from .harness import ProxyTestCase
 from .test_memory import LIMIT, MiB, _status_kib
-from .test_runmodes import spawn_twistd
+from .test_runmodes import listening_port, spawn_twistd
 
 
 class Sink(Resource):
@@ -129,11 +129,11 @@ class BodyMemoryTests(ProxyTestCase):
             LOG_CHAT="true",
             LOG_DIR=cwd_log,
         )
-        port = yield process.listening
+        port = yield listening_port(process)
         response = yield self.client.get(f"http://127.0.0.1:{port}/v1/models")
         yield response.content()
         yield self.pool.closeCachedConnections()
-        return process.transport.pid, port, cwd_log
+        return process.pid, port, cwd_log
 
     @defer.inlineCallbacks
     def upload(self, port: int, *args) -> defer.Deferred:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sys
 from typing import Any
 
 from twisted.application.service import IServiceCollection
@@ -25,10 +24,7 @@ from twisted_forward.tap import ProxyService
 
 from .fake_upstream import chat_chunks
 from .harness import Collector, ProxyTestCase
-from .test_workers import Supervisor
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+from .processes import ChildProcess, assert_exit, assert_signalled, child_env, spawn_twistd
 
 OLD_FK, NEW_FK = "fk-reload-old-1234", "fk-reload-new-5678"
 OLD_SK, NEW_SK = "sk-reload-old-aaaa", "sk-reload-new-bbbb"
@@ -237,35 +233,21 @@ class SighupTwistdTests(ProxyTestCase):
 
     timeout = 60
 
-    def spawn(self, extra: list[str], **env: str) -> Supervisor:
+    def spawn(self, extra: list[str], **env: str) -> ChildProcess:
         self.cwd = os.path.abspath(self.mktemp())
         os.makedirs(self.cwd)
         self.env_file = os.path.join(self.cwd, ".env")
         write_env(self.env_file, OPENAI_API_KEY=OLD_SK, FORWARD_KEY=OLD_FK)
-        environ = {
-            "PATH": os.environ.get("PATH", ""),
-            "PYTHONPATH": ROOT,
+        environ = child_env(**{
             "OPENAI_BASE_URL": f"http://127.0.0.1:{self.upstream_port}",
-            "LOG_CHAT": "false",
             "SHUTDOWN_GRACE": "10",
             **env,
-        }
-        process = Supervisor()
-        reactor.spawnProcess(
-            process, sys.executable,
-            TWISTD + ["-n", "--pidfile=", "openai-forward",
-                      "--port", "tcp:0:interface=127.0.0.1", *extra],
-            env=environ, path=self.cwd,
+        })
+        return spawn_twistd(
+            self,
+            ["-n", "--pidfile=", "openai-forward", "--port", "tcp:0:interface=127.0.0.1", *extra],
+            environ, self.cwd,
         )
-
-        def kill() -> Any:
-            if not process.ended.called:
-                process.transport.signalProcess("KILL")
-                return process.ended.addErrback(lambda _: None)
-            return None
-
-        self.addCleanup(kill)
-        return process
 
     @defer.inlineCallbacks
     def status(self, port: int, key: str) -> Any:
@@ -305,7 +287,7 @@ class SighupTwistdTests(ProxyTestCase):
 
         write_env(self.env_file, OPENAI_API_KEY=NEW_SK, FORWARD_KEY=NEW_FK)
         mark = len(process.lines)
-        os.kill(process.transport.pid, signal.SIGHUP)
+        process.signal("HUP")
         yield process.wait_for(r"reloaded the configuration", mark)
         self.assertEqual((yield self.status(port, NEW_FK)), 200)
         self.assertEqual(self.fake.seen[-1].header(b"authorization"), b"Bearer " + NEW_SK.encode())
@@ -313,7 +295,7 @@ class SighupTwistdTests(ProxyTestCase):
 
         write_env(self.env_file, OPENAI_API_KEY=OLD_SK, FORWARD_KEY="not-a-forward-key")
         mark = len(process.lines)
-        os.kill(process.transport.pid, signal.SIGHUP)
+        process.signal("HUP")
         yield process.wait_for(r"reload refused", mark)
         refusals = [line for line in process.lines[mark:] if "reload refused" in line]
         self.assertEqual(len(refusals), 1)
@@ -328,9 +310,9 @@ class SighupTwistdTests(ProxyTestCase):
             yield collector.done
             self.assertEqual(collector.body, b"".join(chat_chunks(self.fake.answer_text, "m")))
         yield self.pool.closeCachedConnections()
-        os.kill(process.transport.pid, signal.SIGTERM)
-        ended = yield process.ended
-        self.assertEqual(ended.exitCode, 0)
+        process.signal("TERM")
+        yield process.exited()
+        assert_exit(self, process, 0)
         output = process.output
         for secret in (OLD_FK, NEW_FK, OLD_SK, NEW_SK):
             self.assertNotIn(secret, output)
@@ -346,7 +328,7 @@ class SighupTwistdTests(ProxyTestCase):
         yield process.wait_for(r"worker 2 serving")
         write_env(self.env_file, OPENAI_API_KEY=NEW_SK, FORWARD_KEY=NEW_FK)
         mark = len(process.lines)
-        os.kill(process.transport.pid, signal.SIGHUP)
+        process.signal("HUP")
         yield process.wait_for(r"reload: sent to 2 worker", mark)
         yield process.wait_for(r"worker-1.*reloaded the configuration", mark)
         yield process.wait_for(r"worker-2.*reloaded the configuration", mark)
@@ -355,9 +337,10 @@ class SighupTwistdTests(ProxyTestCase):
         for _ in range(6):
             self.assertEqual((yield self.status(port, NEW_FK)), 200)
             yield self.pool.closeCachedConnections()
-        os.kill(process.transport.pid, signal.SIGTERM)
-        yield process.ended
-        # (The supervisor re-raises SIGTERM once stopped, as twistd does.)
+        process.signal("TERM")
+        yield process.exited()
+        # The supervisor re-raises SIGTERM once stopped, as twistd does.
+        assert_signalled(self, process, signal.SIGTERM)
         self.assertIn("Server Shut Down.", process.lines[-1])
         self.assertNotIn("Traceback", process.output)
 
@@ -370,10 +353,12 @@ class LogRotationTests(ProxyTestCase):
 
     @defer.inlineCallbacks
     def test_reopen_after_logrotate_and_twistd_rotation(self):
-        """Reopen after logrotate and twistd rotation."""
+        """After logrotate moves a daemon's --logfile, SIGUSR1 makes it write to a new file
+        at the path; with nothing moved, SIGUSR1 rotates it to .1 and new lines go to a
+        fresh file."""
         from twisted.web.client import Agent, HTTPConnectionPool, readBody
 
-        from .test_runmodes import _UnixEndpoints, spawn
+        from .test_runmodes import _UnixEndpoints
 
         cwd = os.path.abspath(self.mktemp())
         os.makedirs(cwd)
@@ -384,17 +369,13 @@ class LogRotationTests(ProxyTestCase):
         short = tempfile.mkdtemp(prefix="tf-")  # a unix socket path is short
         self.addCleanup(shutil.rmtree, short, True)
         sock = os.path.join(short, "p.sock")
-        env = {
-            "PATH": os.environ.get("PATH", ""), "PYTHONPATH": ROOT, "LOG_CHAT": "false",
-            "OPENAI_BASE_URL": f"http://127.0.0.1:{self.upstream_port}",
-        }
-        launcher = spawn(
-            self, ["-c", "from twisted.scripts.twistd import run; run()",
-                   f"--pidfile={pidfile}", f"--logfile={logfile}",
+        env = child_env(OPENAI_BASE_URL=f"http://127.0.0.1:{self.upstream_port}")
+        launcher = spawn_twistd(
+            self, [f"--pidfile={pidfile}", f"--logfile={logfile}",
                    "openai-forward", "--port", f"unix:{sock}"], env, cwd,
         )
-        launcher.listening.addErrback(lambda _: None)
-        self.assertEqual((yield launcher.ended), 0, launcher.errors)
+        yield launcher.exited()
+        assert_exit(self, launcher, 0)
         with open(pidfile) as f:
             pid = int(f.read())
         self.addCleanup(self._kill, pid)

@@ -11,74 +11,37 @@ import os
 import re
 import shutil
 import signal
-import sys
 import tempfile
+from typing import Any
 
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import UNIXClientEndpoint
-from twisted.internet.protocol import ProcessProtocol
 from twisted.web.client import Agent, HTTPConnectionPool, readBody
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
+from . import processes
 from .harness import ProxyTestCase
-from .processes import ROOT, TWISTD
+from .processes import ROOT, TWIST, ChildProcess, assert_exit, child_env
 
-TWISTD_ARGS = TWISTD[1:]  # spawn() puts the interpreter in front
-_STARTED = re.compile(rb"ForwardSite starting on (\d+)")
-
-
-class Process(ProcessProtocol):
-    """A child process whose output is watched for the listening port."""
-
-    def __init__(self) -> None:
-        self.output = b""
-        self.errors = b""
-        self.listening: defer.Deferred = defer.Deferred()
-        self.ended: defer.Deferred = defer.Deferred()
-
-    def outReceived(self, data: bytes) -> None:
-        self.output += data
-        match = _STARTED.search(self.output)
-        if match and not self.listening.called:
-            self.listening.callback(int(match.group(1)))
-
-    def errReceived(self, data: bytes) -> None:
-        self.errors += data
-
-    def processEnded(self, reason) -> None:
-        if not self.listening.called:
-            self.listening.errback(reason)
-        self.ended.callback(reason.value.exitCode)
+#: The line a proxy logs once it listens, with its port.
+STARTED = r"ForwardSite starting on (\d+)"
 
 
-def child_env(upstream_port: int, **extra: str) -> dict:
-    env = {
-        "PATH": os.environ.get("PATH", ""),
-        "PYTHONPATH": ROOT,
+def runmode_env(upstream_port: int, **extra: str) -> dict[str, str]:
+    """A child proxy's settings: the test's fake upstream and a known key."""
+    return child_env(**{
         "OPENAI_BASE_URL": f"http://127.0.0.1:{upstream_port}",
         "OPENAI_API_KEY": "sk-test-runmode",
-        "LOG_CHAT": "false",
-    }
-    env.update(extra)
-    return env
+        **extra,
+    })
 
 
-def _json_port(process: Process) -> defer.Deferred:
-    """The port from a JSON log's "starting on" event."""
-    d: defer.Deferred = defer.Deferred()
-    original = process.outReceived
-
-    def out(data: bytes) -> None:
-        original(data)
-        complete = process.output.rsplit(b"\n", 1)[0]
-        for line in complete.split(b"\n"):
-            if b"ForwardSite starting on" in line and not d.called:
-                event = json.loads(line.strip(b"\x1e"))
-                d.callback(int(_STARTED.search(event["log_text"].encode()).group(1)))
-
-    process.outReceived = out
-    return d
+@defer.inlineCallbacks
+def listening_port(process: ChildProcess) -> Any:
+    """The port from the child's "ForwardSite starting on" line."""
+    match = yield process.wait_for(STARTED)
+    return int(match.group(1))
 
 
 @implementer(IAgentEndpointFactory)
@@ -90,31 +53,15 @@ class _UnixEndpoints:
         return UNIXClientEndpoint(reactor, self.path)
 
 
-def spawn(test: ProxyTestCase, args: list[str], env: dict, cwd: str) -> Process:
-    """Run ``python ARGS`` as a child of the test; killed at cleanup if alive."""
-    process = Process()
-    transport = reactor.spawnProcess(
-        process, sys.executable, [sys.executable, *args], env=env, path=cwd
-    )
-
-    def stop_if_running():
-        if not process.ended.called:
-            transport.signalProcess("KILL")
-            return process.ended
-
-    test.addCleanup(stop_if_running)
-    return process
-
-
-def spawn_twistd(test: ProxyTestCase, **env: str) -> Process:
+def spawn_twistd(test: ProxyTestCase, **env: str) -> ChildProcess:
     """``twistd -n openai-forward`` on a free loopback port, in front of the
     test's fake upstream, in a fresh working directory."""
     cwd = os.path.abspath(test.mktemp())
     os.makedirs(cwd)
-    return spawn(
+    return processes.spawn_twistd(
         test,
-        [*TWISTD_ARGS, "-n", "--pidfile=", "openai-forward", "--port", "tcp:0:interface=127.0.0.1"],
-        child_env(test.upstream_port, **env),
+        ["-n", "--pidfile=", "openai-forward", "--port", "tcp:0:interface=127.0.0.1"],
+        runmode_env(test.upstream_port, **env),
         cwd,
     )
 
@@ -122,8 +69,10 @@ def spawn_twistd(test: ProxyTestCase, **env: str) -> Process:
 class RunModeTests(ProxyTestCase):
     timeout = 60
 
-    def spawn(self, args: list[str], env: dict, cwd: str) -> Process:
-        return spawn(self, args, env, cwd)
+    def workdir(self) -> str:
+        cwd = os.path.abspath(self.mktemp())
+        os.makedirs(cwd)
+        return cwd
 
     @defer.inlineCallbacks
     def check_forwarding(self, port: int):
@@ -133,49 +82,53 @@ class RunModeTests(ProxyTestCase):
         self.assertEqual(self.fake.seen[-1].header(b"authorization"), b"Bearer sk-test-runmode")
 
     @defer.inlineCallbacks
-    def test_twistd_foreground(self):
-        """Twistd foreground."""
-        process = spawn_twistd(self)
-        port = yield process.listening
-        yield self.check_forwarding(port)
+    def stop(self, process: ChildProcess) -> Any:
+        """SIGTERM the child; it must exit 0 by itself (an orderly stop,
+        not a death by the signal)."""
         yield self.pool.closeCachedConnections()
-        os.kill(process.transport.pid, signal.SIGTERM)
-        code = yield process.ended
-        self.assertEqual(code, 0)
-        self.assertIn(b"anyone who can reach", process.output)
+        process.signal("TERM")
+        yield process.exited()
+        assert_exit(self, process, 0)
+
+    @defer.inlineCallbacks
+    def test_twistd_foreground(self):
+        """``twistd -n openai-forward`` forwards with the configured key,
+        warns that anyone who can reach it may use it (no forward key), and
+        exits 0 on SIGTERM."""
+        process = spawn_twistd(self)
+        port = yield listening_port(process)
+        yield self.check_forwarding(port)
+        yield self.stop(process)
+        self.assertIn("anyone who can reach", process.output)
 
     @defer.inlineCallbacks
     def test_twist_json_log(self):
         """``twist --log-format json``: one JSON event a line, the access
         line among them with its fields, and no key anywhere."""
-        cwd = os.path.abspath(self.mktemp())
-        os.makedirs(cwd)
-        process = self.spawn(
-            ["-m", "twisted", "--log-format", "json", "openai-forward",
+        process = processes.spawn(
+            self,
+            [*TWIST, "--log-format", "json", "openai-forward",
              "--port", "tcp:0:interface=127.0.0.1"],
-            child_env(self.upstream_port),
-            cwd,
+            runmode_env(self.upstream_port),
+            self.workdir(),
         )
         # The JSON log has no "starting on" text line: read the port event.
-        port = yield _json_port(process)
+        event = yield process.wait_for_event(
+            lambda e: "ForwardSite starting on" in e.get("log_text", "")
+        )
+        port = int(re.search(STARTED, event["log_text"]).group(1))
         yield self.check_forwarding(port)
-        yield self.pool.closeCachedConnections()
-        os.kill(process.transport.pid, signal.SIGTERM)
-        code = yield process.ended
-        self.assertEqual(code, 0)
-        events = [
-            json.loads(line.strip("\x1e")) for line in process.output.decode().splitlines() if line
-        ]
+        yield self.stop(process)
+        events = [json.loads(line.strip("\x1e")) for line in process.output.splitlines() if line]
         [access] = [e for e in events if e.get("log_namespace") == "twisted_forward.access"]
         self.assertEqual((access["method"], access["status"], access["key"]), ("GET", 200, "default"))
-        self.assertNotIn(b"sk-test-runmode", process.output)
+        self.assertNotIn("sk-test-runmode", process.output)
 
     @defer.inlineCallbacks
     def test_daemon_pidfile(self):
         """twistd daemonises, writes its pidfile, serves, and on SIGTERM
         exits and removes the pidfile."""
-        cwd = os.path.abspath(self.mktemp())
-        os.makedirs(cwd)
+        cwd = self.workdir()
         # A unix socket path is capped at 108 bytes: keep it short, wherever
         # the checkout (and so the trial temp folder) lives.
         short = tempfile.mkdtemp(prefix="tf-")
@@ -183,17 +136,17 @@ class RunModeTests(ProxyTestCase):
         sock = os.path.join(short, "proxy.sock")
         pidfile = os.path.join(cwd, "proxy.pid")
         logfile = os.path.join(cwd, "proxy.log")
-        launcher = self.spawn(
-            [*TWISTD_ARGS, f"--pidfile={pidfile}", f"--logfile={logfile}",
+        launcher = processes.spawn_twistd(
+            self,
+            [f"--pidfile={pidfile}", f"--logfile={logfile}",
              "openai-forward", "--port", f"unix:{sock}"],
-            child_env(self.upstream_port),
+            runmode_env(self.upstream_port),
             cwd,
         )
-        launcher.listening.addErrback(lambda _: None)  # it logs to the file
         # The launching process exits once the daemon reported a good start,
         # and the daemon binds its socket before that.
-        code = yield launcher.ended
-        self.assertEqual(code, 0, launcher.errors)
+        yield launcher.exited()
+        assert_exit(self, launcher, 0)
         with open(pidfile) as f:
             pid = int(f.read().strip())
         pool = HTTPConnectionPool(reactor, persistent=True)
@@ -232,56 +185,52 @@ class RunModeTests(ProxyTestCase):
             [cmd_line] = [line for line in f if line.startswith("CMD ")]
         cmd = json.loads(cmd_line[4:])
         self.assertEqual(cmd, ["twistd", "-n", "--pidfile=", "openai-forward", "--port", "8000"])
-        cwd = os.path.abspath(self.mktemp())
-        os.makedirs(cwd)
-        process = self.spawn(
-            [*TWISTD_ARGS, *cmd[1:-1], "tcp:0:interface=127.0.0.1"],
-            child_env(self.upstream_port),
-            cwd,
+        process = processes.spawn_twistd(
+            self,
+            [*cmd[1:-1], "tcp:0:interface=127.0.0.1"],
+            runmode_env(self.upstream_port),
+            self.workdir(),
         )
-        port = yield process.listening
+        port = yield listening_port(process)
         yield self.check_forwarding(port)
-        yield self.pool.closeCachedConnections()
-        os.kill(process.transport.pid, signal.SIGTERM)
-        self.assertEqual((yield process.ended), 0)
+        yield self.stop(process)
 
     @defer.inlineCallbacks
     def test_bad_setting_one_line(self):
-        """Bad setting one line."""
-        cwd = os.path.abspath(self.mktemp())
-        os.makedirs(cwd)
-        process = self.spawn(
-            [*TWISTD_ARGS, "-n", "--pidfile=", "openai-forward", "--port", "0"],
-            child_env(self.upstream_port, READ_TIMEOUT="soon"),
-            cwd,
+        """A setting the proxy cannot use stops start-up with exit status 1
+        and exactly one line on standard error naming the setting, its
+        option and the value, with no traceback: what an operator reads."""
+        process = processes.spawn_twistd(
+            self,
+            ["-n", "--pidfile=", "openai-forward", "--port", "0"],
+            runmode_env(self.upstream_port, READ_TIMEOUT="soon"),
+            self.workdir(),
         )
-        process.listening.addErrback(lambda _: None)
-        code = yield process.ended
-        self.assertEqual(code, 1)
+        yield process.exited()
+        assert_exit(self, process, 1)
         self.assertEqual(
-            process.errors.decode().strip(),
+            process.errors.strip(),
             "openai-forward: READ_TIMEOUT (--read-timeout): 'soon' is not a number of seconds",
         )
-        self.assertNotIn(b"Traceback", process.output + process.errors)
+        self.assertNotIn("Traceback", process.output)
 
     @defer.inlineCallbacks
     def test_dotenv_in_working_directory(self):
-        """Dotenv in working directory."""
-        cwd = os.path.abspath(self.mktemp())
-        os.makedirs(cwd)
+        """A ``.env`` file in the working directory is read at start-up
+        (ROUTE_PREFIX from it moves the routes), as the README promises for
+        a plain ``twistd`` run."""
+        cwd = self.workdir()
         with open(os.path.join(cwd, ".env"), "w") as f:
             f.write("ROUTE_PREFIX=/from-dotenv\n")
-        process = self.spawn(
-            [*TWISTD_ARGS, "-n", "--pidfile=", "openai-forward",
-             "--port", "tcp:0:interface=127.0.0.1"],
-            child_env(self.upstream_port),
+        process = processes.spawn_twistd(
+            self,
+            ["-n", "--pidfile=", "openai-forward", "--port", "tcp:0:interface=127.0.0.1"],
+            runmode_env(self.upstream_port),
             cwd,
         )
-        port = yield process.listening
+        port = yield listening_port(process)
         response = yield self.client.get(f"http://127.0.0.1:{port}/from-dotenv/v1/models")
         self.assertEqual(response.code, 200)
         yield response.content()
         self.assertEqual(self.fake.seen[-1].uri, b"/v1/models")
-        yield self.pool.closeCachedConnections()
-        os.kill(process.transport.pid, signal.SIGTERM)
-        yield process.ended
+        yield self.stop(process)

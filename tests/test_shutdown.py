@@ -6,16 +6,16 @@ period, cut the rest, exit 0.
 from __future__ import annotations
 
 import json
-import os
-import signal
 
 from twisted.internet import defer
+from twisted.web.client import ResponseDone
 
 from twisted_forward.tap import ProxyService
 
 from .harness import Collector, ProxyTestCase
+from .processes import assert_exit
 from .test_proxy_unit import FakeResponse, ProxyHarness
-from .test_runmodes import Process, spawn_twistd
+from .test_runmodes import listening_port, spawn_twistd
 
 
 def _stream_body() -> bytes:
@@ -25,7 +25,9 @@ def _stream_body() -> bytes:
 class DrainTests(ProxyTestCase):
     @defer.inlineCallbacks
     def test_open_stream_finishes_health_says_draining(self):
-        """Open stream finishes health says draining."""
+        """While stopping, an open stream is finished whole, the health check answers 503
+        draining, new requests get 503 shutting_down without reaching the upstream, and
+        the stop completes only after the stream ends."""
         yield self.start_proxy()
         self.fake.hold_at = 2
         response, collector = yield self.open_stream()
@@ -56,7 +58,8 @@ class GraceExpiryTests(ProxyHarness):
     env = {"SHUTDOWN_GRACE": "30"}
 
     def test_grace_expiry_cuts_open_exchanges(self):
-        """Grace expiry cuts open exchanges."""
+        """A stream still open when SHUTDOWN_GRACE (30 s) runs out is cut on both sides at
+        that moment and not before, and the stop then completes."""
         service = ProxyService(self.built, self.config, self.clock)
         service.startService()
         channel, transport = self.get()
@@ -75,7 +78,8 @@ class GraceExpiryTests(ProxyHarness):
         self.assertFalse(self.built.proxies[0].open)
 
     def test_no_open_exchange_stops_at_once(self):
-        """No open exchange stops at once."""
+        """With no open exchange the service stops at once, without waiting for the grace
+        period."""
         service = ProxyService(self.built, self.config, self.clock)
         service.startService()
         self.successResultOf(service.stopService())
@@ -88,7 +92,7 @@ class SigtermTests(ProxyTestCase):
     def test_sigterm_with_stream_open(self):
         """SIGTERM mid-stream: the stream completes, the process exits 0."""
         process = spawn_twistd(self)
-        port = yield process.listening
+        port = yield listening_port(process)
         self.fake.hold_at = 3
         arrived = self.fake.arrived
         response = yield self.client.post(
@@ -98,26 +102,14 @@ class SigtermTests(ProxyTestCase):
         collector = Collector()
         response.deliverBody(collector)
         yield collector.got_data
-        os.kill(process.transport.pid, signal.SIGTERM)
+        process.signal("TERM")
         # Released only once the proxy logged that it is draining.
-        while b"draining 1 open request" not in process.output:
-            yield _next_output(process)
+        yield process.wait_for("draining 1 open request")
         self.fake.release.callback(None)
         yield collector.done
+        # The whole stream, ended by the proxy's own close (not an abort).
         self.assertTrue(collector.body.endswith(b"data: [DONE]\n\n"))
-        code = yield process.ended
-        self.assertEqual(code, 0)
+        self.assertIsInstance(collector.reason.value, ResponseDone, collector.reason)
+        yield process.exited()
+        assert_exit(self, process, 0)
 
-
-def _next_output(process: Process) -> defer.Deferred:
-    """Fires at the child's next output."""
-    d: defer.Deferred = defer.Deferred()
-    original = process.outReceived
-
-    def out(data: bytes) -> None:
-        process.outReceived = original
-        original(data)
-        d.callback(None)
-
-    process.outReceived = out
-    return d

@@ -13,61 +13,20 @@ import socket
 import sys
 from typing import Any
 
-from twisted.internet import defer, reactor
-from twisted.internet.protocol import ProcessProtocol
+from twisted.internet import defer
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from twisted_forward import supervisor as workers
 from twisted_forward.listening import BoundEndpoint, listen_error
 
-from .processes import ROOT
-from .processes import TWISTD as TWISTD_COMMAND
-
-#: twistd's arguments: run() puts the interpreter in front.
-TWISTD = TWISTD_COMMAND[1:]
+from .processes import TWISTD, assert_exit, child_env, run
 
 
-class Run(ProcessProtocol):
-    """A child process run to its end: its output, errors and exit status."""
-
-    def __init__(self) -> None:
-        self.output = b""
-        self.errors = b""
-        self.ended: defer.Deferred = defer.Deferred()
-
-    def outReceived(self, data: bytes) -> None:
-        self.output += data
-
-    def errReceived(self, data: bytes) -> None:
-        self.errors += data
-
-    def processEnded(self, reason: Failure) -> None:
-        self.ended.callback(reason.value.exitCode)
-
-
-def run(test: TestCase, args: list[str], cwd: str, **env: str) -> defer.Deferred:
-    """Run ``python ARGS``; fires with the finished :class:`Run`."""
-    environ = {
-        "PATH": os.environ.get("PATH", ""),
-        "PYTHONPATH": ROOT,
-        "OPENAI_BASE_URL": "http://127.0.0.1:9",
-        "LOG_CHAT": "false",
-        **env,
-    }
-    process = Run()
-    transport = reactor.spawnProcess(
-        process, sys.executable, [sys.executable, *args], env=environ, path=cwd
-    )
-
-    def kill_if_running() -> Any:
-        if not process.ended.called:
-            transport.signalProcess("KILL")
-            return process.ended
-        return None
-
-    test.addCleanup(kill_if_running)
-    return process.ended.addCallback(lambda code: (code, process))
+def startup_env(**env: str) -> dict[str, str]:
+    """A child's settings: an upstream nobody listens on (start-up fails
+    before any request), then ``env``."""
+    return child_env(**{"OPENAI_BASE_URL": "http://127.0.0.1:9", **env})
 
 
 class StartupFailureTests(TestCase):
@@ -103,15 +62,15 @@ class StartupFailureTests(TestCase):
         runs.append(("workers", [*TWISTD, "-n", "--pidfile=", "openai-forward",
                                  "--workers", "2", *plugin_args]))
         for mode, args in runs:
-            code, process = yield run(self, args, self.cwd, **env)
-            errors = process.errors.decode()
-            self.assertEqual(code, 1, f"{mode}: {errors}{process.output.decode()}")
+            process = yield run(self, args, startup_env(**env), self.cwd, name=f"twistd ({mode})")
+            errors = process.errors
+            assert_exit(self, process, 1)
             if isinstance(expected, str):
                 self.assertEqual(errors.splitlines(), [expected], mode)
             else:
                 self.assertEqual(len(errors.splitlines()), 1, errors)
                 self.assertRegex(errors, expected, mode)
-            self.assertNotIn(b"Traceback", process.output, mode)
+            self.assertNotIn("Traceback", process.output, mode)
             self.assertFalse(os.path.exists(f"{self.cwd}/p.pid"), mode)
 
     def test_port_in_use(self):
@@ -205,14 +164,14 @@ class StartupFailureTests(TestCase):
     def test_metrics_port_in_use(self):
         """METRICS_PORT on a port in use; the proxy's own port is let go."""
         port = self.holder.getsockname()[1]
-        code, process = yield run(
+        process = yield run(
             self, [*TWISTD, "-n", "--pidfile=", "openai-forward",
                    "--port", "tcp:0:interface=127.0.0.1"],
-            self.cwd, METRICS_PORT=self.busy,
+            startup_env(METRICS_PORT=self.busy), self.cwd,
         )
-        self.assertEqual(code, 1)
+        assert_exit(self, process, 1)
         self.assertEqual(
-            process.errors.decode().splitlines(),
+            process.errors.splitlines(),
             [f"openai-forward: METRICS_PORT (--metrics-port): cannot listen on "
              f"127.0.0.1:{port}: another process holds it: stop that process or choose "
              "another port"],
@@ -238,9 +197,9 @@ class GiveUpTests(TestCase):
             "reactor.run()\n"
             "print('ran to the end', flush=True)\n"
         )
-        code, process = yield run(self, ["-c", script], cwd)
-        self.assertEqual(code, 3)
-        self.assertEqual(process.output.split(), [b"stopping", b"ran", b"to", b"the", b"end"])
+        process = yield run(self, [sys.executable, "-c", script], startup_env(), cwd)
+        assert_exit(self, process, 3)
+        self.assertEqual(process.out.split(), [b"stopping", b"ran", b"to", b"the", b"end"])
 
 
 class _Transport:
@@ -347,7 +306,7 @@ class ListenErrorTests(SynchronousTestCase):
         from twisted.internet.protocol import Factory
 
         factory, port = Factory(), object()
-        endpoint = BoundEndpoint(port, factory)  # type: ignore[arg-type]
+        endpoint = BoundEndpoint(port, factory)  # type: ignore[arg-type]  # a stand-in port
         self.failureResultOf(endpoint.listen(Factory()))
         self.assertIs(self.successResultOf(endpoint.listen(factory)), port)
         self.failureResultOf(endpoint.listen(factory))

@@ -7,18 +7,26 @@ construction, and no two modules of the package import each other.
 from __future__ import annotations
 
 import ast
+import importlib
 import io
+import json
 import os
+import pkgutil
+from types import ModuleType
 from typing import Iterable
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
 from twisted.test.proto_helpers import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
+from zope.interface import implementedBy
+from zope.interface.interface import InterfaceClass
 from zope.interface.verify import verifyObject
 
+from twisted_forward.admin.limits import PolicyLimits
 from twisted_forward.chat.recorder import (
     ChatRecorder,
     ExchangeInfo,
@@ -29,12 +37,13 @@ from twisted_forward.chat.recorder import (
     NullRecorder,
     RequestBody,
 )
+from twisted_forward.config import load_config
 from twisted_forward.exchange import _BothTaps
 from twisted_forward.framing import ChannelSettings, ForwardChannel
 from twisted_forward.ledger import MemoryLedger
 from twisted_forward.ledger.feed import CountingRecorder
 from twisted_forward.metrics import Metrics
-from twisted_forward.site import ForwardSite
+from twisted_forward.site import Built, ForwardSite, build_root
 
 from .processes import ROOT
 
@@ -87,6 +96,167 @@ class RecorderInterfaceTests(SynchronousTestCase):
         self.assertIsInstance(tap, FanOutTap)
         tap.response(200, Headers())
         tap.end("complete")
+
+
+def package_modules() -> Iterable[ModuleType]:
+    """Every module of the package, imported (``__main__`` scripts aside)."""
+    import twisted_forward
+
+    for info in pkgutil.walk_packages(twisted_forward.__path__, PACKAGE + "."):
+        if not info.name.endswith(".__main__"):
+            yield importlib.import_module(info.name)
+
+
+def package_interfaces() -> set[InterfaceClass]:
+    """Every zope interface the package defines."""
+    return {
+        value
+        for module in package_modules()
+        for value in vars(module).values()
+        if isinstance(value, InterfaceClass) and value.__module__ == module.__name__
+    }
+
+
+def declared_implementations() -> set[tuple[InterfaceClass, type]]:
+    """``(interface, class)`` for every package class declaring (with
+    ``@implementer``) one of the package's interfaces."""
+    interfaces = package_interfaces()
+    return {
+        (interface, value)
+        for module in package_modules()
+        for value in vars(module).values()
+        if isinstance(value, type) and value.__module__ == module.__name__
+        for interface in implementedBy(value).declared
+        if interface in interfaces
+    }
+
+
+class ExtensionPointTests(SynchronousTestCase):
+    """Every extension point of the package (upstream, recorder, exchange
+    tap, policy store, ledger, cache store, head checks, ...) is a zope
+    interface, and each implementation verifies against it."""
+
+    def setUp(self) -> None:
+        self.clock = MemoryReactorClock()
+        self.temp = os.path.abspath(self.mktemp())
+        os.makedirs(self.temp)
+
+    def built(self) -> Built:
+        """A tree with every optional part on: policy, cache, admin."""
+        config = load_config({}, {
+            "OPENAI_BASE_URL": "http://upstream.test",
+            "OPENAI_API_KEY": "sk-default-000000000",
+            "FORWARD_KEY": "alice:fk-alice-00000000",
+            "KEY_POLICY": json.dumps({"alice": {"rpm": 10}}),
+            "CACHE_OPENAI": "true",
+            "ADMIN_KEY": "admin-key-0123456789",
+            "IP_WHITELIST": "10.0.0.0/8",
+            "LOG_CHAT": "false",
+        })
+        return build_root(config, self.clock, ledger=MemoryLedger())
+
+    def providers(self) -> list[tuple[InterfaceClass, object]]:
+        """One instance of every implementation, with what it provides."""
+        from twisted_forward.admin.limits import IKeyLimits
+        from twisted_forward.admin.live import LiveTally
+        from twisted_forward.cache.hook import StoringTap
+        from twisted_forward.cache.interfaces import ICacheStore, IExchangeCache
+        from twisted_forward.cache.lmdb_store import LMDBStore
+        from twisted_forward.cache.memory import MemoryStore as MemoryCacheStore
+        from twisted_forward.cache.redis_store import RedisStore as RedisCacheStore
+        from twisted_forward.headcheck import IHeadCheck
+        from twisted_forward.ledger import ILedger
+        from twisted_forward.ledger.batching import BatchingLedger
+        from twisted_forward.ledger.database import DirectDatabase
+        from twisted_forward.ledger.feed import CountingRecorder
+        from twisted_forward.ledger.sql import sqlite_dialect
+        from twisted_forward.policies.amp_store import SupervisorStore
+        from twisted_forward.policies.failover import GuardedStore
+        from twisted_forward.policies.gate import IExchangePolicy
+        from twisted_forward.policies.memory import MemoryStore as MemoryPolicyStore
+        from twisted_forward.policies.redis_store import RedisStore as RedisPolicyStore
+        from twisted_forward.policies.store import IImmediateStore, IKeyHealth, IPolicyStore, IStoreInfo
+        from twisted_forward.redis_link import RedisTarget
+        from twisted_forward.upstream import IUpstream, Upstream
+
+        built = self.built()
+        assert built.policy is not None and built.cache is not None
+        assert built.admin is not None
+        chat = ChatRecorder(self.clock)
+        counting = CountingRecorder(MemoryLedger(), self.clock, covered=lambda info: False)
+        chat_tap = chat.begin(exchange())
+        counting_tap = counting.begin(exchange("/v1/models"))
+        lmdb = LMDBStore(self.clock, os.path.join(self.temp, "cache"), 1 << 20)
+        self.addCleanup(lmdb.close)
+        stores = [
+            MemoryPolicyStore(),
+            GuardedStore(MemoryPolicyStore(), self.clock),
+            SupervisorStore(self.clock, timeout=1.0),
+            RedisPolicyStore(lambda: None, self.clock, timeout=1.0),
+            built.policy.store,
+        ]
+        return [
+            (IUpstream, built.upstream),
+            (IUpstream, Upstream(self.clock, 1.0)),
+            *((IRecorder, r) for r in (NullRecorder(), chat, counting, FanOut([chat, counting]))),
+            *((IExchangeTap, t) for t in (
+                chat_tap, counting_tap, FanOutTap([chat_tap, counting_tap]),
+                _BothTaps(chat_tap, counting_tap),
+            )),
+            *((i, s) for s in stores for i in (IPolicyStore, IKeyHealth, IStoreInfo)),
+            (IImmediateStore, MemoryPolicyStore()),
+            (IExchangePolicy, built.policy),
+            (IKeyLimits, PolicyLimits(built.policy, self.clock)),
+            (ILedger, MemoryLedger()),
+            (ILedger, LiveTally(MemoryLedger())),
+            (ILedger, BatchingLedger(
+                self.clock, DirectDatabase(sqlite_dialect(os.path.join(self.temp, "l.db")))
+            )),
+            (ICacheStore, built.cache.store),
+            (ICacheStore, MemoryCacheStore(self.clock, 60, 1000)),
+            (ICacheStore, lmdb),
+            (ICacheStore, RedisCacheStore(
+                self.clock, RedisTarget("127.0.0.1", 1), 60, 1000, 1.0
+            )),
+            (IExchangeCache, built.cache),
+            (IExchangeTap, StoringTap(built.cache, b"key")),
+            *((IHeadCheck, check) for check in built.head_checks),
+            *((IHeadCheck, proxy) for proxy in built.proxies),
+        ]
+
+    def test_every_provider_verifies(self):
+        """Each implementation (as the proxy builds it, and each alternative)
+        verifies against its interface: methods, signatures, attributes."""
+        for interface, provider in self.providers():
+            self.assertTrue(verifyObject(interface, provider), (interface, provider))
+
+    def test_every_interface_is_checked_here(self):
+        """No interface of the package is left out of the check above."""
+        checked = {interface for interface, _ in self.providers()}
+        self.assertEqual(sorted(i.__identifier__ for i in package_interfaces() - checked), [])
+
+    def test_every_declared_implementation_is_checked_here(self):
+        """Every class declaring a package interface has an instance above
+        (a new implementation must be added to the check)."""
+        checked = {(interface, type(p)) for interface, p in self.providers()}
+        missing = declared_implementations() - checked
+        self.assertEqual(
+            sorted(f"{cls.__module__}.{cls.__qualname__}: {i.__name__}" for i, cls in missing), []
+        )
+
+    def test_upstream_passed_through_constructors(self):
+        """build_root hands the upstream it is given to every route's
+        exchange resource: one client, chosen by the caller."""
+        from twisted_forward.upstream import Upstream
+
+        upstream = Upstream(self.clock, 1.0)
+        config = load_config({}, {"FORWARD_CONFIG": json.dumps([
+            {"base_url": "http://a.test", "route": "/a", "type": "openai"},
+            {"base_url": "http://b.test", "route": "/b", "type": "general"},
+        ])})
+        built = build_root(config, self.clock, upstream=upstream)
+        self.assertIs(built.upstream, upstream)
+        self.assertEqual([p.upstream for p in built.proxies], [upstream, upstream])
 
 
 class ChannelSettingsTests(SynchronousTestCase):
@@ -173,10 +343,18 @@ def import_graph(root: str = ROOT) -> dict[str, set[str]]:
     for module, (path, is_package) in files.items():
         with open(path, encoding="utf-8") as f:
             tree = ast.parse(f.read())
-        graph[module] = {
-            t for t in _imports(tree, module, is_package) if t in files and t != module
-        }
+        targets = set(_imports(tree, module, is_package))
+        # Importing a.b.c runs a/__init__ and a/b/__init__ first: edges too,
+        # except to the module's own packages (already running by then).
+        targets |= {p for t in targets for p in _parents(t)} - set(_parents(module))
+        graph[module] = {t for t in targets if t in files and t != module}
     return graph
+
+
+def _parents(module: str) -> list[str]:
+    """The packages above ``module``: ``a.b.c`` -> ``a``, ``a.b``."""
+    parts = module.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts))]
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -218,6 +396,28 @@ class ImportCycleTests(SynchronousTestCase):
     def test_no_import_cycles(self):
         """Imports inside functions count too; only TYPE_CHECKING ones do not."""
         self.assertEqual(cycles(import_graph()), [])
+
+    def test_graph_covers_the_whole_package(self):
+        """Every module and subpackage Python can import from the package is
+        a node of the graph the cycle check walks (nothing is skipped)."""
+        import pkgutil
+
+        import twisted_forward
+
+        importable = {PACKAGE} | {
+            info.name
+            for info in pkgutil.walk_packages(twisted_forward.__path__, PACKAGE + ".")
+        }
+        self.assertEqual(sorted(importable - set(import_graph())), [])
+        self.assertEqual(sorted(set(import_graph()) - importable), [])
+
+    def test_parent_package_import_counts(self):
+        """Importing ``a.b.c`` from outside ``a.b`` is an edge to ``a.b``'s
+        ``__init__`` too (Python runs it first); a module's own packages are
+        not (they are being imported already)."""
+        graph = import_graph()
+        self.assertIn("twisted_forward.policies", graph["twisted_forward.site"])
+        self.assertNotIn("twisted_forward.policies", graph["twisted_forward.policies.memory"])
 
     def test_cycle_is_found(self):
         """The check sees a cycle through three modules."""

@@ -14,9 +14,11 @@ headers present and disagreeing, a unix-socket peer that is not trusted)
 the client is refused whenever an allow or deny list is set: bad input
 never grants access.
 
-The gate wraps the whole resource tree, so a refusal (403, OpenAI-shaped)
-happens before any routing, and nothing reaches the upstream.  The health
-check paths are exempt, so orchestrators can probe from anywhere.
+The gate is one head check (:mod:`twisted_forward.headcheck`) that every
+listener's channel runs on each request head, before any body is read and
+before any routing: a refusal (403, OpenAI-shaped) happens there and only
+there, and nothing reaches the upstream.  The health check paths are exempt,
+so orchestrators can probe from anywhere.
 """
 
 from __future__ import annotations
@@ -31,11 +33,9 @@ from twisted.internet.interfaces import IAddress
 from twisted.logger import Logger
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IRequest
-from twisted.web.resource import IResource, Resource
 from zope.interface import implementer
 
 from .config import UNIX_PEERS, IPNetwork, TrustedProxy
-from .errors import write_error
 from .framing import IP_NOT_ALLOWED, Refusal
 from .headcheck import IHeadCheck
 from .state import state_of
@@ -321,23 +321,18 @@ def resolve_client(
     return found[0]
 
 
-class _Refused(Resource):
-    """The 403 answer of a refused client."""
-
-    isLeaf = True
-
-    def render(self, request: IRequest) -> bytes:
-        return write_error(
-            request, 403, "ip_not_allowed", "Your address may not use this proxy."
-        )
-
-
 @implementer(IHeadCheck)
-class AccessGate(Resource):
-    """Wraps a resource tree: allowed clients reach it, others get 403.
+class AccessGate:
+    """The IP gate: allowed clients go on, others get 403.
 
-    Sets the request state's ``client`` (a str) to the resolved client address
-    on every request, allowed or not, for logs and chat records.
+    It is a head check (:mod:`twisted_forward.headcheck`), and the only
+    place the gate decides: every listener's channel runs it on each request
+    head before anything else sees the request (the proxy's port and its
+    workers', TLS and unix listeners, METRICS_PORT and ADMIN_PORT), so a
+    refused client sends no body and gets no ``100 Continue``.
+
+    Sets the request state's ``client`` (a str) to the resolved client
+    address on every request, allowed or not, for logs and chat records.
 
     :param allow: IP_WHITELIST; when not empty, only these may connect.
     :param deny: IP_BLACKLIST; these are refused (deny wins over allow).
@@ -349,14 +344,11 @@ class AccessGate(Resource):
 
     def __init__(
         self,
-        wrapped: IResource,
         allow: Sequence[IPNetwork],
         deny: Sequence[IPNetwork],
         trusted: Sequence[TrustedProxy],
         exempt_paths: Iterable[bytes] = (),
     ) -> None:
-        super().__init__()
-        self.wrapped = wrapped
         self.allow = tuple(normalise_network(n) for n in allow)
         self.deny = tuple(normalise_network(n) for n in deny)
         self.trusted = TrustedProxies(trusted)
@@ -394,13 +386,15 @@ class AccessGate(Resource):
             self.log.failure("resolving the client address failed")
             return _unknown("resolution failed")
 
-    def _check(self, request: IRequest) -> bool:
-        """Resolve the client; True if it may pass."""
+    def check_head(self, request: IRequest) -> Optional[Refusal]:
+        """Resolve the client (into the request's state) and refuse it with
+        403 when the lists say so; the exempt paths (the health check) are
+        served to everyone."""
         client = self._resolve(request)
         state_of(request).client = client.name
         why = self.refusal(client)
         if why is None or self._exempt(request):
-            return True
+            return None
         self.log.info(
             "refused {client} ({why}): {method} {path}",
             client=client.name,
@@ -408,29 +402,4 @@ class AccessGate(Resource):
             method=request.method.decode("latin-1"),
             path=request.path.decode("latin-1"),
         )
-        return False
-
-    def check_head(self, request: IRequest) -> Optional[Refusal]:
-        """The gate as an :class:`~twisted_forward.headcheck.IHeadCheck`:
-        a refused address gets 403 before any body is read or
-        ``100 Continue`` sent (the health check paths stay exempt)."""
-        if not (self.allow or self.deny):
-            return None
-        client = self._resolve(request)
-        state_of(request).client = client.name
-        if self.refusal(client) is None or self._exempt(request):
-            return None
         return IP_NOT_ALLOWED
-
-    def getChildWithDefault(self, path: bytes, request: IRequest) -> IResource:
-        # Like twisted.web's HTTPAuthSessionWrapper: the wrapped tree sees
-        # the segment we were handed as its own.
-        request.postpath.insert(0, request.prepath.pop())
-        if not self._check(request):
-            return _Refused()
-        return self.wrapped
-
-    def render(self, request: IRequest) -> bytes | int:
-        if not self._check(request):
-            return _Refused().render(request)
-        return self.wrapped.render(request)

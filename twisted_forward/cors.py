@@ -137,7 +137,7 @@ class Cors:
         if self.origins != ("*",):
             vary = response_headers.getRawHeaders(b"vary", [])
             if not any(b"origin" in v.lower() for v in vary):
-                response_headers.setRawHeaders(b"vary", vary + [b"Origin"])
+                response_headers.setRawHeaders(b"vary", [*vary, b"Origin"])
         allow = self.allowed(origins[0])
         if allow is None:
             return

@@ -21,9 +21,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import FileBodyProducer
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IRequest, IResponse
+from twisted.web.iweb import IBodyProducer, IRequest, IResponse
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET
+from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
 from .cache.hook import Lookup
@@ -33,8 +33,8 @@ from .cache.replay import Replay
 from .chat.recorder import ExchangeInfo, IExchangeTap, IRecorder, NullRecorder, RequestBody
 from .config import Route
 from .errors import error_body, send_error, write_error
-from .framing import Refusal
-from .headcheck import key_refusal
+from .framing import Refusal, client_transport
+from .headcheck import IHeadCheck, key_refusal
 from .headers import relay_response_headers, upstream_request_headers
 from .keys import KeyDecision, KeyRules, SecretMask, key_refused, looks_keyed, scrub
 from .limits import UpstreamSlots
@@ -45,7 +45,7 @@ from .relay import Relay, ScrubbingRelay, discard
 from .state import state_of
 from .upstream import (
     BytesProducer,
-    Upstream,
+    IUpstream,
     join_url,
     response_length,
 )
@@ -68,6 +68,7 @@ def client_address(request: IRequest) -> str:
     return str(getattr(peer, "host", "unix"))
 
 
+@implementer(IHeadCheck)
 class ProxyResource(Resource):
     """Forwards every request it renders to one upstream.
 
@@ -82,7 +83,7 @@ class ProxyResource(Resource):
     def __init__(
         self,
         route: Route,
-        upstream: Upstream,
+        upstream: IUpstream,
         keys: KeyRules,
         reactor: IReactorTime,
         read_timeout: float,
@@ -101,6 +102,7 @@ class ProxyResource(Resource):
         self.upstream_slots = upstream_slots if upstream_slots is not None else UpstreamSlots(None)
         self.route_label = route.prefix or "/"
         self.metrics = metrics.for_route(self.route_label) if metrics is not None else None
+        #: Where requests go (:class:`~twisted_forward.upstream.IUpstream`).
         self.upstream = upstream
         self.keys = keys
         self.reactor = reactor
@@ -138,7 +140,7 @@ class ProxyResource(Resource):
         state_of(request).key_label = decision.label
         return key_refusal(decision.refusal)
 
-    def render(self, request: IRequest) -> bytes | int:
+    def render(self, request: Request) -> bytes | int:
         state = state_of(request)
         path = state.path
         query = state.query
@@ -157,7 +159,7 @@ class ProxyResource(Resource):
         return self._admit(request, path, query, decision)
 
     def _admit(
-        self, request: IRequest, path: bytes, query: bytes, decision: KeyDecision
+        self, request: Request, path: bytes, query: bytes, decision: KeyDecision
     ) -> bytes | int:
         """Ask the policies, then refuse or start the exchange.  A store
         that answers at once (memory) answers within this call."""
@@ -192,8 +194,8 @@ class ProxyResource(Resource):
                 admission.finish(False)
                 return
             body = self._admitted(admission, request, path, query, decision)
-            if body is not NOT_DONE_YET:
-                request.write(body)  # type: ignore[arg-type]
+            if isinstance(body, bytes):  # else NOT_DONE_YET: the exchange answers
+                request.write(body)
                 request.finish()
 
         d.addCallback(later)
@@ -203,7 +205,7 @@ class ProxyResource(Resource):
     def _admitted(
         self,
         admission: Admission,
-        request: IRequest,
+        request: Request,
         path: bytes,
         query: bytes,
         decision: KeyDecision,
@@ -238,7 +240,7 @@ class Exchange:
     def __init__(
         self,
         resource: ProxyResource,
-        request: IRequest,
+        request: Request,
         path: bytes,
         query: bytes,
         decision: KeyDecision,
@@ -262,7 +264,8 @@ class Exchange:
         self.holds_slot = False
         #: What reads the answer's body now, if anything.
         self.relay: Optional[Relay | ScrubbingRelay] = None
-        self.pending = None  # the Deferred for the head of the current attempt
+        #: The Deferred for the head of the current attempt.
+        self.pending: Optional[Deferred[IResponse]] = None
         self.head_timer: Optional[IDelayedCall] = None
         self.timed_out = False
         #: Default keys left to try; chosen when forwarding starts (a cache
@@ -372,7 +375,7 @@ class Exchange:
         self.holds_slot = True
         self._attempt()
 
-    def _body(self):
+    def _body(self) -> Optional[IBodyProducer]:
         """A fresh producer of the request body, or None if there is none."""
         req = self.request
         if self.body_override is not None:
@@ -383,6 +386,7 @@ class Exchange:
         if not (headers.hasHeader(b"content-length") or headers.hasHeader(b"transfer-encoding")):
             return None
         content = req.content
+        assert content is not None  # set when the request's head was read
         content.seek(0)
         getvalue = getattr(content, "getvalue", None)
         if getvalue is not None:
@@ -669,9 +673,9 @@ class Exchange:
             return
         self._stop_upstream()
         self.end("shutdown")
-        channel = getattr(self.request, "channel", None)
-        if channel is not None and channel.transport is not None:
-            channel.transport.abortConnection()
+        transport = client_transport(self.request.channel)
+        if transport is not None:
+            transport.abortConnection()
 
     def _finished(self, result: object) -> None:
         """The client connection finished or was lost."""

@@ -45,12 +45,16 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, Protocol, Sequence, cast
 
 from twisted.internet.interfaces import IAddress, IDelayedCall, IPushProducer
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
-from twisted.web.http import RESPONSES, datetimeToString
+from twisted.protocols.basic import LineReceiver
+from twisted.python.failure import Failure
+from twisted.web.http import RESPONSES, HTTPChannel, datetimeToString
 from twisted.web.http_headers import Headers
+from twisted.web.server import Site
 
 from ._compat import CHANNEL_SLOTS, ChannelHooks, fill_slot_defaults, slot_defaults
 from .errors import error_body
@@ -115,6 +119,44 @@ _HOST = re.compile(
     rb"(?:\[[0-9A-Za-z:.\-_~!$&'()*+,;=%]+\]|[0-9A-Za-z\-._~!$&'()*+,;=%]*)(?::[0-9]*)?"
 )
 _VISIBLE_ASCII = re.compile(rb"[\x21-\x7e]+")
+#: Header lines, each ending in CRLF, none folded, no control byte but HTAB
+#: in a value: a header section :func:`split_head` takes whole.
+_FIELDS = re.compile(rb"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\x00-\x08\x0a-\x1f\x7f]*\r\n)*")
+#: Header names (lower-cased) that set the body's framing: they go through
+#: Twisted's own header handling, which picks the body decoder.
+_FRAMING_NAMES = frozenset([b"content-length", b"transfer-encoding"])
+
+
+def split_head(
+    data: bytes, max_fields: int, max_bytes: int
+) -> Optional[tuple[list[tuple[bytes, bytes]], int]]:
+    """Take a whole, clean header section from the start of ``data`` at once.
+
+    ``data`` is what follows a request line.  When it holds the whole header
+    section (up to the blank line), every line ending in CRLF, every name a
+    token, no folded line, no control byte but HTAB in a value, at most
+    ``max_fields`` lines and ``max_bytes`` bytes of lines (CRLFs not
+    counted): the ``(name, value)`` pairs (values stripped of SP/HTAB, as
+    Twisted does) and the offset just past the blank line.  None otherwise:
+    the section is then read line by line, the way that finds (and refuses)
+    whatever is wrong with it, or waits for the rest of it.
+    """
+    if data[:2] == b"\r\n":
+        return None  # no header at all: rare, left to the line parser
+    end = data.find(b"\r\n\r\n", 0, max_bytes + 2 * max_fields + 4)
+    if end < 0:
+        return None
+    block = data[: end + 2]
+    count = block.count(b"\r\n")
+    if count > max_fields or len(block) - 2 * count > max_bytes:
+        return None
+    if _FIELDS.fullmatch(block) is None:
+        return None
+    fields = []
+    for line in block[:-2].split(b"\r\n"):
+        name, _, value = line.partition(b":")
+        fields.append((name, value.strip(b" \t")))
+    return fields, end + 4
 
 
 def answer(
@@ -284,7 +326,9 @@ class ChannelSettings:
         None for no limit.
     :ivar max_headers: the most header lines a request head may have.
     :ivar max_header_bytes: the longest request head (and single line).
-    :ivar head_checks: run on every request head, in order.
+    :ivar head_checks: run on every request head, in order (the site's
+        :class:`~twisted_forward.headcheck.HeadChecks`, which a reload
+        updates for every connection).
     :ivar head_timeout: seconds from a head's first byte to its end, or None.
     :ivar body_timeout: seconds a body may go without a byte, or None.
     :ivar count_refusal: called with each refusal's error code (the
@@ -295,11 +339,44 @@ class ChannelSettings:
     max_request_body: Optional[int] = None
     max_headers: int = 100
     max_header_bytes: int = 16384
-    head_checks: tuple["IHeadCheck", ...] = ()
+    head_checks: Iterable["IHeadCheck"] = ()
     head_timeout: Optional[float] = None
     body_timeout: Optional[float] = None
     count_refusal: Optional[Callable[[str], None]] = None
     seconds: Callable[[], float] = time.time
+
+
+class ClientTransport(Protocol):
+    """A client connection's transport, as the channel and the relay use it.
+
+    ``Protocol.transport`` is declared an ``ITransport``; what a listening
+    port gives its channels (``tcp.Server``, ``unix.Server``, the TLS
+    wrapper) has these too, which no one interface names.
+    """
+
+    #: True once a close was asked for.
+    disconnecting: bool
+
+    def write(self, data: bytes) -> None: ...
+
+    def getPeer(self) -> IAddress: ...
+
+    def loseConnection(self) -> None: ...
+
+    def abortConnection(self) -> None: ...
+
+    def unregisterProducer(self) -> None: ...
+
+    #: Only a plain socket's class has it (see :meth:`ForwardChannel.refuse`).
+    def loseWriteConnection(self) -> None: ...
+
+
+def client_transport(channel: Optional[HTTPChannel]) -> Optional[ClientTransport]:
+    """``channel``'s transport as a :class:`ClientTransport`; None when
+    there is no channel (a finished request has none) or no connection."""
+    if channel is None:
+        return None
+    return cast(Optional[ClientTransport], channel.transport)
 
 
 #: The class-level values the slots of :class:`ForwardChannel` hide.
@@ -332,13 +409,15 @@ class ForwardChannel(ChannelHooks):
         "limits", "refused", "_linger_call", "_lingered", "_refuse_on_connect",
         "_counted", "_counted_peer", "_awaiting_head", "_head_timer", "_body_timer",
         "_body_last", "_idle_timeout", "_in_head", "_head_version", "_head_size",
-        "_header_count", "_codings",
+        "_header_count", "_codings", "_body_in_hand",
     )
 
     log = Logger()
 
+    #: The site that built this channel (set by ``Site.buildProtocol``).
+    site: Site
     max_request_body: Optional[int]
-    head_checks: Sequence["IHeadCheck"]
+    head_checks: Iterable["IHeadCheck"]
     head_timeout: Optional[float]
     body_timeout: Optional[float]
     limits: Optional["ConnectionLimits"]
@@ -350,6 +429,9 @@ class ForwardChannel(ChannelHooks):
     #: Lines are split at LF, so one ending without its CR is seen (and
     #: refused) instead of waited on.
     delimiter = b"\n"
+    #: Take a request's header section whole when it is all here and clean
+    #: (:func:`split_head`), instead of line by line.
+    whole_heads = True
 
     def __init__(self, settings: ChannelSettings = ChannelSettings()) -> None:
         fill_slot_defaults(self, _CHANNEL_DEFAULTS)
@@ -373,6 +455,7 @@ class ForwardChannel(ChannelHooks):
         self._body_timer: Optional[IDelayedCall] = None
         self._body_last = 0.0
         self._idle_timeout: Optional[float] = None
+        self._body_in_hand = 0
         self._new_head()
 
     def _new_head(self) -> None:
@@ -445,6 +528,50 @@ class ForwardChannel(ChannelHooks):
             refusal = check_request_target(target)
             if refusal is not None:
                 self.refuse(refusal)
+                return
+            if self.whole_heads:
+                self._take_whole_head(request)
+
+    def _take_whole_head(self, request: Any) -> None:
+        """Read the header section that follows the request line just
+        parsed in one go, when it is all here and clean (:func:`split_head`);
+        otherwise leave it to the line-by-line parser.
+
+        Each header line is judged as :meth:`headerReceived` would judge it
+        (the same refusals); only the framing headers go through Twisted's
+        own handling, which picks the body decoder.  The blank line then
+        ends the head the usual way, and the bytes after it (the body, the
+        next request) go back to the line receiver's buffer.
+        """
+        rest = self.clearLineBuffer()
+        split = split_head(
+            rest,
+            self.maxHeaders - self._header_count,
+            self.totalHeadersSize - self._head_size,
+        )
+        if split is None:
+            # Still being received (busy), so only buffered: parsed next,
+            # line by line.
+            LineReceiver.dataReceived(self, rest)
+            return
+        fields, end = split
+        # Bytes of the body already here: when they are the whole body, it
+        # needs no deadline of its own (see allHeadersReceived).
+        self._body_in_hand = len(rest) - end
+        self._header_count += len(fields)
+        self._head_size += end - 2 * (len(fields) + 1)
+        headers = request.requestHeaders
+        for name, value in fields:
+            if name.lower() in _FRAMING_NAMES:
+                if not self.headerReceived(name + b":" + value):
+                    return
+            else:
+                headers.addRawHeader(name, value)
+        # The blank line (its CR still on, as the line receiver gives it):
+        # ends the head the usual way.
+        self.lineReceived(b"\r")
+        if rest[end:]:
+            LineReceiver.dataReceived(self, rest[end:])
 
     def lineLengthExceeded(self, line: bytes) -> None:
         self.refuse(HEADERS_TOO_LARGE if self._in_head else REQUEST_LINE_TOO_LONG)
@@ -495,8 +622,15 @@ class ForwardChannel(ChannelHooks):
             request.head_refusal = refusal
         if self._codings and not self.use_chunked_body():
             return
-        if has_body and self.body_timeout is not None:
-            # The body's own clock replaces the idle timer until it is in.
+        in_hand = self._body_in_hand
+        self._body_in_hand = 0
+        if (
+            has_body
+            and self.body_timeout is not None
+            and not (self.length is not None and 0 < self.length <= in_hand)
+        ):
+            # The body's own clock replaces the idle timer until it is in
+            # (not needed when the whole body came in the head's read).
             self._idle_timeout = self.setTimeout(None)
             self._body_last = self._now()
             self._body_timer = self.callLater(self.body_timeout, self._body_check)
@@ -581,7 +715,7 @@ class ForwardChannel(ChannelHooks):
         self._stop_timers()
         if self.settings.count_refusal is not None:
             self.settings.count_refusal(refusal.code)
-        transport = self.transport
+        transport = client_transport(self)
         if transport is None or transport.disconnecting:
             return
         if not quiet:
@@ -633,8 +767,9 @@ class ForwardChannel(ChannelHooks):
         if self._linger_call is not None and self._linger_call.active():
             self._linger_call.cancel()
         self._linger_call = None
-        if self.transport is not None:
-            self.transport.abortConnection()
+        transport = client_transport(self)
+        if transport is not None:
+            transport.abortConnection()
 
     def _now(self) -> float:
         return self.settings.seconds()
@@ -644,7 +779,7 @@ class ForwardChannel(ChannelHooks):
         self._cancel(self._body_timer)
         self._head_timer = self._body_timer = None
 
-    def connectionLost(self, reason: object) -> None:  # type: ignore[override]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._linger_call is not None and self._linger_call.active():
             self._linger_call.cancel()
         self._linger_call = None

@@ -20,7 +20,7 @@ providing :class:`IHeadCheck` and being added to the site's list.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Iterable, Iterator, Optional
 
 from twisted.web.iweb import IRequest
 from zope.interface import Interface
@@ -37,6 +37,28 @@ class IHeadCheck(Interface):
         Called on the reactor thread with the request line and headers in
         and no body read; must not block, and must not read the body.
         """
+
+
+class HeadChecks:
+    """The head checks a site's channels run, in order.
+
+    One object, shared by a site and every channel it builds: when a reload
+    gives the site new checks (new IP lists, new keys), the next request on
+    every connection, kept-alive ones included, meets them.
+    """
+
+    def __init__(self, checks: Iterable[IHeadCheck] = ()) -> None:
+        self.checks: tuple[IHeadCheck, ...] = tuple(checks)
+
+    def replace(self, checks: Iterable[IHeadCheck]) -> None:
+        """Run ``checks`` from the next request head on."""
+        self.checks = tuple(checks)
+
+    def __iter__(self) -> Iterator[IHeadCheck]:
+        return iter(self.checks)
+
+    def __len__(self) -> int:
+        return len(self.checks)
 
 
 def key_refusal(message: str) -> Refusal:

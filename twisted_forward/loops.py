@@ -82,7 +82,7 @@ def _addresses(host: str) -> set[str]:
         infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
     except OSError:
         return set()
-    return {str(ipaddress.ip_address(info[4][0].split("%")[0])) for info in infos}
+    return {str(ipaddress.ip_address(str(info[4][0]).split("%")[0])) for info in infos}
 
 
 def _is_local(address: str) -> bool:

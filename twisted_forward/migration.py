@@ -53,8 +53,11 @@ def migrate(parsed: Mapping[str, object], kwargs: dict[str, object]) -> None:
         kwargs["log_chat"] = parsed["LOG_OPENAI"]
     if "TIMEOUT" in parsed and "CONNECT_TIMEOUT" not in parsed:
         kwargs["connect_timeout"] = parsed["TIMEOUT"]
-    if parsed.get("LOG_GENERAL") and any(
-        getattr(r, "kind", None) == "general" for r in kwargs.get("routes", ())  # type: ignore[union-attr]
+    routes = kwargs.get("routes", ())
+    if (
+        parsed.get("LOG_GENERAL")
+        and isinstance(routes, Iterable)
+        and any(getattr(r, "kind", None) == "general" for r in routes)
     ):
         raise ValueError(
             "LOG_GENERAL",

@@ -11,10 +11,10 @@ gone).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional, cast
 
 from twisted.internet.interfaces import IDelayedCall, IPushProducer
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
@@ -24,6 +24,7 @@ from twisted.web.iweb import IResponse
 from zope.interface import implementer
 
 from .decoding import decode_whole
+from .framing import client_transport
 
 if TYPE_CHECKING:
     from .exchange import Exchange
@@ -36,16 +37,29 @@ SCRUB_LIMIT = 1 << 20
 BODY_ENDS = (ResponseDone, PotentialDataLoss)
 
 
+def body_producer(protocol: Protocol) -> Optional[IPushProducer]:
+    """The transport :meth:`IResponse.deliverBody` gives a body protocol.
+
+    It is the upstream connection's ``IPushProducer`` (Twisted's
+    ``TransportProxyProducer``), which ``Protocol`` declares as an
+    ``ITransport``; None before the body is delivered.  A cast, not an
+    adaptation: test doubles need not declare the interface.
+    """
+    return cast(Optional[IPushProducer], protocol.transport)
+
+
 class Discard(Protocol):
     """Takes an unwanted answer's body and drops its connection."""
 
     def connectionMade(self) -> None:
-        self.transport.stopProducing()
+        producer = body_producer(self)
+        if producer is not None:
+            producer.stopProducing()
 
     def dataReceived(self, data: bytes) -> None:
         pass
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         pass
 
 
@@ -87,12 +101,16 @@ class Relay(Protocol):
     # IPushProducer, for the client request
     def pauseProducing(self) -> None:
         self.paused = True
-        self.transport.pauseProducing()
+        producer = body_producer(self)
+        if producer is not None:
+            producer.pauseProducing()
 
     def resumeProducing(self) -> None:
         self.paused = False
         self.last = self.reactor.seconds()
-        self.transport.resumeProducing()
+        producer = body_producer(self)
+        if producer is not None:
+            producer.resumeProducing()
 
     def stopProducing(self) -> None:
         self.stop()
@@ -145,8 +163,9 @@ class Relay(Protocol):
         if self.timer is not None and self.timer.active():
             self.timer.cancel()
         self.timer = None
-        if self.transport is not None:
-            self.transport.stopProducing()
+        producer = body_producer(self)
+        if producer is not None:
+            producer.stopProducing()
 
     def _cut_client(self, flush: bool) -> None:
         """End the client's connection without finishing the answer.
@@ -159,14 +178,14 @@ class Relay(Protocol):
         request = self.request
         if request.channel is not None:
             request.unregisterProducer()
-            transport = request.channel.transport
+            transport = client_transport(request.channel)
             if transport is not None:
                 if flush:
                     transport.loseConnection()
                 else:
                     transport.abortConnection()
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self.timer is not None and self.timer.active():
             self.timer.cancel()
         self.timer = None
@@ -279,8 +298,9 @@ class ScrubbingRelay(Protocol):
 
     def _drop_upstream(self) -> None:
         self._stop_timer()
-        if self.transport is not None:
-            self.transport.stopProducing()
+        producer = body_producer(self)
+        if producer is not None:
+            producer.stopProducing()
 
     def _deliver(self, body: Optional[bytes], outcome: str) -> None:
         if self.delivered or self.stopped:
@@ -297,7 +317,7 @@ class ScrubbingRelay(Protocol):
         self.chunks = []
         self._drop_upstream()
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._stop_timer()
         if self.stopped or self.delivered:
             return

@@ -3,7 +3,12 @@ The HTTP server side: the Site, its Request class, and the router.
 
 ``build_root`` assembles the resource tree the design describes::
 
-    AccessGate -> Router -> /healthz, ProxyResource per route
+    Router -> /healthz, /metrics, /_admin/, ProxyResource per route
+
+and the head checks every request passes first, in the channel
+(:mod:`twisted_forward.headcheck`): the IP gate
+(:class:`~twisted_forward.access.AccessGate`), then the route's key check.
+The side ports (METRICS_PORT, ADMIN_PORT) run the same IP gate the same way.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from typing import Any, Optional, Sequence
 from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web import http
 from twisted.web.http import datetimeToString
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
@@ -37,20 +43,20 @@ from .cors import Cors, is_preflight
 from .errors import write_error
 from .exchange import ProxyResource
 from .framing import ChannelSettings, ForwardChannel, Refusal, body_too_large
-from .headcheck import IHeadCheck
+from .headcheck import HeadChecks, IHeadCheck
 from .keys import DefaultKeys, ForwardKeys, KeyRules
 from .ledger import ILedger
 from .ledger.service import LedgerCollector
 from .limits import ConnectionLimits, UpstreamSlots, resolve_caps
 from .loops import is_loop
-from .metrics import Metrics, MetricsResource
+from .metrics import Metrics, public_metrics
 from .policies.failover import GuardedStore
 from .policies.gate import PolicyGate
 from .policies.health import KeyHealthLink
 from .policies.service import build_gate
 from .state import RequestState, state_of
 from .target import BadTarget, split_target
-from .upstream import Upstream
+from .upstream import IUpstream, Upstream
 
 #: Seconds a client connection may sit idle between requests.
 CLIENT_IDLE_TIMEOUT = 60
@@ -66,13 +72,22 @@ CLIENT_LEFT = "client_left"
 #: One line per answered request.  Module level: a Logger class attribute
 #: would take the class's name as its namespace.
 _access_log = Logger(namespace="twisted_forward.access")
-#: The access log line's text, filled with % (see ForwardSite.log).
-_ACCESS_LINE = (
-    "%(client)s %(method)s %(path)s %(status)s %(length)sB "
-    "route=%(route)s key=%(key)s "
-    "upstream=%(upstream)s error=%(error)s"
-)
+#: The access log line's text, filled with % (see ForwardSite.access_line): client,
+#: method, path, status, length, route, key label, upstream time, error.
+_ACCESS_LINE = "%s %s %s %s %sB route=%s key=%s upstream=%s error=%s"
 _ACCESS_SYSTEM = "twisted_forward.access#info"
+
+
+def serve_channels(site: Site, settings: ChannelSettings) -> None:
+    """Make ``site`` serve each new connection with a
+    :class:`~twisted_forward.framing.ForwardChannel` built with ``settings``
+    (HTTP/1.1 only: its framing guards are HTTP/1.1's).
+
+    ``Site.buildProtocol`` calls ``protocol()`` with no arguments, hence the
+    partial.  Twisted declares ``protocol`` (and ``buildProtocol``'s result)
+    as its HTTP/2-negotiating wrapper, but any ``HTTPChannel`` serves.
+    """
+    site.protocol = partial(ForwardChannel, settings)  # type: ignore[assignment]  # see docstring
 
 
 #: The class-level values the slots of :class:`ForwardRequest` hide.
@@ -98,6 +113,8 @@ class ForwardRequest(Request):
     __slots__ = REQUEST_SLOTS + ("state", "body_received", "head_refusal")
 
     defaultContentType = None
+    #: The connection it came on (Twisted sets None once it is finished).
+    channel: ForwardChannel
     #: Body bytes received so far.
     body_received: int
     #: Set by the channel when a head check refused this (bodiless) request:
@@ -114,7 +131,7 @@ class ForwardRequest(Request):
         if self.head_refusal is None and self.path != b"*":
             super().process()
             return
-        self.site = self.channel.site
+        self.site = site = self.channel.site
         self.setHeader(b"date", datetimeToString())
         self.prepath = []
         self.postpath = []
@@ -124,7 +141,7 @@ class ForwardRequest(Request):
             self.finish()
             return
         try:
-            self.render(self.site.resource)
+            self.render(site.resource)
         except BaseException:
             self.processingFailed(Failure())
 
@@ -188,7 +205,7 @@ class Health:
     """Whether the proxy is serving or draining, for ``/healthz``."""
 
     draining: bool = False
-    extra: dict = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @implementer(IHeadCheck)
@@ -222,7 +239,9 @@ class Router(Resource):
         )
         self.health = health
         healthz = healthz_path.encode("ascii")
-        self._health_paths = frozenset(
+        #: The health check's paths (also under each route prefix): served
+        #: to everyone, past the IP gate and the keys.
+        self.health_paths = frozenset(
             [healthz] + [prefix + healthz for prefix, _ in self._routes if prefix]
         )
         self._metrics = metrics
@@ -249,7 +268,7 @@ class Router(Resource):
         except BadTarget:
             return None
         if (
-            path in self._health_paths
+            path in self.health_paths
             or (self._metrics is not None and path == self._metrics_path)
             or is_admin_path(path)
             or self._answers_preflight(request, path)
@@ -258,14 +277,14 @@ class Router(Resource):
         found = self.route_for(path)
         return found[0].check_head(request) if found is not None else None
 
-    def render(self, request: IRequest) -> bytes | int:
+    def render(self, request: Request) -> bytes | int:
         if request.uri == b"*":
             return self._asterisk(request)
         try:
             path, query = split_target(request.uri)
         except BadTarget as e:
             return write_error(request, 400, "invalid_request_target", str(e))
-        if path in self._health_paths:
+        if path in self.health_paths:
             return self._health(request)
         if self._answers_preflight(request, path):
             assert self.cors is not None
@@ -361,7 +380,6 @@ class ForwardSite(Site):
     """
 
     requestFactory = ForwardRequest
-    protocol = ForwardChannel  # type: ignore[assignment]
     displayTracebacks = False
 
     def __init__(
@@ -390,7 +408,8 @@ class ForwardSite(Site):
         self.metrics = metrics
         #: The CORS headers every answer to a cross-origin request gets.
         self.cors = cors
-        self.head_checks = tuple(head_checks)
+        #: Run on every request head, by every channel of this site.
+        self.head_checks = HeadChecks(head_checks)
         self.limits = limits
         self._new_channels(ChannelSettings(
             max_request_body=max_request_body,
@@ -406,15 +425,13 @@ class ForwardSite(Site):
     def _new_channels(self, settings: ChannelSettings) -> None:
         """Build the channels of new connections with ``settings``."""
         self.channel_settings = settings
-        # Twisted's buildProtocol calls protocol() with no arguments: each
-        # channel gets its settings at construction this way.
-        self.protocol = partial(ForwardChannel, settings)  # type: ignore[assignment]
+        serve_channels(self, settings)
 
     def _count_refusal(self, code: str) -> None:
         if self.metrics is not None:
             self.metrics.refusals.labels(code).inc()
 
-    def buildProtocol(self, addr: Optional[IAddress]) -> ForwardChannel:  # type: ignore[override]
+    def buildProtocol(self, addr: Optional[IAddress]) -> ForwardChannel:  # type: ignore[override]  # see serve_channels
         channel: ForwardChannel = super().buildProtocol(addr)
         if self.limits is not None:
             channel.admit(self.limits, addr)
@@ -423,15 +440,16 @@ class ForwardSite(Site):
     def serve(self, built: "Built", config: Config) -> None:
         """Answer new requests with ``built``'s tree (at a reload); a request
         already being answered keeps the tree it started with, and a
-        kept-alive connection its body cap and deadlines.  Connection caps
-        keep their counts (and their settings, until a restart)."""
+        kept-alive connection its body cap and deadlines; the head checks
+        (IP gate, keys) apply to the next request on every connection.
+        Connection caps keep their counts (and their settings, until a
+        restart)."""
         self.resource = built.root
         self.cors = Cors(config.cors_origins)
         self.metrics = built.metrics
-        self.head_checks = tuple(built.head_checks)
+        self.head_checks.replace(built.head_checks)
         self._new_channels(replace(
             self.channel_settings,
-            head_checks=self.head_checks,
             max_request_body=config.max_request_body,
             head_timeout=config.request_head_timeout,
             body_timeout=config.request_body_timeout,
@@ -444,7 +462,7 @@ class ForwardSite(Site):
         request.responseHeaders.removeHeader(b"server")
         return super().getResourceFor(request)
 
-    def log(self, request: Request) -> None:  # type: ignore[override]
+    def log(self, request: http.Request) -> None:
         """One line per request: never a key, the key's label only.
 
         Called by ``Request.finish`` (and, for a request never finished, by
@@ -457,42 +475,69 @@ class ForwardSite(Site):
         if error is not None and self.metrics is not None:
             self.metrics.refusals.labels(error).inc()
 
-    def access_line(self, request: Request) -> Optional[str]:
+    def access_line(self, request: http.Request) -> Optional[str]:
         """Write ``request``'s access line; returns its error code."""
         state = state_of(request)
         error = state.error
         upstream = state.upstream_seconds
-        fields = dict(
-            method=(getattr(request, "method", None) or b"-").decode("latin-1"),
-            path=(getattr(request, "path", None) or b"-").decode("latin-1"),
-            status=request.code,
-            length=request.sentLength,
-            client=state.client or "-",
-            route=state.route,
-            key=state.key_label,
-            upstream_ms=None if upstream is None else round(upstream * 1000, 1),
-            error=error or "-",
-        )
-        # The text is made here with %: twisted.logger's {}-formatting of a
-        # nine-field template cost ~6% of a request.  JSON logs still get
-        # every field as its own key.
+        upstream_ms = None if upstream is None else round(upstream * 1000, 1)
+        method = (getattr(request, "method", None) or b"-").decode("latin-1")
+        path = (getattr(request, "path", None) or b"-").decode("latin-1")
+        client = state.client or "-"
+        # The text is made here with one %: twisted.logger's {}-formatting
+        # of a nine-field template cost ~6% of a request.  JSON logs still
+        # get every field as its own key.
         _access_log.info(
             "{line}",
             # Given, so text log observers need not build it per event.
             log_system=_ACCESS_SYSTEM,
-            line=_ACCESS_LINE
-            % dict(fields, upstream="-" if upstream is None else f"{fields['upstream_ms']}ms"),
-            **fields,
+            line=_ACCESS_LINE % (
+                client, method, path, request.code, request.sentLength, state.route,
+                state.key_label, "-" if upstream_ms is None else f"{upstream_ms}ms",
+                error or "-",
+            ),
+            method=method,
+            path=path,
+            status=request.code,
+            length=request.sentLength,
+            client=client,
+            route=state.route,
+            key=state.key_label,
+            upstream_ms=upstream_ms,
+            error=error or "-",
         )
         return error
 
 
 class SidePortSite(Site):
-    """A plain Site for the proxy's side ports (METRICS_PORT, ADMIN_PORT):
-    no connection log lines, and no ``Server: TwistedWeb/<version>`` header
-    (no answer of the proxy names its software and version)."""
+    """The Site of the proxy's side ports (METRICS_PORT, ADMIN_PORT): no
+    connection log lines, no ``Server: TwistedWeb/<version>`` header (no
+    answer of the proxy names its software and version), and the proxy's
+    channel, so the same head checks (the IP gate) decide on the head of
+    every request, as on the proxy's own port.
+
+    :param head_checks: run on every request head, in order.
+    """
 
     noisy = False
+    requestFactory = ForwardRequest
+
+    def __init__(
+        self, resource: IResource, *args: Any, head_checks: Sequence[IHeadCheck] = (),
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(resource, *args, **kwargs)
+        #: Run on every request head, by every channel of this site.
+        self.head_checks = HeadChecks(head_checks)
+        serve_channels(
+            self, ChannelSettings(head_checks=self.head_checks, seconds=self.reactor.seconds)
+        )
+
+    def serve(self, resource: IResource, head_checks: Sequence[IHeadCheck]) -> None:
+        """Answer new requests with ``resource``, behind ``head_checks``,
+        from the next request on (at a reload)."""
+        self.resource = resource
+        self.head_checks.replace(head_checks)
 
     def getResourceFor(self, request: IRequest) -> IResource:
         request.responseHeaders.removeHeader(b"server")
@@ -503,12 +548,17 @@ class SidePortSite(Site):
 class Built:
     """What :func:`build_root` made, for the service to manage."""
 
+    #: The resource tree (the :class:`Router`): reached only past the head
+    #: checks, which every listener's channel runs.
     root: IResource
     proxies: list[ProxyResource]
-    upstream: Upstream
+    upstream: IUpstream
     health: Health
     keys: KeyRules
     metrics: Metrics
+    #: The IP gate: the first head check, on the proxy's port and the side
+    #: ports alike.
+    gate: AccessGate
     #: The response cache, None when it is off.
     cache: Optional[ResponseCache] = None
     #: The policy gate, or None when no policy is set.
@@ -531,7 +581,7 @@ def build_root(
     config: Config,
     reactor: IReactorTime,
     recorder: Optional[IRecorder] = None,
-    upstream: Optional[Upstream] = None,
+    upstream: Optional[IUpstream] = None,
     metrics: Optional[Metrics] = None,
     cache_store: Optional[ICacheStore] = None,
     policy: Optional[PolicyGate] = None,
@@ -556,6 +606,9 @@ def build_root(
 
     :param cache_store: the response cache's store, instead of the one
         ``config.cache`` names.
+    :param upstream: what every route sends its requests through (any
+        :class:`~twisted_forward.upstream.IUpstream`); by default a new
+        :class:`~twisted_forward.upstream.Upstream` pool for ``config``.
     """
     if metrics is None:
         metrics = Metrics()
@@ -622,23 +675,22 @@ def build_root(
         )
     if health is None:
         health = Health()
-    served_here = config.metrics and config.metrics_port is None
     router = Router(
         [(p.route.prefix, p) for p in proxies],
         health,
         config.healthz_path,
-        MetricsResource(metrics, config.admin_key) if served_here else None,
+        public_metrics(config, metrics),
         config.metrics_path,
         admin.resource if admin is not None and config.admin_port is None else None,
         Cors(config.cors_origins),
     )
-    root = AccessGate(
-        router, config.ip_whitelist, config.ip_blacklist, config.trusted_proxies,
-        exempt_paths=router._health_paths,
+    gate = AccessGate(
+        config.ip_whitelist, config.ip_blacklist, config.trusted_proxies,
+        exempt_paths=router.health_paths,
     )
     return Built(
-        root, proxies, upstream, health, openai_keys, metrics,
-        cache=cache, policy=policy, ledger=ledger, admin=admin, head_checks=(root, router),
+        router, proxies, upstream, health, openai_keys, metrics, gate,
+        cache=cache, policy=policy, ledger=ledger, admin=admin, head_checks=(gate, router),
         cache_metrics=cache_metrics, shared_store=store, key_health=key_health,
     )
 

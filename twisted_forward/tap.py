@@ -12,21 +12,23 @@ import os
 import signal
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet import defer
-from twisted.internet.interfaces import IReactorCore, IReactorTime, IStreamServerEndpoint
-from twisted.logger import Logger
+from twisted.internet.interfaces import IReactorTime, IStreamServerEndpoint
+from twisted.logger import ILogObserver, LogEvent, Logger
 from twisted.python import usage
+from twisted.web.resource import IResource
+from zope.interface import provider
 
 from ._compat import clear_exit_signal
-from .access import AccessGate
 from .admin.live import LiveTally
 from .admin.service import AdminService
 from .chat.recorder import ChatRecorder, IRecorder, open_chat_log
 from .config import (
+    METRICS_OFF,
     SETTINGS,
     Config,
     ConfigError,
@@ -109,9 +111,13 @@ def load(options: Options, environ: Optional[dict[str, str]] = None) -> Config:
     return load_config(options.setting_values(), env, read_env_file(options["env-file"]))
 
 
-def open_recorder(config: Config, reactor: IReactorCore) -> Optional[ChatRecorder]:
+def open_recorder(config: Config, reactor: Any) -> Optional[ChatRecorder]:
     """The chat recorder, or None when LOG_CHAT is off (nothing is written)
-    and PRINT_CHAT too."""
+    and PRINT_CHAT too.
+
+    :param reactor: the reactor: its clock (``IReactorTime``) and thread
+        pool (``IReactorThreads``, for the record files' writes).
+    """
     secrets = config.default_keys + tuple(k.key for k in config.forward_keys)
     if config.admin_key is not None:
         secrets += (config.admin_key,)
@@ -128,7 +134,7 @@ def open_recorder(config: Config, reactor: IReactorCore) -> Optional[ChatRecorde
     return recorder
 
 
-def chat_printer(secrets: tuple[str, ...]) -> Callable[[dict], None]:
+def chat_printer(secrets: tuple[str, ...]) -> ILogObserver:
     """PRINT_CHAT: an observer logging each chat record as one JSON line,
     every key masked (as in the record files)."""
     from .chat.files import RECORD_FIELD, encode_record, secret_forms
@@ -136,7 +142,8 @@ def chat_printer(secrets: tuple[str, ...]) -> Callable[[dict], None]:
     log = Logger(namespace="twisted_forward.print_chat")
     forms = secret_forms(secrets)
 
-    def observe(event: dict) -> None:
+    @provider(ILogObserver)
+    def observe(event: LogEvent) -> None:
         record = event.get(RECORD_FIELD)
         if record is not None:
             line = encode_record(record, forms).decode("utf-8", "replace").rstrip("\n")
@@ -220,6 +227,9 @@ class ProxyService(Service):
     :param source: where a reload reads the configuration; None: no reloads.
     :param admin_service: runs the admin's live figures; a reload hands it
         the new admin.
+    :param side_sites: the side ports' sites (METRICS_PORT, ADMIN_PORT),
+        each with what it serves of a tree; a reload gives them the new
+        tree's part and IP gate.
     """
 
     log = Logger()
@@ -235,6 +245,7 @@ class ProxyService(Service):
         source: Optional[ConfigSource] = None,
         admin_service: Optional[AdminService] = None,
         feed: Optional[ILedger] = None,
+        side_sites: Sequence[tuple[SidePortSite, Callable[[Built], IResource]]] = (),
     ) -> None:
         self.built = built
         self.config = config
@@ -245,6 +256,7 @@ class ProxyService(Service):
         self.site = site
         self.source = source
         self.admin_service = admin_service
+        self.side_sites = tuple(side_sites)
         #: Earlier generations with exchanges still open.
         self.retired: list[_Generation] = []
         self._restore_sighup: Optional[Callable[[], None]] = None
@@ -320,7 +332,7 @@ class ProxyService(Service):
                     # The store shared with other processes stays; another
                     # is handed on when its settings are the same.
                     store=shared if shared is not None else (
-                        current.policy.store if same_store else None  # type: ignore[union-attr]
+                        current.policy.store if same_store and current.policy is not None else None
                     ),
                 )
                 built = build_root(
@@ -328,7 +340,9 @@ class ProxyService(Service):
                     ledger=self.feed,
                     upstream=current.upstream if same_pool else None,
                     metrics=current.metrics, health=current.health, policy=policy,
-                    cache_store=current.cache.store if same_cache else None,  # type: ignore[union-attr]
+                    cache_store=(
+                        current.cache.store if same_cache and current.cache is not None else None
+                    ),
                     cache_metrics=current.cache_metrics, store=shared,
                 )
             except BaseException:
@@ -350,6 +364,8 @@ class ProxyService(Service):
                 name=name, file=self.source.env_file,
             )
         self.site.serve(built, config)
+        for side, part in self.side_sites:
+            side.serve(part(built), (built.gate,))
         if self.admin_service is not None and built.admin is not None:
             self.admin_service.swap(built.admin)
         self.retired.append(
@@ -452,6 +468,18 @@ class _Generation:
                     yield self.recorder.close()
 
 
+def admin_resource(built: Built) -> IResource:
+    """What ADMIN_PORT serves: the admin page and API of ``built``."""
+    assert built.admin is not None  # ADMIN_PORT needs ADMIN_KEY
+    return built.admin.resource
+
+
+def side_metrics(built: Built) -> IResource:
+    """What METRICS_PORT serves: ``built``'s metrics, with no key (the port
+    is the operator's choice of who can reach it, behind the IP gate)."""
+    return MetricsResource(built.metrics)
+
+
 def _cache_store_settings(config: Config) -> tuple[Any, ...]:
     """The settings the response cache's store is opened with."""
     c = config.cache
@@ -468,6 +496,7 @@ def makeService(
     reactor: Optional[Any] = None,
     environ: Optional[dict[str, str]] = None,
     endpoint: Optional[IStreamServerEndpoint] = None,
+    worker: bool = False,
 ) -> IService:
     """Build the proxy's service tree from parsed options, and bind its ports.
 
@@ -483,13 +512,15 @@ def makeService(
         their own); ``os.environ`` by default.
     :param endpoint: serve on this endpoint instead of ``--port`` (a worker
         adopting its supervisor's socket).
+    :param worker: build a worker of ``--workers`` (its supervisor serves
+        METRICS_PORT).
     """
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
     try:
-        return _make_service(options, reactor, environ, endpoint)
+        return build_service(options, reactor, environ, endpoint, worker)
     except (ConfigError, ValueError) as e:
         # One clear line, not a traceback.
         sys.stderr.write(f"openai-forward: {e}\n")
@@ -497,12 +528,18 @@ def makeService(
         raise SystemExit(1) from None
 
 
-def _make_service(
+def build_service(
     options: Options,
     reactor: Any,
-    environ: Optional[dict[str, str]],
-    endpoint: Optional[IStreamServerEndpoint],
+    environ: Optional[dict[str, str]] = None,
+    endpoint: Optional[IStreamServerEndpoint] = None,
+    worker: bool = False,
 ) -> IService:
+    """:func:`makeService`'s work, for callers that report a start-up
+    failure themselves (a worker tells its supervisor).
+
+    :raises ConfigError: (or ValueError) naming the setting and the fix.
+    """
     source = ConfigSource(
         options.setting_values(),
         dict(os.environ if environ is None else environ),
@@ -520,7 +557,7 @@ def _make_service(
     if endpoint is None:
         endpoint = endpoint_from_string(reactor, options["endpoint"], "--port")
     metrics_endpoint = None
-    if config.metrics_port is not None:
+    if config.metrics_port is not None and config.metrics != METRICS_OFF and not worker:
         metrics_endpoint = endpoint_from_string(
             reactor, config.metrics_port, "METRICS_PORT (--metrics-port)"
         )
@@ -530,11 +567,8 @@ def _make_service(
             reactor, config.admin_port, "ADMIN_PORT (--admin-port)"
         )
     if options["workers"]:
-        from .supervisor import make_supervisor
+        from .supervisor import WorkerPool, make_supervisor
 
-        if config.metrics_port is not None:
-            # Every worker would bind it.
-            raise ConfigError("METRICS_PORT (--metrics-port): not with --workers")
         if config.admin_port is not None:
             raise ConfigError("ADMIN_PORT (--admin-port): not with --workers")
         check_log_dir(config)
@@ -550,14 +584,18 @@ def _make_service(
             reactor,
             source=source,
             share_store=config.policy.redis_url is None,
+            metrics_port=(
+                (metrics_endpoint, config.metrics_port, config)
+                if metrics_endpoint is not None and config.metrics_port is not None else None
+            ),
         )
-        for child in supervisor:  # type: ignore[attr-defined]
-            bound = getattr(child, "bound", None)
-            if bound is not None:
+        for child in supervisor:
+            shared_port = child.bound if isinstance(child, WorkerPool) else None
+            if shared_port is not None:
                 try:
-                    refuse_own_address(config, source, bound)
+                    refuse_own_address(config, source, shared_port)
                 except ConfigError:
-                    bound.stopListening()
+                    shared_port.stopListening()
                     raise
         return supervisor
     recorder = open_recorder(config, reactor)
@@ -581,25 +619,31 @@ def _make_service(
         store=shared,
     )
     site = make_site(built, config, reactor)
+    # The side ports run the proxy's IP gate on every request head, as its
+    # own port does (and follow reloads with it).
+    side_sites: list[tuple[SidePortSite, Callable[[Built], IResource]]] = []
+    admin_site = None
+    if built.admin is not None and admin_endpoint is not None:
+        admin_site = SidePortSite(
+            admin_resource(built), reactor=reactor, head_checks=(built.gate,)
+        )
+        side_sites.append((admin_site, admin_resource))
+    metrics_site = None
+    if metrics_endpoint is not None:
+        metrics_site = SidePortSite(
+            side_metrics(built), reactor=reactor, head_checks=(built.gate,)
+        )
+        side_sites.append((metrics_site, side_metrics))
     admin_service = AdminService(built.admin) if built.admin is not None else None
     ProxyService(
         built, config, reactor, recorder, ledger,
         site=site, source=source, admin_service=admin_service, feed=feed,
+        side_sites=side_sites,
     ).setServiceParent(top)
     if admin_service is not None:
         # Added before the listeners: stopped after they are, it ends the
         # open event streams so the proxy can drain.
         admin_service.setServiceParent(top)
-    admin_site = None
-    if built.admin is not None and admin_endpoint is not None:
-        admin_site = SidePortSite(
-            AccessGate(built.admin.resource, config.ip_whitelist, config.ip_blacklist,
-                       config.trusted_proxies),
-            reactor=reactor,
-        )
-    metrics_site = None
-    if config.metrics and metrics_endpoint is not None:
-        metrics_site = SidePortSite(MetricsResource(built.metrics), reactor=reactor)
     # Bound last, so nothing after can fail with a port left open.
     port = listen_now(endpoint, site, "--port", options["port"])
     try:

@@ -24,12 +24,13 @@ from __future__ import annotations
 import re
 from typing import Optional
 
+from twisted.internet.abstract import isIPv6Address
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IConsumer, IReactorTime
-from twisted.web.client import HTTPConnectionPool
+from twisted.web.client import URI, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IBodyProducer, IResponse
-from zope.interface import implementer
+from zope.interface import Interface, implementer
 
 from .config import ProxyURL, UpstreamURL
 from .outbound import upstream_agent
@@ -55,6 +56,18 @@ def join_url(base: UpstreamURL, path: bytes, query: bytes) -> bytes:
     return base.origin.encode("ascii") + join_path(base.path, tail)
 
 
+def host_value(url: bytes) -> bytes:
+    """The ``Host`` header Twisted's ``Agent`` would send for ``url``: its
+    host (bracketed when IPv6) and its port unless the scheme's default."""
+    parsed = URI.fromBytes(url)
+    host = parsed.host
+    if isIPv6Address(host.decode("ascii")):
+        host = b"[" + host + b"]"
+    if (parsed.scheme, parsed.port) in ((b"http", 80), (b"https", 443)):
+        return host
+    return b"%b:%d" % (host, parsed.port)
+
+
 @implementer(IBodyProducer)
 class BytesProducer:
     """A request body already in memory, written in one go."""
@@ -77,6 +90,32 @@ class BytesProducer:
         pass
 
 
+class IUpstream(Interface):
+    """What an exchange sends its request upstream through (the extension
+    point for another HTTP client: a recording double, a different pool).
+
+    :class:`Upstream` is the proxy's; :func:`~twisted_forward.site.build_root`
+    takes any provider and hands it to every route's
+    :class:`~twisted_forward.exchange.ProxyResource`.
+    """
+
+    def request(
+        method: bytes, url: bytes, headers: Headers, body: Optional[IBodyProducer]
+    ) -> "Deferred[IResponse]":
+        """Send one request exactly as given (no redirects followed, no
+        cookies kept, the body untouched); fire with the answer's head, its
+        body unread (``IResponse.deliverBody``).  Cancelling the Deferred
+        abandons the request.
+
+        :param url: an absolute URI, already encoded (see :func:`join_url`).
+        """
+
+    def close() -> "Deferred[None]":
+        """Let go of idle connections (at shutdown, or when a reload
+        replaces this client); requests in flight are not cut."""
+
+
+@implementer(IUpstream)
 class Upstream:
     """The proxy's HTTP client: one connection pool, no cookies, no redirects.
 
@@ -113,6 +152,8 @@ class Upstream:
             self.pool = None
         self._reactor = reactor
         self._agent = agent
+        #: Host header values by origin; the origins are the configured ones.
+        self._host_values: dict[bytes, bytes] = {}
 
     def request(
         self,
@@ -124,7 +165,18 @@ class Upstream:
         """Send a request exactly as given; the Deferred fires with the head.
 
         :param url: an absolute URI, already encoded (see :func:`join_url`).
+        :param headers: this request's own headers: a ``Host`` is added to
+            them (the value ``Agent`` would add to a copy of them).
         """
+        if not headers.hasHeader(b"host"):
+            # One Host value per origin (scheme://authority), worked out once:
+            # the agent otherwise copies every request's headers to add it.
+            slash = url.find(b"/", url.find(b"//") + 2)
+            origin = url if slash < 0 else url[:slash]
+            value = self._host_values.get(origin)
+            if value is None:
+                value = self._host_values[origin] = host_value(origin)
+            headers.addRawHeader(b"host", value)
         return self._agent.request(method, url, headers, body)
 
     def close(self) -> "Deferred[None]":

@@ -25,7 +25,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET
+from twisted.web.server import NOT_DONE_YET, Request
 
 from ..errors import error_body
 from ..keys import SecretMask, scrub
@@ -99,7 +99,10 @@ class AdminResource(Resource):
         self.refusals = refusals
         self._secrets = tuple(s.encode("utf-8") for s in secrets if s)
         #: Open event streams, ended by :meth:`close`.
-        self.streams: set[IRequest] = set()
+        self.streams: set[Request] = set()
+        #: Why the API's figures cannot be read (one line), while they
+        #: cannot: logged once when that starts, once when it ends.
+        self.unavailable: Optional[str] = None
         self._handlers: dict[bytes, Callable[[dict[str, list[str]]], "Deferred[Answer]"]] = {
             b"usage": api.usage,
             b"keys": api.keys,
@@ -137,7 +140,7 @@ class AdminResource(Resource):
 
     # ------------------------------------------------------------ render
 
-    def render(self, request: IRequest) -> bytes | int:
+    def render(self, request: Request) -> bytes | int:
         self._headers(request)
         try:
             path, query = split_target(request.uri)
@@ -167,7 +170,7 @@ class AdminResource(Resource):
         headers.setRawHeaders(b"content-length", [b"%d" % len(asset.body)])
         return asset.body
 
-    def _api(self, request: IRequest, name: bytes, query: bytes) -> bytes | int:
+    def _api(self, request: Request, name: bytes, query: bytes) -> bytes | int:
         if not self.auth.allows(request):
             self.refusals.labels("invalid_admin_key").inc()
             request.responseHeaders.setRawHeaders(
@@ -192,14 +195,22 @@ class AdminResource(Resource):
         # A BadParam raised by the handler becomes a failed Deferred: a 400.
         d = maybeDeferred(handler, params)
         gone: list[bool] = []
-        request.notifyFinish().addErrback(lambda _: (gone.append(True), d.cancel()))
+
+        def client_left(_: Failure) -> None:
+            gone.append(True)
+            d.cancel()
+
+        request.notifyFinish().addErrback(client_left)
         d.addCallbacks(
             lambda answer: self._answer(request, answer, gone),
             lambda failure: self._failed(request, failure, gone),
         )
         return NOT_DONE_YET
 
-    def _answer(self, request: IRequest, answer: Answer, gone: list[bool]) -> None:
+    def _answer(self, request: Request, answer: Answer, gone: list[bool]) -> None:
+        if self.unavailable is not None:
+            self.unavailable = None
+            self.log.info("admin API: the figures can be read again")
         if gone:
             return
         body = self.mask(answer.body)
@@ -217,14 +228,15 @@ class AdminResource(Resource):
             request.write(body)
         request.finish()
 
-    def _failed(self, request: IRequest, failure: Failure, gone: list[bool]) -> None:
+    def _failed(self, request: Request, failure: Failure, gone: list[bool]) -> None:
+        if not failure.check(BadParam):
+            self._unavailable(failure)
         if gone:
             return
         if failure.check(BadParam):
             e = failure.value
             body = self._error(request, 400, "invalid_parameter", str(e), e.param)
         else:
-            self.log.failure("an admin API request failed", failure)
             body = self._error(
                 request, 503, "admin_unavailable",
                 "The figures could not be read just now; try again.",
@@ -233,9 +245,26 @@ class AdminResource(Resource):
             request.write(body)
         request.finish()
 
+    def _unavailable(self, failure: Failure) -> None:
+        """Count a request the figures could not be read for; log one line
+        when that starts (not a traceback a request: a database that is
+        down would flood the log)."""
+        self.refusals.labels("admin_unavailable").inc()
+        message = failure.getErrorMessage().strip().splitlines()
+        why = f"{failure.type.__name__}: {message[0][:200] if message else ''}".rstrip(": ")
+        starts = self.unavailable is None
+        self.unavailable = why
+        if not starts:
+            return
+        self.log.error(
+            "admin API: cannot read the figures ({why}); answering 503 admin_unavailable "
+            "until they can be read (counted in openai_forward_admin_refusals_total)",
+            why=why,
+        )
+
     # ------------------------------------------------------------ events
 
-    def _events(self, request: IRequest, params: dict[str, list[str]]) -> bytes | int:
+    def _events(self, request: Request, params: dict[str, list[str]]) -> bytes | int:
         if params:
             name = next(iter(params))
             return self._error(request, 400, "invalid_parameter",

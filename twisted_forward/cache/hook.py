@@ -28,13 +28,15 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IRequest
+from twisted.web.server import Request
 from zope.interface import implementer
 
+from ..chat.recorder import IExchangeTap
 from ..config import ForwardKey, Route
 from ..keys import KeyDecision
 from ..policies.usage import UsageStripper
 from .entry import AnswerCollector, CorruptEntry, Entry
-from .interfaces import IAnswerTap, ICacheStore, IExchangeCache
+from .interfaces import ICacheStore, IExchangeCache
 from .key import Partitions, cache_key, examine, read_prefix
 from .metrics import CacheMetrics
 from .replay import Replay
@@ -71,7 +73,7 @@ class Lookup:
         return self.result == HIT
 
 
-@implementer(IAnswerTap)
+@implementer(IExchangeTap)
 class StoringTap:
     """Collects one missed answer and stores it if it ended whole with 200."""
 
@@ -237,7 +239,7 @@ class ResponseCache:
     # ------------------------------------------------------------ replay
 
     def replay(
-        self, request: IRequest, lookup: Lookup, tap: Optional[IAnswerTap] = None,
+        self, request: Request, lookup: Lookup, tap: Optional[IExchangeTap] = None,
         headers: Sequence[tuple[bytes, bytes]] = (),
     ) -> Replay:
         """Answer ``request`` from ``lookup``'s entry; the replay's ``done``

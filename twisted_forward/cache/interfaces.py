@@ -15,9 +15,10 @@ from zope.interface import Attribute, Interface
 
 if TYPE_CHECKING:
     from twisted.internet.defer import Deferred
-    from twisted.web.http_headers import Headers
     from twisted.web.iweb import IRequest
+    from twisted.web.server import Request
 
+    from ..chat.recorder import IExchangeTap
     from ..config import Route
     from ..keys import KeyDecision
     from .hook import Lookup
@@ -45,19 +46,6 @@ class ICacheStore(Interface):
         """Release the store's connections, threads and files."""
 
 
-class IAnswerTap(Interface):
-    """Sees one answer as it is relayed (the exchange's tap shape)."""
-
-    def response(status: int, headers: Headers) -> None:
-        """The answer's head."""
-
-    def data(chunk: bytes) -> None:
-        """A body chunk, after it went to the client."""
-
-    def end(outcome: str) -> None:
-        """The exchange ended with ``outcome`` (``complete``, ...)."""
-
-
 class IExchangeCache(Interface):
     """What the forwarding exchange asks of the cache, once per request.
 
@@ -83,11 +71,11 @@ class IExchangeCache(Interface):
         :param decision: the request's :class:`~twisted_forward.keys.KeyDecision`.
         """
 
-    def replay(request: IRequest, lookup: Lookup, tap: Optional[IAnswerTap] = None,
+    def replay(request: Request, lookup: Lookup, tap: Optional[IExchangeTap] = None,
                headers: Sequence[tuple[bytes, bytes]] = ()) -> "Replay":
         """Answer ``request`` from a hit; returns the
         :class:`~.replay.Replay`, whose ``done`` fires with the outcome
         (``complete`` or ``client_left``) and whose ``sent`` counts the bytes
-        written.  ``tap`` (an :class:`IAnswerTap`, or None) sees the
+        written.  ``tap`` (an :class:`IExchangeTap`, or None) sees the
         replayed answer, for the chat records; ``headers`` are added to the
         answer (other hooks', such as ``x-ratelimit-*``)."""

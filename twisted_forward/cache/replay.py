@@ -12,10 +12,10 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IRequest
+from twisted.web.server import Request
 
+from ..chat.recorder import IExchangeTap
 from .entry import Entry
-from .interfaces import IAnswerTap
 
 
 def sse_events(body: bytes) -> list[bytes]:
@@ -44,8 +44,8 @@ class Replay:
     """
 
     def __init__(
-        self, request: IRequest, entry: Entry, clock: IReactorTime, interval: float,
-        tap: Optional[IAnswerTap] = None,
+        self, request: Request, entry: Entry, clock: IReactorTime, interval: float,
+        tap: Optional[IExchangeTap] = None,
         headers: Sequence[tuple[bytes, bytes]] = (),
     ) -> None:
         self.request = request

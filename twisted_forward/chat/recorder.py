@@ -162,13 +162,13 @@ class ExchangeInfo:
 class IExchangeTap(Interface):
     """Sees one exchange's answer as it is relayed.  Must never raise."""
 
-    def response(status: int, headers: Headers) -> None:  # type: ignore[misc]
+    def response(status: int, headers: Headers) -> None:
         """The answer's head, as relayed (or the proxy's own error)."""
 
-    def data(chunk: bytes) -> None:  # type: ignore[misc]
+    def data(chunk: bytes) -> None:
         """A body chunk, after it was written to the client."""
 
-    def end(outcome: str) -> None:  # type: ignore[misc]
+    def end(outcome: str) -> None:
         """The exchange is over: ``complete``, ``client_left``,
         ``upstream_error``, ``idle_timeout``, ``proxy_error`` or
         ``shutdown`` (cut when the shutdown grace period ran out)."""
@@ -178,7 +178,7 @@ class IRecorder(Interface):
     """Decides which exchanges are recorded and records them: the chat
     records, the ledger's counting, or several behind one (:class:`FanOut`)."""
 
-    def begin(info: ExchangeInfo) -> Optional[IExchangeTap]:  # type: ignore[misc]
+    def begin(info: ExchangeInfo) -> Optional[IExchangeTap]:
         """Start recording an exchange; None if it is not to be recorded."""
 
 

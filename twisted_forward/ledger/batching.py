@@ -116,16 +116,11 @@ class BatchingLedger(Service):
                     found=failure.value.args[0], known=sql.SCHEMA_VERSION,
                 )
                 return
-            self.stats.write_failures += 1
-            if self.on_failure is not None:
-                self.on_failure()
-            if not self.failing:
-                self.failing = True
-                self.log.error(
-                    "ledger: cannot prepare the schema at {where}: {error}; "
-                    "keeping figures in memory and trying again",
-                    where=self.dialect.where, error=_describe(failure.value),
-                )
+            self._failed(
+                "ledger: cannot prepare the schema at {where}: {error}; "
+                "keeping figures in memory and trying again",
+                failure,
+            )
 
         return self.database.run(lambda c: sql.migrate(c, self.dialect)).addCallbacks(
             done, failed
@@ -206,21 +201,27 @@ class BatchingLedger(Service):
                 self.log.info("ledger: writing again to {where}", where=self.dialect.where)
 
         def failed(failure: Any) -> None:
-            self.stats.write_failures += 1
-            if self.on_failure is not None:
-                self.on_failure()
-            if not self.failing:
-                self.failing = True
-                self.log.error(
-                    "ledger: writing to {where} failed: {error}; keeping up to {bound} "
-                    "row(s) in memory and trying again",
-                    where=self.dialect.where, error=_describe(failure.value),
-                    bound=self.max_pending_rows,
-                )
+            self._failed(
+                "ledger: writing to {where} failed: {error}; keeping up to {bound} "
+                "row(s) in memory and trying again",
+                failure,
+            )
             self.pending.merge(batch)  # the transaction rolled back: nothing was added
             self.stats.pending_rows = len(self.pending)
 
         return self.database.run(work).addCallbacks(written, failed)
+
+    def _failed(self, event: str, failure: Any) -> None:
+        """Count a failed store call; log ``event`` once per outage, not per call."""
+        self.stats.write_failures += 1
+        if self.on_failure is not None:
+            self.on_failure()
+        if not self.failing:
+            self.failing = True
+            self.log.error(
+                event, where=self.dialect.where, error=_describe(failure.value),
+                bound=self.max_pending_rows,
+            )
 
     def _prune_day(self) -> Optional[date]:
         """The first day to keep, when a retention pass is due."""

@@ -30,7 +30,7 @@ def default_store(config: PolicyConfig, reactor: IReactorTime) -> Optional[IPoli
     """In memory, unless REDIS_URL asks for Redis."""
     from .shared import open_shared_store
 
-    return open_shared_store(config, reactor, {})  # type: ignore[no-any-return]
+    return open_shared_store(config, reactor, {})
 
 
 def build_gate(

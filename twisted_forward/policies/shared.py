@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional
 
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IReactorSocket, IReactorTime
 
 from .settings import PolicyConfig
 
@@ -48,13 +48,13 @@ def open_shared_store(
 
     if config.redis_url:
         from .. import redis_link
-        from .redis_store import RedisStore
+        from .redis_store import RedisStore, connection
 
         target = redis_link.parse_redis_url(config.redis_url)
         timeout = config.store_timeout
 
         def connect() -> Any:
-            return redis_link.connect(target, timeout, ca_file=ca_file)
+            return connection(target, timeout, ca_file=ca_file)
 
         return GuardedStore(RedisStore(connect, reactor, timeout), reactor, failed)
     fd = environ.get(STORE_FD_ENV)
@@ -62,6 +62,7 @@ def open_shared_store(
         from .amp_store import SupervisorStore
 
         store = SupervisorStore(reactor, config.store_timeout)
-        store.connect(reactor, int(fd))  # type: ignore[arg-type]
+        # A worker's reactor is the process's own: it also adopts sockets.
+        store.connect(IReactorSocket(reactor), int(fd))
         return GuardedStore(store, reactor, failed)
     return None
