@@ -22,7 +22,6 @@ from twisted.web.server import NOT_DONE_YET, Request
 from twisted.web.test.requesthelper import DummyRequest
 from zope.interface import implementer
 
-from twisted_forward import _compat
 from twisted_forward.chat.record import AnswerReader, ChoiceAssembler
 from twisted_forward.chat.recorder import ExchangeInfo, RequestBody
 from twisted_forward.chat.sse import SSEDecoder
@@ -177,20 +176,3 @@ class SlottedStateTests(SynchronousTestCase):
             ("r1", "/", "POST", "/v1/x", "10.0.0.1", "team", 5.0, body, ""),
         )
         self.assertNotIn("body", repr(info))
-
-
-class SlotNamesTests(SynchronousTestCase):
-    """The slot names of _compat are attributes of Twisted's classes, never
-    their methods (a slot would hide the method)."""
-
-    def test_no_slot_hides_a_method(self) -> None:
-        """No name in REQUEST_SLOTS or CHANNEL_SLOTS is a method or property
-        of the Twisted class it slots."""
-        for base, names in ((Request, _compat.REQUEST_SLOTS),
-                            (_compat.ChannelHooks, _compat.CHANNEL_SLOTS)):
-            for name in names:
-                value = getattr(base, name, None)
-                self.assertFalse(
-                    callable(value) and not isinstance(value, type) or isinstance(value, property),
-                    f"{base.__name__}.{name} is a method",
-                )

@@ -37,14 +37,18 @@ if TYPE_CHECKING:
     from twisted.internet._sslverify import IOpenSSLTrustRoot as IOpenSSLTrustRoot
 
 __all__ = [
+    "CHANNEL_SLOTS",
+    "REQUEST_SLOTS",
     "ChannelHooks",
     "HTTP11ClientFactory",
     "HTTP11ClientProtocol",
     "IOpenSSLTrustRoot",
     "clear_exit_signal",
+    "fill_slot_defaults",
     "limit_accepts_per_read",
     "send_now",
     "set_pool_factory",
+    "slot_defaults",
     "twistd_log_file",
 ]
 
