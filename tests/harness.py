@@ -178,6 +178,10 @@ class ProxyTestCase(TestCase):
     """Starts the fake upstream; ``start_proxy`` starts the real plugin."""
 
     timeout = 30
+    #: Settings every proxy of this test case starts with (a test's own win):
+    #: e.g. ``{"METRICS": "public"}`` for tests that scrape /metrics on the
+    #: public port without the admin key.
+    proxy_settings: dict[str, str] = {}
 
     def setUp(self) -> None:
         self.fake = FakeOpenAI()
@@ -201,7 +205,7 @@ class ProxyTestCase(TestCase):
         listening port.  Stopped (and its connections waited for) at cleanup."""
         options = Options()
         options.parseOptions(["--port", port, "--env-file", os.devnull] + list(args or []))
-        environ = proxy_env(self.upstream_port, **env)
+        environ = proxy_env(self.upstream_port, **{**self.proxy_settings, **env})
         try:
             endpoint: Optional[TrackedEndpoint] = TrackedEndpoint(
                 endpoint_from_string(reactor, options["endpoint"], "--port")

@@ -323,3 +323,76 @@ class CanaryCoverageTests(SynchronousTestCase):
             [],
             "exported by _compat.py with no canary in tests/test_compat.py",
         )
+
+    def test_no_private_use_outside_compat(self) -> None:
+        """Outside _compat.py the package touches no private name it does not
+        define itself: no ``x._name`` of Twisted's or treq's, no
+        ``getattr(x, "_name")``, no import from a private module or of a
+        private name (``os._exit`` is documented public API)."""
+        import ast
+        import os
+
+        package = os.path.dirname(_compat.__file__)
+        own: set[str] = set()
+        uses: list[tuple[str, int, str]] = []
+        for folder, _, names in os.walk(package):
+            for name in names:
+                if not name.endswith(".py"):
+                    continue
+                path = os.path.join(folder, name)
+                with open(path, encoding="utf-8") as f:
+                    tree = ast.parse(f.read())
+                where = os.path.relpath(path, os.path.dirname(package))
+                if name == "_compat.py":
+                    # What it sets (pool._factory, reactor._exitSignal) is
+                    # Twisted's, not ours.
+                    continue
+                for node in ast.walk(tree):
+                    own.update(_private_definitions(node))
+                    uses.extend((where, node.lineno, use) for use in _private_uses(node))
+        foreign = [u for u in uses if u[2] not in own | {"_exit"}]
+        self.assertEqual(foreign, [], "private names used outside twisted_forward/_compat.py")
+
+
+def _private_definitions(node: Any) -> list[str]:
+    """The private names ``node`` defines that other objects may reach: a
+    function, method or class named ``_x``, or a module or class variable.
+    (An attribute set on ``self`` is reached through ``self`` only.)"""
+    import ast
+
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        return [node.name]
+    if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+        return [node.id]
+    if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+        return [node.target.id]
+    return []
+
+
+def _private_uses(node: Any) -> list[str]:
+    """The private names ``node`` reads from elsewhere: ``x._name``,
+    ``getattr(x, "_name")``, and imports from Twisted's or treq's private
+    modules or of their private names."""
+    import ast
+
+    def private(name: str) -> bool:
+        return name.startswith("_") and not name.startswith("__")
+
+    if isinstance(node, ast.Attribute) and private(node.attr):
+        if isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"):
+            return []
+        return [node.attr]
+    if (
+        isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Name)
+        and node.func.id in ("getattr", "setattr", "hasattr", "delattr")
+        and len(node.args) >= 2
+        and isinstance(node.args[1], ast.Constant)
+        and isinstance(node.args[1].value, str)
+        and private(node.args[1].value)
+    ):
+        return [node.args[1].value]
+    if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in ("twisted", "treq"):
+        parts = (node.module or "").split(".")
+        return [p for p in parts if private(p)] + [a.name for a in node.names if private(a.name)]
+    return []

@@ -163,3 +163,26 @@ class LuaTests(TestCase):
         self.assertEqual(got[0], "2")
         self.assertEqual(dict(zip(got[1::2], got[2::2])), {"k1": "revoked:0", "k2": "rest:1234.5"})
         self.assertEqual((yield self.redis.eval(redis_lua.HEALTH_GET, keys, ["2"])), ["2"])
+
+    @defer.inlineCallbacks
+    def test_batch_applies_in_order(self) -> Any:
+        """BATCH: reservations and adjustments in one call are applied in
+        the order given, each as RESERVE or ADJUST would, and each answers
+        one status line; a key used by several operations is given once."""
+        keys = ["t:f:rpm", "t:f:tpm"]
+        ops = [
+            "r a 1000 2 1 f 60000 2 1 0 0 2 f 60000 100 80 0 0",
+            "r b 2000 2 1 f 60000 2 1 0 0 2 f 60000 100 30 0 0",  # tokens: no room
+            "a a 1 2 f 0 80 20",  # a settles at 20 tokens
+            "r c 3000 2 1 f 60000 2 1 0 0 2 f 60000 100 30 0 0",  # fits now
+            "r d 4000 1 1 f 60000 2 1 0 0",  # rpm 2 is full
+        ]
+        reply = yield self.redis.eval(redis_lua.BATCH, keys, ops)
+        self.assertEqual(reply, [
+            "1 0 0 1 59000 80 59000",
+            "0 2 58000 1 58000 80 58000",
+            "0",
+            "1 0 0 2 57000 50 57000",
+            "0 1 56000 2 56000",
+        ])
+        self.assertEqual(float((yield self.redis.get("t:f:tpm:0"))), 50)

@@ -17,7 +17,7 @@ from zope.interface.verify import verifyObject
 from twisted_forward import redis_link
 from twisted_forward.policies.amp_store import StoreHub, SupervisorStore
 from twisted_forward.policies.memory import MemoryStore
-from twisted_forward.policies.redis_store import RedisStore
+from twisted_forward.policies.redis_store import RedisStore, connection
 from twisted_forward.policies.store import (
     CONCURRENT,
     FIXED,
@@ -229,7 +229,7 @@ class RedisStoreTests(StoreContract, TestCase):
         self.target = redis_link.parse_redis_url(self.server.url)
 
     def make_store(self) -> RedisStore:
-        store = RedisStore(lambda: redis_link.connect(self.target, timeout=2.0), reactor, timeout=2.0)
+        store = RedisStore(lambda: connection(self.target, 2.0), reactor, timeout=2.0)
         self.addCleanup(store.close)
         return store
 
@@ -239,7 +239,7 @@ class RedisStoreTests(StoreContract, TestCase):
         StoreUnavailable, and works again once the server is back."""
         from twisted_forward.policies.store import StoreUnavailable
 
-        store = RedisStore(lambda: redis_link.connect(self.target, timeout=0.3), reactor, timeout=0.3)
+        store = RedisStore(lambda: connection(self.target, 0.3), reactor, timeout=0.3)
         self.addCleanup(store.close)
         self.assertTrue((yield store.reserve("r1", [rpm(3)], T0)).granted)
         yield self.server.kill()

@@ -175,7 +175,7 @@ class ExtensionPointTests(SynchronousTestCase):
         from twisted_forward.policies.gate import IExchangePolicy
         from twisted_forward.policies.memory import MemoryStore as MemoryPolicyStore
         from twisted_forward.policies.redis_store import RedisStore as RedisPolicyStore
-        from twisted_forward.policies.store import IKeyHealth, IPolicyStore, IStoreInfo
+        from twisted_forward.policies.store import IImmediateStore, IKeyHealth, IPolicyStore, IStoreInfo
         from twisted_forward.redis_link import RedisTarget
         from twisted_forward.upstream import IUpstream, Upstream
 
@@ -204,6 +204,7 @@ class ExtensionPointTests(SynchronousTestCase):
                 _BothTaps(chat_tap, counting_tap),
             )),
             *((i, s) for s in stores for i in (IPolicyStore, IKeyHealth, IStoreInfo)),
+            (IImmediateStore, MemoryPolicyStore()),
             (IExchangePolicy, built.policy),
             (IKeyLimits, PolicyLimits(built.policy, self.clock)),
             (ILedger, MemoryLedger()),
@@ -220,6 +221,7 @@ class ExtensionPointTests(SynchronousTestCase):
             (IExchangeCache, built.cache),
             (IExchangeTap, StoringTap(built.cache, b"key")),
             *((IHeadCheck, check) for check in built.head_checks),
+            *((IHeadCheck, proxy) for proxy in built.proxies),
         ]
 
     def test_every_provider_verifies(self):

@@ -39,6 +39,11 @@ TrustedProxy = Union[IPNetwork, str]
 
 _SPLIT = re.compile(r"[\s,]+")
 
+#: METRICS values (see :func:`parse_metrics`).
+METRICS_ON = "on"
+METRICS_OFF = "off"
+METRICS_PUBLIC = "public"
+
 
 from .migration import migrate, replaced_name  # noqa: E402
 
@@ -144,7 +149,9 @@ class Config:
     ssl_cert_file: Optional[str] = None
     shutdown_grace: float = 30.0
     healthz_path: str = "/healthz"
-    metrics: bool = True
+    #: Where the metrics are served: :data:`METRICS_ON`, :data:`METRICS_OFF`
+    #: or :data:`METRICS_PUBLIC` (see :func:`parse_metrics`).
+    metrics: str = METRICS_ON
     metrics_path: str = "/metrics"
     metrics_port: Optional[str] = None
     ledger: bool = True
@@ -269,6 +276,19 @@ def parse_bool(value: str) -> bool:
     if lowered in ("0", "false", "no", "off", ""):
         return False
     raise ValueError(f"{value!r} is not true or false")
+
+
+def parse_metrics(value: str) -> str:
+    """METRICS: ``true`` (:data:`METRICS_ON`: on METRICS_PORT, else on the
+    public port for the admin key only), ``false`` (:data:`METRICS_OFF`) or
+    ``public`` (:data:`METRICS_PUBLIC`: also on the public port, to anyone
+    the IP gate lets in)."""
+    if value.strip().lower() == METRICS_PUBLIC:
+        return METRICS_PUBLIC
+    try:
+        return METRICS_ON if parse_bool(value) else METRICS_OFF
+    except ValueError:
+        raise ValueError(f"{value!r} is not true, false or public") from None
 
 
 def parse_seconds(value: str) -> float:
@@ -617,12 +637,15 @@ SETTINGS: tuple[Setting, ...] = (
             field="shutdown_grace"),
     Setting("HEALTHZ_PATH", "healthz-path", parse_prefix,
             "Path of the health check [default: /healthz].", field="healthz_path"),
-    Setting("METRICS", "metrics", parse_bool,
-            "Serve Prometheus metrics [default: true].", field="metrics"),
+    Setting("METRICS", "metrics", parse_metrics,
+            "Prometheus metrics: true (on METRICS_PORT, else on this port with "
+            "ADMIN_KEY as Bearer), public (also open on this port) or false "
+            "[default: true].", field="metrics"),
     Setting("METRICS_PATH", "metrics-path", parse_prefix,
             "Path of the Prometheus metrics [default: /metrics].", field="metrics_path"),
     Setting("METRICS_PORT", "metrics-port", parse_endpoint,
-            "Serve metrics on this port/endpoint instead of the proxy's own.",
+            "Serve metrics, open, on this port/endpoint (e.g. tcp:9100:interface=127.0.0.1) "
+            "instead of the proxy's own.",
             field="metrics_port"),
     Setting("LEDGER", "ledger", parse_bool,
             "Keep the usage ledger (requests, tokens, cost per key/model/day) "
@@ -775,6 +798,26 @@ def load_config(
     return Config(**kwargs)  # type: ignore[arg-type]
 
 
+def metrics_placement(config: Config) -> str:
+    """The start-up line saying where the metrics are served, and to whom."""
+    path = config.metrics_path
+    if config.metrics == METRICS_OFF:
+        return f"metrics: off (METRICS=false); {path} is forwarded like any path"
+    where = []
+    if config.metrics_port is not None:
+        where.append(f"on METRICS_PORT {config.metrics_port} at {path}, without a key")
+    if config.metrics == METRICS_PUBLIC:
+        where.append(f"at {path} on the proxy's port, open to every client the IP "
+                     "lists let in (METRICS=public)")
+    elif config.metrics_port is None and config.admin_key is not None:
+        where.append(f"at {path} on the proxy's port, for the admin key only "
+                     "(Authorization: Bearer <ADMIN_KEY>)")
+    if not where:
+        return (f"metrics: not served ({path} answers 404): set METRICS_PORT (e.g. "
+                "tcp:9100:interface=127.0.0.1), ADMIN_KEY, or METRICS=public")
+    return "metrics: " + "; ".join(where)
+
+
 def describe(config: Config) -> Sequence[str]:
     """Start-up lines that say what the proxy will do, with no secret in them."""
     lines = []
@@ -788,6 +831,7 @@ def describe(config: Config) -> Sequence[str]:
         + (f": {', '.join(k.label for k in config.forward_keys)}" if config.forward_keys else "")
     )
     lines.extend(config.policy.describe())
+    lines.append(metrics_placement(config))
     if config.admin_key is not None:
         lines.append(
             "admin page and API at /_admin/"

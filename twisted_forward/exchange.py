@@ -34,7 +34,7 @@ from .chat.recorder import ExchangeInfo, IExchangeTap, IRecorder, NullRecorder, 
 from .config import Route
 from .errors import error_body, send_error, write_error
 from .framing import Refusal, client_transport
-from .headcheck import key_refusal
+from .headcheck import IHeadCheck, key_refusal
 from .headers import relay_response_headers, upstream_request_headers
 from .keys import KeyDecision, KeyRules, SecretMask, key_refused, looks_keyed, scrub
 from .limits import UpstreamSlots
@@ -68,6 +68,7 @@ def client_address(request: IRequest) -> str:
     return str(getattr(peer, "host", "unix"))
 
 
+@implementer(IHeadCheck)
 class ProxyResource(Resource):
     """Forwards every request it renders to one upstream.
 

@@ -104,12 +104,14 @@ def connect(
     poolsize: int = 2,
     ca_file: Optional[str] = None,
     binary: bool = False,
+    reply_timeout: Optional[float] = None,
 ) -> Any:
     """A lazy txredisapi pool for ``target``: returned at once, connecting in
     the background and again after every loss.
 
     ``timeout`` bounds connecting and each reply (a stalled connection is
-    dropped and made anew).  Replies keep Redis' own types: strings stay
+    dropped and made anew); ``reply_timeout``, when given, bounds replies
+    instead (a caller that bounds its own waits sets a longer backstop).  Replies keep Redis' own types: strings stay
     strings, they are not turned into numbers.  With ``binary``, bulk
     replies stay bytes (the cache's entries are not text).
     """
@@ -121,7 +123,7 @@ def connect(
         reconnect=True,
         password=target.password,
         connectTimeout=timeout,
-        replyTimeout=timeout,
+        replyTimeout=timeout if reply_timeout is None else reply_timeout,
         convertNumbers=False,
     )
     if binary:

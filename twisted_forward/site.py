@@ -48,7 +48,7 @@ from .ledger import ILedger
 from .ledger.service import LedgerCollector
 from .limits import ConnectionLimits, UpstreamSlots, resolve_caps
 from .loops import is_loop
-from .metrics import Metrics, MetricsResource
+from .metrics import Metrics, public_metrics
 from .policies.failover import GuardedStore
 from .policies.gate import PolicyGate
 from .policies.health import KeyHealthLink
@@ -658,12 +658,11 @@ def build_root(
         )
     if health is None:
         health = Health()
-    served_here = config.metrics and config.metrics_port is None
     router = Router(
         [(p.route.prefix, p) for p in proxies],
         health,
         config.healthz_path,
-        MetricsResource(metrics, config.admin_key) if served_here else None,
+        public_metrics(config, metrics),
         config.metrics_path,
         admin.resource if admin is not None and config.admin_port is None else None,
         Cors(config.cors_origins),

@@ -28,6 +28,7 @@ from .admin.live import LiveTally
 from .admin.service import AdminService
 from .chat.recorder import ChatRecorder, IRecorder, open_chat_log
 from .config import (
+    METRICS_OFF,
     SETTINGS,
     Config,
     ConfigError,
@@ -493,6 +494,7 @@ def makeService(
     reactor: Optional[Any] = None,
     environ: Optional[dict[str, str]] = None,
     endpoint: Optional[IStreamServerEndpoint] = None,
+    worker: bool = False,
 ) -> IService:
     """Build the proxy's service tree from parsed options, and bind its ports.
 
@@ -508,13 +510,15 @@ def makeService(
         their own); ``os.environ`` by default.
     :param endpoint: serve on this endpoint instead of ``--port`` (a worker
         adopting its supervisor's socket).
+    :param worker: build a worker of ``--workers`` (its supervisor serves
+        METRICS_PORT).
     """
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
     try:
-        return _make_service(options, reactor, environ, endpoint)
+        return build_service(options, reactor, environ, endpoint, worker)
     except (ConfigError, ValueError) as e:
         # One clear line, not a traceback.
         sys.stderr.write(f"openai-forward: {e}\n")
@@ -522,12 +526,18 @@ def makeService(
         raise SystemExit(1) from None
 
 
-def _make_service(
+def build_service(
     options: Options,
     reactor: Any,
-    environ: Optional[dict[str, str]],
-    endpoint: Optional[IStreamServerEndpoint],
+    environ: Optional[dict[str, str]] = None,
+    endpoint: Optional[IStreamServerEndpoint] = None,
+    worker: bool = False,
 ) -> IService:
+    """:func:`makeService`'s work, for callers that report a start-up
+    failure themselves (a worker tells its supervisor).
+
+    :raises ConfigError: (or ValueError) naming the setting and the fix.
+    """
     source = ConfigSource(
         options.setting_values(),
         dict(os.environ if environ is None else environ),
@@ -545,7 +555,7 @@ def _make_service(
     if endpoint is None:
         endpoint = endpoint_from_string(reactor, options["endpoint"], "--port")
     metrics_endpoint = None
-    if config.metrics_port is not None:
+    if config.metrics_port is not None and config.metrics != METRICS_OFF and not worker:
         metrics_endpoint = endpoint_from_string(
             reactor, config.metrics_port, "METRICS_PORT (--metrics-port)"
         )
@@ -557,9 +567,6 @@ def _make_service(
     if options["workers"]:
         from .supervisor import make_supervisor
 
-        if config.metrics_port is not None:
-            # Every worker would bind it.
-            raise ConfigError("METRICS_PORT (--metrics-port): not with --workers")
         if config.admin_port is not None:
             raise ConfigError("ADMIN_PORT (--admin-port): not with --workers")
         check_log_dir(config)
@@ -575,6 +582,10 @@ def _make_service(
             reactor,
             source=source,
             share_store=config.policy.redis_url is None,
+            metrics_port=(
+                (metrics_endpoint, config.metrics_port, config)
+                if metrics_endpoint is not None and config.metrics_port is not None else None
+            ),
         )
         for child in supervisor:  # type: ignore[attr-defined]
             bound = getattr(child, "bound", None)
@@ -616,7 +627,7 @@ def _make_service(
         )
         side_sites.append((admin_site, admin_resource))
     metrics_site = None
-    if config.metrics and metrics_endpoint is not None:
+    if metrics_endpoint is not None:
         metrics_site = SidePortSite(
             side_metrics(built), reactor=reactor, head_checks=(built.gate,)
         )

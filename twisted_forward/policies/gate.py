@@ -37,6 +37,7 @@ from .store import (
     MOVING,
     Bucket,
     BucketState,
+    IImmediateStore,
     IPolicyStore,
     Settlement,
     StoreUnavailable,
@@ -204,6 +205,28 @@ class _Plan:
         self.measure.append(measure)
 
 
+#: Routes remembered per gate (label, level, path): beyond this many the
+#: memory starts again (paths come from clients).
+ROUTE_CACHE = 4096
+#: Buckets remembered per gate; beyond this many the memory starts again.
+BUCKET_CACHE = 4096
+
+
+@dataclass(frozen=True)
+class _Route:
+    """What the rules say about one (label, substituted, level, path),
+    worked out once: the key's policy, the route's rates, what the body
+    must be read for, and the counters' owner."""
+
+    policy: Optional[KeyPolicy]
+    path: str
+    rates: tuple[tuple[str, tuple[Rate, ...]], ...]
+    unlimited: bool
+    restricted: bool
+    counts_tokens: bool
+    rewrite_usage: bool
+
+
 @implementer(IExchangePolicy)
 class PolicyGate:
     """Applies :class:`~twisted_forward.policies.rules.Policies` to requests.
@@ -232,7 +255,7 @@ class PolicyGate:
         store_failed: Optional[Callable[[], None]] = None,
     ) -> None:
         self.policies = policies
-        self.store = store
+        self.store = store  # (and whether it answers at once)
         self.prices = prices
         self.reactor = reactor
         self.clock = clock or reactor.seconds
@@ -242,40 +265,102 @@ class PolicyGate:
         #: Counts when the shared store fails and LIMITS_ON_STORE_FAILURE is open.
         self.local = MemoryStore()
         self._warned = -WARN_EVERY
+        self._routes: dict[tuple[str, bool, int, str], _Route] = {}
+        #: Buckets that are the same for every request of a window (a
+        #: request count, a slot), made once per window.
+        self._buckets: dict[tuple[str, str, int, int, float, float], Bucket] = {}
+        #: The calendar month holding the time last asked, and its span.
+        self._month: tuple[float, float] = (0.0, 0.0)
 
-    # ------------------------------------------------------------ admit
+    @property
+    def store(self) -> IPolicyStore:
+        """Where the counters live."""
+        return self._store
 
-    def admit(self, facts: RequestFacts) -> "Deferred[Admission]":
+    @store.setter
+    def store(self, store: IPolicyStore) -> None:
+        self._store = store
+        #: The store answers within the call: no Deferred in between.
+        self._immediate = IImmediateStore.providedBy(store)
+
+    def _route(self, facts: RequestFacts) -> _Route:
+        """The rules for this request's key and path, looked up once."""
+        key = (facts.label, facts.substituted, facts.level, facts.path)
+        route = self._routes.get(key)
+        if route is not None:
+            return route
         policies = self.policies
         policy = policies.policy_for(facts.label) if facts.substituted else None
         path = _normal_path(facts.path)
         rates = policies.request_rates(facts.level, path)
         level_models = policies.level_models.get(facts.level) if facts.level else None
-        if policy is None and not rates and level_models is None:
-            return succeed(UNLIMITED)
-        restricted = level_models is not None or (policy is not None and policy.models is not None)
-        counts_tokens = policy is not None and policy.limits_tokens
-        body = (
-            read_facts(facts.content, facts.content_type, path)
-            if (restricted or counts_tokens)
-            else BodyFacts()
+        route = _Route(
+            policy=policy,
+            path=path,
+            rates=rates,
+            unlimited=policy is None and not rates and level_models is None,
+            restricted=level_models is not None or (policy is not None and policy.models is not None),
+            counts_tokens=policy is not None and policy.limits_tokens,
+            # Chat and legacy completions take stream_options; the Responses
+            # API reports usage in its last event anyway (and refuses it).
+            rewrite_usage=path.endswith("/completions"),
         )
-        if restricted:
+        if len(self._routes) >= ROUTE_CACHE:
+            self._routes.clear()
+        self._routes[key] = route
+        return route
+
+    def _bucket(self, id: str, kind: str, limit: int, amount: int, seconds: float,
+                start: float = 0.0) -> Bucket:
+        """A bucket, the same object for the same fields (most requests of
+        a window draw the same request count and slot)."""
+        key = (id, kind, limit, amount, seconds, start)
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            if len(self._buckets) >= BUCKET_CACHE:
+                self._buckets.clear()
+            bucket = self._buckets[key] = Bucket(id, kind, limit, amount, seconds, start)
+        return bucket
+
+    def _month_window(self, now: float) -> tuple[float, float]:
+        start, length = self._month
+        if not start <= now < start + length:
+            start, length = self._month = month_window(now)
+        return start, length
+
+    # ------------------------------------------------------------ admit
+
+    def admit(self, facts: RequestFacts) -> "Deferred[Admission]":
+        route = self._route(facts)
+        if route.unlimited:
+            return succeed(UNLIMITED)
+        policy = route.policy
+        counts_tokens = route.counts_tokens
+        body = (
+            read_facts(facts.content, facts.content_type, route.path)
+            if (route.restricted or counts_tokens)
+            else _NO_BODY
+        )
+        if route.restricted:
             refusal = self._check_model(facts, policy, body)
             if refusal is not None:
                 self._refused(facts.label, refusal.code)
                 return succeed(Admission(refusal))
-        plan = self._plan(facts, policy, rates, body)
+        now = self.clock()
+        plan = self._plan(facts, policy, route.rates, body, now)
         if not plan.buckets:
             return succeed(UNLIMITED)
-        now = self.clock()
-        d = self.store.reserve(facts.reservation, plan.buckets, now)
+        store = self.store
+        if self._immediate:
+            verdict = store.reserve_now(facts.reservation, plan.buckets, now)  # type: ignore[attr-defined]
+            return succeed(self._verdict(verdict, facts, plan, body, route, store))
+        d = store.reserve(facts.reservation, plan.buckets, now)
         if not d.called:
             d.addTimeout(STORE_TIMEOUT, self.reactor)
         admitted: Deferred[Admission] = d.addCallback(
-            self._verdict, facts, plan, body, counts_tokens, self.store
+            self._verdict, facts, plan, body, route, store
         )
-        return admitted.addErrback(self._store_down, facts, plan, body, counts_tokens)
+        return admitted.addErrback(self._store_down, facts, plan, body, route)
 
     def _check_model(
         self, facts: RequestFacts, policy: Optional[KeyPolicy], body: BodyFacts
@@ -304,18 +389,19 @@ class PolicyGate:
         policy: Optional[KeyPolicy],
         rates: Sequence[tuple[str, Sequence[Rate]]],
         body: BodyFacts,
+        now: float,
     ) -> _Plan:
-        now = self.clock()
         moving = self.policies.moving
         owner = facts.label if facts.substituted else f"client:{facts.client_key}"
         plan = _Plan()
+        bucket = self._bucket
 
         def window(id: str, limit: int, amount: int, seconds: float) -> Bucket:
             amount = min(amount, limit)
             if moving:
-                return Bucket(id, MOVING, limit, amount, seconds)
+                return bucket(id, MOVING, limit, amount, seconds)
             start, length = fixed_window(now, seconds)
-            return Bucket(id, FIXED, limit, amount, length, start)
+            return bucket(id, FIXED, limit, amount, length, start)
 
         for route, route_rates in rates:
             for rate in route_rates:
@@ -333,11 +419,11 @@ class PolicyGate:
         if policy.tpm is not None:
             plan.add(window(f"{owner}/tpm", policy.tpm, tokens, 60.0), _TOKENS, _tokens)
         if policy.max_parallel is not None:
-            plan.add(Bucket(f"{owner}/parallel", CONCURRENT, policy.max_parallel, 1, SLOT_LEASE),
+            plan.add(bucket(f"{owner}/parallel", CONCURRENT, policy.max_parallel, 1, SLOT_LEASE),
                      _SLOTS)
         for name, limit, period in (
             ("tokens_per_day", policy.tokens_per_day, day_window),
-            ("tokens_per_month", policy.tokens_per_month, month_window),
+            ("tokens_per_month", policy.tokens_per_month, self._month_window),
         ):
             if limit is not None:
                 start, length = period(now)
@@ -346,7 +432,7 @@ class PolicyGate:
         model = body.model or ""
         for name, dollars, period in (
             ("usd_per_day", policy.usd_per_day, day_window),
-            ("usd_per_month", policy.usd_per_month, month_window),
+            ("usd_per_month", policy.usd_per_month, self._month_window),
         ):
             if dollars is not None:
                 limit = int(round(dollars * MICRO))
@@ -373,7 +459,7 @@ class PolicyGate:
         facts: RequestFacts,
         plan: _Plan,
         body: BodyFacts,
-        counts_tokens: bool,
+        route: _Route,
         store: IPolicyStore,
     ) -> Admission:
         headers = _rate_headers(plan, verdict.states)
@@ -404,33 +490,34 @@ class PolicyGate:
                 )
             self._refused(facts.label, refusal.code)
             return Admission(refusal, headers)
-        return self._admitted(facts, plan, body, counts_tokens, store, headers)
+        return self._admitted(facts, plan, body, route, store, headers)
 
     def _admitted(
         self,
         facts: RequestFacts,
         plan: _Plan,
         body: BodyFacts,
-        counts_tokens: bool,
+        route: _Route,
         store: IPolicyStore,
         headers: list[tuple[bytes, bytes]],
     ) -> Admission:
         rewritten = None
         strip = False
+        counts_tokens = route.counts_tokens
         if (
             counts_tokens
             and body.stream
             and not body.include_usage
             and facts.content is not None
-            # Chat and legacy completions take stream_options; the Responses
-            # API reports usage in its last event anyway (and refuses it).
-            and _normal_path(facts.path).endswith("/completions")
+            and route.rewrite_usage
         ):
             if body.size <= REWRITE_LIMIT:
                 facts.content.seek(0)
                 rewritten = with_usage_requested(facts.content.read(), body)
                 facts.content.seek(0)
                 strip = rewritten is not None
+
+        immediate = IImmediateStore.providedBy(store)
 
         def settle(usage: Optional[Usage], complete: bool) -> None:
             settlements = []
@@ -443,11 +530,15 @@ class PolicyGate:
                     elif not complete:
                         settlements.append(Settlement(bucket, 0))
                     # complete without usage: the reservation stands.
-            if settlements:
-                d = store.settle(facts.reservation, settlements, self.clock())
-                if not d.called:
-                    d.addTimeout(STORE_TIMEOUT, self.reactor)
-                d.addErrback(self._settle_failed)
+            if not settlements:
+                return
+            if immediate:
+                store.settle_now(facts.reservation, settlements, self.clock())  # type: ignore[attr-defined]
+                return
+            d = store.settle(facts.reservation, settlements, self.clock())
+            if not d.called:
+                d.addTimeout(STORE_TIMEOUT, self.reactor)
+            d.addErrback(self._settle_failed)
 
         return Admission(
             None, headers, rewritten, strip, settle, count_usage=counts_tokens,
@@ -462,7 +553,7 @@ class PolicyGate:
         facts: RequestFacts,
         plan: _Plan,
         body: BodyFacts,
-        counts_tokens: bool,
+        route: _Route,
     ) -> Admission:
         self._store_failed()
         why = failure.type.__name__
@@ -483,32 +574,47 @@ class PolicyGate:
                 "policy store unavailable ({why}); counting in this process only (open)", why=why
             )
         verdict = self.local.reserve_now(facts.reservation, plan.buckets, self.clock())
-        return self._verdict(verdict, facts, plan, body, counts_tokens, self.local)
+        return self._verdict(verdict, facts, plan, body, route, self.local)
+
+
+#: The body facts of a request whose body no rule reads.
+_NO_BODY = BodyFacts()
 
 
 def _tokens(usage: Usage) -> int:
     return usage.total
 
 
+def _tightest(best: Optional[BucketState], state: BucketState) -> BucketState:
+    """The state with the least remaining (then the latest reset); the
+    first one on a tie."""
+    if best is None or (state.remaining, -state.reset) < (best.remaining, -best.reset):
+        return state
+    return best
+
+
 def _rate_headers(plan: _Plan, states: Sequence[BucketState]) -> list[tuple[bytes, bytes]]:
     """OpenAI's ``x-ratelimit-*`` headers from the tightest request and
-    token buckets."""
+    token buckets (token quotas stand in for tokens when no per-minute
+    token bucket applies)."""
+    requests: Optional[BucketState] = None
+    tokens: Optional[BucketState] = None
+    quota: Optional[BucketState] = None
+    for kind, bucket, state in zip(plan.kinds, plan.buckets, states):
+        if kind == _REQUESTS:
+            requests = _tightest(requests, state)
+        elif kind == _TOKENS:
+            tokens = _tightest(tokens, state)
+        elif kind == _QUOTA and bucket.id.rsplit("/", 1)[-1].startswith("tokens"):
+            quota = _tightest(quota, state)
     headers: list[tuple[bytes, bytes]] = []
-    for kind, suffix in ((_REQUESTS, b"requests"), (_TOKENS, b"tokens")):
-        chosen = [s for k, s in zip(plan.kinds, states) if k == kind]
-        if kind == _TOKENS and not chosen:
-            chosen = [
-                s for k, b, s in zip(plan.kinds, plan.buckets, states)
-                if k == _QUOTA and b.id.rsplit("/", 1)[-1].startswith("tokens")
+    for suffix, state in ((b"requests", requests), (b"tokens", tokens or quota)):
+        if state is not None:
+            headers += [
+                (b"x-ratelimit-limit-" + suffix, b"%d" % state.limit),
+                (b"x-ratelimit-remaining-" + suffix, b"%d" % state.remaining),
+                (b"x-ratelimit-reset-" + suffix, format_reset(state.reset).encode()),
             ]
-        if not chosen:
-            continue
-        state = min(chosen, key=lambda s: (s.remaining, -s.reset))
-        headers += [
-            (b"x-ratelimit-limit-" + suffix, b"%d" % state.limit),
-            (b"x-ratelimit-remaining-" + suffix, b"%d" % state.remaining),
-            (b"x-ratelimit-reset-" + suffix, format_reset(state.reset).encode()),
-        ]
     return headers
 
 

@@ -18,8 +18,8 @@ from .store import (
     MOVING,
     Bucket,
     BucketState,
+    IImmediateStore,
     IKeyHealth,
-    IPolicyStore,
     IStoreInfo,
     Mark,
     Settlement,
@@ -53,21 +53,39 @@ class _Moving:
 
 
 class _Slots:
-    """The slots of one parallel bucket: reservation -> (amount, lease end)."""
+    """The slots of one parallel bucket: reservation -> (amount, lease end),
+    with their sum kept, and the leases looked at only once one may have
+    ended (a lease is long: no scan per request)."""
 
-    __slots__ = ("held",)
+    __slots__ = ("held", "total", "next_end")
 
     def __init__(self) -> None:
         self.held: dict[str, tuple[int, float]] = {}
+        self.total = 0
+        #: No lease ends before this time.
+        self.next_end = float("inf")
 
     def used(self, now: float) -> int:
-        expired = [r for r, (_, until) in self.held.items() if until <= now]
-        for r in expired:
-            del self.held[r]
-        return sum(amount for amount, _ in self.held.values())
+        if now >= self.next_end:
+            for r in [r for r, (_, until) in self.held.items() if until <= now]:
+                self.total -= self.held.pop(r)[0]
+            self.next_end = min((until for _, until in self.held.values()), default=float("inf"))
+        return self.total
+
+    def take(self, reservation: str, amount: int, until: float) -> None:
+        held = self.held.get(reservation, (0, 0.0))[0]
+        self.held[reservation] = (held + amount, until)
+        self.total += amount
+        if until < self.next_end:
+            self.next_end = until
+
+    def release(self, reservation: str) -> None:
+        held = self.held.pop(reservation, None)
+        if held is not None:
+            self.total -= held[0]
 
 
-@implementer(IPolicyStore, IKeyHealth, IStoreInfo)
+@implementer(IImmediateStore, IKeyHealth, IStoreInfo)
 class MemoryStore:
     """Counters in this process's memory.
 
@@ -99,7 +117,8 @@ class MemoryStore:
         if self._count % self.SWEEP_EVERY == 0:
             self.sweep(now)
         used = [self._used(b, now) for b in buckets]
-        for i, (bucket, held) in enumerate(zip(buckets, used)):
+        for i, bucket in enumerate(buckets):
+            held = used[i]
             if held + bucket.amount > bucket.limit or held >= bucket.limit:
                 states = tuple(
                     BucketState(b.limit, max(0, b.limit - u), self._reset(b, now))
@@ -108,13 +127,11 @@ class MemoryStore:
                 return Verdict(False, states, i, self._retry_after(bucket, held, now))
         for bucket in buckets:
             self._take(reservation, bucket, now)
-        return Verdict(
-            True,
-            tuple(
-                BucketState(b.limit, max(0, b.limit - u - b.amount), self._reset(b, now))
-                for b, u in zip(buckets, used)
-            ),
-        )
+        states = []
+        for bucket, held in zip(buckets, used):
+            left = bucket.limit - held - bucket.amount
+            states.append(BucketState(bucket.limit, left if left > 0 else 0, self._reset(bucket, now)))
+        return Verdict(True, tuple(states))
 
     def settle(
         self, reservation: str, settlements: Sequence[Settlement], now: float
@@ -139,7 +156,7 @@ class MemoryStore:
             else:
                 slots = self._slots.get(bucket.id)
                 if slots is not None:
-                    slots.held.pop(reservation, None)
+                    slots.release(reservation)
 
     def close(self) -> "Deferred[None]":
         return succeed(None)
@@ -212,9 +229,10 @@ class MemoryStore:
                 window.by_reservation[reservation] = entry
             window.total += bucket.amount
         else:
-            slots = self._slots.setdefault(bucket.id, _Slots())
-            held = slots.held.get(reservation, (0, 0.0))[0]
-            slots.held[reservation] = (held + bucket.amount, now + bucket.seconds)
+            slots = self._slots.get(bucket.id)
+            if slots is None:
+                slots = self._slots[bucket.id] = _Slots()
+            slots.take(reservation, bucket.amount, now + bucket.seconds)
 
     def _reset(self, bucket: Bucket, now: float) -> float:
         """Seconds until ``bucket`` is whole again."""

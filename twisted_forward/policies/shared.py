@@ -48,13 +48,13 @@ def open_shared_store(
 
     if config.redis_url:
         from .. import redis_link
-        from .redis_store import RedisStore
+        from .redis_store import RedisStore, connection
 
         target = redis_link.parse_redis_url(config.redis_url)
         timeout = config.store_timeout
 
         def connect() -> Any:
-            return redis_link.connect(target, timeout, ca_file=ca_file)
+            return connection(target, timeout, ca_file=ca_file)
 
         return GuardedStore(RedisStore(connect, reactor, timeout), reactor, failed)
     fd = environ.get(STORE_FD_ENV)

@@ -162,6 +162,20 @@ class IPolicyStore(Interface):
         """Let go of connections; called once, at shutdown."""
 
 
+class IImmediateStore(IPolicyStore):
+    """A store that answers within the call (in this process's memory).
+
+    The gate asks it directly, with no Deferred in between: the in-memory
+    path is the one every request of a single-process proxy takes.
+    """
+
+    def reserve_now(reservation: str, buckets: Sequence[Bucket], now: float) -> Verdict:
+        """:meth:`IPolicyStore.reserve`, answered at once."""
+
+    def settle_now(reservation: str, settlements: Sequence[Settlement], now: float) -> None:
+        """:meth:`IPolicyStore.settle`, done at once."""
+
+
 #: What :meth:`IKeyHealth.marks` maps a key to: resting until this time, or
 #: None when revoked.
 Mark = Optional[float]
