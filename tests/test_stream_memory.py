@@ -207,7 +207,8 @@ class UpstreamHostTests(SynchronousTestCase):
         default, IPv6 literals bracketed."""
         for base in ("http://127.0.0.1:8080", "http://upstream.test", "http://[::1]:9000",
                      "http://example.com:80", "http://[::1]"):
-            url = UpstreamURL(*base.split("://", 1), "")  # type: ignore[call-arg]
+            scheme, netloc = base.split("://", 1)
+            url = UpstreamURL(scheme, netloc, "")
             self.assertEqual(host_header(url), _agent_host(base.encode() + b"/x"), base)
 
     def test_https_default_port_left_out(self) -> None:
@@ -231,7 +232,7 @@ class UpstreamHostTests(SynchronousTestCase):
         config = load_config({}, {"OPENAI_BASE_URL": "http://upstream.test:8080",
                                   "LOG_CHAT": "false"}, None)
         clock = MemoryReactorClock()
-        built = build_root(config, clock, upstream=Recording())  # type: ignore[arg-type]
+        built = build_root(config, clock, upstream=Recording())
         site = ForwardSite(built.root, reactor=clock, timeout=None)
         channel = site.buildProtocol(None)
         channel.makeConnection(StringTransport())
