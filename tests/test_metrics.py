@@ -41,7 +41,9 @@ class MetricsTests(ProxyTestCase):
 
     @defer.inlineCallbacks
     def test_counts_what_was_done_and_holds_no_secret(self):
-        """Counts what was done and holds no secret."""
+        """After a chat, a refused key and a 429 failover, /metrics counts each by route,
+        status, key label and outcome, plus refusals, failovers, first-byte times and
+        relayed bytes, and holds no key nor client address."""
         yield self.start_proxy(OPENAI_API_KEY=KEYS, FORWARD_KEY=FORWARD)
         ok = {b"authorization": b"Bearer fk-alice-metrics-1"}
         response = yield self.client.post(
@@ -77,7 +79,7 @@ class MetricsTests(ProxyTestCase):
 
     @defer.inlineCallbacks
     def test_open_stream_gauge(self):
-        """Open stream gauge."""
+        """The open-exchanges gauge is 1 while a stream is held open and 0 once it ends."""
         yield self.start_proxy()
         self.fake.hold_at = 2
         response, collector = yield self.open_stream("/v1/chat/completions")
@@ -91,7 +93,7 @@ class MetricsTests(ProxyTestCase):
 
     @defer.inlineCallbacks
     def test_disabled_path_is_forwarded(self):
-        """Disabled path is forwarded."""
+        """With METRICS=false, /metrics is an ordinary path forwarded to the upstream."""
         yield self.start_proxy(METRICS="false")
         response = yield self.client.get(self.url("/metrics"))
         yield response.content()
@@ -99,7 +101,8 @@ class MetricsTests(ProxyTestCase):
 
     @defer.inlineCallbacks
     def test_path_configurable(self):
-        """Path configurable."""
+        """METRICS_PATH moves the scrape path; /metrics is then forwarded upstream like any
+        path."""
         yield self.start_proxy(METRICS_PATH="/internal/prom")
         text = yield self.scrape(self.url("/internal/prom"))
         self.assertIn("openai_forward_requests_total", text)
@@ -109,7 +112,8 @@ class MetricsTests(ProxyTestCase):
 
     @defer.inlineCallbacks
     def test_own_port(self):
-        """Own port."""
+        """METRICS_PORT serves the metrics on their own listener without a Server header,
+        and /metrics on the proxy's port is then forwarded upstream."""
         yield self.start_proxy(METRICS="true", METRICS_PORT="tcp:0:interface=127.0.0.1")
         found = listeners(self.service)
         self.assertEqual(len(found), 2)
@@ -142,7 +146,8 @@ class MetricsTests(ProxyTestCase):
 
     @defer.inlineCallbacks
     def test_access_line(self):
-        """Access line."""
+        """Each request logs one access event with method, path without query, status,
+        route, key label and upstream time, and no key in its text."""
         events = []
         globalLogPublisher.addObserver(events.append)
         self.addCleanup(globalLogPublisher.removeObserver, events.append)

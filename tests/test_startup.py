@@ -22,6 +22,7 @@ from twisted_forward.listening import BoundEndpoint, listen_error
 
 from .processes import TWISTD, assert_exit, child_env, run
 
+
 def startup_env(**env: str) -> dict[str, str]:
     """A child's settings: an upstream nobody listens on (start-up fails
     before any request), then ``env``."""
@@ -322,7 +323,7 @@ class ListenErrorTests(SynchronousTestCase):
         from twisted.internet.protocol import Factory
 
         factory, port = Factory(), object()
-        endpoint = BoundEndpoint(port, factory)  # type: ignore[arg-type]
+        endpoint = BoundEndpoint(port, factory)  # type: ignore[arg-type]  # a stand-in port
         self.failureResultOf(endpoint.listen(Factory()))
         self.assertIs(self.successResultOf(endpoint.listen(factory)), port)
         self.failureResultOf(endpoint.listen(factory))

@@ -29,11 +29,10 @@ from twisted_forward.worker import SharedSocketEndpoint
 
 from .fake_upstream import FakeOpenAI, chat_answer, fake_site
 from .harness import listen_tracked
-from .processes import ROOT, TWISTD
-from .processes import ChildProcess as Supervisor
+from .processes import ChildProcess, assert_exit, assert_signalled, child_env, spawn_twistd
 
 
-def served_by_both(supervisor: Supervisor, path: str) -> bool:
+def served_by_both(supervisor: ChildProcess, path: str) -> bool:
     """Whether both workers logged a 200 for ``path``."""
     return all(
         re.search(rf"\[worker-{i}[ \]].* GET {path} 200 ", supervisor.output)
@@ -59,7 +58,8 @@ def metrics_folders(parent: str) -> list[str]:
 
 class WorkersTestCase(TestCase):
     """A fake upstream and a client that opens a new connection per request
-    (so either worker may take it), for tests of ``--workers``."""
+    (so either worker may take it), and a real ``twistd openai-forward
+    --workers N`` to start and stop, for tests of ``--workers``."""
 
     timeout = 60
 
@@ -79,38 +79,34 @@ class WorkersTestCase(TestCase):
         yield self.fake_port.stopListening()
         yield self.fake_tracker.closed()
 
-
-class WorkersEndToEndTests(WorkersTestCase):
-    """The plugin with ``--workers 2`` as twistd runs it."""
-
     def start_supervisor(
         self, count: int = 2, twistd_args: tuple[str, ...] = (), **env: str
-    ) -> Supervisor:
-        environ = {
-            "PATH": os.environ.get("PATH", ""),
-            "PYTHONPATH": ROOT,
+    ) -> ChildProcess:
+        """``twistd -n [TWISTD_ARGS] openai-forward --workers COUNT`` on a free
+        loopback port in front of the fake upstream; killed at cleanup if
+        alive."""
+        environ = child_env(**{
             "OPENAI_BASE_URL": f"http://127.0.0.1:{self.fake_port.getHost().port}",
-            "LOG_CHAT": "false",
             "SHUTDOWN_GRACE": "5",
-        }
-        environ.update(env)
-        supervisor = Supervisor()
-        reactor.spawnProcess(
-            supervisor,
-            sys.executable,
-            TWISTD + ["-n", "--pidfile=", *twistd_args, "openai-forward", "--workers", str(count),
-                      "--port", "tcp:0:interface=127.0.0.1", "--env-file", os.devnull],
-            env=environ,
-            path=self.workdir,
+            **env,
+        })
+        return spawn_twistd(
+            self,
+            ["-n", "--pidfile=", *twistd_args, "openai-forward", "--workers", str(count),
+             "--port", "tcp:0:interface=127.0.0.1", "--env-file", os.devnull],
+            environ,
+            self.workdir,
         )
-        self.addCleanup(self._kill_if_running, supervisor)
-        return supervisor
 
-    def _kill_if_running(self, supervisor: Supervisor) -> Any:
-        if supervisor.ended.called:
-            return None
-        supervisor.transport.signalProcess("KILL")
-        return supervisor.ended.addErrback(lambda _: None)
+    @defer.inlineCallbacks
+    def stop_supervisor(self, supervisor: ChildProcess) -> Any:
+        """SIGTERM the supervisor and wait for it: an orderly stop ends with
+        twistd's "Server Shut Down." and the signal re-raised (as twistd
+        does once it has shut down), not a death mid-way."""
+        supervisor.signal("TERM")
+        yield supervisor.exited()
+        assert_signalled(self, supervisor, signal.SIGTERM)
+        self.assertIn("Server Shut Down.", supervisor.lines[-1], supervisor.tail())
 
     @defer.inlineCallbacks
     def serving_pids(self, port: int, want: set[int], tries: int = 300) -> Any:
@@ -126,9 +122,15 @@ class WorkersEndToEndTests(WorkersTestCase):
                 return seen
         self.fail(f"after {tries} requests only pids {sorted(seen)} answered, wanted {want or 2}")
 
+
+class WorkersEndToEndTests(WorkersTestCase):
+    """The plugin with ``--workers 2`` as twistd runs it."""
+
     @defer.inlineCallbacks
     def test_two_processes_restart_and_clean_stop(self) -> Any:
-        """Two processes restart and clean stop."""
+        """With --workers 2 both workers serve (the supervisor does not), each is a whole
+        proxy, a killed worker is restarted and serves again, and SIGTERM stops the
+        supervisor in order with every worker exited cleanly and no traceback."""
         supervisor = self.start_supervisor(2)
         match = yield supervisor.wait_for(r"listening on 127\.0\.0\.1:(\d+); starting 2 worker")
         port = int(match.group(1))
@@ -137,7 +139,7 @@ class WorkersEndToEndTests(WorkersTestCase):
 
         seen = yield self.serving_pids(port, set())
         self.assertEqual(sorted(seen.values()), [1, 2])
-        self.assertNotIn(supervisor.transport.pid, seen)
+        self.assertNotIn(supervisor.pid, seen)
 
         # Each worker is a whole proxy.
         response = yield self.client.post(
@@ -160,12 +162,7 @@ class WorkersEndToEndTests(WorkersTestCase):
         yield self.serving_pids(port, {replacement, survivor})
 
         # SIGTERM to the supervisor stops everything, cleanly.
-        supervisor.transport.signalProcess("TERM")
-        reason = yield supervisor.ended
-        # twistd re-raises the signal that stopped it once it has shut down.
-        self.assertIsInstance(reason, ProcessTerminated, supervisor.output)
-        self.assertEqual(reason.signal, signal.SIGTERM)
-        self.assertIn("Server Shut Down.", supervisor.lines[-1])
+        yield self.stop_supervisor(supervisor)
         for pid in (replacement, survivor, victim):
             self.assertRaises(ProcessLookupError, os.kill, pid, 0)
         self.assertRegex(supervisor.output, rf"worker 1 \(pid {replacement}\) stopped: exited cleanly")
@@ -174,7 +171,7 @@ class WorkersEndToEndTests(WorkersTestCase):
         self.assertNotIn("Unhandled", supervisor.output)
 
     @defer.inlineCallbacks
-    def send_to_both(self, supervisor: Supervisor, port: int) -> Any:
+    def send_to_both(self, supervisor: ChildProcess, port: int) -> Any:
         """GET /v1/models on new connections until both workers answered
         some; returns how many were sent."""
         sent = 0
@@ -211,8 +208,7 @@ class WorkersEndToEndTests(WorkersTestCase):
         self.assertEqual(set(totals), {float(sent)})
 
         self.assertEqual(len(metrics_folders(tmp)), 1)
-        supervisor.transport.signalProcess("TERM")
-        yield supervisor.ended
+        yield self.stop_supervisor(supervisor)
         self.assertEqual(metrics_folders(tmp), [])
 
     @defer.inlineCallbacks
@@ -246,8 +242,7 @@ class WorkersEndToEndTests(WorkersTestCase):
         self.assertEqual(body["error"]["code"], "metrics_not_served")
         self.assertEqual(len(self.fake.seen), seen)
 
-        supervisor.transport.signalProcess("TERM")
-        yield supervisor.ended
+        yield self.stop_supervisor(supervisor)
         self.assertNotIn("Traceback", supervisor.output)
 
     @defer.inlineCallbacks
@@ -263,8 +258,7 @@ class WorkersEndToEndTests(WorkersTestCase):
         body = json.loads((yield response.content()))
         self.assertEqual(response.code, 403)
         self.assertEqual(body["error"]["code"], "ip_not_allowed")
-        supervisor.transport.signalProcess("TERM")
-        yield supervisor.ended
+        yield self.stop_supervisor(supervisor)
 
     @defer.inlineCallbacks
     def test_metrics_folder_of_a_killed_supervisor_is_swept(self) -> Any:
@@ -279,9 +273,10 @@ class WorkersEndToEndTests(WorkersTestCase):
         killed = self.start_supervisor(1, TMPDIR=tmp)
         yield killed.wait_for(r"worker 1 serving")
         [left] = [f for f in metrics_folders(tmp) if f != kept]
-        killed.transport.signalProcess("KILL")
+        killed.signal("KILL")
         # Fires once its worker (which holds the output pipe) is gone too.
-        yield killed.ended
+        yield killed.exited()
+        assert_signalled(self, killed, signal.SIGKILL)
         self.assertEqual(sorted(metrics_folders(tmp)), sorted([kept, left]))
 
         again = self.start_supervisor(1, TMPDIR=tmp)
@@ -295,8 +290,7 @@ class WorkersEndToEndTests(WorkersTestCase):
         self.assertIn(kept, now)
         self.assertEqual(len(now), 2)
         for supervisor in (running, again):
-            supervisor.transport.signalProcess("TERM")
-            yield supervisor.ended
+            yield self.stop_supervisor(supervisor)
         self.assertEqual(metrics_folders(tmp), [])
 
     @defer.inlineCallbacks
@@ -314,10 +308,9 @@ class WorkersEndToEndTests(WorkersTestCase):
             2, twistd_args=(f"--rundir={rundir}",), LOG_CHAT="true", LOG_DIR="Log",
             TMPDIR=self.private_tmp(),
         )
-        reason = yield supervisor.ended
+        yield supervisor.exited(timeout=50)
         took = reactor.seconds() - started
-        self.assertIsInstance(reason, ProcessTerminated, supervisor.output)
-        self.assertEqual(supervisor.exit_code, 1, supervisor.output)
+        assert_exit(self, supervisor, 1)
         # Three young deaths with back-off (0.5 s, then 1 s) and start-ups.
         self.assertLess(took, 45.0, supervisor.output)
         [line] = [x for x in supervisor.lines if "cannot start" in x]
@@ -345,11 +338,11 @@ class WorkersEndToEndTests(WorkersTestCase):
         yield supervisor.wait_for(r"worker 1 serving")
         mark = len(supervisor.lines)
         # Only the supervisor gets the signal; the worker sees its pipe close.
-        supervisor.transport.signalProcess("KILL")
+        supervisor.signal("KILL")
         # The worker writes to the supervisor's output pipe, so this fires
         # only once the worker has exited too.
-        reason = yield supervisor.ended
-        self.assertIsInstance(reason, ProcessTerminated)
+        yield supervisor.exited()
+        assert_signalled(self, supervisor, signal.SIGKILL)
         after = "\n".join(supervisor.lines[mark:])
         self.assertIn("[worker-1] the supervisor is gone; stopping", after)
         self.assertIn("[worker-1] Main loop terminated", after)
@@ -383,8 +376,7 @@ class WorkersEndToEndTests(WorkersTestCase):
 
         codes = yield defer.gatherResults([ask(b) for b in bodies])
         self.assertEqual(codes, [200] * count)
-        supervisor.transport.signalProcess("TERM")
-        yield supervisor.ended
+        yield self.stop_supervisor(supervisor)
         records = []
         for folder, _, files in os.walk(log_dir):
             for name in files:
@@ -401,7 +393,8 @@ class TakeTurnsTests(TestCase):
 
     @defer.inlineCallbacks
     def test_one_accept_per_wakeup(self) -> Any:
-        """One accept per wakeup."""
+        """Each read of the shared listening socket accepts exactly one waiting connection,
+        so one worker cannot take the whole queue while another sits idle."""
         import socket
 
         listener = socket.socket()
@@ -442,19 +435,19 @@ class OptionsTests(SynchronousTestCase):
     """``--workers`` on the command line."""
 
     def test_default_is_in_process(self) -> None:
-        """Default is in process."""
+        """Without --workers the proxy runs in one process (workers is 0)."""
         options = Options()
         options.parseOptions([])
         self.assertEqual(options["workers"], 0)
 
     def test_number(self) -> None:
-        """Number."""
+        """--workers 3 is read as the number 3."""
         options = Options()
         options.parseOptions(["--workers", "3"])
         self.assertEqual(options["workers"], 3)
 
     def test_not_a_number(self) -> None:
-        """Not a number."""
+        """--workers refuses a word, a negative number and a fraction as usage errors."""
         for bad in ("two", "-1", "1.5"):
             self.assertRaises(usage.UsageError, Options().parseOptions, ["--workers", bad])
 
@@ -487,7 +480,9 @@ class OptionsTests(SynchronousTestCase):
             sys.stderr = saved
 
     def test_supervisor_built(self) -> None:
-        """Supervisor built."""
+        """With --workers 2 makeService builds a WorkerPool of two, binds the port at once
+        (so a busy port stops start-up), takes SHUTDOWN_GRACE and hands the workers every
+        other option but --workers."""
         options = Options()
         options.parseOptions(["--workers", "2", "--port", "tcp:0:interface=127.0.0.1",
                               "--env-file", os.devnull, "--idle-timeout", "7"])
@@ -602,7 +597,8 @@ class RestartTests(SynchronousTestCase):
         self.assertEqual(set(self.pool.workers), {1, 2})
 
     def test_backoff_capped(self) -> None:
-        """Backoff capped."""
+        """A worker that keeps dying is restarted each time with a delay that grows to
+        MAX_DELAY and stays there, so a crash loop neither spins nor stops restarting."""
         for _ in range(12):
             self.die(2)
             self.clock.advance(workers.MAX_DELAY)

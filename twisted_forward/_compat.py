@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet import tcp
 
 # The HTTP/1.1 client protocol itself: public in name, but defined (and only
 # documented) in the private module twisted.web._newclient; subclassed for
@@ -63,8 +63,7 @@ def set_pool_factory(
     ``self._factory(quiescentCallback, repr(endpoint))`` for each new
     connection (Twisted 26.4 to 26.10).
     """
-    # Declared as the class; our factory has the same call signature.
-    pool._factory = factory  # type: ignore[assignment]
+    pool._factory = factory  # type: ignore[assignment]  # declared as the class; ours has its call signature
 
 
 class ChannelHooks(HTTPChannel):
@@ -117,7 +116,7 @@ def clear_exit_signal(reactor: object) -> None:
         reactor._exitSignal = None  # type: ignore[attr-defined]  # private, see docstring
 
 
-def limit_accepts_per_read(port: IListeningPort, batch: int) -> None:
+def limit_accepts_per_read(port: tcp.Port, batch: int) -> None:
     """Make a TCP/UNIX listening ``port`` accept at most ``batch`` connections
     each time its socket is readable.
 
@@ -126,13 +125,13 @@ def limit_accepts_per_read(port: IListeningPort, batch: int) -> None:
     public setting caps it, so it is reset before every call (the bound
     ``doRead`` replaced on this one instance).  Twisted 26.4 to 26.10.
     """
-    accept = port.doRead  # type: ignore[attr-defined]  # tcp.Port, not IListeningPort
+    accept = port.doRead
 
     def doRead() -> Any:
-        port.numberAccepts = min(port.numberAccepts, batch)  # type: ignore[attr-defined]  # as above
+        port.numberAccepts = min(port.numberAccepts, batch)
         return accept()
 
-    port.doRead = doRead  # type: ignore[attr-defined]  # as above
+    port.doRead = doRead  # type: ignore[method-assign]  # on this one instance, see docstring
 
 
 def twistd_log_file(handler: Any) -> Any:

@@ -21,7 +21,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import FileBodyProducer
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IRequest, IResponse
+from twisted.web.iweb import IBodyProducer, IRequest, IResponse
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
@@ -368,7 +368,7 @@ class Exchange:
         self.holds_slot = True
         self._attempt()
 
-    def _body(self):
+    def _body(self) -> Optional[IBodyProducer]:
         """A fresh producer of the request body, or None if there is none."""
         req = self.request
         if self.body_override is not None:
@@ -379,6 +379,7 @@ class Exchange:
         if not (headers.hasHeader(b"content-length") or headers.hasHeader(b"transfer-encoding")):
             return None
         content = req.content
+        assert content is not None  # set when the request's head was read
         content.seek(0)
         getvalue = getattr(content, "getvalue", None)
         if getvalue is not None:

@@ -453,7 +453,7 @@ class KeyRules:
         return KeyDecision(NO_KEY)
 
 
-class _Secrets(tuple):
+class _Secrets(tuple[bytes, ...]):
     """Secrets ordered for masking (longest first, no empties or repeats)."""
 
     @classmethod

@@ -21,6 +21,7 @@ from typing import Any, Optional, Sequence
 from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web import http
 from twisted.web.http import datetimeToString
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
@@ -75,6 +76,18 @@ _access_log = Logger(namespace="twisted_forward.access")
 #: method, path, status, length, route, key label, upstream time, error.
 _ACCESS_LINE = "%s %s %s %s %sB route=%s key=%s upstream=%s error=%s"
 _ACCESS_SYSTEM = "twisted_forward.access#info"
+
+
+def serve_channels(site: Site, settings: ChannelSettings) -> None:
+    """Make ``site`` serve each new connection with a
+    :class:`~twisted_forward.framing.ForwardChannel` built with ``settings``
+    (HTTP/1.1 only: its framing guards are HTTP/1.1's).
+
+    ``Site.buildProtocol`` calls ``protocol()`` with no arguments, hence the
+    partial.  Twisted declares ``protocol`` (and ``buildProtocol``'s result)
+    as its HTTP/2-negotiating wrapper, but any ``HTTPChannel`` serves.
+    """
+    site.protocol = partial(ForwardChannel, settings)  # type: ignore[assignment]  # see docstring
 
 
 class ForwardRequest(Request):
@@ -181,7 +194,7 @@ class Health:
     """Whether the proxy is serving or draining, for ``/healthz``."""
 
     draining: bool = False
-    extra: dict = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @implementer(IHeadCheck)
@@ -356,7 +369,6 @@ class ForwardSite(Site):
     """
 
     requestFactory = ForwardRequest
-    protocol = ForwardChannel  # type: ignore[assignment]
     displayTracebacks = False
 
     def __init__(
@@ -402,15 +414,13 @@ class ForwardSite(Site):
     def _new_channels(self, settings: ChannelSettings) -> None:
         """Build the channels of new connections with ``settings``."""
         self.channel_settings = settings
-        # Twisted's buildProtocol calls protocol() with no arguments: each
-        # channel gets its settings at construction this way.
-        self.protocol = partial(ForwardChannel, settings)  # type: ignore[assignment]
+        serve_channels(self, settings)
 
     def _count_refusal(self, code: str) -> None:
         if self.metrics is not None:
             self.metrics.refusals.labels(code).inc()
 
-    def buildProtocol(self, addr: Optional[IAddress]) -> ForwardChannel:  # type: ignore[override]
+    def buildProtocol(self, addr: Optional[IAddress]) -> ForwardChannel:  # type: ignore[override]  # see serve_channels
         channel: ForwardChannel = super().buildProtocol(addr)
         if self.limits is not None:
             channel.admit(self.limits, addr)
@@ -441,7 +451,7 @@ class ForwardSite(Site):
         request.responseHeaders.removeHeader(b"server")
         return super().getResourceFor(request)
 
-    def log(self, request: Request) -> None:  # type: ignore[override]
+    def log(self, request: http.Request) -> None:
         """One line per request: never a key, the key's label only.
 
         Called by ``Request.finish`` (and, for a request never finished, by
@@ -454,7 +464,7 @@ class ForwardSite(Site):
         if error is not None and self.metrics is not None:
             self.metrics.refusals.labels(error).inc()
 
-    def access_line(self, request: Request) -> Optional[str]:
+    def access_line(self, request: http.Request) -> Optional[str]:
         """Write ``request``'s access line; returns its error code."""
         state = state_of(request)
         error = state.error
@@ -500,7 +510,6 @@ class SidePortSite(Site):
 
     noisy = False
     requestFactory = ForwardRequest
-    protocol = ForwardChannel  # type: ignore[assignment]
 
     def __init__(
         self, resource: IResource, *args: Any, head_checks: Sequence[IHeadCheck] = (),
@@ -509,8 +518,9 @@ class SidePortSite(Site):
         super().__init__(resource, *args, **kwargs)
         #: Run on every request head, by every channel of this site.
         self.head_checks = HeadChecks(head_checks)
-        settings = ChannelSettings(head_checks=self.head_checks, seconds=self.reactor.seconds)
-        self.protocol = partial(ForwardChannel, settings)  # type: ignore[assignment]
+        serve_channels(
+            self, ChannelSettings(head_checks=self.head_checks, seconds=self.reactor.seconds)
+        )
 
     def serve(self, resource: IResource, head_checks: Sequence[IHeadCheck]) -> None:
         """Answer new requests with ``resource``, behind ``head_checks``,

@@ -375,7 +375,7 @@ class ProxyService(Service):
                     # The store shared with other processes stays; another
                     # is handed on when its settings are the same.
                     store=shared if shared is not None else (
-                        current.policy.store if same_store else None  # type: ignore[union-attr]
+                        current.policy.store if same_store and current.policy is not None else None
                     ),
                 )
                 built = build_root(
@@ -383,7 +383,9 @@ class ProxyService(Service):
                     ledger=self.feed,
                     upstream=current.upstream if same_pool else None,
                     metrics=current.metrics, health=current.health, policy=policy,
-                    cache_store=current.cache.store if same_cache else None,  # type: ignore[union-attr]
+                    cache_store=(
+                        current.cache.store if same_cache and current.cache is not None else None
+                    ),
                     cache_metrics=current.cache_metrics, store=shared,
                 )
             except BaseException:
@@ -611,7 +613,7 @@ def build_service(
         # The supervisor checks for its workers.
         check_redis(config)
     if options["workers"]:
-        from .supervisor import make_supervisor
+        from .supervisor import WorkerPool, make_supervisor
 
         if config.admin_port is not None:
             raise ConfigError("ADMIN_PORT (--admin-port): not with --workers")
@@ -633,13 +635,13 @@ def build_service(
                 if metrics_endpoint is not None and config.metrics_port is not None else None
             ),
         )
-        for child in supervisor:  # type: ignore[attr-defined]
-            bound = getattr(child, "bound", None)
-            if bound is not None:
+        for child in supervisor:
+            shared_port = child.bound if isinstance(child, WorkerPool) else None
+            if shared_port is not None:
                 try:
-                    refuse_own_address(config, source, bound)
+                    refuse_own_address(config, source, shared_port)
                 except ConfigError:
-                    bound.stopListening()
+                    shared_port.stopListening()
                     raise
         return supervisor
     recorder = open_recorder(config, reactor)
