@@ -148,7 +148,11 @@ class ForwardRequest(Request):
         set just before it is written."""
         if not self.startedWriting:
             cors: Optional[Cors] = getattr(getattr(self.channel, "site", None), "cors", None)
-            if cors is not None and not is_admin_path(self.uri.split(b"?", 1)[0]):
+            if (
+                cors is not None
+                and cors.enabled
+                and not is_admin_path(self.uri.split(b"?", 1)[0])
+            ):
                 cors.apply(self.method, self.requestHeaders, self.responseHeaders)
         super().write(data)
 
