@@ -228,6 +228,13 @@ class ProxyResource(Resource):
 class Exchange:
     """One client request and its upstream attempt(s)."""
 
+    __slots__ = (
+        "resource", "request", "decision", "admission", "url", "path", "query", "started",
+        "client_gone", "done", "upstream_elapsed", "holds_slot", "relay", "pending", "head_timer",
+        "timed_out", "key_order", "mask", "key_index", "tap", "request_id", "status", "sent",
+        "sent_upstream", "info", "cache_lookup", "cache_hit", "body_override",
+    )
+
     log = Logger()
 
     def __init__(
@@ -682,6 +689,8 @@ class Exchange:
 @implementer(IExchangeTap)
 class _BothTaps:
     """Feeds one answer to two taps (the chat record, the cache)."""
+
+    __slots__ = ("first", "second",)
 
     def __init__(self, first: IExchangeTap, second: IExchangeTap) -> None:
         self.first = first

@@ -471,6 +471,8 @@ class SecretMask:
     ending in a blank line, say) passes at once.
     """
 
+    __slots__ = ("_secrets", "_held",)
+
     def __init__(self, secrets: Iterable[bytes]) -> None:
         self._secrets = secrets if isinstance(secrets, _Secrets) else _Secrets.of(secrets)
         self._held = b""

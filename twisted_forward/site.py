@@ -28,7 +28,7 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 from zope.interface import implementer
 
-from ._compat import send_now
+from ._compat import REQUEST_SLOTS, fill_slot_defaults, send_now, slot_defaults
 from .access import AccessGate, TrustedProxies
 from .admin.limits import IKeyLimits, PolicyLimits
 from .admin.live import LiveTally
@@ -90,6 +90,10 @@ def serve_channels(site: Site, settings: ChannelSettings) -> None:
     site.protocol = partial(ForwardChannel, settings)  # type: ignore[assignment]  # see docstring
 
 
+#: The class-level values the slots of :class:`ForwardRequest` hide.
+_REQUEST_DEFAULTS = slot_defaults(Request, REQUEST_SLOTS)
+
+
 class ForwardRequest(Request):
     """A request whose answers carry no Twisted defaults, with a body cap.
 
@@ -104,14 +108,18 @@ class ForwardRequest(Request):
     memory.
     """
 
+    # One pointer each instead of a hash table per request (see
+    # twisted_forward._compat.REQUEST_SLOTS).
+    __slots__ = REQUEST_SLOTS + ("state", "body_received", "head_refusal")
+
     defaultContentType = None
     #: The connection it came on (Twisted sets None once it is finished).
     channel: ForwardChannel
     #: Body bytes received so far.
-    body_received = 0
+    body_received: int
     #: Set by the channel when a head check refused this (bodiless) request:
     #: it is answered with this instead of being rendered.
-    head_refusal: Optional[Refusal] = None
+    head_refusal: Optional[Refusal]
 
     def process(self) -> None:
         """Answer a head check's refusal, or ``OPTIONS *``, or render.
@@ -139,6 +147,9 @@ class ForwardRequest(Request):
             self.processingFailed(Failure())
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        fill_slot_defaults(self, _REQUEST_DEFAULTS)
+        self.body_received = 0
+        self.head_refusal = None
         super().__init__(*args, **kwargs)
         #: What the stages learn about this request (:mod:`.state`).
         self.state = RequestState()
