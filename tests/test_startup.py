@@ -130,6 +130,23 @@ class StartupFailureTests(TestCase):
             LOG_CHAT="true", LOG_DIR=log_dir,
         )
 
+    def test_required_redis_unreachable(self):
+        """A Redis the limits need (KEY_POLICY counted in REDIS_URL, failing
+        closed) that nothing answers at: the URL without its password, and
+        the ways out."""
+        free = socket.socket()
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+        free.close()  # nothing listens there now
+        return self.fails_with(
+            ["--port", "tcp:0:interface=127.0.0.1"],
+            f"openai-forward: REDIS_URL (--redis-url): cannot reach redis://127.0.0.1:{port}/0 "
+            "(Connection refused): start it, fix the URL, or set LIMITS_ON_STORE_FAILURE=open "
+            "to serve while it is down",
+            REDIS_URL=f"redis://:redis-start-pass-0123456789@127.0.0.1:{port}/0",
+            KEY_POLICY='{"*": {"rpm": 10}}',
+        )
+
     def test_unwritable_data_dir(self):
         """A DATA_DIR (the SQLite ledger's) that cannot be created."""
         blocker = os.path.join(self.cwd, "file")

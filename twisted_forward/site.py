@@ -131,7 +131,8 @@ class ForwardRequest(Request):
         if self.head_refusal is None and self.path != b"*":
             super().process()
             return
-        self.site = site = self.channel.site
+        site = self.channel.site
+        self.site = site  # type: ignore[assignment, unused-ignore]  # Twisted 26.4 types Request.site as None
         self.setHeader(b"date", datetimeToString())
         self.prepath = []
         self.postpath = []
