@@ -17,8 +17,8 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import (
     IAddress,
     IListeningPort,
-    IProtocolNegotiationFactory,
     IProtocolFactory,
+    IProtocolNegotiationFactory,
     IStreamServerEndpoint,
     ITransport,
 )
@@ -103,7 +103,7 @@ class ConnectionTracker(WrappingFactory):
         """How many connections are open now."""
         return len(self.protocols)
 
-    def buildProtocol(self, addr: IAddress) -> Optional[_Observed]:  # type: ignore[override]
+    def buildProtocol(self, addr: IAddress) -> Optional[_Observed]:  # type: ignore[override]  # WrappingFactory declares its own wrapper class
         inner = self.wrappedFactory.buildProtocol(addr)
         if inner is None:
             return None
@@ -285,4 +285,4 @@ class Collector(Protocol):
 # headers reaching the upstream (tests/secrets_watch.py).
 from .secrets_watch import watch_secrets  # noqa: E402
 
-ProxyTestCase.start_service = watch_secrets(ProxyTestCase.start_service)  # type: ignore[method-assign]
+ProxyTestCase.start_service = watch_secrets(ProxyTestCase.start_service)  # type: ignore[method-assign]  # wrapped once, for every subclass

@@ -51,8 +51,10 @@ class RedisServer:
     :ivar socket_path: its unix socket (None when it listens on TCP).
     """
 
-    def __init__(self, directory: str, tcp: bool = False) -> None:
+    def __init__(self, directory: str, tcp: bool = False, password: Optional[str] = None) -> None:
         self.binary = server_binary()
+        #: ``requirepass``: clients must AUTH with it (None: no password).
+        self.password = password
         self.directory = os.path.abspath(directory)
         os.makedirs(self.directory, exist_ok=True)
         self.port: Optional[int] = None
@@ -86,6 +88,8 @@ class RedisServer:
         ]
         if self.socket_path is not None:
             args += ["--unixsocket", self.socket_path, "--unixsocketperm", "700"]
+        if self.password is not None:
+            args += ["--requirepass", self.password]
         self.process = ChildProcess(reactor, "redis-server")
         reactor.spawnProcess(self.process, self.binary, args, env={}, path=self.directory)
         ready = self.process.wait_for(r"(?i)ready to accept connections")
@@ -126,9 +130,11 @@ class RedisServer:
         return self.start()
 
 
-def start_redis(test: TestCase, tcp: bool = False) -> "defer.Deferred[RedisServer]":
+def start_redis(
+    test: TestCase, tcp: bool = False, password: Optional[str] = None
+) -> "defer.Deferred[RedisServer]":
     """Start a redis-server for ``test``, stopped at its cleanup."""
-    server = RedisServer(test.mktemp(), tcp=tcp)
+    server = RedisServer(test.mktemp(), tcp=tcp, password=password)
     test.addCleanup(server.stop)
     return server.start()
 

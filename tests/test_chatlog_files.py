@@ -381,7 +381,7 @@ class RecorderTests(SynchronousTestCase):
         self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
         tap = self.recorder.begin(info())
         tap.data(b"before any head")
-        tap.response(200, None)  # type: ignore[arg-type]
+        tap.response(200, None)  # type: ignore[arg-type]  # a broken caller, on purpose
         tap.data(b"x")
         tap.end("complete")
         rec = self.events[0]["chat_record"]

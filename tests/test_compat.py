@@ -304,6 +304,52 @@ class CanaryTests(SynchronousTestCase):
         return path
 
 
+class SlotNamesCanaryTests(SynchronousTestCase):
+    """REQUEST_SLOTS and CHANNEL_SLOTS (with slot_defaults and
+    fill_slot_defaults) name the instance attributes of Twisted's Request
+    and HTTPChannel, private ones included."""
+
+    def broke(self, what: str) -> str:
+        return (
+            f"Twisted {twisted.__version__}: {what}. "
+            "twisted_forward/_compat.py slots it: adapt REQUEST_SLOTS/CHANNEL_SLOTS there."
+        )
+
+    def test_no_slot_hides_a_method(self) -> None:
+        """No slotted name is a method or property of the Twisted class
+        (a slot would hide it)."""
+        from twisted.web.server import Request
+
+        for owner, names in ((Request, _compat.REQUEST_SLOTS),
+                             (_compat.ChannelHooks, _compat.CHANNEL_SLOTS)):
+            for name in names:
+                value = getattr(owner, name, None)
+                self.assertFalse(
+                    isinstance(value, property)
+                    or (callable(value) and not isinstance(value, type)),
+                    self.broke(f"{owner.__name__}.{name} is now a method"),
+                )
+
+    def test_private_names_still_set(self) -> None:
+        """The private channel names slotted are still ones Twisted sets on
+        an HTTPChannel that has read a request (a name Twisted dropped only
+        costs memory; this says which)."""
+        channel = http.HTTPChannel()
+        channel.makeConnection(StringTransport())
+        channel.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        private = [n for n in _compat.CHANNEL_SLOTS if n.startswith("_") and "__" not in n]
+        # Set only while a producer is registered or an answer is written.
+        private = [n for n in private if n not in ("_requestProducer",
+                                                   "_requestProducerStreaming", "_savedTimeOut")]
+        for name in private:
+            self.assertIn(name, vars(channel), self.broke(f"HTTPChannel no longer sets {name}"))
+        defaults = dict(_compat.slot_defaults(http.HTTPChannel, _compat.CHANNEL_SLOTS))
+        self.assertEqual(defaults["_HTTPChannel__header"], b"")
+        target = http.HTTPChannel()
+        _compat.fill_slot_defaults(target, [("persistent", 0)])
+        self.assertEqual(target.persistent, 0)
+
+
 class CanaryCoverageTests(SynchronousTestCase):
     """Every private use _compat.py fences has its canary above."""
 

@@ -170,7 +170,7 @@ class TLSGateTests(GateTestCase):
 
     start_tls = test_tls_listener.TLSListenerTests.start_tls
 
-    def start_proxy(self, args: Any = None, **env: str) -> Any:  # type: ignore[override]
+    def start_proxy(self, args: Any = None, **env: str) -> Any:  # type: ignore[override]  # same call, looser types
         return super().start_proxy(args, **dict(env, **BLOCK_LOOPBACK))
 
     @defer.inlineCallbacks

@@ -19,7 +19,7 @@ from twisted.internet import defer, reactor
 from twisted.internet.defer import CancelledError
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.error import ConnectionDone, TimeoutError
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.testing import AccumulatingProtocol, MemoryReactorClock, StringTransport
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
@@ -182,7 +182,7 @@ class TunnelTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = MemoryReactorClock()
         self.inner = Factory.forProtocol(AccumulatingProtocol)
-        self.inner.protocolConnectionMade = None  # type: ignore[attr-defined]
+        self.inner.protocolConnectionMade = None  # type: ignore[attr-defined]  # AccumulatingProtocol's factory attribute
 
     def connect(
         self, authorization: Optional[bytes] = None, host: bytes = b"api.example"
@@ -372,7 +372,7 @@ class _Splice(Protocol):
     def dataReceived(self, data: bytes) -> None:
         self.owner.transport.write(data)
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.owner.transport.loseConnection()
 
 
@@ -449,7 +449,7 @@ class _ProxyProtocol(Protocol):
             peer.transport.write(self.pending)
             self.pending = b""
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.lost = True
         if self.channel is not None:
             self.channel.connectionLost(reason)

@@ -220,7 +220,7 @@ class HostHeaderTests(SynchronousTestCase):
                 return succeed(None)
 
         agent = Agent()
-        Upstream(None, 5.0, agent=agent).request(  # type: ignore[arg-type]
+        Upstream(None, 5.0, agent=agent).request(  # type: ignore[arg-type]  # no reactor: the agent is given
             b"GET", b"https://api.example/v1", Headers({b"host": [b"other"]}), None
         )
         self.assertEqual(agent.headers.getRawHeaders(b"host"), [b"other"])

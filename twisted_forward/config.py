@@ -15,7 +15,7 @@ import json
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 from .cache.settings import (
@@ -732,7 +732,9 @@ def load_config(
     if gone is not None:
         raise ConfigError(f"{gone[0]}: an openai-forward 0.8.1 setting not read here: {gone[1]}")
 
-    parsed: dict[str, object] = {}
+    # Each value is what its setting's parser returns (typed in its SETTINGS
+    # row), so the mapping's values can only be Any here.
+    parsed: dict[str, Any] = {}
     for setting in SETTINGS:
         if setting.env not in raw:
             continue
@@ -745,13 +747,13 @@ def load_config(
         routes = parsed["FORWARD_CONFIG"]
     else:
         base = parsed.get("OPENAI_BASE_URL") or parse_url("https://api.openai.com")
-        routes = (Route(parsed.get("ROUTE_PREFIX", ""), base, "openai"),)  # type: ignore[arg-type]
+        routes = (Route(parsed.get("ROUTE_PREFIX", ""), base, "openai"),)
 
     forward_keys = parsed.get("FORWARD_KEY", ())
     default_keys = parsed.get("OPENAI_API_KEY", ())
     try:
         policy, forward_keys, default_keys = build_policy_config(
-            parsed, forward_keys, default_keys, parse_forward_keys  # type: ignore[arg-type]
+            parsed, forward_keys, default_keys, parse_forward_keys
         )
     except PolicyConfigError as e:
         option = next(s.option for s in SETTINGS if s.env == e.setting)
@@ -760,7 +762,7 @@ def load_config(
         raise ConfigError(
             "FORWARD_KEY (--forward-key): forward keys need OPENAI_API_KEY to stand for"
         )
-    kwargs: dict[str, object] = dict(
+    kwargs: dict[str, Any] = dict(
         default_keys=default_keys,
         forward_keys=forward_keys,
         routes=routes,
@@ -795,7 +797,7 @@ def load_config(
         or any(k.key == admin_key for k in forward_keys)
     ):
         raise ConfigError("ADMIN_KEY (--admin-key): must differ from every other key")
-    return Config(**kwargs)  # type: ignore[arg-type]
+    return Config(**kwargs)
 
 
 def metrics_placement(config: Config) -> str:

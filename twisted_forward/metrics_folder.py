@@ -81,7 +81,7 @@ def sweep(parent: Optional[str] = None) -> list[str]:
     alone.
     """
     parent = parent if parent is not None else tempfile.gettempdir()
-    removed = []
+    removed: list[str] = []
     try:
         names = os.listdir(parent)
     except OSError:

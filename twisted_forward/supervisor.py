@@ -40,13 +40,15 @@ import os
 import signal
 import socket
 import sys
-from typing import Any, Callable, Optional
+import typing
+from typing import Any, Callable, Optional, cast
 
 from prometheus_client.multiprocess import mark_process_dead
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet import defer, endpoints
+from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessDone
-from twisted.internet.interfaces import IDelayedCall, IListeningPort, IProcessTransport
+from twisted.internet.interfaces import IAddress, IDelayedCall, IListeningPort, IProcessTransport
 from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -105,6 +107,25 @@ def check_endpoint(reactor: Any, description: str) -> None:
             f"--workers needs a tcp:, tcp6:, unix: or systemd: port, not {description!r} "
             "(terminate TLS in front of the proxy, or run one process)"
         )
+
+
+class SharedPort(typing.Protocol):
+    """The listening port the supervisor holds for its workers.
+
+    The tcp:, unix: and systemd: endpoints give a ``tcp.Port`` (``unix.Port``
+    is one), which has these beyond ``IListeningPort``: its socket's
+    descriptor, to hand to the workers, and its family.
+    """
+
+    addressFamily: int
+
+    def fileno(self) -> int: ...
+
+    def stopReading(self) -> None: ...
+
+    def getHost(self) -> IAddress: ...
+
+    def stopListening(self) -> Optional[Deferred[None]]: ...
 
 
 def _family_name(family: int) -> str:
@@ -204,7 +225,7 @@ class WorkerPool(Service):
         #: Where a reload (SIGHUP) reads the configuration; None: no reloads.
         self.source = source
         self._restore_sighup: Optional[Callable[[], None]] = None
-        self.port: Optional[IListeningPort] = None
+        self.port: Optional[SharedPort] = None
         self.workers: dict[int, _Worker] = {}
         self.restarts: dict[int, IDelayedCall] = {}
         self.delays: dict[int, float] = {}
@@ -256,19 +277,20 @@ class WorkerPool(Service):
         )
         give_up(self.reactor)
 
-    def _bound(self, port: IListeningPort) -> None:
+    def _bound(self, listening: IListeningPort) -> None:
+        port = cast(SharedPort, listening)  # what a socket endpoint gives, see SharedPort
         # The supervisor keeps the socket open for the workers but never
         # accepts on it itself.
-        port.stopReading()  # type: ignore[attr-defined]
+        port.stopReading()
         self.port = port
-        self.family = _family_name(port.addressFamily)  # type: ignore[attr-defined]
+        self.family = _family_name(port.addressFamily)
         self.log.info(
             "listening on {address}; starting {count} worker processes",
             address=_describe(port.getHost()), count=self.count,
         )
         for index in range(1, self.count + 1):
             self._spawn(index)
-        self.listening.callback(port)
+        self.listening.callback(listening)
 
     def _spec(self, index: int) -> bytes:
         return json.dumps(
@@ -289,10 +311,7 @@ class WorkerPool(Service):
             [here] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
         )
         worker = _Worker(self, index, self._spec(index))
-        fds: dict[int, Any] = {
-            0: "w", 1: 1, 2: 2, LISTEN_FD: self.port.fileno(),  # type: ignore[attr-defined]
-            REPORT_FD: "r",
-        }
+        fds: dict[int, Any] = {0: "w", 1: 1, 2: 2, LISTEN_FD: self.port.fileno(), REPORT_FD: "r"}
         store_end = None
         if self.store_hub is not None:
             store_end = self.store_hub.pair(self.reactor)
@@ -467,8 +486,9 @@ def make_supervisor(
     source: Optional[ConfigSource] = None,
     share_store: bool = True,
     metrics_port: Optional[tuple[Any, str, Config]] = None,
-) -> IService:
-    """The service twistd runs for ``--workers N``.
+) -> MultiService:
+    """The service twistd runs for ``--workers N``: the log reopener and
+    the :class:`WorkerPool`.
 
     :param share_store: the supervisor keeps the policy counters and the
         default keys' health for the workers (not when they use Redis).

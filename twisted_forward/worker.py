@@ -18,7 +18,7 @@ import sys
 from typing import Any, Callable, NoReturn, Optional
 
 from twisted.application.service import IServiceCollection
-from twisted.internet import defer, endpoints, fdesc
+from twisted.internet import defer, endpoints, fdesc, tcp
 from twisted.internet.interfaces import (
     IListeningPort,
     IProtocolFactory,
@@ -60,6 +60,9 @@ class SharedSocketEndpoint:
         return self._adopted.listen(factory).addCallback(self._take_turns)
 
     def _take_turns(self, port: IListeningPort) -> IListeningPort:
+        # An adopted stream socket is a tcp.Port (unix.Port is one).
+        if not isinstance(port, tcp.Port):
+            raise TypeError(f"an adopted socket gave {port!r}, not a tcp.Port")
         limit_accepts_per_read(port, self.batch)
         return port
 
