@@ -95,7 +95,11 @@ def start_traced_proxy(upstream_port: int, workdir: Path, frames: int, log_chat:
     process = subprocess.Popen(argv, cwd=rundir, env=env, stdin=subprocess.DEVNULL,
                                stdout=open(log_path, "wb"), stderr=subprocess.STDOUT)
     server = Server("twisted-forward (traced)", port, process, log_path)
-    server.wait_ready(timeout=600)  # tracemalloc slows the start-up
+    try:
+        server.wait_ready(timeout=600)  # tracemalloc slows the start-up
+    except BaseException:
+        server.stop()  # not in the caller's list yet: stopped here
+        raise
     server.key = FORWARD_KEY
     return server
 
