@@ -107,7 +107,7 @@ async def serve(host: str, port: int) -> None:
     site = web.TCPSite(runner, host, port, backlog=4096, reuse_address=True)
     await site.start()
     assert site._server is not None
-    bound = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    bound = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]  # aiohttp types sockets as optional; started above
     loop = asyncio.get_running_loop()
     stop = loop.create_future()
     for sig in (signal.SIGTERM, signal.SIGINT):

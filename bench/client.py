@@ -204,8 +204,8 @@ class _StreamProtocol(asyncio.Protocol):
         self.transport: Optional[asyncio.Transport] = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        transport.write(self.request)  # type: ignore[attr-defined]
+        self.transport = transport  # type: ignore[assignment]  # a stream connection's transport is an asyncio.Transport
+        transport.write(self.request)  # type: ignore[attr-defined]  # as above
 
     def _body(self, data: bytes) -> None:
         self.separators += (self.last + data).count(b"\n\n")
@@ -336,7 +336,7 @@ class HeldStreams:
     def close(self) -> None:
         """Drop every held connection."""
         for transport in self.transports:
-            transport.abort()  # type: ignore[attr-defined]
+            transport.abort()  # type: ignore[attr-defined]  # an asyncio.Transport, kept as BaseTransport
         self.transports.clear()
         self.protocols.clear()
 
@@ -357,8 +357,8 @@ class _LoopProtocol(asyncio.Protocol):
         self.transport: Optional[asyncio.Transport] = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        transport.write(self.request)  # type: ignore[attr-defined]
+        self.transport = transport  # type: ignore[assignment]  # a stream connection's transport is an asyncio.Transport
+        transport.write(self.request)  # type: ignore[attr-defined]  # as above
 
     def data_received(self, data: bytes) -> None:
         parser = self.parser

@@ -127,8 +127,8 @@ class UpstreamProtocol(asyncio.Protocol):
     # ------------------------------------------------------------ transport
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        transport.set_write_buffer_limits(high=1 << 20)  # type: ignore[attr-defined]
+        self.transport = transport  # type: ignore[assignment]  # a stream connection's transport is an asyncio.Transport
+        transport.set_write_buffer_limits(high=1 << 20)  # type: ignore[attr-defined]  # as above
 
     def connection_lost(self, exc: Optional[Exception]) -> None:
         if self.timer is not None:

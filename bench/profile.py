@@ -123,7 +123,7 @@ def profile_chat(proxy: Server, workdir: Path, seconds: float, cpus: Optional[se
              f"http://{HOST}:{proxy.port}/v1/chat/completions"],
             capture_output=True, text=True, preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
         ).stdout
-        done = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+        done = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]  # wrk always prints it
     else:
         rps, done, _ = asyncio.run(client.rps_python(HOST, proxy.port, request, 32, seconds))
     used = cpu_seconds(proxy.pid) - before

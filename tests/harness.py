@@ -17,8 +17,8 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import (
     IAddress,
     IListeningPort,
-    IProtocolNegotiationFactory,
     IProtocolFactory,
+    IProtocolNegotiationFactory,
     IStreamServerEndpoint,
     ITransport,
 )
@@ -103,7 +103,7 @@ class ConnectionTracker(WrappingFactory):
         """How many connections are open now."""
         return len(self.protocols)
 
-    def buildProtocol(self, addr: IAddress) -> Optional[_Observed]:  # type: ignore[override]
+    def buildProtocol(self, addr: IAddress) -> Optional[_Observed]:  # type: ignore[override]  # WrappingFactory declares its own wrapper class
         inner = self.wrappedFactory.buildProtocol(addr)
         if inner is None:
             return None
@@ -178,6 +178,10 @@ class ProxyTestCase(TestCase):
     """Starts the fake upstream; ``start_proxy`` starts the real plugin."""
 
     timeout = 30
+    #: Settings every proxy of this test case starts with (a test's own win):
+    #: e.g. ``{"METRICS": "public"}`` for tests that scrape /metrics on the
+    #: public port without the admin key.
+    proxy_settings: dict[str, str] = {}
 
     def setUp(self) -> None:
         self.fake = FakeOpenAI()
@@ -201,7 +205,7 @@ class ProxyTestCase(TestCase):
         listening port.  Stopped (and its connections waited for) at cleanup."""
         options = Options()
         options.parseOptions(["--port", port, "--env-file", os.devnull] + list(args or []))
-        environ = proxy_env(self.upstream_port, **env)
+        environ = proxy_env(self.upstream_port, **{**self.proxy_settings, **env})
         try:
             endpoint: Optional[TrackedEndpoint] = TrackedEndpoint(
                 endpoint_from_string(reactor, options["endpoint"], "--port")
@@ -281,4 +285,4 @@ class Collector(Protocol):
 # headers reaching the upstream (tests/secrets_watch.py).
 from .secrets_watch import watch_secrets  # noqa: E402
 
-ProxyTestCase.start_service = watch_secrets(ProxyTestCase.start_service)  # type: ignore[method-assign]
+ProxyTestCase.start_service = watch_secrets(ProxyTestCase.start_service)  # type: ignore[method-assign]  # wrapped once, for every subclass

@@ -99,6 +99,15 @@ class Cluster:
         """initdb, then start and wait until it accepts connections."""
         self._run("initdb", "-D", self.data, "-U", ROLE, "-A", "trust", "-E", "UTF8",
                   "--no-sync")
+        return self.resume()
+
+    def halt(self) -> None:
+        """Stop the server (fast), keeping its files for :meth:`resume`."""
+        self._run("pg_ctl", "-D", self.data, "-m", "fast", "-w", "-t", "60", "stop")
+        self.running = False
+
+    def resume(self) -> "Cluster":
+        """Start the (initialised) server and wait until it accepts connections."""
         options = (
             f"-c listen_addresses='' -c unix_socket_directories='{self.dir}' -p {PORT} "
             "-c fsync=off -c max_connections=30 -c shared_buffers=16MB"

@@ -244,11 +244,16 @@ def spawn(
     *,
     name: Optional[str] = None,
     reactor: Any = default_reactor,
+    child_fds: Optional[dict[int, Union[str, int]]] = None,
 ) -> ChildProcess:
     """Start ``argv`` (its first item the program) as a child of ``test``
-    in ``cwd``; killed with SIGKILL at cleanup if it still runs then."""
+    in ``cwd``; killed with SIGKILL at cleanup if it still runs then.
+
+    :param child_fds: the child's descriptors, as ``spawnProcess``'s
+        ``childFDs`` (standard output and error must stay "r").
+    """
     child = ChildProcess(reactor, name or os.path.basename(argv[0]))
-    reactor.spawnProcess(child, argv[0], argv, env=env, path=cwd)
+    reactor.spawnProcess(child, argv[0], argv, env=env, path=cwd, childFDs=child_fds)
 
     def kill_if_running() -> Any:
         if child.ended.called:

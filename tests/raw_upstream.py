@@ -19,7 +19,7 @@ from typing import Callable, Optional
 from twisted.internet import defer
 from twisted.internet import reactor as default_reactor
 from twisted.internet.interfaces import IListeningPort
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
@@ -116,7 +116,7 @@ class RawConnection(Protocol):
     def close(self) -> None:
         self.transport.loseConnection()
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.closed = True
         self.upstream.open -= 1
         if not self.upstream.open:

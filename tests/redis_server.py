@@ -16,9 +16,9 @@ import socket
 from typing import Optional
 
 from twisted.internet import defer, reactor
-from twisted.internet.protocol import ProcessProtocol
-from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, TestCase
+
+from .processes import ChildProcess
 
 #: The server binaries tried, in order (Valkey is a drop-in replacement).
 BINARIES = ("redis-server", "valkey-server")
@@ -44,35 +44,6 @@ def free_loopback_port() -> int:
         return s.getsockname()[1]
 
 
-class _ServerProcess(ProcessProtocol):
-    """Collects the server's log lines; fires ``ready`` on its
-    "Ready to accept connections" line and ``ended`` when it exits."""
-
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-        self._partial = b""
-        self.ready: defer.Deferred[None] = defer.Deferred()
-        self.ended: defer.Deferred[BaseException] = defer.Deferred()
-
-    def outReceived(self, data: bytes) -> None:
-        self._partial += data
-        *complete, self._partial = self._partial.split(b"\n")
-        for raw in complete:
-            line = raw.decode("utf-8", "replace")
-            self.lines.append(line)
-            if "ready to accept connections" in line.lower() and not self.ready.called:
-                self.ready.callback(None)
-
-    errReceived = outReceived
-
-    def processEnded(self, reason: Failure) -> None:
-        if not self.ready.called:
-            self.ready.errback(
-                AssertionError("redis-server ended before it was ready:\n" + "\n".join(self.lines))
-            )
-        self.ended.callback(reason.value)
-
-
 class RedisServer:
     """One redis-server process owned by a test.
 
@@ -80,8 +51,10 @@ class RedisServer:
     :ivar socket_path: its unix socket (None when it listens on TCP).
     """
 
-    def __init__(self, directory: str, tcp: bool = False) -> None:
+    def __init__(self, directory: str, tcp: bool = False, password: Optional[str] = None) -> None:
         self.binary = server_binary()
+        #: ``requirepass``: clients must AUTH with it (None: no password).
+        self.password = password
         self.directory = os.path.abspath(directory)
         os.makedirs(self.directory, exist_ok=True)
         self.port: Optional[int] = None
@@ -99,7 +72,7 @@ class RedisServer:
                 short = tempfile.mkdtemp(prefix="tf-pol-redis-")
                 self.socket_path = os.path.join(short, "redis.sock")
             self.url = f"unix://{self.socket_path}"
-        self.process: Optional[_ServerProcess] = None
+        self.process: Optional[ChildProcess] = None
 
     def start(self) -> "defer.Deferred[RedisServer]":
         """Start the server; fires with ``self`` once it accepts connections."""
@@ -115,9 +88,12 @@ class RedisServer:
         ]
         if self.socket_path is not None:
             args += ["--unixsocket", self.socket_path, "--unixsocketperm", "700"]
-        self.process = _ServerProcess()
+        if self.password is not None:
+            args += ["--requirepass", self.password]
+        self.process = ChildProcess(reactor, "redis-server")
         reactor.spawnProcess(self.process, self.binary, args, env={}, path=self.directory)
-        return self.process.ready.addCallback(lambda _: self)
+        ready = self.process.wait_for(r"(?i)ready to accept connections")
+        return ready.addCallback(lambda _: self)
 
     @property
     def running(self) -> bool:
@@ -136,7 +112,7 @@ class RedisServer:
         process = self.process
         if process is None or process.ended.called:
             return defer.succeed(None)
-        process.transport.signalProcess(name)
+        process.signal(name)
         d: defer.Deferred[None] = defer.Deferred()
 
         def gone(reason: BaseException) -> BaseException:
@@ -154,9 +130,11 @@ class RedisServer:
         return self.start()
 
 
-def start_redis(test: TestCase, tcp: bool = False) -> "defer.Deferred[RedisServer]":
+def start_redis(
+    test: TestCase, tcp: bool = False, password: Optional[str] = None
+) -> "defer.Deferred[RedisServer]":
     """Start a redis-server for ``test``, stopped at its cleanup."""
-    server = RedisServer(test.mktemp(), tcp=tcp)
+    server = RedisServer(test.mktemp(), tcp=tcp, password=password)
     test.addCleanup(server.stop)
     return server.start()
 

@@ -59,7 +59,9 @@ def hdrs(**values) -> Headers:
 
 class ParseNodeTests(SynchronousTestCase):
     def test_addresses(self):
-        """Addresses."""
+        """IPv4 and IPv6 node values, with or without a port, bracketed or not, padded with
+        spaces, and IPv4-mapped IPv6 all parse to the plain address (a mapped one to its
+        IPv4 form), so the lists match however a proxy wrote it."""
         for text, expected in [
             ("192.0.2.1", "192.0.2.1"),
             (" 192.0.2.1 ", "192.0.2.1"),
@@ -73,7 +75,9 @@ class ParseNodeTests(SynchronousTestCase):
             self.assertEqual(parse_node(text), ip(expected), text)
 
     def test_garbage(self):
-        """Garbage."""
+        """Names, partial or out-of-range addresses, bad ports, unbalanced brackets, zone
+        ids, non-ASCII digits and NULs parse to None: nothing that is not an address can
+        be matched against a list."""
         for text in [
             "", "unknown", "_hidden", "example.com", "192.0.2", "192.0.2.256", "01.2.3.4",
             "192.0.2.1:", "192.0.2.1:port", "192.0.2.1:123456", "192.0.2.1:80:80",
@@ -85,7 +89,9 @@ class ParseNodeTests(SynchronousTestCase):
 
 class HeaderParsingTests(SynchronousTestCase):
     def test_x_forwarded_for(self):
-        """X forwarded for."""
+        """X-Forwarded-For values across several header lines give one hop per
+        comma-separated item, in order, with unknown, empty or undecodable items as None
+        placeholders."""
         self.assertEqual(
             x_forwarded_for_hops([b"198.51.100.7, unknown,,[2001:db8::2]:9", b"10.0.0.1"]),
             [ip("198.51.100.7"), None, ip("2001:db8::2"), ip("10.0.0.1")],
@@ -94,7 +100,9 @@ class HeaderParsingTests(SynchronousTestCase):
         self.assertEqual(x_forwarded_for_hops([b"\xff\xfe, 1.2.3.4"]), [None, ip("1.2.3.4")])
 
     def test_forwarded(self):
-        """Forwarded."""
+        """Forwarded (RFC 7239) gives the for= node of each element across header lines,
+        case-blind, quoted or not, with quoted-pair escapes and ports removed; obfuscated
+        or unknown nodes are None."""
         self.assertEqual(
             forwarded_hops(
                 [
@@ -109,7 +117,9 @@ class HeaderParsingTests(SynchronousTestCase):
         self.assertEqual(forwarded_hops([b",, for=192.0.2.1 ,"]), [ip("192.0.2.1")])
 
     def test_malformed_forwarded(self):
-        """Malformed forwarded."""
+        """A Forwarded header that breaks RFC 7239 (unclosed quote, two for= in one element,
+        missing value, spaces around =, stray tokens, bad bytes) is refused whole (None),
+        not read in part."""
         for value in [
             b'for="192.0.2.1', b"for=192.0.2.1;for=192.0.2.2", b"for", b"=1.2.3.4",
             b"for=", b"for = 1.2.3.4", b"for=1.2.3.4 x", b'for="a\\', b"for=1.2.3.4;;;\x00",
@@ -125,7 +135,8 @@ class ResolveTests(SynchronousTestCase):
         return resolve_client(peer, hdrs(**headers), trusted(trust))
 
     def test_untrusted_peer_headers_ignored(self):
-        """Untrusted peer headers ignored."""
+        """A peer that is not a trusted proxy is the client whatever X-Forwarded-For or
+        Forwarded say: a client cannot claim another address."""
         client = self.resolve(tcp("203.0.113.5"), x_forwarded_for="10.0.0.1", forwarded="for=10.0.0.1")
         self.assertEqual((client.address, client.name), (ip("203.0.113.5"), "203.0.113.5"))
         client = self.resolve(tcp("203.0.113.5"), "10.0.0.0/8", x_forwarded_for="10.0.0.1")
@@ -140,7 +151,8 @@ class ResolveTests(SynchronousTestCase):
         self.assertEqual(client.address, ip("198.51.100.7"))
 
     def test_chained_trusted_proxies(self):
-        """Chained trusted proxies."""
+        """Behind a chain of trusted proxies the client is the rightmost untrusted hop; hops
+        to its left (which the client itself may have written) are not believed."""
         client = self.resolve(
             tcp("10.0.0.2"), "10.0.0.0/8 192.168.0.0/16",
             x_forwarded_for="203.0.113.1, 198.51.100.7, 192.168.1.1, 10.0.0.3",
@@ -148,28 +160,31 @@ class ResolveTests(SynchronousTestCase):
         self.assertEqual(client.address, ip("198.51.100.7"))
 
     def test_all_hops_trusted_leftmost(self):
-        """All hops trusted leftmost."""
+        """When every hop is a trusted proxy, the leftmost hop is the client."""
         client = self.resolve(tcp("10.0.0.2"), "10.0.0.0/8", x_forwarded_for="10.0.0.9, 10.0.0.3")
         self.assertEqual(client.address, ip("10.0.0.9"))
 
     def test_trusted_peer_without_header_is_client(self):
-        """Trusted peer without header is client."""
+        """A trusted proxy that sends no forwarding header is itself the client."""
         self.assertEqual(self.resolve(tcp("10.0.0.2"), "10.0.0.0/8").address, ip("10.0.0.2"))
 
     def test_garbage_reached_is_unknown(self):
-        """Garbage reached is unknown."""
+        """When the walk from the right reaches a hop that is not an address, the client is
+        "unknown" with no address, so it can match no list entry."""
         for value in ["garbage", "198.51.100.7, unknown", "198.51.100.7, _obf", "", " , ",
                       "198.51.100.7, 10.0.0.1:x", "1.2.3.4 5.6.7.8"]:
             client = self.resolve(tcp("10.0.0.2"), "10.0.0.0/8", x_forwarded_for=value)
             self.assertEqual((client.address, client.name), (None, "unknown"), value)
 
     def test_garbage_left_of_client_ignored(self):
-        """Garbage left of client ignored."""
+        """Garbage to the left of the rightmost untrusted hop does not matter: the walk
+        stops at the client before reaching it."""
         client = self.resolve(tcp("10.0.0.2"), "10.0.0.0/8", x_forwarded_for="garbage, 198.51.100.7")
         self.assertEqual(client.address, ip("198.51.100.7"))
 
     def test_ipv6(self):
-        """IPv6."""
+        """The walk works over IPv6 peers, trusted networks and hops (bracketed with port,
+        or in Forwarded), including a link-local peer with a zone id."""
         client = self.resolve(
             tcp("2001:db8::10"), "2001:db8::/64",
             x_forwarded_for="2001:db8:ffff::1, [2001:db8::11]:443",
@@ -189,7 +204,9 @@ class ResolveTests(SynchronousTestCase):
         self.assertEqual(client.address, ip("198.51.100.7"))
 
     def test_unix_peer(self):
-        """Unix peer."""
+        """A unix-socket peer is the client "unix" with no address unless TRUSTED_PROXIES
+        lists "unix": only then is its X-Forwarded-For believed (an IP entry does not
+        trust it)."""
         peer = UNIXAddress(None)
         client = self.resolve(peer, "", x_forwarded_for="198.51.100.7")
         self.assertEqual((client.address, client.name), (None, "unix"))
@@ -201,7 +218,9 @@ class ResolveTests(SynchronousTestCase):
         self.assertEqual((client.address, client.name), (None, "unix"))
 
     def test_forwarded_header(self):
-        """Forwarded header."""
+        """Through a trusted proxy the Forwarded header alone gives the client (the
+        rightmost untrusted for=); a malformed one, or one without for=, gives no
+        address."""
         client = self.resolve(
             tcp("10.0.0.2"), "10.0.0.0/8",
             forwarded='for=10.9.9.9, for="198.51.100.7:1234";proto=https, for=10.0.0.5',
@@ -212,7 +231,9 @@ class ResolveTests(SynchronousTestCase):
             self.assertIsNone(client.address, value)
 
     def test_both_headers_must_agree(self):
-        """Both headers must agree."""
+        """When a trusted proxy sends both X-Forwarded-For and Forwarded, the client is
+        taken only if both name the same address; if they disagree there is no address
+        (no choosing the convenient one)."""
         client = self.resolve(
             tcp("10.0.0.2"), "10.0.0.0/8",
             x_forwarded_for="198.51.100.7", forwarded="for=198.51.100.7",
@@ -251,7 +272,8 @@ class ResolveTests(SynchronousTestCase):
 
 class ConfigTests(SynchronousTestCase):
     def test_trusted_proxies_unix(self):
-        """Trusted proxies unix."""
+        """TRUSTED_PROXIES accepts "unix" (also "unix:") beside networks; a bad network is a
+        ValueError and a host name stops start-up with a ConfigError."""
         self.assertEqual(
             parse_trusted_proxies("unix, 10.0.0.0/8 unix:"),
             ("unix", ipaddress.ip_network("10.0.0.0/8")),
@@ -318,14 +340,16 @@ class GateHarness(SynchronousTestCase):
 
 class GateTests(GateHarness):
     def test_no_lists_everyone_passes(self):
-        """No lists everyone passes."""
+        """With neither IP_WHITELIST nor IP_BLACKLIST every peer (IPv4, IPv6, unix) is
+        served, and the resource sees each client's name."""
         self.gate()
         for peer in (tcp("203.0.113.5"), tcp("2001:db8::1"), UNIXAddress(None)):
             self.assertEqual(self.status(self.request(peer)), 200)
         self.assertEqual([s[3] for s in self.leaf.seen], ["203.0.113.5", "2001:db8::1", "unix"])
 
     def test_whitelist(self):
-        """Whitelist."""
+        """With IP_WHITELIST only listed networks or addresses (IPv4, IPv6, IPv4-mapped) are
+        served; others and unix peers are refused with 403 and never reach the resource."""
         self.gate(allow="10.0.0.0/8, 2001:db8::/32 192.0.2.7")
         for peer in (tcp("10.1.2.3"), tcp("2001:db8::1"), tcp("192.0.2.7"), tcp("::ffff:10.0.0.1")):
             self.assertEqual(self.status(self.request(peer)), 200, peer)
@@ -334,7 +358,8 @@ class GateTests(GateHarness):
         self.assertEqual(len(self.leaf.seen), 4)
 
     def test_blacklist(self):
-        """Blacklist."""
+        """With IP_BLACKLIST listed networks are refused (also as IPv4-mapped IPv6, and ::1)
+        and everyone else is served."""
         self.gate(deny="203.0.113.0/24 ::1")
         self.assertRefused(self.request(tcp("203.0.113.9")))
         self.assertRefused(self.request(tcp("::ffff:203.0.113.9")))
@@ -342,13 +367,14 @@ class GateTests(GateHarness):
         self.assertEqual(self.status(self.request(tcp("198.51.100.1"))), 200)
 
     def test_deny_wins_over_allow(self):
-        """Deny wins over allow."""
+        """An address in both lists is refused: the blacklist carves holes in the whitelist."""
         self.gate(allow="10.0.0.0/8", deny="10.6.6.0/24")
         self.assertRefused(self.request(tcp("10.6.6.6")))
         self.assertEqual(self.status(self.request(tcp("10.7.7.7"))), 200)
 
     def test_spoofed_header_from_untrusted_peer(self):
-        """Spoofed header from untrusted peer."""
+        """An untrusted peer outside the whitelist is refused even when X-Forwarded-For,
+        Forwarded and X-Real-IP all claim a listed address."""
         self.gate(allow="10.0.0.0/8")
         t = self.request(
             tcp("203.0.113.5"),
@@ -357,7 +383,9 @@ class GateTests(GateHarness):
         self.assertRefused(t)
 
     def test_behind_trusted_proxy(self):
-        """Behind trusted proxy."""
+        """Behind a trusted proxy the gate judges the forwarded client, not the proxy: a
+        listed client passes (and is the name the resource sees), an unlisted one is
+        refused, and the proxy itself is refused when it sends no header."""
         self.gate(allow="198.51.100.0/24", trust="127.0.0.1 ::1")
         t = self.request(tcp("127.0.0.1"), headers=b"X-Forwarded-For: 10.0.0.1, 198.51.100.7\r\n")
         self.assertEqual(self.status(t), 200)
@@ -368,7 +396,9 @@ class GateTests(GateHarness):
         self.assertRefused(self.request(tcp("127.0.0.1")))
 
     def test_garbage_never_grants(self):
-        """Garbage never grants."""
+        """With either list set, a garbage or contradictory forwarding header from a trusted
+        proxy is refused and never reaches the resource: an unknown client cannot pass a
+        whitelist nor slip past a blacklist."""
         for allow, deny in (("198.51.100.0/24", ""), ("", "203.0.113.0/24")):
             self.gate(allow=allow, deny=deny, trust="127.0.0.1")
             for header in (
@@ -384,14 +414,17 @@ class GateTests(GateHarness):
                 self.assertEqual(self.leaf.seen, [])
 
     def test_garbage_without_lists_passes_as_unknown(self):
-        """Garbage without lists passes as unknown."""
+        """With no lists, a garbage forwarding header is served, the client named "unknown"
+        (there is nothing to refuse it on)."""
         self.gate(trust="127.0.0.1")
         t = self.request(tcp("127.0.0.1"), headers=b"X-Forwarded-For: nonsense\r\n")
         self.assertEqual(self.status(t), 200)
         self.assertEqual(self.leaf.seen[-1][3], "unknown")
 
     def test_unix_socket_peer(self):
-        """Unix socket peer."""
+        """A unix-socket peer is refused by a whitelist even with a listed X-Forwarded-For,
+        unless TRUSTED_PROXIES has "unix"; then its forwarded client is judged, and
+        without a header it is refused."""
         self.gate(allow="198.51.100.0/24")
         self.assertRefused(self.request(UNIXAddress(None), headers=b"X-Forwarded-For: 198.51.100.7\r\n"))
         self.gate(allow="198.51.100.0/24", trust="unix")
@@ -400,14 +433,15 @@ class GateTests(GateHarness):
         self.assertRefused(self.request(UNIXAddress(None)))
 
     def test_head_refused_without_body(self):
-        """Head refused without body."""
+        """A refused HEAD request gets 403 with an empty body, as HTTP requires for HEAD."""
         self.gate(deny="203.0.113.0/24")
         t = self.request(tcp("203.0.113.9"), method=b"HEAD")
         self.assertEqual(self.status(t), 403)
         self.assertEqual(self.body(t), b"")
 
     def test_refusal_logged_without_headers(self):
-        """Refusal logged without headers."""
+        """A refusal is logged with the client's address and the reason ("not in
+        IP_WHITELIST"), not with the spoofed header it sent."""
         self.gate(allow="10.0.0.0/8")
         with capturedLogs() as events:
             self.request(tcp("203.0.113.5"), headers=b"X-Forwarded-For: 10.0.0.1\r\n")
@@ -427,7 +461,9 @@ class GateTests(GateHarness):
         self.assertEqual(len(child.seen), 1)
 
     def test_exempt_paths(self):
-        """Exempt paths."""
+        """An exempt path (the health check) passes the gate exactly, with or without a
+        query; lookalikes (trailing slash, suffix, prefix, double slash) are still
+        refused."""
         self.gate(allow="10.0.0.0/8", exempt=[b"/healthz"])
         self.assertEqual(self.status(self.request(tcp("11.0.0.1"), b"/healthz")), 200)
         self.assertEqual(self.status(self.request(tcp("11.0.0.1"), b"/healthz?probe=1")), 200)
@@ -471,7 +507,8 @@ class BuiltTreeTests(GateHarness):
         return built
 
     def test_refusal_never_reaches_upstream(self):
-        """Refusal never reaches upstream."""
+        """In the built tree, a blacklisted client's POST is refused before any upstream
+        request is made, while an allowed client's request goes upstream."""
         self.build(IP_BLACKLIST="203.0.113.0/24", OPENAI_API_KEY="sk-default-000000000")
         self.assertRefused(
             self.request(tcp("203.0.113.9"), b"/v1/chat/completions", method=b"POST", body=b"{}")
@@ -513,7 +550,8 @@ class BuiltTreeTests(GateHarness):
         self.assertEqual(self.upstream.calls, [])
 
     def test_health_check_exempt(self):
-        """Health check exempt."""
+        """The health check answers {"status": "ok"} to a refused address, at /healthz and
+        under ROUTE_PREFIX, while API paths stay refused and nothing goes upstream."""
         self.build(IP_WHITELIST="10.0.0.0/8", ROUTE_PREFIX="/openai")
         for target in (b"/healthz", b"/openai/healthz"):
             t = self.request(tcp("203.0.113.9"), target)
@@ -523,13 +561,16 @@ class BuiltTreeTests(GateHarness):
         self.assertEqual(self.upstream.calls, [])
 
     def test_health_path_setting_followed(self):
-        """Health path setting followed."""
+        """HEALTHZ_PATH moves the exemption: the configured path is reachable by a refused
+        address and /healthz no longer is."""
         self.build(IP_WHITELIST="10.0.0.0/8", HEALTHZ_PATH="/ready")
         self.assertEqual(self.status(self.request(tcp("203.0.113.9"), b"/ready")), 200)
         self.assertRefused(self.request(tcp("203.0.113.9"), b"/healthz"))
 
     def test_client_address_in_chat_record(self):
-        """Client address in chat record."""
+        """The chat record gets the resolved client address (the forwarded one behind a
+        trusted proxy, the IPv4 form of a mapped one) and the key's label; an unlabelled
+        forward key is recorded as a fingerprint, never by its text."""
         self.build(TRUSTED_PROXIES="127.0.0.1", OPENAI_API_KEY="sk-default-000000000",
                    FORWARD_KEY="alice:fk-alice-00000000 fk-anon-00000000")
         self.request(tcp("127.0.0.1"), headers=b"X-Forwarded-For: 198.51.100.7\r\n"
@@ -541,7 +582,8 @@ class BuiltTreeTests(GateHarness):
         self.assertNotIn("anon", self.recorder.infos[1].key_label)
 
     def test_key_label_on_every_request_for_the_access_log(self):
-        """Key label on every request for the access log."""
+        """The access log gets the client and a key label for every request, refused ones
+        included (label "refused"), and a refused key never goes upstream."""
         logged = []
 
         class Site(ForwardSite):
@@ -557,7 +599,9 @@ class BuiltTreeTests(GateHarness):
         self.assertEqual(len(self.upstream.calls), 1)
 
     def test_key_refusal_before_upstream(self):
-        """Key refusal before upstream."""
+        """A missing key, an unknown forward key (in Authorization or Api-Key) or a forward
+        key without "Bearer" gets 401 invalid_api_key in OpenAI's shape, echoes no
+        forward key, and sends nothing upstream."""
         self.build(OPENAI_API_KEY="sk-default-000000000", FORWARD_KEY="fk-good-00000000")
         for auth in (b"", b"Authorization: Bearer fk-bad-000000000\r\n", b"Api-Key: fk-bad-0000000\r\n",
                      b"Authorization: fk-good-00000000\r\n"):
@@ -573,7 +617,9 @@ class GeneralRouteTests(GateHarness):
     """general routes spend no key of ours, and never forward a forward key."""
 
     def test_general_route(self):
-        """General route."""
+        """On a general route a forward key is refused with 401 (it is ours, not the other
+        service's), a keyless request goes with no Authorization, and the client's own
+        X-Api-Key is passed through untouched."""
         upstream = RecordingUpstream()
         config = load_config({}, {
             "OPENAI_API_KEY": "sk-default-000000000", "FORWARD_KEY": "fk-good-00000000",
@@ -605,14 +651,17 @@ class StartupWarningTests(SynchronousTestCase):
         return [formatEvent(e) for e in events if e["log_level"] >= LogLevel.warn]
 
     def test_open_relay_warned(self):
-        """Open relay warned."""
+        """With default keys and no FORWARD_KEY, start-up warns that anyone who can reach
+        the port spends the OpenAI keys, names FORWARD_KEY as the fix, and does not print
+        the key."""
         [warning] = self.warnings(OPENAI_API_KEY="sk-default-000000000")
         self.assertIn("anyone who can reach this port spends your OpenAI keys", warning)
         self.assertIn("FORWARD_KEY", warning)
         self.assertNotIn("sk-default", warning)
 
     def test_no_warning_with_forward_keys_or_without_keys(self):
-        """No warning with forward keys or without keys."""
+        """No open-relay warning when forward keys guard the default keys, nor when there
+        are no default keys to spend."""
         self.assertEqual(
             self.warnings(OPENAI_API_KEY="sk-default-000000000", FORWARD_KEY="fk-good-00000000"), []
         )

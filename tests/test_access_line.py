@@ -36,6 +36,9 @@ class RawClient(Protocol):
 class AccessLineTests(ProxyTestCase):
     """What operators read in the log."""
 
+    #: They scrape /metrics on the proxy's port, without the admin key.
+    proxy_settings = {"METRICS": "public"}
+
     def capture(self) -> list[dict]:
         events: list[dict] = []
         globalLogPublisher.addObserver(events.append)

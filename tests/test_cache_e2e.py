@@ -229,6 +229,9 @@ class IsolationTests(CacheTestCase):
 class RecordsAndMetricsTests(CacheTestCase):
     """Hits are recorded, counted, and spend no default key."""
 
+    #: They scrape /metrics on the proxy's port, without the admin key.
+    proxy_settings = {"METRICS": "public"}
+
     @defer.inlineCallbacks
     def test_hit_is_recorded_as_cached(self) -> None:
         """A hit writes a chat record marked ``cache: hit`` with the answer."""

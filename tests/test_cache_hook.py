@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import io
 import json
-from typing import Optional
+from typing import Any, Optional
 
 from prometheus_client import CollectorRegistry
 from twisted.internet.defer import Deferred, fail, succeed
@@ -102,8 +102,8 @@ class HookTests(SynchronousTestCase):
         self.clock.advance(1_000_000)
         self.metrics = CacheMetrics(CollectorRegistry())
 
-    def cache(self, store: Optional[ICacheStore] = None, **settings: object) -> ResponseCache:
-        s = CacheSettings(openai=True, **settings)  # type: ignore[arg-type]
+    def cache(self, store: Optional[ICacheStore] = None, **settings: Any) -> ResponseCache:
+        s = CacheSettings(openai=True, **settings)
         if store is None:
             store = MemoryStore(self.clock, s.ttl, s.max_bytes, self.metrics)
         return ResponseCache(s, store, Partitions(KEYS, s.shared), self.clock, self.metrics)

@@ -88,7 +88,7 @@ class ExamineTests(SynchronousTestCase):
         class Counting(io.BytesIO):
             largest = 0
 
-            def read(self, size: int = -1) -> bytes:  # type: ignore[override]
+            def read(self, size: int = -1) -> bytes:  # type: ignore[override]  # BytesIO's size is Optional
                 self.largest = max(self.largest, size)
                 return super().read(size)
 

@@ -10,21 +10,12 @@ import os
 from typing import Any
 
 from twisted.internet import defer
-from twisted.trial.unittest import TestCase
 
-from .test_workers import WorkersEndToEndTests as _Workers
+from .test_workers import WorkersTestCase
 
 
-class LMDBWorkersTests(TestCase):
+class LMDBWorkersTests(WorkersTestCase):
     """``twistd openai-forward --workers 2`` with CACHE_BACKEND=LMDB."""
-
-    timeout = 60
-
-    setUp = _Workers.setUp
-    _stop_upstream = _Workers._stop_upstream
-    start_supervisor = _Workers.start_supervisor
-    _kill_if_running = _Workers._kill_if_running
-    serving_pids = _Workers.serving_pids
 
     @defer.inlineCallbacks
     def run_proxy(self, root: str) -> Any:
@@ -77,8 +68,7 @@ class LMDBWorkersTests(TestCase):
         for _ in range(10):
             result, body = yield self.ask(port)
             self.assertEqual((result, body), (b"hit", stored))
-        supervisor.transport.signalProcess("TERM")
-        yield supervisor.ended
+        yield self.stop_supervisor(supervisor)
         self.assertNotIn("Traceback", supervisor.output)
 
         supervisor, port = yield self.run_proxy(root)
@@ -87,9 +77,4 @@ class LMDBWorkersTests(TestCase):
         self.assertEqual(
             len([s for s in self.fake.seen if s.uri.endswith(b"/completions")]), misses
         )
-        supervisor.transport.signalProcess("TERM")
-        yield supervisor.ended
-
-
-# Not left under its name: trial would run its tests here a second time.
-del _Workers
+        yield self.stop_supervisor(supervisor)

@@ -175,6 +175,9 @@ def lines_in_bytes(rec: dict[str, Any]) -> bytes:
 class TmpfsLogDirTests(ProxyTestCase):
     """LOG_DIR on a 64 KiB tmpfs, filled up, then freed."""
 
+    #: They scrape /metrics on the proxy's port, without the admin key.
+    proxy_settings = {"METRICS": "public"}
+
     timeout = 60
 
     def mount_tmpfs(self) -> str:

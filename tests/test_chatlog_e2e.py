@@ -71,7 +71,10 @@ class ChatLogTestCase(ProxyTestCase):
 class RecordedExchangeTests(ChatLogTestCase):
     @defer.inlineCallbacks
     def test_streamed_and_plain_answers_beside_their_questions(self):
-        """Streamed and plain answers beside their questions."""
+        """A plain and a streamed chat through the real plugin each give one record holding
+        the question, the assembled answer, model, status, outcome, client, key label and
+        route; the plain one has usage, the streamed one the bytes sent, and their ids
+        differ."""
         yield self.start_recording()
         self.fake.answer_text = "A plain answer"
         yield self.post("/v1/chat/completions", chat_body("plain question"))
@@ -101,7 +104,9 @@ class RecordedExchangeTests(ChatLogTestCase):
 
     @defer.inlineCallbacks
     def test_hundreds_of_concurrent_exchanges_one_record_each(self):
-        """Hundreds of concurrent exchanges one record each."""
+        """300 concurrent chats, half streamed, give exactly 300 records with distinct ids,
+        each with its own question, stream flag and the whole answer: records are never
+        mixed or lost under load."""
         yield self.start_recording()
         count = 300
         self.fake.answer_text = "the same answer for everyone"
@@ -155,7 +160,8 @@ class RecordedExchangeTests(ChatLogTestCase):
 
     @defer.inlineCallbacks
     def test_broken_body_relayed_untouched_and_recorded_as_such(self):
-        """Broken body relayed untouched and recorded as such."""
+        """A malformed event stream reaches the client byte for byte while its record lists
+        the problems (cut mid-event, no [DONE], events not JSON) with an excerpt."""
         yield self.start_recording()
         garbage = [b"data: {not json\r\n\r\n", b"data: \xff\xfe\r", b"\n\r\n: c\n", b"data: {\"choi"]
 
@@ -180,7 +186,8 @@ class RecordedExchangeTests(ChatLogTestCase):
 
     @defer.inlineCallbacks
     def test_non_json_answer_recorded_as_such(self):
-        """Non JSON answer recorded as such."""
+        """An answer labelled JSON that is HTML reaches the client as sent and is recorded
+        with "answer is not valid JSON" and an excerpt."""
         yield self.start_recording()
         self.fake.override = lambda request: (
             request.setHeader(b"content-type", b"application/json"), b"<html>oops</html>"
@@ -192,7 +199,8 @@ class RecordedExchangeTests(ChatLogTestCase):
 
     @defer.inlineCallbacks
     def test_completions_recorded(self):
-        """Completions recorded."""
+        """A streamed legacy completion is recorded as kind completion with its prompt,
+        parameters, assembled text and finish_reason."""
         yield self.start_recording()
         events = [
             b'data: {"id": "cmpl-1", "model": "babbage-002", "choices": [{"index": 0, "text": "Once"}]}\n\n',
@@ -220,7 +228,8 @@ class RecordedExchangeTests(ChatLogTestCase):
 
     @defer.inlineCallbacks
     def test_gzip_answer_relayed_verbatim_and_recorded(self):
-        """Gzip answer relayed verbatim and recorded."""
+        """A gzip answer reaches a client that accepts gzip still compressed, byte for byte,
+        while the record holds the decoded answer and the compressed size."""
         import gzip
 
         from twisted.web.client import readBody
@@ -248,7 +257,8 @@ class RecordedExchangeTests(ChatLogTestCase):
 
     @defer.inlineCallbacks
     def test_proxy_timeout_recorded(self):
-        """Proxy timeout recorded."""
+        """An upstream that never answers gives the client a 504, and the record keeps the
+        question with status 504 and outcome proxy_error."""
         yield self.start_recording(READ_TIMEOUT="0.2")
         self.fake.override = lambda request: NOT_DONE_YET
         response, body = yield self.post("/v1/chat/completions", chat_body("slow"))
@@ -259,7 +269,8 @@ class RecordedExchangeTests(ChatLogTestCase):
 
     @defer.inlineCallbacks
     def test_metadata_only_and_unrecorded_routes(self):
-        """Metadata only and unrecorded routes."""
+        """An embeddings exchange is recorded with usage and input count only, the vector
+        and the input text never on disk; /v1/models and /v1/files leave no record."""
         yield self.start_recording()
         vector = [0.0123456789] * 64
 
@@ -341,7 +352,8 @@ class SecretTests(ChatLogTestCase):
 class LogChatOffTests(ChatLogTestCase):
     @defer.inlineCallbacks
     def test_log_chat_false_writes_nothing(self):
-        """Log chat false writes nothing."""
+        """With LOG_CHAT=false (and no ledger) there is no recorder and, after plain and
+        streamed chats and a stop, no log folder is created."""
         log_dir = os.path.abspath(self.mktemp())
         # With the ledger on, records are assembled (never written) for it:
         # tests/test_ledger_e2e.py checks that case writes no chat file.
@@ -355,7 +367,8 @@ class LogChatOffTests(ChatLogTestCase):
         self.assertFalse(os.path.exists(log_dir))
 
     def test_unwritable_log_dir_stops_start_up(self):
-        """Unwritable log dir stops start up."""
+        """A LOG_DIR that cannot be written stops start-up with SystemExit and a line naming
+        LOG_DIR (--log-dir), instead of failing on the first chat."""
         from twisted.internet import reactor
 
         from twisted_forward.tap import Options, makeService

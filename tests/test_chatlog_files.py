@@ -83,7 +83,9 @@ def record(n: int, day: str = "2025-06-01", **extra: Any) -> dict[str, Any]:
 
 class EncodeTests(SynchronousTestCase):
     def test_one_line_whatever_the_text(self):
-        """One line whatever the text."""
+        """A record whose text holds newlines, CR, U+2028/U+2029, NUL, a lone surrogate and
+        emoji encodes to exactly one valid UTF-8 line that decodes back to the same text:
+        a record can never tear the JSON-lines file."""
         nasty = "line\nbreak\r\u2028sep\u2029para\x00nul \ud800 lone \U0001f389 é"
         line = encode_record(record(1, content=nasty))
         self.assertTrue(line.endswith(b"\n"))
@@ -98,7 +100,8 @@ class EncodeTests(SynchronousTestCase):
         self.assertIn("世界".encode(), encode_record(record(1, content="世界")))
 
     def test_unencodable_record_still_leaves_a_line(self):
-        """Unencodable record still leaves a line."""
+        """A record JSON cannot encode (NaN, a set) still leaves one line with its time, id
+        and kind and a problem saying why, so the exchange is not silently missing."""
         line = encode_record(record(7, value=float("nan"), other={1, 2}))
         self.assertEqual(
             json.loads(line),
@@ -107,7 +110,8 @@ class EncodeTests(SynchronousTestCase):
         )
 
     def test_secrets_masked(self):
-        """Secrets masked."""
+        """Configured keys are masked in the encoded line in every form JSON may write them
+        (a quote escaped included), so no key reaches disk."""
         secrets = secret_forms(["sk-live-123456", 'fk-with"quote'])
         line = encode_record(record(1, a="key sk-live-123456 here", b='fk-with"quote'), secrets)
         self.assertNotIn(b"sk-live-123456", line)
@@ -120,7 +124,8 @@ class RecordFilesTests(SynchronousTestCase):
         self.dir = self.mktemp()
 
     def test_day_files_and_whole_lines(self):
-        """Day files and whole lines."""
+        """Records go to one file per UTC day, appended as whole lines in order across
+        batches, and each file is created readable by its owner only (0600)."""
         files = RecordFiles(self.dir)
         files.append([("2025-06-01", b"a\n"), ("2025-06-01", b"b\n"), ("2025-06-02", b"c\n")])
         files.append([("2025-06-01", b"d\n")])
@@ -131,7 +136,8 @@ class RecordFilesTests(SynchronousTestCase):
         self.assertEqual(os.stat(os.path.join(self.dir, "chat_2025-06-02.jsonl")).st_mode & 0o777, 0o600)
 
     def test_size_rotation(self):
-        """Size rotation."""
+        """Past max_bytes a day's file rotates to .1, .2, ...; record_files lists them
+        oldest first and every line survives in order."""
         files = RecordFiles(self.dir, max_bytes=10)
         for i in range(5):
             files.append([("2025-06-01", b"%07d\n" % i)])
@@ -143,7 +149,8 @@ class RecordFilesTests(SynchronousTestCase):
         self.assertEqual(lines_in(self.dir), [b"%07d\n" % i for i in range(5)])
 
     def test_file_removed_under_the_writer(self):
-        """File removed under the writer."""
+        """When the day's file is moved away (logrotate), the next batch opens a new file at
+        the path instead of writing into the moved one."""
         files = RecordFiles(self.dir)
         files.append([("2025-06-01", b"a\n")])
         os.rename(os.path.join(self.dir, "chat_2025-06-01.jsonl"), os.path.join(self.dir, "old"))
@@ -201,7 +208,8 @@ class ObserverTests(SynchronousTestCase):
         self.log.info("record", chat_record=rec)
 
     def test_buffered_until_the_timer(self):
-        """Buffered until the timer."""
+        """Records are held in memory until the flush timer fires, then written together; no
+        timer is left running while nothing waits."""
         self.observer()
         self.emit(record(1))
         self.emit(record(2))
@@ -212,7 +220,8 @@ class ObserverTests(SynchronousTestCase):
         self.assertEqual(self.clock.getDelayedCalls(), [])  # no timer while idle
 
     def test_big_buffer_written_at_once(self):
-        """Big buffer written at once."""
+        """Once the buffer passes flush_bytes it is written at once, without waiting for the
+        timer, so memory stays bounded under load."""
         self.observer(flush_bytes=1000)
         self.emit(record(1, pad="x" * 600))
         self.assertEqual(lines_in(self.dir), [])
@@ -238,7 +247,8 @@ class ObserverTests(SynchronousTestCase):
         self.assertEqual(len(lines_in(self.dir)), 2)
 
     def test_other_namespaces_ignored(self):
-        """Other namespaces ignored."""
+        """Events from other namespaces, or without a chat record, are not written to the
+        record files."""
         observer = self.observer()
         Logger(namespace="twisted_forward.access", observer=observer).info("x", chat_record=record(1))
         self.log.info("no record here")
@@ -246,7 +256,8 @@ class ObserverTests(SynchronousTestCase):
         self.assertEqual(lines_in(self.dir), [])
 
     def test_failed_write_kept_and_retried(self):
-        """Failed write kept and retried."""
+        """A failed write keeps its records pending (flush still answers instead of hanging)
+        and the retry timer writes them once the disk works again."""
         os.makedirs(self.dir)
         blocker = os.path.join(self.dir, "file-not-dir")
         with open(blocker, "w"):
@@ -262,7 +273,8 @@ class ObserverTests(SynchronousTestCase):
         self.assertEqual(len(lines_in(blocker)), 1)
 
     def test_close_does_not_hang_on_a_broken_disk(self):
-        """Close does not hang on a broken disk."""
+        """close() finishes on a disk that cannot be written, dropping what cannot be saved,
+        and leaves no timer: shutdown never hangs on the recorder."""
         os.makedirs(self.dir)
         self.files.directory = os.path.join(self.dir, "file-not-dir")
         with open(self.files.directory, "w"):
@@ -273,7 +285,8 @@ class ObserverTests(SynchronousTestCase):
         self.assertEqual((observer.pending, self.clock.getDelayedCalls()), (0, []))
 
     def test_close_writes_everything_then_late_lines_at_once(self):
-        """Close writes everything then late lines at once."""
+        """close() waits for every buffered record to be written, a record arriving during
+        the close is written too, and one arriving after it is written at once."""
         manual = Manual()
         observer = self.observer(run=manual)
         for n in range(3):
@@ -307,7 +320,9 @@ class RecorderTests(SynchronousTestCase):
         self.recorder = ChatRecorder(self.clock, [self.events.append])
 
     def test_one_event_per_exchange_on_the_chat_namespace(self):
-        """One event per exchange on the chat namespace."""
+        """One exchange gives exactly one event on twisted_forward.chat (a second end() adds
+        nothing) carrying its time, duration, client, key label, model, status, outcome,
+        request messages and assembled answer."""
         body = json.dumps({"model": "m", "stream": True,
                            "messages": [{"role": "user", "content": "hi"}]}).encode()
         tap = self.recorder.begin(info(body=body))
@@ -333,12 +348,13 @@ class RecorderTests(SynchronousTestCase):
         self.assertEqual(rec["choices"][0]["content"], "Hi back")
 
     def test_not_recorded(self):
-        """Not recorded."""
+        """Exchanges that are not recorded kinds (GET, /v1/models) get no tap at all."""
         self.assertIsNone(self.recorder.begin(info(path="/v1/models")))
         self.assertIsNone(self.recorder.begin(info(method="GET")))
 
     def test_proxy_error_recorded(self):
-        """Proxy error recorded."""
+        """An exchange the proxy ended with an error is recorded with its status, outcome
+        proxy_error and an empty answer."""
         tap = self.recorder.begin(info(body=b'{"model": "m", "messages": []}'))
         tap.response(504, Headers())
         tap.end("proxy_error")
@@ -347,14 +363,16 @@ class RecorderTests(SynchronousTestCase):
                          (504, "proxy_error", [], "empty"))
 
     def test_client_left_before_the_answer(self):
-        """Client left before the answer."""
+        """A client that left before any answer is recorded with no status and client_left
+        true."""
         tap = self.recorder.begin(info(body=b'{"model": "m", "messages": []}'))
         tap.end("client_left")
         rec = self.events[0]["chat_record"]
         self.assertEqual((rec["status"], rec["client_left"]), (None, True))
 
     def test_tap_never_raises(self):
-        """Tap never raises."""
+        """A request body that cannot be read, or answer data before its head, is logged as
+        an error and noted in the record, never raised into the proxy's exchange."""
         class Gone(RequestBody):
             def head(self, size: int) -> bytes:
                 raise OSError("gone")
@@ -363,7 +381,7 @@ class RecorderTests(SynchronousTestCase):
         self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
         tap = self.recorder.begin(info())
         tap.data(b"before any head")
-        tap.response(200, None)  # type: ignore[arg-type]
+        tap.response(200, None)  # type: ignore[arg-type]  # a broken caller, on purpose
         tap.data(b"x")
         tap.end("complete")
         rec = self.events[0]["chat_record"]
@@ -372,7 +390,8 @@ class RecorderTests(SynchronousTestCase):
         self.flushLoggedErrors(AttributeError)
 
     def test_emit_failure_contained(self):
-        """Emit failure contained."""
+        """A failure while emitting a record is logged, not raised into the exchange that
+        ended."""
         recorder = ChatRecorder(self.clock, [])
         self.patch(recorder, "emit", lambda rec: 1 / 0)
         tap = recorder.begin(info())
@@ -380,7 +399,8 @@ class RecorderTests(SynchronousTestCase):
         self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
 
     def test_open_chat_log_refuses_unwritable_dir(self):
-        """Open chat log refuses unwritable dir."""
+        """open_chat_log raises OSError for a LOG_DIR that is a file, so start-up can report
+        it instead of losing records later."""
         path = self.mktemp()
         with open(path, "w"):
             pass
@@ -420,13 +440,15 @@ class ExportTests(SynchronousTestCase):
         return [r["request_id"] for r in self.run_export(*args)[0]]
 
     def test_everything_in_order_torn_line_reported(self):
-        """Everything in order torn line reported."""
+        """Export reads every file in order and reports a torn line by file and line number
+        instead of failing or skipping silently."""
         records, bad = self.run_export()
         self.assertEqual([r["request_id"] for r in records], ["r0", "r1", "r2", "r3"])
         self.assertEqual(bad, [os.path.join(self.dir, "chat_2025-06-01.jsonl") + ":2"])
 
     def test_filters(self):
-        """Filters."""
+        """--since and --until (days or times, inclusive), --model (with * patterns,
+        repeatable), --key-label and --kind select exactly the matching records."""
         self.assertEqual(self.ids("--since", "2025-06-01"), ["r1", "r2", "r3"])
         self.assertEqual(self.ids("--until", "2025-06-01"), ["r0", "r1", "r2"])
         self.assertEqual(self.ids("--since", "2025-06-01", "--until", "2025-06-01"), ["r1", "r2"])
@@ -438,20 +460,22 @@ class ExportTests(SynchronousTestCase):
         self.assertEqual(self.ids("--kind", "chat", "-k", "team-b"), ["r1", "r3"])
 
     def test_json_array(self):
-        """JSON array."""
+        """--format json writes one JSON array of the selected records, an empty array when
+        none match."""
         records, _ = self.run_export("--format", "json", "--model", "gpt-4o")
         self.assertEqual([r["request_id"] for r in records], ["r0", "r3"])
         records, _ = self.run_export("--format", "json", "--model", "none")
         self.assertEqual(records, [])
 
     def test_bad_options(self):
-        """Bad options."""
+        """An unknown --format or an unparseable --since is a usage error."""
         for args in (["--format", "xml"], ["--since", "yesterday"]):
             options = ExportOptions()
             self.assertRaises(UsageError, options.parseOptions, args)
 
     def test_command_line(self):
-        """Command line."""
+        """python -m twisted_forward.chat export writes the selected records to -o and says
+        how many on standard error; a missing folder exits 1 and bad usage exits 2."""
         out = os.path.abspath(self.mktemp() + ".json")
         process = subprocess.run(
             [sys.executable, "-m", "twisted_forward.chat", "export", "-d", self.dir,

@@ -57,7 +57,9 @@ DONE = b"data: [DONE]\n\n"
 
 class KindTests(SynchronousTestCase):
     def test_recorded_paths(self):
-        """Recorded paths."""
+        """POSTs to chat, completions, embeddings, audio and images paths (with /v1, without
+        it, or Azure's deployments form) get their kind, so each exchange is recorded
+        with the right reader."""
         for path, kind in [
             ("/v1/chat/completions", "chat"),
             ("/chat/completions", "chat"),
@@ -72,7 +74,8 @@ class KindTests(SynchronousTestCase):
             self.assertEqual(exchange_kind("POST", path), kind, path)
 
     def test_other_routes_not_recorded(self):
-        """Other routes not recorded."""
+        """GETs, a stored completion's own path, models, files, moderations and a lookalike
+        path get no kind: they are relayed but never recorded."""
         for method, path in [
             ("GET", "/v1/chat/completions"),  # the stored-completions list
             ("POST", "/v1/chat/completions/chatcmpl-1"),
@@ -86,7 +89,8 @@ class KindTests(SynchronousTestCase):
 
 class StreamedChatTests(SynchronousTestCase):
     def test_fake_upstream_stream(self):
-        """Fake upstream stream."""
+        """A whole chat stream is recorded as format "sse", done, with the assistant's text
+        joined and finish_reason "stop", and no problems."""
         result = read("chat", chat_chunks("Hello there world"))
         self.assertEqual(result["format"], "sse")
         self.assertTrue(result["done"])
@@ -108,7 +112,8 @@ class StreamedChatTests(SynchronousTestCase):
         self.assertEqual(result["choices"][0]["role"], "assistant")
 
     def test_n_choices_kept_apart(self):
-        """N choices kept apart."""
+        """With n=2, interleaved deltas for two choices are assembled per index, each with
+        its own finish_reason, and never mixed."""
         events = []
         for word_a, word_b in [("A1", "B1"), (" A2", " B2"), (" A3", " B3")]:
             events.append(chunk([{"index": 1, "delta": {"content": word_b}}]))
@@ -122,7 +127,8 @@ class StreamedChatTests(SynchronousTestCase):
         )
 
     def test_tool_calls_streamed(self):
-        """Tool calls streamed."""
+        """Streamed tool calls are assembled per call index: id, type and name from the
+        first delta, argument fragments joined in order even when two calls interleave."""
         events = [
             chunk([{"index": 0, "delta": {"role": "assistant", "content": None, "tool_calls": [
                 {"index": 0, "id": "call_a", "type": "function",
@@ -166,7 +172,8 @@ class StreamedChatTests(SynchronousTestCase):
         )
 
     def test_legacy_function_call(self):
-        """Legacy function call."""
+        """The legacy function_call delta is assembled into one name and its joined
+        arguments."""
         events = [
             chunk([{"index": 0, "delta": {"role": "assistant", "function_call": {"name": "lookup", "arguments": ""}}}]),
             chunk([{"index": 0, "delta": {"function_call": {"arguments": '{"q":'}}}]),
@@ -177,7 +184,8 @@ class StreamedChatTests(SynchronousTestCase):
         self.assertEqual(choice["function_call"], {"name": "lookup", "arguments": '{"q": 1}'})
 
     def test_usage_chunk_refusal_reasoning_and_audio(self):
-        """Usage chunk refusal reasoning and audio."""
+        """Reasoning content, a refusal and an audio transcript are recorded, the audio data
+        itself is not, and the final usage chunk gives the token counts."""
         events = [
             chunk([{"index": 0, "delta": {"reasoning_content": "think "}}]),
             chunk([{"index": 0, "delta": {"reasoning_content": "more"}}]),
@@ -196,7 +204,8 @@ class StreamedChatTests(SynchronousTestCase):
         self.assertEqual(result["usage"]["total_tokens"], 7)
 
     def test_error_event_mid_stream(self):
-        """Error event mid stream."""
+        """An error event in the middle of a stream is recorded with the text so far, and
+        the record says the stream ended without [DONE] (not done)."""
         events = [
             chunk([{"index": 0, "delta": {"content": "par"}}]),
             sse_event({"error": {"message": "overloaded", "type": "server_error"}}),
@@ -208,7 +217,8 @@ class StreamedChatTests(SynchronousTestCase):
         self.assertFalse(result["done"])
 
     def test_completion_stream(self):
-        """Completion stream."""
+        """A legacy completions stream is assembled from its text fields, with finish_reason
+        and the model the upstream answered with."""
         events = [
             sse_event({"id": "cmpl", "object": "text_completion", "model": "davinci",
                        "choices": [{"index": 0, "text": "Once", "finish_reason": None}]}),
@@ -220,7 +230,8 @@ class StreamedChatTests(SynchronousTestCase):
         self.assertEqual(result["response_model"], "davinci")
 
     def test_non_json_event_recorded_as_such(self):
-        """Non JSON event recorded as such."""
+        """Events that are not JSON objects are skipped but counted as a problem with an
+        excerpt; the surrounding text is still assembled."""
         events = [
             chunk([{"index": 0, "delta": {"content": "ok"}}]),
             b"data: this is not json\n\n",
@@ -234,7 +245,8 @@ class StreamedChatTests(SynchronousTestCase):
         self.assertEqual(result["excerpt"], "this is not json")
 
     def test_stream_cut_mid_event(self):
-        """Stream cut mid event."""
+        """A stream cut inside an event keeps the text of whole events and records both
+        problems: ended mid-event and without [DONE]."""
         whole = chunk([{"index": 0, "delta": {"content": "Hel"}}])
         result = read("chat", [whole, b'data: {"choices": [{"delta": {"content": "lo'])
         self.assertEqual(result["choices"][0]["content"], "Hel")
@@ -244,7 +256,8 @@ class StreamedChatTests(SynchronousTestCase):
         )
 
     def test_gzip_stream_split_anywhere(self):
-        """Gzip stream split anywhere."""
+        """A gzip-encoded stream split into 1-, 7- or 100-byte pieces is decoded and
+        assembled the same, and the recorded size is the encoded size."""
         plain = b"".join(chat_chunks("a gzipped stream"))
         packed = gzip.compress(plain)
         for step in (1, 7, 100):
@@ -254,7 +267,8 @@ class StreamedChatTests(SynchronousTestCase):
             self.assertEqual(result["size"], len(packed))
 
     def test_text_limit(self):
-        """Text limit."""
+        """Text past TEXT_LIMIT is cut there and the choice is marked truncated, so a huge
+        answer cannot grow a record without bound."""
         self.patch(chatrecord, "TEXT_LIMIT", 10)
         events = [chunk([{"index": 0, "delta": {"content": "12345"}}])] * 3 + [DONE]
         [choice] = read("chat", events)["choices"]
@@ -264,7 +278,8 @@ class StreamedChatTests(SynchronousTestCase):
 
 class WholeAnswerTests(SynchronousTestCase):
     def test_json_chat_answer(self):
-        """JSON chat answer."""
+        """A non-streamed JSON chat answer, split across chunks, is recorded as format
+        "json" with its message, usage and model."""
         body = json.dumps(chat_answer("Plain answer", "gpt-x")).encode()
         result = read("chat", [body[:10], body[10:]], ctype=b"application/json; charset=utf-8")
         self.assertEqual(result["format"], "json")
@@ -275,7 +290,8 @@ class WholeAnswerTests(SynchronousTestCase):
         self.assertEqual(result["response_model"], "gpt-x")
 
     def test_json_answer_with_tool_calls_and_n(self):
-        """JSON answer with tool calls and n."""
+        """A JSON answer with several choices is recorded in index order, whatever order
+        they came in, with tool calls kept."""
         answer = {
             "id": "x", "model": "m",
             "choices": [
@@ -290,33 +306,39 @@ class WholeAnswerTests(SynchronousTestCase):
         self.assertEqual(result["choices"][1]["content"], "second")
 
     def test_deflate_both_flavours(self):
-        """Deflate both flavours."""
+        """A deflate-encoded answer is decoded both as zlib-wrapped and as raw deflate,
+        since servers send either under that name."""
         body = json.dumps(chat_answer("deflated")).encode()
         for packed in (zlib.compress(body), zlib.compress(body)[2:-4]):  # zlib, raw
             result = read("chat", [packed], ctype=b"application/json", encoding=b"deflate")
             self.assertEqual(result["choices"][0]["content"], "deflated")
 
     def test_broken_gzip(self):
-        """Broken gzip."""
+        """An answer labelled gzip that is not gzip is recorded with the problem and its
+        size, without raising."""
         result = read("chat", [b"not gzip at all"], ctype=b"application/json", encoding=b"gzip")
         self.assertEqual(result["problems"], ["answer is not valid gzip data"])
         self.assertEqual(result["size"], 15)
 
     def test_unknown_encoding_noted(self):
-        """Unknown encoding noted."""
+        """An answer in an encoding the recorder does not decode (br) is recorded as
+        "encoded" with a problem saying so, and no choices are guessed."""
         result = read("chat", [b"\x1b\x00brotli"], ctype=b"application/json", encoding=b"br")
         self.assertEqual(result["format"], "encoded")
         self.assertEqual(result["problems"], ["answer encoded as br: not decoded"])
         self.assertEqual(result["choices"], [])
 
     def test_broken_json_body(self):
-        """Broken JSON body."""
+        """A JSON answer that does not parse is recorded with "answer is not valid JSON" and
+        an excerpt of the body."""
         result = read("chat", [b'{"choices": [{"message": '], ctype=b"application/json")
         self.assertEqual(result["problems"], ["answer is not valid JSON"])
         self.assertEqual(result["excerpt"], '{"choices": [{"message": ')
 
     def test_sniffed_without_content_type(self):
-        """Sniffed without content type."""
+        """Without a usable content type the format is sniffed: a JSON answer (after
+        whitespace) and an event stream are read as such, and HTML is recorded as "other"
+        with an excerpt."""
         body = json.dumps(chat_answer("sniffed")).encode()
         self.assertEqual(read("chat", [b"  ", body], ctype=None)["choices"][0]["content"], "sniffed")
         stream = chat_chunks("sniffed stream")
@@ -327,7 +349,8 @@ class WholeAnswerTests(SynchronousTestCase):
         self.assertEqual((result["format"], result["excerpt"]), ("other", "<html>bad gateway</html>"))
 
     def test_error_answer_keeps_error_without_key(self):
-        """Error answer keeps error without key."""
+        """An upstream error answer is recorded with its code and message, but a key echoed
+        in the message is masked to sk-***."""
         body = json.dumps({"error": {
             "message": "Incorrect API key provided: sk-proj-abcdefghijklmnop1234.",
             "type": "invalid_request_error", "code": "invalid_api_key"}}).encode()
@@ -337,12 +360,14 @@ class WholeAnswerTests(SynchronousTestCase):
         self.assertIn("sk-***", result["error"]["message"])
 
     def test_empty_answer(self):
-        """Empty answer."""
+        """An empty answer (a 500 with no body) is recorded with no choices and no problems,
+        rather than failing."""
         result = read("chat", [], ctype=b"application/json", status=500)
         self.assertEqual((result["choices"], result["problems"]), ([], []))
 
     def test_too_large_answer(self):
-        """Too large answer."""
+        """An answer over BODY_LIMIT is not parsed whole but noted as too large to record,
+        while usage is still found in its tail."""
         self.patch(chatrecord, "BODY_LIMIT", 100)
         body = json.dumps(chat_answer("x" * 200)).encode()
         result = read("chat", [body[:50], body[50:]], ctype=b"application/json")
@@ -350,7 +375,8 @@ class WholeAnswerTests(SynchronousTestCase):
         self.assertEqual(result["usage"]["total_tokens"], 8)  # found in the tail
 
     def test_decompression_bounded(self):
-        """Decompression bounded."""
+        """A small gzip that inflates past BODY_LIMIT is noted as too large, not
+        decompressed into memory: a gzip bomb cannot exhaust the recorder."""
         self.patch(chatrecord, "BODY_LIMIT", 1000)
         packed = gzip.compress(b"{" + b" " * 100_000 + b"}")
         result = read("chat", [packed], ctype=b"application/json", encoding=b"gzip")
@@ -359,7 +385,8 @@ class WholeAnswerTests(SynchronousTestCase):
 
 class MetadataAnswerTests(SynchronousTestCase):
     def test_embeddings_usage_without_vectors(self):
-        """Embeddings usage without vectors."""
+        """An embeddings answer is recorded with its usage and vector count only: no vector
+        values, and no choices."""
         body = json.dumps({
             "object": "list",
             "data": [{"object": "embedding", "index": i, "embedding": [0.123456] * 50} for i in range(3)],
@@ -373,7 +400,8 @@ class MetadataAnswerTests(SynchronousTestCase):
         self.assertNotIn("choices", result)
 
     def test_large_embeddings_usage_from_tail(self):
-        """Large embeddings usage from tail."""
+        """An embeddings answer larger than METADATA_LIMIT still has its usage recorded,
+        read from the tail, with no problem noted."""
         body = json.dumps({
             "data": [{"embedding": [0.5] * 1000} for _ in range(300)],
             "usage": {"prompt_tokens": 4000, "total_tokens": 4000},
@@ -385,13 +413,15 @@ class MetadataAnswerTests(SynchronousTestCase):
         self.assertEqual(result["problems"], [])
 
     def test_speech_is_bytes_only(self):
-        """Speech is bytes only."""
+        """A speech answer (audio bytes) is recorded as binary with its size only: no
+        excerpt of the audio."""
         result = read("audio", [b"ID3\x00" * 1000], ctype=b"audio/mpeg")
         self.assertEqual((result["format"], result["size"], result["usage"]), ("binary", 4000, None))
         self.assertNotIn("excerpt", result)
 
     def test_image_stream_usage_only(self):
-        """Image stream usage only."""
+        """An image-generation stream is recorded with its usage only, without the base64
+        image data."""
         events = [
             sse_event({"type": "image_generation.partial_image", "b64_json": "QUFB" * 100}),
             sse_event({"type": "image_generation.completed", "b64_json": "QkJC" * 100,
@@ -404,7 +434,9 @@ class MetadataAnswerTests(SynchronousTestCase):
 
 class RequestTests(SynchronousTestCase):
     def test_chat_request(self):
-        """Chat request."""
+        """A chat request is summarised with its model, stream flag, other parameters and
+        messages, and an inline base64 image is replaced by a note of how many characters
+        were left out."""
         image = "data:image/png;base64," + "iVBORw0KGgo" * 500
         body = json.dumps({
             "model": "gpt-4o", "stream": True, "temperature": 0.2,
@@ -425,13 +457,15 @@ class RequestTests(SynchronousTestCase):
         self.assertEqual(url, f"data:image/png;base64,… ({len(image)} characters omitted)")
 
     def test_completion_prompt(self):
-        """Completion prompt."""
+        """A completions request is summarised with its prompt and parameters, and no
+        messages field."""
         out = summarize_request("completion", b'{"model": "m", "prompt": ["a", "b"], "max_tokens": 5}')
         self.assertEqual((out["prompt"], out["params"]), (["a", "b"], {"max_tokens": 5}))
         self.assertNotIn("messages", out)
 
     def test_request_not_json(self):
-        """Request not JSON."""
+        """A request body that is not JSON, not an object, or empty is summarised with the
+        matching problem and an excerpt instead of raising."""
         out = summarize_request("chat", b"model=gpt&messages=hi")
         self.assertEqual(out["problems"], ["request body is not JSON"])
         self.assertEqual(out["request_excerpt"], "model=gpt&messages=hi")
@@ -439,7 +473,8 @@ class RequestTests(SynchronousTestCase):
         self.assertEqual(summarize_request("chat", b"")["problems"], ["request body is not JSON"])
 
     def test_embeddings_request_has_no_input(self):
-        """Embeddings request has no input."""
+        """An embeddings request is summarised with its parameters and how many inputs it
+        had, never the input text; a token list counts as one input."""
         out = summarize_request("embeddings", json.dumps({
             "model": "e", "input": ["secret text one", "two"], "dimensions": 256}).encode())
         self.assertEqual(out["params"], {"dimensions": 256, "input_count": 2})
@@ -448,14 +483,16 @@ class RequestTests(SynchronousTestCase):
         self.assertEqual(out["params"]["input_count"], 1)  # one tokenised input
 
     def test_large_embeddings_request_not_parsed(self):
-        """Large embeddings request not parsed."""
+        """An embeddings request over METADATA_LIMIT is not parsed: only its model is found,
+        so a huge upload costs no JSON parse."""
         body = json.dumps({"input": ["text " * 100] * 3000, "model": "text-embedding-3-large"}).encode()
         self.assertGreater(len(body), chatrecord.METADATA_LIMIT)
         out = summarize_request("embeddings", body)
         self.assertEqual((out["model"], out["params"]), ("text-embedding-3-large", {}))
 
     def test_multipart_audio_request(self):
-        """Multipart audio request."""
+        """A multipart audio upload is summarised with its model and plain parameters, never
+        the audio bytes nor the prompt text; junk yields no fields."""
         audio = b"RIFF" + bytes(range(256)) * 40
         body = (
             b"--XyZ\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\n"
@@ -471,7 +508,8 @@ class RequestTests(SynchronousTestCase):
         self.assertEqual(multipart_fields(b"junk", {"model"}), {})
 
     def test_strip_media(self):
-        """Strip media."""
+        """strip_media keeps short values and prose as they are and replaces long base64
+        runs with a note of their length."""
         self.assertEqual(strip_media({"a": ["short", 1, None]}), {"a": ["short", 1, None]})
         self.assertTrue(strip_media("QUJD" * 400).startswith("… (base64, 1600 characters"))
         prose = "word " * 400
@@ -480,7 +518,8 @@ class RequestTests(SynchronousTestCase):
 
 class AssemblerTests(SynchronousTestCase):
     def test_ignores_junk_shapes(self):
-        """Ignores junk shapes."""
+        """Chunks whose choices have the wrong shapes are skipped without raising, and a
+        non-string content is kept as text."""
         assembler = ChoiceAssembler("chat")
         for obj in ({"choices": "no"}, {"choices": [1, None]}, {"choices": [{"delta": "x"}]},
                     {"choices": [{"index": 0, "delta": {"content": 5}}]}):

@@ -8,17 +8,15 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
-from twisted.internet import defer, reactor
-from twisted.internet.error import ProcessDone
+from twisted.internet import defer
+from twisted.web.client import ResponseDone
 
 from twisted_forward.chat.files import read_records, record_files
 
 from .fake_upstream import chat_chunks
 from .harness import Collector, ProxyTestCase
-from .processes import ROOT
-from .processes import ChildProcess as Twistd
+from .processes import ChildProcess, assert_exit, child_env, spawn_twistd
 
 DEFAULT_KEY = "sk-sigterm-secret-abcdef0123"
 FORWARD_KEY = "fk-sigterm-secret-abcdef0123"
@@ -27,39 +25,27 @@ FORWARD_KEY = "fk-sigterm-secret-abcdef0123"
 class SigtermTests(ProxyTestCase):
     timeout = 120
 
-    def spawn_twistd(self, workdir: str) -> Twistd:
-        env = {
-            k: v for k, v in os.environ.items()
-            if k not in ("OPENAI_API_KEY", "FORWARD_KEY", "LOG_DIR", "ROUTE_PREFIX",
-                         "FORWARD_CONFIG", "OPENAI_BASE_URL", "PROXY", "IP_WHITELIST")
-        }
-        env.update(
-            PYTHONPATH=ROOT,
+    def spawn_twistd(self, workdir: str) -> ChildProcess:
+        env = child_env(
             OPENAI_BASE_URL=f"http://127.0.0.1:{self.upstream_port}",
             OPENAI_API_KEY=DEFAULT_KEY,
             FORWARD_KEY=f"burst:{FORWARD_KEY}",
             LOG_CHAT="true",
             SHUTDOWN_GRACE="60",
         )
-        process = Twistd()
-        args = [
-            sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
-            "-n", "--pidfile=", "openai-forward",
-            "--port", "tcp:0:interface=127.0.0.1", "--env-file", os.devnull,
-        ]
-        transport = reactor.spawnProcess(process, sys.executable, args, env=env, path=workdir)
-
-        def stop():
-            if process.exit_code is None and not process.ended.called:
-                transport.signalProcess("KILL")
-                return process.ended
-
-        self.addCleanup(stop)
-        return process
+        return spawn_twistd(
+            self,
+            ["-n", "--pidfile=", "openai-forward",
+             "--port", "tcp:0:interface=127.0.0.1", "--env-file", os.devnull],
+            env, workdir,
+        )
 
     @defer.inlineCallbacks
     def test_records_intact_after_sigterm_right_after_a_burst(self):
-        """Records intact after SIGTERM right after a burst."""
+        """SIGTERM right after a burst of 40 plain and 20 streamed chats,
+        with the streams mid-answer: every stream still ends whole, every
+        exchange has exactly one complete record on disk, the process exits
+        0 in order, and no key is in any record or log line."""
         workdir = os.path.abspath(self.mktemp())
         os.makedirs(workdir)
         twistd = self.spawn_twistd(workdir)
@@ -96,21 +82,19 @@ class SigtermTests(ProxyTestCase):
         yield defer.gatherResults(plain)
         # Plain answers are in (their records likely still in memory) and
         # the streams are mid-answer: stop the proxy now.
-        twistd.transport.signalProcess("TERM")
+        twistd.signal("TERM")
         yield twistd.wait_for(rb"draining \d+ open request")
         self.fake.release.callback(None)
         yield defer.gatherResults([c.done for c in collectors])
-        ended = yield twistd.ended
+        yield twistd.exited()
         # An orderly shutdown exits 0 (not by re-raising SIGTERM).
-        self.assertEqual(
-            (type(ended), ended.exitCode),
-            (ProcessDone, 0),
-            twistd.output,
-        )
+        assert_exit(self, twistd, 0)
         self.assertIn("Server Shut Down", twistd.output)
 
         full = b"".join(chat_chunks(self.fake.answer_text, "gpt-4o-mini"))
         self.assertEqual([c.body for c in collectors], [full] * stream_count)
+        # Each stream ended by its last chunk, not cut by the shutdown.
+        self.assertEqual({type(c.reason.value) for c in collectors}, {ResponseDone})
         log_dir = os.path.join(workdir, "Log")  # the default LOG_DIR
         records = list(read_records(record_files(log_dir)))
         self.assertEqual(

@@ -297,6 +297,52 @@ class CanaryTests(SynchronousTestCase):
         return path
 
 
+class SlotNamesCanaryTests(SynchronousTestCase):
+    """REQUEST_SLOTS and CHANNEL_SLOTS (with slot_defaults and
+    fill_slot_defaults) name the instance attributes of Twisted's Request
+    and HTTPChannel, private ones included."""
+
+    def broke(self, what: str) -> str:
+        return (
+            f"Twisted {twisted.__version__}: {what}. "
+            "twisted_forward/_compat.py slots it: adapt REQUEST_SLOTS/CHANNEL_SLOTS there."
+        )
+
+    def test_no_slot_hides_a_method(self) -> None:
+        """No slotted name is a method or property of the Twisted class
+        (a slot would hide it)."""
+        from twisted.web.server import Request
+
+        for owner, names in ((Request, _compat.REQUEST_SLOTS),
+                             (_compat.ChannelHooks, _compat.CHANNEL_SLOTS)):
+            for name in names:
+                value = getattr(owner, name, None)
+                self.assertFalse(
+                    isinstance(value, property)
+                    or (callable(value) and not isinstance(value, type)),
+                    self.broke(f"{owner.__name__}.{name} is now a method"),
+                )
+
+    def test_private_names_still_set(self) -> None:
+        """The private channel names slotted are still ones Twisted sets on
+        an HTTPChannel that has read a request (a name Twisted dropped only
+        costs memory; this says which)."""
+        channel = http.HTTPChannel()
+        channel.makeConnection(StringTransport())
+        channel.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        private = [n for n in _compat.CHANNEL_SLOTS if n.startswith("_") and "__" not in n]
+        # Set only while a producer is registered or an answer is written.
+        private = [n for n in private if n not in ("_requestProducer",
+                                                   "_requestProducerStreaming", "_savedTimeOut")]
+        for name in private:
+            self.assertIn(name, vars(channel), self.broke(f"HTTPChannel no longer sets {name}"))
+        defaults = dict(_compat.slot_defaults(http.HTTPChannel, _compat.CHANNEL_SLOTS))
+        self.assertEqual(defaults["_HTTPChannel__header"], b"")
+        target = http.HTTPChannel()
+        _compat.fill_slot_defaults(target, [("persistent", 0)])
+        self.assertEqual(target.persistent, 0)
+
+
 class CanaryCoverageTests(SynchronousTestCase):
     """Every private use _compat.py fences has its canary above."""
 
@@ -323,3 +369,76 @@ class CanaryCoverageTests(SynchronousTestCase):
             [],
             "exported by _compat.py with no canary in tests/test_compat.py",
         )
+
+    def test_no_private_use_outside_compat(self) -> None:
+        """Outside _compat.py the package touches no private name it does not
+        define itself: no ``x._name`` of Twisted's or treq's, no
+        ``getattr(x, "_name")``, no import from a private module or of a
+        private name (``os._exit`` is documented public API)."""
+        import ast
+        import os
+
+        package = os.path.dirname(_compat.__file__)
+        own: set[str] = set()
+        uses: list[tuple[str, int, str]] = []
+        for folder, _, names in os.walk(package):
+            for name in names:
+                if not name.endswith(".py"):
+                    continue
+                path = os.path.join(folder, name)
+                with open(path, encoding="utf-8") as f:
+                    tree = ast.parse(f.read())
+                where = os.path.relpath(path, os.path.dirname(package))
+                if name == "_compat.py":
+                    # What it sets (pool._factory, reactor._exitSignal) is
+                    # Twisted's, not ours.
+                    continue
+                for node in ast.walk(tree):
+                    own.update(_private_definitions(node))
+                    uses.extend((where, node.lineno, use) for use in _private_uses(node))
+        foreign = [u for u in uses if u[2] not in own | {"_exit"}]
+        self.assertEqual(foreign, [], "private names used outside twisted_forward/_compat.py")
+
+
+def _private_definitions(node: Any) -> list[str]:
+    """The private names ``node`` defines that other objects may reach: a
+    function, method or class named ``_x``, or a module or class variable.
+    (An attribute set on ``self`` is reached through ``self`` only.)"""
+    import ast
+
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        return [node.name]
+    if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+        return [node.id]
+    if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+        return [node.target.id]
+    return []
+
+
+def _private_uses(node: Any) -> list[str]:
+    """The private names ``node`` reads from elsewhere: ``x._name``,
+    ``getattr(x, "_name")``, and imports from Twisted's or treq's private
+    modules or of their private names."""
+    import ast
+
+    def private(name: str) -> bool:
+        return name.startswith("_") and not name.startswith("__")
+
+    if isinstance(node, ast.Attribute) and private(node.attr):
+        if isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"):
+            return []
+        return [node.attr]
+    if (
+        isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Name)
+        and node.func.id in ("getattr", "setattr", "hasattr", "delattr")
+        and len(node.args) >= 2
+        and isinstance(node.args[1], ast.Constant)
+        and isinstance(node.args[1].value, str)
+        and private(node.args[1].value)
+    ):
+        return [node.args[1].value]
+    if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in ("twisted", "treq"):
+        parts = (node.module or "").split(".")
+        return [p for p in parts if private(p)] + [a.name for a in node.names if private(a.name)]
+    return []

@@ -26,19 +26,20 @@ def _load(args=(), env=None, env_file=None):
 
 class OptionsTests(SynchronousTestCase):
     def test_port_number_means_tcp(self):
-        """Port number means tcp."""
+        """A bare --port number means TCP on all interfaces with a backlog of 1024."""
         options = Options()
         options.parseOptions(["--port", "9999"])
         self.assertEqual(options["endpoint"], "tcp:9999:backlog=1024")
 
     def test_port_default(self):
-        """Port default."""
+        """Without --port the proxy listens on TCP 8000, all interfaces, backlog 1024."""
         options = Options()
         options.parseOptions([])
         self.assertEqual(options["endpoint"], "tcp:8000:backlog=1024")
 
     def test_port_endpoint_string_kept(self):
-        """Port endpoint string kept."""
+        """An endpoint string for --port is kept as written; TCP and SSL get backlog=1024
+        unless they set their own, unix and systemd get nothing added."""
         for port, endpoint in (
             ("tcp:9999:interface=127.0.0.1", "tcp:9999:interface=127.0.0.1:backlog=1024"),
             ("tcp:9999:backlog=10", "tcp:9999:backlog=10"),
@@ -51,11 +52,12 @@ class OptionsTests(SynchronousTestCase):
             self.assertEqual(options["endpoint"], endpoint)
 
     def test_port_out_of_range(self):
-        """Port out of range."""
+        """A port number above 65535 is a usage error at option parsing."""
         self.assertRaises(usage.UsageError, Options().parseOptions, ["--port", "70000"])
 
     def test_every_setting_has_an_option(self):
-        """Every setting has an option."""
+        """A setting given as a twistd option (--read-timeout, --route-prefix) reaches the
+        config, normalised (seconds as a number, the prefix with a leading slash)."""
         options = Options()
         options.parseOptions(["--read-timeout", "5", "--route-prefix", "openai/"])
         self.assertEqual(options["read-timeout"], "5")
@@ -66,7 +68,9 @@ class OptionsTests(SynchronousTestCase):
 
 class LoadTests(SynchronousTestCase):
     def test_defaults(self):
-        """Defaults."""
+        """With nothing set: one OpenAI route to https://api.openai.com, no keys, chat
+        records on in ./Log, timeouts 10/600/300 s, a 512 MiB body cap and 64 KiB /
+        100-line upstream head caps."""
         config = _load()
         self.assertEqual(
             config.routes, (Route("", UpstreamURL("https", "api.openai.com", ""), "openai"),)
@@ -81,7 +85,8 @@ class LoadTests(SynchronousTestCase):
         self.assertEqual((config.max_upstream_head, config.max_upstream_headers), (65536, 100))
 
     def test_precedence_options_env_dotenv(self):
-        """Precedence options env dotenv."""
+        """A twistd option wins over the environment, which wins over the .env file; a
+        setting only in .env is still read."""
         env_file = {"READ_TIMEOUT": "1", "IDLE_TIMEOUT": "2", "CONNECT_TIMEOUT": "3"}
         env = {"READ_TIMEOUT": "10", "IDLE_TIMEOUT": "20"}
         config = _load(["--read-timeout", "100"], env, env_file)
@@ -90,7 +95,7 @@ class LoadTests(SynchronousTestCase):
         self.assertEqual(config.connect_timeout, 3)
 
     def test_dotenv_file_read(self):
-        """Dotenv file read."""
+        """--env-file names the .env file whose keys and route prefix are loaded."""
         path = self.mktemp()
         with open(path, "w") as f:
             f.write("OPENAI_API_KEY=sk-a,sk-b\nROUTE_PREFIX=/v\n")
@@ -101,7 +106,8 @@ class LoadTests(SynchronousTestCase):
         self.assertEqual(config.routes[0].prefix, "/v")
 
     def test_lists_split_on_space_and_comma(self):
-        """Lists split on space and comma."""
+        """List settings split on spaces, commas or both, ignoring empty items, so keys and
+        networks can be written either way."""
         config = _load(env={"OPENAI_API_KEY": " sk-a, sk-b  sk-c,", "IP_BLACKLIST": "10.0.0.0/8 ::1"})
         self.assertEqual(config.default_keys, ("sk-a", "sk-b", "sk-c"))
         self.assertEqual(
@@ -110,12 +116,13 @@ class LoadTests(SynchronousTestCase):
         )
 
     def test_base_url_with_path(self):
-        """Base URL with path."""
+        """OPENAI_BASE_URL with a port and a path keeps both, the trailing slash dropped."""
         config = _load(env={"OPENAI_BASE_URL": "https://example.com:8443/openai/"})
         self.assertEqual(config.routes[0].base, UpstreamURL("https", "example.com:8443", "/openai"))
 
     def test_forward_config(self):
-        """Forward config."""
+        """FORWARD_CONFIG's JSON rows become routes in order, a bare route name gaining its
+        slash and an IPv6 host kept bracketed."""
         config = _load(
             env={
                 "FORWARD_CONFIG": '[{"base_url": "http://127.0.0.1:1", "route": "/", "type": "openai"},'
@@ -131,7 +138,9 @@ class LoadTests(SynchronousTestCase):
         )
 
     def test_forward_key_labels(self):
-        """Forward key labels."""
+        """Forward keys get their given label, else fk#<position> for short keys (a hash of
+        one could be brute-forced) or fk#<8 hex of its SHA-256> for long ones; no key is
+        in the config's repr."""
         long_key = "fk-" + "7d1c0b9e51a8e2f4c3b6a9d0"
         config = _load(
             env={"OPENAI_API_KEY": "sk-a", "FORWARD_KEY": f"alice:fk-alice-123, fk-anon-4567 {long_key}"}
@@ -147,7 +156,8 @@ class LoadTests(SynchronousTestCase):
         self.assertNotIn("sk-a", repr(config))
 
     def test_bad_settings_name_the_setting(self):
-        """Bad settings name the setting."""
+        """Every bad value of every setting raises a ConfigError of one line starting with
+        the setting's name, so start-up stops with a message an operator can act on."""
         cases = {
             "OPENAI_BASE_URL": ["ftp://x", "not a url", "http://", "https://u:p@h", "http://h:99999"],
             "READ_TIMEOUT": ["soon", "-1", "0", "inf"],
@@ -182,11 +192,12 @@ class LoadTests(SynchronousTestCase):
         self.assertEqual((config.max_upstream_head, config.max_upstream_headers), (1 << 20, 7))
 
     def test_forward_keys_need_default_keys(self):
-        """Forward keys need default keys."""
+        """FORWARD_KEY without OPENAI_API_KEY stops start-up: forward keys would have
+        nothing to be swapped for."""
         self.assertRaises(ConfigError, _load, env={"FORWARD_KEY": "fk-12345678"})
 
     def test_sizes(self):
-        """Sizes."""
+        """Sizes read binary units (MiB), decimal units (MB) and plain byte counts."""
         self.assertEqual(parse_size("512MiB"), 512 * 1024 * 1024)
         self.assertEqual(parse_size("10MB"), 10_000_000)
         self.assertEqual(parse_size("1048576"), 1048576)

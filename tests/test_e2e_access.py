@@ -50,7 +50,9 @@ class KeyRulesE2E(ProxyTestCase):
 
     @defer.inlineCallbacks
     def test_forward_key_swapped_for_default_key(self):
-        """Forward key swapped for default key."""
+        """Through the real plugin a forward key reaches the upstream as "Bearer <default
+        key>", and when the upstream echoes that key back the client gets it masked, with
+        Content-Length still right."""
         yield self.start()
         response, body = yield self.get(authorization="Bearer " + ALICE)
         self.assertEqual(response.code, 200)
@@ -63,7 +65,8 @@ class KeyRulesE2E(ProxyTestCase):
 
     @defer.inlineCallbacks
     def test_api_key_headers(self):
-        """API key headers."""
+        """Forward keys in api-key and x-api-key reach the upstream as the default key in
+        the same header, with no Authorization added."""
         yield self.start()
         yield self.get(api_key=ALICE)
         yield self.get(x_api_key=BOB)
@@ -74,7 +77,9 @@ class KeyRulesE2E(ProxyTestCase):
 
     @defer.inlineCallbacks
     def test_refusals_never_reach_upstream(self):
-        """Refusals never reach upstream."""
+        """No key, an empty Bearer, an unknown, truncated or wrongly-schemed forward key, a
+        forward key beside another credential, or an upper-case FK- key: each gets a 401
+        invalid_api_key JSON error and none reaches the upstream."""
         yield self.start()
         for headers in (
             {},
@@ -124,7 +129,8 @@ class KeyRulesE2E(ProxyTestCase):
 
     @defer.inlineCallbacks
     def test_client_own_key_untouched_with_forward_keys_set(self):
-        """Client own key untouched with forward keys set."""
+        """With forward keys configured, a client's own sk- key is still passed through
+        untouched."""
         yield self.start()
         response, _ = yield self.get(authorization="Bearer sk-client-own-key")
         self.assertEqual(response.code, 200)
@@ -146,7 +152,7 @@ class KeyRulesE2E(ProxyTestCase):
 
     @defer.inlineCallbacks
     def test_no_open_relay_warning_with_forward_keys(self):
-        """No open relay warning with forward keys."""
+        """With forward keys configured the plugin does not log the open-relay warning."""
         yield self.start()
         self.assertFalse(
             [e for e in self.secrets_watch.events if "anyone who can reach" in formatEvent(e)]
@@ -171,7 +177,8 @@ class IPGateE2E(ProxyTestCase):
 
     @defer.inlineCallbacks
     def test_blacklisted_refused_before_upstream(self):
-        """Blacklisted refused before upstream."""
+        """A blacklisted client gets a 403 ip_not_allowed JSON error for GET and POST alike,
+        and nothing reaches the upstream."""
         yield self.start_proxy(IP_BLACKLIST="127.0.0.0/8")
         code, body = yield self.status()
         self.assertEqual(code, 403)
@@ -182,7 +189,8 @@ class IPGateE2E(ProxyTestCase):
 
     @defer.inlineCallbacks
     def test_health_check_reachable_when_refused(self):
-        """Health check reachable when refused."""
+        """A client outside IP_WHITELIST still gets {"status": "ok"} from the health check
+        (also under ROUTE_PREFIX), while API paths are refused and nothing goes upstream."""
         yield self.start_proxy(IP_WHITELIST="10.0.0.0/8", ROUTE_PREFIX="/openai")
         for path in ("/healthz", "/openai/healthz"):
             code, body = yield self.status(path)
@@ -193,7 +201,8 @@ class IPGateE2E(ProxyTestCase):
 
     @defer.inlineCallbacks
     def test_whitelist(self):
-        """Whitelist."""
+        """IP_WHITELIST refuses the loopback client when neither 127.0.0.1 nor its network
+        is listed (::1 does not cover it) and serves it once 127.0.0.1 is."""
         yield self.start_proxy(IP_WHITELIST="10.0.0.0/8, ::1")
         code, _ = yield self.status()
         self.assertEqual(code, 403)
@@ -204,7 +213,8 @@ class IPGateE2E(ProxyTestCase):
 
     @defer.inlineCallbacks
     def test_spoofed_forwarding_headers_ignored(self):
-        """Spoofed forwarding headers ignored."""
+        """With no trusted proxy, X-Forwarded-For, Forwarded, X-Real-IP and True-Client-IP
+        claiming a whitelisted address do not get the request past the gate."""
         yield self.start_proxy(IP_WHITELIST="198.51.100.0/24")
         spoof = {
             b"x-forwarded-for": [b"198.51.100.7"],
@@ -240,7 +250,9 @@ class NothingLeaksE2E(ProxyTestCase):
 
     @defer.inlineCallbacks
     def test_no_client_identifying_header_upstream(self):
-        """No client identifying header upstream."""
+        """Client-identifying headers (forwarding headers, cookies) never reach the
+        upstream, nor does the client's address anywhere in the headers; other headers
+        pass."""
         yield self.start_proxy(OPENAI_API_KEY=DEFAULT)
         headers = {name: [b"203.0.113.9"] for name in CLIENT_IDENTIFYING}
         headers[b"cookie"] = [b"session=1"]
@@ -299,15 +311,18 @@ class NothingLeaksE2E(ProxyTestCase):
         self.assertEqual(_json(body)["error"]["message"], expected_message)
 
     def test_gzip_error_echo_decoded_and_masked(self):
-        """Gzip error echo decoded and masked."""
+        """A gzip-encoded upstream error that echoes the key is decoded and the key masked
+        before the client gets it."""
         return self.check_error_echo(gzip.compress, b"gzip", "Incorrect API key provided: sk-***")
 
     def test_deflate_error_echo_decoded_and_masked(self):
-        """Deflate error echo decoded and masked."""
+        """A zlib-deflate upstream error that echoes the key is decoded and the key masked
+        before the client gets it."""
         return self.check_error_echo(zlib.compress, b"deflate", "Incorrect API key provided: sk-***")
 
     def test_raw_deflate_error_echo_decoded_and_masked(self):
-        """Raw deflate error echo decoded and masked."""
+        """A raw-deflate upstream error that echoes the key is decoded and the key masked
+        before the client gets it."""
         def raw(data):
             c = zlib.compressobj(wbits=-15)
             return c.compress(data) + c.flush()
@@ -315,20 +330,23 @@ class NothingLeaksE2E(ProxyTestCase):
         return self.check_error_echo(raw, b"deflate", "Incorrect API key provided: sk-***")
 
     def test_unknown_coding_withheld(self):
-        """Unknown coding withheld."""
+        """An upstream error in a coding the proxy cannot decode (br) is withheld and
+        replaced by "unreadable", since a key inside it could not be masked."""
         return self.check_error_echo(
             gzip.compress, b"br", "The upstream's error answer was unreadable."
         )
 
     def test_stacked_codings_withheld(self):
-        """Stacked codings withheld."""
+        """An upstream error with stacked codings (gzip, gzip) is withheld rather than
+        passed on unmasked."""
         return self.check_error_echo(
             lambda b: gzip.compress(gzip.compress(b)), b"gzip, gzip",
             "The upstream's error answer was unreadable.",
         )
 
     def test_gzip_bomb_withheld(self):
-        """Gzip bomb withheld."""
+        """An upstream error that inflates to 8 MiB is withheld rather than decompressed
+        whole to mask it."""
         big = b" " * (8 << 20)
         return self.check_error_echo(
             lambda b: gzip.compress(b[:-2] + big + b[-2:]), b"gzip",
@@ -337,7 +355,8 @@ class NothingLeaksE2E(ProxyTestCase):
 
     @defer.inlineCallbacks
     def test_header_echo_masked(self):
-        """Header echo masked."""
+        """A key the upstream echoes in a response header is masked before the client sees
+        it."""
         yield self.start_proxy(OPENAI_API_KEY=DEFAULT)
 
         def answer(request):
@@ -422,7 +441,9 @@ class SecretsWatchE2E(ProxyTestCase):
 
     @defer.inlineCallbacks
     def test_watch_catches_leaks(self):
-        """Watch catches leaks."""
+        """The secrets watch reports a key in the bytes sent to a client, a key in a log
+        event, a client-identifying header and a forward key reaching the upstream: it
+        can fail, so its silence in other tests means something."""
         yield self.start_proxy(OPENAI_API_KEY=DEFAULT, FORWARD_KEY=ALICE)
         watch = self.secrets_watch
         self.assertEqual(watch.leaks(self), [])

@@ -26,7 +26,9 @@ class ForwardingTests(ProxyTestCase):
 
     @defer.inlineCallbacks
     def test_chat_completion(self):
-        """Chat completion."""
+        """A chat completion through the real plugin reaches the upstream with its method,
+        path, body and content type unchanged, and the client gets the upstream's answer,
+        content type and x-request-id."""
         yield self.start_proxy()
         body = json.dumps(
             {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
@@ -72,7 +74,9 @@ class ForwardingTests(ProxyTestCase):
 
     @defer.inlineCallbacks
     def test_multipart_upload_byte_for_byte(self):
-        """Multipart upload byte for byte."""
+        """A 300 kB multipart upload (above Twisted's in-memory threshold) reaches the
+        upstream byte for byte with its boundary and Content-Length: file uploads are not
+        re-encoded or parsed."""
         yield self.start_proxy()
         payload = os.urandom(300_000)  # above Twisted's in-memory threshold
         boundary = b"----tfboundary7MA4YWxkTrZu0gW"
@@ -103,7 +107,8 @@ class ForwardingTests(ProxyTestCase):
 
     @defer.inlineCallbacks
     def test_delete_and_get(self):
-        """Delete and get."""
+        """DELETE and GET requests are forwarded with their methods and the upstream's
+        answers come back."""
         yield self.start_proxy()
         response = yield self.client.delete(self.url("/v1/files/file-abc"))
         self.assertEqual(
@@ -116,7 +121,8 @@ class ForwardingTests(ProxyTestCase):
 
     @defer.inlineCallbacks
     def test_query_string_raw(self):
-        """Query string raw."""
+        """The query string reaches the upstream exactly as sent (empty pairs, +, %20, %2F,
+        a bare flag): nothing is decoded or re-encoded."""
         yield self.start_proxy()
         target = "/echo?limit=2&&order=desc&a+b=%20c&flag&x=%2F"
         response = yield self.client.get(self.url(target))
@@ -125,7 +131,8 @@ class ForwardingTests(ProxyTestCase):
 
     @defer.inlineCallbacks
     def test_upstream_errors_pass_through(self):
-        """Upstream errors pass through."""
+        """Upstream 400, 404, 429, 500 and 503 answers reach the client with their status
+        and the upstream's own error body, not replaced by the proxy's."""
         yield self.start_proxy()
         for code in (400, 404, 429, 500, 503):
             response = yield self.client.get(
@@ -157,7 +164,7 @@ class ForwardingTests(ProxyTestCase):
 
     @defer.inlineCallbacks
     def test_large_answer_streams_whole(self):
-        """Large answer streams whole."""
+        """A 5 MB answer reaches the client whole, with its Content-Length."""
         yield self.start_proxy()
         response = yield self.client.get(self.url("/big/5000000"))
         self.assertEqual(response.length, 5_000_000)
@@ -170,7 +177,8 @@ class KeyTests(ProxyTestCase):
 
     @defer.inlineCallbacks
     def test_default_keys_in_turn(self):
-        """Default keys in turn."""
+        """Two default keys are used in turn, one request each, so the load is spread across
+        them."""
         yield self.start_proxy(OPENAI_API_KEY="sk-test-one, sk-test-two")
         for _ in range(4):
             response = yield self.client.get(self.url("/echo"))
@@ -182,7 +190,7 @@ class KeyTests(ProxyTestCase):
 
     @defer.inlineCallbacks
     def test_client_key_untouched(self):
-        """Client key untouched."""
+        """A client's own key is sent upstream instead of the default key, unchanged."""
         yield self.start_proxy(OPENAI_API_KEY="sk-test-one")
         response = yield self.client.get(
             self.url("/echo"), headers={b"authorization": b"Bearer sk-client-own"}
@@ -192,7 +200,8 @@ class KeyTests(ProxyTestCase):
 
     @defer.inlineCallbacks
     def test_no_keys_no_authorization(self):
-        """No keys no authorization."""
+        """With no keys configured and none sent, the upstream request has no Authorization
+        header."""
         yield self.start_proxy()
         response = yield self.client.get(self.url("/echo"))
         yield response.content()
@@ -202,7 +211,8 @@ class KeyTests(ProxyTestCase):
 class RoutePrefixTests(ProxyTestCase):
     @defer.inlineCallbacks
     def test_prefix_stripped(self):
-        """Prefix stripped."""
+        """With ROUTE_PREFIX=/openai, /openai/v1/models?x=1 reaches the upstream as
+        /v1/models?x=1."""
         yield self.start_proxy(ROUTE_PREFIX="/openai")
         response = yield self.client.get(self.url("/openai/v1/models?x=1"))
         self.assertEqual(response.code, 200)
@@ -211,7 +221,8 @@ class RoutePrefixTests(ProxyTestCase):
 
     @defer.inlineCallbacks
     def test_outside_prefix_is_404_json(self):
-        """Outside prefix is 404 JSON."""
+        """Paths outside ROUTE_PREFIX (no prefix, the prefix without its slash, the root)
+        get a 404 unknown_route JSON error and never reach the upstream."""
         yield self.start_proxy(ROUTE_PREFIX="/openai")
         for path in ("/v1/models", "/openaiv1/models", "/"):
             response = yield self.client.get(self.url(path))

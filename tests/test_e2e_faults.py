@@ -17,6 +17,9 @@ from .test_metrics import _sample
 
 
 class FaultTests(ProxyTestCase):
+    #: They scrape /metrics on the proxy's port, without the admin key.
+    proxy_settings = {"METRICS": "public"}
+
     @defer.inlineCallbacks
     def metrics(self) -> defer.Deferred:
         response = yield self.client.get(self.url("/metrics"))
@@ -24,7 +27,9 @@ class FaultTests(ProxyTestCase):
 
     @defer.inlineCallbacks
     def test_stalled_head_is_504_and_upstream_request_dropped(self):
-        """Stalled head is 504 and upstream request dropped."""
+        """An upstream that never sends its answer head gives the client a 504
+        upstream_timeout after READ_TIMEOUT, and the proxy serves the next request
+        normally."""
         yield self.start_proxy(READ_TIMEOUT="0.2")
         response = yield self.client.get(self.url("/stall"))
         body = json.loads((yield response.content()))
@@ -37,7 +42,9 @@ class FaultTests(ProxyTestCase):
 
     @defer.inlineCallbacks
     def test_stream_gone_silent_is_cut_and_counted(self):
-        """Stream gone silent is cut and counted."""
+        """A stream that goes silent for IDLE_TIMEOUT is cut: the client sees a failed
+        response (not a hang, nor a clean end without [DONE]) and the cut is counted as
+        outcome idle_timeout."""
         yield self.start_proxy(IDLE_TIMEOUT="0.2")
         self.fake.hold_at = 2  # two events, then silence
         response, collector = yield self.open_stream()
@@ -70,7 +77,8 @@ class FaultTests(ProxyTestCase):
 
     @defer.inlineCallbacks
     def test_reset_mid_stream(self):
-        """Reset mid stream."""
+        """An upstream reset mid-stream reaches the client as a failed response after the
+        data already relayed, never as a clean end, and the proxy serves on."""
         yield self.start_proxy()
         response = yield self.client.get(self.url("/reset"), unbuffered=True)
         collector = Collector()

@@ -73,7 +73,8 @@ class SmugglingTests(RawTestCase):
 
     @defer.inlineCallbacks
     def test_every_shape_refused_nothing_upstream(self):
-        """Every shape refused nothing upstream."""
+        """Every request-smuggling shape gets its own status and JSON error code, none
+        reaches the upstream, and the proxy keeps serving afterwards."""
         yield self.start_proxy()
         for shape in SMUGGLING:
             received = yield self.exchange(shape.raw)
@@ -155,7 +156,8 @@ class BodyCapTests(RawTestCase):
 
     @defer.inlineCallbacks
     def test_expect_100_continue_over_cap(self):
-        """Expect 100 continue over cap."""
+        """A declared body ten times MAX_REQUEST_BODY with Expect: 100-continue gets 413
+        straight away, before the client sends it, and nothing goes upstream."""
         yield self.start_proxy(MAX_REQUEST_BODY=str(self.cap))
         received = yield self.exchange(
             b"POST /v1/files HTTP/1.1\r\nHost: proxy\r\nExpect: 100-continue\r\n"
@@ -180,7 +182,8 @@ class BodyCapTests(RawTestCase):
 
     @defer.inlineCallbacks
     def test_body_at_cap_forwarded(self):
-        """Body at cap forwarded."""
+        """A body of exactly MAX_REQUEST_BODY bytes is forwarded whole: the cap is
+        inclusive."""
         yield self.start_proxy(MAX_REQUEST_BODY=str(self.cap))
         response = yield self.client.post(self.url("/echo"), data=b"a" * self.cap)
         yield response.content()
@@ -199,7 +202,7 @@ class BodyCapTests(RawTestCase):
 
     @defer.inlineCallbacks
     def test_default_cap_allows_chunked_uploads(self):
-        """Default cap allows chunked uploads."""
+        """With the default cap a chunked upload is decoded and forwarded with its body."""
         yield self.start_proxy()
         received = yield self.exchange(
             b"POST /echo HTTP/1.1\r\nHost: proxy\r\nTransfer-Encoding: chunked\r\n"
@@ -215,7 +218,8 @@ class GateBeforeBodyTests(RawTestCase):
 
     @defer.inlineCallbacks
     def test_refused_before_the_body(self):
-        """Refused before the body."""
+        """A refused address gets 403 ip_not_allowed as soon as its head is in, without the
+        proxy waiting for a 10 MB body, and /metrics is refused to it too."""
         yield self.start_proxy(IP_BLACKLIST="127.0.0.1")
         # Only the head of a 10 MB upload is sent: the answer comes anyway.
         received = yield self.exchange(
@@ -231,7 +235,7 @@ class GateBeforeBodyTests(RawTestCase):
 
     @defer.inlineCallbacks
     def test_allowed_address_uploads(self):
-        """Allowed address uploads."""
+        """A whitelisted address uploads its body through the early gate, unchanged."""
         yield self.start_proxy(IP_WHITELIST="127.0.0.0/8")
         response = yield self.client.post(self.url("/echo"), data=b"x" * 5000)
         yield response.content()

@@ -43,6 +43,9 @@ def openai_error(code, message: str) -> bytes:
 class HostileCase(ProxyTestCase):
     """Starts the raw upstream beside the twisted.web fake."""
 
+    #: They scrape /metrics on the proxy's port, without the admin key.
+    proxy_settings = {"METRICS": "public"}
+
     def setUp(self) -> None:
         super().setUp()
         self.raw = RawUpstream()

@@ -22,6 +22,9 @@ GET = b"GET /v1/models HTTP/1.1\r\nHost: proxy\r\nAuthorization: Bearer " + FK.e
 
 
 class LimitTestCase(RawTestCase):
+    #: They scrape /metrics on the proxy's port, without the admin key.
+    proxy_settings = {"METRICS": "public"}
+
     @defer.inlineCallbacks
     def held_connection(self):
         """A raw connection that got one answer and stays open (keep-alive):

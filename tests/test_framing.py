@@ -575,7 +575,8 @@ class RefusalTests(SynchronousTestCase):
         )
 
     def test_reason_phrase_431(self):
-        """Reason phrase 431."""
+        """A request with too many header lines is refused with the status line "431 Request
+        Header Fields Too Large", the standard reason phrase."""
         [shape] = [s for s in ADDED if s.name == "too_many_headers"]
         raw = Server().feed(shape.raw)
         self.assertTrue(raw.startswith(b"HTTP/1.1 431 Request Header Fields Too Large\r\n"))
@@ -589,7 +590,8 @@ class RefusalTests(SynchronousTestCase):
         self.assertEqual(server.transport.value().count(b"HTTP/1.1 "), 1)
 
     def test_served_then_refused_on_one_connection(self):
-        """Served then refused on one connection."""
+        """On one kept-alive connection a good request is served and a following malformed
+        one refused with 400; the bytes smuggled after it never become a request."""
         server = Server()
         server.feed(b"GET /first HTTP/1.1\r\nHost: p\r\n\r\n")
         server.feed(b"GET /second HTTP/1.1\r\nHost: p\r\nX: \x01\r\n\r\n" + SMUGGLED)
@@ -613,7 +615,9 @@ class RefusalTests(SynchronousTestCase):
         self.assertTrue(server.transport.disconnected)
 
     def test_linger_bounded_in_bytes(self):
-        """Linger bounded in bytes."""
+        """After a refusal the channel reads and discards at most linger_bytes of the
+        unwanted body, then closes, leaving no timer: a refused client cannot keep the
+        connection busy."""
         server = Server()
         server.feed(post(b"Content-Length: 5000\r\n"))
         server.feed(b"a" * server.channel.linger_bytes)
@@ -623,7 +627,8 @@ class RefusalTests(SynchronousTestCase):
         self.assertEqual(server.clock.getDelayedCalls(), [])
 
     def test_connection_lost_cancels_linger(self):
-        """Connection lost cancels linger."""
+        """A refused connection that closes while lingering cancels the linger timer, so no
+        call is left on the reactor."""
         server = Server()
         server.feed(post(b"Content-Length: 5000\r\n"))
         # The idle timeout is off; the linger timer is the one call left.
@@ -640,7 +645,8 @@ class RefusalTests(SynchronousTestCase):
         self.assertTrue(server.transport.disconnecting)
 
     def test_refusal_logged_without_request_details(self):
-        """Refusal logged without request details."""
+        """A refusal is logged with its status, code and peer only: the request target
+        (which may hold a key) is not in the event."""
         events: list[dict] = []
         globalLogPublisher.addObserver(events.append)
         self.addCleanup(globalLogPublisher.removeObserver, events.append)
@@ -664,7 +670,8 @@ class BodyCapTests(SynchronousTestCase):
         self.assertNotIn(b"100 Continue", raw)
 
     def test_content_length_under_cap_gets_100_continue(self):
-        """Content length under cap gets 100 continue."""
+        """A request with Expect: 100-continue and a Content-Length at the cap gets "100
+        Continue", so the client sends its body."""
         server = Server()
         raw = server.feed(post(b"Content-Length: %d\r\nExpect: 100-continue\r\n" % CAP))
         self.assertEqual(raw, b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -693,7 +700,7 @@ class BodyCapTests(SynchronousTestCase):
         self.assertEqual(parse_answer(server.transport.value()).status, 413)
 
     def test_no_cap(self):
-        """No cap."""
+        """With no MAX_REQUEST_BODY a 5000-byte body is read and served whole."""
         server = Server(max_request_body=None)
         server.feed(post(b"Content-Length: 5000\r\n", b"a" * 5000))
         self.assertEqual([len(r.body) for r in server.resource.seen], [5000])
@@ -726,7 +733,8 @@ class FormBodyTests(SynchronousTestCase):
         self.assertEqual([r.body for r in server.resource.seen], [body])
 
     def test_form_not_parsed_into_args(self):
-        """Form not parsed into args."""
+        """A urlencoded form body is left as bytes for the upstream: request.args holds only
+        the query's arguments, not the form's."""
         body = b"a=1&b=2"
         server = Server()
         server.feed(
@@ -742,7 +750,9 @@ class LimitTests(SynchronousTestCase):
     """Header limits come from the site."""
 
     def test_site_limits(self):
-        """Site limits."""
+        """The channel takes its header-count and head-size caps from the site: one header
+        over the count, or one line over the size, is refused with 431; a head within
+        both is served."""
         server = Server(max_headers=3, max_header_bytes=200)
         self.assertEqual(
             (
@@ -766,7 +776,10 @@ class CheckTests(SynchronousTestCase):
     """The decision table of RFC 9112 §6.1 for transfer codings."""
 
     def test_transfer_codings(self):
-        """Transfer codings."""
+        """Transfer-Encoding is accepted only as absent or exactly "chunked": identity, gzip
+        alone, chunked twice, chunked not last or an empty coding get 400, and an
+        unsupported coding before chunked gets 501 (RFC 9112 §6.1); names are split
+        case-blind."""
         def code(*codings: bytes) -> Optional[int]:
             refusal: Optional[Refusal] = framing.check_transfer_codings(list(codings))
             return None if refusal is None else refusal.status

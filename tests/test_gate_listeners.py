@@ -170,7 +170,7 @@ class TLSGateTests(GateTestCase):
 
     start_tls = test_tls_listener.TLSListenerTests.start_tls
 
-    def start_proxy(self, args: Any = None, **env: str) -> Any:  # type: ignore[override]
+    def start_proxy(self, args: Any = None, **env: str) -> Any:  # type: ignore[override]  # same call, looser types
         return super().start_proxy(args, **dict(env, **BLOCK_LOOPBACK))
 
     @defer.inlineCallbacks
@@ -218,9 +218,6 @@ class UnixGateTests(GateTestCase):
 class WorkersGateTests(test_workers.WorkersTestCase):
     """``--workers 2``: each worker runs the gate on its requests."""
 
-    start_supervisor = test_workers.WorkersEndToEndTests.start_supervisor
-    _kill_if_running = test_workers.WorkersEndToEndTests._kill_if_running
-
     @defer.inlineCallbacks
     def test_refused_by_every_worker(self):
         """Requests on new connections (either worker may take each) are all
@@ -250,5 +247,4 @@ class WorkersGateTests(test_workers.WorkersTestCase):
                 break
         self.assertEqual(len(refused_by), 2, "both workers should have answered")
         self.assertEqual(self.fake.seen, [])
-        supervisor.transport.signalProcess("TERM")
-        yield supervisor.ended.addErrback(lambda _: None)
+        yield self.stop_supervisor(supervisor)

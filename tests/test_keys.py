@@ -59,7 +59,8 @@ class ForwardKeyTests(SynchronousTestCase):
     """A forward key is swapped for a default key in the header it came in."""
 
     def test_matching_forward_key_substituted(self):
-        """Matching forward key substituted."""
+        """A configured forward key in Authorization is accepted with its label and replaced
+        upstream by "Bearer <default key>": the client never holds the real key."""
         r = rules()
         client = headers(authorization="Bearer " + ALICE)
         decision = r.decide(client)
@@ -76,13 +77,16 @@ class ForwardKeyTests(SynchronousTestCase):
         self.assertNotIn(BOB[3:], decision.label)
 
     def test_scheme_case_and_whitespace(self):
-        """Scheme case and whitespace."""
+        """The Bearer scheme is matched case-blind with any spaces or tabs around the key,
+        as HTTP allows, so a forward key is recognised however a client spells the
+        header."""
         for value in ("bearer " + ALICE, "BEARER  " + ALICE, "Bearer\t" + ALICE, " Bearer " + ALICE + " "):
             decision = rules().decide(headers(authorization=value))
             self.assertEqual(decision.label, "alice", value)
 
     def test_api_key_headers_carry_forward_keys(self):
-        """API key headers carry forward keys."""
+        """A forward key in api-key or x-api-key (Azure- and Anthropic-style) is swapped for
+        the default key in that same header, and no Authorization header is added."""
         for name in ("api-key", "x-api-key"):
             r = rules()
             client = Headers({name.encode(): [ALICE.encode()]})
@@ -93,7 +97,9 @@ class ForwardKeyTests(SynchronousTestCase):
             self.assertIsNone(sent.getRawHeaders(b"authorization"))
 
     def test_unknown_forward_key_refused(self):
-        """Unknown forward key refused."""
+        """An fk- key that is not configured, or differs by one character (longer or
+        shorter), is refused with "Incorrect forward key provided." in any header, and
+        nothing is substituted."""
         for client in (
             headers(authorization="Bearer fk-not-a-configured-key"),
             headers(authorization="Bearer " + ALICE + "x"),
@@ -106,7 +112,8 @@ class ForwardKeyTests(SynchronousTestCase):
             self.assertFalse(decision.substituted)
 
     def test_forward_key_without_forward_keys_configured_refused(self):
-        """Forward key without forward keys configured refused."""
+        """An fk- key is refused when no forward keys are configured, rather than passed
+        upstream as if it were the client's own key."""
         decision = rules(forward=()).decide(headers(authorization="Bearer " + ALICE))
         self.assertIsNotNone(decision.refusal)
 
@@ -128,7 +135,8 @@ class ForwardKeyTests(SynchronousTestCase):
             self.assertEqual(decision.send, ())
 
     def test_forward_key_beside_another_credential_refused(self):
-        """Forward key beside another credential refused."""
+        """A forward key sent together with another credential in another header is refused:
+        the proxy will not guess which one to replace."""
         for client in (
             headers(authorization="Bearer " + ALICE, api_key="sk-own"),
             headers(authorization="Bearer sk-own", x_api_key=ALICE),
@@ -139,7 +147,8 @@ class ForwardKeyTests(SynchronousTestCase):
             )
 
     def test_several_headers_refused(self):
-        """Several headers refused."""
+        """Two Authorization header lines are refused ("Send one authorization header, not
+        several.") instead of one being chosen."""
         h = Headers({b"authorization": [b"Bearer " + ALICE.encode(), b"Bearer sk-own"]})
         self.assertEqual(
             rules().decide(h).refusal, "Send one authorization header, not several."
@@ -150,7 +159,8 @@ class ClientKeyTests(SynchronousTestCase):
     """A client's own key goes upstream untouched, in its own header."""
 
     def test_own_key_untouched(self):
-        """Own key untouched."""
+        """A client's own credential (Bearer sk- in any case, Basic, a bare key) goes
+        upstream byte for byte in Authorization and is labelled as the client's own."""
         for value in ("Bearer sk-client-own", "bearer  sk-client-own", "Basic dXNlcjpwYXNz", "sk-bare"):
             r = rules()
             client = headers(authorization=value)
@@ -160,7 +170,8 @@ class ClientKeyTests(SynchronousTestCase):
             self.assertEqual(sent.getRawHeaders(b"authorization"), [value.encode()])
 
     def test_own_keys_in_every_header_untouched(self):
-        """Own keys in every header untouched."""
+        """A client's own keys in Authorization, api-key and x-api-key all go upstream
+        unchanged, each in its own header."""
         r = rules()
         client = headers(authorization="Bearer sk-a", api_key="azure-key", x_api_key="sk-ant-b")
         decision = r.decide(client)
@@ -171,7 +182,8 @@ class ClientKeyTests(SynchronousTestCase):
         self.assertEqual(sent.getRawHeaders(b"x-api-key"), [b"sk-ant-b"])
 
     def test_decision_repr_holds_no_key(self):
-        """Decision repr holds no key."""
+        """A decision's repr does not contain the client's key (it may end up in a log or
+        traceback), though the decision still carries it to send upstream."""
         decision = rules().decide(headers(authorization="Bearer sk-client-secret"))
         self.assertNotIn("sk-client-secret", repr(decision))
         self.assertEqual(decision.authorization, b"Bearer sk-client-secret")
@@ -190,7 +202,8 @@ class NoKeyTests(SynchronousTestCase):
         )
 
     def test_refused_when_forward_keys_set(self):
-        """Refused when forward keys set."""
+        """With forward keys configured, a request with no key (or an empty one) is refused
+        with a message asking for a forward key."""
         for client in self.keyless():
             decision = rules().decide(client)
             self.assertEqual(
@@ -198,7 +211,8 @@ class NoKeyTests(SynchronousTestCase):
             )
 
     def test_default_key_when_only_default_keys(self):
-        """Default key when only default keys."""
+        """With default keys but no forward keys, a keyless request goes upstream with
+        "Bearer <default key>", and the rules report that the proxy is an open relay."""
         for client in self.keyless():
             r = rules(forward=())
             decision = r.decide(client)
@@ -208,7 +222,8 @@ class NoKeyTests(SynchronousTestCase):
             self.assertTrue(r.open_relay)
 
     def test_nothing_when_no_keys(self):
-        """Nothing when no keys."""
+        """With no keys configured at all, a keyless request is neither refused nor given a
+        key: no credential header goes upstream and it is not an open relay."""
         r = rules(default=(), forward=())
         decision = r.decide(Headers())
         self.assertEqual((decision.label, decision.substituted, decision.refusal), (NO_KEY, False, None))
@@ -216,14 +231,17 @@ class NoKeyTests(SynchronousTestCase):
         self.assertFalse(r.open_relay)
 
     def test_open_relay_only_without_forward_keys(self):
-        """Open relay only without forward keys."""
+        """The rules count as an open relay only when default keys are configured without
+        forward keys (what the start-up warning is based on)."""
         self.assertFalse(rules().open_relay)
         self.assertTrue(rules(forward=()).open_relay)
 
 
 class ParseCredentialTests(SynchronousTestCase):
     def test_table(self):
-        """Table."""
+        """How each header value is classified: empty or scheme alone is none, Bearer fk- is
+        a forward key, a bare fk- in Authorization or Bearer in api-key is bad, anything
+        else is the client's own."""
         A = b"authorization"
         for header, value, expected in [
             (A, b"", ("none", b"")),
@@ -256,7 +274,9 @@ class ConstantTimeLookupTests(SynchronousTestCase):
         self.forward = ForwardKeys(self.keys)
 
     def test_every_key_compared_on_hit_and_miss(self):
-        """Every key compared on hit and miss."""
+        """A lookup compares the SHA-256 digest of the candidate with every configured key's
+        digest, on a hit, a miss, an empty or a 5000-byte candidate alike: timing does
+        not reveal which key matched or how far."""
         for candidate, label in [
             (self.keys[0].key, "k0"),
             (self.keys[4].key, "k4"),
@@ -272,7 +292,8 @@ class ConstantTimeLookupTests(SynchronousTestCase):
                 self.assertEqual(a, hashlib.sha256(candidate.encode()).digest())
 
     def test_keys_not_kept(self):
-        """Keys not kept."""
+        """The lookup table keeps digests only: no forward key, nor its hex form, is in its
+        state or repr."""
         state = repr(vars(self.forward))
         for k in self.keys:
             self.assertNotIn(k.key, state)
@@ -282,7 +303,9 @@ class ConstantTimeLookupTests(SynchronousTestCase):
 
 class ScrubTests(SynchronousTestCase):
     def test_key_shapes_masked(self):
-        """Key shapes masked."""
+        """scrub masks sk- and fk- key shapes in any case (also after an underscore) down to
+        their prefix, and leaves words that merely contain "sk-" and too-short tails
+        alone."""
         for text, expected in [
             (b"Incorrect API key provided: sk-proj-abc****************wxyz. You can",
              b"Incorrect API key provided: sk-*** You can"),
@@ -305,7 +328,9 @@ class SecretMaskTests(SynchronousTestCase):
         return b"".join(out), out
 
     def test_same_length_mask(self):
-        """Same length mask."""
+        """Every occurrence of a configured secret in a body is replaced by a mask of the
+        same length, so Content-Length and offsets stay right, and no tail of the secret
+        survives."""
         body = b'{"echo": "Bearer ' + self.secret + b'", "again": "' + self.secret + b'"}'
         result, _ = self.masked([body])
         self.assertEqual(len(result), len(body))
@@ -314,7 +339,8 @@ class SecretMaskTests(SynchronousTestCase):
         self.assertEqual(result.count(b"sk-" + b"*" * (len(self.secret) - 3)), 2)
 
     def test_split_at_every_point(self):
-        """Split at every point."""
+        """A secret split across two chunks at any point is still masked, and the output
+        keeps the input's length."""
         body = b"data: {\"k\": \"" + self.secret + b"\"}\n\n"
         for cut in range(1, len(body)):
             result, _ = self.masked([body[:cut], body[cut:]])
@@ -322,19 +348,22 @@ class SecretMaskTests(SynchronousTestCase):
             self.assertEqual(len(result), len(body))
 
     def test_byte_by_byte(self):
-        """Byte by byte."""
+        """A body fed one byte at a time is masked exactly as whole, and a trailing prefix
+        of the secret that never completes is let through at the end."""
         body = b"xx" + self.secret + b"yy" + self.secret[:5]
         result, _ = self.masked([bytes([b]) for b in body])
         self.assertEqual(result, b"xxsk-" + b"*" * 22 + b"yy" + self.secret[:5])
 
     def test_sse_events_not_held(self):
-        """SSE events not held."""
+        """Whole SSE events with no secret prefix at their end are passed on at once, not
+        held back: masking does not delay a stream."""
         events = [b"data: {\"x\": \"is sk\"}\n\n", b"data: [DONE]\n\n"]
         _, out = self.masked(events)
         self.assertEqual(out[:2], events)
 
     def test_possible_start_held_until_known(self):
-        """Possible start held until known."""
+        """Bytes that may begin a secret are held until the next bytes show they do not,
+        then released unchanged; nothing is lost at flush."""
         mask = SecretMask([self.secret])
         self.assertEqual(mask.feed(b"abc sk-def"), b"abc ")
         self.assertEqual(mask.feed(b"ault"), b"")
@@ -342,26 +371,28 @@ class SecretMaskTests(SynchronousTestCase):
         self.assertEqual(mask.flush(), b"")
 
     def test_short_secret_wholly_masked(self):
-        """Short secret wholly masked."""
+        """A secret without a known prefix is masked in full, every character."""
         result, _ = self.masked([b"key=abcd1234;"], [b"abcd1234"])
         self.assertEqual(result, b"key=********;")
 
     def test_several_secrets(self):
-        """Several secrets."""
+        """Several configured secrets are all masked in one body."""
         other = b"azure0123456789abcdef"
         result, _ = self.masked([b"1 " + self.secret + b" 2 " + other], [self.secret, other])
         self.assertNotIn(self.secret, result)
         self.assertNotIn(b"0123456789abcdef", result)
 
     def test_no_secrets_passes_everything(self):
-        """No secrets passes everything."""
+        """With no secrets configured, bytes that look like a key prefix pass at once
+        instead of being held."""
         mask = SecretMask([])
         self.assertEqual(mask.feed(b"sk-"), b"sk-")
 
 
 class ConfigReprTests(SynchronousTestCase):
     def test_no_key_in_config_repr(self):
-        """No key in config repr."""
+        """Neither the config's repr nor the key rules' repr contains a default or forward
+        key, nor their tails: printing them in a log or traceback leaks nothing."""
         config = load_config(
             {}, {"OPENAI_API_KEY": DEFAULT, "FORWARD_KEY": "alice:" + ALICE + " " + BOB}
         )
@@ -375,7 +406,8 @@ class ConfigReprTests(SynchronousTestCase):
 
 class CredentialHeadersTests(SynchronousTestCase):
     def test_only_the_decision_credentials_go_upstream(self):
-        """Only the decision credentials go upstream."""
+        """Upstream request headers carry only the credential the decision chose: the
+        client's other credential headers are dropped, unrelated headers are kept."""
         client = Headers(
             {b"authorization": [b"Bearer fk-x"], b"api-key": [b"fk-y"], b"x-api-key": [b"z"],
              b"x-other": [b"kept"]}
@@ -389,7 +421,8 @@ class CredentialHeadersTests(SynchronousTestCase):
 
 class ErrorBodyTests(SynchronousTestCase):
     def test_key_shapes_masked_in_proxy_errors(self):
-        """Key shapes masked in proxy errors."""
+        """An error body the proxy makes masks sk- and fk- key shapes in its message, so an
+        upstream echo of a key is not passed on."""
         from twisted_forward.errors import error_body
 
         body = error_body(502, "upstream_error", "echo of sk-proj-abcdef and fk-alice-1234")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sqlite3
 from datetime import date, datetime, timezone
+from typing import Any
 
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
@@ -36,9 +37,9 @@ class BatchingTests(SynchronousTestCase):
         self.ledger.startService()
         self.addCleanup(self.stop, self.ledger)
 
-    def make(self, path: str = "", **kwargs: object) -> BatchingLedger:
+    def make(self, path: str = "", **kwargs: Any) -> BatchingLedger:
         return BatchingLedger(
-            self.clock, DirectDatabase(sql.sqlite_dialect(path or self.path)), **kwargs  # type: ignore[arg-type]
+            self.clock, DirectDatabase(sql.sqlite_dialect(path or self.path)), **kwargs
         )
 
     def stop(self, ledger: BatchingLedger) -> None:
@@ -57,7 +58,7 @@ class BatchingTests(SynchronousTestCase):
             prompt_tokens=3, completion_tokens=4, cost_usd=0.125, ttfb=0.5,
         )
         fields.update(kwargs)
-        return UsageEntry(**fields)  # type: ignore[arg-type]
+        return UsageEntry(**fields)  # type: ignore[arg-type]  # fields of every type, by name
 
     def test_interface(self) -> None:
         """BatchingLedger provides ILedger."""

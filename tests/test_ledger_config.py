@@ -6,10 +6,10 @@ import os
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from twisted_forward.config import ConfigError, load_config
+from twisted_forward.config import Config, ConfigError, load_config
 
 
-def config(**env: str):  # type: ignore[no-untyped-def]
+def config(**env: str) -> Config:
     return load_config({}, env)
 
 

@@ -196,6 +196,9 @@ class AdminReadsLedgerTests(ProxyTestCase):
 class StoreDownTests(ProxyTestCase):
     """A ledger store that is down never holds a request up."""
 
+    #: They scrape /metrics on the proxy's port, without the admin key.
+    proxy_settings = {"METRICS": "public"}
+
     @defer.inlineCallbacks
     def test_requests_served_failures_counted(self) -> None:
         """With PostgreSQL unreachable, chats are answered, the figures wait in

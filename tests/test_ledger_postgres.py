@@ -25,6 +25,7 @@ from .harness import ProxyTestCase, listeners, proxy_env
 from .pg_cluster import Cluster
 
 _databases = itertools.count(1)
+ADMIN_DOWN = "admin-db-down-0123456789abcdef"
 TODAY = datetime.now(timezone.utc).date()
 
 
@@ -165,3 +166,57 @@ class TwoProxiesTests(PostgresCase, ProxyTestCase):
             self.rows(url, "SELECT key_label, model, requests, prompt_tokens, completion_tokens "
                            "FROM usage_days"),
             [("two", "gpt-4o-mini", 3, 15, 9)])
+
+
+class AdminWhileDatabaseDownTests(PostgresCase, ProxyTestCase):
+    """The admin usage API while PostgreSQL is down: the documented 503,
+    one log line when it starts and one when it ends, no traceback."""
+
+    def setUp(self) -> None:
+        PostgresCase.setUp(self)
+        ProxyTestCase.setUp(self)
+
+    @defer.inlineCallbacks
+    def usage(self) -> Any:
+        response = yield self.client.get(
+            self.url("/_admin/api/usage"),
+            headers={b"authorization": [b"Bearer " + ADMIN_DOWN.encode()]})
+        return response.code, json.loads((yield response.content()))
+
+    @defer.inlineCallbacks
+    def test_one_line_per_state_change(self) -> None:
+        """Usage read (200); database stopped: three requests get 503
+        admin_unavailable, counted, and the log has one error line naming
+        the cause and no traceback; database back: 200 and one line saying
+        so."""
+        from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        yield self.start_proxy(DATABASE_URL=self.database(), ADMIN_KEY=ADMIN_DOWN)
+        code, _ = yield self.usage()
+        self.assertEqual(code, 200)
+
+        self.cluster.halt()
+        for _ in range(3):
+            code, body = yield self.usage()
+            self.assertEqual(code, 503)
+            self.assertEqual(body["error"]["code"], "admin_unavailable")
+        admin = [e for e in events if "admin API" in formatEvent(e)]
+        self.assertEqual(len(admin), 1, [formatEvent(e) for e in admin])
+        self.assertEqual(admin[0]["log_level"], LogLevel.error)
+        self.assertRegex(formatEvent(admin[0]),
+                         r"^admin API: cannot read the figures \(\w+: .+\); answering 503")
+        self.assertFalse([e for e in events if "log_failure" in e
+                          and "admin" in e.get("log_namespace", "")])
+        response = yield self.client.get(
+            self.url("/metrics"), headers={b"authorization": [b"Bearer " + ADMIN_DOWN.encode()]})
+        text = (yield response.content()).decode()
+        self.assertIn('openai_forward_admin_refusals_total{reason="admin_unavailable"} 3.0', text)
+
+        self.cluster.resume()
+        code, _ = yield self.usage()
+        self.assertEqual(code, 200)
+        admin = [formatEvent(e) for e in events if "admin API" in formatEvent(e)]
+        self.assertEqual(admin[1:], ["admin API: the figures can be read again"])

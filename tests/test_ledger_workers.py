@@ -12,24 +12,16 @@ import sqlite3
 from typing import Any
 
 from twisted.internet import defer
-from twisted.trial.unittest import TestCase
 
 from twisted_forward.ledger.sql import SQLITE_FILE
 
-from . import test_workers
+from .test_workers import WorkersTestCase
 
 
-class LedgerWorkersTests(TestCase):
+class LedgerWorkersTests(WorkersTestCase):
     """Two worker processes add to one ledger: nothing lost, nothing doubled."""
 
     timeout = 90
-    # Borrowed helpers (the class is not imported by name: trial would run
-    # its tests twice).
-    setUp = test_workers.WorkersEndToEndTests.setUp
-    _stop_upstream = test_workers.WorkersEndToEndTests._stop_upstream
-    start_supervisor = test_workers.WorkersEndToEndTests.start_supervisor
-    _kill_if_running = test_workers.WorkersEndToEndTests._kill_if_running
-    serving_pids = test_workers.WorkersEndToEndTests.serving_pids
 
     @defer.inlineCallbacks
     def test_two_workers_one_ledger(self) -> Any:
@@ -60,8 +52,7 @@ class LedgerWorkersTests(TestCase):
 
         codes = yield defer.gatherResults([ask(i) for i in range(count)])
         self.assertEqual(codes, [200] * count)
-        supervisor.transport.signalProcess("TERM")
-        yield supervisor.ended
+        yield self.stop_supervisor(supervisor)
         with sqlite3.connect(os.path.join(data_dir, SQLITE_FILE)) as db:
             rows = db.execute(
                 "SELECT key_label, model, requests, errors, prompt_tokens, completion_tokens "

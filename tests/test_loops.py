@@ -89,7 +89,9 @@ class RuntimeLoopTests(ProxyTestCase):
 
     @defer.inlineCallbacks
     def test_loop_through_another_proxy(self):
-        """Loop through another proxy."""
+        """When a reload points the proxy at a second real proxy that forwards back to it,
+        the looping request is answered 508 loop_detected instead of circling, and never
+        reaches the upstream."""
         env_file = os.path.abspath(self.mktemp())
         write_env(env_file)
         yield self.start_proxy(["--env-file", env_file])

@@ -69,7 +69,8 @@ class MemoryTests(ProxyTestCase):
 
     @defer.inlineCallbacks
     def test_slow_reader_200mib(self):
-        """Slow reader 200mib."""
+        """A 200 MiB answer to a client that reads slowly grows the proxy's peak memory by
+        less than LIMIT: back-pressure holds the upstream instead of buffering the body."""
         pid, port = yield self.start_child()
         before = _status_kib(pid, "VmRSS")
         size = 200 * MiB
@@ -84,7 +85,9 @@ class MemoryTests(ProxyTestCase):
 
     @defer.inlineCallbacks
     def test_upload_100mib(self):
-        """Upload 100mib."""
+        """A 100 MiB multipart upload reaches the upstream intact (same length and SHA-256)
+        while the proxy's peak memory grows by less than LIMIT: the body is streamed,
+        never parsed or held whole."""
         pid, port = yield self.start_child()
         before = _status_kib(pid, "VmRSS")
         size = 100 * MiB

@@ -8,19 +8,16 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import sys
 
-from twisted.internet import defer, reactor
+from twisted.internet import defer
 from twisted.trial.unittest import SynchronousTestCase
 
 from twisted_forward.config import ConfigError, load_config
 from twisted_forward.migration import REPLACED, unknown_names
 
 from .harness import ProxyTestCase
-from .processes import ROOT, TWISTD
+from .processes import assert_exit, child_env, spawn_twistd
 from .test_reload import write_env
-from .test_workers import Supervisor
 
 GENERAL = json.dumps([{"base_url": "https://api.openai.com", "route": "/"},
                       {"base_url": "https://example.com", "route": "/g", "type": "general"}])
@@ -49,7 +46,8 @@ class NamesTests(SynchronousTestCase):
                          "TIMEOUT (--timeout): 'soon' is not a number of seconds")
 
     def test_print_chat(self) -> None:
-        """Print chat."""
+        """The 0.8.1 setting PRINT_CHAT=true turns on printing chats to the log; unset, it
+        is off."""
         self.assertTrue(load(PRINT_CHAT="true").print_chat)
         self.assertFalse(load().print_chat)
 
@@ -63,7 +61,8 @@ class NamesTests(SynchronousTestCase):
             "LOG_GENERAL (--log-general): general routes are relayed as they are"))
 
     def test_benchmark_mode(self) -> None:
-        """Benchmark mode."""
+        """BENCHMARK_MODE=false is accepted, but BENCHMARK_MODE=true stops start-up with a
+        line saying answering without the upstream is gone."""
         load(BENCHMARK_MODE="false")
         with self.assertRaises(ConfigError) as caught:
             load(BENCHMARK_MODE="true")
@@ -112,17 +111,13 @@ class MigratedEnvTests(ProxyTestCase):
         os.makedirs(cwd)
         write_env(os.path.join(cwd, ".env"), LOG_OPENAI="false", PRINT_CHAT="true",
                   LOG_GENERAL="false", TIMEOUT="5", FORWARD_KYE="fk-typo-typo-typo")
-        process = Supervisor()
-        reactor.spawnProcess(
-            process, sys.executable,
-            TWISTD + ["-n", "--pidfile=", "openai-forward", "--port", "tcp:0:interface=127.0.0.1"],
-            env={"PATH": os.environ.get("PATH", ""), "PYTHONPATH": ROOT,
-                 "OPENAI_API_KEY": "sk-migration-test-key",
-                 "OPENAI_BASE_URL": f"http://127.0.0.1:{self.upstream_port}"},
-            path=cwd,
+        env = child_env(OPENAI_API_KEY="sk-migration-test-key",
+                        OPENAI_BASE_URL=f"http://127.0.0.1:{self.upstream_port}")
+        del env["LOG_CHAT"]  # the .env's LOG_OPENAI=false must be what turns records off
+        process = spawn_twistd(
+            self, ["-n", "--pidfile=", "openai-forward", "--port", "tcp:0:interface=127.0.0.1"],
+            env, cwd,
         )
-        self.addCleanup(lambda: process.ended.called or (
-            process.transport.signalProcess("KILL"), process.ended.addErrback(lambda _: None))[1])
         port = int((yield process.wait_for(r"ForwardSite starting on (\d+)")).group(1))
         response = yield self.client.post(
             f"http://127.0.0.1:{port}/v1/chat/completions",
@@ -133,8 +128,9 @@ class MigratedEnvTests(ProxyTestCase):
         self.assertEqual(response.code, 200)
         yield process.wait_for(r"chat \{.*" + self.fake.answer_text)
         yield self.pool.closeCachedConnections()
-        os.kill(process.transport.pid, signal.SIGTERM)
-        yield process.ended
+        process.signal("TERM")
+        yield process.exited()
+        assert_exit(self, process, 0)
         self.assertIn("unknown setting FORWARD_KYE in the .env file: ignored; did you mean "
                       "FORWARD_KEY?", process.output)
         self.assertFalse(os.path.exists(os.path.join(cwd, "Log")))

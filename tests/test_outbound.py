@@ -19,7 +19,7 @@ from twisted.internet import defer, reactor
 from twisted.internet.defer import CancelledError
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.error import ConnectionDone, TimeoutError
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.testing import AccumulatingProtocol, MemoryReactorClock, StringTransport
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
@@ -63,13 +63,15 @@ class ProxyURLTests(SynchronousTestCase):
     """PROXY parsing: user info is accepted here only, and never shown."""
 
     def test_plain(self) -> None:
-        """Plain."""
+        """A PROXY URL without user info parses to scheme and host:port with no credentials,
+        and no Proxy-Authorization is sent."""
         url = parse_proxy_url("http://proxy.example:3128")
         self.assertEqual(url, ProxyURL("http", "proxy.example:3128", "", None))
         self.assertIsNone(proxy_authorization(url))
 
     def test_credentials_kept_apart_and_hidden(self) -> None:
-        """Credentials kept apart and hidden."""
+        """Percent-encoded user info is decoded into credentials kept apart from the host,
+        absent from str, repr and origin, and sent only as Basic Proxy-Authorization."""
         url = parse_proxy_url("http://tf%20user:p%40ss:w0rd@proxy.example:3128/")
         self.assertEqual(url.credentials, ("tf user", "p@ss:w0rd"))
         self.assertEqual(url.netloc, "proxy.example:3128")
@@ -82,13 +84,15 @@ class ProxyURLTests(SynchronousTestCase):
         )
 
     def test_unencoded_at_in_password(self) -> None:
-        """Unencoded at in password."""
+        """An unencoded @ in the password is read as part of the password: the host is what
+        follows the last @."""
         url = parse_proxy_url("http://u:p@ss@127.0.0.1:8080")
         self.assertEqual(url.credentials, ("u", "p@ss"))
         self.assertEqual(url.netloc, "127.0.0.1:8080")
 
     def test_refused(self) -> None:
-        """Refused."""
+        """An https: or socks5: proxy, a path, a query, or a password without a user are
+        refused with ValueError rather than half-used."""
         for value in (
             "https://proxy.example:3128",
             "socks5://proxy.example:1080",
@@ -100,7 +104,8 @@ class ProxyURLTests(SynchronousTestCase):
                 parse_proxy_url(value)
 
     def test_errors_do_not_repeat_the_password(self) -> None:
-        """Errors do not repeat the password."""
+        """Every refusal of a PROXY URL (wrong scheme, bad port, path, #, /, ? in the
+        password) leaves the password out of the error text."""
         for value in (
             "https://u:secret-pw@proxy.example:3128",
             "http://u:secret-pw@proxy.example:99999",
@@ -114,12 +119,13 @@ class ProxyURLTests(SynchronousTestCase):
             self.assertNotIn("pw", str(caught.exception))
 
     def test_user_info_still_refused_elsewhere(self) -> None:
-        """User info still refused elsewhere."""
+        """User info stays refused in OPENAI_BASE_URL: only PROXY may carry credentials."""
         with self.assertRaises(ConfigError):
             load_config({}, {"OPENAI_BASE_URL": "https://u:p@api.example"})
 
     def test_config_and_describe(self) -> None:
-        """Config and describe."""
+        """The --proxy option wins over PROXY from the environment, and the start-up
+        description names the proxy without its password (nor does the config's repr)."""
         config = load_config(
             {"proxy": "http://u:secret-pw@127.0.0.1:3128"}, {"PROXY": "http://other:1"}
         )
@@ -131,7 +137,7 @@ class ProxyURLTests(SynchronousTestCase):
 
 class SSLCertFileTests(SynchronousTestCase):
     def test_valid(self) -> None:
-        """Valid."""
+        """A readable PEM CA file is accepted as SSL_CERT_FILE and kept in the config."""
         path = shared_ca().write(self.mktemp())
         config = load_config({}, {"SSL_CERT_FILE": path})
         self.assertEqual(config.ssl_cert_file, path)
@@ -145,7 +151,7 @@ class SSLCertFileTests(SynchronousTestCase):
         self.assertEqual(subjects, [b"twisted-forward test CA"] * 2)
 
     def test_corrupt_certificate(self) -> None:
-        """Corrupt certificate."""
+        """A PEM block OpenSSL cannot read stops start-up with a ConfigError saying so."""
         path = self.mktemp()
         with open(path, "wb") as f:
             f.write(b"-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydA==\n-----END CERTIFICATE-----\n")
@@ -154,7 +160,8 @@ class SSLCertFileTests(SynchronousTestCase):
         self.assertIn("OpenSSL cannot read", str(caught.exception))
 
     def test_missing_or_empty(self) -> None:
-        """Missing or empty."""
+        """A missing SSL_CERT_FILE stops start-up naming the setting, and a file with no PEM
+        certificate stops it saying there is none."""
         with self.assertRaises(ConfigError) as caught:
             load_config({}, {"SSL_CERT_FILE": "/nonexistent/ca.pem"})
         self.assertIn("SSL_CERT_FILE", str(caught.exception))
@@ -175,7 +182,7 @@ class TunnelTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = MemoryReactorClock()
         self.inner = Factory.forProtocol(AccumulatingProtocol)
-        self.inner.protocolConnectionMade = None  # type: ignore[attr-defined]
+        self.inner.protocolConnectionMade = None  # type: ignore[attr-defined]  # AccumulatingProtocol's factory attribute
 
     def connect(
         self, authorization: Optional[bytes] = None, host: bytes = b"api.example"
@@ -194,7 +201,8 @@ class TunnelTests(SynchronousTestCase):
         return protocol, transport
 
     def test_connect_request(self) -> None:
-        """Connect request."""
+        """The tunnel sends exactly "CONNECT host:443" with a matching Host header and the
+        Proxy-Authorization given, and nothing else."""
         self.connect(b"Basic dTpw")
         _, transport = self.proxy_answers()
         self.assertEqual(
@@ -205,7 +213,7 @@ class TunnelTests(SynchronousTestCase):
         )
 
     def test_ipv6_target_bracketed(self) -> None:
-        """IPv6 target bracketed."""
+        """An IPv6 upstream is written in brackets in the CONNECT line, as HTTP requires."""
         self.connect(host=b"2001:db8::1")
         _, transport = self.proxy_answers()
         self.assertTrue(transport.value().startswith(b"CONNECT [2001:db8::1]:443 HTTP/1.1\r\n"))
@@ -247,7 +255,8 @@ class TunnelTests(SynchronousTestCase):
             self.assertTrue(transport.disconnecting)
 
     def test_not_http(self) -> None:
-        """Not HTTP."""
+        """A proxy that answers something other than HTTP fails the tunnel with
+        OutboundProxyError (no status) and the connection is closed."""
         d = self.connect()
         protocol, transport = self.proxy_answers()
         protocol.dataReceived(b"SSH-2.0-OpenSSH\r\n\r\n")
@@ -256,7 +265,8 @@ class TunnelTests(SynchronousTestCase):
         self.assertTrue(transport.disconnecting)
 
     def test_head_too_long(self) -> None:
-        """Head too long."""
+        """A proxy answer head that keeps growing fails the tunnel and closes the connection
+        instead of buffering without bound."""
         d = self.connect()
         protocol, transport = self.proxy_answers()
         protocol.dataReceived(b"HTTP/1.1 200 OK\r\n")
@@ -268,14 +278,16 @@ class TunnelTests(SynchronousTestCase):
         self.assertTrue(transport.disconnecting)
 
     def test_closed_before_answer(self) -> None:
-        """Closed before answer."""
+        """A proxy that closes before answering fails the tunnel with OutboundProxyError
+        instead of leaving it waiting."""
         d = self.connect()
         protocol, _ = self.proxy_answers()
         protocol.connectionLost(Failure(ConnectionDone()))
         self.failureResultOf(d, OutboundProxyError)
 
     def test_timeout_waiting_for_answer(self) -> None:
-        """Timeout waiting for answer."""
+        """A proxy that accepts but does not answer CONNECT within the 10 s timeout fails
+        the tunnel with TimeoutError and the connection is closed; not a moment before."""
         d = self.connect()
         _, transport = self.proxy_answers()
         self.clock.advance(9.9)
@@ -285,7 +297,8 @@ class TunnelTests(SynchronousTestCase):
         self.assertTrue(transport.disconnecting)
 
     def test_timeout_while_connecting(self) -> None:
-        """Timeout while connecting."""
+        """A proxy that cannot be connected to within the timeout fails with TimeoutError
+        and the connection attempt is stopped."""
         d = self.connect()
         self.clock.advance(10)
         self.failureResultOf(d, TimeoutError)
@@ -293,7 +306,8 @@ class TunnelTests(SynchronousTestCase):
         self.assertTrue(connector.stoppedConnecting)
 
     def test_cancel_while_waiting_for_answer(self) -> None:
-        """Cancel while waiting for answer."""
+        """Cancelling while CONNECT awaits its answer closes the connection and leaves no
+        timer behind."""
         d = self.connect()
         _, transport = self.proxy_answers()
         d.cancel()
@@ -302,7 +316,7 @@ class TunnelTests(SynchronousTestCase):
         self.assertFalse(self.clock.getDelayedCalls())
 
     def test_cancel_while_connecting(self) -> None:
-        """Cancel while connecting."""
+        """Cancelling while still connecting stops the attempt and leaves no timer behind."""
         d = self.connect()
         d.cancel()
         self.failureResultOf(d, CancelledError)
@@ -358,7 +372,7 @@ class _Splice(Protocol):
     def dataReceived(self, data: bytes) -> None:
         self.owner.transport.write(data)
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.owner.transport.loseConnection()
 
 
@@ -435,7 +449,7 @@ class _ProxyProtocol(Protocol):
             peer.transport.write(self.pending)
             self.pending = b""
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.lost = True
         if self.channel is not None:
             self.channel.connectionLost(reason)
@@ -582,7 +596,9 @@ class OutboundProxyTests(ProxyTestCase):
 
     @defer.inlineCallbacks
     def test_wrong_credentials_502(self):
-        """Wrong credentials 502."""
+        """When the outbound proxy refuses the credentials (407), the client gets an
+        OpenAI-shaped 502, the log says CONNECT got 407, the password is in neither, and
+        nothing reaches the upstream."""
         self.outbound.credentials = b"Basic " + base64.b64encode(b"tf-user:right")
         yield self.start_proxy(
             **self.https_env(PROXY=f"http://tf-user:wrong-pw@127.0.0.1:{self.outbound_port}")
@@ -595,7 +611,8 @@ class OutboundProxyTests(ProxyTestCase):
 
     @defer.inlineCallbacks
     def test_connect_refused_502(self):
-        """Connect refused 502."""
+        """A 407, 403 or 502 answer to CONNECT gives the client a 502 each time, and nothing
+        reaches the upstream."""
         yield self.start_proxy(**self.https_env())
         for answer in (b"407 Proxy Authentication Required", b"403 Forbidden", b"502 Bad Gateway"):
             self.outbound.answer = answer
@@ -624,7 +641,8 @@ class OutboundProxyTests(ProxyTestCase):
 
     @defer.inlineCallbacks
     def test_proxy_unreachable_502(self):
-        """Proxy unreachable 502."""
+        """An outbound proxy nobody listens on gives the client an OpenAI-shaped 502, not a
+        hang."""
         yield self.start_proxy(**self.https_env(PROXY=f"http://127.0.0.1:{_unused_port()}"))
         yield self.assert_proxy_error()
 

@@ -42,6 +42,9 @@ def chat(model: str = "gpt-4o-mini", **extra) -> bytes:
 class PolicyTestCase(ProxyTestCase):
     """Posts chats with a key; reads JSON answers."""
 
+    #: They scrape /metrics on the proxy's port, without the admin key.
+    proxy_settings = {"METRICS": "public"}
+
     @defer.inlineCallbacks
     def post(self, key: str, body: bytes, path: str = "/v1/chat/completions"):
         response = yield self.client.post(

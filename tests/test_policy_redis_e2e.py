@@ -8,20 +8,19 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from typing import Any
 
 import txredisapi
 from twisted.application.service import IService, IServiceCollection
 from twisted.internet import defer, reactor
-from twisted.internet.error import ProcessDone
+from twisted.web.client import ResponseFailed
 
 from twisted_forward.tap import Options, makeService
 
 from .harness import proxy_env
+from .processes import assert_exit, child_env, spawn_twistd
 from .redis_server import start_redis
 from .test_policies_e2e import ALICE, BOB, DEFAULT, PolicyTestCase, chat
-from .test_workers import ROOT, TWISTD, Supervisor
 
 ALICE_ONLY = json.dumps({"alice": {"rpm": 5}})
 KEYS = dict(OPENAI_API_KEY=DEFAULT, FORWARD_KEY=f"alice:{ALICE} bob:{BOB}")
@@ -52,7 +51,8 @@ class RedisInstancesTests(PolicyTestCase):
         """A second instance of the plugin on loopback; stopped at cleanup."""
         options = Options()
         options.parseOptions(["--port", "tcp:0:interface=127.0.0.1", "--env-file", os.devnull])
-        service = makeService(options, reactor=reactor, environ=proxy_env(self.upstream_port, **env))
+        environ = proxy_env(self.upstream_port, **{**self.proxy_settings, **env})
+        service = makeService(options, reactor=reactor, environ=environ)
         listener = [s for s in IServiceCollection(service) if hasattr(s, "_waitingForPort")][0]
         IService(service).startService()
         self.addCleanup(service.stopService)
@@ -162,23 +162,19 @@ class SigtermTests(PolicyTestCase):
         take them at once."""
         redis = yield start_redis(self)
         policy = json.dumps({"alice": {"max_parallel": 1, "tokens_per_day": 1000}})
-        env = dict(
-            PATH=os.environ.get("PATH", ""), PYTHONPATH=ROOT,
-            OPENAI_BASE_URL=f"http://127.0.0.1:{self.upstream_port}", LOG_CHAT="false",
+        env = child_env(
+            OPENAI_BASE_URL=f"http://127.0.0.1:{self.upstream_port}",
             SHUTDOWN_GRACE="1", REDIS_URL=redis.url, KEY_POLICY=policy,
             LIMITS_STORE_TIMEOUT="5", **KEYS,
         )
         workdir = self.mktemp()
         os.makedirs(workdir)
-        proxy = Supervisor()
-        reactor.spawnProcess(
-            proxy, sys.executable,
-            TWISTD + ["-n", "--pidfile=", "openai-forward", "--port",
-                      "tcp:0:interface=127.0.0.1", "--env-file", os.devnull],
-            env=env, path=workdir,
+        proxy = spawn_twistd(
+            self,
+            ["-n", "--pidfile=", "openai-forward", "--port",
+             "tcp:0:interface=127.0.0.1", "--env-file", os.devnull],
+            env, workdir,
         )
-        self.addCleanup(lambda: None if proxy.ended.called
-                        else (proxy.transport.signalProcess("KILL"), proxy.ended)[1])
         match = yield proxy.wait_for(r"Site starting on (\d+)")
         base = f"http://127.0.0.1:{match.group(1)}"
 
@@ -200,11 +196,13 @@ class SigtermTests(PolicyTestCase):
         self.assertEqual(len(tokens), 1)
         self.assertGreaterEqual(float((yield redis_client.get(tokens[0]))), 900)
 
-        proxy.transport.signalProcess("TERM")
+        proxy.signal("TERM")
         response = yield pending
-        yield response.content().addErrback(lambda _: None)
-        reason = yield proxy.ended
-        self.assertIsInstance(reason, ProcessDone, proxy.output)
+        # The grace ran out: the stream is cut, not ended as if whole...
+        yield self.assertFailure(response.content(), ResponseFailed)
+        # ...and the process itself stops in order (exit 0, not by the signal).
+        yield proxy.exited()
+        assert_exit(self, proxy, 0)
         self.assertEqual((yield redis_client.execute_command("ZCARD", slots)), 0)
         self.assertEqual(float((yield redis_client.get(tokens[0]))), 0)
 

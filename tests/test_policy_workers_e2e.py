@@ -6,16 +6,15 @@ supervisor keeping the counters and the default keys' health for both.
 from __future__ import annotations
 
 import json
-import os
 import re
-import sys
 from typing import Any
 
-from twisted.internet import defer, reactor
+from twisted.internet import defer
 from twisted.web.server import Request
 
 from .fake_upstream import chat_answer
-from .test_workers import ROOT, TWISTD, Supervisor, WorkersTestCase
+from .processes import ChildProcess
+from .test_workers import WorkersTestCase
 
 ALICE = "fk-alice-0123456789"
 DEAD = "sk-dead-0123456789"
@@ -30,35 +29,22 @@ class WorkersPolicyTests(WorkersTestCase):
     def start(self, **env: str) -> Any:
         """Start ``twistd openai-forward --workers 2``; fires with its base
         URL once both workers serve."""
-        environ = {
-            "PATH": os.environ.get("PATH", ""),
-            "PYTHONPATH": ROOT,
-            "OPENAI_BASE_URL": f"http://127.0.0.1:{self.fake_port.getHost().port}",
-            "LOG_CHAT": "false",
-            "SHUTDOWN_GRACE": "5",
+        self.supervisor = supervisor = self.start_supervisor(2, **{
             "FORWARD_KEY": f"alice:{ALICE}",
             # Generous: a loaded test machine must not turn into an outage.
             "LIMITS_STORE_TIMEOUT": "5",
-        }
-        environ.update(env)
-        self.supervisor = supervisor = Supervisor()
-        reactor.spawnProcess(
-            supervisor, sys.executable,
-            TWISTD + ["-n", "--pidfile=", "openai-forward", "--workers", "2",
-                      "--port", "tcp:0:interface=127.0.0.1", "--env-file", os.devnull],
-            env=environ, path=self.workdir,
-        )
+            **env,
+        })
         self.addCleanup(self._stop, supervisor)
         match = yield supervisor.wait_for(r"listening on 127\.0\.0\.1:(\d+)")
         yield supervisor.wait_for(r"\[worker-1\] worker 1 serving")
         yield supervisor.wait_for(r"\[worker-2\] worker 2 serving")
         return f"http://127.0.0.1:{match.group(1)}"
 
-    def _stop(self, supervisor: Supervisor) -> Any:
+    def _stop(self, supervisor: ChildProcess) -> Any:
         if supervisor.ended.called:
             return None
-        supervisor.transport.signalProcess("TERM")
-        return supervisor.ended
+        return self.stop_supervisor(supervisor)
 
     @defer.inlineCallbacks
     def ask(self, base: str) -> Any:

@@ -142,7 +142,8 @@ class TimeoutTests(ProxyHarness):
     env = {"READ_TIMEOUT": "30", "IDLE_TIMEOUT": "20"}
 
     def test_head_timeout_is_504(self):
-        """Head timeout is 504."""
+        """An upstream that sends no answer head within READ_TIMEOUT has its request
+        cancelled and the client gets a 504 upstream_timeout, and not a second before."""
         channel, transport = self.get()
         [call] = self.upstream.calls
         self.clock.advance(29)
@@ -153,7 +154,7 @@ class TimeoutTests(ProxyHarness):
         self.assertEqual(self.error_code(transport), "upstream_timeout")
 
     def test_head_in_time_cancels_timer(self):
-        """Head in time cancels timer."""
+        """An answer head in time relays the answer and leaves no timer behind."""
         channel, transport = self.get()
         response = FakeResponse(200, {b"content-type": [b"application/json"]}, length=2)
         self.upstream.calls[0].deferred.callback(response)
@@ -163,7 +164,8 @@ class TimeoutTests(ProxyHarness):
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_connect_refused_is_502(self):
-        """Connect refused is 502."""
+        """A refused upstream connection gives the client a 502 upstream_unreachable that
+        does not name the upstream's host."""
         channel, transport = self.get()
         self.upstream.calls[0].deferred.errback(error.ConnectionRefusedError())
         self.assertEqual(self.status(transport), 502)
@@ -171,7 +173,7 @@ class TimeoutTests(ProxyHarness):
         self.assertNotIn(b"upstream.test", transport.value())
 
     def test_connect_timeout_is_504(self):
-        """Connect timeout is 504."""
+        """An upstream connection that times out gives the client a 504."""
         channel, transport = self.get()
         self.upstream.calls[0].deferred.errback(error.TimeoutError())
         self.assertEqual(self.status(transport), 504)
@@ -230,7 +232,8 @@ class ClientIdleTests(ProxyHarness):
 
 class ClientGoneTests(ProxyHarness):
     def test_before_head_cancels_upstream_request(self):
-        """Before head cancels upstream request."""
+        """A client that disconnects before the answer head cancels the upstream request; no
+        timer and no open exchange remain."""
         channel, transport = self.get()
         call = self.upstream.calls[0]
         channel.connectionLost(Failure(error.ConnectionDone()))
@@ -239,7 +242,8 @@ class ClientGoneTests(ProxyHarness):
         self.assertFalse(self.built.proxies[0].open)
 
     def test_after_head_stops_upstream(self):
-        """After head stops upstream."""
+        """A client that disconnects mid-stream stops the upstream body; later upstream data
+        and its end are dropped without a write to the lost connection."""
         channel, transport = self.get()
         response = FakeResponse(200, {b"content-type": [b"text/event-stream"]})
         self.upstream.calls[0].deferred.callback(response)
@@ -267,7 +271,8 @@ class RelayTests(ProxyHarness):
         self.assertEqual(response.transport.resumed, 1)
 
     def test_chunks_written_as_they_come(self):
-        """Chunks written as they come."""
+        """An answer of unknown length is relayed chunked, each upstream piece written as it
+        arrives (not buffered), and ended with the last chunk."""
         channel, transport = self.get()
         response = FakeResponse(200, {b"content-type": [b"text/event-stream"]})
         self.upstream.calls[0].deferred.callback(response)
@@ -278,7 +283,8 @@ class RelayTests(ProxyHarness):
         self.assertTrue(transport.value().endswith(b"0\r\n\r\n"))
 
     def test_known_length_kept(self):
-        """Known length kept."""
+        """An answer with a known length is relayed with the same Content-Length and no
+        chunked encoding."""
         channel, transport = self.get()
         response = FakeResponse(200, length=5)
         self.upstream.calls[0].deferred.callback(response)
@@ -299,7 +305,8 @@ class RelayTests(ProxyHarness):
         self.assertTrue(getattr(transport, "aborted", False) or transport.disconnecting)
 
     def test_request_line_garbage_is_400(self):
-        """Request line garbage is 400."""
+        """A request target that is not a path ("evil.com/x") gets 400 and no upstream
+        request is made."""
         channel, transport = self.send(b"GET evil.com/x HTTP/1.1\r\nHost: h\r\n\r\n")
         self.assertEqual(self.status(transport), 400)
         self.assertEqual(self.upstream.calls, [])
@@ -323,7 +330,9 @@ class FailoverTests(ProxyHarness):
         return call.headers.getRawHeaders(b"authorization")[0]
 
     def test_429_tries_next_key_and_rests_the_first(self):
-        """429 tries next key and rests the first."""
+        """A 429 on the first default key is discarded and the request retried with the next
+        key; the first key then rests for Retry-After (30 s) and is used again only
+        after."""
         channel, transport = self.get()
         first = self.upstream.calls[0]
         self.assertEqual(self.auth(first), b"Bearer sk-first-000")
@@ -359,7 +368,8 @@ class FailoverTests(ProxyHarness):
             self.answer(self.upstream.calls[-1], 200)
 
     def test_all_keys_fail_last_answer_relayed_scrubbed(self):
-        """All keys fail last answer relayed scrubbed."""
+        """When every default key fails, each is tried once and the last answer is relayed
+        with the key it echoes masked."""
         channel, transport = self.get()
         for call_index in range(3):
             call = self.upstream.calls[call_index]
@@ -371,14 +381,15 @@ class FailoverTests(ProxyHarness):
         self.assertIn(b"sk-***", transport.value())
 
     def test_client_key_never_retried(self):
-        """Client key never retried."""
+        """A client's own key is never retried with another key: its 429 is relayed as it
+        is."""
         channel, transport = self.get(headers=b"Authorization: Bearer sk-client-own\r\n")
         self.answer(self.upstream.calls[0], 429)
         self.assertEqual(len(self.upstream.calls), 1)
         self.assertEqual(self.status(transport), 429)
 
     def test_post_body_replayed(self):
-        """Post body replayed."""
+        """A POST retried after a 503 sends the same body upstream on each attempt."""
         body = b'{"model": "m", "messages": []}'
         channel, transport = self.send(
             b"POST /v1/chat/completions HTTP/1.1\r\nHost: h\r\nContent-Type: application/json\r\n"

@@ -353,7 +353,9 @@ class LogRotationTests(ProxyTestCase):
 
     @defer.inlineCallbacks
     def test_reopen_after_logrotate_and_twistd_rotation(self):
-        """Reopen after logrotate and twistd rotation."""
+        """After logrotate moves a daemon's --logfile, SIGUSR1 makes it write to a new file
+        at the path; with nothing moved, SIGUSR1 rotates it to .1 and new lines go to a
+        fresh file."""
         from twisted.web.client import Agent, HTTPConnectionPool, readBody
 
         from .test_runmodes import _UnixEndpoints

@@ -34,7 +34,9 @@ class RouteTests(ProxyTestCase):
 
     @defer.inlineCallbacks
     def test_two_upstreams(self):
-        """Two upstreams."""
+        """FORWARD_CONFIG routes /v1 to the OpenAI upstream with the default key and /gemini
+        to the general upstream under its base path, where the client's own credentials
+        pass untouched and no default key is added."""
         yield self.start_proxy(FORWARD_CONFIG=self.forward_config(), OPENAI_API_KEY="sk-route-default")
         response = yield self.client.get(self.url("/v1/models"))
         yield response.content()
@@ -53,7 +55,8 @@ class RouteTests(ProxyTestCase):
 
     @defer.inlineCallbacks
     def test_general_route_sse_event_by_event(self):
-        """General route SSE event by event."""
+        """A general route relays an event stream as it arrives: the client has the first
+        two events while the upstream still holds the rest."""
         config = json.dumps(
             [{"base_url": f"http://127.0.0.1:{self.other_port.getHost().port}",
               "route": "/local", "type": "general"}]
@@ -77,7 +80,8 @@ class RouteTests(ProxyTestCase):
 
     @defer.inlineCallbacks
     def test_unrouted_path_404_and_health_under_prefixes(self):
-        """Unrouted path 404 and health under prefixes."""
+        """A path under no route gets a 404 unknown_route error, the health check answers at
+        the root and under every route prefix, and none of these reach an upstream."""
         config = json.dumps(
             [{"base_url": f"http://127.0.0.1:{self.upstream_port}", "route": "/openai", "type": "openai"},
              {"base_url": f"http://127.0.0.1:{self.other_port.getHost().port}", "route": "/local",
@@ -93,7 +97,8 @@ class RouteTests(ProxyTestCase):
 
     @defer.inlineCallbacks
     def test_health_path_configurable(self):
-        """Health path configurable."""
+        """HEALTHZ_PATH moves the health check (also under ROUTE_PREFIX), and /healthz then
+        becomes an ordinary path forwarded upstream."""
         yield self.start_proxy(HEALTHZ_PATH="/ping", ROUTE_PREFIX="/openai")
         for path in ("/ping", "/openai/ping"):
             response = yield self.client.get(self.url(path))

@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import shutil
+import signal
 import tempfile
 from typing import Any
 
@@ -20,8 +20,8 @@ from twisted.web.client import Agent, HTTPConnectionPool, readBody
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
-from .harness import ProxyTestCase
 from . import processes
+from .harness import ProxyTestCase
 from .processes import ROOT, TWIST, ChildProcess, assert_exit, child_env
 
 #: The line a proxy logs once it listens, with its port.

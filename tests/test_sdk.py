@@ -61,7 +61,9 @@ class SDKTestCase(ProxyTestCase):
 class SDKTests(SDKTestCase):
     @defer.inlineCallbacks
     def test_chat_with_forward_key(self):
-        """Chat with forward key."""
+        """The official openai SDK, given a forward key, gets the upstream's chat answer and
+        usage through the proxy, while the upstream sees the real default key and the
+        SDK's messages."""
         yield self.start_proxy(FORWARD_KEY="fk-sdk-key-1", OPENAI_API_KEY="sk-real-default")
         completion = yield self.in_thread(
             lambda c: c.chat.completions.create(model="gpt-4o-mini", messages=_MESSAGES),
@@ -97,7 +99,8 @@ class SDKTests(SDKTestCase):
 
     @defer.inlineCallbacks
     def test_async_streaming(self):
-        """Async streaming."""
+        """The async SDK receives a streamed chat chunk by chunk while the upstream is still
+        holding the rest (nothing is buffered), then the whole answer."""
         yield self.start_proxy()
         self.fake.hold_at = 2
 
@@ -162,7 +165,8 @@ class SDKTests(SDKTestCase):
 
     @defer.inlineCallbacks
     def test_models_list(self):
-        """Models list."""
+        """The SDK's models.list() works through the proxy and returns the upstream's
+        models."""
         yield self.start_proxy()
         models = yield self.in_thread(lambda c: [m.id for m in c.models.list()])
         self.assertEqual(models, ["gpt-4o-mini"])
@@ -188,7 +192,9 @@ class SDKErrorTests(SDKTestCase):
 
     @defer.inlineCallbacks
     def test_unknown_forward_key_is_authentication_error(self):
-        """Unknown forward key is authentication error."""
+        """An unknown forward key makes the SDK raise AuthenticationError with status 401
+        and code invalid_api_key, with no default key in the message and nothing sent
+        upstream."""
         yield self.start_proxy(FORWARD_KEY="fk-sdk-key-1", OPENAI_API_KEY="sk-real-default")
         error = yield self.assertFailure(
             self.in_thread(lambda c: c.models.list(), api_key="fk-not-a-known-key"),
@@ -201,7 +207,8 @@ class SDKErrorTests(SDKTestCase):
 
     @defer.inlineCallbacks
     def test_refused_ip_is_permission_denied(self):
-        """Refused IP is permission denied."""
+        """A refused client address makes the SDK raise PermissionDeniedError with status
+        403 and code ip_not_allowed."""
         yield self.start_proxy(IP_BLACKLIST="127.0.0.1")
         error = yield self.assertFailure(
             self.in_thread(lambda c: c.models.list()), openai.PermissionDeniedError
@@ -212,7 +219,8 @@ class SDKErrorTests(SDKTestCase):
 
     @defer.inlineCallbacks
     def test_upstream_500_is_internal_server_error(self):
-        """Upstream 500 is internal server error."""
+        """An upstream 500 reaches the SDK as InternalServerError carrying the upstream's
+        own message."""
         yield self.start_proxy()
 
         def fail(request: Request) -> bytes:
@@ -245,7 +253,8 @@ class SDKErrorTests(SDKTestCase):
 
     @defer.inlineCallbacks
     def test_unreachable_upstream_is_a_502(self):
-        """Unreachable upstream is a 502."""
+        """An unreachable upstream makes the SDK raise InternalServerError with status 502
+        and code upstream_unreachable, not a connection error."""
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             closed_port = s.getsockname()[1]

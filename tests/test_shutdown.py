@@ -25,7 +25,9 @@ def _stream_body() -> bytes:
 class DrainTests(ProxyTestCase):
     @defer.inlineCallbacks
     def test_open_stream_finishes_health_says_draining(self):
-        """Open stream finishes health says draining."""
+        """While stopping, an open stream is finished whole, the health check answers 503
+        draining, new requests get 503 shutting_down without reaching the upstream, and
+        the stop completes only after the stream ends."""
         yield self.start_proxy()
         self.fake.hold_at = 2
         response, collector = yield self.open_stream()
@@ -56,7 +58,8 @@ class GraceExpiryTests(ProxyHarness):
     env = {"SHUTDOWN_GRACE": "30"}
 
     def test_grace_expiry_cuts_open_exchanges(self):
-        """Grace expiry cuts open exchanges."""
+        """A stream still open when SHUTDOWN_GRACE (30 s) runs out is cut on both sides at
+        that moment and not before, and the stop then completes."""
         service = ProxyService(self.built, self.config, self.clock)
         service.startService()
         channel, transport = self.get()
@@ -75,7 +78,8 @@ class GraceExpiryTests(ProxyHarness):
         self.assertFalse(self.built.proxies[0].open)
 
     def test_no_open_exchange_stops_at_once(self):
-        """No open exchange stops at once."""
+        """With no open exchange the service stops at once, without waiting for the grace
+        period."""
         service = ProxyService(self.built, self.config, self.clock)
         service.startService()
         self.successResultOf(service.stopService())

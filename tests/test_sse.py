@@ -40,16 +40,20 @@ class FormatTests(SynchronousTestCase):
     """The rules of the event-stream format, one by one."""
 
     def test_one_event(self):
-        """One event."""
+        """A data line ended by a blank line decodes to one event whose data is the line's
+        value, type "message": the basic unit every chat stream is made of."""
         self.assertEqual(decode(b'data: {"a": 1}\n\n'), [Event('{"a": 1}')])
 
     def test_several_events_in_one_chunk(self):
-        """Several events in one chunk."""
+        """Three events arriving in one network chunk decode to three events in order, none
+        merged or dropped."""
         events = decode(b"data: one\n\ndata: two\n\ndata: three\n\n")
         self.assertEqual([e.data for e in events], ["one", "two", "three"])
 
     def test_event_split_at_every_offset(self):
-        """Event split at every offset."""
+        """A stream cut at every possible byte offset (inside CRLF, inside a field name,
+        between events) decodes to the same events as when whole: TCP may split a stream
+        anywhere."""
         stream = b"event: x\r\nid: 7\r\ndata: first\r\ndata: second\r\n\r\ndata: b\n\n"
         expected = [Event("first\nsecond", "x", "7"), Event("b", "message", "7")]
         for cut in range(1, len(stream)):
@@ -57,14 +61,16 @@ class FormatTests(SynchronousTestCase):
                 self.assertEqual(decode(stream[:cut], stream[cut:]), expected)
 
     def test_one_byte_at_a_time(self):
-        """One byte at a time."""
+        """A real chat stream fed one byte per call decodes exactly as fed whole, so a slow
+        upstream trickling bytes is recorded the same."""
         stream = b"".join(chat_chunks("one two three"))
         chunks = [stream[i : i + 1] for i in range(len(stream))]
         self.assertEqual(decode(*chunks), decode(stream))
         self.assertEqual(len(decode(stream)), 5)
 
     def test_line_endings(self):
-        """Line endings."""
+        """LF, CRLF and lone CR each end a line, as the event-stream format allows;
+        multi-line data is joined with LF."""
         for end in (b"\n", b"\r\n", b"\r"):
             with self.subTest(end=end):
                 stream = b"data: a" + end + b"data: b" + end + end + b"data: c" + end + end
@@ -77,44 +83,52 @@ class FormatTests(SynchronousTestCase):
         self.assertEqual([e.data for e in events], ["a\nb"])
 
     def test_lone_cr_ends_a_line(self):
-        """Lone cr ends a line."""
+        """A CR at the end of one chunk ends its line at once (an LF in the next chunk is
+        not waited for) and a second CR dispatches the event."""
         decoder = SSEDecoder()
         self.assertEqual(decode(b"data: a\r", decoder=decoder), [])
         self.assertEqual([e.data for e in decode(b"\r", decoder=decoder)], ["a"])
 
     def test_comments_ignored(self):
-        """Comments ignored."""
+        """Lines starting with a colon (keep-alive pings) are counted as comments and never
+        become events or data."""
         decoder = SSEDecoder()
         events = decode(b": keep-alive\n\n: ping\ndata: x\n: mid\n\n", decoder=decoder)
         self.assertEqual([e.data for e in events], ["x"])
         self.assertEqual(decoder.comments, 3)
 
     def test_space_after_colon(self):
-        """Space after colon."""
+        """Only the one space after the colon is dropped: a second one is data, and a field
+        without a colon has empty data."""
         events = decode(b"data:x\n\ndata:  two spaces\n\ndata\n\n")
         self.assertEqual([e.data for e in events], ["x", " two spaces", ""])
 
     def test_empty_data_line_is_an_event(self):
-        """Empty data line is an event."""
+        """A bare "data:" line followed by a blank line is an event with empty data, not
+        nothing."""
         self.assertEqual(decode(b"data:\n\n"), [Event("")])
 
     def test_event_without_data_not_dispatched(self):
-        """Event without data not dispatched."""
+        """An event block with no data line (only event: or id:) is not dispatched, though
+        its id carries over to the next event."""
         self.assertEqual(decode(b"event: ping\n\nid: 3\n\ndata: y\n\n"), [Event("y", "message", "3")])
 
     def test_field_names_are_case_sensitive(self):
-        """Field names are case sensitive."""
+        """"Data:" and "DATA:" are unknown fields and ignored; only lowercase "data:"
+        carries the event's data."""
         self.assertEqual(decode(b"Data: no\nDATA: no\ndata: yes\n\n"), [Event("yes")])
 
     def test_retry_and_id(self):
-        """Retry and ID."""
+        """A numeric retry: field sets the reconnection delay and a non-numeric one is
+        ignored; an id containing NUL is ignored, as the format requires."""
         decoder = SSEDecoder()
         decode(b"retry: 1500\nretry: soon\nid: a\0b\ndata: x\n\n", decoder=decoder)
         self.assertEqual(decoder.retry, 1500)
         self.assertEqual(decode(b"id: a\0b\ndata: x\n\n"), [Event("x", "message", None)])
 
     def test_done_stops_decoding(self):
-        """Done stops decoding."""
+        """After "data: [DONE]" nothing more is decoded; the bytes after it are counted as
+        after_done, and close() reports no unfinished event."""
         decoder = SSEDecoder()
         events = decode(b"data: 1\n\ndata: [DONE]\n\ndata: 2\n\n", b"data: 3\n\n", decoder=decoder)
         self.assertEqual([e.data for e in events], ["1"])
@@ -123,13 +137,14 @@ class FormatTests(SynchronousTestCase):
         self.assertFalse(decoder.close())
 
     def test_done_split_across_chunks(self):
-        """Done split across chunks."""
+        """"[DONE]" and its line end split over three chunks still mark the stream done."""
         decoder = SSEDecoder()
         decode(b"data: [DO", b"NE]\r", b"\n\r\n", decoder=decoder)
         self.assertTrue(decoder.done)
 
     def test_unfinished_event_at_close(self):
-        """Unfinished event at close."""
+        """close() reports an unfinished event (data without its blank line) and reports
+        none after a whole one: how a cut stream is told from a complete one."""
         decoder = SSEDecoder()
         self.assertEqual(decode(b"data: whole\n\ndata: half", decoder=decoder), [Event("whole")])
         self.assertTrue(decoder.close())
@@ -153,7 +168,8 @@ class FormatTests(SynchronousTestCase):
         self.assertEqual(decode(b"data: a\xffb\n\n"), [Event("a\ufffdb")])
 
     def test_bom_dropped_at_start_only(self):
-        """Bom dropped at start only."""
+        """A UTF-8 BOM is dropped at the stream's start, even split across chunks; later, or
+        inside data, it is an ordinary character."""
         bom = b"\xef\xbb\xbf"
         self.assertEqual(decode(bom[:2], bom[2:] + b"data: x\n\n"), [Event("x")])
         # Later, a BOM is just a character: here it spoils a field name.
@@ -164,7 +180,8 @@ class FormatTests(SynchronousTestCase):
         self.assertEqual(decode(b"data: " + bom + b"\n\n"), [Event("\ufeff")])
 
     def test_endless_line_stops_decoding_without_raising(self):
-        """Endless line stops decoding without raising."""
+        """A line longer than max_event_bytes with no newline sets overflow and stops
+        decoding without raising, so an endless line cannot grow memory."""
         decoder = SSEDecoder(max_event_bytes=1000)
         for _ in range(10):
             self.assertEqual(decoder.feed(b"x" * 200), [])
@@ -172,13 +189,15 @@ class FormatTests(SynchronousTestCase):
         self.assertEqual(decoder.feed(b"\n\ndata: later\n\n"), [])
 
     def test_endless_event_stops_decoding(self):
-        """Endless event stops decoding."""
+        """Many data lines that never end their event past max_event_bytes set overflow: an
+        event is bounded as well as a line."""
         decoder = SSEDecoder(max_event_bytes=1000)
         decode(*[b"data: " + b"y" * 100 + b"\n"] * 20, decoder=decoder)
         self.assertTrue(decoder.overflow)
 
     def test_long_line_in_many_pieces_is_kept_whole(self):
-        """Long line in many pieces is kept whole."""
+        """A 50 kB data line fed in 7-byte pieces is one event with the whole line: pieces
+        are joined, not truncated."""
         payload = "z" * 50_000
         stream = b"data: " + payload.encode() + b"\n\n"
         chunks = [stream[i : i + 7] for i in range(0, len(stream), 7)]
@@ -228,7 +247,8 @@ class PropertyTests(SynchronousTestCase):
     @settings(max_examples=300, deadline=None)
     @given(streams(), st.lists(st.integers(0, 2000), max_size=30))
     def test_random_streams_random_splits(self, stream_and_events, cuts):
-        """Random streams random splits."""
+        """For generated streams split at generated offsets, decoding gives the events the
+        stream was built from and ends with nothing unfinished."""
         stream, expected = stream_and_events
         decoder = SSEDecoder()
         self.assertEqual(decode(*split_at(stream, cuts), decoder=decoder), expected)

@@ -22,6 +22,7 @@ from twisted_forward.listening import BoundEndpoint, listen_error
 
 from .processes import TWISTD, assert_exit, child_env, run
 
+
 def startup_env(**env: str) -> dict[str, str]:
     """A child's settings: an upstream nobody listens on (start-up fails
     before any request), then ``env``."""
@@ -127,6 +128,23 @@ class StartupFailureTests(TestCase):
             "(Not a directory): make that folder writable by this user, choose another, "
             "or set LOG_CHAT=false",
             LOG_CHAT="true", LOG_DIR=log_dir,
+        )
+
+    def test_required_redis_unreachable(self):
+        """A Redis the limits need (KEY_POLICY counted in REDIS_URL, failing
+        closed) that nothing answers at: the URL without its password, and
+        the ways out."""
+        free = socket.socket()
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+        free.close()  # nothing listens there now
+        return self.fails_with(
+            ["--port", "tcp:0:interface=127.0.0.1"],
+            f"openai-forward: REDIS_URL (--redis-url): cannot reach redis://127.0.0.1:{port}/0 "
+            "(Connection refused): start it, fix the URL, or set LIMITS_ON_STORE_FAILURE=open "
+            "to serve while it is down",
+            REDIS_URL=f"redis://:redis-start-pass-0123456789@127.0.0.1:{port}/0",
+            KEY_POLICY='{"*": {"rpm": 10}}',
         )
 
     def test_unwritable_data_dir(self):
@@ -305,7 +323,7 @@ class ListenErrorTests(SynchronousTestCase):
         from twisted.internet.protocol import Factory
 
         factory, port = Factory(), object()
-        endpoint = BoundEndpoint(port, factory)  # type: ignore[arg-type]
+        endpoint = BoundEndpoint(port, factory)  # type: ignore[arg-type]  # a stand-in port
         self.failureResultOf(endpoint.listen(Factory()))
         self.assertIs(self.successResultOf(endpoint.listen(factory)), port)
         self.failureResultOf(endpoint.listen(factory))

@@ -19,7 +19,6 @@ import openai
 from treq.client import HTTPClient
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import UNIXClientEndpoint
-from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.threads import deferToThread
 from twisted.web.client import (
     Agent,
@@ -32,6 +31,7 @@ from zope.interface import implementer
 
 from .fake_upstream import chat_chunks
 from .harness import ProxyTestCase
+from .processes import assert_exit, child_env, spawn
 from .tls_fixtures import ThrowawayCA
 
 _CA = None
@@ -82,7 +82,8 @@ class TLSListenerTests(ProxyTestCase):
 
     @defer.inlineCallbacks
     def test_https_clients(self):
-        """Https clients."""
+        """On an ssl: port, HTTPS clients trusting the test CA get plain and streamed
+        answers through the proxy."""
         yield self.start_tls()
         response = yield self.tls_client.get(self.https_base + "/v1/models")
         self.assertEqual(response.code, 200)
@@ -157,7 +158,8 @@ class UnixListenerTests(ProxyTestCase):
 
     @defer.inlineCallbacks
     def test_unix_socket(self):
-        """Unix socket."""
+        """A unix: port with mode=660 creates the socket with those permissions and serves
+        plain and streamed requests; the upstream sees its own host name, not the socket."""
         yield self.start_unix()
         self.assertEqual(stat.S_IMODE(os.stat(self.socket_path).st_mode), 0o660)
         response = yield self.unix_client.get("http://proxy.local/v1/models?x=1")
@@ -177,26 +179,10 @@ class UnixListenerTests(ProxyTestCase):
 
     @defer.inlineCallbacks
     def test_healthz_on_unix_socket(self):
-        """Healthz on unix socket."""
+        """The health check answers {"status": "ok"} on a unix socket too."""
         yield self.start_unix()
         response = yield self.unix_client.get("http://proxy.local/healthz")
         self.assertEqual(json.loads((yield response.content())), {"status": "ok"})
-
-
-class _Child(ProcessProtocol):
-    """Collects a child process's output; ``ended`` fires when it exits."""
-
-    def __init__(self) -> None:
-        self.output: list[bytes] = []
-        self.ended: defer.Deferred = defer.Deferred()
-
-    def outReceived(self, data: bytes) -> None:
-        self.output.append(data)
-
-    errReceived = outReceived
-
-    def processEnded(self, reason) -> None:
-        self.ended.callback(None)
 
 
 #: What systemd does for a socket unit, as a shell line: descriptor 3 is the
@@ -220,48 +206,37 @@ class SystemdActivationTests(ProxyTestCase):
 
     @defer.inlineCallbacks
     def test_inherited_socket(self):
-        """Inherited socket."""
+        """A socket bound before twistd started (systemd's socket
+        activation, descriptor 3) is the one it serves on, with the
+        configured route, and SIGTERM stops it in order (exit 0)."""
         listening = socket.socket()
         self.addCleanup(listening.close)
         listening.bind(("127.0.0.1", 0))
         listening.listen(16)
         port = listening.getsockname()[1]
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         workdir = self.mktemp()
         os.makedirs(workdir)
-        child = _Child()
-        process = reactor.spawnProcess(
-            child,
-            "/bin/sh",
-            ["sh", "-c", _ACTIVATED, sys.executable],
-            env={
-                "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-                "PYTHONPATH": root,
-                "OPENAI_BASE_URL": f"http://127.0.0.1:{self.upstream_port}",
-                "LOG_CHAT": "false",
-            },
-            path=workdir,
-            childFDs={0: "w", 1: "r", 2: "r", 3: listening.fileno()},
+        child = spawn(
+            self,
+            ["/bin/sh", "-c", _ACTIVATED, sys.executable],
+            child_env(OPENAI_BASE_URL=f"http://127.0.0.1:{self.upstream_port}"),
+            workdir,
+            name="twistd (socket-activated)",
+            child_fds={0: "w", 1: "r", 2: "r", 3: listening.fileno()},
         )
-
-        @defer.inlineCallbacks
-        def stop():
-            if not child.ended.called:
-                process.signalProcess("TERM")
-            yield child.ended
-
-        self.addCleanup(stop)
+        # twistd says it serves the inherited socket (no "starting on" line:
+        # it did not bind one).
+        yield child.wait_for(rf"route / -> http://127\.0\.0\.1:{self.upstream_port}")
         client = HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False)))
         # The kernel queues the connection on the socket until twistd accepts.
         d = client.get(f"http://127.0.0.1:{port}/v1/models")
-        child.ended.addCallback(lambda _: d.called or d.cancel())
+        child.ended.addCallback(lambda reason: (d.called or d.cancel(), reason)[1])
         try:
             response = yield d
         except defer.CancelledError:
-            self.fail("twistd exited early:\n" + b"".join(child.output).decode("utf-8", "replace"))
+            self.fail(f"twistd ended ({child.status()}); its last lines:\n{child.tail()}")
         self.assertEqual(json.loads((yield response.content()))["data"][0]["id"], "gpt-4o-mini")
         self.assertEqual(self.fake.seen[0].uri, b"/v1/models")
-        process.signalProcess("TERM")
-        yield child.ended
-        route = b"route / -> http://127.0.0.1:%d" % self.upstream_port
-        self.assertIn(route, b"".join(child.output))
+        child.signal("TERM")
+        yield child.exited()
+        assert_exit(self, child, 0)

@@ -17,21 +17,24 @@ def _forward(base: str, target: bytes) -> bytes:
 
 class JoinTests(SynchronousTestCase):
     def test_plain(self):
-        """Plain."""
+        """A path and query are appended to a base URL without a path, unchanged."""
         self.assertEqual(
             _forward("https://api.openai.com", b"/v1/models?limit=2"),
             b"https://api.openai.com/v1/models?limit=2",
         )
 
     def test_base_path(self):
-        """Base path."""
+        """A base URL's path is kept in front of the request path, without a double slash."""
         self.assertEqual(
             _forward("https://example.com/openai/", b"/v1/chat/completions"),
             b"https://example.com/openai/v1/chat/completions",
         )
 
     def test_hostile_paths_cannot_change_host(self):
-        """Hostile paths cannot change host."""
+        """No request target (protocol-relative, @, encoded slashes, backslashes, fragments,
+        queries naming a URL, absolute forms, user info, odd bytes) can move the upstream
+        request off the configured host, port or user info: the proxy cannot be turned
+        into an open proxy."""
         for target in (
             b"//evil.com/x",
             b"/@evil.com",
@@ -52,7 +55,8 @@ class JoinTests(SynchronousTestCase):
             self.assertEqual(parsed.userinfo, "", (target, url))
 
     def test_absolute_form_uses_path_only(self):
-        """Absolute form uses path only."""
+        """An absolute-form target (http://evil.com/...) is reduced to its path and query on
+        the configured upstream."""
         self.assertEqual(
             _forward("https://api.openai.com", b"http://evil.com/v1/models?x=1"),
             b"https://api.openai.com/v1/models?x=1",
@@ -63,31 +67,36 @@ class JoinTests(SynchronousTestCase):
         )
 
     def test_unsafe_bytes_escaped(self):
-        """Unsafe bytes escaped."""
+        """Non-ASCII bytes and # in a path are percent-escaped, so the upstream gets a valid
+        URL with the same path."""
         self.assertEqual(
             _forward("http://h", b"/a\xc3\xa9#b"), b"http://h/a%C3%A9%23b"
         )
 
     def test_query_kept_raw(self):
-        """Query kept raw."""
+        """The query is passed through exactly as sent, without decoding or re-encoding."""
         self.assertEqual(
             _forward("http://h", b"/a?x=%2F&&y&a+b=%20"), b"http://h/a?x=%2F&&y&a+b=%20"
         )
 
     def test_refused_targets(self):
-        """Refused targets."""
+        """Targets that are not origin-form paths (*, no leading slash, empty) or contain
+        dot segments, also percent-encoded, are refused as BadTarget: no path traversal
+        to other upstream routes."""
         for target in (b"*", b"evil.com/x", b"", b"/a/../b", b"/..", b"/a/./b", b"/%2e%2E/x",
                        b"/a/.%2e/b", b"http://h/../x"):
             self.assertRaises(BadTarget, split_target, target)
 
     def test_dots_inside_segments_allowed(self):
-        """Dots inside segments allowed."""
+        """Dots inside a segment (a..b, .x) are ordinary characters, not dot segments, and
+        are allowed."""
         self.assertEqual(split_target(b"/v1/files/a..b/.x"), (b"/v1/files/a..b/.x", b""))
 
 
 class EndpointCacheTests(SynchronousTestCase):
     def test_one_endpoint_per_origin(self):
-        """One endpoint per origin."""
+        """Requests to the same scheme, host and port share one endpoint whatever their
+        path, while another scheme gets its own: connections are pooled per origin."""
         from twisted.web.client import URI
 
         from twisted_forward.outbound import _CachedEndpoints
@@ -211,7 +220,7 @@ class HostHeaderTests(SynchronousTestCase):
                 return succeed(None)
 
         agent = Agent()
-        Upstream(None, 5.0, agent=agent).request(  # type: ignore[arg-type]
+        Upstream(None, 5.0, agent=agent).request(  # type: ignore[arg-type]  # no reactor: the agent is given
             b"GET", b"https://api.example/v1", Headers({b"host": [b"other"]}), None
         )
         self.assertEqual(agent.headers.getRawHeaders(b"host"), [b"other"])

@@ -115,7 +115,7 @@ class WholeHeadChannelTests(SynchronousTestCase):
             names.append(line.partition(b":")[0])
             return original(line)
 
-        server.channel.headerReceived = header_received  # type: ignore[method-assign]
+        server.channel.headerReceived = header_received  # type: ignore[method-assign]  # a spy
         server.feed(SDK_HEAD + b"hello")
         self.assertEqual(names, [b"Content-Length"])
         self.assertEqual([r.body for r in server.resource.seen], [b"hello"])
@@ -187,7 +187,7 @@ class BodyDeadlineTests(SynchronousTestCase):
             started.append(getattr(func, "__name__", ""))
             return original(delay, func, *args, **kwargs)
 
-        server.channel.callLater = call_later  # type: ignore[method-assign]
+        server.channel.callLater = call_later  # type: ignore[method-assign]  # a spy
         server.feed(b"POST / HTTP/1.1\r\nHost: p\r\nContent-Length: 5\r\n\r\nhello")
         self.assertEqual([r.body for r in server.resource.seen], [b"hello"])
         self.assertNotIn("_body_check", started)

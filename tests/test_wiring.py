@@ -221,6 +221,7 @@ class ExtensionPointTests(SynchronousTestCase):
             (IExchangeCache, built.cache),
             (IExchangeTap, StoringTap(built.cache, b"key")),
             *((IHeadCheck, check) for check in built.head_checks),
+            *((IHeadCheck, proxy) for proxy in built.proxies),
         ]
 
     def test_every_provider_verifies(self):

@@ -29,13 +29,37 @@ from twisted_forward.worker import SharedSocketEndpoint
 
 from .fake_upstream import FakeOpenAI, chat_answer, fake_site
 from .harness import listen_tracked
-from .processes import ROOT, TWISTD
-from .processes import ChildProcess as Supervisor
+from .processes import ChildProcess, assert_exit, assert_signalled, child_env, spawn_twistd
+
+
+def served_by_both(supervisor: ChildProcess, path: str) -> bool:
+    """Whether both workers logged a 200 for ``path``."""
+    return all(
+        re.search(rf"\[worker-{i}[ \]].* GET {path} 200 ", supervisor.output)
+        for i in (1, 2)
+    )
+
+
+def requests_total(text: str) -> float:
+    """The sum of ``openai_forward_requests_total`` in a scrape."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        if family.name == "openai_forward_requests":
+            total += sum(s.value for s in family.samples if s.name.endswith("_total"))
+    return total
+
+
+def metrics_folders(parent: str) -> list[str]:
+    """The multiprocess metrics folders under ``parent``."""
+    return sorted(n for n in os.listdir(parent) if n.startswith("twisted-forward-metrics-"))
 
 
 class WorkersTestCase(TestCase):
     """A fake upstream and a client that opens a new connection per request
-    (so either worker may take it), for tests of ``--workers``."""
+    (so either worker may take it), and a real ``twistd openai-forward
+    --workers N`` to start and stop, for tests of ``--workers``."""
 
     timeout = 60
 
@@ -55,36 +79,34 @@ class WorkersTestCase(TestCase):
         yield self.fake_port.stopListening()
         yield self.fake_tracker.closed()
 
-
-class WorkersEndToEndTests(WorkersTestCase):
-    """The plugin with ``--workers 2`` as twistd runs it."""
-
-    def start_supervisor(self, count: int = 2, **env: str) -> Supervisor:
-        environ = {
-            "PATH": os.environ.get("PATH", ""),
-            "PYTHONPATH": ROOT,
+    def start_supervisor(
+        self, count: int = 2, twistd_args: tuple[str, ...] = (), **env: str
+    ) -> ChildProcess:
+        """``twistd -n [TWISTD_ARGS] openai-forward --workers COUNT`` on a free
+        loopback port in front of the fake upstream; killed at cleanup if
+        alive."""
+        environ = child_env(**{
             "OPENAI_BASE_URL": f"http://127.0.0.1:{self.fake_port.getHost().port}",
-            "LOG_CHAT": "false",
             "SHUTDOWN_GRACE": "5",
-        }
-        environ.update(env)
-        supervisor = Supervisor()
-        reactor.spawnProcess(
-            supervisor,
-            sys.executable,
-            TWISTD + ["-n", "--pidfile=", "openai-forward", "--workers", str(count),
-                      "--port", "tcp:0:interface=127.0.0.1", "--env-file", os.devnull],
-            env=environ,
-            path=self.workdir,
+            **env,
+        })
+        return spawn_twistd(
+            self,
+            ["-n", "--pidfile=", *twistd_args, "openai-forward", "--workers", str(count),
+             "--port", "tcp:0:interface=127.0.0.1", "--env-file", os.devnull],
+            environ,
+            self.workdir,
         )
-        self.addCleanup(self._kill_if_running, supervisor)
-        return supervisor
 
-    def _kill_if_running(self, supervisor: Supervisor) -> Any:
-        if supervisor.ended.called:
-            return None
-        supervisor.transport.signalProcess("KILL")
-        return supervisor.ended.addErrback(lambda _: None)
+    @defer.inlineCallbacks
+    def stop_supervisor(self, supervisor: ChildProcess) -> Any:
+        """SIGTERM the supervisor and wait for it: an orderly stop ends with
+        twistd's "Server Shut Down." and the signal re-raised (as twistd
+        does once it has shut down), not a death mid-way."""
+        supervisor.signal("TERM")
+        yield supervisor.exited()
+        assert_signalled(self, supervisor, signal.SIGTERM)
+        self.assertIn("Server Shut Down.", supervisor.lines[-1], supervisor.tail())
 
     @defer.inlineCallbacks
     def serving_pids(self, port: int, want: set[int], tries: int = 300) -> Any:
@@ -100,9 +122,15 @@ class WorkersEndToEndTests(WorkersTestCase):
                 return seen
         self.fail(f"after {tries} requests only pids {sorted(seen)} answered, wanted {want or 2}")
 
+
+class WorkersEndToEndTests(WorkersTestCase):
+    """The plugin with ``--workers 2`` as twistd runs it."""
+
     @defer.inlineCallbacks
     def test_two_processes_restart_and_clean_stop(self) -> Any:
-        """Two processes restart and clean stop."""
+        """With --workers 2 both workers serve (the supervisor does not), each is a whole
+        proxy, a killed worker is restarted and serves again, and SIGTERM stops the
+        supervisor in order with every worker exited cleanly and no traceback."""
         supervisor = self.start_supervisor(2)
         match = yield supervisor.wait_for(r"listening on 127\.0\.0\.1:(\d+); starting 2 worker")
         port = int(match.group(1))
@@ -111,7 +139,7 @@ class WorkersEndToEndTests(WorkersTestCase):
 
         seen = yield self.serving_pids(port, set())
         self.assertEqual(sorted(seen.values()), [1, 2])
-        self.assertNotIn(supervisor.transport.pid, seen)
+        self.assertNotIn(supervisor.pid, seen)
 
         # Each worker is a whole proxy.
         response = yield self.client.post(
@@ -134,12 +162,7 @@ class WorkersEndToEndTests(WorkersTestCase):
         yield self.serving_pids(port, {replacement, survivor})
 
         # SIGTERM to the supervisor stops everything, cleanly.
-        supervisor.transport.signalProcess("TERM")
-        reason = yield supervisor.ended
-        # twistd re-raises the signal that stopped it once it has shut down.
-        self.assertIsInstance(reason, ProcessTerminated, supervisor.output)
-        self.assertEqual(reason.signal, signal.SIGTERM)
-        self.assertIn("Server Shut Down.", supervisor.lines[-1])
+        yield self.stop_supervisor(supervisor)
         for pid in (replacement, survivor, victim):
             self.assertRaises(ProcessLookupError, os.kill, pid, 0)
         self.assertRegex(supervisor.output, rf"worker 1 \(pid {replacement}\) stopped: exited cleanly")
@@ -148,55 +171,163 @@ class WorkersEndToEndTests(WorkersTestCase):
         self.assertNotIn("Unhandled", supervisor.output)
 
     @defer.inlineCallbacks
-    def test_metrics_summed_across_workers(self) -> Any:
-        """Requests served by both workers: every scrape, whichever worker
-        answers it, counts all of them; the multiprocess folder goes at
-        stop."""
-        from prometheus_client.parser import text_string_to_metric_families
-
-        supervisor = self.start_supervisor(2)
-        match = yield supervisor.wait_for(r"listening on 127\.0\.0\.1:(\d+); starting 2 worker")
-        port = int(match.group(1))
-        yield supervisor.wait_for(r"\[worker-1\] worker 1 serving")
-        yield supervisor.wait_for(r"\[worker-2\] worker 2 serving")
-
-        def served_by_both(path: str) -> bool:
-            return all(
-                re.search(rf"\[worker-{i}[ \]].* GET {path} 200 ", supervisor.output)
-                for i in (1, 2)
-            )
-
+    def send_to_both(self, supervisor: ChildProcess, port: int) -> Any:
+        """GET /v1/models on new connections until both workers answered
+        some; returns how many were sent."""
         sent = 0
-        while sent < 200 and not (sent >= 4 and served_by_both("/v1/models")):
+        while sent < 200 and not (sent >= 4 and served_by_both(supervisor, "/v1/models")):
             response = yield self.client.get(f"http://127.0.0.1:{port}/v1/models")
             yield response.content()
             self.assertEqual(response.code, 200)
             sent += 1
         yield supervisor.wait_for(r"\[worker-1[ \]].* GET /v1/models 200 ")
         yield supervisor.wait_for(r"\[worker-2[ \]].* GET /v1/models 200 ")
+        return sent
+
+    @defer.inlineCallbacks
+    def test_metrics_summed_across_workers(self) -> Any:
+        """Requests served by both workers: every scrape of the public port
+        (METRICS=public), whichever worker answers it, counts all of them;
+        the multiprocess folder goes at stop."""
+        tmp = self.private_tmp()
+        supervisor = self.start_supervisor(2, METRICS="public", TMPDIR=tmp)
+        match = yield supervisor.wait_for(r"listening on 127\.0\.0\.1:(\d+); starting 2 worker")
+        port = int(match.group(1))
+        yield supervisor.wait_for(r"\[worker-1\] worker 1 serving")
+        yield supervisor.wait_for(r"\[worker-2\] worker 2 serving")
+        sent = yield self.send_to_both(supervisor, port)
 
         totals = []
-        while len(totals) < 200 and not (len(totals) >= 2 and served_by_both("/metrics")):
+        while len(totals) < 200 and not (len(totals) >= 2 and served_by_both(supervisor, "/metrics")):
             response = yield self.client.get(f"http://127.0.0.1:{port}/metrics")
             text = (yield response.content()).decode()
             self.assertEqual(response.code, 200)
-            total = 0.0
-            for family in text_string_to_metric_families(text):
-                if family.name == "openai_forward_requests":
-                    total += sum(s.value for s in family.samples if s.name.endswith("_total"))
-            totals.append(total)
+            totals.append(requests_total(text))
         yield supervisor.wait_for(r"\[worker-1[ \]].* GET /metrics 200 ")
         yield supervisor.wait_for(r"\[worker-2[ \]].* GET /metrics 200 ")
         self.assertEqual(set(totals), {float(sent)})
 
-        folders = [name for name in os.listdir("/tmp")
-                   if name.startswith("twisted-forward-metrics-")]
-        supervisor.transport.signalProcess("TERM")
-        yield supervisor.ended
-        left = [name for name in os.listdir("/tmp")
-                if name.startswith("twisted-forward-metrics-")]
-        self.assertTrue(folders)
-        self.assertLess(len(left), len(folders))
+        self.assertEqual(len(metrics_folders(tmp)), 1)
+        yield self.stop_supervisor(supervisor)
+        self.assertEqual(metrics_folders(tmp), [])
+
+    @defer.inlineCallbacks
+    def test_metrics_port_served_by_the_supervisor(self) -> Any:
+        """METRICS_PORT with --workers: the supervisor serves it, every
+        scrape the sum over both workers; the public port does not serve
+        the metrics (404, never forwarded)."""
+        supervisor = self.start_supervisor(
+            2, METRICS_PORT="tcp:0:interface=127.0.0.1", TMPDIR=self.private_tmp())
+        match = yield supervisor.wait_for(
+            r"metrics of all the workers, summed, on 127\.0\.0\.1:(\d+) \(METRICS_PORT")
+        metrics_port = int(match.group(1))
+        match = yield supervisor.wait_for(r"listening on 127\.0\.0\.1:(\d+); starting 2 worker")
+        port = int(match.group(1))
+        yield supervisor.wait_for(r"\[worker-1\] worker 1 serving")
+        yield supervisor.wait_for(r"\[worker-2\] worker 2 serving")
+        yield supervisor.wait_for(r"\[worker-1[ \]].*metrics: on METRICS_PORT")
+        sent = yield self.send_to_both(supervisor, port)
+
+        response = yield self.client.get(f"http://127.0.0.1:{metrics_port}/metrics")
+        text = (yield response.content()).decode()
+        self.assertEqual(response.code, 200, text)
+        self.assertEqual(requests_total(text), float(sent))
+        # Both workers wrote the figures the supervisor summed.
+        self.assertIn("openai_forward_upstream_seconds_bucket", text)
+
+        seen = len(self.fake.seen)
+        response = yield self.client.get(f"http://127.0.0.1:{port}/metrics")
+        body = json.loads((yield response.content()))
+        self.assertEqual(response.code, 404)
+        self.assertEqual(body["error"]["code"], "metrics_not_served")
+        self.assertEqual(len(self.fake.seen), seen)
+
+        yield self.stop_supervisor(supervisor)
+        self.assertNotIn("Traceback", supervisor.output)
+
+    @defer.inlineCallbacks
+    def test_metrics_port_of_the_supervisor_behind_the_ip_gate(self) -> Any:
+        """The supervisor's METRICS_PORT runs the IP gate as every other
+        listener: a refused address gets the proxy's 403, no figures."""
+        supervisor = self.start_supervisor(
+            1, METRICS_PORT="tcp:0:interface=127.0.0.1", IP_BLACKLIST="127.0.0.1",
+            TMPDIR=self.private_tmp())
+        match = yield supervisor.wait_for(
+            r"metrics of all the workers, summed, on 127\.0\.0\.1:(\d+) \(METRICS_PORT")
+        response = yield self.client.get(f"http://127.0.0.1:{match.group(1)}/metrics")
+        body = json.loads((yield response.content()))
+        self.assertEqual(response.code, 403)
+        self.assertEqual(body["error"]["code"], "ip_not_allowed")
+        yield self.stop_supervisor(supervisor)
+
+    @defer.inlineCallbacks
+    def test_metrics_folder_of_a_killed_supervisor_is_swept(self) -> Any:
+        """A SIGKILLed supervisor cannot remove its multiprocess folder; the
+        next supervisor to start removes it (its owner's lock is gone) and
+        leaves a running supervisor's folder alone."""
+        tmp = self.private_tmp()
+        running = self.start_supervisor(1, TMPDIR=tmp)
+        yield running.wait_for(r"worker 1 serving")
+        [kept] = metrics_folders(tmp)
+
+        killed = self.start_supervisor(1, TMPDIR=tmp)
+        yield killed.wait_for(r"worker 1 serving")
+        [left] = [f for f in metrics_folders(tmp) if f != kept]
+        killed.signal("KILL")
+        # Fires once its worker (which holds the output pipe) is gone too.
+        yield killed.exited()
+        assert_signalled(self, killed, signal.SIGKILL)
+        self.assertEqual(sorted(metrics_folders(tmp)), sorted([kept, left]))
+
+        again = self.start_supervisor(1, TMPDIR=tmp)
+        yield again.wait_for(r"worker 1 serving")
+        self.assertIn(
+            f"removed the metrics folder {os.path.join(tmp, left)}, left by a supervisor "
+            "that was killed", again.output,
+        )
+        now = metrics_folders(tmp)
+        self.assertNotIn(left, now)
+        self.assertIn(kept, now)
+        self.assertEqual(len(now), 2)
+        for supervisor in (running, again):
+            yield self.stop_supervisor(supervisor)
+        self.assertEqual(metrics_folders(tmp), [])
+
+    @defer.inlineCallbacks
+    def test_workers_that_keep_dying_at_start_stop_the_supervisor(self) -> Any:
+        """Workers that cannot start (twistd's --rundir, where they run, has
+        a file named Log in the way of LOG_DIR=Log, which the supervisor
+        checked in the folder it was started from): the supervisor gives up
+        within a bounded time, exits 1, and its one last error line names
+        the cause and the setting."""
+        rundir = os.path.abspath(self.mktemp())
+        os.makedirs(rundir)
+        open(os.path.join(rundir, "Log"), "w").close()
+        started = reactor.seconds()
+        supervisor = self.start_supervisor(
+            2, twistd_args=(f"--rundir={rundir}",), LOG_CHAT="true", LOG_DIR="Log",
+            TMPDIR=self.private_tmp(),
+        )
+        yield supervisor.exited(timeout=50)
+        took = reactor.seconds() - started
+        assert_exit(self, supervisor, 1)
+        # Three young deaths with back-off (0.5 s, then 1 s) and start-ups.
+        self.assertLess(took, 45.0, supervisor.output)
+        [line] = [x for x in supervisor.lines if "cannot start" in x]
+        self.assertRegex(
+            line, r"cannot start: worker \d ended 3 times in a row within 10s of starting: "
+            r"LOG_DIR \(--log-dir\): cannot write chat records in 'Log' \(File exists\)")
+        # Each death is one supervisor line with the worker's reason; no
+        # traceback anywhere.
+        self.assertRegex(supervisor.output, r"worker \d \(pid \d+\) ended after [\d.]+s: LOG_DIR")
+        self.assertNotIn("Traceback", supervisor.output)
+        self.assertTrue(os.path.isfile(os.path.join(rundir, "Log")))
+
+    def private_tmp(self) -> str:
+        """A temporary folder of this test's own (TMPDIR for the children)."""
+        path = os.path.abspath(self.mktemp())
+        os.makedirs(path)
+        return path
 
     @defer.inlineCallbacks
     def test_workers_stop_when_the_supervisor_is_killed(self) -> Any:
@@ -207,11 +338,11 @@ class WorkersEndToEndTests(WorkersTestCase):
         yield supervisor.wait_for(r"worker 1 serving")
         mark = len(supervisor.lines)
         # Only the supervisor gets the signal; the worker sees its pipe close.
-        supervisor.transport.signalProcess("KILL")
+        supervisor.signal("KILL")
         # The worker writes to the supervisor's output pipe, so this fires
         # only once the worker has exited too.
-        reason = yield supervisor.ended
-        self.assertIsInstance(reason, ProcessTerminated)
+        yield supervisor.exited()
+        assert_signalled(self, supervisor, signal.SIGKILL)
         after = "\n".join(supervisor.lines[mark:])
         self.assertIn("[worker-1] the supervisor is gone; stopping", after)
         self.assertIn("[worker-1] Main loop terminated", after)
@@ -245,8 +376,7 @@ class WorkersEndToEndTests(WorkersTestCase):
 
         codes = yield defer.gatherResults([ask(b) for b in bodies])
         self.assertEqual(codes, [200] * count)
-        supervisor.transport.signalProcess("TERM")
-        yield supervisor.ended
+        yield self.stop_supervisor(supervisor)
         records = []
         for folder, _, files in os.walk(log_dir):
             for name in files:
@@ -263,7 +393,8 @@ class TakeTurnsTests(TestCase):
 
     @defer.inlineCallbacks
     def test_one_accept_per_wakeup(self) -> Any:
-        """One accept per wakeup."""
+        """Each read of the shared listening socket accepts exactly one waiting connection,
+        so one worker cannot take the whole queue while another sits idle."""
         import socket
 
         listener = socket.socket()
@@ -304,19 +435,19 @@ class OptionsTests(SynchronousTestCase):
     """``--workers`` on the command line."""
 
     def test_default_is_in_process(self) -> None:
-        """Default is in process."""
+        """Without --workers the proxy runs in one process (workers is 0)."""
         options = Options()
         options.parseOptions([])
         self.assertEqual(options["workers"], 0)
 
     def test_number(self) -> None:
-        """Number."""
+        """--workers 3 is read as the number 3."""
         options = Options()
         options.parseOptions(["--workers", "3"])
         self.assertEqual(options["workers"], 3)
 
     def test_not_a_number(self) -> None:
-        """Not a number."""
+        """--workers refuses a word, a negative number and a fraction as usage errors."""
         for bad in ("two", "-1", "1.5"):
             self.assertRaises(usage.UsageError, Options().parseOptions, ["--workers", bad])
 
@@ -349,7 +480,9 @@ class OptionsTests(SynchronousTestCase):
             sys.stderr = saved
 
     def test_supervisor_built(self) -> None:
-        """Supervisor built."""
+        """With --workers 2 makeService builds a WorkerPool of two, binds the port at once
+        (so a busy port stops start-up), takes SHUTDOWN_GRACE and hands the workers every
+        other option but --workers."""
         options = Options()
         options.parseOptions(["--workers", "2", "--port", "tcp:0:interface=127.0.0.1",
                               "--env-file", os.devnull, "--idle-timeout", "7"])
@@ -464,7 +597,8 @@ class RestartTests(SynchronousTestCase):
         self.assertEqual(set(self.pool.workers), {1, 2})
 
     def test_backoff_capped(self) -> None:
-        """Backoff capped."""
+        """A worker that keeps dying is restarted each time with a delay that grows to
+        MAX_DELAY and stays there, so a crash loop neither spins nor stops restarting."""
         for _ in range(12):
             self.die(2)
             self.clock.advance(workers.MAX_DELAY)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet import tcp
 
 # The HTTP/1.1 client protocol itself: public in name, but defined (and only
 # documented) in the private module twisted.web._newclient; subclassed for
@@ -37,14 +37,18 @@ if TYPE_CHECKING:
     from twisted.internet._sslverify import IOpenSSLTrustRoot as IOpenSSLTrustRoot
 
 __all__ = [
+    "CHANNEL_SLOTS",
+    "REQUEST_SLOTS",
     "ChannelHooks",
     "HTTP11ClientFactory",
     "HTTP11ClientProtocol",
     "IOpenSSLTrustRoot",
     "clear_exit_signal",
+    "fill_slot_defaults",
     "limit_accepts_per_read",
     "send_now",
     "set_pool_factory",
+    "slot_defaults",
     "twistd_log_file",
 ]
 
@@ -63,8 +67,7 @@ def set_pool_factory(
     ``self._factory(quiescentCallback, repr(endpoint))`` for each new
     connection (Twisted 26.4 to 26.10).
     """
-    # Declared as the class; our factory has the same call signature.
-    pool._factory = factory  # type: ignore[assignment]
+    pool._factory = factory  # type: ignore[assignment]  # declared as the class; ours has its call signature
 
 
 class ChannelHooks(HTTPChannel):
@@ -117,7 +120,7 @@ def clear_exit_signal(reactor: object) -> None:
         reactor._exitSignal = None  # type: ignore[attr-defined]  # private, see docstring
 
 
-def limit_accepts_per_read(port: IListeningPort, batch: int) -> None:
+def limit_accepts_per_read(port: tcp.Port, batch: int) -> None:
     """Make a TCP/UNIX listening ``port`` accept at most ``batch`` connections
     each time its socket is readable.
 
@@ -126,13 +129,13 @@ def limit_accepts_per_read(port: IListeningPort, batch: int) -> None:
     public setting caps it, so it is reset before every call (the bound
     ``doRead`` replaced on this one instance).  Twisted 26.4 to 26.10.
     """
-    accept = port.doRead  # type: ignore[attr-defined]  # tcp.Port, not IListeningPort
+    accept = port.doRead
 
     def doRead() -> Any:
-        port.numberAccepts = min(port.numberAccepts, batch)  # type: ignore[attr-defined]  # as above
+        port.numberAccepts = min(port.numberAccepts, batch)
         return accept()
 
-    port.doRead = doRead  # type: ignore[attr-defined]  # as above
+    port.doRead = doRead  # type: ignore[method-assign]  # on this one instance, see docstring
 
 
 def twistd_log_file(handler: Any) -> Any:
@@ -191,3 +194,62 @@ def send_now(transport: Any) -> None:
         # A send error: let the reactor find it on its next turn and close
         # the connection its own way.
         transport.startWriting()
+
+
+# ---------------------------------------------------------------- slots
+#
+# A Request and an HTTPChannel each set 30 to 50 instance attributes.
+# CPython (3.11+) keeps up to 30 of a class's instance attributes in a small
+# inline array; past that the instance gets a full hash table (about 1.5 KiB
+# each for the channel and the request of every open stream).  The proxy's
+# subclasses declare these names in ``__slots__`` instead: each then costs
+# one pointer.  A slot in a subclass hides a class attribute of the same
+# name in a base, so each instance starts with the base's class-level
+# values (:func:`fill_slot_defaults`).  Names starting with an underscore
+# are Twisted's private state (Twisted 26.4 to 26.10); a name Twisted stops
+# using only costs its pointer again (tests/test_compat.py checks they are
+# still the ones set).
+
+#: What ``twisted.web.server.Request`` (and ``http.Request``) set on an
+#: instance while a request is read and answered, but ``channel`` and
+#: ``content`` (which ``_cleanup`` deletes, falling back to the class
+#: attribute) and ``_command``-like transients.
+REQUEST_SLOTS = (
+    "notifications", "client", "host", "requestHeaders", "received_cookies",
+    "responseHeaders", "cookies", "transport", "queued", "_parsePOSTFormSubmission",
+    "_adapterCache", "args", "method", "uri", "clientproto", "path", "site",
+    "prepath", "postpath", "sitepath", "code", "code_message", "producer",
+    "streamingProducer", "startedWriting", "chunked", "sentLength", "finished",
+)
+
+#: What ``HTTPChannel`` (with ``LineReceiver``, ``TimeoutMixin``,
+#: ``Protocol`` and ``Site.buildProtocol``) sets on an instance; not
+#: ``callLater``, a method of ``TimeoutMixin`` that ``Site.buildProtocol``
+#: replaces per instance.
+CHANNEL_SLOTS = (
+    "requests", "_handlingRequest", "_dataBuffer", "_transferDecoder",
+    "_HTTPChannel__header", "_HTTPChannel__first_line", "_TimeoutMixin__timeoutCall",
+    "_buffer", "_busyReceiving", "_networkProducer", "_receivedHeaderCount",
+    "_receivedHeaderSize", "_requestProducer", "_requestProducerStreaming",
+    "_savedTimeOut", "connected", "factory", "length", "line_mode",
+    "persistent", "requestFactory", "site", "timeOut", "transport",
+)
+
+
+def slot_defaults(base: type, names: Sequence[str]) -> tuple[tuple[str, Any], ...]:
+    """The class-level values ``base`` (and its bases) give ``names``: what
+    a subclass declaring them in ``__slots__`` sets on each new instance.
+    None of ``names`` may be a method of ``base``."""
+    missing = object()
+    found = []
+    for name in names:
+        value = getattr(base, name, missing)
+        if value is not missing:
+            found.append((name, value))
+    return tuple(found)
+
+
+def fill_slot_defaults(instance: object, defaults: Sequence[tuple[str, Any]]) -> None:
+    """Give ``instance`` the values its bases' class attributes had."""
+    for name, value in defaults:
+        setattr(instance, name, value)

@@ -15,7 +15,7 @@ import json
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 from .cache.settings import (
@@ -38,6 +38,11 @@ UNIX_PEERS = "unix"
 TrustedProxy = Union[IPNetwork, str]
 
 _SPLIT = re.compile(r"[\s,]+")
+
+#: METRICS values (see :func:`parse_metrics`).
+METRICS_ON = "on"
+METRICS_OFF = "off"
+METRICS_PUBLIC = "public"
 
 
 from .migration import migrate, replaced_name  # noqa: E402
@@ -144,7 +149,9 @@ class Config:
     ssl_cert_file: Optional[str] = None
     shutdown_grace: float = 30.0
     healthz_path: str = "/healthz"
-    metrics: bool = True
+    #: Where the metrics are served: :data:`METRICS_ON`, :data:`METRICS_OFF`
+    #: or :data:`METRICS_PUBLIC` (see :func:`parse_metrics`).
+    metrics: str = METRICS_ON
     metrics_path: str = "/metrics"
     metrics_port: Optional[str] = None
     ledger: bool = True
@@ -269,6 +276,19 @@ def parse_bool(value: str) -> bool:
     if lowered in ("0", "false", "no", "off", ""):
         return False
     raise ValueError(f"{value!r} is not true or false")
+
+
+def parse_metrics(value: str) -> str:
+    """METRICS: ``true`` (:data:`METRICS_ON`: on METRICS_PORT, else on the
+    public port for the admin key only), ``false`` (:data:`METRICS_OFF`) or
+    ``public`` (:data:`METRICS_PUBLIC`: also on the public port, to anyone
+    the IP gate lets in)."""
+    if value.strip().lower() == METRICS_PUBLIC:
+        return METRICS_PUBLIC
+    try:
+        return METRICS_ON if parse_bool(value) else METRICS_OFF
+    except ValueError:
+        raise ValueError(f"{value!r} is not true, false or public") from None
 
 
 def parse_seconds(value: str) -> float:
@@ -617,12 +637,15 @@ SETTINGS: tuple[Setting, ...] = (
             field="shutdown_grace"),
     Setting("HEALTHZ_PATH", "healthz-path", parse_prefix,
             "Path of the health check [default: /healthz].", field="healthz_path"),
-    Setting("METRICS", "metrics", parse_bool,
-            "Serve Prometheus metrics [default: true].", field="metrics"),
+    Setting("METRICS", "metrics", parse_metrics,
+            "Prometheus metrics: true (on METRICS_PORT, else on this port with "
+            "ADMIN_KEY as Bearer), public (also open on this port) or false "
+            "[default: true].", field="metrics"),
     Setting("METRICS_PATH", "metrics-path", parse_prefix,
             "Path of the Prometheus metrics [default: /metrics].", field="metrics_path"),
     Setting("METRICS_PORT", "metrics-port", parse_endpoint,
-            "Serve metrics on this port/endpoint instead of the proxy's own.",
+            "Serve metrics, open, on this port/endpoint (e.g. tcp:9100:interface=127.0.0.1) "
+            "instead of the proxy's own.",
             field="metrics_port"),
     Setting("LEDGER", "ledger", parse_bool,
             "Keep the usage ledger (requests, tokens, cost per key/model/day) "
@@ -709,7 +732,9 @@ def load_config(
     if gone is not None:
         raise ConfigError(f"{gone[0]}: an openai-forward 0.8.1 setting not read here: {gone[1]}")
 
-    parsed: dict[str, object] = {}
+    # Each value is what its setting's parser returns (typed in its SETTINGS
+    # row), so the mapping's values can only be Any here.
+    parsed: dict[str, Any] = {}
     for setting in SETTINGS:
         if setting.env not in raw:
             continue
@@ -722,13 +747,13 @@ def load_config(
         routes = parsed["FORWARD_CONFIG"]
     else:
         base = parsed.get("OPENAI_BASE_URL") or parse_url("https://api.openai.com")
-        routes = (Route(parsed.get("ROUTE_PREFIX", ""), base, "openai"),)  # type: ignore[arg-type]
+        routes = (Route(parsed.get("ROUTE_PREFIX", ""), base, "openai"),)
 
     forward_keys = parsed.get("FORWARD_KEY", ())
     default_keys = parsed.get("OPENAI_API_KEY", ())
     try:
         policy, forward_keys, default_keys = build_policy_config(
-            parsed, forward_keys, default_keys, parse_forward_keys  # type: ignore[arg-type]
+            parsed, forward_keys, default_keys, parse_forward_keys
         )
     except PolicyConfigError as e:
         option = next(s.option for s in SETTINGS if s.env == e.setting)
@@ -737,7 +762,7 @@ def load_config(
         raise ConfigError(
             "FORWARD_KEY (--forward-key): forward keys need OPENAI_API_KEY to stand for"
         )
-    kwargs: dict[str, object] = dict(
+    kwargs: dict[str, Any] = dict(
         default_keys=default_keys,
         forward_keys=forward_keys,
         routes=routes,
@@ -772,7 +797,27 @@ def load_config(
         or any(k.key == admin_key for k in forward_keys)
     ):
         raise ConfigError("ADMIN_KEY (--admin-key): must differ from every other key")
-    return Config(**kwargs)  # type: ignore[arg-type]
+    return Config(**kwargs)
+
+
+def metrics_placement(config: Config) -> str:
+    """The start-up line saying where the metrics are served, and to whom."""
+    path = config.metrics_path
+    if config.metrics == METRICS_OFF:
+        return f"metrics: off (METRICS=false); {path} is forwarded like any path"
+    where = []
+    if config.metrics_port is not None:
+        where.append(f"on METRICS_PORT {config.metrics_port} at {path}, without a key")
+    if config.metrics == METRICS_PUBLIC:
+        where.append(f"at {path} on the proxy's port, open to every client the IP "
+                     "lists let in (METRICS=public)")
+    elif config.metrics_port is None and config.admin_key is not None:
+        where.append(f"at {path} on the proxy's port, for the admin key only "
+                     "(Authorization: Bearer <ADMIN_KEY>)")
+    if not where:
+        return (f"metrics: not served ({path} answers 404): set METRICS_PORT (e.g. "
+                "tcp:9100:interface=127.0.0.1), ADMIN_KEY, or METRICS=public")
+    return "metrics: " + "; ".join(where)
 
 
 def describe(config: Config) -> Sequence[str]:
@@ -788,6 +833,7 @@ def describe(config: Config) -> Sequence[str]:
         + (f": {', '.join(k.label for k in config.forward_keys)}" if config.forward_keys else "")
     )
     lines.extend(config.policy.describe())
+    lines.append(metrics_placement(config))
     if config.admin_key is not None:
         lines.append(
             "admin page and API at /_admin/"

@@ -21,7 +21,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import FileBodyProducer
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IRequest, IResponse
+from twisted.web.iweb import IBodyProducer, IRequest, IResponse
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
@@ -34,7 +34,7 @@ from .chat.recorder import ExchangeInfo, IExchangeTap, IRecorder, NullRecorder, 
 from .config import Route
 from .errors import error_body, send_error, write_error
 from .framing import Refusal, client_transport
-from .headcheck import key_refusal
+from .headcheck import IHeadCheck, key_refusal
 from .headers import relay_response_headers, upstream_request_headers
 from .keys import KeyDecision, KeyRules, SecretMask, key_refused, looks_keyed, scrub
 from .limits import UpstreamSlots
@@ -68,6 +68,7 @@ def client_address(request: IRequest) -> str:
     return str(getattr(peer, "host", "unix"))
 
 
+@implementer(IHeadCheck)
 class ProxyResource(Resource):
     """Forwards every request it renders to one upstream.
 
@@ -228,6 +229,13 @@ class ProxyResource(Resource):
 class Exchange:
     """One client request and its upstream attempt(s)."""
 
+    __slots__ = (
+        "resource", "request", "decision", "admission", "url", "path", "query", "started",
+        "client_gone", "done", "upstream_elapsed", "holds_slot", "relay", "pending", "head_timer",
+        "timed_out", "key_order", "mask", "key_index", "tap", "request_id", "status", "sent",
+        "sent_upstream", "info", "cache_lookup", "cache_hit", "body_override",
+    )
+
     log = Logger()
 
     def __init__(
@@ -368,7 +376,7 @@ class Exchange:
         self.holds_slot = True
         self._attempt()
 
-    def _body(self):
+    def _body(self) -> Optional[IBodyProducer]:
         """A fresh producer of the request body, or None if there is none."""
         req = self.request
         if self.body_override is not None:
@@ -379,6 +387,7 @@ class Exchange:
         if not (headers.hasHeader(b"content-length") or headers.hasHeader(b"transfer-encoding")):
             return None
         content = req.content
+        assert content is not None  # set when the request's head was read
         content.seek(0)
         getvalue = getattr(content, "getvalue", None)
         if getvalue is not None:
@@ -681,6 +690,8 @@ class Exchange:
 @implementer(IExchangeTap)
 class _BothTaps:
     """Feeds one answer to two taps (the chat record, the cache)."""
+
+    __slots__ = ("first", "second",)
 
     def __init__(self, first: IExchangeTap, second: IExchangeTap) -> None:
         self.first = first

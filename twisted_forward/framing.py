@@ -48,13 +48,15 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, Protocol, Sequence, cast
 
 from twisted.internet.interfaces import IAddress, IDelayedCall, IPushProducer
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
+from twisted.python.failure import Failure
 from twisted.web.http import RESPONSES, HTTPChannel, datetimeToString
 from twisted.web.http_headers import Headers
 from twisted.web.server import Site
 
-from ._compat import ChannelHooks
+from ._compat import CHANNEL_SLOTS, ChannelHooks, fill_slot_defaults, slot_defaults
 from .errors import error_body
 
 if TYPE_CHECKING:
@@ -377,6 +379,10 @@ def client_transport(channel: Optional[HTTPChannel]) -> Optional[ClientTransport
     return cast(Optional[ClientTransport], channel.transport)
 
 
+#: The class-level values the slots of :class:`ForwardChannel` hide.
+_CHANNEL_DEFAULTS = slot_defaults(ChannelHooks, CHANNEL_SLOTS)
+
+
 class ForwardChannel(ChannelHooks):
     """Twisted's HTTP/1.1 channel with the refusals this module describes.
 
@@ -396,15 +402,25 @@ class ForwardChannel(ChannelHooks):
     :ivar linger_bytes: ... and how much of it at most.
     """
 
+    # One pointer each instead of a hash table per connection (see
+    # twisted_forward._compat.CHANNEL_SLOTS).
+    __slots__ = CHANNEL_SLOTS + (
+        "settings", "max_request_body", "head_checks", "head_timeout", "body_timeout",
+        "limits", "refused", "_linger_call", "_lingered", "_refuse_on_connect",
+        "_counted", "_counted_peer", "_awaiting_head", "_head_timer", "_body_timer",
+        "_body_last", "_idle_timeout", "_in_head", "_head_version", "_head_size",
+        "_header_count", "_codings", "_body_in_hand",
+    )
+
     log = Logger()
 
     #: The site that built this channel (set by ``Site.buildProtocol``).
     site: Site
-    max_request_body: Optional[int] = None
-    head_checks: Iterable["IHeadCheck"] = ()
-    head_timeout: Optional[float] = None
-    body_timeout: Optional[float] = None
-    limits: Optional["ConnectionLimits"] = None
+    max_request_body: Optional[int]
+    head_checks: Iterable["IHeadCheck"]
+    head_timeout: Optional[float]
+    body_timeout: Optional[float]
+    limits: Optional["ConnectionLimits"]
     maxHeaders = 100
     totalHeadersSize = 16384
     MAX_LENGTH = 16384
@@ -418,8 +434,10 @@ class ForwardChannel(ChannelHooks):
     whole_heads = True
 
     def __init__(self, settings: ChannelSettings = ChannelSettings()) -> None:
+        fill_slot_defaults(self, _CHANNEL_DEFAULTS)
         super().__init__()
         self.settings = settings
+        self.limits = None
         self.max_request_body = settings.max_request_body
         self.maxHeaders = settings.max_headers
         self.totalHeadersSize = self.MAX_LENGTH = settings.max_header_bytes
@@ -761,7 +779,7 @@ class ForwardChannel(ChannelHooks):
         self._cancel(self._body_timer)
         self._head_timer = self._body_timer = None
 
-    def connectionLost(self, reason: object) -> None:  # type: ignore[override]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._linger_call is not None and self._linger_call.active():
             self._linger_call.cancel()
         self._linger_call = None

@@ -453,7 +453,7 @@ class KeyRules:
         return KeyDecision(NO_KEY)
 
 
-class _Secrets(tuple):
+class _Secrets(tuple[bytes, ...]):
     """Secrets ordered for masking (longest first, no empties or repeats)."""
 
     @classmethod
@@ -470,6 +470,8 @@ class SecretMask:
     a secret split across chunks is masked too; anything else (an SSE event
     ending in a blank line, say) passes at once.
     """
+
+    __slots__ = ("_secrets", "_held",)
 
     def __init__(self, secrets: Iterable[bytes]) -> None:
         self._secrets = secrets if isinstance(secrets, _Secrets) else _Secrets.of(secrets)

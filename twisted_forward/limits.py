@@ -155,10 +155,11 @@ class ConnectionLimits:
         if self.total is not None and self.open >= self.total:
             self._note(SERVER_BUSY)
             return SERVER_BUSY
-        key = self._address_key(peer) if self.per_client is not None else None
-        if key is not None:
+        per_client = self.per_client
+        key = self._address_key(peer) if per_client is not None else None
+        if key is not None and per_client is not None:
             held = self._by_address.get(key, 0)
-            if held >= self.per_client:  # type: ignore[operator]
+            if held >= per_client:
                 self._note(TOO_MANY_CONNECTIONS)
                 return TOO_MANY_CONNECTIONS
             self._by_address[key] = held + 1

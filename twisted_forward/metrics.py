@@ -24,12 +24,13 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 from twisted.web.iweb import IRequest
-from twisted.web.resource import Resource
+from twisted.web.resource import IResource, Resource
 
 from .admin.auth import AdminAuth
 from .errors import write_error
 
 if TYPE_CHECKING:
+    from .config import Config
     from .keys import DefaultKeys
 
 #: Set by the supervisor for its workers (``--workers``): the folder where
@@ -247,27 +248,49 @@ class AllWorkers:
             yield from collector.collect()
 
 
+class WorkersFolder:
+    """What the supervisor serves on METRICS_PORT under ``--workers``: the
+    sums over its workers' multiprocess folder, read at each scrape.
+
+    :param folder: gives the folder (made when the supervisor starts), or
+        None while there is none.
+    """
+
+    def __init__(self, folder: Callable[[], Optional[str]]) -> None:
+        self._folder = folder
+
+    def collect(self) -> Iterator[Any]:
+        path = self._folder()
+        if path is not None and os.path.isdir(path):
+            yield from MultiProcessCollector(None, path).collect()
+
+
 class MetricsResource(Resource):
     """Serves the registry in Prometheus' text format.
 
     :param admin_key: when set, a scrape must carry it as its Bearer
         credential (the metrics on the proxy's public port); None for an
-        open scrape (METRICS_PORT, or no ADMIN_KEY).
+        open scrape (METRICS_PORT, or METRICS=public).
     :param multiproc: the multiprocess folder of ``--workers`` (default: the
         one this process was started with), or None for this process alone.
+    :param source: what to serve instead of ``metrics`` (the supervisor's
+        :class:`WorkersFolder`).
     """
 
     isLeaf = True
 
     def __init__(
-        self, metrics: Metrics, admin_key: Optional[str] = None,
-        multiproc: Optional[str] = None,
+        self, metrics: Optional[Metrics], admin_key: Optional[str] = None,
+        multiproc: Optional[str] = None, source: Any = None,
     ) -> None:
         super().__init__()
         self.metrics = metrics
         self._auth = AdminAuth(admin_key) if admin_key else None
-        path = multiproc if multiproc is not None else multiprocess_dir()
-        self._source: Any = AllWorkers(metrics, path) if path else metrics.registry
+        if source is None:
+            assert metrics is not None
+            path = multiproc if multiproc is not None else multiprocess_dir()
+            source = AllWorkers(metrics, path) if path else metrics.registry
+        self._source: Any = source
 
     def render_GET(self, request: IRequest) -> bytes:
         request.setHeader(b"cache-control", b"no-store")
@@ -280,3 +303,34 @@ class MetricsResource(Resource):
             )
         request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode("ascii"))
         return generate_latest(self._source)
+
+
+class MetricsNotServed(Resource):
+    """METRICS_PATH on the proxy's public port when the metrics are not
+    served there: a 404 of the proxy's own, never forwarded upstream."""
+
+    isLeaf = True
+
+    def render(self, request: IRequest) -> bytes:
+        return write_error(
+            request, 404, "metrics_not_served",
+            "The metrics are not served on this port (the operator can serve them on "
+            "METRICS_PORT, here for the admin key with ADMIN_KEY, or here to all with "
+            "METRICS=public).",
+        )
+
+
+def public_metrics(config: "Config", metrics: Metrics) -> Optional[IResource]:
+    """What METRICS_PATH on the proxy's public port serves: the metrics
+    (open with METRICS=public; for the admin key when ADMIN_KEY is set and
+    METRICS_PORT is not), a 404 when they are served elsewhere or nowhere,
+    or None (the path is forwarded like any other) with METRICS=false."""
+    from .config import METRICS_OFF, METRICS_PUBLIC
+
+    if config.metrics == METRICS_OFF:
+        return None
+    if config.metrics == METRICS_PUBLIC:
+        return MetricsResource(metrics)
+    if config.metrics_port is None and config.admin_key is not None:
+        return MetricsResource(metrics, config.admin_key)
+    return MetricsNotServed()

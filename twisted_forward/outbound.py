@@ -43,7 +43,7 @@ from twisted.internet.interfaces import (
     IStreamClientEndpoint,
     ITCPTransport,
 )
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from twisted.web.client import (
     URI,
@@ -201,7 +201,7 @@ class _Tunnel(Protocol):
         if rest:
             wrapped.dataReceived(rest)
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._wrapped is not None:
             self._wrapped.connectionLost(reason)
             return

@@ -149,3 +149,69 @@ def bounded(d: "Deferred[T]", timeout: float, clock: IReactorTime) -> "Deferred[
     """``d``, cancelled (``TimeoutError``) if it has not fired in ``timeout``
     seconds."""
     return d.addTimeout(timeout, clock)
+
+
+def probe(target: RedisTarget, timeout: float, ca_file: Optional[str] = None) -> None:
+    """Check, blocking for at most about ``timeout`` seconds a step, that
+    the server answers: AUTH (when the URL has a password), SELECT (a
+    database other than 0), then PING.  For start-up only, before the
+    reactor runs (a Redis the settings require must be there).
+
+    :raises ConnectionError: saying what failed, never with the password or
+        the user name in it.
+    """
+    import socket
+    import ssl
+
+    commands: list[list[bytes]] = []
+    if target.password is not None:
+        auth = [b"AUTH"]
+        if target.username is not None:
+            auth.append(target.username.encode("utf-8"))
+        commands.append(auth + [target.password.encode("utf-8")])
+    if target.db:
+        commands.append([b"SELECT", b"%d" % target.db])
+    commands.append([b"PING"])
+    try:
+        if target.scheme == "unix":
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(timeout)
+            try:
+                sock.connect(target.path)
+            except OSError:
+                sock.close()
+                raise
+        else:
+            sock = socket.create_connection((target.host, target.port), timeout=timeout)
+            if target.tls:
+                context = ssl.create_default_context(cafile=ca_file)
+                sock = context.wrap_socket(sock, server_hostname=target.host)
+        with sock:
+            reader = sock.makefile("rb")
+            for command in commands:
+                sock.sendall(_resp(command))
+                reply = reader.readline()
+                if not reply:
+                    raise ConnectionError("the server closed the connection")
+                if reply.startswith(b"-"):
+                    code = reply[1:].split(None, 1)[0].decode("ascii", "replace")
+                    what = command[0].decode()
+                    raise ConnectionError(f"the server refused {what} ({code})")
+    except socket.timeout:
+        raise ConnectionError(f"no answer within {timeout:g}s") from None
+    except ssl.SSLError as e:
+        raise ConnectionError(f"TLS failed ({e.reason or e})") from None
+    except ConnectionError as e:
+        if type(e) is ConnectionError:
+            raise
+        raise ConnectionError(e.strerror or type(e).__name__) from None
+    except OSError as e:
+        raise ConnectionError(e.strerror or type(e).__name__) from None
+
+
+def _resp(command: list[bytes]) -> bytes:
+    """One command in Redis' protocol (an array of bulk strings)."""
+    out = [b"*%d\r\n" % len(command)]
+    for part in command:
+        out.append(b"$%d\r\n%s\r\n" % (len(part), part))
+    return b"".join(out)

@@ -76,6 +76,10 @@ class Relay(Protocol):
     lets the idle timer tell a silent upstream from a client that stalled.
     """
 
+    __slots__ = (
+        "exchange", "request", "tap", "reactor", "idle", "last", "timer", "stopped", "paused",
+    )
+
     log = Logger()
 
     def __init__(self, exchange: Exchange) -> None:
@@ -232,6 +236,11 @@ class ScrubbingRelay(Protocol):
     :param done: called once with ``(body or None, outcome)``, outcome being
         ``complete`` or ``idle_timeout``.
     """
+
+    __slots__ = (
+        "exchange", "headers", "done", "reactor", "idle", "chunks", "size", "last", "timer",
+        "stopped", "delivered",
+    )
 
     log = Logger()
 

@@ -21,13 +21,14 @@ from typing import Any, Optional, Sequence
 from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web import http
 from twisted.web.http import datetimeToString
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 from zope.interface import implementer
 
-from ._compat import send_now
+from ._compat import REQUEST_SLOTS, fill_slot_defaults, send_now, slot_defaults
 from .access import AccessGate, TrustedProxies
 from .admin.limits import IKeyLimits, PolicyLimits
 from .admin.live import LiveTally
@@ -48,7 +49,7 @@ from .ledger import ILedger
 from .ledger.service import LedgerCollector
 from .limits import ConnectionLimits, UpstreamSlots, resolve_caps
 from .loops import is_loop
-from .metrics import Metrics, MetricsResource
+from .metrics import Metrics, public_metrics
 from .policies.failover import GuardedStore
 from .policies.gate import PolicyGate
 from .policies.health import KeyHealthLink
@@ -77,6 +78,22 @@ _ACCESS_LINE = "%s %s %s %s %sB route=%s key=%s upstream=%s error=%s"
 _ACCESS_SYSTEM = "twisted_forward.access#info"
 
 
+def serve_channels(site: Site, settings: ChannelSettings) -> None:
+    """Make ``site`` serve each new connection with a
+    :class:`~twisted_forward.framing.ForwardChannel` built with ``settings``
+    (HTTP/1.1 only: its framing guards are HTTP/1.1's).
+
+    ``Site.buildProtocol`` calls ``protocol()`` with no arguments, hence the
+    partial.  Twisted declares ``protocol`` (and ``buildProtocol``'s result)
+    as its HTTP/2-negotiating wrapper, but any ``HTTPChannel`` serves.
+    """
+    site.protocol = partial(ForwardChannel, settings)  # type: ignore[assignment]  # see docstring
+
+
+#: The class-level values the slots of :class:`ForwardRequest` hide.
+_REQUEST_DEFAULTS = slot_defaults(Request, REQUEST_SLOTS)
+
+
 class ForwardRequest(Request):
     """A request whose answers carry no Twisted defaults, with a body cap.
 
@@ -91,14 +108,18 @@ class ForwardRequest(Request):
     memory.
     """
 
+    # One pointer each instead of a hash table per request (see
+    # twisted_forward._compat.REQUEST_SLOTS).
+    __slots__ = REQUEST_SLOTS + ("state", "body_received", "head_refusal")
+
     defaultContentType = None
     #: The connection it came on (Twisted sets None once it is finished).
     channel: ForwardChannel
     #: Body bytes received so far.
-    body_received = 0
+    body_received: int
     #: Set by the channel when a head check refused this (bodiless) request:
     #: it is answered with this instead of being rendered.
-    head_refusal: Optional[Refusal] = None
+    head_refusal: Optional[Refusal]
 
     def process(self) -> None:
         """Answer a head check's refusal, or ``OPTIONS *``, or render.
@@ -110,7 +131,8 @@ class ForwardRequest(Request):
         if self.head_refusal is None and self.path != b"*":
             super().process()
             return
-        self.site = site = self.channel.site
+        site = self.channel.site
+        self.site = site  # type: ignore[assignment, unused-ignore]  # Twisted 26.4 types Request.site as None
         self.setHeader(b"date", datetimeToString())
         self.prepath = []
         self.postpath = []
@@ -125,6 +147,9 @@ class ForwardRequest(Request):
             self.processingFailed(Failure())
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        fill_slot_defaults(self, _REQUEST_DEFAULTS)
+        self.body_received = 0
+        self.head_refusal = None
         super().__init__(*args, **kwargs)
         #: What the stages learn about this request (:mod:`.state`).
         self.state = RequestState()
@@ -135,7 +160,11 @@ class ForwardRequest(Request):
         set just before it is written."""
         if not self.startedWriting:
             cors: Optional[Cors] = getattr(getattr(self.channel, "site", None), "cors", None)
-            if cors is not None and not is_admin_path(self.uri.split(b"?", 1)[0]):
+            if (
+                cors is not None
+                and cors.enabled
+                and not is_admin_path(self.uri.split(b"?", 1)[0])
+            ):
                 cors.apply(self.method, self.requestHeaders, self.responseHeaders)
         super().write(data)
 
@@ -181,7 +210,7 @@ class Health:
     """Whether the proxy is serving or draining, for ``/healthz``."""
 
     draining: bool = False
-    extra: dict = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @implementer(IHeadCheck)
@@ -356,7 +385,6 @@ class ForwardSite(Site):
     """
 
     requestFactory = ForwardRequest
-    protocol = ForwardChannel  # type: ignore[assignment]
     displayTracebacks = False
 
     def __init__(
@@ -402,15 +430,13 @@ class ForwardSite(Site):
     def _new_channels(self, settings: ChannelSettings) -> None:
         """Build the channels of new connections with ``settings``."""
         self.channel_settings = settings
-        # Twisted's buildProtocol calls protocol() with no arguments: each
-        # channel gets its settings at construction this way.
-        self.protocol = partial(ForwardChannel, settings)  # type: ignore[assignment]
+        serve_channels(self, settings)
 
     def _count_refusal(self, code: str) -> None:
         if self.metrics is not None:
             self.metrics.refusals.labels(code).inc()
 
-    def buildProtocol(self, addr: Optional[IAddress]) -> ForwardChannel:  # type: ignore[override]
+    def buildProtocol(self, addr: Optional[IAddress]) -> ForwardChannel:  # type: ignore[override]  # see serve_channels
         channel: ForwardChannel = super().buildProtocol(addr)
         if self.limits is not None:
             channel.admit(self.limits, addr)
@@ -441,7 +467,7 @@ class ForwardSite(Site):
         request.responseHeaders.removeHeader(b"server")
         return super().getResourceFor(request)
 
-    def log(self, request: Request) -> None:  # type: ignore[override]
+    def log(self, request: http.Request) -> None:
         """One line per request: never a key, the key's label only.
 
         Called by ``Request.finish`` (and, for a request never finished, by
@@ -454,7 +480,7 @@ class ForwardSite(Site):
         if error is not None and self.metrics is not None:
             self.metrics.refusals.labels(error).inc()
 
-    def access_line(self, request: Request) -> Optional[str]:
+    def access_line(self, request: http.Request) -> Optional[str]:
         """Write ``request``'s access line; returns its error code."""
         state = state_of(request)
         error = state.error
@@ -500,7 +526,6 @@ class SidePortSite(Site):
 
     noisy = False
     requestFactory = ForwardRequest
-    protocol = ForwardChannel  # type: ignore[assignment]
 
     def __init__(
         self, resource: IResource, *args: Any, head_checks: Sequence[IHeadCheck] = (),
@@ -509,8 +534,9 @@ class SidePortSite(Site):
         super().__init__(resource, *args, **kwargs)
         #: Run on every request head, by every channel of this site.
         self.head_checks = HeadChecks(head_checks)
-        settings = ChannelSettings(head_checks=self.head_checks, seconds=self.reactor.seconds)
-        self.protocol = partial(ForwardChannel, settings)  # type: ignore[assignment]
+        serve_channels(
+            self, ChannelSettings(head_checks=self.head_checks, seconds=self.reactor.seconds)
+        )
 
     def serve(self, resource: IResource, head_checks: Sequence[IHeadCheck]) -> None:
         """Answer new requests with ``resource``, behind ``head_checks``,
@@ -654,12 +680,11 @@ def build_root(
         )
     if health is None:
         health = Health()
-    served_here = config.metrics and config.metrics_port is None
     router = Router(
         [(p.route.prefix, p) for p in proxies],
         health,
         config.healthz_path,
-        MetricsResource(metrics, config.admin_key) if served_here else None,
+        public_metrics(config, metrics),
         config.metrics_path,
         admin.resource if admin is not None and config.admin_port is None else None,
         Cors(config.cors_origins),

@@ -10,33 +10,41 @@ tests, gets a fresh one attached the first time).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Optional
 
 
-@dataclass
 class RequestState:
-    """One request's facts, for the stages after the one that learns them."""
+    """One request's facts, for the stages after the one that learns them.
 
-    #: The raw path after the route prefix (set by the router).
-    path: bytes = b"/"
-    #: The raw query with its ``?``, or empty (set by the router).
-    query: bytes = b""
-    #: The route's label, ``/`` or its prefix (set by the exchange).
-    route: str = "-"
-    #: The client's address as the access gate resolved it (set by the gate).
-    client: Optional[str] = None
-    #: The non-secret label of the key used (set by the key decision).
-    key_label: str = "-"
-    #: The code of the proxy's own error answer (set by :mod:`.errors`).
-    error: Optional[str] = None
-    #: Seconds from sending upstream to the end (set by the exchange).
-    upstream_seconds: Optional[float] = None
+    Slotted: every open stream holds one.
+    """
+
+    __slots__ = ("path", "query", "route", "client", "key_label", "error", "upstream_seconds")
+
+    def __init__(self) -> None:
+        #: The raw path after the route prefix (set by the router).
+        self.path: bytes = b"/"
+        #: The raw query with its ``?``, or empty (set by the router).
+        self.query: bytes = b""
+        #: The route's label, ``/`` or its prefix (set by the exchange).
+        self.route: str = "-"
+        #: The client's address as the access gate resolved it (set by the gate).
+        self.client: Optional[str] = None
+        #: The non-secret label of the key used (set by the key decision).
+        self.key_label: str = "-"
+        #: The code of the proxy's own error answer (set by :mod:`.errors`).
+        self.error: Optional[str] = None
+        #: Seconds from sending upstream to the end (set by the exchange).
+        self.upstream_seconds: Optional[float] = None
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
+        return f"RequestState({fields})"
 
 
 def state_of(request: Any) -> RequestState:
     """The request's :class:`RequestState`."""
-    state = request.__dict__.get("state")
-    if state is None:
+    state = getattr(request, "state", None)
+    if not isinstance(state, RequestState):
         state = request.state = RequestState()
     return state

@@ -37,26 +37,27 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import sys
-import tempfile
-from typing import Any, Callable, Optional
+import typing
+from typing import Any, Callable, Optional, cast
 
 from prometheus_client.multiprocess import mark_process_dead
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet import defer, endpoints
+from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessDone
-from twisted.internet.interfaces import IDelayedCall, IListeningPort, IProcessTransport
+from twisted.internet.interfaces import IAddress, IDelayedCall, IListeningPort, IProcessTransport
 from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from .config import ConfigError
+from .config import Config, ConfigError
 from .exitstatus import give_up
 from .logfiles import LogReopenService
 from .metrics import MULTIPROC_ENV
+from .metrics_folder import MetricsFolder, sweep
 from .policies.amp_store import STORE_FD, StoreHub
 from .policies.memory import MemoryStore
 from .policies.shared import STORE_FD_ENV
@@ -76,6 +77,12 @@ GIVE_UP_AFTER = 3
 KILL_MARGIN = 10.0
 #: The environment variable holding a worker's number (1..N).
 WORKER_ENV = "TWISTED_FORWARD_WORKER"
+#: The file descriptor a worker writes its one-line start-up error to (a
+#: pipe the supervisor reads), named to the worker in :data:`REPORT_FD_ENV`.
+REPORT_FD = 5
+REPORT_FD_ENV = "TWISTED_FORWARD_REPORT_FD"
+#: The most of a worker's report the supervisor keeps.
+MAX_REPORT = 4096
 
 _ADOPTABLE = (
     endpoints.TCP4ServerEndpoint,
@@ -100,6 +107,25 @@ def check_endpoint(reactor: Any, description: str) -> None:
             f"--workers needs a tcp:, tcp6:, unix: or systemd: port, not {description!r} "
             "(terminate TLS in front of the proxy, or run one process)"
         )
+
+
+class SharedPort(typing.Protocol):
+    """The listening port the supervisor holds for its workers.
+
+    The tcp:, unix: and systemd: endpoints give a ``tcp.Port`` (``unix.Port``
+    is one), which has these beyond ``IListeningPort``: its socket's
+    descriptor, to hand to the workers, and its family.
+    """
+
+    addressFamily: int
+
+    def fileno(self) -> int: ...
+
+    def stopReading(self) -> None: ...
+
+    def getHost(self) -> IAddress: ...
+
+    def stopListening(self) -> Optional[Deferred[None]]: ...
 
 
 def _family_name(family: int) -> str:
@@ -138,11 +164,21 @@ class _Worker(ProcessProtocol):
         self.spec = spec
         self.started = pool.reactor.seconds()
         self.pid: Optional[int] = None
+        self._report = b""
 
     def connectionMade(self) -> None:
         self.pid = self.transport.pid
         # Stays open: its end of file tells the worker the supervisor is gone.
         self.transport.writeToChild(0, self.spec)
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        if childFD == REPORT_FD and len(self._report) < MAX_REPORT:
+            self._report = (self._report + data)[:MAX_REPORT]
+
+    def cause(self) -> Optional[str]:
+        """The start-up error the worker reported (one line), or None."""
+        lines = self._report.decode("utf-8", "replace").strip().splitlines()
+        return lines[-1] if lines else None
 
     def processEnded(self, reason: Failure) -> None:
         self.pool._ended(self, reason)
@@ -189,7 +225,7 @@ class WorkerPool(Service):
         #: Where a reload (SIGHUP) reads the configuration; None: no reloads.
         self.source = source
         self._restore_sighup: Optional[Callable[[], None]] = None
-        self.port: Optional[IListeningPort] = None
+        self.port: Optional[SharedPort] = None
         self.workers: dict[int, _Worker] = {}
         self.restarts: dict[int, IDelayedCall] = {}
         self.delays: dict[int, float] = {}
@@ -203,6 +239,9 @@ class WorkerPool(Service):
         #: The multiprocess metrics folder the workers share (see
         #: :mod:`twisted_forward.metrics`), made at start, removed at stop.
         self.metrics_dir: Optional[str] = None
+        self.metrics_folder: Optional[MetricsFolder] = None
+        #: The site of METRICS_PORT, when the supervisor serves it.
+        self.metrics_site: Any = None
         #: Fires with the listening port once it is bound (for tests).
         self.listening: defer.Deferred[IListeningPort] = defer.Deferred()
 
@@ -211,10 +250,16 @@ class WorkerPool(Service):
     def startService(self) -> None:
         super().startService()
         self.stopping = False
-        if self.metrics_dir is None:
+        if self.metrics_folder is None:
+            for path in sweep():
+                self.log.info(
+                    "removed the metrics folder {path}, left by a supervisor that was killed",
+                    path=path,
+                )
             # A new folder each start: series of a previous run must not
             # be summed into this one.
-            self.metrics_dir = tempfile.mkdtemp(prefix="twisted-forward-metrics-")
+            self.metrics_folder = MetricsFolder.create()
+            self.metrics_dir = self.metrics_folder.path
         if self.source is not None:
             self._restore_sighup = install_handler(signal.SIGHUP, self.reactor, self.reload)
         if self.bound is not None:
@@ -232,19 +277,20 @@ class WorkerPool(Service):
         )
         give_up(self.reactor)
 
-    def _bound(self, port: IListeningPort) -> None:
+    def _bound(self, listening: IListeningPort) -> None:
+        port = cast(SharedPort, listening)  # what a socket endpoint gives, see SharedPort
         # The supervisor keeps the socket open for the workers but never
         # accepts on it itself.
-        port.stopReading()  # type: ignore[attr-defined]
+        port.stopReading()
         self.port = port
-        self.family = _family_name(port.addressFamily)  # type: ignore[attr-defined]
+        self.family = _family_name(port.addressFamily)
         self.log.info(
             "listening on {address}; starting {count} worker processes",
             address=_describe(port.getHost()), count=self.count,
         )
         for index in range(1, self.count + 1):
             self._spawn(index)
-        self.listening.callback(port)
+        self.listening.callback(listening)
 
     def _spec(self, index: int) -> bytes:
         return json.dumps(
@@ -258,13 +304,14 @@ class WorkerPool(Service):
         here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env = dict(self.environ)
         env[WORKER_ENV] = str(index)
+        env[REPORT_FD_ENV] = str(REPORT_FD)
         if self.metrics_dir is not None:
             env[MULTIPROC_ENV] = self.metrics_dir
         env["PYTHONPATH"] = os.pathsep.join(
             [here] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
         )
         worker = _Worker(self, index, self._spec(index))
-        fds: dict[int, Any] = {0: "w", 1: 1, 2: 2, LISTEN_FD: self.port.fileno()}  # type: ignore[attr-defined]
+        fds: dict[int, Any] = {0: "w", 1: 1, 2: 2, LISTEN_FD: self.port.fileno(), REPORT_FD: "r"}
         store_end = None
         if self.store_hub is not None:
             store_end = self.store_hub.pair(self.reactor)
@@ -304,6 +351,8 @@ class WorkerPool(Service):
             )
             return False
         self.grace = config.shutdown_grace
+        if self.metrics_site is not None:
+            self.metrics_site.serve(self.metrics_site.resource, (ip_gate(config),))
         sent = []
         for index in sorted(self.workers):
             worker = self.workers[index]
@@ -324,6 +373,9 @@ class WorkerPool(Service):
         if self.workers.get(worker.index) is worker:
             del self.workers[worker.index]
         why = "exited cleanly" if reason.check(ProcessDone) else reason.getErrorMessage()
+        cause = worker.cause()
+        if cause is not None:
+            why = cause
         if self.stopping:
             self.log.info("worker {index} (pid {pid}) stopped: {why}",
                           index=worker.index, pid=worker.pid, why=why)
@@ -342,9 +394,10 @@ class WorkerPool(Service):
             if deaths >= GIVE_UP_AFTER and not self._ever_stable():
                 self.log.error(
                     "cannot start: worker {index} ended {deaths} times in a row within "
-                    "{stable:.0f}s of starting (last: {why}); its own error is above. "
-                    "Stopping: fix the cause and start again",
-                    index=worker.index, deaths=deaths, stable=STABLE_AFTER, why=why,
+                    "{stable:.0f}s of starting: {why}. Stopping: fix the cause and "
+                    "start again",
+                    index=worker.index, deaths=deaths, stable=STABLE_AFTER,
+                    why=why if cause is not None else why + " (its own error is above)",
                 )
                 give_up(self.reactor)
                 return
@@ -398,15 +451,22 @@ class WorkerPool(Service):
         if self.port is not None:
             port, self.port = self.port, None
             yield port.stopListening()
-        if self.metrics_dir is not None:
-            shutil.rmtree(self.metrics_dir, ignore_errors=True)
-            self.metrics_dir = None
+        if self.metrics_folder is not None:
+            self.metrics_folder.remove()
+            self.metrics_folder = self.metrics_dir = None
 
     def _kill_stragglers(self) -> None:
         for worker in list(self.workers.values()):
             self.log.warn("worker {index} (pid {pid}) did not stop; killing it",
                           index=worker.index, pid=worker.pid)
             _signal(worker, "KILL")
+
+
+def ip_gate(config: Config) -> Any:
+    """The IP gate of the supervisor's METRICS_PORT."""
+    from .access import AccessGate
+
+    return AccessGate(config.ip_whitelist, config.ip_blacklist, config.trusted_proxies)
 
 
 def _signal(worker: _Worker, name: str) -> None:
@@ -425,11 +485,16 @@ def make_supervisor(
     reactor: Any,
     source: Optional[ConfigSource] = None,
     share_store: bool = True,
-) -> IService:
-    """The service twistd runs for ``--workers N``.
+    metrics_port: Optional[tuple[Any, str, Config]] = None,
+) -> MultiService:
+    """The service twistd runs for ``--workers N``: the log reopener and
+    the :class:`WorkerPool`.
 
     :param share_store: the supervisor keeps the policy counters and the
         default keys' health for the workers (not when they use Redis).
+    :param metrics_port: METRICS_PORT's endpoint, its description and the
+        configuration: the supervisor serves the workers' summed metrics
+        there, behind the IP gate.
     """
     from .listening import endpoint_from_string, listen_now
 
@@ -442,8 +507,44 @@ def make_supervisor(
     top = MultiService()
     LogReopenService(reactor).setServiceParent(top)
     hub = StoreHub(MemoryStore(), reactor) if share_store else None
-    WorkerPool(
+    pool = WorkerPool(
         count, endpoint, options, environ, grace, reactor, port=port, source=source,
         store_hub=hub,
-    ).setServiceParent(top)
+    )
+    pool.setServiceParent(top)
+    if metrics_port is not None:
+        try:
+            serve_metrics(pool, *metrics_port, reactor).setServiceParent(top)
+        except ConfigError:
+            port.stopListening()
+            raise
     return top
+
+
+def serve_metrics(
+    pool: WorkerPool, endpoint: Any, description: str, config: Config, reactor: Any
+) -> IService:
+    """METRICS_PORT under ``--workers``: bound now, served by the supervisor,
+    every scrape the sum over the workers' multiprocess folder, behind the
+    IP gate (as on the workers' port; a reload brings the new lists).
+
+    :raises ConfigError: when the port cannot be had.
+    """
+    from twisted.application.internet import StreamServerEndpointService
+
+    from .listening import BoundEndpoint, listen_now
+    from .metrics import MetricsResource, WorkersFolder
+    from .site import SidePortSite
+
+    site = SidePortSite(
+        MetricsResource(None, source=WorkersFolder(lambda: pool.metrics_dir)), reactor=reactor,
+        head_checks=(ip_gate(config),),
+    )
+    bound = listen_now(endpoint, site, "METRICS_PORT (--metrics-port)", description)
+    pool.metrics_site = site
+    log = Logger(namespace="twisted_forward.supervisor")
+    log.info(
+        "metrics of all the workers, summed, on {address} (METRICS_PORT; any path, "
+        "{path} included)", address=_describe(bound.getHost()), path=config.metrics_path,
+    )
+    return StreamServerEndpointService(BoundEndpoint(bound, site), site)

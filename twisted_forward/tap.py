@@ -28,6 +28,7 @@ from .admin.live import LiveTally
 from .admin.service import AdminService
 from .chat.recorder import ChatRecorder, IRecorder, open_chat_log
 from .config import (
+    METRICS_OFF,
     SETTINGS,
     Config,
     ConfigError,
@@ -171,6 +172,49 @@ def check_log_dir(config: Config) -> None:
             raise PermissionError(13, "Permission denied")
     except OSError as e:
         raise log_dir_error(config, e) from None
+
+
+#: Seconds a start-up check of a Redis server may take, a step.
+REDIS_CHECK_TIMEOUT = 5.0
+
+
+def check_redis(config: Config) -> None:
+    """At start-up, ask each Redis the settings name whether it answers.
+
+    One the limits need (REDIS_URL with key policies, failing ``closed``)
+    that does not answer stops start-up with one line; one that is only
+    wanted (limits failing ``open``, the response cache) gets a warning
+    line and the proxy starts, degraded as documented.
+
+    :raises ConfigError: naming REDIS_URL, the server (never its password)
+        and the ways out.
+    """
+    from .redis_link import parse_redis_url, probe
+
+    policy, cache = config.policy, config.cache
+    wanted: list[tuple[str, str, bool]] = []
+    if policy.redis_url:
+        required = policy.active and policy.on_store_failure == "closed"
+        wanted.append(("REDIS_URL (--redis-url)", policy.redis_url, required))
+    if cache.enabled and cache.backend == "redis" and cache.redis_url \
+            and cache.redis_url != policy.redis_url:
+        wanted.append(("the cache's Redis (CACHE_ROOT_PATH_OR_URL)", cache.redis_url, False))
+    for setting, url, required in wanted:
+        target = parse_redis_url(url)
+        try:
+            probe(target, REDIS_CHECK_TIMEOUT, ca_file=config.ssl_cert_file)
+        except ConnectionError as e:
+            if required:
+                raise ConfigError(
+                    f"{setting}: cannot reach {target} ({e}): start it, fix the URL, or set "
+                    "LIMITS_ON_STORE_FAILURE=open to serve while it is down"
+                ) from None
+            _log.warn(
+                "{setting}: cannot reach {target} ({why}); starting anyway, and using it "
+                "once it answers (until then: limits as LIMITS_ON_STORE_FAILURE=open says, "
+                "cache misses)",
+                setting=setting, target=str(target), why=str(e),
+            )
 
 
 def refuse_own_address(config: Config, source: ConfigSource, port: Any) -> None:
@@ -331,7 +375,7 @@ class ProxyService(Service):
                     # The store shared with other processes stays; another
                     # is handed on when its settings are the same.
                     store=shared if shared is not None else (
-                        current.policy.store if same_store else None  # type: ignore[union-attr]
+                        current.policy.store if same_store and current.policy is not None else None
                     ),
                 )
                 built = build_root(
@@ -339,7 +383,9 @@ class ProxyService(Service):
                     ledger=self.feed,
                     upstream=current.upstream if same_pool else None,
                     metrics=current.metrics, health=current.health, policy=policy,
-                    cache_store=current.cache.store if same_cache else None,  # type: ignore[union-attr]
+                    cache_store=(
+                        current.cache.store if same_cache and current.cache is not None else None
+                    ),
                     cache_metrics=current.cache_metrics, store=shared,
                 )
             except BaseException:
@@ -493,6 +539,7 @@ def makeService(
     reactor: Optional[Any] = None,
     environ: Optional[dict[str, str]] = None,
     endpoint: Optional[IStreamServerEndpoint] = None,
+    worker: bool = False,
 ) -> IService:
     """Build the proxy's service tree from parsed options, and bind its ports.
 
@@ -508,13 +555,15 @@ def makeService(
         their own); ``os.environ`` by default.
     :param endpoint: serve on this endpoint instead of ``--port`` (a worker
         adopting its supervisor's socket).
+    :param worker: build a worker of ``--workers`` (its supervisor serves
+        METRICS_PORT).
     """
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
     try:
-        return _make_service(options, reactor, environ, endpoint)
+        return build_service(options, reactor, environ, endpoint, worker)
     except (ConfigError, ValueError) as e:
         # One clear line, not a traceback.
         sys.stderr.write(f"openai-forward: {e}\n")
@@ -522,12 +571,18 @@ def makeService(
         raise SystemExit(1) from None
 
 
-def _make_service(
+def build_service(
     options: Options,
     reactor: Any,
-    environ: Optional[dict[str, str]],
-    endpoint: Optional[IStreamServerEndpoint],
+    environ: Optional[dict[str, str]] = None,
+    endpoint: Optional[IStreamServerEndpoint] = None,
+    worker: bool = False,
 ) -> IService:
+    """:func:`makeService`'s work, for callers that report a start-up
+    failure themselves (a worker tells its supervisor).
+
+    :raises ConfigError: (or ValueError) naming the setting and the fix.
+    """
     source = ConfigSource(
         options.setting_values(),
         dict(os.environ if environ is None else environ),
@@ -545,7 +600,7 @@ def _make_service(
     if endpoint is None:
         endpoint = endpoint_from_string(reactor, options["endpoint"], "--port")
     metrics_endpoint = None
-    if config.metrics_port is not None:
+    if config.metrics_port is not None and config.metrics != METRICS_OFF and not worker:
         metrics_endpoint = endpoint_from_string(
             reactor, config.metrics_port, "METRICS_PORT (--metrics-port)"
         )
@@ -554,12 +609,12 @@ def _make_service(
         admin_endpoint = endpoint_from_string(
             reactor, config.admin_port, "ADMIN_PORT (--admin-port)"
         )
+    if not worker:
+        # The supervisor checks for its workers.
+        check_redis(config)
     if options["workers"]:
-        from .supervisor import make_supervisor
+        from .supervisor import WorkerPool, make_supervisor
 
-        if config.metrics_port is not None:
-            # Every worker would bind it.
-            raise ConfigError("METRICS_PORT (--metrics-port): not with --workers")
         if config.admin_port is not None:
             raise ConfigError("ADMIN_PORT (--admin-port): not with --workers")
         check_log_dir(config)
@@ -575,14 +630,18 @@ def _make_service(
             reactor,
             source=source,
             share_store=config.policy.redis_url is None,
+            metrics_port=(
+                (metrics_endpoint, config.metrics_port, config)
+                if metrics_endpoint is not None and config.metrics_port is not None else None
+            ),
         )
-        for child in supervisor:  # type: ignore[attr-defined]
-            bound = getattr(child, "bound", None)
-            if bound is not None:
+        for child in supervisor:
+            shared_port = child.bound if isinstance(child, WorkerPool) else None
+            if shared_port is not None:
                 try:
-                    refuse_own_address(config, source, bound)
+                    refuse_own_address(config, source, shared_port)
                 except ConfigError:
-                    bound.stopListening()
+                    shared_port.stopListening()
                     raise
         return supervisor
     recorder = open_recorder(config, reactor)
@@ -616,7 +675,7 @@ def _make_service(
         )
         side_sites.append((admin_site, admin_resource))
     metrics_site = None
-    if config.metrics and metrics_endpoint is not None:
+    if metrics_endpoint is not None:
         metrics_site = SidePortSite(
             side_metrics(built), reactor=reactor, head_checks=(built.gate,)
         )

@@ -27,6 +27,7 @@ from typing import Any, Callable, Optional
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import ITCPTransport
+from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 from twisted.web.client import (
     HTTPConnectionPool,
@@ -202,7 +203,7 @@ class GuardedClientProtocol(HTTP11ClientProtocol):
                 return
         super().dataReceived(data)
 
-    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         super().connectionLost(self.refused if self.refused is not None else reason)
 
 

@@ -15,10 +15,10 @@ import os
 import signal
 import socket
 import sys
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NoReturn, Optional
 
 from twisted.application.service import IServiceCollection
-from twisted.internet import defer, endpoints, fdesc
+from twisted.internet import defer, endpoints, fdesc, tcp
 from twisted.internet.interfaces import (
     IListeningPort,
     IProtocolFactory,
@@ -30,8 +30,9 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ._compat import limit_accepts_per_read
-from .supervisor import LISTEN_FD
-from .tap import Options, ProxyService, makeService
+from .config import ConfigError
+from .supervisor import LISTEN_FD, REPORT_FD_ENV
+from .tap import Options, ProxyService, build_service
 
 #: Connections a worker accepts per wake-up (see :class:`SharedSocketEndpoint`).
 ACCEPT_BATCH = 1
@@ -59,6 +60,9 @@ class SharedSocketEndpoint:
         return self._adopted.listen(factory).addCallback(self._take_turns)
 
     def _take_turns(self, port: IListeningPort) -> IListeningPort:
+        # An adopted stream socket is a tcp.Port (unix.Port is one).
+        if not isinstance(port, tcp.Port):
+            raise TypeError(f"an adopted socket gave {port!r}, not a tcp.Port")
         limit_accepts_per_read(port, self.batch)
         return port
 
@@ -122,6 +126,21 @@ def _options_argv(values: dict[str, str]) -> list[str]:
     return [f"--{name}={value}" for name, value in values.items()]
 
 
+def _cannot_start(why: str) -> NoReturn:
+    """Tell the supervisor why this worker cannot start (one line, on the
+    report pipe it gave; standard error without one), and exit 1."""
+    line = why.replace("\n", " ") + "\n"
+    fd = os.environ.get(REPORT_FD_ENV, "")
+    try:
+        if not fd.isdigit():
+            raise OSError("no report pipe")
+        os.write(int(fd), line.encode("utf-8", "replace"))
+    except OSError:
+        sys.stderr.write("openai-forward worker: " + line)
+        sys.stderr.flush()
+    raise SystemExit(1)
+
+
 def worker_main() -> None:
     """Entry point of a worker process (``python -m twisted_forward.worker``)."""
     # A reload relayed while this worker starts must not kill it (SIGHUP's
@@ -142,9 +161,13 @@ def worker_main() -> None:
     options = Options()
     values = {k: v for k, v in spec["options"].items() if k != "workers"}
     options.parseOptions(_options_argv(values))
-    service = makeService(
-        options, reactor=reactor, endpoint=SharedSocketEndpoint(reactor, LISTEN_FD, family)
-    )
+    try:
+        service = build_service(
+            options, reactor, endpoint=SharedSocketEndpoint(reactor, LISTEN_FD, family),
+            worker=True,
+        )
+    except (ConfigError, ValueError) as e:
+        _cannot_start(str(e))
     for child in IServiceCollection(service):
         if isinstance(child, ProxyService):
             child.built.health.extra.update({"worker": index, "pid": os.getpid()})

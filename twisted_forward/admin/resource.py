@@ -100,6 +100,9 @@ class AdminResource(Resource):
         self._secrets = tuple(s.encode("utf-8") for s in secrets if s)
         #: Open event streams, ended by :meth:`close`.
         self.streams: set[Request] = set()
+        #: Why the API's figures cannot be read (one line), while they
+        #: cannot: logged once when that starts, once when it ends.
+        self.unavailable: Optional[str] = None
         self._handlers: dict[bytes, Callable[[dict[str, list[str]]], "Deferred[Answer]"]] = {
             b"usage": api.usage,
             b"keys": api.keys,
@@ -205,6 +208,9 @@ class AdminResource(Resource):
         return NOT_DONE_YET
 
     def _answer(self, request: Request, answer: Answer, gone: list[bool]) -> None:
+        if self.unavailable is not None:
+            self.unavailable = None
+            self.log.info("admin API: the figures can be read again")
         if gone:
             return
         body = self.mask(answer.body)
@@ -223,13 +229,14 @@ class AdminResource(Resource):
         request.finish()
 
     def _failed(self, request: Request, failure: Failure, gone: list[bool]) -> None:
+        if not failure.check(BadParam):
+            self._unavailable(failure)
         if gone:
             return
         if failure.check(BadParam):
             e = failure.value
             body = self._error(request, 400, "invalid_parameter", str(e), e.param)
         else:
-            self.log.failure("an admin API request failed", failure)
             body = self._error(
                 request, 503, "admin_unavailable",
                 "The figures could not be read just now; try again.",
@@ -237,6 +244,23 @@ class AdminResource(Resource):
         if request.method != b"HEAD":
             request.write(body)
         request.finish()
+
+    def _unavailable(self, failure: Failure) -> None:
+        """Count a request the figures could not be read for; log one line
+        when that starts (not a traceback a request: a database that is
+        down would flood the log)."""
+        self.refusals.labels("admin_unavailable").inc()
+        message = failure.getErrorMessage().strip().splitlines()
+        why = f"{failure.type.__name__}: {message[0][:200] if message else ''}".rstrip(": ")
+        starts = self.unavailable is None
+        self.unavailable = why
+        if not starts:
+            return
+        self.log.error(
+            "admin API: cannot read the figures ({why}); answering 503 admin_unavailable "
+            "until they can be read (counted in openai_forward_admin_refusals_total)",
+            why=why,
+        )
 
     # ------------------------------------------------------------ events
 

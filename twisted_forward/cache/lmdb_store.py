@@ -72,9 +72,10 @@ class LMDBStore:
 
     # ------------------------------------------------------------ reactor side
 
-    def _run(self, work: Callable[..., T], *args: Any) -> "Deferred[T]":
+    def _run(self, work: Callable[..., T], *args: Any) -> "Deferred[Optional[T]]":
+        """``work(*args)`` in the store's thread; None once it is closed."""
         if self._closed:
-            return succeed(None)  # type: ignore[arg-type]
+            return succeed(None)
         if not self.pool.started:
             self.pool.start()
         return deferToThreadPool(self.reactor, self.pool, work, *args)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Mapping, Optional
+from typing import Any, Mapping, Optional
 
 #: The backends this cache has.
 BACKENDS = ("memory", "lmdb", "redis")
@@ -147,8 +147,9 @@ def cache_settings(parsed: Mapping[str, object]) -> CacheSettings:
         "CACHE_REPLAY_INTERVAL": "replay_interval",
         "CACHE_TIMEOUT": "timeout",
     }
-    kwargs = {attr: parsed[env] for env, attr in fields.items() if env in parsed}
-    settings = CacheSettings(**kwargs)  # type: ignore[arg-type]
+    # Each value as its setting's parser made it (typed in its SETTINGS row).
+    kwargs: dict[str, Any] = {attr: parsed[env] for env, attr in fields.items() if env in parsed}
+    settings = CacheSettings(**kwargs)
     if settings.max_entry_bytes > settings.max_bytes:
         raise ValueError(
             "CACHE_MAX_ENTRY_BYTES (--cache-max-entry-bytes): must not exceed CACHE_MAX_BYTES"

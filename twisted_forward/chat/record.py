@@ -527,6 +527,8 @@ class ChoiceAssembler:
     a role is fine (the role defaults to ``assistant``).
     """
 
+    __slots__ = ("kind", "choices", "usage", "response_id", "response_model", "error",)
+
     def __init__(self, kind: str) -> None:
         self.kind = kind
         self.choices: dict[int, _Choice] = {}
@@ -575,6 +577,8 @@ class ChoiceAssembler:
 
 class _Tail:
     """Keeps a body whole up to a limit, then its head and tail only."""
+
+    __slots__ = ("limit", "parts", "size", "overflowed", "tail",)
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
@@ -629,6 +633,12 @@ class AnswerReader:
     answer's record fields.  It never raises: a body it cannot make sense
     of is recorded as such (``problems`` and an ``excerpt``).
     """
+
+    __slots__ = (
+        "kind", "conversation", "status", "size", "problems", "format", "content_type",
+        "_inflate", "_encoding", "_sink", "_sse", "_body", "_sniffed", "_assembler",
+        "_bad_events", "_bad_excerpt", "_usage",
+    )
 
     def __init__(self, kind: str) -> None:
         self.kind = kind

@@ -21,7 +21,6 @@ JSON or JSON-lines export (:mod:`twisted_forward.chat.export`).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from typing import IO, Any, Callable, Iterable, Optional, Sequence
 
 from twisted.internet.defer import Deferred, gatherResults
@@ -65,6 +64,8 @@ class RequestBody:
         Its position is left where it was found: the exchange sends the body
         from it.
     """
+
+    __slots__ = ("_content", "length",)
 
     def __init__(self, content: Optional[IO[bytes]]) -> None:
         self._content = content
@@ -113,9 +114,10 @@ class RequestBody:
         return self._read(self.length - size, size)
 
 
-@dataclass
 class ExchangeInfo:
     """What is known of an exchange when its request has arrived.
+
+    Slotted: every open stream holds one.
 
     :ivar body: the request body, read only as far as the record needs.
     :ivar cache: what the response cache did (``hit``, ``miss``,
@@ -123,15 +125,38 @@ class ExchangeInfo:
         is off.  A record of a hit says ``"cache": "hit"``.
     """
 
-    request_id: str
-    route: str
-    method: str
-    path: str
-    client: str
-    key_label: str
-    started: float
-    body: RequestBody = field(repr=False)
-    cache: str = ""
+    __slots__ = (
+        "request_id", "route", "method", "path", "client", "key_label", "started", "body",
+        "cache",
+    )
+
+    def __init__(
+        self,
+        request_id: str,
+        route: str,
+        method: str,
+        path: str,
+        client: str,
+        key_label: str,
+        started: float,
+        body: RequestBody,
+        cache: str = "",
+    ) -> None:
+        self.request_id = request_id
+        self.route = route
+        self.method = method
+        self.path = path
+        self.client = client
+        self.key_label = key_label
+        self.started = started
+        self.body = body
+        self.cache = cache
+
+    def __repr__(self) -> str:
+        fields = ", ".join(
+            f"{name}={getattr(self, name)!r}" for name in self.__slots__ if name != "body"
+        )
+        return f"ExchangeInfo({fields})"
 
 
 class IExchangeTap(Interface):
@@ -300,6 +325,11 @@ class ChatTap:
     :data:`REQUEST_LIMIT`.  Of any other body only the first and last
     :data:`PEEK` bytes are read.
     """
+
+    __slots__ = (
+        "recorder", "info", "kind", "reader", "ended", "broken", "request_fields", "ttfb", "body",
+        "request_bytes",
+    )
 
     log = Logger()
 

@@ -59,6 +59,11 @@ class SSEDecoder:
     :ivar retry: the last valid ``retry:`` value, in milliseconds.
     """
 
+    __slots__ = (
+        "max_event_bytes", "done", "after_done", "overflow", "comments", "retry", "_parts",
+        "_parts_size", "_skip_lf", "_first", "_bom", "_data", "_data_size", "_event", "_last_id",
+    )
+
     def __init__(self, max_event_bytes: int = MAX_EVENT_BYTES) -> None:
         self.max_event_bytes = max_event_bytes
         self.done = False

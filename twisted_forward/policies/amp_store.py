@@ -202,7 +202,7 @@ class StoreServer(amp.AMP):
         self.gone: Deferred[None] = Deferred()
 
     @Reserve.responder
-    def reserve(self, reservation: str, buckets: list, now: float) -> dict[str, Any]:
+    def reserve(self, reservation: str, buckets: list[dict[str, Any]], now: float) -> dict[str, Any]:
         wanted = [_box_bucket(b) for b in buckets]
         verdict = self.hub.store.reserve_now(reservation, wanted, now)
         if verdict.granted and wanted:
@@ -220,7 +220,7 @@ class StoreServer(amp.AMP):
         }
 
     @Settle.responder
-    def settle(self, reservation: str, settlements: list, now: float) -> dict[str, Any]:
+    def settle(self, reservation: str, settlements: list[dict[str, Any]], now: float) -> dict[str, Any]:
         held = self.open.get(reservation)
         if held is None:
             return {}  # settled already, or never granted
@@ -236,7 +236,7 @@ class StoreServer(amp.AMP):
         return {}
 
     @MarkKey.responder
-    def mark(self, key: str, until: Optional[float]) -> Deferred:
+    def mark(self, key: str, until: Optional[float]) -> "Deferred[dict[str, Any]]":
         return self.hub.store.mark(key, until).addCallback(lambda _: {})
 
     @KeyMarks.responder
@@ -312,7 +312,7 @@ class SupervisorStore:
         for watcher in list(self._watchers):
             watcher(key, until)
 
-    def _call(self, command: type, **kwargs: Any) -> "Deferred[dict]":
+    def _call(self, command: type[amp.Command], **kwargs: Any) -> "Deferred[dict[str, Any]]":
         protocol = self.protocol
         if protocol is None or protocol.gone.called:
             return fail(StoreUnavailable("supervisor: not connected"))
@@ -330,7 +330,7 @@ class SupervisorStore:
         d = self._call(Reserve, reservation=reservation,
                        buckets=[_bucket_box(b) for b in buckets], now=now)
 
-        def verdict(answer: dict) -> Verdict:
+        def verdict(answer: dict[str, Any]) -> Verdict:
             states = tuple(
                 BucketState(s["limit"], s["remaining"], s["reset"]) for s in answer["states"]
             )

@@ -281,7 +281,7 @@ class PolicyGate:
     def store(self, store: IPolicyStore) -> None:
         self._store = store
         #: The store answers within the call: no Deferred in between.
-        self._immediate = IImmediateStore.providedBy(store)
+        self._immediate: Optional[IImmediateStore] = IImmediateStore(store, None)
 
     def _route(self, facts: RequestFacts) -> _Route:
         """The rules for this request's key and path, looked up once."""
@@ -351,8 +351,9 @@ class PolicyGate:
         if not plan.buckets:
             return succeed(UNLIMITED)
         store = self.store
-        if self._immediate:
-            verdict = store.reserve_now(facts.reservation, plan.buckets, now)  # type: ignore[attr-defined]
+        immediate = self._immediate
+        if immediate is not None:
+            verdict = immediate.reserve_now(facts.reservation, plan.buckets, now)
             return succeed(self._verdict(verdict, facts, plan, body, route, store))
         d = store.reserve(facts.reservation, plan.buckets, now)
         if not d.called:
@@ -517,7 +518,7 @@ class PolicyGate:
                 facts.content.seek(0)
                 strip = rewritten is not None
 
-        immediate = IImmediateStore.providedBy(store)
+        immediate: Optional[IImmediateStore] = IImmediateStore(store, None)
 
         def settle(usage: Optional[Usage], complete: bool) -> None:
             settlements = []
@@ -532,8 +533,8 @@ class PolicyGate:
                     # complete without usage: the reservation stands.
             if not settlements:
                 return
-            if immediate:
-                store.settle_now(facts.reservation, settlements, self.clock())  # type: ignore[attr-defined]
+            if immediate is not None:
+                immediate.settle_now(facts.reservation, settlements, self.clock())
                 return
             d = store.settle(facts.reservation, settlements, self.clock())
             if not d.called:
@@ -608,12 +609,12 @@ def _rate_headers(plan: _Plan, states: Sequence[BucketState]) -> list[tuple[byte
         elif kind == _QUOTA and bucket.id.rsplit("/", 1)[-1].startswith("tokens"):
             quota = _tightest(quota, state)
     headers: list[tuple[bytes, bytes]] = []
-    for suffix, state in ((b"requests", requests), (b"tokens", tokens or quota)):
-        if state is not None:
+    for suffix, tightest in ((b"requests", requests), (b"tokens", tokens or quota)):
+        if tightest is not None:
             headers += [
-                (b"x-ratelimit-limit-" + suffix, b"%d" % state.limit),
-                (b"x-ratelimit-remaining-" + suffix, b"%d" % state.remaining),
-                (b"x-ratelimit-reset-" + suffix, format_reset(state.reset).encode()),
+                (b"x-ratelimit-limit-" + suffix, b"%d" % tightest.limit),
+                (b"x-ratelimit-remaining-" + suffix, b"%d" % tightest.remaining),
+                (b"x-ratelimit-reset-" + suffix, format_reset(tightest.reset).encode()),
             ]
     return headers
 

@@ -8,7 +8,7 @@ supervisor's store for ``--workers`` runs one of these behind AMP.
 from __future__ import annotations
 
 from collections import deque
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from twisted.internet.defer import Deferred, succeed
 from zope.interface import implementer
@@ -40,8 +40,8 @@ class _Moving:
         #: The window length (for sweeping).
         self.seconds = seconds
         #: [stamp, amount, reservation], oldest first.
-        self.entries: deque[list] = deque()
-        self.by_reservation: dict[str, list] = {}
+        self.entries: deque[list[Any]] = deque()
+        self.by_reservation: dict[str, list[Any]] = {}
         self.total = 0
 
     def expire(self, now: float, seconds: float) -> None:
@@ -127,11 +127,11 @@ class MemoryStore:
                 return Verdict(False, states, i, self._retry_after(bucket, held, now))
         for bucket in buckets:
             self._take(reservation, bucket, now)
-        states = []
+        granted: list[BucketState] = []
         for bucket, held in zip(buckets, used):
             left = bucket.limit - held - bucket.amount
-            states.append(BucketState(bucket.limit, left if left > 0 else 0, self._reset(bucket, now)))
-        return Verdict(True, tuple(states))
+            granted.append(BucketState(bucket.limit, left if left > 0 else 0, self._reset(bucket, now)))
+        return Verdict(True, tuple(granted))
 
     def settle(
         self, reservation: str, settlements: Sequence[Settlement], now: float

@@ -311,7 +311,7 @@ class RedisStore:
         keys = list(index)
         d = self._eval(redis_lua.BATCH, keys, args, late=lambda reply: self._late(ops, reply))
 
-        def answered(reply: list) -> None:
+        def answered(reply: list[Any]) -> None:
             for op, line in zip(ops, reply):
                 op.deferred.callback(line)
 
@@ -321,7 +321,7 @@ class RedisStore:
 
         d.addCallbacks(answered, failed)
 
-    def _late(self, ops: list[_Op], reply: list) -> None:
+    def _late(self, ops: list[_Op], reply: list[Any]) -> None:
         """A batch answered after it was given up: give back what it granted."""
         given_back = 0
         for op, line in zip(ops, reply):
@@ -488,7 +488,7 @@ class RedisStore:
     def marks(self, now: float) -> "Deferred[Mapping[str, Mark]]":
         d = self._eval(redis_lua.HEALTH_GET, self._health_keys(), [""])
 
-        def read(reply: list) -> dict[str, Mark]:
+        def read(reply: list[Any]) -> dict[str, Mark]:
             marks = _read_marks(reply)
             return {k: u for k, u in marks.items() if u is None or u > now}
 
@@ -503,7 +503,7 @@ class RedisStore:
         d = self._in_flight(
             self._eval(redis_lua.HEALTH_GET, self._health_keys(), [self._health_version]))
 
-        def read(reply: list) -> None:
+        def read(reply: list[Any]) -> None:
             version = str(reply[0])
             if version == self._health_version:
                 return
@@ -520,7 +520,7 @@ class RedisStore:
         return d.addCallback(read).addErrback(lambda _: None)
 
 
-def _read_marks(reply: list) -> dict[str, Mark]:
+def _read_marks(reply: list[Any]) -> dict[str, Mark]:
     marks: dict[str, Mark] = {}
     for key, value in zip(reply[1::2], reply[2::2]):
         state, _, when = str(value).partition(":")

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional
 
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IReactorSocket, IReactorTime
 
 from .settings import PolicyConfig
 
@@ -62,6 +62,7 @@ def open_shared_store(
         from .amp_store import SupervisorStore
 
         store = SupervisorStore(reactor, config.store_timeout)
-        store.connect(reactor, int(fd))  # type: ignore[arg-type]
+        # A worker's reactor is the process's own: it also adopts sockets.
+        store.connect(IReactorSocket(reactor), int(fd))
         return GuardedStore(store, reactor, failed)
     return None
