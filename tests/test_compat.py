@@ -75,8 +75,12 @@ class CanaryTests(SynchronousTestCase):
         _compat.set_pool_factory(pool, _compat.HTTP11ClientFactory)
         self.assertIs(pool._factory, _compat.HTTP11ClientFactory)
 
-    def _channel(self) -> tuple[_compat.ChannelHooks, StringTransport]:
-        channel = _compat.ChannelHooks()
+    def _channel(
+        self, kind: type[_compat.ChannelHooks] = _compat.ChannelHooks
+    ) -> tuple[_compat.ChannelHooks, StringTransport]:
+        """A ``kind`` channel (a subclass where a test listens to a hook) on
+        a memory transport."""
+        channel = kind()
         channel.requestFactory = http.Request  # type: ignore[assignment]  # Request's signature differs from the attribute's declared type
         transport = StringTransport()
         channel.makeConnection(transport)
@@ -91,8 +95,12 @@ class CanaryTests(SynchronousTestCase):
             self.broke("HTTPChannel._respondToBadRequestAndDisconnect is gone"),
         )
         seen: list[str] = []
-        channel, transport = self._channel()
-        channel.malformed_request = lambda: seen.append("malformed")  # type: ignore[method-assign]  # a test double
+
+        class Recording(_compat.ChannelHooks):
+            def malformed_request(self) -> None:
+                seen.append("malformed")
+
+        channel, transport = self._channel(Recording)
         channel.dataReceived(b"GET / HTTP/1.1\r\nno colon here\r\n\r\n")
         self.assertEqual(
             seen, ["malformed"], self.broke("a malformed header no longer calls _respondToBadRequestAndDisconnect")
@@ -110,14 +118,13 @@ class CanaryTests(SynchronousTestCase):
         _trailerHeaders, reachable as HTTPChannel._transferDecoder until
         allContentReceived."""
         seen: list[tuple[bytes, ...]] = []
-        channel, transport = self._channel()
-        original = channel.allContentReceived
 
-        def all_content() -> None:
-            seen.append(tuple(bytes(line) for line in channel.chunked_trailers()))
-            original()
+        class Trailers(_compat.ChannelHooks):
+            def allContentReceived(self) -> None:
+                seen.append(tuple(bytes(line) for line in self.chunked_trailers()))
+                super().allContentReceived()
 
-        channel.allContentReceived = all_content  # type: ignore[method-assign]  # a test double
+        channel, transport = self._channel(Trailers)
         channel.dataReceived(
             b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
             b"1\r\na\r\n0\r\nX-Trailer: yes\r\n\r\n"
@@ -132,14 +139,14 @@ class CanaryTests(SynchronousTestCase):
         """Feeding the parser a synthetic Transfer-Encoding: chunked line
         after the real headers still makes it read the body as chunked."""
         bodies: list[bytes] = []
-        channel, transport = self._channel()
-        original_headers = channel.allHeadersReceived
+        test = self
 
-        def all_headers() -> None:
-            self.assertTrue(channel.use_chunked_body(), self.broke("the synthetic chunked line was refused"))
-            original_headers()
+        class Chunking(_compat.ChannelHooks):
+            def allHeadersReceived(self) -> None:
+                test.assertTrue(self.use_chunked_body(), test.broke("the synthetic chunked line was refused"))
+                super().allHeadersReceived()
 
-        channel.allHeadersReceived = all_headers  # type: ignore[method-assign]  # a test double
+        channel, transport = self._channel(Chunking)
 
         class Recording(http.Request):
             def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:

@@ -9,10 +9,13 @@ serving every other connection.
 from __future__ import annotations
 
 import json
+from typing import Optional
 
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
 
 from .fake_upstream import chat_chunks
 from .harness import ProxyTestCase
@@ -24,10 +27,13 @@ EXCHANGE_TIMEOUT = 10
 
 
 class RawClient(Protocol):
-    """Writes bytes when asked; collects everything until the connection closes."""
+    """Writes bytes when asked; collects everything until the connection
+    closes, and keeps how it closed (``reason``: ``ConnectionDone`` for the
+    peer's clean FIN, ``ConnectionLost`` for a reset)."""
 
     def __init__(self) -> None:
         self.received = b""
+        self.reason: Optional[Failure] = None
         self.closed: defer.Deferred = defer.Deferred()
         self.got_data: defer.Deferred = defer.Deferred()
 
@@ -37,6 +43,7 @@ class RawClient(Protocol):
         d.callback(data)
 
     def connectionLost(self, reason=None) -> None:
+        self.reason = reason
         self.closed.callback(self.received)
 
 
@@ -51,12 +58,28 @@ class RawTestCase(ProxyTestCase):
         return client
 
     @defer.inlineCallbacks
-    def exchange(self, data: bytes):
-        """Write ``data``; return all the proxy sent once it closed."""
+    def exchange(self, data: bytes, clean: bool = True):
+        """Write ``data``; return all the proxy sent once it closed.
+
+        :param clean: assert the proxy closed with a FIN (a graceful close,
+            after which the client can read the whole answer), not a reset;
+            every refusal here does, so it is the default.
+        """
         client = yield self.connect()
         client.transport.write(data)
         received = yield client.closed.addTimeout(EXCHANGE_TIMEOUT, reactor)
+        if clean:
+            self.assert_clean_close(client)
         return received
+
+    def assert_clean_close(self, client: RawClient) -> None:
+        """The proxy closed ``client``'s connection with a FIN, not a reset."""
+        self.assertIsNotNone(client.reason)
+        assert client.reason is not None
+        self.assertIsInstance(
+            client.reason.value, ConnectionDone,
+            f"the proxy reset the connection instead of closing it: {client.reason.value!r}",
+        )
 
     @defer.inlineCallbacks
     def assert_still_serving(self):
@@ -77,6 +100,8 @@ class SmugglingTests(RawTestCase):
         reaches the upstream, and the proxy keeps serving afterwards."""
         yield self.start_proxy()
         for shape in SMUGGLING:
+            # Closed gracefully after the answer (exchange checks it): a
+            # reset could destroy the answer before the client read it.
             received = yield self.exchange(shape.raw)
             answer = parse_answer(received)
             self.assertEqual(

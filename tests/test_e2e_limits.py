@@ -61,6 +61,7 @@ class KeyBeforeBodyTests(LimitTestCase):
             b"Content-Length: %d\r\n\r\n" % (100 << 20)
         )
         received = yield client.closed.addTimeout(EXCHANGE_TIMEOUT, reactor)
+        self.assert_clean_close(client)
         self.assertNotIn(b"100 Continue", received)
         answer = parse_answer(received)
         self.assertEqual((answer.status, answer.json()["error"]["code"]),

@@ -26,8 +26,9 @@ class DrainTests(ProxyTestCase):
     @defer.inlineCallbacks
     def test_open_stream_finishes_health_says_draining(self):
         """While stopping, an open stream is finished whole, the health check answers 503
-        draining, new requests get 503 shutting_down without reaching the upstream, and
-        the stop completes only after the stream ends."""
+        draining, new requests get 503 shutting_down without reaching the upstream, the
+        stop completes only after the stream ends, and no connection is cut (each one
+        ends with a clean close)."""
         yield self.start_proxy()
         self.fake.hold_at = 2
         response, collector = yield self.open_stream()
@@ -51,7 +52,18 @@ class DrainTests(ProxyTestCase):
         self.fake.release.callback(None)
         yield collector.done
         self.assertTrue(collector.body.endswith(b"data: [DONE]\n\n"))
+        self.assertIsInstance(collector.reason.value, ResponseDone, collector.reason)
         yield stopped
+        # A graceful drain: every connection the proxy had ended with a
+        # clean close, none was cut.
+        yield self.pool.closeCachedConnections()
+        yield self.proxy_tracker.closed()
+        self.assertEqual(
+            (self.proxy_tracker.aborts(), self.proxy_tracker.clean_closes()),
+            (0, len(self.proxy_tracker.endings)),
+            [e.value for e in self.proxy_tracker.endings],
+        )
+        self.assertGreaterEqual(self.proxy_tracker.clean_closes(), 2)
 
 
 class GraceExpiryTests(ProxyHarness):

@@ -10,13 +10,17 @@ open mid-answer, as the bench's open streams are.
 
 from __future__ import annotations
 
+import io
 from typing import Any
 
 from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.client import Agent
 from twisted.web.http import Request as HTTPRequest
+from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 from twisted.web.test.requesthelper import DummyRequest
@@ -25,9 +29,11 @@ from zope.interface import implementer
 from twisted_forward.chat.record import AnswerReader, ChoiceAssembler
 from twisted_forward.chat.recorder import ExchangeInfo, RequestBody
 from twisted_forward.chat.sse import SSEDecoder
+from twisted_forward.config import UpstreamURL, load_config
 from twisted_forward.framing import ForwardChannel
-from twisted_forward.site import ForwardRequest, ForwardSite
+from twisted_forward.site import ForwardRequest, ForwardSite, build_root
 from twisted_forward.state import RequestState, state_of
+from twisted_forward.upstream import host_header
 
 BODY = b'{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"hi"}]}'
 REQUEST = (
@@ -176,3 +182,85 @@ class SlottedStateTests(SynchronousTestCase):
             ("r1", "/", "POST", "/v1/x", "10.0.0.1", "team", 5.0, body, ""),
         )
         self.assertNotIn("body", repr(info))
+
+
+def _agent_host(url: bytes) -> bytes:
+    """The Host line Twisted's Agent writes itself for ``url`` (a request
+    given without one), read off the wire of an in-memory connection."""
+    reactor = MemoryReactorClock()
+    Agent(reactor).request(b"GET", url)
+    factory = reactor.tcpClients[0][2]
+    protocol = factory.buildProtocol(None)
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    lines = transport.value().split(b"\r\n")
+    (host,) = [line for line in lines if line.lower().startswith(b"host:")]
+    return host.split(b":", 1)[1].strip()
+
+
+class UpstreamHostTests(SynchronousTestCase):
+    """The exchange gives the upstream request its Host, so Agent sends the
+    headers as they are instead of holding a copy for the whole answer."""
+
+    def test_host_as_agent_writes_it(self) -> None:
+        """host_header gives what Agent would write: the port off the
+        default, IPv6 literals bracketed."""
+        for base in ("http://127.0.0.1:8080", "http://upstream.test", "http://[::1]:9000",
+                     "http://example.com:80", "http://[::1]"):
+            scheme, netloc = base.split("://", 1)
+            url = UpstreamURL(scheme, netloc, "")
+            self.assertEqual(host_header(url), _agent_host(base.encode() + b"/x"), base)
+
+    def test_https_default_port_left_out(self) -> None:
+        """On https the default port 443 is left out, another is kept."""
+        self.assertEqual(host_header(UpstreamURL("https", "api.openai.com", "")), b"api.openai.com")
+        self.assertEqual(host_header(UpstreamURL("https", "h:8443", "")), b"h:8443")
+
+    def test_exchange_sends_the_route_host_once(self) -> None:
+        """The upstream request carries exactly one Host, the route's, never
+        the client's."""
+        calls: list[Headers] = []
+
+        class Recording:
+            def request(self, method: bytes, url: bytes, headers: Headers, body: Any) -> Any:
+                calls.append(headers)
+                return Deferred()
+
+            def close(self) -> Any:
+                return succeed(None)
+
+        config = load_config({}, {"OPENAI_BASE_URL": "http://upstream.test:8080",
+                                  "LOG_CHAT": "false"}, None)
+        clock = MemoryReactorClock()
+        built = build_root(config, clock, upstream=Recording())
+        site = ForwardSite(built.root, reactor=clock, timeout=None)
+        channel = site.buildProtocol(None)
+        channel.makeConnection(StringTransport())
+        channel.dataReceived(b"GET /v1/models HTTP/1.1\r\nHost: proxy.example\r\n\r\n")
+        self.assertEqual(len(calls), 1)
+        self.assertEqual(calls[0].getRawHeaders(b"host"), [b"upstream.test:8080"])
+
+
+class RequestBodySharingTests(SynchronousTestCase):
+    """The chat record and the upstream request share one copy of a body
+    held in memory."""
+
+    def test_whole_body_is_the_files_own_bytes(self) -> None:
+        """A body read whole from an in-memory file is the object the file
+        (and so the exchange's getvalue) holds, not a copy."""
+        content = io.BytesIO()
+        content.write(BODY[:10])
+        content.write(BODY[10:])
+        content.seek(0)
+        body = RequestBody(content)
+        whole = body.head(1 << 16)
+        self.assertEqual(whole, BODY)
+        self.assertIs(whole, content.getvalue())
+        self.assertEqual(content.tell(), 0)
+
+    def test_slices_still_read(self) -> None:
+        """A part of the body (its head or tail) is still read as before."""
+        content = io.BytesIO(BODY)
+        body = RequestBody(content)
+        self.assertEqual(body.head(5), BODY[:5])
+        self.assertEqual(body.tail(5), BODY[-5:])

@@ -46,6 +46,7 @@ from .state import state_of
 from .upstream import (
     BytesProducer,
     IUpstream,
+    host_header,
     join_url,
     response_length,
 )
@@ -101,6 +102,8 @@ class ProxyResource(Resource):
         #: Upstream requests in flight, shared by every route (one cap).
         self.upstream_slots = upstream_slots if upstream_slots is not None else UpstreamSlots(None)
         self.route_label = route.prefix or "/"
+        #: The Host every upstream request of this route carries.
+        self.upstream_host = host_header(route.base)
         self.metrics = metrics.for_route(self.route_label) if metrics is not None else None
         #: Where requests go (:class:`~twisted_forward.upstream.IUpstream`).
         self.upstream = upstream
@@ -417,6 +420,7 @@ class Exchange:
         headers = upstream_request_headers(
             self.request.requestHeaders, credentials, default_key=self.decision.substituted
         )
+        headers.setRawHeaders(b"host", [self.resource.upstream_host])
         mark(headers)
         try:
             d = self.resource.upstream.request(

@@ -80,6 +80,13 @@ class RequestBody:
         content = self._content
         if content is None or size <= 0:
             return b""
+        if offset == 0 and size >= self.length:
+            getvalue = getattr(content, "getvalue", None)
+            if getvalue is not None:
+                # A body in memory, whole: the file's own bytes object, the
+                # one the exchange sends upstream too, not another copy
+                # held for the whole answer.
+                return getvalue()
         here = content.tell()
         try:
             content.seek(offset)
