@@ -177,7 +177,8 @@ class ProxyResource(Resource):
             content=request.content,
             content_type=request.getHeader(b"content-type") or b"",
             reservation=f"{_ID_PREFIX}-{next(_ids):x}",
-            client_key=client_digest(credential) if credential else "",
+            # Only a client's own key is counted by its digest.
+            client_key=client_digest(credential) if credential and not decision.substituted else "",
         )
         d = self.policy.admit(facts)
         now: list[Admission] = []
