@@ -5,6 +5,8 @@ clock with the in-memory store standing for the shared one.
 
 from __future__ import annotations
 
+from typing import Any
+
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -66,3 +68,22 @@ class LinkTests(SynchronousTestCase):
         self.link(self.here)
         self.store.mark(key_id("sk-elsewhere-0123456789"), None)
         self.assertEqual(self.here.revoked, frozenset())
+
+    def test_what_another_process_found_is_logged_once_where_it_was_learnt(self) -> None:
+        """The process that learns of a revocation logs it once, by the key's
+        label; the process that found it logs nothing from the store."""
+        from twisted.logger import globalLogPublisher
+
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.link(self.here)
+        there = self.link(self.there)
+        self.here.revoke(1)
+        self.store.mark(key_id(SECRETS[1]), None)
+        learnt = [e for e in events if e.get("log_namespace", "").startswith(
+            "twisted_forward.policies.health") and "learnt" in str(e.get("log_format"))]
+        self.assertEqual([e["log_logger"].source for e in learnt], [there])
+        self.assertEqual(learnt[0]["state"], "leaves the rotation")
+        self.assertEqual(learnt[0]["key"], self.there.label(1))
+        self.assertNotIn(SECRETS[1], repr(learnt))

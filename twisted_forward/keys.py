@@ -286,13 +286,19 @@ class DefaultKeys:
         processes can be told (:mod:`twisted_forward.policies.health`)."""
         self._observers.append(observer)
 
-    def apply(self, index: int, until: Optional[float]) -> None:
+    def apply(self, index: int, until: Optional[float]) -> bool:
         """Another process rested key ``index`` until ``until`` (or revoked
-        it, None): do the same here, telling no observer."""
+        it, None): do the same here, telling no observer.  True if this
+        process did not know yet."""
         if until is None:
+            if index in self._revoked:
+                return False
             self._revoked.add(index)
-        elif until > self._resting.get(index, 0.0):
+            return True
+        if until > self._resting.get(index, 0.0):
             self._resting[index] = until
+            return True
+        return False
 
     @property
     def revoked(self) -> frozenset[int]:

@@ -62,8 +62,12 @@ class KeyHealthLink:
 
     def _shared(self, kid: str, until: Mark) -> None:
         index = self._index.get(kid)
-        if index is not None:
-            self.keys.apply(index, until)
+        if index is not None and self.keys.apply(index, until):
+            self.log.info(
+                "default key {key} {state} (learnt from the shared store)",
+                key=self.keys.label(index),
+                state="leaves the rotation" if until is None else "rests",
+            )
 
     def _not_shared(self, failure: Failure) -> None:
         self.log.warn("default keys' health not shared: {why}", why=failure.getErrorMessage())
