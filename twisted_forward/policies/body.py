@@ -21,6 +21,8 @@ import re
 from dataclasses import dataclass
 from typing import IO, Any, Optional, Union
 
+from ..sharedjson import SharedParse, parse
+
 Buffer = Union[bytes, mmap.mmap]
 
 #: Members worth decoding; larger values are skipped.
@@ -145,9 +147,16 @@ def _value(buf: Buffer, span: tuple[int, int]) -> Any:
 
 #: Bodies up to this size try :func:`_facts_fast` first.
 _FAST_LIMIT = 256 * 1024
+#: The parse of a request body up to this size is handed on to the chat
+#: record (:class:`~twisted_forward.sharedjson.SharedParse`) when the
+#: request is not a stream: it is then held until the answer ends, so only
+#: for a small body and a short exchange.
+SHARE_LIMIT = 16 * 1024
 
 
-def _facts_fast(buf: bytes, size: int, model: Optional[str]) -> Optional[BodyFacts]:
+def _facts_fast(
+    buf: bytes, size: int, model: Optional[str], shared: Optional[SharedParse] = None
+) -> Optional[BodyFacts]:
     """:func:`facts_of` through the C JSON parser, for the common body; None
     when the body needs the scanner's care (then :func:`top_level` decides).
 
@@ -160,9 +169,15 @@ def _facts_fast(buf: bytes, size: int, model: Optional[str]) -> Optional[BodyFac
     if b"\\u" in buf:
         return None
     try:
-        values = json.loads(buf)
+        values = parse(buf)
     except (ValueError, RecursionError):
         return None
+    if (
+        shared is not None
+        and size <= SHARE_LIMIT
+        and not (isinstance(values, dict) and values.get("stream") is True)
+    ):
+        shared.keep(buf, values)
     if not isinstance(values, dict) or "stream_options" in values:
         return None
     for key in _WANTED_TEXT:
@@ -190,8 +205,14 @@ def _facts_fast(buf: bytes, size: int, model: Optional[str]) -> Optional[BodyFac
     )
 
 
-def facts_of(buf: Buffer, content_type: bytes = b"", path: str = "") -> BodyFacts:
-    """Read :class:`BodyFacts` from a whole body."""
+def facts_of(
+    buf: Buffer, content_type: bytes = b"", path: str = "", shared: Optional[SharedParse] = None
+) -> BodyFacts:
+    """Read :class:`BodyFacts` from a whole body.
+
+    :param shared: where the body's parse is handed on to its other
+        readers (the chat record), if anywhere.
+    """
     size = len(buf)
     deployment = _DEPLOYMENT.search(path)
     model = deployment.group(1) if deployment else None
@@ -201,7 +222,7 @@ def facts_of(buf: Buffer, content_type: bytes = b"", path: str = "") -> BodyFact
             model = bytes(m.group(1)).decode("utf-8", "replace").strip()
         return BodyFacts(model=model, size=size)
     if isinstance(buf, bytes) and size <= _FAST_LIMIT:
-        fast = _facts_fast(buf, size, model)
+        fast = _facts_fast(buf, size, model, shared)
         if fast is not None:
             return fast
     spans = top_level(buf) if size else None
@@ -233,14 +254,17 @@ def facts_of(buf: Buffer, content_type: bytes = b"", path: str = "") -> BodyFact
     )
 
 
-def read_facts(content: Optional[IO[bytes]], content_type: bytes = b"", path: str = "") -> BodyFacts:
+def read_facts(
+    content: Optional[IO[bytes]], content_type: bytes = b"", path: str = "",
+    shared: Optional[SharedParse] = None,
+) -> BodyFacts:
     """:func:`facts_of` a request's ``content``: in memory as it is, a
     spooled file through a read-only memory map."""
     if content is None:
         return facts_of(b"", content_type, path)
     getvalue = getattr(content, "getvalue", None)
     if getvalue is not None:
-        return facts_of(getvalue(), content_type, path)
+        return facts_of(getvalue(), content_type, path, shared)
     content.seek(0, 2)
     size = content.tell()
     content.seek(0)
