@@ -250,7 +250,7 @@ class HeadWriteTests(SynchronousTestCase):
                 writes.append(data)
                 write(data)
 
-            ours.write = counted  # type: ignore[method-assign]
+            ours.write = counted  # type: ignore[method-assign]  # on this one transport: counts its writes
             channel = ForwardChannel()
             channel.makeConnection(ours)
             channel.writeHeaders(b"HTTP/1.1", b"200", b"OK", headers)

@@ -102,7 +102,7 @@ class GateTests(GateTestCase):
         gate = self.gate(Policies(keys={"alice": KeyPolicy(rpm=1)}), BrokenStore())
         content = io.BytesIO(b"not read")
         f = facts("bob")
-        f = RequestFacts(**{**f.__dict__, "content": content})
+        f = f._replace(content=content)
         self.assertIs(self.admit(gate, f), UNLIMITED)
         self.assertEqual(content.tell(), 0)
         self.assertIs(self.admit(gate, facts("alice", substituted=False)), UNLIMITED)

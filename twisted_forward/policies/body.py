@@ -18,8 +18,7 @@ from __future__ import annotations
 import json
 import mmap
 import re
-from dataclasses import dataclass
-from typing import IO, Any, Optional, Union
+from typing import IO, Any, NamedTuple, Optional, Union
 
 from ..sharedjson import SharedParse, parse
 
@@ -30,7 +29,8 @@ _WANTED = frozenset(
     {b"model", b"stream", b"stream_options", b"max_tokens", b"max_completion_tokens",
      b"max_output_tokens", b"n"}
 )
-_WANTED_TEXT = frozenset(k.decode() for k in _WANTED)
+#: Each wanted member's name, and its name as it is spelled plainly in a body.
+_QUOTED = tuple((k.decode(), b'"%s"' % k) for k in sorted(_WANTED))
 _SMALL = 4096
 _STRUCT = re.compile(rb'["{}\[\],:]')
 _STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
@@ -51,8 +51,9 @@ DEFAULT_OUTPUT_RESERVE = 1024
 BYTES_PER_TOKEN = 4
 
 
-@dataclass(frozen=True)
-class BodyFacts:
+# A named tuple (immutable, made in a third of a frozen dataclass's time):
+# one is made for every request the policies read.
+class BodyFacts(NamedTuple):
     """What the policies read from one request.
 
     :ivar model: the model asked for, or None.
@@ -180,8 +181,8 @@ def _facts_fast(
         shared.keep(buf, values)
     if not isinstance(values, dict) or "stream_options" in values:
         return None
-    for key in _WANTED_TEXT:
-        if key in values and buf.count(b'"%s"' % key.encode()) != 1:
+    for key, quoted in _QUOTED:
+        if key in values and buf.count(quoted) != 1:
             return None
     found = values.get("model")
     if isinstance(found, str):
@@ -214,7 +215,7 @@ def facts_of(
         readers (the chat record), if anywhere.
     """
     size = len(buf)
-    deployment = _DEPLOYMENT.search(path)
+    deployment = _DEPLOYMENT.search(path) if "/deployments/" in path else None
     model = deployment.group(1) if deployment else None
     if content_type[:19].lower() == b"multipart/form-data":
         m = _MULTIPART_MODEL.search(buf)
