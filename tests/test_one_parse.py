@@ -326,3 +326,23 @@ class GateDecideTests(SynchronousTestCase):
             (b"x-ratelimit-remaining-tokens", b"%d" % (1000 - 15 - estimate)), after.headers
         )
         self.assertEqual(Usage(11, 4).total, 15)
+
+
+class KeyDecidedOnceTests(OneExchange):
+    """The key rules' decision on the head is the one the render uses."""
+
+    def test_decided_once(self):
+        """One decision per request (the head check's), not one more when
+        the request is rendered; the exchange still goes through."""
+        from twisted_forward.keys import KeyRules
+
+        calls: list[object] = []
+        decide = KeyRules.decide
+
+        def counting(rules: KeyRules, headers: Headers) -> Any:
+            calls.append(headers)
+            return decide(rules, headers)
+
+        self.patch(KeyRules, "decide", counting)
+        self.assertIn(b"hello", self.exchange())
+        self.assertEqual(len(calls), 1)

@@ -143,6 +143,8 @@ class ProxyResource(Resource):
         router for this route): 401 before any body is read."""
         decision = self.keys.decide(request.requestHeaders)
         if decision.refusal is None:
+            # Rendered next, with the same head: decided once.
+            state_of(request).key_decision = (self.keys, decision)
             return None
         state_of(request).key_label = decision.label
         return key_refusal(decision.refusal)
@@ -151,7 +153,11 @@ class ProxyResource(Resource):
         state = state_of(request)
         path = state.path
         query = state.query
-        decision = self.keys.decide(request.requestHeaders)
+        decided = state.key_decision
+        if decided is not None and decided[0] is self.keys:
+            decision = decided[1]  # by the head check, with these rules
+        else:
+            decision = self.keys.decide(request.requestHeaders)
         state.key_label = decision.label
         if decision.refusal is not None:
             self.log.info(
