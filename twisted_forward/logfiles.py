@@ -68,20 +68,8 @@ class LogReopenService(Service):
         self._previous: Any = None
         self._handler: Any = None
 
-    def privilegedStartService(self) -> None:
-        # twistd binds the listening ports (and logs "starting on") here,
-        # before the reactor runs and starts the services: a SIGUSR1 in
-        # between must find the handler already in place.
-        super().privilegedStartService()
-        self._install()
-
     def startService(self) -> None:
         super().startService()
-        self._install()
-
-    def _install(self) -> None:
-        if self._handler is not None or signal.getsignal(signal.SIGUSR1) is _nothing_to_reopen:
-            return  # installed in privilegedStartService
         previous = signal.getsignal(signal.SIGUSR1)
         log_file = twistd_log_file(previous)
         if log_file is None:
