@@ -186,7 +186,7 @@ def probe(target: RedisTarget, timeout: float, ca_file: Optional[str] = None) ->
                     code = reply[1:].split(None, 1)[0].decode("ascii", "replace")
                     what = command[0].decode()
                     raise ConnectionError(f"the server refused {what} ({code})")
-    except socket.timeout:
+    except TimeoutError:
         raise ConnectionError(f"no answer within {timeout:g}s") from None
     except ssl.SSLError as e:
         raise ConnectionError(f"TLS failed ({e.reason or e})") from None
