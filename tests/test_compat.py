@@ -321,7 +321,9 @@ class SlotNamesCanaryTests(SynchronousTestCase):
         from twisted.web.server import Request
 
         for owner, names in ((Request, _compat.REQUEST_SLOTS),
-                             (_compat.ChannelHooks, _compat.CHANNEL_SLOTS)):
+                             (_compat.ChannelHooks, _compat.CHANNEL_SLOTS),
+                             (_compat.HTTP11ClientProtocol, _compat.CLIENT_PROTOCOL_SLOTS),
+                             (_compat.HTTP11ClientFactory, _compat.CLIENT_FACTORY_SLOTS)):
             for name in names:
                 value = getattr(owner, name, None)
                 self.assertFalse(
@@ -348,6 +350,40 @@ class SlotNamesCanaryTests(SynchronousTestCase):
         target = http.HTTPChannel()
         _compat.fill_slot_defaults(target, [("persistent", 0)])
         self.assertEqual(target.persistent, 0)
+
+
+    def test_client_protocol_names(self) -> None:
+        """CLIENT_PROTOCOL_SLOTS are exactly the names HTTP11ClientProtocol
+        sets on an instance that has sent a request and is reading its
+        answer's body; CLIENT_FACTORY_SLOTS, those _HTTP11ClientFactory sets
+        on a started factory (a new name only costs memory; this says
+        which)."""
+        from twisted.web._newclient import Request as ClientRequest
+        from twisted.web.http_headers import Headers
+
+        protocol = _compat.HTTP11ClientProtocol(lambda p: None)
+        protocol.makeConnection(StringTransport())
+        responses: list[Any] = []
+        protocol.request(
+            ClientRequest(b"GET", b"/", Headers({b"host": [b"x"]}), None, persistent=True)
+        ).addCallback(responses.append)
+        protocol.dataReceived(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        self.assertEqual(len(responses), 1)
+        self.assertEqual(
+            sorted(vars(protocol)), sorted(_compat.CLIENT_PROTOCOL_SLOTS),
+            self.broke("HTTP11ClientProtocol sets other instance attributes"),
+        )
+        defaults = dict(_compat.slot_defaults(_compat.HTTP11ClientProtocol,
+                                              _compat.CLIENT_PROTOCOL_SLOTS))
+        self.assertEqual(defaults["_state"], "QUIESCENT", self.broke("a new protocol's state"))
+        self.assertIsNone(defaults["_parser"])
+
+        factory = _compat.HTTP11ClientFactory(lambda p: None, "metadata")
+        factory.doStart()
+        self.assertEqual(
+            sorted(vars(factory)), sorted(_compat.CLIENT_FACTORY_SLOTS),
+            self.broke("_HTTP11ClientFactory sets other instance attributes"),
+        )
 
 
 class CanaryCoverageTests(SynchronousTestCase):

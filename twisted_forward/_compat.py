@@ -38,6 +38,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CHANNEL_SLOTS",
+    "CLIENT_FACTORY_SLOTS",
+    "CLIENT_PROTOCOL_SLOTS",
     "REQUEST_SLOTS",
     "ChannelHooks",
     "HTTP11ClientFactory",
@@ -234,6 +236,20 @@ CHANNEL_SLOTS = (
     "_savedTimeOut", "connected", "factory", "length", "line_mode",
     "persistent", "requestFactory", "site", "timeOut", "transport",
 )
+
+
+#: What ``HTTP11ClientProtocol`` (with ``Protocol.makeConnection``) sets on
+#: an instance while it sends a request and reads its answer: the upstream
+#: side's protocol, one per open stream.  Not ``state``, a property.
+CLIENT_PROTOCOL_SLOTS = (
+    "_quiescentCallback", "_abortDeferreds", "_state", "_parser", "_finishedRequest",
+    "_currentRequest", "_transportProxy", "_responseDeferred", "transport", "connected",
+)
+
+#: What ``_HTTP11ClientFactory`` (with ``Factory.doStart``) sets on an
+#: instance: the pool builds one per upstream connection, and it lives as
+#: long as the connection.
+CLIENT_FACTORY_SLOTS = ("_quiescentCallback", "_metadata", "numPorts")
 
 
 def slot_defaults(base: type, names: Sequence[str]) -> tuple[tuple[str, Any], ...]:

@@ -37,7 +37,16 @@ from twisted.web.client import (
 )
 from twisted.web.iweb import IResponse
 
-from ._compat import HTTP11ClientFactory, HTTP11ClientProtocol, send_now, set_pool_factory
+from ._compat import (
+    CLIENT_FACTORY_SLOTS,
+    CLIENT_PROTOCOL_SLOTS,
+    HTTP11ClientFactory,
+    HTTP11ClientProtocol,
+    fill_slot_defaults,
+    send_now,
+    set_pool_factory,
+    slot_defaults,
+)
 
 #: Default cap on an answer head's size, status line and blank line included.
 MAX_HEAD = 64 * 1024
@@ -75,6 +84,11 @@ def head_refusal(failure: Failure) -> Optional[UpstreamHeadRefused]:
 class HeadScanner:
     """Checks the bytes of one answer head (and any 1xx heads before it)
     as they arrive, without holding more than one partial line."""
+
+    __slots__ = (
+        "max_head", "max_headers", "scanning", "_size", "_lines", "_partial",
+        "_status_line", "_interim",
+    )
 
     def __init__(self, max_head: int, max_headers: int) -> None:
         self.max_head = max_head
@@ -164,8 +178,22 @@ class HeadScanner:
         )
 
 
+#: The class-level values the slots of :class:`GuardedClientProtocol` hide.
+_PROTOCOL_DEFAULTS = slot_defaults(HTTP11ClientProtocol, CLIENT_PROTOCOL_SLOTS)
+#: ... and those of :class:`GuardedClientFactory`.
+_FACTORY_DEFAULTS = slot_defaults(HTTP11ClientFactory, CLIENT_FACTORY_SLOTS)
+
+
 class GuardedClientProtocol(HTTP11ClientProtocol):
-    """``HTTP11ClientProtocol`` with the head guard and the reuse guard."""
+    """``HTTP11ClientProtocol`` with the head guard and the reuse guard.
+
+    One per upstream connection, alive as long as its stream: Twisted's
+    attributes and ours are in ``__slots__`` (names in
+    :data:`twisted_forward._compat.CLIENT_PROTOCOL_SLOTS`), one pointer each
+    instead of an instance dict.
+    """
+
+    __slots__ = CLIENT_PROTOCOL_SLOTS + ("scanner", "refused", "awaiting_head")
 
     #: The upstream connection (TCP, or TLS over it), set before any call.
     transport: ITCPTransport
@@ -173,6 +201,7 @@ class GuardedClientProtocol(HTTP11ClientProtocol):
     def __init__(
         self, quiescentCallback: Callable[[Any], None], max_head: int, max_headers: int
     ) -> None:
+        fill_slot_defaults(self, _PROTOCOL_DEFAULTS)
         super().__init__(quiescentCallback)
         self.scanner = HeadScanner(max_head, max_headers)
         self.refused: Optional[Failure] = None
@@ -209,7 +238,13 @@ class GuardedClientProtocol(HTTP11ClientProtocol):
 
 class GuardedClientFactory(HTTP11ClientFactory):
     """Builds :class:`GuardedClientProtocol`; closes instead of pooling a
-    connection whose last answer ended with its head."""
+    connection whose last answer ended with its head.
+
+    The pool builds one per upstream connection; it lives as long as the
+    connection, so it is slotted too (:data:`twisted_forward._compat.CLIENT_FACTORY_SLOTS`).
+    """
+
+    __slots__ = CLIENT_FACTORY_SLOTS + ("_pool_callback", "_max_head", "_max_headers")
 
     noisy = False
 
@@ -220,10 +255,16 @@ class GuardedClientFactory(HTTP11ClientFactory):
         max_head: int = MAX_HEAD,
         max_headers: int = MAX_HEADERS,
     ) -> None:
+        fill_slot_defaults(self, _FACTORY_DEFAULTS)
         super().__init__(self._quiescent, metadata)
         self._pool_callback = quiescentCallback
         self._max_head = max_head
         self._max_headers = max_headers
+
+    def __repr__(self) -> str:
+        # Not Twisted's, which shows the quiescent callback: a method bound
+        # to this factory, whose repr is the factory's again.
+        return f"<GuardedClientFactory max_head={self._max_head} max_headers={self._max_headers}>"
 
     def buildProtocol(self, addr: Any) -> GuardedClientProtocol:
         return GuardedClientProtocol(self._quiescent, self._max_head, self._max_headers)
