@@ -23,7 +23,7 @@ from twisted.internet import tcp
 # The HTTP/1.1 client protocol itself: public in name, but defined (and only
 # documented) in the private module twisted.web._newclient; subclassed for
 # its public methods (request, dataReceived, connectionLost).
-from twisted.web._newclient import HTTP11ClientProtocol
+from twisted.web._newclient import HTTP11ClientProtocol, HTTPClientParser, Response
 
 # The factory HTTPConnectionPool builds for each new connection; subclassed to
 # hand the pool our own client protocol (twisted_forward.upstream_http).  No
@@ -47,7 +47,9 @@ __all__ = [
     "IOpenSSLTrustRoot",
     "clear_exit_signal",
     "fill_slot_defaults",
+    "LATE_ATTRIBUTES",
     "limit_accepts_per_read",
+    "prime_instance_layouts",
     "send_now",
     "set_pool_factory",
     "slot_defaults",
@@ -269,3 +271,68 @@ def fill_slot_defaults(instance: object, defaults: Sequence[tuple[str, Any]]) ->
     """Give ``instance`` the values its bases' class attributes had."""
     for name, value in defaults:
         setattr(instance, name, value)
+
+
+# ------------------------------------------------------------ layouts
+#
+# CPython (3.11 to 3.13 at least) keeps a plain class's instance attributes
+# in a small inline array indexed by a key table shared by all instances of
+# the class.  A name joins that table only while the class is young: each
+# new instance shrinks the room left, so once a few dozen instances exist,
+# a name set for the first time gets no slot, and every instance that sets
+# it from then on is given a full hash table (400 to 800 bytes) instead.
+# Twisted's upstream-side objects set some of their attributes only when
+# the connection is made or the answer arrives: when the proxy's first
+# upstream connections open in a burst (any busy start), the parser and the
+# TCP transport of every later stream carry a hash table for the life of
+# the process.  :func:`prime_instance_layouts` sets those names once on a
+# throwaway instance of each class before any connection, so the table
+# holds them whatever the traffic does.  Only memory depends on it: a name
+# Twisted stops using costs nothing, one it adds costs what it costs today
+# (tests/test_compat.py says which).
+
+#: The Twisted classes made for each upstream request and the names set on
+#: their instances over an answer's life (Twisted 26.4 to 26.10), in the
+#: order they are first set; transient ones (``doRead``/``doWrite`` while
+#: connecting, the close flags) included.
+LATE_ATTRIBUTES: tuple[tuple[type, tuple[str, ...]], ...] = (
+    (HTTPClientParser, (
+        "request", "finisher", "_responseDeferred", "_everReceivedData", "connected",
+        "transport", "headers", "connHeaders", "state", "_partialHeader",
+        "_busyReceiving", "_buffer", "response", "bodyDecoder", "line_mode", "paused",
+    )),
+    (tcp.Client, (
+        "connector", "addr", "_requiresResolution", "reactor", "socket", "fileno",
+        "dataBuffer", "_tempDataBuffer", "_tempDataLen", "offset", "producer",
+        "streamingProducer", "realAddress", "doWrite", "doRead", "protocol", "connected",
+        "logstr", "disconnecting", "disconnected",
+    )),
+    (tcp.Connector, (
+        "host", "port", "factory", "timeout", "bindAddress", "reactor", "state",
+        "factoryStarted", "transport",
+    )),
+    (Response, (
+        "version", "code", "phrase", "headers", "_transport", "_bodyBuffer", "_state",
+        "request", "previousResponse", "length", "_bodyProtocol", "_bodyFinished", "_reason",
+    )),
+)
+
+
+def prime_instance_layouts(
+    layouts: Sequence[tuple[type, Sequence[str]]] = LATE_ATTRIBUTES,
+) -> None:
+    """Give each class's shared attribute table the names its instances will
+    set (see above); call before the first upstream connection.
+
+    Each name is set on one instance made without ``__init__`` and thrown
+    away.  A name that is a data descriptor of the class (a property, a
+    slot) is skipped: setting it on the probe would run code or store
+    nothing in the table.
+    """
+    for cls, names in layouts:
+        probe: object = object.__new__(cls)
+        for name in names:
+            if hasattr(type(getattr(cls, name, None)), "__set__"):
+                continue
+            object.__setattr__(probe, name, None)
+        del probe

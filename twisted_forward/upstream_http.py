@@ -43,6 +43,7 @@ from ._compat import (
     HTTP11ClientFactory,
     HTTP11ClientProtocol,
     fill_slot_defaults,
+    prime_instance_layouts,
     send_now,
     set_pool_factory,
     slot_defaults,
@@ -278,8 +279,22 @@ class GuardedClientFactory(HTTP11ClientFactory):
         self._pool_callback(protocol)
 
 
+#: Whether :func:`guard_pool` laid out Twisted's classes in this process.
+_primed = False
+
+
 def guard_pool(pool: HTTPConnectionPool, max_head: int, max_headers: int) -> None:
-    """Make ``pool``'s connections use :class:`GuardedClientProtocol`."""
+    """Make ``pool``'s connections use :class:`GuardedClientProtocol`.
+
+    Also lays out Twisted's upstream-side objects before the first
+    connection (:func:`twisted_forward._compat.prime_instance_layouts`), so
+    a burst of first streams does not leave every later one carrying a hash
+    table in its parser and its transport.
+    """
+    global _primed
+    if not _primed:
+        prime_instance_layouts()
+        _primed = True
 
     def factory(quiescentCallback: Callable[[Any], None], metadata: str) -> GuardedClientFactory:
         return GuardedClientFactory(quiescentCallback, metadata, max_head, max_headers)
