@@ -338,3 +338,63 @@ class PrimedLayoutTests(SynchronousTestCase):
 
         upstream_http.guard_pool(HTTPConnectionPool(MemoryReactorClock()), 1024, 10)
         self.assertTrue(upstream_http._primed)
+
+
+class ReleasedHeadersTests(SynchronousTestCase):
+    """Once an upstream answer's head is copied to the client's answer, its
+    headers and those of the request it answers are emptied (Twisted keeps
+    both objects as long as the stream)."""
+
+    def setUp(self) -> None:
+        from .test_proxy_unit import FakeUpstream
+
+        self.clock = MemoryReactorClock()
+        self.upstream = FakeUpstream()
+        config = load_config({}, {"OPENAI_BASE_URL": "http://upstream.test",
+                                  "LOG_CHAT": "false"}, None)
+        built = build_root(config, self.clock, upstream=self.upstream)
+        self.site = ForwardSite(built.root, reactor=self.clock, timeout=None)
+
+    def stream(self, code: int = 200) -> tuple[Any, StringTransport, Any]:
+        from .test_proxy_unit import FakeResponse
+
+        channel = self.site.buildProtocol(None)
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        channel.dataReceived(REQUEST.replace(b"Bearer fk-x", b"Bearer sk-client"))
+        [call] = self.upstream.calls
+        response = FakeResponse(code, {b"content-type": [b"text/event-stream"],
+                                       b"x-request-id": [b"req-1"],
+                                       b"openai-processing-ms": [b"12"]})
+
+        class Sent:
+            headers = call.headers
+
+        response.request = Sent()  # as Twisted's IClientRequest gives it
+        call.deferred.callback(response)
+        return call, transport, response
+
+    def test_headers_released_after_copy(self) -> None:
+        """Mid-stream, the upstream answer's and request's Headers hold
+        nothing, and the client's answer has the upstream's headers."""
+        call, transport, response = self.stream()
+        response.protocol.dataReceived(b"data: {}\n\n")
+        self.assertEqual(list(response.headers.getAllRawHeaders()), [])
+        self.assertEqual(list(call.headers.getAllRawHeaders()), [])
+        written = transport.value()
+        self.assertIn(b"X-Request-Id: req-1\r\n", written)
+        self.assertIn(b"Content-Type: text/event-stream\r\n", written)
+        self.assertIn(b"Openai-Processing-Ms: 12\r\n", written)
+        self.assertIn(b"data: {}\n\n", written)
+
+    def test_release_without_a_request(self) -> None:
+        """An answer with no request object (a test double, another
+        IUpstream) has its own headers emptied and nothing else touched."""
+        from twisted_forward.headers import release, release_upstream_headers
+
+        from .test_proxy_unit import FakeResponse
+
+        response = FakeResponse(200, {b"a": [b"1"], b"b": [b"2", b"3"]})
+        release_upstream_headers(response)
+        self.assertEqual(list(response.headers.getAllRawHeaders()), [])
+        release(None)
