@@ -398,3 +398,47 @@ class ReleasedHeadersTests(SynchronousTestCase):
         release_upstream_headers(response)
         self.assertEqual(list(response.headers.getAllRawHeaders()), [])
         release(None)
+
+
+class LazyChoiceTests(SynchronousTestCase):
+    """A choice being reassembled makes its text lists and tool-call maps
+    on their first piece only: an open stream holds just the ones its
+    answer uses."""
+
+    def test_content_only_stream(self) -> None:
+        """A content stream holds one list; the result is as before."""
+        assembler = ChoiceAssembler("chat")
+        for piece in ("Hel", "lo"):
+            assembler.add({"choices": [{"index": 0, "delta": {"content": piece}}]})
+        choice = assembler.choices[0]
+        self.assertEqual(choice.content, ["Hel", "lo"])
+        for name in ("reasoning", "refusal", "text", "transcript", "tool_calls", "tool_ids"):
+            self.assertIsNone(getattr(choice, name), name)
+        self.assertEqual(assembler.result(), [
+            {"index": 0, "role": "assistant", "content": "Hello", "finish_reason": None},
+        ])
+
+    def test_other_parts_still_assembled(self) -> None:
+        """Reasoning, refusal, transcript, tool calls and completion text
+        are still gathered when they come."""
+        chat = ChoiceAssembler("chat")
+        chat.add({"choices": [{"index": 0, "delta": {
+            "role": "assistant", "reasoning_content": "think", "refusal": "no",
+            "audio": {"transcript": "said"},
+            "tool_calls": [{"index": 0, "id": "c1", "type": "function",
+                            "function": {"name": "f", "arguments": "{}"}}],
+        }, "finish_reason": "stop"}]})
+        [result] = chat.result()
+        self.assertIsNone(result["content"])
+        self.assertEqual(
+            (result["reasoning_content"], result["refusal"], result["audio_transcript"]),
+            ("think", "no", "said"),
+        )
+        self.assertEqual(result["tool_calls"], [
+            {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}},
+        ])
+        completion = ChoiceAssembler("completion")
+        self.assertEqual(completion.result(), [])
+        completion.add({"choices": [{"index": 0, "finish_reason": "length"}]})
+        completion.add({"choices": [{"index": 1, "text": "abc"}]})
+        self.assertEqual([c["text"] for c in completion.result()], ["", "abc"])
