@@ -407,6 +407,43 @@ def _answer_mid_body() -> tuple[Any, Any]:
     return parser, answers[0]
 
 
+class ClearHeadersCanaryTests(SynchronousTestCase):
+    """clear_headers relies on Headers keeping its fields in the dict
+    ``_rawHeaders``."""
+
+    def test_clear_headers(self) -> None:
+        """The private dict is there and cleared; the Headers object still
+        works after, and an object without it is emptied the public way."""
+        from twisted.web.http_headers import Headers
+
+        headers = Headers({b"a": [b"1"], b"b": [b"2", b"3"]})
+        raw = getattr(headers, "_rawHeaders", None)
+        self.assertIsInstance(
+            raw, dict,
+            f"Twisted {twisted.__version__}: Headers no longer keeps a _rawHeaders dict; "
+            "adapt _compat.clear_headers",
+        )
+        _compat.clear_headers(headers)
+        self.assertEqual(list(headers.getAllRawHeaders()), [])
+        self.assertEqual(raw, {})
+        headers.setRawHeaders(b"c", [b"4"])
+        self.assertEqual(headers.getRawHeaders(b"c"), [b"4"])
+
+        class Other:
+            def __init__(self) -> None:
+                self.fields = {b"a": [b"1"]}
+
+            def getAllRawHeaders(self) -> Any:
+                return iter(self.fields.items())
+
+            def removeHeader(self, name: bytes) -> None:
+                del self.fields[name]
+
+        other = Other()
+        _compat.clear_headers(other)
+        self.assertEqual(other.fields, {})
+
+
 class LateAttributesCanaryTests(TestCase):
     """LATE_ATTRIBUTES names what Twisted sets on its upstream-side objects
     (a name it adds only costs memory again; these say which)."""

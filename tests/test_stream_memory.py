@@ -36,7 +36,7 @@ from twisted_forward.config import UpstreamURL, load_config
 from twisted_forward.framing import ForwardChannel
 from twisted_forward.site import ForwardRequest, ForwardSite, build_root
 from twisted_forward.state import RequestState, state_of
-from twisted_forward.upstream import host_header
+from twisted_forward.upstream import BytesProducer, host_header
 
 BODY = b'{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"hi"}]}'
 REQUEST = (
@@ -164,6 +164,7 @@ class SlottedStateTests(SynchronousTestCase):
             AnswerReader("chat"),
             ChoiceAssembler("chat"),
             SSEDecoder(),
+            BytesProducer(b"{}"),
         ):
             self.assertFalse(hasattr(instance, "__dict__"), type(instance).__name__)
 
@@ -371,6 +372,7 @@ class ReleasedHeadersTests(SynchronousTestCase):
             headers = call.headers
 
         response.request = Sent()  # as Twisted's IClientRequest gives it
+        [self.client_request] = channel.requests
         call.deferred.callback(response)
         return call, transport, response
 
@@ -381,11 +383,28 @@ class ReleasedHeadersTests(SynchronousTestCase):
         response.protocol.dataReceived(b"data: {}\n\n")
         self.assertEqual(list(response.headers.getAllRawHeaders()), [])
         self.assertEqual(list(call.headers.getAllRawHeaders()), [])
+        self.assertEqual(list(self.client_request.responseHeaders.getAllRawHeaders()), [])
+        self.assertEqual(vars(response.protocol), {})
         written = transport.value()
         self.assertIn(b"X-Request-Id: req-1\r\n", written)
         self.assertIn(b"Content-Type: text/event-stream\r\n", written)
         self.assertIn(b"Openai-Processing-Ms: 12\r\n", written)
         self.assertIn(b"data: {}\n\n", written)
+
+    def test_client_headers_kept_until_written(self) -> None:
+        """Before the first body chunk the client's answer headers are
+        intact (they are not written yet); the first write sends them."""
+        _, transport, response = self.stream()
+        self.assertEqual(
+            self.client_request.responseHeaders.getRawHeaders(b"x-request-id"), [b"req-1"]
+        )
+        self.assertEqual(transport.value(), b"")
+        response.protocol.dataReceived(b"data: {}\n\n")
+        response.protocol.dataReceived(b"data: [DONE]\n\n")
+        response.finish()
+        written = transport.value()
+        self.assertEqual(written.count(b"X-Request-Id: req-1\r\n"), 1)
+        self.assertTrue(written.endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n"))
 
     def test_release_without_a_request(self) -> None:
         """An answer with no request object (a test double, another

@@ -46,6 +46,7 @@ __all__ = [
     "HTTP11ClientProtocol",
     "IOpenSSLTrustRoot",
     "clear_exit_signal",
+    "clear_headers",
     "fill_slot_defaults",
     "LATE_ATTRIBUTES",
     "limit_accepts_per_read",
@@ -122,6 +123,24 @@ def clear_exit_signal(reactor: object) -> None:
     """
     if getattr(reactor, "_exitSignal", None) is not None:
         reactor._exitSignal = None  # type: ignore[attr-defined]  # private, see docstring
+
+
+def clear_headers(headers: Any) -> None:
+    """Remove every field of a ``twisted.web.http_headers.Headers`` and free
+    the table that held them.
+
+    Removing each name through the public API frees the names, values and
+    lists but leaves the dict's table as large as it grew (a dict never
+    shrinks).  ``Headers`` keeps its fields in the private dict
+    ``_rawHeaders`` (Twisted 26.4 to 26.10); ``clear()`` frees its table
+    too.  Without that dict, the public way.
+    """
+    raw = getattr(headers, "_rawHeaders", None)
+    if isinstance(raw, dict):
+        raw.clear()
+        return
+    for name in [name for name, _ in headers.getAllRawHeaders()]:
+        headers.removeHeader(name)
 
 
 def limit_accepts_per_read(port: tcp.Port, batch: int) -> None:

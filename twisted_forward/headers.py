@@ -12,6 +12,7 @@ from typing import Any, Iterable, Optional
 
 from twisted.web.http_headers import Headers
 
+from ._compat import clear_headers
 from .keys import CREDENTIAL_HEADERS
 
 #: Connection-specific headers: meaningful for one hop only (RFC 9110 §7.6.1,
@@ -152,12 +153,11 @@ def release(headers: Optional[Headers]) -> None:
 
     For an open stream, Twisted keeps the upstream request's headers and the
     upstream answer's (the request object, the parser and the answer refer
-    to them) until the answer ends, long after they were sent or copied.
+    to them) until the answer ends, long after they were sent or copied; and
+    the client's answer headers, long after they were written.
     """
-    if headers is None:
-        return
-    for name in [name for name, _ in headers.getAllRawHeaders()]:
-        headers.removeHeader(name)
+    if headers is not None:
+        clear_headers(headers)
 
 
 def release_upstream_headers(response: Any) -> None:

@@ -257,7 +257,9 @@ class GuardedClientFactory(HTTP11ClientFactory):
         max_headers: int = MAX_HEADERS,
     ) -> None:
         fill_slot_defaults(self, _FACTORY_DEFAULTS)
-        super().__init__(self._quiescent, metadata)
+        # The pool's callback as Twisted keeps it (buildProtocol below gives
+        # each protocol ours): no method bound to this factory held here.
+        super().__init__(quiescentCallback, metadata)
         self._pool_callback = quiescentCallback
         self._max_head = max_head
         self._max_headers = max_headers
