@@ -377,13 +377,15 @@ class ReleasedHeadersTests(SynchronousTestCase):
         return call, transport, response
 
     def test_headers_released_after_copy(self) -> None:
-        """Mid-stream, the upstream answer's and request's Headers hold
-        nothing, and the client's answer has the upstream's headers."""
+        """Mid-stream (after the first body write), the upstream answer's
+        and request's Headers hold nothing, nor the client's request's and
+        answer's, and the client's answer has the upstream's headers."""
         call, transport, response = self.stream()
         response.protocol.dataReceived(b"data: {}\n\n")
         self.assertEqual(list(response.headers.getAllRawHeaders()), [])
         self.assertEqual(list(call.headers.getAllRawHeaders()), [])
         self.assertEqual(list(self.client_request.responseHeaders.getAllRawHeaders()), [])
+        self.assertEqual(list(self.client_request.requestHeaders.getAllRawHeaders()), [])
         self.assertEqual(vars(response.protocol), {})
         written = transport.value()
         self.assertIn(b"X-Request-Id: req-1\r\n", written)
@@ -397,6 +399,10 @@ class ReleasedHeadersTests(SynchronousTestCase):
         _, transport, response = self.stream()
         self.assertEqual(
             self.client_request.responseHeaders.getRawHeaders(b"x-request-id"), [b"req-1"]
+        )
+        self.assertEqual(
+            self.client_request.requestHeaders.getRawHeaders(b"content-type"),
+            [b"application/json"],
         )
         self.assertEqual(transport.value(), b"")
         response.protocol.dataReceived(b"data: {}\n\n")

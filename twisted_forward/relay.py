@@ -140,9 +140,14 @@ class Relay(Protocol):
             return
         self.request.write(data)
         if not exchange.sent:
-            # The first write sent the answer's head: Twisted never reads
-            # its headers again, though the request keeps them to the end.
+            # The first write sent the answer's head (its CORS headers set
+            # from the request's): neither Twisted nor the exchange reads
+            # the answer's headers or the request's again (the access line,
+            # the record, the ledger and the policies took what they need
+            # when the request came), though the request keeps both to the
+            # end of the stream.
             release(self.request.responseHeaders)
+            release(self.request.requestHeaders)
         exchange.sent += len(data)
 
     def _check_idle(self) -> None:
