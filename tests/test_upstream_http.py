@@ -7,6 +7,9 @@ fenced in twisted_forward/_compat.py.
 
 from __future__ import annotations
 
+import gc
+import types
+
 from twisted.internet.defer import Deferred
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
@@ -174,6 +177,21 @@ class GuardedProtocolTests(SynchronousTestCase):
         self.assertEqual(factory.numPorts, 1)
         self.assertEqual(vars(factory), {})
         self.assertFalse(hasattr(self.protocol.scanner, "__dict__"))
+
+    def test_connection_keeps_no_extras(self):
+        """The factory keeps neither the endpoint description the pool makes
+        for each connection nor a method bound to itself; each protocol's
+        quiescent callback is one shared function, not a bound method."""
+        metadata = f"HostnameEndpoint(upstream.test:443) {id(self)}"
+        factory = GuardedClientFactory(self.pooled.append, metadata, 1024, 10)
+        referents = gc.get_referents(factory)
+        self.assertFalse(any(r is metadata for r in referents))
+        self.assertFalse(any(isinstance(r, types.MethodType) for r in referents))
+        protocol = factory.buildProtocol(None)
+        self.assertFalse(
+            any(isinstance(r, types.MethodType) for r in gc.get_referents(protocol))
+        )
+        self.assertIs(protocol.pool_callback.__self__, self.pooled)
 
     def test_starts_with_twisted_defaults(self):
         """A new protocol has the values Twisted's class attributes give

@@ -194,7 +194,7 @@ class GuardedClientProtocol(HTTP11ClientProtocol):
     instead of an instance dict.
     """
 
-    __slots__ = CLIENT_PROTOCOL_SLOTS + ("scanner", "refused", "awaiting_head")
+    __slots__ = CLIENT_PROTOCOL_SLOTS + ("scanner", "refused", "awaiting_head", "pool_callback")
 
     #: The upstream connection (TCP, or TLS over it), set before any call.
     transport: ITCPTransport
@@ -202,8 +202,13 @@ class GuardedClientProtocol(HTTP11ClientProtocol):
     def __init__(
         self, quiescentCallback: Callable[[Any], None], max_head: int, max_headers: int
     ) -> None:
+        """:param quiescentCallback: the pool's: called with this protocol
+        when its connection may take another request (not after an answer
+        that ended with its head, see :func:`_quiescent`)."""
         fill_slot_defaults(self, _PROTOCOL_DEFAULTS)
-        super().__init__(quiescentCallback)
+        # A plain function, not a method bound to each protocol or factory.
+        super().__init__(_quiescent)
+        self.pool_callback = quiescentCallback
         self.scanner = HeadScanner(max_head, max_headers)
         self.refused: Optional[Failure] = None
         #: True from a request until its answer's head is handed on.
@@ -237,9 +242,20 @@ class GuardedClientProtocol(HTTP11ClientProtocol):
         super().connectionLost(self.refused if self.refused is not None else reason)
 
 
+def _quiescent(protocol: GuardedClientProtocol) -> None:
+    """A guarded connection's answer is over: back to the pool, unless the
+    answer ended with its head."""
+    if protocol.awaiting_head:
+        # The answer ended with its head (HEAD, 204, 304, length 0):
+        # whatever the upstream sends next must reach no one.
+        protocol.transport.loseConnection()
+        return
+    protocol.pool_callback(protocol)
+
+
 class GuardedClientFactory(HTTP11ClientFactory):
-    """Builds :class:`GuardedClientProtocol`; closes instead of pooling a
-    connection whose last answer ended with its head.
+    """Builds :class:`GuardedClientProtocol` s for the pool (each closes
+    instead of pooling a connection whose last answer ended with its head).
 
     The pool builds one per upstream connection; it lives as long as the
     connection, so it is slotted too (:data:`twisted_forward._compat.CLIENT_FACTORY_SLOTS`).
@@ -257,28 +273,18 @@ class GuardedClientFactory(HTTP11ClientFactory):
         max_headers: int = MAX_HEADERS,
     ) -> None:
         fill_slot_defaults(self, _FACTORY_DEFAULTS)
-        # The pool's callback as Twisted keeps it (buildProtocol below gives
-        # each protocol ours): no method bound to this factory held here.
-        super().__init__(quiescentCallback, metadata)
+        # Twisted keeps ``metadata`` (the endpoint's repr, made for each
+        # connection) only for its own repr, replaced below: not kept.
+        super().__init__(quiescentCallback, "")
         self._pool_callback = quiescentCallback
         self._max_head = max_head
         self._max_headers = max_headers
 
     def __repr__(self) -> str:
-        # Not Twisted's, which shows the quiescent callback: a method bound
-        # to this factory, whose repr is the factory's again.
         return f"<GuardedClientFactory max_head={self._max_head} max_headers={self._max_headers}>"
 
     def buildProtocol(self, addr: Any) -> GuardedClientProtocol:
-        return GuardedClientProtocol(self._quiescent, self._max_head, self._max_headers)
-
-    def _quiescent(self, protocol: GuardedClientProtocol) -> None:
-        if protocol.awaiting_head:
-            # The answer ended with its head (HEAD, 204, 304, length 0):
-            # whatever the upstream sends next must reach no one.
-            protocol.transport.loseConnection()
-            return
-        self._pool_callback(protocol)
+        return GuardedClientProtocol(self._pool_callback, self._max_head, self._max_headers)
 
 
 #: Whether :func:`guard_pool` laid out Twisted's classes in this process.
