@@ -59,6 +59,9 @@ class RedisServer:
         os.makedirs(self.directory, exist_ok=True)
         self.port: Optional[int] = None
         self.socket_path: Optional[str] = None
+        #: A short folder of its own for the socket, outside the test's
+        #: temporary directory (removed by :func:`start_redis`'s cleanup).
+        self.socket_dir: Optional[str] = None
         if tcp:
             self.port = free_loopback_port()
             self.url = f"redis://127.0.0.1:{self.port}/0"
@@ -69,8 +72,8 @@ class RedisServer:
             if len(self.socket_path) > 100:
                 import tempfile
 
-                short = tempfile.mkdtemp(prefix="tf-pol-redis-")
-                self.socket_path = os.path.join(short, "redis.sock")
+                self.socket_dir = tempfile.mkdtemp(prefix="tf-pol-redis-")
+                self.socket_path = os.path.join(self.socket_dir, "redis.sock")
             self.url = f"unix://{self.socket_path}"
         self.process: Optional[ChildProcess] = None
 
@@ -135,6 +138,9 @@ def start_redis(
 ) -> "defer.Deferred[RedisServer]":
     """Start a redis-server for ``test``, stopped at its cleanup."""
     server = RedisServer(test.mktemp(), tcp=tcp, password=password)
+    if server.socket_dir is not None:
+        # Cleanups run last first: the folder goes once the server stopped.
+        test.addCleanup(shutil.rmtree, server.socket_dir, True)
     test.addCleanup(server.stop)
     return server.start()
 

@@ -582,6 +582,34 @@ class CanaryCoverageTests(SynchronousTestCase):
         foreign = [u for u in uses if u[2] not in own | {"_exit"}]
         self.assertEqual(foreign, [], "private names used outside twisted_forward/_compat.py")
 
+    def test_no_private_use_in_the_tests(self) -> None:
+        """The tests, too, reach no private name of Twisted's or treq's
+        (this module, the canary, excepted): they may use the package's own
+        private names, not those a Twisted release may rename."""
+        import ast
+        import os
+
+        here = os.path.dirname(os.path.abspath(__file__))
+        package = os.path.dirname(_compat.__file__)
+        own: set[str] = set()
+        uses: list[tuple[str, int, str]] = []
+        for folder, _, names in [*os.walk(package), (here, [], sorted(os.listdir(here)))]:
+            for name in names:
+                if not name.endswith(".py"):
+                    continue
+                path = os.path.join(folder, name)
+                with open(path, encoding="utf-8") as f:
+                    tree = ast.parse(f.read())
+                for node in ast.walk(tree):
+                    own.update(_private_definitions(node))
+                    if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+                        own.add(node.attr)  # set on a test's own object
+                if folder == here and name != os.path.basename(__file__):
+                    uses.extend((name, node.lineno, use)
+                                for node in ast.walk(tree) for use in _private_uses(node))
+        foreign = [u for u in uses if u[2] not in own | {"_exit"}]
+        self.assertEqual(foreign, [], "tests using private Twisted names (fence them in _compat.py)")
+
 
 def _private_definitions(node: Any) -> list[str]:
     """The private names ``node`` defines that other objects may reach: a

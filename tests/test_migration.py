@@ -13,11 +13,25 @@ from twisted.internet import defer
 from twisted.trial.unittest import SynchronousTestCase
 
 from twisted_forward.config import ConfigError, load_config
-from twisted_forward.migration import REPLACED, unknown_names
+from twisted_forward.migration import ONLY_FALSE, REPLACED, REPLACED_IN_FILE, unknown_names
 
 from .harness import ProxyTestCase
 from .processes import assert_exit, child_env, spawn_twistd
 from .test_reload import write_env
+
+#: Every variable openai-forward 0.8.1 reads (its settings.py, config/,
+#: content/, webui/ and __main__.py), as its wheel has them.
+NAMES_081 = (
+    "BENCHMARK_MODE", "CACHE_BACKEND", "CACHE_GENERAL", "CACHE_OPENAI",
+    "CACHE_ROOT_PATH_OR_URL", "CACHE_ROUTES", "CHAT_COMPLETION_ROUTE", "COMPLETION_ROUTE",
+    "CUSTOM_GENERAL_ROUTE", "DEFAULT_REQUEST_CACHING_VALUE", "DEFAULT_STREAM_RESPONSE",
+    "EMBEDDING_ROUTE", "FORWARD_CONFIG", "FORWARD_KEY_CONFIG", "GLOBAL_RATE_LIMIT",
+    "IP_BLACKLIST", "IP_WHITELIST", "ITER_CHUNK_TYPE", "LEVEL_MODELS", "LOG_CACHE_DB_INFO",
+    "LOG_GENERAL", "LOG_OPENAI", "OPENAI_API_KEY_CONFIG", "OPENAI_FORWARD_HOST",
+    "OPENAI_FORWARD_WEBUI", "PRINT_CHAT", "PROXY", "RATE_LIMIT_STRATEGY", "REQ_RATE_LIMIT",
+    "REQ_RATE_LIMIT_BACKEND", "TIMEOUT", "TOKEN_RATE_LIMIT", "TZ", "WEBUI_LOG_PORT",
+    "WEBUI_RESTART_PORT", "ssl_certfile", "ssl_keyfile",
+)
 
 GENERAL = json.dumps([{"base_url": "https://api.openai.com", "route": "/"},
                       {"base_url": "https://example.com", "route": "/g", "type": "general"}])
@@ -85,6 +99,35 @@ class NamesTests(SynchronousTestCase):
         with self.assertRaises(ConfigError) as caught:
             load_config({}, {}, {"TZ": "Asia/Shanghai"})
         self.assertIn("UTC", str(caught.exception))
+
+    def test_only_false_names(self) -> None:
+        """DEFAULT_STREAM_RESPONSE and LOG_CACHE_DB_INFO are accepted when
+        false (what this proxy does) and refused in one line when true,
+        not warned about as typos."""
+        for name, why in ONLY_FALSE.items():
+            load_config({}, {name: "false"}, {})
+            load_config({}, {}, {name: "False"})
+            self.assertEqual(unknown_names([], {name: "false"}, {}), [])
+            for environ, env_file in (({name: "True"}, {}), ({}, {name: "true"})):
+                with self.assertRaises(ConfigError) as caught:
+                    load_config({}, environ, env_file)
+                self.assertEqual(
+                    str(caught.exception),
+                    f"{name}: an openai-forward 0.8.1 setting not read here: {why}")
+
+    def test_every_081_name_is_handled(self) -> None:
+        """Each variable openai-forward 0.8.1 reads is a setting here, or
+        refused (always, in the .env file, or unless false), and the
+        README's migration table names it."""
+        from twisted_forward.config import SETTINGS
+
+        from .test_readme import readme_text
+
+        handled = {s.env for s in SETTINGS} | set(REPLACED) | set(REPLACED_IN_FILE) | set(ONLY_FALSE)
+        self.assertEqual([n for n in NAMES_081 if n not in handled], [])
+        section = readme_text().split("\n## Coming from openai-forward\n", 1)[1].split("\n## ", 1)[0]
+        self.assertEqual([n for n in NAMES_081 if f"`{n}`" not in section], [],
+                         "0.8.1 names missing from README.md's migration table")
 
     def test_unknown_names(self) -> None:
         """A typo of ours is named with the closest known name; the SDK's

@@ -11,13 +11,13 @@ import os
 from typing import Any
 
 import txredisapi
-from twisted.application.service import IService, IServiceCollection
+from twisted.application.service import IService
 from twisted.internet import defer, reactor
 from twisted.web.client import ResponseFailed
 
 from twisted_forward.tap import Options, makeService
 
-from .harness import proxy_env
+from .harness import listeners, proxy_env
 from .processes import assert_exit, child_env, spawn_twistd
 from .redis_server import start_redis
 from .test_policies_e2e import ALICE, BOB, DEFAULT, PolicyTestCase, chat
@@ -46,25 +46,17 @@ class RedisInstancesTests(PolicyTestCase):
         b = yield self.start_other(**settings)
         return a, b
 
-    @defer.inlineCallbacks
     def start_other(self, **env: str) -> Any:
         """A second instance of the plugin on loopback; stopped at cleanup."""
         options = Options()
         options.parseOptions(["--port", "tcp:0:interface=127.0.0.1", "--env-file", os.devnull])
         environ = proxy_env(self.upstream_port, **{**self.proxy_settings, **env})
         service = makeService(options, reactor=reactor, environ=environ)
-        listener = [s for s in IServiceCollection(service) if hasattr(s, "_waitingForPort")][0]
+        # Bound while the service was built (twisted_forward.listening).
+        port = listeners(service)[0].endpoint.port
         IService(service).startService()
         self.addCleanup(service.stopService)
-        got: defer.Deferred = defer.Deferred()
-
-        def passthrough(port: Any) -> Any:
-            got.callback(port)
-            return port
-
-        listener._waitingForPort.addCallback(passthrough)
-        port = yield got
-        return f"http://127.0.0.1:{port.getHost().port}"
+        return defer.succeed(f"http://127.0.0.1:{port.getHost().port}")
 
     @defer.inlineCallbacks
     def post_to(self, base: str, key: str, body: bytes) -> Any:

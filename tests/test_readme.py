@@ -125,6 +125,23 @@ def table_settings(text: str) -> dict[str, str]:
     return rows
 
 
+def heading_anchors(path: str) -> set[str]:
+    """The anchors GitHub gives the headings of the Markdown file ``path``."""
+    with open(path, encoding="utf-8") as f:
+        text = re.sub(r"^```.*?^```", "", f.read(), flags=re.S | re.M)
+    anchors: set[str] = set()
+    seen: dict[str, int] = {}
+    for heading in re.findall(r"^#{1,6} +(.+?) *#*$", text, re.M):
+        anchor = re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+        if anchor in seen:
+            seen[anchor] += 1
+            anchor = f"{anchor}-{seen[anchor]}"
+        else:
+            seen[anchor] = 0
+        anchors.add(anchor)
+    return anchors
+
+
 class SettingsTableTests(SynchronousTestCase):
     """The README's configuration table against config.SETTINGS."""
 
@@ -159,6 +176,36 @@ class SettingsTableTests(SynchronousTestCase):
                 if not os.path.exists(os.path.join(os.path.dirname(page), target)):
                     broken.append((os.path.relpath(page, root), target))
         self.assertEqual(broken, [], "links to files that do not exist")
+
+    def test_link_anchors_exist(self):
+        """Every ``#anchor`` a link in README.md or docs/ names (in the same
+        page or another) is a heading of that page, as GitHub makes anchors."""
+        root = os.path.dirname(README)
+        docs = os.path.join(root, "docs")
+        pages = [README] + [
+            os.path.join(docs, name) for name in sorted(os.listdir(docs)) if name.endswith(".md")
+        ]
+        broken = []
+        for page in pages:
+            with open(page, encoding="utf-8") as f:
+                text = f.read()
+            for target, anchor in re.findall(r"\]\(([^)#\s]*)#([^)\s]+)\)", text):
+                if re.match(r"[a-z]+:", target):
+                    continue
+                linked = os.path.normpath(os.path.join(os.path.dirname(page), target)) if target else page
+                if os.path.exists(linked) and anchor not in heading_anchors(linked):
+                    broken.append((os.path.relpath(page, root), f"{target}#{anchor}"))
+        self.assertEqual(broken, [], "links to headings that do not exist")
+
+    def test_heading_anchors(self):
+        """Anchors are made as GitHub makes them: lower case, punctuation
+        dropped, spaces to hyphens, repeats numbered; code blocks skipped."""
+        path = os.path.join(self.mktemp())
+        with open(path, "w", encoding="utf-8") as f:
+            f.write("# A b\n## More than one core: `--workers N`\n```sh\n# not a heading\n```\n## A b\n")
+        self.assertEqual(
+            heading_anchors(path), {"a-b", "more-than-one-core---workers-n", "a-b-1"}
+        )
 
     def test_marked_block_found(self):
         """The block extractor finds a marked block and refuses a missing one."""

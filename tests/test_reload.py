@@ -320,12 +320,16 @@ class SighupTwistdTests(ProxyTestCase):
     @defer.inlineCallbacks
     def test_workers_relay(self):
         """With --workers 2 the supervisor relays SIGHUP to every worker and
-        each reports; then every worker takes the new key."""
+        each reports; a stream open across the reload finishes whole, then
+        every worker takes the new key.  A bad .env is refused by the
+        supervisor in one line, no worker is disturbed, the keys stay."""
         process = self.spawn(["--workers", "2"])
         match = yield process.wait_for(r"listening on 127\.0\.0\.1:(\d+); starting 2 worker")
         port = int(match.group(1))
         yield process.wait_for(r"worker 1 serving")
         yield process.wait_for(r"worker 2 serving")
+        self.fake.hold_at = 2
+        [(stream, collector)] = yield self.open_streams(port, 1)
         write_env(self.env_file, OPENAI_API_KEY=NEW_SK, FORWARD_KEY=NEW_FK)
         mark = len(process.lines)
         process.signal("HUP")
@@ -337,12 +341,74 @@ class SighupTwistdTests(ProxyTestCase):
         for _ in range(6):
             self.assertEqual((yield self.status(port, NEW_FK)), 200)
             yield self.pool.closeCachedConnections()
+        self.fake.release.callback(None)
+        yield collector.done
+        self.assertEqual(stream.code, 200)
+        self.assertEqual(collector.body, b"".join(chat_chunks(self.fake.answer_text, "m")))
+
+        write_env(self.env_file, OPENAI_API_KEY=NEW_SK, FORWARD_KEY="not-a-forward-key")
+        mark = len(process.lines)
+        process.signal("HUP")
+        yield process.wait_for(r"reload refused", mark)
+        yield self.pool.closeCachedConnections()
+        for _ in range(4):
+            self.assertEqual((yield self.status(port, NEW_FK)), 200)
+            yield self.pool.closeCachedConnections()
+        after = process.lines[mark:]
+        self.assertEqual(len([line for line in after if "reload refused" in line]), 1, after)
+        self.assertFalse([line for line in after if "reloaded the configuration" in line
+                          or "reload: sent to" in line], after)
         process.signal("TERM")
         yield process.exited()
         # The supervisor re-raises SIGTERM once stopped, as twistd does.
         assert_signalled(self, process, signal.SIGTERM)
         self.assertIn("Server Shut Down.", process.lines[-1])
         self.assertNotIn("Traceback", process.output)
+
+
+class ForegroundSigusr1Tests(ProxyTestCase):
+    """SIGUSR1 to a foreground proxy, which writes no log file (as under
+    systemd or Docker): logged and ignored, never the signal's default
+    action (an instant kill, no drain)."""
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_ignored_and_logged(self):
+        """``twistd -n`` and a ``--workers 2`` supervisor each log one line
+        for SIGUSR1 and go on serving; SIGTERM then stops them as usual."""
+        env = child_env(OPENAI_BASE_URL=f"http://127.0.0.1:{self.upstream_port}")
+        for extra, ready, serving in (
+            # The port is bound (and logged) in makeService, before twistd
+            # starts the services: the handler is in place once they log.
+            ([], r"ForwardSite starting on (\d+)", r"ProxyService#info\] caps: "),
+            (["--workers", "2"], r"listening on 127\.0\.0\.1:(\d+); starting 2 worker",
+             r"worker 2 serving"),
+        ):
+            cwd = os.path.abspath(self.mktemp())
+            os.makedirs(cwd)
+            process = spawn_twistd(
+                self,
+                ["-n", "--pidfile=", "openai-forward", "--port", "tcp:0:interface=127.0.0.1",
+                 *extra],
+                env, cwd,
+            )
+            port = int((yield process.wait_for(ready)).group(1))
+            if serving is not None:
+                yield process.wait_for(serving)
+            mark = len(process.lines)
+            os.kill(process.pid, signal.SIGUSR1)
+            yield process.wait_for(r"SIGUSR1 ignored: no log file to reopen", mark)
+            response = yield self.client.get(f"http://127.0.0.1:{port}/healthz")
+            self.assertEqual(json.loads((yield response.content()))["status"], "ok")
+            yield self.pool.closeCachedConnections()
+            process.signal("TERM")
+            yield process.exited()
+            if extra:
+                # The supervisor re-raises SIGTERM once stopped, as twistd does.
+                assert_signalled(self, process, signal.SIGTERM)
+            else:
+                assert_exit(self, process, 0)
 
 
 class LogRotationTests(ProxyTestCase):

@@ -168,7 +168,7 @@ def twistd_log_file(handler: Any) -> Any:
     twistd (``_twistd_unix.UnixAppLogger._getLogObserver``) installs a
     closure ``rotateLog`` over its ``logFile`` and keeps no public reference
     to the file; the closure's cell is the only way to reach it (read in
-    Twisted 25.5 and 26.10).  Used only to reopen that file after an external
+    Twisted 26.4 and 26.10).  Used only to reopen that file after an external
     rotation (logrotate); when the shape changes this returns None and
     twistd's own SIGUSR1 behaviour stays.
     """
@@ -199,7 +199,7 @@ def send_now(transport: Any) -> None:
 
     Private name: ``FileDescriptor._writeDisconnecting`` (a half-closed
     write side, where ``doWrite`` would finish the close and return a result
-    only the reactor may act on).  Checked on Twisted 25.5 to 26.10.
+    only the reactor may act on).  Checked on Twisted 26.4 to 26.10.
     Transports that are not plain descriptors (TLS, unix tests'
     StringTransport) are left alone.
     """

@@ -34,11 +34,29 @@ def _identity(path: str) -> Optional[tuple[int, int]]:
     return (st.st_dev, st.st_ino)
 
 
+_log = Logger()
+
+
+def _say_nothing_to_reopen() -> None:
+    _log.info("SIGUSR1 ignored: no log file to reopen (logs go to standard output)")
+
+
+def _nothing_to_reopen(_signum: int, _frame: Any) -> None:
+    """The SIGUSR1 handler when twistd writes no log file: one log line
+    (from the reactor's thread, not inside the signal handler)."""
+    from twisted.internet import reactor
+
+    reactor.callFromThread(_say_nothing_to_reopen)  # type: ignore[attr-defined]  # the global reactor provides IReactorThreads
+
+
 class LogReopenService(Service):
     """Installs the SIGUSR1 handler described above while running.
 
-    Does nothing when twistd writes no log file (the foreground, syslog,
-    ``twist``): there is nothing to reopen.
+    When twistd writes no log file (the foreground, as under systemd or
+    Docker; ``twist``), there is nothing to reopen: SIGUSR1 is then logged
+    and ignored, where its default action would kill the proxy at once, with
+    no drain and its last chat records lost (a handler someone else
+    installed is left alone).
     """
 
     log = Logger()
@@ -55,6 +73,10 @@ class LogReopenService(Service):
         previous = signal.getsignal(signal.SIGUSR1)
         log_file = twistd_log_file(previous)
         if log_file is None:
+            if previous in (signal.SIG_DFL, None):
+                # Kept after the service stops: a SIGUSR1 during the drain
+                # must not kill the process either.
+                signal.signal(signal.SIGUSR1, _nothing_to_reopen)
             return
         self._log_file, self._previous = log_file, previous
         self._writing = _identity(log_file.path)

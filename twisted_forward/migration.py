@@ -22,9 +22,14 @@ TIMEOUT           seconds to connect to the upstream (0.8.1's aiohttp
 PRINT_CHAT        each chat record also as a log line (keys masked)
 BENCHMARK_MODE    ``false``: as here; ``true`` (answer without the
                   upstream): refused
+DEFAULT_STREAM_RESPONSE, LOG_CACHE_DB_INFO
+                  ``false``: as here; ``true``: refused (:data:`ONLY_FALSE`)
 OPENAI_ROUTE_PREFIX, EXTRA_BASE_URL, EXTRA_ROUTE_PREFIX,
-CHAT_COMPLETION_ROUTE, CUSTOM_MODEL_CONFIG, ITER_CHUNK_TYPE, and TZ in the
-.env file: refused, naming the replacement (:data:`REPLACED`)
+CHAT_COMPLETION_ROUTE, COMPLETION_ROUTE, EMBEDDING_ROUTE, CUSTOM_MODEL_CONFIG,
+CUSTOM_GENERAL_ROUTE, ITER_CHUNK_TYPE, the WebUI's WEBUI_RESTART_PORT,
+WEBUI_LOG_PORT, OPENAI_FORWARD_WEBUI and OPENAI_FORWARD_HOST, ``aifd run``'s
+ssl_keyfile and ssl_certfile, and TZ in the .env file: refused, naming the
+replacement (:data:`REPLACED`)
 ================  =====================================================
 """
 
@@ -72,6 +77,16 @@ def migrate(parsed: Mapping[str, object], kwargs: dict[str, object]) -> None:
         )
 
 
+_RECORDED_PATHS = (
+    "chat records cover chat completions, completions and embeddings by their OpenAI paths "
+    "under every route; remove it"
+)
+_NO_WEBUI = "the WebUI is replaced by the admin page: set ADMIN_KEY (see docs/admin.md); remove it"
+_TLS = (
+    "TLS is set on the listening endpoint: --port ssl:PORT:privateKey=KEY.pem:certKey=CERT.pem "
+    "(see docs/listening.md); remove it"
+)
+
 #: openai-forward 0.8.1 names with no meaning here, and what replaces them:
 #: each stops start-up with one line (never silently ignored).
 REPLACED: dict[str, str] = {
@@ -79,8 +94,31 @@ REPLACED: dict[str, str] = {
     "EXTRA_BASE_URL": 'use FORWARD_CONFIG, one {"base_url", "route", "type": "general"} row per upstream',
     "EXTRA_ROUTE_PREFIX": 'use FORWARD_CONFIG, one {"base_url", "route", "type": "general"} row per upstream',
     "CHAT_COMPLETION_ROUTE": "chat records cover /v1/chat/completions under every route; remove it",
+    "COMPLETION_ROUTE": _RECORDED_PATHS,
+    "EMBEDDING_ROUTE": _RECORDED_PATHS,
     "CUSTOM_MODEL_CONFIG": "custom model back-ends are not supported; route them with FORWARD_CONFIG",
+    "CUSTOM_GENERAL_ROUTE": "custom model back-ends are not supported; route them with FORWARD_CONFIG",
     "ITER_CHUNK_TYPE": "answers are relayed chunk by chunk as they arrive; remove it",
+    # The WebUI's (0.8.1's WebUI writes the first two into every .env it saves).
+    "WEBUI_RESTART_PORT": _NO_WEBUI,
+    "WEBUI_LOG_PORT": _NO_WEBUI,
+    "OPENAI_FORWARD_WEBUI": _NO_WEBUI,
+    "OPENAI_FORWARD_HOST": _NO_WEBUI,
+    # 0.8.1's `aifd run` served TLS with these (lower case) variables.
+    "ssl_keyfile": _TLS,
+    "ssl_certfile": _TLS,
+}
+#: openai-forward 0.8.1 names accepted when false (what this proxy does
+#: anyway), refused otherwise.
+ONLY_FALSE: dict[str, str] = {
+    "DEFAULT_STREAM_RESPONSE": (
+        'a request without "stream" is answered as OpenAI answers it, not streamed '
+        "(0.8.1 applied this to cached and benchmark answers); set it to false or remove it"
+    ),
+    "LOG_CACHE_DB_INFO": (
+        "the cache store's state is in the metrics (see docs/cache.md); "
+        "set it to false or remove it"
+    ),
 }
 #: Names refused only in the .env file: in the environment they are the
 #: system's own (TZ sets every program's time zone).
@@ -100,7 +138,14 @@ def replaced_name(
     for name, why in REPLACED_IN_FILE.items():
         if name in env_file:
             return name, why
+    for name, why in ONLY_FALSE.items():
+        value = environ.get(name, env_file.get(name))
+        if value is not None and value.strip().lower() not in _FALSE:
+            return name, why
     return None
+
+
+_FALSE = ("0", "false", "no", "off", "")
 
 
 def unknown_names(
@@ -108,7 +153,7 @@ def unknown_names(
 ) -> list[tuple[str, str, str]]:
     """``(name, where, closest known name or "")`` for each unknown variable
     that starts with one of our prefixes."""
-    known = sorted(set(known))
+    known = sorted(set(known) | set(ONLY_FALSE))
     found = []
     for where, names, prefixes in (
         ("the environment", environ, PREFIXES),

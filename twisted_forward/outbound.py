@@ -38,7 +38,6 @@ from twisted.internet.interfaces import (
     IDelayedCall,
     IProtocol,
     IProtocolFactory,
-    IPushProducer,
     IReactorTime,
     IStreamClientEndpoint,
     ITCPTransport,
@@ -63,6 +62,7 @@ from twisted.web.iweb import (
 from zope.interface import implementer
 
 from .config import ProxyURL
+from .relay import discard
 from .trust import load_trust_root, read_ca_file  # noqa: F401 (read_ca_file: the tests')
 
 #: The longest CONNECT answer head accepted from the proxy.
@@ -359,20 +359,12 @@ class OutboundProxyAgent:
         return d
 
 
-class _Drop(Protocol):
-    """Takes an unwanted answer's body by closing its connection."""
-
-    def connectionMade(self) -> None:
-        # deliverBody's transport: an IPushProducer over the connection.
-        IPushProducer(self.transport).stopProducing()
-
-
 def _refuse_407(response: IResponse) -> IResponse:
     """A 407 is the outbound proxy's, never an upstream's (RFC 9110 §15.5.8):
     a failure of ours, not an answer for the client."""
     if response.code != 407:
         return response
-    response.deliverBody(_Drop())
+    discard(response)
     raise OutboundProxyError(
         "it answered 407 Proxy Authentication Required (check PROXY's user info)", 407
     )

@@ -8,20 +8,15 @@ against the system's CAs, or SSL_CERT_FILE's), or ``unix:///path/to/socket
 
 The client is txredisapi, Twisted's own non-blocking Redis client: a lazy
 pool that reconnects by itself (backing off up to 10 s).  Every call the
-proxy makes is bounded by its caller's timeout (:func:`bounded`), so a dead
+proxy makes is bounded by its caller's timeout, so a dead
 or stalled server never holds a request.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional, TypeVar
+from typing import Any, Optional
 from urllib.parse import parse_qs, unquote, urlsplit
-
-from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime
-
-T = TypeVar("T")
 
 _SCHEMES = ("redis", "rediss", "unix")
 
@@ -143,12 +138,6 @@ def connect(
     return txredisapi.lazyConnectionPool(
         target.host, target.port, ssl_context_factory=tls, **common
     )
-
-
-def bounded(d: "Deferred[T]", timeout: float, clock: IReactorTime) -> "Deferred[T]":
-    """``d``, cancelled (``TimeoutError``) if it has not fired in ``timeout``
-    seconds."""
-    return d.addTimeout(timeout, clock)
 
 
 def probe(target: RedisTarget, timeout: float, ca_file: Optional[str] = None) -> None:

@@ -1,5 +1,5 @@
 """
-Reaching the upstream: URL joining, the treq client, request bodies.
+Reaching the upstream: URL joining, the client (an ``IAgent``, not treq), request bodies.
 (What a client may ask for, the incoming target, is :mod:`.target`.)
 
 The upstream URL is always the configured origin followed by the client's

@@ -23,6 +23,7 @@ from twisted.web.http_headers import Headers
 
 from ..decoding import INFLATABLE, Inflater
 from ..keys import scrub
+from ..sharedjson import SharedParse
 from .sse import SSEDecoder
 
 #: Kinds whose conversation is recorded in full.
@@ -319,13 +320,15 @@ def summarize_large_request(kind: str, head: bytes, tail: bytes, length: int) ->
     return out
 
 
-def summarize_request(kind: str, body: bytes) -> dict[str, Any]:
+def summarize_request(
+    kind: str, body: bytes, shared: Optional[SharedParse] = None
+) -> dict[str, Any]:
     """The record fields taken from a request body.
 
     Conversation kinds keep ``messages`` (chat) or ``prompt`` (completion)
     and the other settings as ``params``; metadata kinds keep only the
     settings in :data:`METADATA_FIELDS` (and how many inputs an embeddings
-    request had).
+    request had).  ``shared`` may hold the policies' parse of the body.
     """
     out: dict[str, Any] = {"model": None, "stream": False}
     if body.startswith(b"--"):
@@ -344,7 +347,7 @@ def summarize_request(kind: str, body: bytes) -> dict[str, Any]:
         out["problems"] = [f"request body of {len(body)} bytes too large to record"]
         return out
     try:
-        obj = loads(body)
+        obj = shared.loads(body, str) if shared is not None else loads(body)
     except (ValueError, RecursionError):
         out["problems"] = ["request body is not JSON"]
         if kind in CONVERSATION_KINDS:
@@ -652,11 +655,13 @@ class AnswerReader:
     __slots__ = (
         "kind", "conversation", "status", "size", "problems", "format", "content_type",
         "_inflate", "_encoding", "_sink", "_sse", "_body", "_sniffed", "_assembler",
-        "_bad_events", "_bad_excerpt", "_usage",
+        "_bad_events", "_bad_excerpt", "_usage", "_shared",
     )
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, shared: Optional[SharedParse] = None) -> None:
         self.kind = kind
+        #: The policies' parse of a JSON answer, if they made one.
+        self._shared = shared
         self.conversation = kind in CONVERSATION_KINDS
         self.status: Optional[int] = None
         self.size = 0
@@ -841,7 +846,7 @@ class AnswerReader:
         if not whole.strip():
             return None
         try:
-            obj = loads(whole)
+            obj = self._shared.loads(whole, str) if self._shared is not None else loads(whole)
         except (ValueError, RecursionError):
             problems.append("answer is not valid JSON")
             return excerpt(whole)

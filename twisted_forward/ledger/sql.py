@@ -16,7 +16,6 @@ newer one upgraded (it logs that the schema is newer than it knows).
 
 from __future__ import annotations
 
-import os
 import sqlite3
 from dataclasses import dataclass
 from datetime import date
@@ -145,13 +144,6 @@ def postgresql_dialect(url: str) -> Dialect:
         )
 
     return Dialect("postgresql", connect, where, "%s")
-
-
-def dialect_for(database_url: Optional[str], data_dir: str) -> Dialect:
-    """PostgreSQL when ``database_url`` is set, else SQLite in ``data_dir``."""
-    if database_url:
-        return postgresql_dialect(database_url)
-    return sqlite_dialect(os.path.join(data_dir, SQLITE_FILE))
 
 
 # ---------------------------------------------------------------- statements

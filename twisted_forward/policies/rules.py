@@ -22,7 +22,7 @@ import json
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional
 
 #: The policy entry for every key without its own.
 EVERY_KEY = "*"
@@ -364,13 +364,6 @@ class Policies:
         if self.global_rates:
             return (("*", self.global_rates),)
         return ()
-
-    def validate_labels(self, labels: Sequence[str]) -> None:
-        """Refuse a KEY_POLICY entry for a label no forward key has."""
-        known = set(labels)
-        for label in self.keys:
-            if label != EVERY_KEY and label not in known:
-                raise ValueError(f"{label}: no forward key has this label")
 
 
 def _under(path: str, route: str) -> bool:

@@ -22,10 +22,6 @@ if TYPE_CHECKING:
 StoreFactory = Callable[[PolicyConfig, IReactorTime], Optional[IPolicyStore]]
 
 
-class StoreNotAvailable(ValueError):
-    """The configuration asks for a store this build cannot open."""
-
-
 def default_store(config: PolicyConfig, reactor: IReactorTime) -> Optional[IPolicyStore]:
     """In memory, unless REDIS_URL asks for Redis."""
     from .shared import open_shared_store
