@@ -20,7 +20,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 from .client import CLIENT_KEY, KeepAliveClient
 
@@ -242,6 +242,7 @@ def _launch(
     env: dict[str, str],
     cpus: Optional[set[int]],
     log_name: str,
+    ready_timeout: float = 60.0,
 ) -> Server:
     """Start a proxy under test, its output in ``rundir/log_name``, and wait
     until it answers on ``port``."""
@@ -256,7 +257,7 @@ def _launch(
         preexec_fn=pinning(cpus),
     )
     server = Server(name, port, process, log_path)
-    server.wait_ready()
+    server.wait_ready(ready_timeout)
     return server
 
 
@@ -268,11 +269,16 @@ def start_twisted_forward(
     extra_env: Optional[dict[str, str]] = None,
     name: str = "twisted-forward",
     port_options: Optional[str] = None,
+    launcher: Sequence[str] = (),
+    python_code: str = "from twisted.scripts.twistd import run; run()",
+    ready_timeout: float = 60.0,
 ) -> Server:
     """``twistd -n openai-forward`` from this checkout, chat log on.
 
     :param port_options: more endpoint options after
         ``tcp:PORT:interface=127.0.0.1`` (``backlog=1024``).
+    :param launcher: a command the Python is run under (``valgrind ...``).
+    :param python_code: what ``python -c`` runs (twistd, maybe wrapped).
     """
     port = free_port()
     rundir = workdir / name.replace(" ", "_")
@@ -295,14 +301,14 @@ def start_twisted_forward(
     )
     env.update(extra_env or {})
     args = [
-        sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
+        *launcher, sys.executable, "-c", python_code,
         "-n", "--pidfile=", "openai-forward",
         "--port", f"tcp:{port}:interface={HOST}" + (f":{port_options}" if port_options else ""),
         "--env-file", os.devnull,
     ]
     if workers:
         args += ["--workers", str(workers)]
-    server = _launch(name, port, args, rundir, env, cpus, "twistd.log")
+    server = _launch(name, port, args, rundir, env, cpus, "twistd.log", ready_timeout)
     server.key = FORWARD_KEY
     return server
 

@@ -78,3 +78,17 @@ class BenchSmokeTests(SynchronousTestCase):
         if (os.cpu_count() or 1) >= 2:
             self.assertIn("Pinned:", table)
         self.assertTrue(os.path.exists(os.path.join(out, "pinned-raw.md")))
+
+    def test_cpu_calls(self) -> None:
+        """``python -m bench.cpu calls`` profiles the proxy for the measured
+        requests only and reports calls per request, with the JSON parses
+        counted (the figure the one-parse work is judged by)."""
+        result = subprocess.run(
+            [sys.executable, "-m", "bench.cpu", "calls", "--requests", "20", "--warmup", "5",
+             "--policies", "--top", "5"],
+            cwd=ROOT, capture_output=True, text=True, timeout=180,
+        )
+        self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+        self.assertIn("20 requests: ", result.stdout)
+        self.assertIn("Python calls per request", result.stdout)
+        self.assertIn("json.loads per request: ", result.stdout)

@@ -428,10 +428,10 @@ class ForegroundSigusr1Tests(ProxyTestCase):
         """``twistd -n`` and a ``--workers 2`` supervisor each log one line
         for SIGUSR1 and go on serving; SIGTERM then stops them as usual."""
         env = child_env(OPENAI_BASE_URL=f"http://127.0.0.1:{self.upstream_port}")
-        # The port is bound (and "ForwardSite starting" logged) before the
-        # services start; "caps:" is logged once they have.
         for extra, ready, serving in (
-            ([], r"ForwardSite starting on (\d+)", r"caps: "),
+            # The port is bound (and logged) in makeService, before twistd
+            # starts the services: the handler is in place once they log.
+            ([], r"ForwardSite starting on (\d+)", r"ProxyService#info\] caps: "),
             (["--workers", "2"], r"listening on 127\.0\.0\.1:(\d+); starting 2 worker",
              r"worker 2 serving"),
         ):

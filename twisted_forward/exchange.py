@@ -35,13 +35,14 @@ from .config import Route
 from .errors import error_body, send_error, write_error
 from .framing import Refusal, client_transport
 from .headcheck import IHeadCheck, key_refusal
-from .headers import relay_response_headers, upstream_request_headers
+from .headers import relay_response_headers, release_upstream_headers, upstream_request_headers
 from .keys import KeyDecision, KeyRules, SecretMask, key_refused, looks_keyed, scrub
 from .limits import UpstreamSlots
 from .loops import mark
 from .metrics import Metrics
 from .policies.gate import UNLIMITED, Admission, IExchangePolicy, RequestFacts, client_digest
 from .relay import Relay, ScrubbingRelay, discard
+from .sharedjson import SharedParse
 from .state import state_of
 from .upstream import (
     BytesProducer,
@@ -112,6 +113,9 @@ class ProxyResource(Resource):
         self.read_timeout = read_timeout
         self.idle_timeout = idle_timeout
         self.recorder: IRecorder = recorder or NullRecorder()
+        #: The policies hand their parses of the bodies on to the chat
+        #: record (one parse each), when there is a record.
+        self.share_parses = route.kind == "openai" and not isinstance(self.recorder, NullRecorder)
         #: The response cache, when it is on for this route.
         self.cache = cache if cache is not None and cache.on(route) else None
         #: Exchanges in flight, for draining at shutdown.
@@ -139,6 +143,8 @@ class ProxyResource(Resource):
         router for this route): 401 before any body is read."""
         decision = self.keys.decide(request.requestHeaders)
         if decision.refusal is None:
+            # Rendered next, with the same head: decided once.
+            state_of(request).key_decision = (self.keys, decision)
             return None
         state_of(request).key_label = decision.label
         return key_refusal(decision.refusal)
@@ -147,7 +153,11 @@ class ProxyResource(Resource):
         state = state_of(request)
         path = state.path
         query = state.query
-        decision = self.keys.decide(request.requestHeaders)
+        decided = state.key_decision
+        if decided is not None and decided[0] is self.keys:
+            decision = decided[1]  # by the head check, with these rules
+        else:
+            decision = self.keys.decide(request.requestHeaders)
         state.key_label = decision.label
         if decision.refusal is not None:
             self.log.info(
@@ -179,8 +189,12 @@ class ProxyResource(Resource):
             reservation=f"{_ID_PREFIX}-{next(_ids):x}",
             # Only a client's own key is counted by its digest.
             client_key=client_digest(credential) if credential and not decision.substituted else "",
+            shared=SharedParse() if self.share_parses else None,
         )
-        d = self.policy.admit(facts)
+        decided = self.policy.decide(facts)
+        if isinstance(decided, Admission):
+            return self._admitted(decided, request, path, query, decision)
+        d = decided
         now: list[Admission] = []
 
         def at_once(admission: Admission) -> Admission:
@@ -317,6 +331,7 @@ class Exchange:
                 key_label=self.decision.label,
                 started=self.started,
                 body=RequestBody(request.content),
+                shared=self.admission.shared,
             )
             self.tap = res.recorder.begin(self.info)
         request.notifyFinish().addBoth(self._finished)
@@ -494,6 +509,9 @@ class Exchange:
             self.tap.response(code, request.responseHeaders)
         self.relay = Relay(self)
         response.deliverBody(self.relay)
+        # Copied to the client's answer, and the request sent: nothing reads
+        # either again, though Twisted keeps both as long as the answer.
+        release_upstream_headers(response)
 
     def _fail_over(self, code: int) -> bool:
         """Try the next default key, if there is one; True if it is tried."""

@@ -465,6 +465,26 @@ class ForwardChannel(ChannelHooks):
         self._header_count = 0
         self._codings: list[bytes] = []
 
+    # ------------------------------------------------------------ answer head
+
+    def writeHeaders(
+        self, version: bytes, code: bytes, reason: bytes, headers: Headers
+    ) -> None:
+        """An answer's status line and headers, as one string.
+
+        ``HTTPChannel.writeHeaders`` hands the transport four pieces per
+        header line (each checked, counted and later joined by the
+        transport); these are the same bytes, joined once.
+        """
+        lines = [b"%s %s %s" % (version, code, reason)]
+        for name, values in headers.getAllRawHeaders():
+            for value in values:
+                lines.append(b"%s: %s" % (name, value))
+        lines.append(b"\r\n")
+        transport = self.transport
+        assert transport is not None  # a request is answered on a connected channel
+        transport.write(b"\r\n".join(lines))
+
     # ------------------------------------------------------------ connection
 
     def admit(self, limits: "ConnectionLimits", peer: Optional[IAddress]) -> None:

@@ -10,7 +10,10 @@ tests, gets a fresh one attached the first time).
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
+
+if TYPE_CHECKING:
+    from .keys import KeyDecision, KeyRules
 
 
 class RequestState:
@@ -19,7 +22,9 @@ class RequestState:
     Slotted: every open stream holds one.
     """
 
-    __slots__ = ("path", "query", "route", "client", "key_label", "error", "upstream_seconds")
+    __slots__ = (
+        "path", "query", "route", "client", "key_label", "error", "upstream_seconds", "key_decision",
+    )
 
     def __init__(self) -> None:
         #: The raw path after the route prefix (set by the router).
@@ -36,9 +41,15 @@ class RequestState:
         self.error: Optional[str] = None
         #: Seconds from sending upstream to the end (set by the exchange).
         self.upstream_seconds: Optional[float] = None
+        #: The key rules' decision on the head, and the rules that made it
+        #: (set by the route's head check, taken again by its render).
+        self.key_decision: Optional[tuple["KeyRules", "KeyDecision"]] = None
 
     def __repr__(self) -> str:
-        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
+        # Not the key decision: it holds a client's own credentials.
+        fields = ", ".join(
+            f"{name}={getattr(self, name)!r}" for name in self.__slots__ if name != "key_decision"
+        )
         return f"RequestState({fields})"
 
 

@@ -29,6 +29,7 @@ from twisted.logger import ILogObserver, Logger, LogPublisher
 from twisted.web.http_headers import Headers
 from zope.interface import Interface, implementer
 
+from ..sharedjson import SharedParse
 from .files import (
     CHAT_NAMESPACE,
     RECORD_FIELD,
@@ -130,11 +131,14 @@ class ExchangeInfo:
     :ivar cache: what the response cache did (``hit``, ``miss``,
         ``bypass``), set by the exchange once known; ``""`` when the cache
         is off.  A record of a hit says ``"cache": "hit"``.
+    :ivar shared: the parses of the request and answer bodies the policies
+        made, for the record to take instead of parsing again; None when
+        the policies read neither.
     """
 
     __slots__ = (
         "request_id", "route", "method", "path", "client", "key_label", "started", "body",
-        "cache",
+        "cache", "shared",
     )
 
     def __init__(
@@ -148,6 +152,7 @@ class ExchangeInfo:
         started: float,
         body: RequestBody,
         cache: str = "",
+        shared: Optional[SharedParse] = None,
     ) -> None:
         self.request_id = request_id
         self.route = route
@@ -158,10 +163,12 @@ class ExchangeInfo:
         self.started = started
         self.body = body
         self.cache = cache
+        self.shared = shared
 
     def __repr__(self) -> str:
         fields = ", ".join(
-            f"{name}={getattr(self, name)!r}" for name in self.__slots__ if name != "body"
+            f"{name}={getattr(self, name)!r}" for name in self.__slots__
+            if name not in ("body", "shared")
         )
         return f"ExchangeInfo({fields})"
 
@@ -344,7 +351,7 @@ class ChatTap:
         self.recorder = recorder
         self.info = info
         self.kind = kind
-        self.reader = AnswerReader(kind)
+        self.reader = AnswerReader(kind, info.shared)
         self.ended = False
         self.broken: Optional[str] = None
         self.request_fields: Optional[dict[str, Any]] = None
@@ -379,7 +386,7 @@ class ChatTap:
             if self.ttfb is None:
                 self.ttfb = max(0.0, self.recorder.clock.seconds() - self.info.started)
             if self.reader.status is not None:
-                self.reader = AnswerReader(self.kind)  # a second head replaces the first
+                self.reader = AnswerReader(self.kind, self.info.shared)  # a second head replaces the first
             self.reader.head(status, headers)
         except Exception:
             self._break()
@@ -444,7 +451,7 @@ class ChatTap:
         """The record of the exchange, ended with ``outcome``."""
         request = self.request_fields
         if request is None:
-            request = summarize_request(self.kind, self.body)
+            request = summarize_request(self.kind, self.body, self.info.shared)
         self.body = b""
         answer = self.reader.result()
         problems = list(request.pop("problems", ())) + answer.pop("problems")

@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass, field
-from typing import IO, Callable, Optional, Sequence
+from typing import IO, Callable, NamedTuple, Optional, Sequence
 from urllib.parse import unquote
 
 from twisted.internet.defer import Deferred, succeed
@@ -27,6 +27,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
+from ..sharedjson import SharedParse
 from .body import REWRITE_LIMIT, BodyFacts, read_facts, with_usage_requested
 from .memory import MemoryStore
 from .prices import MICRO, PriceTable
@@ -59,8 +60,9 @@ SLOT_LEASE = 3600.0
 _REQUESTS, _TOKENS, _QUOTA, _SLOTS = "requests", "tokens", "quota", "slots"
 
 
-@dataclass(frozen=True)
-class RequestFacts:
+# A named tuple (immutable, made in a third of a frozen dataclass's time):
+# one is made for every request of a gated route.
+class RequestFacts(NamedTuple):
     """What the exchange knows of a request when it asks the policies.
 
     :ivar label: the key's non-secret label.
@@ -73,6 +75,9 @@ class RequestFacts:
     :ivar content_type: the request's Content-Type.
     :ivar reservation: a name for this request unique in every process.
     :ivar client_key: for a client's own key, a digest to count it by.
+    :ivar shared: where the gate hands its parses of the request and the
+        answer on to the exchange's other reader (the chat record); None
+        when nothing else reads them.
     """
 
     label: str
@@ -84,6 +89,7 @@ class RequestFacts:
     content_type: bytes
     reservation: str
     client_key: str = ""
+    shared: Optional[SharedParse] = None
 
 
 @dataclass(frozen=True)
@@ -102,6 +108,11 @@ class IExchangePolicy(Interface):
     def admit(facts: RequestFacts) -> "Deferred[Admission]":
         """Decide on one request; never errs (a broken store is a refusal
         or an open admission, as configured)."""
+
+    def decide(facts: RequestFacts) -> "Admission | Deferred[Admission]":
+        """:meth:`admit`, with the admission itself when it is known within
+        the call (no policy applies, a refusal, a store that answers at
+        once): no Deferred to make and fire for most requests."""
 
 
 class Admission:
@@ -122,6 +133,7 @@ class Admission:
         strip_usage: bool = False,
         settle: Optional[Callable[[Optional[Usage], bool], None]] = None,
         count_usage: bool = False,
+        shared: Optional[SharedParse] = None,
     ) -> None:
         self.refusal = refusal
         #: ``x-ratelimit-*`` (and Retry-After) headers for the answer.
@@ -131,6 +143,8 @@ class Admission:
         self._strip_usage = strip_usage
         self._settle = settle
         self._count_usage = count_usage
+        #: The parses handed on to the chat record (None: none are).
+        self.shared = shared
         self._tap: Optional[UsageTap] = None
         self._stripper: Optional[UsageStripper] = None
         self._finished = False
@@ -139,7 +153,7 @@ class Admission:
         """The answer's head arrived.  Returns True when its body will be
         changed (the caller then drops a Content-Length)."""
         if self._count_usage and 200 <= status < 300:
-            self._tap = UsageTap(streamed)
+            self._tap = UsageTap(streamed, self.shared)
         if self._strip_usage and streamed and 200 <= status < 300:
             self._stripper = UsageStripper()
             return True
@@ -190,19 +204,47 @@ def format_reset(seconds: float) -> str:
     return f"{secs}s"
 
 
-@dataclass
+@dataclass(eq=False)
 class _Plan:
-    """The buckets of one request and what each is for."""
+    """The buckets of one request and what each is for.
+
+    A plan is the same for every request of one key and route with the
+    same estimate while its fixed windows last (from :attr:`valid_from` to
+    :attr:`valid_until`): the gate makes it once and reuses it; nothing
+    changes it once made.
+    """
 
     buckets: list[Bucket] = field(default_factory=list)
     kinds: list[str] = field(default_factory=list)
     #: Per bucket: how the real usage turns into its amount (None: fixed).
     measure: list[Optional[Callable[[Usage], int]]] = field(default_factory=list)
+    #: The latest start and the earliest end of its fixed windows.
+    valid_from: float = -math.inf
+    valid_until: float = math.inf
+    #: Which buckets the ``x-ratelimit-*`` headers are read from, in order:
+    #: requests, tokens, token quotas (:func:`_rate_headers`).
+    request_states: tuple[int, ...] = ()
+    token_states: tuple[int, ...] = ()
+    quota_states: tuple[int, ...] = ()
 
     def add(self, bucket: Bucket, kind: str, measure: Optional[Callable[[Usage], int]] = None) -> None:
         self.buckets.append(bucket)
         self.kinds.append(kind)
         self.measure.append(measure)
+        if bucket.kind == FIXED:
+            self.valid_from = max(self.valid_from, bucket.start)
+            self.valid_until = min(self.valid_until, bucket.end)
+
+    def seal(self) -> "_Plan":
+        """Work out what every request of this plan reads the same way."""
+        kinds, buckets = self.kinds, self.buckets
+        self.request_states = tuple(i for i, k in enumerate(kinds) if k == _REQUESTS)
+        self.token_states = tuple(i for i, k in enumerate(kinds) if k == _TOKENS)
+        self.quota_states = tuple(
+            i for i, k in enumerate(kinds)
+            if k == _QUOTA and buckets[i].id.rsplit("/", 1)[-1].startswith("tokens")
+        )
+        return self
 
 
 #: Routes remembered per gate (label, level, path): beyond this many the
@@ -210,9 +252,14 @@ class _Plan:
 ROUTE_CACHE = 4096
 #: Buckets remembered per gate; beyond this many the memory starts again.
 BUCKET_CACHE = 4096
+#: Plans remembered per gate; beyond this many the memory starts again (a
+#: plan is keyed by its token estimate too, so keys whose requests differ in
+#: size reuse few: kept small).
+PLAN_CACHE = 256
 
 
-@dataclass(frozen=True)
+# Compared and hashed by identity: a plan is remembered per route object.
+@dataclass(frozen=True, eq=False)
 class _Route:
     """What the rules say about one (label, substituted, level, path),
     worked out once: the key's policy, the route's rates, what the body
@@ -269,6 +316,8 @@ class PolicyGate:
         #: Buckets that are the same for every request of a window (a
         #: request count, a slot), made once per window.
         self._buckets: dict[tuple[str, str, int, int, float, float], Bucket] = {}
+        #: Plans, per (route, owner, estimate, model), while their windows last.
+        self._plans: dict[tuple[_Route, str, int, int, str], _Plan] = {}
         #: The calendar month holding the time last asked, and its span.
         self._month: tuple[float, float] = (0.0, 0.0)
 
@@ -331,13 +380,17 @@ class PolicyGate:
     # ------------------------------------------------------------ admit
 
     def admit(self, facts: RequestFacts) -> "Deferred[Admission]":
+        decided = self.decide(facts)
+        return decided if isinstance(decided, Deferred) else succeed(decided)
+
+    def decide(self, facts: RequestFacts) -> "Admission | Deferred[Admission]":
         route = self._route(facts)
         if route.unlimited:
-            return succeed(UNLIMITED)
+            return UNLIMITED
         policy = route.policy
         counts_tokens = route.counts_tokens
         body = (
-            read_facts(facts.content, facts.content_type, route.path)
+            read_facts(facts.content, facts.content_type, route.path, facts.shared)
             if (route.restricted or counts_tokens)
             else _NO_BODY
         )
@@ -345,16 +398,25 @@ class PolicyGate:
             refusal = self._check_model(facts, policy, body)
             if refusal is not None:
                 self._refused(facts.label, refusal.code)
-                return succeed(Admission(refusal))
+                return Admission(refusal)
         now = self.clock()
-        plan = self._plan(facts, policy, route.rates, body, now)
+        owner = facts.label if facts.substituted else f"client:{facts.client_key}"
+        prompt, output = body.estimate()
+        model = body.model or ""
+        key = (route, owner, prompt, output, model)
+        plan = self._plans.get(key)
+        if plan is None or not plan.valid_from <= now < plan.valid_until:
+            plan = self._plan(owner, policy, route.rates, body, now).seal()
+            if len(self._plans) >= PLAN_CACHE:
+                self._plans.clear()
+            self._plans[key] = plan
         if not plan.buckets:
-            return succeed(UNLIMITED)
+            return UNLIMITED
         store = self.store
         immediate = self._immediate
         if immediate is not None:
             verdict = immediate.reserve_now(facts.reservation, plan.buckets, now)
-            return succeed(self._verdict(verdict, facts, plan, body, route, store))
+            return self._verdict(verdict, facts, plan, body, route, store)
         d = store.reserve(facts.reservation, plan.buckets, now)
         if not d.called:
             d.addTimeout(STORE_TIMEOUT, self.reactor)
@@ -386,14 +448,13 @@ class PolicyGate:
 
     def _plan(
         self,
-        facts: RequestFacts,
+        owner: str,
         policy: Optional[KeyPolicy],
         rates: Sequence[tuple[str, Sequence[Rate]]],
         body: BodyFacts,
         now: float,
     ) -> _Plan:
         moving = self.policies.moving
-        owner = facts.label if facts.substituted else f"client:{facts.client_key}"
         plan = _Plan()
         bucket = self._bucket
 
@@ -518,7 +579,10 @@ class PolicyGate:
                 facts.content.seek(0)
                 strip = rewritten is not None
 
-        immediate: Optional[IImmediateStore] = IImmediateStore(store, None)
+        # The gate's own store was adapted once, when it was set.
+        immediate: Optional[IImmediateStore] = (
+            self._immediate if store is self._store else IImmediateStore(store, None)
+        )
 
         def settle(usage: Optional[Usage], complete: bool) -> None:
             settlements = []
@@ -543,6 +607,7 @@ class PolicyGate:
 
         return Admission(
             None, headers, rewritten, strip, settle, count_usage=counts_tokens,
+            shared=facts.shared,
         )
 
     def _settle_failed(self, failure: Failure) -> None:
@@ -600,23 +665,28 @@ def _rate_headers(plan: _Plan, states: Sequence[BucketState]) -> list[tuple[byte
     token bucket applies)."""
     requests: Optional[BucketState] = None
     tokens: Optional[BucketState] = None
-    quota: Optional[BucketState] = None
-    for kind, bucket, state in zip(plan.kinds, plan.buckets, states):
-        if kind == _REQUESTS:
-            requests = _tightest(requests, state)
-        elif kind == _TOKENS:
-            tokens = _tightest(tokens, state)
-        elif kind == _QUOTA and bucket.id.rsplit("/", 1)[-1].startswith("tokens"):
-            quota = _tightest(quota, state)
+    for i in plan.request_states:
+        requests = _tightest(requests, states[i])
+    for i in plan.token_states or plan.quota_states:
+        tokens = _tightest(tokens, states[i])
     headers: list[tuple[bytes, bytes]] = []
-    for suffix, tightest in ((b"requests", requests), (b"tokens", tokens or quota)):
+    for names, tightest in ((_REQUEST_HEADERS, requests), (_TOKEN_HEADERS, tokens)):
         if tightest is not None:
+            limit, remaining, reset = names
             headers += [
-                (b"x-ratelimit-limit-" + suffix, b"%d" % tightest.limit),
-                (b"x-ratelimit-remaining-" + suffix, b"%d" % tightest.remaining),
-                (b"x-ratelimit-reset-" + suffix, format_reset(tightest.reset).encode()),
+                (limit, b"%d" % tightest.limit),
+                (remaining, b"%d" % tightest.remaining),
+                (reset, format_reset(tightest.reset).encode()),
             ]
     return headers
+
+
+_REQUEST_HEADERS = (
+    b"x-ratelimit-limit-requests", b"x-ratelimit-remaining-requests", b"x-ratelimit-reset-requests",
+)
+_TOKEN_HEADERS = (
+    b"x-ratelimit-limit-tokens", b"x-ratelimit-remaining-tokens", b"x-ratelimit-reset-tokens",
+)
 
 
 def _normal_path(path: str) -> str:

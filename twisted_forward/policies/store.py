@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Callable, Mapping, Optional, Sequence
+from typing import Callable, Mapping, NamedTuple, Optional, Sequence
 
 from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
@@ -89,8 +89,10 @@ class Bucket:
         return self.start + self.seconds
 
 
-@dataclass(frozen=True)
-class BucketState:
+# The answers (states, verdicts, settlements) are made for every request:
+# named tuples, immutable like a frozen dataclass and made in a third of
+# the time.
+class BucketState(NamedTuple):
     """How full one bucket is, as the ``x-ratelimit-*`` headers say it.
 
     :ivar limit: the bucket's limit.
@@ -103,8 +105,7 @@ class BucketState:
     reset: float
 
 
-@dataclass(frozen=True)
-class Verdict:
+class Verdict(NamedTuple):
     """A store's answer to :meth:`IPolicyStore.reserve`.
 
     :ivar granted: every bucket was reserved; else none was.
@@ -120,8 +121,7 @@ class Verdict:
     retry_after: float = 0.0
 
 
-@dataclass(frozen=True)
-class Settlement:
+class Settlement(NamedTuple):
     """The real amount for one bucket of a reservation.
 
     :ivar bucket: the bucket exactly as it was reserved.

@@ -17,6 +17,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from ..sharedjson import SharedParse, parse
+
 #: An SSE event ends with a blank line.
 _EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 _NULL_USAGE = re.compile(rb',\s*"usage"\s*:\s*null(?=\s*[,}])|"usage"\s*:\s*null\s*,')
@@ -86,10 +88,13 @@ class UsageTap:
     """Reads the usage out of an answer body fed to it chunk by chunk.
 
     :param streamed: the answer is an SSE stream (else one JSON document).
+    :param shared: where the parse of a JSON answer is handed on to its
+        other reader (the chat record), if anywhere.
     """
 
-    def __init__(self, streamed: bool) -> None:
+    def __init__(self, streamed: bool, shared: Optional[SharedParse] = None) -> None:
         self.streamed = streamed
+        self._shared = shared
         self.usage: Optional[Usage] = None
         self._held = b""
         self._body: list[bytes] = []
@@ -126,10 +131,14 @@ class UsageTap:
                     self.usage = found
             return self.usage
         if self._body:
+            body = b"".join(self._body)
+            self._body = []
             try:
-                obj = json.loads(b"".join(self._body))
-            except ValueError:
+                obj = parse(body)
+            except (ValueError, RecursionError):
                 return None
+            if self._shared is not None:
+                self._shared.keep(body, obj)
             self.usage = usage_of(obj.get("usage")) if isinstance(obj, dict) else None
             if self.usage is None and isinstance(obj, dict) and isinstance(obj.get("response"), dict):
                 self.usage = usage_of(obj["response"].get("usage"))
