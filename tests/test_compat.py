@@ -276,6 +276,31 @@ class CanaryTests(SynchronousTestCase):
             self.broke("twisted.internet._sslverify.IOpenSSLTrustRoot is gone"),
         )
 
+    def test_quiet_connected(self) -> None:
+        """txredisapi's ConnectionHandler still keeps its factory's Deferred
+        as _connected; quiet_connected consumes its failure (an AUTH lost
+        while the lazy pool connects), which trial would otherwise report
+        as an unhandled error in a later test."""
+        import txredisapi
+        from twisted.internet.defer import Deferred
+
+        self.assertIn(
+            "self._connected = factory.deferred",
+            inspect.getsource(txredisapi.ConnectionHandler.__init__),
+            "txredisapi's ConnectionHandler no longer keeps factory.deferred as _connected; "
+            "adapt twisted_forward._compat.quiet_connected",
+        )
+
+        class Factory:
+            deferred: Deferred[None] = Deferred()
+
+        pool = txredisapi.ConnectionHandler(Factory())
+        self.assertIs(_compat.quiet_connected(pool), pool)
+        Factory.deferred.errback(ValueError("Redis error: could not auth: Lost connection"))
+        self.assertIsNone(self.successResultOf(Factory.deferred))
+        other = object()
+        self.assertIs(_compat.quiet_connected(other), other)
+
     def test_twistd_log_file(self) -> None:
         """twistd's SIGUSR1 handler is still a closure over its LogFile, which
         twistd_log_file finds."""
