@@ -13,8 +13,10 @@ import inspect
 from typing import Any, Callable
 
 from twisted.internet import base, tcp
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Protocol
 from twisted.internet.testing import StringTransport
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web import client, http
 
 import twisted
@@ -274,6 +276,31 @@ class CanaryTests(SynchronousTestCase):
             self.broke("twisted.internet._sslverify.IOpenSSLTrustRoot is gone"),
         )
 
+    def test_quiet_connected(self) -> None:
+        """txredisapi's ConnectionHandler still keeps its factory's Deferred
+        as _connected; quiet_connected consumes its failure (an AUTH lost
+        while the lazy pool connects), which trial would otherwise report
+        as an unhandled error in a later test."""
+        import txredisapi
+        from twisted.internet.defer import Deferred
+
+        self.assertIn(
+            "self._connected = factory.deferred",
+            inspect.getsource(txredisapi.ConnectionHandler.__init__),
+            "txredisapi's ConnectionHandler no longer keeps factory.deferred as _connected; "
+            "adapt twisted_forward._compat.quiet_connected",
+        )
+
+        class Factory:
+            deferred: Deferred[None] = Deferred()
+
+        pool = txredisapi.ConnectionHandler(Factory())
+        self.assertIs(_compat.quiet_connected(pool), pool)
+        Factory.deferred.errback(ValueError("Redis error: could not auth: Lost connection"))
+        self.assertIsNone(self.successResultOf(Factory.deferred))
+        other = object()
+        self.assertIs(_compat.quiet_connected(other), other)
+
     def test_twistd_log_file(self) -> None:
         """twistd's SIGUSR1 handler is still a closure over its LogFile, which
         twistd_log_file finds."""
@@ -321,7 +348,9 @@ class SlotNamesCanaryTests(SynchronousTestCase):
         from twisted.web.server import Request
 
         for owner, names in ((Request, _compat.REQUEST_SLOTS),
-                             (_compat.ChannelHooks, _compat.CHANNEL_SLOTS)):
+                             (_compat.ChannelHooks, _compat.CHANNEL_SLOTS),
+                             (_compat.HTTP11ClientProtocol, _compat.CLIENT_PROTOCOL_SLOTS),
+                             (_compat.HTTP11ClientFactory, _compat.CLIENT_FACTORY_SLOTS)):
             for name in names:
                 value = getattr(owner, name, None)
                 self.assertFalse(
@@ -348,6 +377,178 @@ class SlotNamesCanaryTests(SynchronousTestCase):
         target = http.HTTPChannel()
         _compat.fill_slot_defaults(target, [("persistent", 0)])
         self.assertEqual(target.persistent, 0)
+
+
+    def test_client_protocol_names(self) -> None:
+        """CLIENT_PROTOCOL_SLOTS are exactly the names HTTP11ClientProtocol
+        sets on an instance that has sent a request and is reading its
+        answer's body; CLIENT_FACTORY_SLOTS, those _HTTP11ClientFactory sets
+        on a started factory (a new name only costs memory; this says
+        which)."""
+        from twisted.web._newclient import Request as ClientRequest
+        from twisted.web.http_headers import Headers
+
+        protocol = _compat.HTTP11ClientProtocol(lambda p: None)
+        protocol.makeConnection(StringTransport())
+        responses: list[Any] = []
+        protocol.request(
+            ClientRequest(b"GET", b"/", Headers({b"host": [b"x"]}), None, persistent=True)
+        ).addCallback(responses.append)
+        protocol.dataReceived(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        self.assertEqual(len(responses), 1)
+        self.assertEqual(
+            sorted(vars(protocol)), sorted(_compat.CLIENT_PROTOCOL_SLOTS),
+            self.broke("HTTP11ClientProtocol sets other instance attributes"),
+        )
+        defaults = dict(_compat.slot_defaults(_compat.HTTP11ClientProtocol,
+                                              _compat.CLIENT_PROTOCOL_SLOTS))
+        self.assertEqual(defaults["_state"], "QUIESCENT", self.broke("a new protocol's state"))
+        self.assertIsNone(defaults["_parser"])
+
+        factory = _compat.HTTP11ClientFactory(lambda p: None, "metadata")
+        factory.doStart()
+        self.assertEqual(
+            sorted(vars(factory)), sorted(_compat.CLIENT_FACTORY_SLOTS),
+            self.broke("_HTTP11ClientFactory sets other instance attributes"),
+        )
+
+
+def _answer_mid_body() -> tuple[Any, Any]:
+    """An HTTP11ClientProtocol reading a chunked answer's body: (its
+    parser, the answer)."""
+    from twisted.web._newclient import Request as ClientRequest
+    from twisted.web.http_headers import Headers
+
+    protocol = _compat.HTTP11ClientProtocol(lambda p: None)
+    protocol.makeConnection(StringTransport())
+    answers: list[Any] = []
+    protocol.request(
+        ClientRequest(b"GET", b"/", Headers({b"host": [b"x"]}), None, persistent=True)
+    ).addCallback(answers.append)
+    parser = protocol._parser
+    protocol.dataReceived(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+    answers[0].deliverBody(Protocol())
+    protocol.dataReceived(b"5\r\ndata:\r\n")
+    return parser, answers[0]
+
+
+class ClearHeadersCanaryTests(SynchronousTestCase):
+    """clear_headers relies on Headers keeping its fields in the dict
+    ``_rawHeaders``."""
+
+    def test_clear_headers(self) -> None:
+        """The private dict is there and cleared; the Headers object still
+        works after, and an object without it is emptied the public way."""
+        from twisted.web.http_headers import Headers
+
+        headers = Headers({b"a": [b"1"], b"b": [b"2", b"3"]})
+        raw = getattr(headers, "_rawHeaders", None)
+        self.assertIsInstance(
+            raw, dict,
+            f"Twisted {twisted.__version__}: Headers no longer keeps a _rawHeaders dict; "
+            "adapt _compat.clear_headers",
+        )
+        _compat.clear_headers(headers)
+        self.assertEqual(list(headers.getAllRawHeaders()), [])
+        self.assertEqual(raw, {})
+        headers.setRawHeaders(b"c", [b"4"])
+        self.assertEqual(headers.getRawHeaders(b"c"), [b"4"])
+
+        class Other:
+            def __init__(self) -> None:
+                self.fields = {b"a": [b"1"]}
+
+            def getAllRawHeaders(self) -> Any:
+                return iter(self.fields.items())
+
+            def removeHeader(self, name: bytes) -> None:
+                del self.fields[name]
+
+        other = Other()
+        _compat.clear_headers(other)
+        self.assertEqual(other.fields, {})
+
+
+class LateAttributesCanaryTests(TestCase):
+    """LATE_ATTRIBUTES names what Twisted sets on its upstream-side objects
+    (a name it adds only costs memory again; these say which)."""
+
+    def names(self, cls: type) -> set[str]:
+        return {n for c, names in _compat.LATE_ATTRIBUTES if c is cls for n in names}
+
+    def test_names_are_plain_attributes(self) -> None:
+        """No primed name is a property or slot of its class (priming skips
+        those, so the table would not get it)."""
+        for cls, names in _compat.LATE_ATTRIBUTES:
+            for name in names:
+                self.assertFalse(
+                    hasattr(type(getattr(cls, name, None)), "__set__"),
+                    f"Twisted {twisted.__version__}: {cls.__name__}.{name} is a descriptor now",
+                )
+
+    def test_parser_and_answer(self) -> None:
+        """Mid-body, the parser and the answer carry only primed names."""
+        from twisted.web._newclient import HTTPClientParser, Response
+
+        parser, answer = _answer_mid_body()
+        for obj, cls in ((parser, HTTPClientParser), (answer, Response)):
+            self.assertLessEqual(
+                set(vars(obj)), self.names(cls),
+                f"Twisted {twisted.__version__}: {cls.__name__} sets other attributes; "
+                "add them to _compat.LATE_ATTRIBUTES",
+            )
+
+    def test_tcp_client_and_connector(self) -> None:
+        """A connected TCP client transport and its connector (real loopback
+        connection) carry only primed names."""
+        from twisted.internet import reactor
+        from twisted.internet.protocol import ClientFactory, Factory
+
+        port = reactor.listenTCP(0, Factory.forProtocol(Protocol), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        made: Deferred[Any] = Deferred()
+
+        class Client(Protocol):
+            def connectionMade(self) -> None:
+                made.callback(self.transport)
+
+        lost: Deferred[None] = Deferred()
+
+        class Factory_(ClientFactory):
+            protocol = Client
+
+            def clientConnectionLost(self, connector: Any, reason: Any) -> None:
+                lost.callback(None)
+
+        factory = Factory_()
+        connector = reactor.connectTCP("127.0.0.1", port.getHost().port, factory)
+
+        def check(transport: Any) -> Any:
+            for obj, cls in ((transport, tcp.Client), (connector, tcp.Connector)):
+                self.assertLessEqual(
+                    set(vars(obj)), self.names(cls),
+                    f"Twisted {twisted.__version__}: {cls.__name__} sets other attributes; "
+                    "add them to _compat.LATE_ATTRIBUTES",
+                )
+            transport.loseConnection()
+            return lost
+
+        return made.addCallback(check)
+
+    def test_prime_fills_the_table(self) -> None:
+        """prime_instance_layouts sets each name on a throwaway instance:
+        a class primed with a name keeps working as before."""
+
+        class Fresh:
+            value = 1
+            late: int
+
+        _compat.prime_instance_layouts([(Fresh, ("late", "value"))])
+        fresh = Fresh()
+        self.assertEqual(fresh.value, 1)
+        self.assertFalse(hasattr(fresh, "late"))
+        fresh.late = 2
+        self.assertEqual(vars(fresh), {"late": 2})
 
 
 class CanaryCoverageTests(SynchronousTestCase):

@@ -129,6 +129,21 @@ class NamesTests(SynchronousTestCase):
         self.assertEqual([n for n in NAMES_081 if f"`{n}`" not in section], [],
                          "0.8.1 names missing from README.md's migration table")
 
+    def test_every_setting_has_its_typo_prefix(self) -> None:
+        """Every setting named in more than one word starts with a prefix
+        the typo warning watches, so a typo of it (LIMITS_STORE_TIMOUT) is
+        warned about with the right name."""
+        from twisted_forward.config import SETTINGS
+        from twisted_forward.migration import FILE_ONLY_PREFIXES, PREFIXES
+
+        unwatched = [s.env for s in SETTINGS
+                     if "_" in s.env and not s.env.startswith(PREFIXES + FILE_ONLY_PREFIXES)]
+        self.assertEqual(unwatched, [])
+        found = unknown_names([s.env for s in SETTINGS], {"LIMITS_STORE_TIMOUT": "1"},
+                              {"DATABASE_ULR": "postgresql://x"})
+        self.assertEqual(found, [("LIMITS_STORE_TIMOUT", "the environment", "LIMITS_STORE_TIMEOUT"),
+                                 ("DATABASE_ULR", "the .env file", "DATABASE_URL")])
+
     def test_unknown_names(self) -> None:
         """A typo of ours is named with the closest known name; the SDK's
         OPENAI_* in the environment are left alone."""

@@ -20,8 +20,9 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted_forward.config import SETTINGS
 
 from .harness import ProxyTestCase
+from .processes import ROOT
 
-README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+README = os.path.join(ROOT, "README.md")
 
 #: Stands for the README's ``sk-...``: a key the secrets watch can look for.
 REAL_KEY = "sk-readme-quick-start-real-key-0123456789"

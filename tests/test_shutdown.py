@@ -6,6 +6,7 @@ period, cut the rest, exit 0.
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from twisted.internet import defer
 from twisted.web.client import ResponseDone
@@ -98,11 +99,21 @@ class GraceExpiryTests(ProxyHarness):
 
 
 class SigtermTests(ProxyTestCase):
+    """A real twistd stopped by a signal while a stream is open."""
+
     timeout = 60
 
-    @defer.inlineCallbacks
     def test_sigterm_with_stream_open(self):
         """SIGTERM mid-stream: the stream completes, the process exits 0."""
+        return self.stop_mid_stream("TERM")
+
+    def test_sigint_with_stream_open(self):
+        """SIGINT (Ctrl-C) drains as SIGTERM does: the stream completes, exit 0."""
+        return self.stop_mid_stream("INT")
+
+    @defer.inlineCallbacks
+    def stop_mid_stream(self, signal_name: str) -> Any:
+        """Send ``signal_name`` to a twistd with a stream open; check the drain."""
         process = spawn_twistd(self)
         port = yield listening_port(process)
         self.fake.hold_at = 3
@@ -114,7 +125,7 @@ class SigtermTests(ProxyTestCase):
         collector = Collector()
         response.deliverBody(collector)
         yield collector.got_data
-        process.signal("TERM")
+        process.signal(signal_name)
         # Released only once the proxy logged that it is draining.
         yield process.wait_for("draining 1 open request")
         self.fake.release.callback(None)

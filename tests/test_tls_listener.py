@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import socket
 import ssl
@@ -31,7 +32,7 @@ from zope.interface import implementer
 
 from .fake_upstream import chat_chunks
 from .harness import ProxyTestCase
-from .processes import assert_exit, child_env, spawn
+from .processes import TWISTD, assert_exit, child_env, spawn
 from .tls_fixtures import ThrowawayCA
 
 _CA = None
@@ -190,10 +191,9 @@ class UnixListenerTests(ProxyTestCase):
 #: it), and LISTEN_FDNAMES is set as systemd >= 227 does (Twisted ignores
 #: inherited sockets without it).
 _ACTIVATED = (
-    'LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=openai-forward.socket exec "$0" -c '
-    '"from twisted.scripts.twistd import run; run()" '
-    "-n --pidfile= openai-forward --env-file /dev/null "
-    "--port systemd:domain=INET:index=0"
+    "LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=openai-forward.socket exec "
+    + " ".join(shlex.quote(word) for word in TWISTD)
+    + " -n --pidfile= openai-forward --env-file /dev/null --port systemd:domain=INET:index=0"
 )
 
 
@@ -218,7 +218,7 @@ class SystemdActivationTests(ProxyTestCase):
         os.makedirs(workdir)
         child = spawn(
             self,
-            ["/bin/sh", "-c", _ACTIVATED, sys.executable],
+            ["/bin/sh", "-c", _ACTIVATED],
             child_env(OPENAI_BASE_URL=f"http://127.0.0.1:{self.upstream_port}"),
             workdir,
             name="twistd (socket-activated)",

@@ -7,6 +7,9 @@ fenced in twisted_forward/_compat.py.
 
 from __future__ import annotations
 
+import gc
+import types
+
 from twisted.internet.defer import Deferred
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
@@ -155,6 +158,53 @@ class GuardedProtocolTests(SynchronousTestCase):
         self.assertIsInstance(failure, Failure)
         self.assertIsInstance(head_refusal(failure), UpstreamHeadRefused)
         self.assertEqual(head_refusal(failure).code, "upstream_bad_head")
+
+    def test_mid_answer_state_is_slotted(self):
+        """Reading an answer's body, the protocol keeps Twisted's state and
+        ours in slots: its instance dict stays empty, and the factory's
+        (started, as an endpoint starts it) and the scanner's too."""
+        self.send(b"GET")
+        self.protocol.dataReceived(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n5\r\ndata:\r\n"
+        )
+        [response] = self.answers
+        response.deliverBody(_Sink())
+        self.assertEqual(self.protocol.state, "WAITING")
+        self.assertEqual(vars(self.protocol), {})
+        factory = GuardedClientFactory(self.pooled.append, "test", 1024, 10)
+        factory.doStart()
+        self.assertEqual(factory.numPorts, 1)
+        self.assertEqual(vars(factory), {})
+        self.assertFalse(hasattr(self.protocol.scanner, "__dict__"))
+
+    def test_connection_keeps_no_extras(self):
+        """The factory keeps neither the endpoint description the pool makes
+        for each connection nor a method bound to itself; each protocol's
+        quiescent callback is one shared function, not a bound method."""
+        metadata = f"HostnameEndpoint(upstream.test:443) {id(self)}"
+        factory = GuardedClientFactory(self.pooled.append, metadata, 1024, 10)
+        referents = gc.get_referents(factory)
+        self.assertFalse(any(r is metadata for r in referents))
+        self.assertFalse(any(isinstance(r, types.MethodType) for r in referents))
+        protocol = factory.buildProtocol(None)
+        self.assertFalse(
+            any(isinstance(r, types.MethodType) for r in gc.get_referents(protocol))
+        )
+        self.assertIs(protocol.pool_callback.__self__, self.pooled)
+
+    def test_starts_with_twisted_defaults(self):
+        """A new protocol has the values Twisted's class attributes give
+        (each slot hides one), and the factory's repr names its limits
+        instead of recursing through its bound callback."""
+        protocol = GuardedClientProtocol(self.pooled.append, 1024, 10)
+        self.assertEqual(protocol.state, "QUIESCENT")
+        self.assertIsNone(protocol.transport)
+        self.assertEqual(protocol.connected, 0)
+        self.assertFalse(protocol.awaiting_head)
+        factory = GuardedClientFactory(self.pooled.append, "test", 1024, 10)
+        self.assertEqual(factory.numPorts, 0)
+        self.assertEqual(repr(factory), "<GuardedClientFactory max_head=1024 max_headers=10>")
 
     def test_head_refusal_ignores_other_failures(self):
         """Other failures are not refusals."""

@@ -19,11 +19,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from twisted.internet import tcp
+from twisted.internet.defer import Deferred
 
 # The HTTP/1.1 client protocol itself: public in name, but defined (and only
 # documented) in the private module twisted.web._newclient; subclassed for
 # its public methods (request, dataReceived, connectionLost).
-from twisted.web._newclient import HTTP11ClientProtocol
+from twisted.web._newclient import HTTP11ClientProtocol, HTTPClientParser, Response
 
 # The factory HTTPConnectionPool builds for each new connection; subclassed to
 # hand the pool our own client protocol (twisted_forward.upstream_http).  No
@@ -38,14 +39,20 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CHANNEL_SLOTS",
+    "CLIENT_FACTORY_SLOTS",
+    "CLIENT_PROTOCOL_SLOTS",
     "REQUEST_SLOTS",
     "ChannelHooks",
     "HTTP11ClientFactory",
     "HTTP11ClientProtocol",
     "IOpenSSLTrustRoot",
     "clear_exit_signal",
+    "clear_headers",
     "fill_slot_defaults",
+    "LATE_ATTRIBUTES",
     "limit_accepts_per_read",
+    "quiet_connected",
+    "prime_instance_layouts",
     "send_now",
     "set_pool_factory",
     "slot_defaults",
@@ -120,6 +127,24 @@ def clear_exit_signal(reactor: object) -> None:
         reactor._exitSignal = None  # type: ignore[attr-defined]  # private, see docstring
 
 
+def clear_headers(headers: Any) -> None:
+    """Remove every field of a ``twisted.web.http_headers.Headers`` and free
+    the table that held them.
+
+    Removing each name through the public API frees the names, values and
+    lists but leaves the dict's table as large as it grew (a dict never
+    shrinks).  ``Headers`` keeps its fields in the private dict
+    ``_rawHeaders`` (Twisted 26.4 to 26.10); ``clear()`` frees its table
+    too.  Without that dict, the public way.
+    """
+    raw = getattr(headers, "_rawHeaders", None)
+    if isinstance(raw, dict):
+        raw.clear()
+        return
+    for name in [name for name, _ in headers.getAllRawHeaders()]:
+        headers.removeHeader(name)
+
+
 def limit_accepts_per_read(port: tcp.Port, batch: int) -> None:
     """Make a TCP/UNIX listening ``port`` accept at most ``batch`` connections
     each time its socket is readable.
@@ -136,6 +161,25 @@ def limit_accepts_per_read(port: tcp.Port, batch: int) -> None:
         return accept()
 
     port.doRead = doRead  # type: ignore[method-assign]  # on this one instance, see docstring
+
+
+def quiet_connected(pool: Any) -> Any:
+    """``pool`` (a txredisapi lazy pool), its "all connected" Deferred made
+    quiet.
+
+    Not Twisted's, but fenced here the same way: txredisapi's
+    ``ConnectionHandler`` keeps the factory's Deferred, fired once every
+    connection of the pool is made, in ``_connected``, and a lazy pool
+    hands nobody else that Deferred.  A connection lost during its AUTH
+    (the pool closed at a reload or a stop while it connects) errbacks it;
+    unhandled, it is logged as "Unhandled error in Deferred" when collected
+    (txredisapi has already logged the cause).  Read in txredisapi 1.6.0;
+    a pool without it is returned as it is.
+    """
+    connected = getattr(pool, "_connected", None)
+    if isinstance(connected, Deferred):
+        connected.addErrback(lambda _: None)
+    return pool
 
 
 def twistd_log_file(handler: Any) -> Any:
@@ -236,6 +280,20 @@ CHANNEL_SLOTS = (
 )
 
 
+#: What ``HTTP11ClientProtocol`` (with ``Protocol.makeConnection``) sets on
+#: an instance while it sends a request and reads its answer: the upstream
+#: side's protocol, one per open stream.  Not ``state``, a property.
+CLIENT_PROTOCOL_SLOTS = (
+    "_quiescentCallback", "_abortDeferreds", "_state", "_parser", "_finishedRequest",
+    "_currentRequest", "_transportProxy", "_responseDeferred", "transport", "connected",
+)
+
+#: What ``_HTTP11ClientFactory`` (with ``Factory.doStart``) sets on an
+#: instance: the pool builds one per upstream connection, and it lives as
+#: long as the connection.
+CLIENT_FACTORY_SLOTS = ("_quiescentCallback", "_metadata", "numPorts")
+
+
 def slot_defaults(base: type, names: Sequence[str]) -> tuple[tuple[str, Any], ...]:
     """The class-level values ``base`` (and its bases) give ``names``: what
     a subclass declaring them in ``__slots__`` sets on each new instance.
@@ -253,3 +311,68 @@ def fill_slot_defaults(instance: object, defaults: Sequence[tuple[str, Any]]) ->
     """Give ``instance`` the values its bases' class attributes had."""
     for name, value in defaults:
         setattr(instance, name, value)
+
+
+# ------------------------------------------------------------ layouts
+#
+# CPython (3.11 to 3.13 at least) keeps a plain class's instance attributes
+# in a small inline array indexed by a key table shared by all instances of
+# the class.  A name joins that table only while the class is young: each
+# new instance shrinks the room left, so once a few dozen instances exist,
+# a name set for the first time gets no slot, and every instance that sets
+# it from then on is given a full hash table (400 to 800 bytes) instead.
+# Twisted's upstream-side objects set some of their attributes only when
+# the connection is made or the answer arrives: when the proxy's first
+# upstream connections open in a burst (any busy start), the parser and the
+# TCP transport of every later stream carry a hash table for the life of
+# the process.  :func:`prime_instance_layouts` sets those names once on a
+# throwaway instance of each class before any connection, so the table
+# holds them whatever the traffic does.  Only memory depends on it: a name
+# Twisted stops using costs nothing, one it adds costs what it costs today
+# (tests/test_compat.py says which).
+
+#: The Twisted classes made for each upstream request and the names set on
+#: their instances over an answer's life (Twisted 26.4 to 26.10), in the
+#: order they are first set; transient ones (``doRead``/``doWrite`` while
+#: connecting, the close flags) included.
+LATE_ATTRIBUTES: tuple[tuple[type, tuple[str, ...]], ...] = (
+    (HTTPClientParser, (
+        "request", "finisher", "_responseDeferred", "_everReceivedData", "connected",
+        "transport", "headers", "connHeaders", "state", "_partialHeader",
+        "_busyReceiving", "_buffer", "response", "bodyDecoder", "line_mode", "paused",
+    )),
+    (tcp.Client, (
+        "connector", "addr", "_requiresResolution", "reactor", "socket", "fileno",
+        "dataBuffer", "_tempDataBuffer", "_tempDataLen", "offset", "producer",
+        "streamingProducer", "realAddress", "doWrite", "doRead", "protocol", "connected",
+        "logstr", "disconnecting", "disconnected",
+    )),
+    (tcp.Connector, (
+        "host", "port", "factory", "timeout", "bindAddress", "reactor", "state",
+        "factoryStarted", "transport",
+    )),
+    (Response, (
+        "version", "code", "phrase", "headers", "_transport", "_bodyBuffer", "_state",
+        "request", "previousResponse", "length", "_bodyProtocol", "_bodyFinished", "_reason",
+    )),
+)
+
+
+def prime_instance_layouts(
+    layouts: Sequence[tuple[type, Sequence[str]]] = LATE_ATTRIBUTES,
+) -> None:
+    """Give each class's shared attribute table the names its instances will
+    set (see above); call before the first upstream connection.
+
+    Each name is set on one instance made without ``__init__`` and thrown
+    away.  A name that is a data descriptor of the class (a property, a
+    slot) is skipped: setting it on the probe would run code or store
+    nothing in the table.
+    """
+    for cls, names in layouts:
+        probe: object = object.__new__(cls)
+        for name in names:
+            if hasattr(type(getattr(cls, name, None)), "__set__"):
+                continue
+            object.__setattr__(probe, name, None)
+        del probe

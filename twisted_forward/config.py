@@ -26,6 +26,7 @@ from .cache.settings import (
     parse_routes,
 )
 from .cors import parse_cors_origins
+from .migration import migrate, replaced_name
 from .policies.settings import POLICY_SETTINGS, PolicyConfig, PolicyConfigError
 from .policies.settings import build as build_policy_config
 from .trust import read_ca_file
@@ -43,9 +44,6 @@ _SPLIT = re.compile(r"[\s,]+")
 METRICS_ON = "on"
 METRICS_OFF = "off"
 METRICS_PUBLIC = "public"
-
-
-from .migration import migrate, replaced_name  # noqa: E402
 
 
 class ConfigError(ValueError):

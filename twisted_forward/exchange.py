@@ -35,7 +35,7 @@ from .config import Route
 from .errors import error_body, send_error, write_error
 from .framing import Refusal, client_transport
 from .headcheck import IHeadCheck, key_refusal
-from .headers import relay_response_headers, upstream_request_headers
+from .headers import relay_response_headers, release_upstream_headers, upstream_request_headers
 from .keys import KeyDecision, KeyRules, SecretMask, key_refused, looks_keyed, scrub
 from .limits import UpstreamSlots
 from .loops import mark
@@ -509,6 +509,9 @@ class Exchange:
             self.tap.response(code, request.responseHeaders)
         self.relay = Relay(self)
         response.deliverBody(self.relay)
+        # Copied to the client's answer, and the request sent: nothing reads
+        # either again, though Twisted keeps both as long as the answer.
+        release_upstream_headers(response)
 
     def _fail_over(self, code: int) -> bool:
         """Try the next default key, if there is one; True if it is tried."""

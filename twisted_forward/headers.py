@@ -8,10 +8,11 @@ hiding the client's origin is the point of the proxy.
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Any, Iterable, Optional
 
 from twisted.web.http_headers import Headers
 
+from ._compat import clear_headers
 from .keys import CREDENTIAL_HEADERS
 
 #: Connection-specific headers: meaningful for one hop only (RFC 9110 §7.6.1,
@@ -144,3 +145,32 @@ def upstream_request_headers(
 def relay_response_headers(upstream: Headers, dest: Headers) -> None:
     """Copy the upstream's answer headers, minus hop-by-hop ones, to ``dest``."""
     _copy(upstream, dest, _NOT_DOWNSTREAM)
+
+
+def release(headers: Optional[Headers]) -> None:
+    """Empty ``headers`` once nothing will read them again: their names,
+    values and lists are freed while whoever holds the object keeps it.
+
+    For an open stream, Twisted keeps the upstream request's headers and the
+    upstream answer's (the request object, the parser and the answer refer
+    to them) until the answer ends, long after they were sent or copied; and
+    the client's answer headers, long after they were written.
+    """
+    if headers is not None:
+        clear_headers(headers)
+
+
+def release_upstream_headers(response: Any) -> None:
+    """Empty an upstream answer's headers (once copied to the client's) and
+    those of the request it answers (sent before the answer came).
+
+    ``response`` is an ``IResponse``; its ``request`` (an
+    ``IClientRequest``, public since Twisted 13.1) may be missing in test
+    doubles.
+    """
+    headers = getattr(response, "headers", None)
+    if isinstance(headers, Headers):
+        release(headers)
+    request_headers = getattr(getattr(response, "request", None), "headers", None)
+    if isinstance(request_headers, Headers):
+        release(request_headers)

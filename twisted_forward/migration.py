@@ -41,12 +41,17 @@ from typing import Iterable, Mapping
 #: First words of our setting names: an unknown variable starting with one
 #: of these is probably a typo of ours.  ``OPENAI_`` is checked in the .env
 #: file only: the environment holds the SDK's own (OPENAI_ORG_ID, ...).
+#: Every setting's name but the one-word ones starts with one of these or
+#: of :data:`FILE_ONLY_PREFIXES` (tests/test_migration.py checks).
 PREFIXES = (
     "FORWARD_", "LOG_", "CACHE_", "IP_", "TRUSTED_", "METRICS_", "ADMIN_", "LEDGER_",
     "REQ_", "TOKEN_", "GLOBAL_", "RATE_", "SHUTDOWN_", "HEALTHZ_", "ROUTE_", "LEVEL_",
     "CONNECT_", "READ_", "IDLE_", "MAX_", "REQUEST_", "PRINT_", "BENCHMARK_", "DEFAULT_",
+    "CORS_", "KEY_", "PRICES_", "UNKNOWN_MODEL_", "LIMITS_",
 )
-FILE_ONLY_PREFIXES = ("OPENAI_",)
+#: Checked in the .env file only: in the environment other programs use
+#: them too (OpenSSL's SSL_CERT_DIR, a container's REDIS_HOST, ...).
+FILE_ONLY_PREFIXES = ("OPENAI_", "REDIS_", "DATA_", "DATABASE_", "SSL_")
 
 
 def migrate(parsed: Mapping[str, object], kwargs: dict[str, object]) -> None:

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from ._compat import quiet_connected
+
 _SCHEMES = ("redis", "rediss", "unix")
 
 
@@ -126,7 +128,7 @@ def connect(
     if target.username is not None:
         common["username"] = target.username
     if target.scheme == "unix":
-        return txredisapi.lazyUnixConnectionPool(target.path, **common)
+        return quiet_connected(txredisapi.lazyUnixConnectionPool(target.path, **common))
     tls: Any = False
     if target.tls:
         from twisted.internet.ssl import optionsForClientTLS
@@ -135,9 +137,9 @@ def connect(
 
         trust = load_trust_root(ca_file) if ca_file is not None else None
         tls = optionsForClientTLS(target.host, trustRoot=trust)
-    return txredisapi.lazyConnectionPool(
+    return quiet_connected(txredisapi.lazyConnectionPool(
         target.host, target.port, ssl_context_factory=tls, **common
-    )
+    ))
 
 
 def probe(target: RedisTarget, timeout: float, ca_file: Optional[str] = None) -> None:
@@ -186,7 +188,7 @@ def probe(target: RedisTarget, timeout: float, ca_file: Optional[str] = None) ->
                     code = reply[1:].split(None, 1)[0].decode("ascii", "replace")
                     what = command[0].decode()
                     raise ConnectionError(f"the server refused {what} ({code})")
-    except socket.timeout:
+    except TimeoutError:
         raise ConnectionError(f"no answer within {timeout:g}s") from None
     except ssl.SSLError as e:
         raise ConnectionError(f"TLS failed ({e.reason or e})") from None

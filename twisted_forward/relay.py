@@ -25,6 +25,7 @@ from zope.interface import implementer
 
 from .decoding import decode_whole
 from .framing import client_transport
+from .headers import release
 
 if TYPE_CHECKING:
     from .exchange import Exchange
@@ -76,13 +77,18 @@ class Relay(Protocol):
     lets the idle timer tell a silent upstream from a client that stalled.
     """
 
+    # ``transport`` and ``connected`` are Protocol's (set by makeConnection):
+    # slotted too, so a relay holds no instance dict.
     __slots__ = (
         "exchange", "request", "tap", "reactor", "idle", "last", "timer", "stopped", "paused",
+        "transport", "connected",
     )
 
     log = Logger()
 
     def __init__(self, exchange: Exchange) -> None:
+        self.transport = None
+        self.connected = 0
         self.exchange = exchange
         self.request = exchange.request
         self.tap = exchange.tap
@@ -128,11 +134,21 @@ class Relay(Protocol):
         # asked for included); the client, what it asked for.
         if self.tap is not None:
             self.tap.data(data)
-        data = self.exchange.admission.relay(data)
+        exchange = self.exchange
+        data = exchange.admission.relay(data)
         if not data:
             return
         self.request.write(data)
-        self.exchange.sent += len(data)
+        if not exchange.sent:
+            # The first write sent the answer's head (its CORS headers set
+            # from the request's): neither Twisted nor the exchange reads
+            # the answer's headers or the request's again (the access line,
+            # the record, the ledger and the policies took what they need
+            # when the request came), though the request keeps both to the
+            # end of the stream.
+            release(self.request.responseHeaders)
+            release(self.request.requestHeaders)
+        exchange.sent += len(data)
 
     def _check_idle(self) -> None:
         """Fires at most once an idle period; cheaper than a reset per chunk."""

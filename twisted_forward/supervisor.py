@@ -53,6 +53,7 @@ from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from ._compat import clear_exit_signal
 from .config import Config, ConfigError
 from .exitstatus import give_up
 from .logfiles import LogReopenService
@@ -454,6 +455,10 @@ class WorkerPool(Service):
         if self.metrics_folder is not None:
             self.metrics_folder.remove()
             self.metrics_folder = self.metrics_dir = None
+        # As a single proxy does (ProxyService.stopService): twistd would
+        # re-raise the SIGTERM that stopped it, and systemd or Docker would
+        # see "killed by SIGTERM" (exit 143) after an orderly stop.
+        clear_exit_signal(self.reactor)
 
     def _kill_stragglers(self) -> None:
         for worker in list(self.workers.values()):

@@ -88,6 +88,8 @@ def host_header(base: UpstreamURL) -> bytes:
 class BytesProducer:
     """A request body already in memory, written in one go."""
 
+    __slots__ = ("_body", "length")
+
     def __init__(self, body: bytes) -> None:
         self._body = body
         self.length = len(body)

@@ -37,7 +37,17 @@ from twisted.web.client import (
 )
 from twisted.web.iweb import IResponse
 
-from ._compat import HTTP11ClientFactory, HTTP11ClientProtocol, send_now, set_pool_factory
+from ._compat import (
+    CLIENT_FACTORY_SLOTS,
+    CLIENT_PROTOCOL_SLOTS,
+    HTTP11ClientFactory,
+    HTTP11ClientProtocol,
+    fill_slot_defaults,
+    prime_instance_layouts,
+    send_now,
+    set_pool_factory,
+    slot_defaults,
+)
 
 #: Default cap on an answer head's size, status line and blank line included.
 MAX_HEAD = 64 * 1024
@@ -75,6 +85,11 @@ def head_refusal(failure: Failure) -> Optional[UpstreamHeadRefused]:
 class HeadScanner:
     """Checks the bytes of one answer head (and any 1xx heads before it)
     as they arrive, without holding more than one partial line."""
+
+    __slots__ = (
+        "max_head", "max_headers", "scanning", "_size", "_lines", "_partial",
+        "_status_line", "_interim",
+    )
 
     def __init__(self, max_head: int, max_headers: int) -> None:
         self.max_head = max_head
@@ -164,8 +179,22 @@ class HeadScanner:
         )
 
 
+#: The class-level values the slots of :class:`GuardedClientProtocol` hide.
+_PROTOCOL_DEFAULTS = slot_defaults(HTTP11ClientProtocol, CLIENT_PROTOCOL_SLOTS)
+#: ... and those of :class:`GuardedClientFactory`.
+_FACTORY_DEFAULTS = slot_defaults(HTTP11ClientFactory, CLIENT_FACTORY_SLOTS)
+
+
 class GuardedClientProtocol(HTTP11ClientProtocol):
-    """``HTTP11ClientProtocol`` with the head guard and the reuse guard."""
+    """``HTTP11ClientProtocol`` with the head guard and the reuse guard.
+
+    One per upstream connection, alive as long as its stream: Twisted's
+    attributes and ours are in ``__slots__`` (names in
+    :data:`twisted_forward._compat.CLIENT_PROTOCOL_SLOTS`), one pointer each
+    instead of an instance dict.
+    """
+
+    __slots__ = CLIENT_PROTOCOL_SLOTS + ("scanner", "refused", "awaiting_head", "pool_callback")
 
     #: The upstream connection (TCP, or TLS over it), set before any call.
     transport: ITCPTransport
@@ -173,7 +202,13 @@ class GuardedClientProtocol(HTTP11ClientProtocol):
     def __init__(
         self, quiescentCallback: Callable[[Any], None], max_head: int, max_headers: int
     ) -> None:
-        super().__init__(quiescentCallback)
+        """:param quiescentCallback: the pool's: called with this protocol
+        when its connection may take another request (not after an answer
+        that ended with its head, see :func:`_quiescent`)."""
+        fill_slot_defaults(self, _PROTOCOL_DEFAULTS)
+        # A plain function, not a method bound to each protocol or factory.
+        super().__init__(_quiescent)
+        self.pool_callback = quiescentCallback
         self.scanner = HeadScanner(max_head, max_headers)
         self.refused: Optional[Failure] = None
         #: True from a request until its answer's head is handed on.
@@ -207,9 +242,26 @@ class GuardedClientProtocol(HTTP11ClientProtocol):
         super().connectionLost(self.refused if self.refused is not None else reason)
 
 
+def _quiescent(protocol: GuardedClientProtocol) -> None:
+    """A guarded connection's answer is over: back to the pool, unless the
+    answer ended with its head."""
+    if protocol.awaiting_head:
+        # The answer ended with its head (HEAD, 204, 304, length 0):
+        # whatever the upstream sends next must reach no one.
+        protocol.transport.loseConnection()
+        return
+    protocol.pool_callback(protocol)
+
+
 class GuardedClientFactory(HTTP11ClientFactory):
-    """Builds :class:`GuardedClientProtocol`; closes instead of pooling a
-    connection whose last answer ended with its head."""
+    """Builds :class:`GuardedClientProtocol` s for the pool (each closes
+    instead of pooling a connection whose last answer ended with its head).
+
+    The pool builds one per upstream connection; it lives as long as the
+    connection, so it is slotted too (:data:`twisted_forward._compat.CLIENT_FACTORY_SLOTS`).
+    """
+
+    __slots__ = CLIENT_FACTORY_SLOTS + ("_pool_callback", "_max_head", "_max_headers")
 
     noisy = False
 
@@ -220,25 +272,37 @@ class GuardedClientFactory(HTTP11ClientFactory):
         max_head: int = MAX_HEAD,
         max_headers: int = MAX_HEADERS,
     ) -> None:
-        super().__init__(self._quiescent, metadata)
+        fill_slot_defaults(self, _FACTORY_DEFAULTS)
+        # Twisted keeps ``metadata`` (the endpoint's repr, made for each
+        # connection) only for its own repr, replaced below: not kept.
+        super().__init__(quiescentCallback, "")
         self._pool_callback = quiescentCallback
         self._max_head = max_head
         self._max_headers = max_headers
 
-    def buildProtocol(self, addr: Any) -> GuardedClientProtocol:
-        return GuardedClientProtocol(self._quiescent, self._max_head, self._max_headers)
+    def __repr__(self) -> str:
+        return f"<GuardedClientFactory max_head={self._max_head} max_headers={self._max_headers}>"
 
-    def _quiescent(self, protocol: GuardedClientProtocol) -> None:
-        if protocol.awaiting_head:
-            # The answer ended with its head (HEAD, 204, 304, length 0):
-            # whatever the upstream sends next must reach no one.
-            protocol.transport.loseConnection()
-            return
-        self._pool_callback(protocol)
+    def buildProtocol(self, addr: Any) -> GuardedClientProtocol:
+        return GuardedClientProtocol(self._pool_callback, self._max_head, self._max_headers)
+
+
+#: Whether :func:`guard_pool` laid out Twisted's classes in this process.
+_primed = False
 
 
 def guard_pool(pool: HTTPConnectionPool, max_head: int, max_headers: int) -> None:
-    """Make ``pool``'s connections use :class:`GuardedClientProtocol`."""
+    """Make ``pool``'s connections use :class:`GuardedClientProtocol`.
+
+    Also lays out Twisted's upstream-side objects before the first
+    connection (:func:`twisted_forward._compat.prime_instance_layouts`), so
+    a burst of first streams does not leave every later one carrying a hash
+    table in its parser and its transport.
+    """
+    global _primed
+    if not _primed:
+        prime_instance_layouts()
+        _primed = True
 
     def factory(quiescentCallback: Callable[[Any], None], metadata: str) -> GuardedClientFactory:
         return GuardedClientFactory(quiescentCallback, metadata, max_head, max_headers)

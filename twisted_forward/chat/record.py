@@ -397,13 +397,15 @@ class _Choice:
     def __init__(self, index: int) -> None:
         self.index = index
         self.role: Optional[str] = None
-        self.content: list[str] = []
-        self.reasoning: list[str] = []
-        self.refusal: list[str] = []
-        self.text: list[str] = []
-        self.transcript: list[str] = []
-        self.tool_calls: dict[int, dict[str, Any]] = {}
-        self.tool_ids: dict[str, int] = {}
+        # Each made on its first piece: a streamed answer uses one or two
+        # of them, and an open stream would hold the rest empty.
+        self.content: Optional[list[str]] = None
+        self.reasoning: Optional[list[str]] = None
+        self.refusal: Optional[list[str]] = None
+        self.text: Optional[list[str]] = None
+        self.transcript: Optional[list[str]] = None
+        self.tool_calls: Optional[dict[int, dict[str, Any]]] = None
+        self.tool_ids: Optional[dict[str, int]] = None
         self.function_call: Optional[dict[str, Any]] = None
         self.finish_reason: Optional[str] = None
         self.size = 0
@@ -420,16 +422,27 @@ class _Choice:
         self.size += len(piece)
         parts.append(piece)
 
+    def add_part(self, field: str, piece: Any) -> None:
+        """Add ``piece`` to the text parts named ``field`` (made on the
+        first piece)."""
+        if piece is None:
+            return
+        parts = getattr(self, field)
+        if parts is None:
+            parts = []
+            setattr(self, field, parts)
+        self.add_text(parts, piece)
+
     def add_delta(self, delta: dict[str, Any]) -> None:
         role = delta.get("role")
         if isinstance(role, str) and role:
             self.role = role
-        self.add_text(self.content, delta.get("content"))
-        self.add_text(self.reasoning, delta.get("reasoning_content"))
-        self.add_text(self.refusal, delta.get("refusal"))
+        self.add_part("content", delta.get("content"))
+        self.add_part("reasoning", delta.get("reasoning_content"))
+        self.add_part("refusal", delta.get("refusal"))
         audio = delta.get("audio")
         if isinstance(audio, dict):
-            self.add_text(self.transcript, audio.get("transcript"))
+            self.add_part("transcript", audio.get("transcript"))
         calls = delta.get("tool_calls")
         if isinstance(calls, list):
             for call in calls:
@@ -442,6 +455,8 @@ class _Choice:
             _merge_call_fields(self, self.function_call, function_call)
 
     def _add_tool_call(self, call: dict[str, Any]) -> None:
+        if self.tool_calls is None or self.tool_ids is None:
+            self.tool_calls, self.tool_ids = {}, {}
         index = call.get("index")
         call_id = call.get("id")
         if not isinstance(index, int):
@@ -469,7 +484,7 @@ class _Choice:
     def result(self, conversation_kind: str) -> dict[str, Any]:
         out: dict[str, Any] = {"index": self.index}
         if conversation_kind == "completion":
-            out["text"] = "".join(self.text)
+            out["text"] = "".join(self.text or ())
         else:
             out["role"] = self.role or "assistant"
             out["content"] = "".join(self.content) if self.content else None
@@ -568,7 +583,7 @@ class ChoiceAssembler:
             if isinstance(delta, dict):
                 slot.add_delta(delta)
             if "text" in choice:
-                slot.add_text(slot.text, choice["text"])
+                slot.add_part("text", choice["text"])
             reason = choice.get("finish_reason")
             if reason is not None:
                 slot.finish_reason = reason
