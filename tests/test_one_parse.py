@@ -346,3 +346,17 @@ class KeyDecidedOnceTests(OneExchange):
         self.patch(KeyRules, "decide", counting)
         self.assertIn(b"hello", self.exchange())
         self.assertEqual(len(calls), 1)
+
+
+class ResetBytesTests(SynchronousTestCase):
+    """The ``x-ratelimit-reset-*`` values formatted once per whole second."""
+
+    def test_same_as_format_reset(self):
+        """Below a second, at whole seconds, between them, and past a day,
+        asked twice (the second time from the memory): what
+        ``format_reset`` writes."""
+        from twisted_forward.policies.gate import _reset_bytes, format_reset
+
+        for seconds in (0.0, 0.02, 0.999, 1.0, 1.2, 59.01, 60.0, 61.5, 3600.5, 86399.2, 90000.0):
+            for _ in range(2):
+                self.assertEqual(_reset_bytes(seconds), format_reset(seconds).encode(), seconds)

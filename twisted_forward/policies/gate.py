@@ -204,6 +204,24 @@ def format_reset(seconds: float) -> str:
     return f"{secs}s"
 
 
+#: ``format_reset`` of whole seconds, as header bytes, by the seconds.
+_RESETS: dict[int, bytes] = {}
+
+
+def _reset_bytes(seconds: float) -> bytes:
+    """:func:`format_reset` as bytes; from 1 s on it depends only on the
+    whole seconds rounded up, so each is formatted once."""
+    if seconds < 1:
+        return format_reset(seconds).encode()
+    whole = int(math.ceil(seconds))
+    found = _RESETS.get(whole)
+    if found is None:
+        if len(_RESETS) >= 4096:
+            _RESETS.clear()
+        found = _RESETS[whole] = format_reset(seconds).encode()
+    return found
+
+
 @dataclass(eq=False)
 class _Plan:
     """The buckets of one request and what each is for.
@@ -226,6 +244,9 @@ class _Plan:
     request_states: tuple[int, ...] = ()
     token_states: tuple[int, ...] = ()
     quota_states: tuple[int, ...] = ()
+    #: The buckets a settlement touches, in order, each with how its real
+    #: amount is measured (None: a parallel slot, given back whole).
+    settles: tuple[tuple[Bucket, Optional[Callable[[Usage], int]]], ...] = ()
 
     def add(self, bucket: Bucket, kind: str, measure: Optional[Callable[[Usage], int]] = None) -> None:
         self.buckets.append(bucket)
@@ -243,6 +264,11 @@ class _Plan:
         self.quota_states = tuple(
             i for i, k in enumerate(kinds)
             if k == _QUOTA and buckets[i].id.rsplit("/", 1)[-1].startswith("tokens")
+        )
+        self.settles = tuple(
+            (bucket, None if bucket.kind == CONCURRENT else measure)
+            for bucket, measure in zip(buckets, self.measure)
+            if bucket.kind == CONCURRENT or measure is not None
         )
         return self
 
@@ -586,15 +612,14 @@ class PolicyGate:
 
         def settle(usage: Optional[Usage], complete: bool) -> None:
             settlements = []
-            for bucket, measure in zip(plan.buckets, plan.measure):
-                if bucket.kind == CONCURRENT:
+            for bucket, measure in plan.settles:
+                if measure is None:  # a parallel slot
                     settlements.append(Settlement(bucket, 0))
-                elif measure is not None:
-                    if usage is not None:
-                        settlements.append(Settlement(bucket, measure(usage)))
-                    elif not complete:
-                        settlements.append(Settlement(bucket, 0))
-                    # complete without usage: the reservation stands.
+                elif usage is not None:
+                    settlements.append(Settlement(bucket, measure(usage)))
+                elif not complete:
+                    settlements.append(Settlement(bucket, 0))
+                # complete without usage: the reservation stands.
             if not settlements:
                 return
             if immediate is not None:
@@ -676,7 +701,7 @@ def _rate_headers(plan: _Plan, states: Sequence[BucketState]) -> list[tuple[byte
             headers += [
                 (limit, b"%d" % tightest.limit),
                 (remaining, b"%d" % tightest.remaining),
-                (reset, format_reset(tightest.reset).encode()),
+                (reset, _reset_bytes(tightest.reset)),
             ]
     return headers
 
