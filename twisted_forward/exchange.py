@@ -177,7 +177,12 @@ class ProxyResource(Resource):
         """Ask the policies, then refuse or start the exchange.  A store
         that answers at once (memory) answers within this call."""
         assert self.policy is not None
-        credential = decision.authorization or (decision.send[0][1] if decision.send else b"")
+        client_key = ""
+        if not decision.substituted:
+            # Only a client's own key is counted by its digest.
+            credential = decision.authorization or (decision.send[0][1] if decision.send else b"")
+            if credential:
+                client_key = client_digest(credential)
         facts = RequestFacts(
             label=decision.label,
             level=decision.level,
@@ -187,8 +192,7 @@ class ProxyResource(Resource):
             content=request.content,
             content_type=request.getHeader(b"content-type") or b"",
             reservation=f"{_ID_PREFIX}-{next(_ids):x}",
-            # Only a client's own key is counted by its digest.
-            client_key=client_digest(credential) if credential and not decision.substituted else "",
+            client_key=client_key,
             shared=SharedParse() if self.share_parses else None,
         )
         decided = self.policy.decide(facts)
