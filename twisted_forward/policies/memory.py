@@ -116,7 +116,20 @@ class MemoryStore:
         self._count += 1
         if self._count % self.SWEEP_EVERY == 0:
             self.sweep(now)
-        used = [self._used(b, now) for b in buckets]
+        fixed, fixed_ends = self._fixed, self._fixed_ends
+        used: list[int] = []
+        for bucket in buckets:
+            # A fixed window (most buckets) inline: what _used does.
+            if bucket.kind == FIXED:
+                key = (bucket.id, bucket.start)
+                end = fixed_ends.get(key)
+                if end is not None and end <= now:
+                    del fixed[key], fixed_ends[key]
+                    used.append(0)
+                else:
+                    used.append(fixed.get(key, 0))
+            else:
+                used.append(self._used(bucket, now))
         for i, bucket in enumerate(buckets):
             held = used[i]
             if held + bucket.amount > bucket.limit or held >= bucket.limit:
@@ -125,12 +138,25 @@ class MemoryStore:
                     for b, u in zip(buckets, used)
                 )
                 return Verdict(False, states, i, self._retry_after(bucket, held, now))
-        for bucket in buckets:
-            self._take(reservation, bucket, now)
         granted: list[BucketState] = []
         for bucket, held in zip(buckets, used):
-            left = bucket.limit - held - bucket.amount
-            granted.append(BucketState(bucket.limit, left if left > 0 else 0, self._reset(bucket, now)))
+            limit, amount = bucket.limit, bucket.amount
+            if bucket.kind == FIXED:
+                # What _take and _reset do, inline.
+                key = (bucket.id, bucket.start)
+                end = bucket.start + bucket.seconds
+                fixed[key] = fixed.get(key, 0) + amount
+                fixed_ends[key] = end
+                reset = end - now if end > now else 0.0
+            else:
+                # A moving window's reset reads its entries after the take;
+                # a later take of the same bucket id in this reservation
+                # adds to the same entry, so taking and reading in turn
+                # gives what taking all first gave.
+                self._take(reservation, bucket, now)
+                reset = self._reset(bucket, now)
+            left = limit - held - amount
+            granted.append(BucketState(limit, left if left > 0 else 0, reset))
         return Verdict(True, tuple(granted))
 
     def settle(
