@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from twisted_forward.ledger.feed import builtin_pricer, entry_from_record
+from twisted_forward.ledger.feed import entry_from_record
+
+from .test_ledger_feed import builtin_pricer
 
 
 class CacheHitLedgerTests(SynchronousTestCase):

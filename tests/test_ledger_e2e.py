@@ -14,13 +14,13 @@ from typing import Any
 from twisted.internet import defer
 from twisted.web.server import Request
 
-from twisted_forward.ledger.feed import builtin_pricer
 from twisted_forward.ledger.sql import SQLITE_FILE
 from twisted_forward.site import Built
 from twisted_forward.tap import ProxyService
 
 from .fake_upstream import chat_chunks, sse_event
 from .harness import ProxyTestCase
+from .test_ledger_feed import builtin_pricer
 
 JSON = {b"content-type": [b"application/json"]}
 FORWARD = "team-a:fk-ledger-0123456789abcdef"

@@ -12,11 +12,17 @@ from twisted_forward.chat.recorder import ChatRecorder, ExchangeInfo, FanOut, Re
 from twisted_forward.ledger import MemoryLedger
 from twisted_forward.ledger.feed import (
     CountingRecorder,
-    builtin_pricer,
+    Pricer,
     entry_from_record,
     feeding_recorder,
     usage_tokens,
 )
+from twisted_forward.policies.prices import Price, PriceTable, builtin_prices
+
+
+def builtin_pricer() -> Pricer:
+    """The built-in price table, unknown models free."""
+    return PriceTable(builtin_prices(), Price(0.0, 0.0, 0.0)).cost_usd
 
 
 class UsageTokensTests(SynchronousTestCase):

@@ -24,7 +24,6 @@ from zope.interface import implementer
 from ..chat.files import RECORD_FIELD
 from ..chat.record import exchange_kind
 from ..chat.recorder import ExchangeInfo, IExchangeTap, IRecorder
-from ..policies.prices import Price, PriceTable, builtin_prices
 from .interfaces import ILedger, UsageEntry
 
 if TYPE_CHECKING:
@@ -36,11 +35,6 @@ _FINE_OUTCOMES = ("complete", "client_left")
 
 #: ``(model, prompt, completion, cached) -> USD``: the policies' price table.
 Pricer = Callable[[str, int, int, int], float]
-
-
-def builtin_pricer() -> Pricer:
-    """The built-in price table, unknown models free (tests, tools)."""
-    return PriceTable(builtin_prices(), Price(0.0, 0.0, 0.0)).cost_usd
 
 
 def _int(value: Any) -> int:
