@@ -154,6 +154,7 @@ class ProxyResource(Resource):
         path = state.path
         query = state.query
         decided = state.key_decision
+        state.key_decision = None  # not held for the rest of a stream
         if decided is not None and decided[0] is self.keys:
             decision = decided[1]  # by the head check, with these rules
         else:
