@@ -469,6 +469,67 @@ class ClearHeadersCanaryTests(SynchronousTestCase):
         self.assertEqual(other.fields, {})
 
 
+class SetHeaderValuesCanaryTests(SynchronousTestCase):
+    """set_header_values relies on Headers keeping its fields in the dict
+    ``_rawHeaders``, keyed by the name setRawHeaders files them under."""
+
+    PAIRS = [
+        (b"x-ratelimit-limit-requests", b"60"),
+        (b"x-ratelimit-remaining-requests", b"59"),
+        (b"x-ratelimit-reset-requests", b"1m0s"),
+        (b"Retry-After", b"3"),
+        (b"etag", b"abc"),  # a name Twisted spells its own way (ETag)
+        (b"x-ratelimit-limit-requests", b"61"),  # set again: replaced in its place
+    ]
+
+    def test_same_fields_as_set_raw_headers(self) -> None:
+        """On an empty Headers and on one holding some of the names already
+        (an upstream's own ``x-ratelimit-*``), the fields, their order and
+        the value lists are what setRawHeaders makes; the names are looked
+        up by both spellings after."""
+        from twisted.web.http_headers import Headers
+
+        self.assertIsInstance(
+            getattr(Headers(), "_rawHeaders", None), dict,
+            f"Twisted {twisted.__version__}: Headers no longer keeps a _rawHeaders dict; "
+            "adapt _compat.set_header_values",
+        )
+        for before in ({}, {b"Content-Type": [b"a"], b"X-RateLimit-Remaining-Requests": [b"7"],
+                            b"date": [b"d"]}):
+            ours, theirs = Headers(before), Headers(before)
+            _compat.set_header_values(ours, self.PAIRS)
+            for name, value in self.PAIRS:
+                theirs.setRawHeaders(name, [value])
+            self.assertEqual(list(ours.getAllRawHeaders()), list(theirs.getAllRawHeaders()))
+            self.assertEqual(ours.getRawHeaders(b"X-RATELIMIT-RESET-REQUESTS"), [b"1m0s"])
+            self.assertEqual(ours.getRawHeaders(b"x-ratelimit-limit-requests"), [b"61"])
+            # Changed afterwards the public way, as any other field.
+            ours.setRawHeaders(b"x-ratelimit-reset-requests", [b"2s"])
+            ours.removeHeader(b"etag")
+            self.assertEqual(ours.getRawHeaders(b"X-Ratelimit-Reset-Requests"), [b"2s"])
+            self.assertFalse(ours.hasHeader(b"ETag"))
+
+    def test_without_the_dict(self) -> None:
+        """An object without the dict gets setRawHeaders calls."""
+
+        class Other:
+            def __init__(self) -> None:
+                self.calls: list[tuple[bytes, list[bytes]]] = []
+
+            def setRawHeaders(self, name: bytes, values: list[bytes]) -> None:
+                self.calls.append((name, values))
+
+        other = Other()
+        _compat.set_header_values(other, self.PAIRS[:2])  # type: ignore[arg-type]  # duck-typed, as the fallback is
+        self.assertEqual(other.calls, [(n, [v]) for n, v in self.PAIRS[:2]])
+
+    def test_name_not_a_token(self) -> None:
+        """A name setRawHeaders refuses is refused the same way."""
+        from twisted.web.http_headers import Headers, InvalidHeaderName
+
+        self.assertRaises(InvalidHeaderName, _compat.set_header_values, Headers(), [(b"a b", b"1")])
+
+
 class LateAttributesCanaryTests(TestCase):
     """LATE_ATTRIBUTES names what Twisted sets on its upstream-side objects
     (a name it adds only costs memory again; these say which)."""

@@ -26,6 +26,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
+from ._compat import set_header_values
 from .cache.hook import Lookup
 from .cache.interfaces import IExchangeCache
 from .cache.key import without_caching
@@ -643,8 +644,9 @@ class Exchange:
         headers = self.request.responseHeaders
         if self.cache_lookup is not None:
             headers.setRawHeaders(b"x-cache", [self.cache_lookup.result.encode("ascii")])
-        for name, value in self.admission.headers:
-            headers.setRawHeaders(name, [value])
+        # Numbers and durations (no line break): set without Twisted's
+        # per-header canonicalising and sanitising, the same fields.
+        set_header_values(headers, self.admission.headers)
 
     # ------------------------------------------------------------ end
 
