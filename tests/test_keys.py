@@ -23,6 +23,7 @@ from twisted_forward.keys import (
     KeyRules,
     SecretMask,
     key_refused,
+    looks_keyed,
     parse_credential,
     scrub,
 )
@@ -316,6 +317,19 @@ class ScrubTests(SynchronousTestCase):
             (b"sk-ab", b"sk-ab"),
         ]:
             self.assertEqual(scrub(text), expected)
+
+    def test_looks_keyed_agrees_with_scrub(self):
+        """looks_keyed says yes exactly when scrub changes the bytes: key
+        shapes in every case of ``sk``/``fk`` (its quick ``k-`` search
+        must not miss ``sK-`` or ``FK-``), and no for words, short tails,
+        answer headers and the ``x-ratelimit-*`` lines."""
+        for text in [
+            b"Bearer sk-a1b2c3", b"SK-A1B2C3", b"sK-abcdef", b"Fk-abcdef", b"FK-ABC.DEF",
+            b"x_sk-abcdef", b"task-abcdef risk-free", b"sk-ab", b"", b"k-", b"K-abcdef",
+            b"Content-Type\napplication/json\nX-Ratelimit-Remaining-Tokens\n99",
+            b"X-Request-Id\nreq_123\nOpenai-Processing-Ms\n12",
+        ]:
+            self.assertEqual(looks_keyed(text), scrub(text) != text, text)
 
 
 class SecretMaskTests(SynchronousTestCase):
