@@ -69,6 +69,17 @@ class InterfaceTests(SynchronousTestCase):
         self.assertTrue(verifyObject(IKeyHealth, store))
         self.assertTrue(verifyObject(IStoreInfo, store))
 
+    def test_bucket_end_and_key(self):
+        """A bucket's end and counter key are worked out when it is made;
+        buckets compare and hash by their six fields alone."""
+        bucket = Bucket("a/rpm", FIXED, 10, 1, 60.0, 120.0)
+        self.assertEqual((bucket.end, bucket.key), (180.0, ("a/rpm", 120.0)))
+        same = Bucket("a/rpm", FIXED, 10, 1, 60.0, 120.0)
+        self.assertEqual(bucket, same)
+        self.assertEqual(hash(bucket), hash(same))
+        self.assertNotEqual(bucket, Bucket("a/rpm", FIXED, 10, 2, 60.0, 120.0))
+        self.assertNotIn("key", repr(bucket))
+
     def test_bucket_kind_checked(self):
         """A bucket of an unknown kind cannot be made."""
         self.assertRaises(ValueError, Bucket, "x", "sliding", 1, 1, 60.0)
@@ -264,6 +275,45 @@ class AllOrNothingTests(SynchronousTestCase):
         self.reserve([fixed("a/day", 5, 5, 0.0, 86400)], 0.0)
         _, v = self.reserve([fixed("a/day", 5, 0, 0.0, 86400)], 1.0)
         self.assertFalse(v.granted)
+
+    def test_first_refusal_named_with_every_state(self):
+        """Of several full buckets (a fixed window, a slot, a moving window)
+        the first in order is named, with its Retry-After, and every
+        bucket's state is reported; nothing is taken."""
+        self.reserve([fixed("a/rpm", 5, 5, 0.0), slots("a/p", 1), moving("a/m", 2, 2)], 0.0)
+        buckets = [fixed("a/tpm", 100, 1, 0.0), slots("a/p", 1), moving("a/m", 2, 1),
+                   fixed("a/rpm", 5, 1, 0.0)]
+        _, v = self.reserve(buckets, 10.0)
+        self.assertFalse(v.granted)
+        self.assertEqual(v.refused, 1)
+        self.assertEqual(v.retry_after, SLOT_RETRY)
+        self.assertEqual([s.remaining for s in v.states], [100, 0, 0, 0])
+        self.assertEqual([s.reset for s in v.states], [50.0, 0.0, 50.0, 50.0])
+        _, v = self.reserve([fixed("a/tpm", 100, 1, 0.0)], 10.0)
+        self.assertEqual(v.states[0].remaining, 99)
+
+    def test_same_window_twice(self):
+        """A fixed window named twice in one reservation takes both amounts;
+        each state says what is left after its own amount."""
+        _, v = self.reserve([fixed("a/w", 10, 3, 0.0), fixed("a/w", 10, 3, 0.0)], 0.0)
+        self.assertTrue(v.granted)
+        self.assertEqual([s.remaining for s in v.states], [7, 7])
+        _, v = self.reserve([fixed("a/w", 10, 5, 0.0)], 1.0)
+        self.assertFalse(v.granted)
+        _, v = self.reserve([fixed("a/w", 10, 4, 0.0)], 1.0)
+        self.assertEqual(v.states[0].remaining, 0)
+
+    def test_kind_spelled_by_another_string(self):
+        """A bucket whose kind is an equal string but not the module's own
+        object (as a bucket decoded from the supervisor's AMP box) counts
+        the same."""
+        kind = "".join(["fix", "ed"])
+        self.assertIsNot(kind, FIXED)
+        start, length = fixed_window(0.0, 60.0)
+        bucket = Bucket("a/k", kind, 2, 1, length, start)
+        self.assertTrue(self.reserve([bucket], 0.0)[1].granted)
+        self.assertEqual(self.reserve([fixed("a/k", 2, 1, 0.0)], 1.0)[1].states[0].remaining, 0)
+        self.assertFalse(self.reserve([bucket], 2.0)[1].granted)
 
     def test_concurrent_never_overshoot(self):
         """Ten reservations of 300 against 1000: exactly three are granted,

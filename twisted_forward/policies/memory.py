@@ -14,6 +14,7 @@ from twisted.internet.defer import Deferred, succeed
 from zope.interface import implementer
 
 from .store import (
+    CONCURRENT,
     FIXED,
     MOVING,
     Bucket,
@@ -25,6 +26,10 @@ from .store import (
     Settlement,
     Verdict,
 )
+
+#: Makes a named tuple from a tuple of its fields without the Python-level
+#: ``__new__`` a call of the class runs (one per bucket and request).
+_new = tuple.__new__
 
 #: Retry-After for a bucket of parallel slots: a slot frees when some
 #: request ends, which nobody can foretell.
@@ -98,8 +103,8 @@ class MemoryStore:
     SWEEP_EVERY = 4096
 
     def __init__(self) -> None:
-        self._fixed: dict[tuple[str, float], int] = {}
-        self._fixed_ends: dict[tuple[str, float], float] = {}
+        #: Fixed windows by (id, start): [what is held, when it ends].
+        self._fixed: dict[tuple[str, float], list[Any]] = {}
         self._moving: dict[str, _Moving] = {}
         self._slots: dict[str, _Slots] = {}
         self._marks: dict[str, Mark] = {}
@@ -112,42 +117,62 @@ class MemoryStore:
         return succeed(self.reserve_now(reservation, buckets, now))
 
     def reserve_now(self, reservation: str, buckets: Sequence[Bucket], now: float) -> Verdict:
-        """:meth:`reserve`, answered at once (for the supervisor's store)."""
+        """:meth:`reserve`, answered at once (for the supervisor's store).
+
+        Fixed windows (most buckets) and slots are read and taken inline:
+        what :meth:`_used`, :meth:`_take` and :meth:`_reset` do, without a
+        call per bucket (this runs for every request).
+        """
         self._count += 1
         if self._count % self.SWEEP_EVERY == 0:
             self.sweep(now)
-        fixed, fixed_ends = self._fixed, self._fixed_ends
+        fixed, all_slots = self._fixed, self._slots
         used: list[int] = []
+        refused = -1
         for bucket in buckets:
-            # A fixed window (most buckets) inline: what _used does.
-            if bucket.kind == FIXED:
-                key = (bucket.id, bucket.start)
-                end = fixed_ends.get(key)
-                if end is not None and end <= now:
-                    del fixed[key], fixed_ends[key]
-                    used.append(0)
+            kind = bucket.kind
+            if kind == FIXED:
+                window = fixed.get(bucket.key)
+                if window is None:
+                    held = 0
+                elif window[1] <= now:
+                    del fixed[bucket.key]
+                    held = 0
                 else:
-                    used.append(fixed.get(key, 0))
+                    held = window[0]
+            elif kind == CONCURRENT:
+                slots = all_slots.get(bucket.id)
+                held = slots.used(now) if slots is not None else 0
             else:
-                used.append(self._used(bucket, now))
-        for i, bucket in enumerate(buckets):
-            held = used[i]
-            if held + bucket.amount > bucket.limit or held >= bucket.limit:
-                states = tuple(
-                    BucketState(b.limit, max(0, b.limit - u), self._reset(b, now))
-                    for b, u in zip(buckets, used)
-                )
-                return Verdict(False, states, i, self._retry_after(bucket, held, now))
+                held = self._used(bucket, now)
+            used.append(held)
+            if refused < 0 and (held + bucket.amount > bucket.limit or held >= bucket.limit):
+                refused = len(used) - 1
+        if refused >= 0:
+            bucket = buckets[refused]
+            states = tuple(
+                BucketState(b.limit, max(0, b.limit - u), self._reset(b, now))
+                for b, u in zip(buckets, used)
+            )
+            return Verdict(False, states, refused, self._retry_after(bucket, used[refused], now))
         granted: list[BucketState] = []
         for bucket, held in zip(buckets, used):
-            limit, amount = bucket.limit, bucket.amount
-            if bucket.kind == FIXED:
-                # What _take and _reset do, inline.
-                key = (bucket.id, bucket.start)
-                end = bucket.start + bucket.seconds
-                fixed[key] = fixed.get(key, 0) + amount
-                fixed_ends[key] = end
+            limit, amount, kind = bucket.limit, bucket.amount, bucket.kind
+            if kind == FIXED:
+                end = bucket.end
+                window = fixed.get(bucket.key)
+                if window is None:
+                    fixed[bucket.key] = [amount, end]
+                else:
+                    window[0] += amount
+                    window[1] = end
                 reset = end - now if end > now else 0.0
+            elif kind == CONCURRENT:
+                slots = all_slots.get(bucket.id)
+                if slots is None:
+                    slots = all_slots[bucket.id] = _Slots()
+                slots.take(reservation, amount, now + bucket.seconds)
+                reset = 0.0
             else:
                 # A moving window's reset reads its entries after the take;
                 # a later take of the same bucket id in this reservation
@@ -156,8 +181,8 @@ class MemoryStore:
                 self._take(reservation, bucket, now)
                 reset = self._reset(bucket, now)
             left = limit - held - amount
-            granted.append(BucketState(limit, left if left > 0 else 0, reset))
-        return Verdict(True, tuple(granted))
+            granted.append(_new(BucketState, (limit, left if left > 0 else 0, reset)))
+        return _new(Verdict, (True, tuple(granted), None, 0.0))
 
     def settle(
         self, reservation: str, settlements: Sequence[Settlement], now: float
@@ -167,18 +192,20 @@ class MemoryStore:
 
     def settle_now(self, reservation: str, settlements: Sequence[Settlement], now: float) -> None:
         """:meth:`settle`, done at once."""
-        for s in settlements:
-            bucket = s.bucket
-            if bucket.kind == FIXED:
-                key = (bucket.id, bucket.start)
-                if key in self._fixed and self._fixed_ends[key] > now:
-                    self._fixed[key] = max(0, self._fixed[key] + s.amount - bucket.amount)
-            elif bucket.kind == MOVING:
-                window = self._moving.get(bucket.id)
-                entry = window.by_reservation.get(reservation) if window else None
-                if window is not None and entry is not None:
-                    window.total += s.amount - entry[1]
-                    entry[1] = s.amount
+        fixed = self._fixed
+        for bucket, amount in settlements:
+            kind = bucket.kind
+            if kind == FIXED:
+                window = fixed.get(bucket.key)
+                if window is not None and window[1] > now:
+                    held = window[0] + amount - bucket.amount
+                    window[0] = held if held > 0 else 0
+            elif kind == MOVING:
+                moving = self._moving.get(bucket.id)
+                entry = moving.by_reservation.get(reservation) if moving else None
+                if moving is not None and entry is not None:
+                    moving.total += amount - entry[1]
+                    entry[1] = amount
             else:
                 slots = self._slots.get(bucket.id)
                 if slots is not None:
@@ -211,8 +238,8 @@ class MemoryStore:
 
     def sweep(self, now: float) -> None:
         """Forget every window and slot that is over."""
-        for key in [k for k, end in self._fixed_ends.items() if end <= now]:
-            del self._fixed[key], self._fixed_ends[key]
+        for key in [k for k, (_, end) in self._fixed.items() if end <= now]:
+            del self._fixed[key]
         for id in list(self._moving):
             window = self._moving[id]
             if not window.entries or window.entries[-1][0] + window.seconds <= now:
@@ -222,12 +249,11 @@ class MemoryStore:
 
     def _used(self, bucket: Bucket, now: float) -> int:
         if bucket.kind == FIXED:
-            key = (bucket.id, bucket.start)
-            end = self._fixed_ends.get(key)
-            if end is not None and end <= now:
-                del self._fixed[key], self._fixed_ends[key]
+            counter = self._fixed.get(bucket.key)
+            if counter is not None and counter[1] <= now:
+                del self._fixed[bucket.key]
                 return 0
-            return self._fixed.get(key, 0)
+            return counter[0] if counter is not None else 0
         if bucket.kind == MOVING:
             window = self._moving.get(bucket.id)
             if window is None:
@@ -239,9 +265,12 @@ class MemoryStore:
 
     def _take(self, reservation: str, bucket: Bucket, now: float) -> None:
         if bucket.kind == FIXED:
-            key = (bucket.id, bucket.start)
-            self._fixed[key] = self._fixed.get(key, 0) + bucket.amount
-            self._fixed_ends[key] = bucket.end
+            counter = self._fixed.get(bucket.key)
+            if counter is None:
+                self._fixed[bucket.key] = [bucket.amount, bucket.end]
+            else:
+                counter[0] += bucket.amount
+                counter[1] = bucket.end
         elif bucket.kind == MOVING:
             window = self._moving.get(bucket.id)
             if window is None:

@@ -34,7 +34,7 @@ applies ``LIMITS_ON_STORE_FAILURE``.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Mapping, NamedTuple, Optional, Sequence
 
 from twisted.internet.defer import Deferred
@@ -78,15 +78,17 @@ class Bucket:
     amount: int
     seconds: float
     start: float = 0.0
+    #: When a fixed window resets (``start + seconds``).
+    end: float = field(init=False, repr=False, compare=False)
+    #: ``(id, start)``: the counter a fixed window is kept under.
+    key: tuple[str, float] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"unknown bucket kind {self.kind!r}")
-
-    @property
-    def end(self) -> float:
-        """When a fixed window resets."""
-        return self.start + self.seconds
+        # Worked out once: a bucket serves every request of its window.
+        object.__setattr__(self, "end", self.start + self.seconds)
+        object.__setattr__(self, "key", (self.id, self.start))
 
 
 # The answers (states, verdicts, settlements) are made for every request:
