@@ -27,7 +27,7 @@ from twisted_forward.policies.gate import (
 )
 from twisted_forward.policies.memory import MemoryStore
 from twisted_forward.policies.prices import Price, PriceTable
-from twisted_forward.policies.rules import KeyPolicy, Policies
+from twisted_forward.policies.rules import KeyPolicy, Policies, Rate, RouteRate
 from twisted_forward.policies.store import IPolicyStore, StoreUnavailable
 
 from .fake_upstream import chat_chunks
@@ -186,6 +186,60 @@ class GateTests(GateTestCase):
         b = self.admit(gate, facts(body=body, n=2))
         remaining = int(dict(b.headers)[b"x-ratelimit-remaining-tokens"])
         self.assertEqual(100000 - remaining - 7, -(-len(body) // 4) + 1024)
+
+    def test_settlements_by_outcome(self):
+        """With tokens, dollars and a slot: an answer without a readable
+        usage frees the slot and leaves the estimates standing; one with a
+        usage settles tokens and dollars at the real amounts; a failure
+        gives everything back."""
+        gate = self.gate(Policies(keys={"alice": KeyPolicy(
+            tokens_per_day=100000, usd_per_day=1.0, max_parallel=1)}))
+        reserve = -(-len(facts().content.getvalue()) // 4) + 10
+
+        def remaining(a: Admission) -> int:
+            return int(dict(a.headers)[b"x-ratelimit-remaining-tokens"])
+
+        a = self.admit(gate, facts(n=1))
+        self.assertEqual(remaining(a), 100000 - reserve)
+        a.answer_started(200, streamed=False)
+        a.relay(b"not json")
+        a.finish(True)
+        b = self.admit(gate, facts(n=2))  # the slot is free again
+        self.assertIsNone(b.refusal)
+        self.assertEqual(remaining(b), 100000 - 2 * reserve)
+        b.answer_started(200, streamed=False)
+        b.relay(b'{"usage": {"prompt_tokens": 7, "completion_tokens": 3}}')
+        b.finish(True)
+        c = self.admit(gate, facts(n=3))
+        self.assertEqual(remaining(c), 100000 - reserve - 10 - reserve)
+        c.finish(False)
+        d = self.admit(gate, facts(n=4))
+        self.assertEqual(remaining(d), 100000 - reserve - 10 - reserve)
+        d.finish(False)
+        # Dollars: at a dollar per million tokens of each kind, a token is a
+        # micro-dollar: the same amounts in both quotas.
+        held = {b.id: b for b in gate._plans[next(iter(gate._plans))].buckets}
+        for name in ("tokens_per_day", "usd_per_day"):
+            # The probe takes an estimate too: a's and its own, and b's 10.
+            v = self.store.reserve_now("probe", [held[f"alice/{name}"]], T0)
+            self.assertEqual(v.states[0].remaining, held[f"alice/{name}"].limit - 2 * reserve - 10, name)
+
+    def test_headers_from_the_tightest_buckets(self):
+        """Of a route's request rate and the key's rpm, the headers report
+        the one with less left; of tpm and a daily quota, tpm (the quota
+        stands in only without it)."""
+        rule = RouteRate("/v1/chat/completions", 0, (Rate(3, 60.0),))
+        gate = self.gate(Policies(keys={"alice": KeyPolicy(rpm=100, tpm=5000, tokens_per_day=10)},
+                                  route_rates=(rule,)))
+        a = dict(self.admit(gate, facts(n=1)).headers)
+        self.assertEqual((a[b"x-ratelimit-limit-requests"], a[b"x-ratelimit-remaining-requests"]),
+                         (b"3", b"2"))
+        self.assertEqual(a[b"x-ratelimit-limit-tokens"], b"5000")
+        self.assertEqual(a[b"x-ratelimit-reset-requests"], b"1m0s")
+        only_quota = self.gate(Policies(keys={"alice": KeyPolicy(tokens_per_day=100000)}))
+        b = dict(self.admit(only_quota, facts(n=1)).headers)
+        self.assertEqual(b[b"x-ratelimit-limit-tokens"], b"100000")
+        self.assertNotIn(b"x-ratelimit-limit-requests", b)
 
     def test_parallel_released(self):
         """A slot is held while in flight and freed at the end, whatever the outcome."""

@@ -56,6 +56,10 @@ WARN_EVERY = 10.0
 #: A parallel slot nobody settles frees itself after this long.
 SLOT_LEASE = 3600.0
 
+#: Makes a named tuple from a tuple of its fields without the Python-level
+#: ``__new__`` a call of the class runs.
+_new = tuple.__new__
+
 #: Kinds of bucket, for refusals and headers.
 _REQUESTS, _TOKENS, _QUOTA, _SLOTS = "requests", "tokens", "quota", "slots"
 
@@ -247,6 +251,11 @@ class _Plan:
     #: The buckets a settlement touches, in order, each with how its real
     #: amount is measured (None: a parallel slot, given back whole).
     settles: tuple[tuple[Bucket, Optional[Callable[[Usage], int]]], ...] = ()
+    #: The settlement of a request that ended before its answer was whole
+    #: (everything given back), and of one whole but without a usage (its
+    #: slots given back, its reservation standing), made once.
+    release_all: tuple[Settlement, ...] = ()
+    release_slots: tuple[Settlement, ...] = ()
 
     def add(self, bucket: Bucket, kind: str, measure: Optional[Callable[[Usage], int]] = None) -> None:
         self.buckets.append(bucket)
@@ -269,6 +278,10 @@ class _Plan:
             (bucket, None if bucket.kind == CONCURRENT else measure)
             for bucket, measure in zip(buckets, self.measure)
             if bucket.kind == CONCURRENT or measure is not None
+        )
+        self.release_all = tuple(Settlement(bucket, 0) for bucket, _ in self.settles)
+        self.release_slots = tuple(
+            Settlement(bucket, 0) for bucket, measure in self.settles if measure is None
         )
         return self
 
@@ -611,15 +624,23 @@ class PolicyGate:
         )
 
         def settle(usage: Optional[Usage], complete: bool) -> None:
-            settlements = []
-            for bucket, measure in plan.settles:
-                if measure is None:  # a parallel slot
-                    settlements.append(Settlement(bucket, 0))
-                elif usage is not None:
-                    settlements.append(Settlement(bucket, measure(usage)))
-                elif not complete:
-                    settlements.append(Settlement(bucket, 0))
-                # complete without usage: the reservation stands.
+            settlements: Sequence[Settlement]
+            if usage is not None:
+                tokens = usage.prompt + usage.completion
+                settlements = [
+                    # A parallel slot is given back whole; tokens (most
+                    # measures) are worked out once.
+                    _new(Settlement, (
+                        bucket,
+                        0 if measure is None else tokens if measure is _tokens else measure(usage),
+                    ))
+                    for bucket, measure in plan.settles
+                ]
+            elif not complete:
+                settlements = plan.release_all
+            else:
+                # Complete without usage: the reservation stands.
+                settlements = plan.release_slots
             if not settlements:
                 return
             if immediate is not None:
@@ -676,10 +697,10 @@ def _tokens(usage: Usage) -> int:
     return usage.total
 
 
-def _tightest(best: Optional[BucketState], state: BucketState) -> BucketState:
+def _tightest(best: BucketState, state: BucketState) -> BucketState:
     """The state with the least remaining (then the latest reset); the
     first one on a tie."""
-    if best is None or (state.remaining, -state.reset) < (best.remaining, -best.reset):
+    if (state.remaining, -state.reset) < (best.remaining, -best.reset):
         return state
     return best
 
@@ -688,21 +709,19 @@ def _rate_headers(plan: _Plan, states: Sequence[BucketState]) -> list[tuple[byte
     """OpenAI's ``x-ratelimit-*`` headers from the tightest request and
     token buckets (token quotas stand in for tokens when no per-minute
     token bucket applies)."""
-    requests: Optional[BucketState] = None
-    tokens: Optional[BucketState] = None
-    for i in plan.request_states:
-        requests = _tightest(requests, states[i])
-    for i in plan.token_states or plan.quota_states:
-        tokens = _tightest(tokens, states[i])
     headers: list[tuple[bytes, bytes]] = []
-    for names, tightest in ((_REQUEST_HEADERS, requests), (_TOKEN_HEADERS, tokens)):
-        if tightest is not None:
-            limit, remaining, reset = names
-            headers += [
-                (limit, b"%d" % tightest.limit),
-                (remaining, b"%d" % tightest.remaining),
-                (reset, _reset_bytes(tightest.reset)),
-            ]
+    for names, indices in ((_REQUEST_HEADERS, plan.request_states),
+                           (_TOKEN_HEADERS, plan.token_states or plan.quota_states)):
+        if not indices:
+            continue
+        tightest = states[indices[0]]
+        if len(indices) > 1:
+            for i in indices[1:]:
+                tightest = _tightest(tightest, states[i])
+        limit, remaining, reset = tightest
+        headers += (
+            (names[0], b"%d" % limit), (names[1], b"%d" % remaining), (names[2], _reset_bytes(reset))
+        )
     return headers
 
 
