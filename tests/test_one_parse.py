@@ -188,6 +188,41 @@ class OneParseTests(OneExchange):
             b"Content-Length: %d" % len(ANSWER),
         ])
 
+    def test_upstream_rate_headers_replaced_in_place(self):
+        """An upstream that sends its own ``x-ratelimit-*`` (as OpenAI does)
+        has them replaced by the proxy's, each in the upstream's place, the
+        others after its headers: the head ``setRawHeaders`` made."""
+        channel = self.site.buildProtocol(None)
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        channel.dataReceived(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: proxy\r\n"
+            b"Authorization: Bearer " + ALICE.encode() + b"\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+            % (len(REQUEST), REQUEST)
+        )
+        response = FakeResponse(200, {
+            "x-ratelimit-remaining-tokens": ["7"], "content-type": ["application/json"],
+            "X-RateLimit-Limit-Requests": ["5"], "date": ["Thu, 01 Jan 2026 00:00:00 GMT"],
+        }, length=len(ANSWER))
+        self.upstream.calls[-1].deferred.callback(response)
+        response.protocol.dataReceived(ANSWER)
+        response.finish()
+        estimate = -(-len(REQUEST) // 4) + 50
+        head = transport.value().split(b"\r\n\r\n", 1)[0]
+        self.assertEqual(head.split(b"\r\n"), [
+            b"HTTP/1.1 200 OK",
+            b"X-Ratelimit-Remaining-Tokens: %d" % (100000 - estimate),
+            b"Content-Type: application/json",
+            b"X-Ratelimit-Limit-Requests: 1000",
+            b"Date: Thu, 01 Jan 2026 00:00:00 GMT",
+            b"X-Ratelimit-Remaining-Requests: 999",
+            b"X-Ratelimit-Reset-Requests: 1m0s",
+            b"X-Ratelimit-Limit-Tokens: 100000",
+            b"X-Ratelimit-Reset-Tokens: 1m0s",
+            b"Content-Length: %d" % len(ANSWER),
+        ])
+
     def test_nan_request_parsed_by_each_reader(self):
         """A request with ``NaN`` is parsed by the gate and the record each
         their way: the policy sees no model, the record a string."""
