@@ -22,6 +22,7 @@ from typing import Optional
 from twisted.internet.testing import MemoryReactorClock
 from twisted.web.http_headers import Headers
 
+from twisted_forward._compat import set_header_values
 from twisted_forward.policies.gate import Admission, PolicyGate, RequestFacts
 from twisted_forward.policies.memory import MemoryStore
 from twisted_forward.policies.prices import Price, PriceTable
@@ -41,8 +42,7 @@ def one_request(gate: PolicyGate, n: int, body: bytes, answer: bytes) -> None:
     admission = gate.decide(facts)
     assert isinstance(admission, Admission)  # a memory store answers at once
     headers = Headers()
-    for name, value in admission.headers:
-        headers.setRawHeaders(name, [value])
+    set_header_values(headers, admission.headers)  # as the exchange sets them
     admission.answer_started(200, False)
     admission.relay(answer)
     admission.finish(True)
