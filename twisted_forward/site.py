@@ -458,7 +458,8 @@ class ForwardSite(Site):
         """Answer new requests with ``built``'s tree (at a reload); a request
         already being answered keeps the tree it started with, and a
         kept-alive connection its body cap and deadlines; the head checks
-        (IP gate, keys) apply to the next request on every connection.
+        (IP gate, keys) and the CORS settings apply to the next request on
+        every connection.
         Connection caps keep their counts (and their settings, until a
         restart)."""
         self.resource = built.root
