@@ -13,8 +13,10 @@ from typing import Optional
 
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import capturedLogs
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
@@ -597,6 +599,43 @@ class BuiltTreeTests(GateHarness):
         self.request(tcp("198.51.100.9"), headers=b"Authorization: Bearer sk-own\r\n")
         self.assertEqual(logged[0], ("198.51.100.9", "refused"))
         self.assertEqual(len(self.upstream.calls), 1)
+
+    def test_access_line_route_key_and_error(self):
+        """Each request's access line gets its key's label whichever stage
+        decided on the key, and the route only once past the key rules: a key
+        refused at the head (answered without a render) or at the render (a
+        site without the head checks) has route "-"; a policy refusal and a
+        forwarded request whose client left have the route, with their
+        error codes."""
+        logged: list[tuple[str, str, Optional[str], int]] = []
+
+        class Site(ForwardSite):
+            def access_line(self, request):
+                state = state_of(request)
+                logged.append((state.route, state.key_label, state.error, request.code))
+                return super().access_line(request)
+
+        built = self.build(OPENAI_API_KEY="sk-default-000000000", FORWARD_KEY="alice:fk-alice-00000000",
+                           KEY_POLICY=json.dumps({"alice": {"rpm": 1}}))
+        bad = b"Authorization: Bearer fk-wrong-00000000\r\n"
+        alice = b"Authorization: Bearer fk-alice-00000000\r\n"
+        self.site = Site(built.root, reactor=MemoryReactorClock(), timeout=None,
+                         head_checks=built.head_checks)
+        self.request(tcp("198.51.100.9"), headers=bad)
+        channel = self.site.buildProtocol(None)
+        channel.makeConnection(StringTransport(peerAddress=tcp("198.51.100.9")))
+        channel.dataReceived(b"GET /v1/models HTTP/1.1\r\nHost: proxy\r\n" + alice + b"\r\n")
+        self.assertEqual(len(self.upstream.calls), 1)  # and no answer yet
+        self.request(tcp("198.51.100.9"), headers=alice)
+        channel.connectionLost(Failure(ConnectionDone()))
+        self.site = Site(built.root, reactor=MemoryReactorClock(), timeout=None)
+        self.request(tcp("198.51.100.9"), headers=bad)
+        self.assertEqual(logged, [
+            ("-", "refused", "invalid_api_key", 401),
+            ("/", "alice", "rate_limit_exceeded", 429),
+            ("/", "alice", "client_left", 499),
+            ("-", "refused", "invalid_api_key", 401),
+        ])
 
     def test_key_refusal_before_upstream(self):
         """A missing key, an unknown forward key (in Authorization or Api-Key) or a forward

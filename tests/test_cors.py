@@ -14,6 +14,7 @@ from twisted.web.http_headers import Headers
 
 from twisted_forward.config import ConfigError, load_config
 from twisted_forward.cors import Cors, parse_cors_origins
+from twisted_forward.site import build_root
 
 from .test_head_checks import FK, PEER, HeadHarness, post_head
 from .test_proxy_unit import FakeResponse
@@ -149,6 +150,35 @@ class NoCorsTests(HeadHarness):
         channel, transport = self.send(PREFLIGHT)
         self.assertEqual(self.status(transport), 401)
         self.assertNotIn(b"access-control-", transport.value().lower())
+
+
+class ReloadTests(HeadHarness):
+    def test_reload_reaches_kept_alive_connections(self):
+        """A reload's new CORS_ORIGINS govern the next answers on a
+        connection opened before it: the resource's answers and the
+        channel's own refusals alike (each reads the site's settings as it
+        answers, none keeps a copy)."""
+        channel, transport = self.send(
+            b"GET /healthz HTTP/1.1\r\nHost: proxy\r\nOrigin: " + ORIGIN + b"\r\n\r\n"
+        )
+        self.assertEqual(head_of(transport.value()).getRawHeaders(b"access-control-allow-origin"), [b"*"])
+        transport.clear()
+        config = load_config({}, {**self.env, "OPENAI_BASE_URL": "http://upstream.test",
+                                  "LOG_CHAT": "false", "CORS_ORIGINS": "https://b.example"}, None)
+        self.site.serve(build_root(config, self.clock, upstream=self.upstream), config)
+        channel.dataReceived(
+            b"GET /healthz HTTP/1.1\r\nHost: proxy\r\nOrigin: " + ORIGIN + b"\r\n\r\n"
+        )
+        answered = head_of(transport.value())
+        self.assertEqual(self.status(transport), 200)
+        self.assertIsNone(answered.getRawHeaders(b"access-control-allow-origin"))
+        self.assertEqual(answered.getRawHeaders(b"vary"), [b"Origin"])
+        transport.clear()
+        channel.dataReceived(post_head(b"Origin: https://b.example\r\n"))
+        refused = head_of(transport.value())
+        self.assertEqual(self.status(transport), 401)
+        self.assertEqual(refused.getRawHeaders(b"access-control-allow-origin"), [b"https://b.example"])
+        self.assertEqual(refused.getRawHeaders(b"vary"), [b"Origin"])
 
 
 class GatedPreflightTests(HeadHarness):

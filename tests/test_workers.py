@@ -32,12 +32,10 @@ from .harness import listen_tracked
 from .processes import ChildProcess, assert_exit, assert_signalled, child_env, spawn_twistd
 
 
-def served_by_both(supervisor: ChildProcess, path: str) -> bool:
-    """Whether both workers logged a 200 for ``path``."""
-    return all(
-        re.search(rf"\[worker-{i}[ \]].* GET {path} 200 ", supervisor.output)
-        for i in (1, 2)
-    )
+def served_by_both(supervisor: ChildProcess, path: str, start: int = 0) -> bool:
+    """Whether both workers logged a 200 for ``path`` (from line ``start`` on)."""
+    output = "\n".join(supervisor.lines[start:])
+    return all(re.search(rf"\[worker-{i}[ \]].* GET {path} 200 ", output) for i in (1, 2))
 
 
 def requests_total(text: str) -> float:
@@ -197,14 +195,29 @@ class WorkersEndToEndTests(WorkersTestCase):
         yield supervisor.wait_for(r"\[worker-2\] worker 2 serving")
         sent = yield self.send_to_both(supervisor, port)
 
-        totals = []
-        while len(totals) < 200 and not (len(totals) >= 2 and served_by_both(supervisor, "/metrics")):
+        @defer.inlineCallbacks
+        def scrape() -> Any:
             response = yield self.client.get(f"http://127.0.0.1:{port}/metrics")
             text = (yield response.content()).decode()
             self.assertEqual(response.code, 200)
-            totals.append(requests_total(text))
-        yield supervisor.wait_for(r"\[worker-1[ \]].* GET /metrics 200 ")
-        yield supervisor.wait_for(r"\[worker-2[ \]].* GET /metrics 200 ")
+            return requests_total(text)
+
+        # A request is counted just after its answer has left (the answer
+        # goes first), so a scrape may come before the last one's count:
+        # scrape until it is in, then every scrape must show it.
+        for _ in range(100):
+            if (yield scrape()) == sent:
+                break
+        else:
+            self.fail(f"no scrape counted the {sent} requests sent")
+        start = len(supervisor.lines)
+        totals = []
+        while len(totals) < 200 and not (
+            len(totals) >= 2 and served_by_both(supervisor, "/metrics", start)
+        ):
+            totals.append((yield scrape()))
+        yield supervisor.wait_for(r"\[worker-1[ \]].* GET /metrics 200 ", start)
+        yield supervisor.wait_for(r"\[worker-2[ \]].* GET /metrics 200 ", start)
         self.assertEqual(set(totals), {float(sent)})
 
         self.assertEqual(len(metrics_folders(tmp)), 1)

@@ -770,7 +770,7 @@ def load_config(
         if setting.field is not None and setting.env in parsed:
             kwargs[setting.field] = parsed[setting.env]
     try:
-        migrate(parsed, kwargs)
+        migrate(parsed, kwargs, routes)
     except ValueError as e:
         env, why = e.args
         option = next(s.option for s in SETTINGS if s.env == env)

@@ -44,7 +44,7 @@ from .metrics import Metrics
 from .policies.gate import UNLIMITED, Admission, IExchangePolicy, RequestFacts, client_digest
 from .relay import Relay, ScrubbingRelay, discard
 from .sharedjson import SharedParse
-from .state import state_of
+from .state import RequestState, state_of
 from .upstream import (
     BytesProducer,
     IUpstream,
@@ -142,18 +142,21 @@ class ProxyResource(Resource):
         """The key check on the request head alone (an
         :class:`~twisted_forward.headcheck.IHeadCheck` step, asked by the
         router for this route): 401 before any body is read."""
-        decision = self.keys.decide(request.requestHeaders)
+        state = state_of(request)
+        decision = self._decide(request, state)
         if decision.refusal is None:
             # Rendered next, with the same head: decided once.
-            state_of(request).key_decision = (self.keys, decision)
+            state.key_decision = (self.keys, decision)
             return None
-        state_of(request).key_label = decision.label
         return key_refusal(decision.refusal)
 
-    def render(self, request: Request) -> bytes | int:
-        state = state_of(request)
-        path = state.path
-        query = state.query
+    def _decide(self, request: IRequest, state: RequestState) -> KeyDecision:
+        """The key rules' decision on ``request``'s head: the one the head
+        check left for this render, or a new one.  The one place the
+        request's key label is set, by whichever stage decides: the head
+        check (whose refusal is answered without a render) or the render
+        (the only stage when there was no head check, or the rules changed
+        at a reload in between)."""
         decided = state.key_decision
         state.key_decision = None  # not held for the rest of a stream
         if decided is not None and decided[0] is self.keys:
@@ -161,6 +164,13 @@ class ProxyResource(Resource):
         else:
             decision = self.keys.decide(request.requestHeaders)
         state.key_label = decision.label
+        return decision
+
+    def render(self, request: Request) -> bytes | int:
+        state = state_of(request)
+        path = state.path
+        query = state.query
+        decision = self._decide(request, state)
         if decision.refusal is not None:
             self.log.info(
                 "refused {method} {path}: key ({label})",
@@ -168,6 +178,8 @@ class ProxyResource(Resource):
                 label=decision.label,
             )
             return write_error(request, 401, "invalid_api_key", decision.refusal)
+        # Past the key rules: the policies' refusal or the exchange.
+        state.route = self.route_label
         if self.policy is None:
             Exchange(self, request, path, query, decision).start()
             return NOT_DONE_YET
@@ -241,7 +253,6 @@ class ProxyResource(Resource):
                 method=request.method.decode("latin-1"), path=path.decode("latin-1"),
                 code=refusal.code, label=decision.label,
             )
-            state_of(request).route = self.route_label
             for name, value in admission.headers:
                 request.responseHeaders.setRawHeaders(name, [value])
             return write_error(request, refusal.status, refusal.code, refusal.message)
@@ -315,9 +326,6 @@ class Exchange:
         #: The body to forward instead of the client's (the cache took its
         #: ``caching`` field out).
         self.body_override: Optional[bytes] = None
-        state = state_of(request)
-        state.route = resource.route_label
-        state.key_label = decision.label
 
     # ------------------------------------------------------------ start
 

@@ -54,7 +54,6 @@ from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 from twisted.web.http import RESPONSES, HTTPChannel, datetimeToString
 from twisted.web.http_headers import Headers
-from twisted.web.server import Site
 
 from ._compat import CHANNEL_SLOTS, ChannelHooks, fill_slot_defaults, slot_defaults
 from .errors import error_body
@@ -62,6 +61,7 @@ from .errors import error_body
 if TYPE_CHECKING:
     from .headcheck import IHeadCheck
     from .limits import ConnectionLimits
+    from .site import ForwardSite, SidePortSite
 
 
 @dataclass(frozen=True)
@@ -414,8 +414,9 @@ class ForwardChannel(ChannelHooks):
 
     log = Logger()
 
-    #: The site that built this channel (set by ``Site.buildProtocol``).
-    site: Site
+    #: The site that built this channel (set by ``Site.buildProtocol``,
+    #: after construction); None for a channel made alone, as in tests.
+    site: Optional["ForwardSite | SidePortSite"]
     max_request_body: Optional[int]
     head_checks: Iterable["IHeadCheck"]
     head_timeout: Optional[float]
@@ -437,6 +438,7 @@ class ForwardChannel(ChannelHooks):
         fill_slot_defaults(self, _CHANNEL_DEFAULTS)
         super().__init__()
         self.settings = settings
+        self.site = None
         self.limits = None
         self.max_request_body = settings.max_request_body
         self.maxHeaders = settings.max_headers
@@ -765,8 +767,10 @@ class ForwardChannel(ChannelHooks):
 
     def _cors_headers(self) -> list[tuple[bytes, bytes]]:
         """The CORS headers of a refusal of the request in hand, when it is
-        a cross-origin one (:mod:`twisted_forward.cors`)."""
-        cors = getattr(self.site, "cors", None)
+        a cross-origin one (:mod:`twisted_forward.cors`).  The site's CORS
+        settings are read now, not kept: a reload replaces them for the
+        connections already open too."""
+        cors = self.site.cors if self.site is not None else None
         if cors is None or not self.requests or self._awaiting_head:
             return []
         from .admin.resource import is_admin_path  # the admin imports the site's modules

@@ -36,7 +36,10 @@ replacement (:data:`REPLACED`)
 from __future__ import annotations
 
 import difflib
-from typing import Iterable, Mapping
+from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
+
+if TYPE_CHECKING:
+    from .config import Route
 
 #: First words of our setting names: an unknown variable starting with one
 #: of these is probably a typo of ours.  ``OPENAI_`` is checked in the .env
@@ -54,8 +57,11 @@ PREFIXES = (
 FILE_ONLY_PREFIXES = ("OPENAI_", "REDIS_", "DATA_", "DATABASE_", "SSL_")
 
 
-def migrate(parsed: Mapping[str, object], kwargs: dict[str, object]) -> None:
-    """Apply the 0.8.1 names in ``parsed`` to the Config keyword arguments.
+def migrate(
+    parsed: Mapping[str, object], kwargs: dict[str, object], routes: Sequence["Route"]
+) -> None:
+    """Apply the 0.8.1 names in ``parsed`` to the Config keyword arguments
+    (``routes``: the configured routes).
 
     :raises ValueError: ``(setting, message)`` for a value refused.
     """
@@ -63,12 +69,7 @@ def migrate(parsed: Mapping[str, object], kwargs: dict[str, object]) -> None:
         kwargs["log_chat"] = parsed["LOG_OPENAI"]
     if "TIMEOUT" in parsed and "CONNECT_TIMEOUT" not in parsed:
         kwargs["connect_timeout"] = parsed["TIMEOUT"]
-    routes = kwargs.get("routes", ())
-    if (
-        parsed.get("LOG_GENERAL")
-        and isinstance(routes, Iterable)
-        and any(getattr(r, "kind", None) == "general" for r in routes)
-    ):
+    if parsed.get("LOG_GENERAL") and any(r.kind == "general" for r in routes):
         raise ValueError(
             "LOG_GENERAL",
             "general routes are relayed as they are and never recorded here; "

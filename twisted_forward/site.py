@@ -78,7 +78,7 @@ _ACCESS_LINE = "%s %s %s %s %sB route=%s key=%s upstream=%s error=%s"
 _ACCESS_SYSTEM = "twisted_forward.access#info"
 
 
-def serve_channels(site: Site, settings: ChannelSettings) -> None:
+def serve_channels(site: ForwardSite | SidePortSite, settings: ChannelSettings) -> None:
     """Make ``site`` serve each new connection with a
     :class:`~twisted_forward.framing.ForwardChannel` built with ``settings``
     (HTTP/1.1 only: its framing guards are HTTP/1.1's).
@@ -113,7 +113,9 @@ class ForwardRequest(Request):
     __slots__ = REQUEST_SLOTS + ("state", "body_received", "head_refusal")
 
     defaultContentType = None
-    #: The connection it came on (Twisted sets None once it is finished).
+    #: The connection it came on.  Twisted declares it never None but sets
+    #: None once the request is finished or its connection lost: checked
+    #: where that can be so (:meth:`write`, :meth:`connectionLost`).
     channel: ForwardChannel
     #: Body bytes received so far.
     body_received: int
@@ -132,6 +134,8 @@ class ForwardRequest(Request):
             super().process()
             return
         site = self.channel.site
+        # Processed by its channel as its head ends: a site's channel.
+        assert site is not None
         self.site = site  # type: ignore[assignment, unused-ignore]  # Twisted 26.4 types Request.site as None
         self.setHeader(b"date", datetimeToString())
         self.prepath = []
@@ -158,8 +162,11 @@ class ForwardRequest(Request):
         """Every answer's head passes here first: the CORS headers of an
         answer to a cross-origin request (:mod:`twisted_forward.cors`) are
         set just before it is written."""
-        if not self.startedWriting:
-            cors: Optional[Cors] = getattr(getattr(self.channel, "site", None), "cors", None)
+        channel = self.channel
+        if not self.startedWriting and channel is not None and channel.site is not None:
+            # The site's current settings: a reload replaces them for the
+            # connections already open too.
+            cors = channel.site.cors
             if (
                 cors is not None
                 and cors.enabled
@@ -175,22 +182,26 @@ class ForwardRequest(Request):
         one access line, which ``finish`` (never called now) would have
         written.  A request the channel refused (a slow head, a body over
         the cap, a bad head with a body) is logged with the refusal; any
-        other is logged as the client having left."""
+        other is logged as the client having left.  (A side port's
+        requests get no access line.)"""
+        # Read before Twisted's connectionLost sets self.channel to None.
         channel = self.channel
-        site = getattr(channel, "site", None)
-        refused = getattr(channel, "refused", None)
         super().connectionLost(reason)
-        if self.finished or not isinstance(site, ForwardSite):
+        if self.finished or channel is None or not isinstance(channel.site, ForwardSite):
             return
-        state = state_of(self)
+        site = channel.site
+        refused = channel.refused
+        state = self.state
         if refused is not None:
             self.code = refused.status
-            state.error = state.error or refused.code
+            # An error answer already begun keeps its own code.
+            error = state.error or refused.code
         else:
             if not self.startedWriting:
                 # nginx's "client closed request": no answer was sent.
                 self.code = CLIENT_CLOSED_REQUEST
-            state.error = CLIENT_LEFT
+            error = CLIENT_LEFT
+        state.error = error
         # Not site.log: a refusal was counted by the channel, and a client
         # that left is no refusal.
         site.access_line(self)
@@ -411,8 +422,9 @@ class ForwardSite(Site):
         kwargs.setdefault("timeout", CLIENT_IDLE_TIMEOUT)
         super().__init__(resource, *args, **kwargs)
         self.metrics = metrics
-        #: The CORS headers every answer to a cross-origin request gets.
-        self.cors = cors
+        #: The CORS headers every answer to a cross-origin request gets
+        #: (read by the channels as each answer starts; see :meth:`serve`).
+        self.cors: Optional[Cors] = cors
         #: Run on every request head, by every channel of this site.
         self.head_checks = HeadChecks(head_checks)
         self.limits = limits
@@ -446,7 +458,8 @@ class ForwardSite(Site):
         """Answer new requests with ``built``'s tree (at a reload); a request
         already being answered keeps the tree it started with, and a
         kept-alive connection its body cap and deadlines; the head checks
-        (IP gate, keys) apply to the next request on every connection.
+        (IP gate, keys) and the CORS settings apply to the next request on
+        every connection.
         Connection caps keep their counts (and their settings, until a
         restart)."""
         self.resource = built.root
@@ -486,8 +499,10 @@ class ForwardSite(Site):
         error = state.error
         upstream = state.upstream_seconds
         upstream_ms = None if upstream is None else round(upstream * 1000, 1)
-        method = (getattr(request, "method", None) or b"-").decode("latin-1")
-        path = (getattr(request, "path", None) or b"-").decode("latin-1")
+        # Twisted's class defaults until the request line is in:
+        # "(no method yet)" and None.
+        method = (request.method or b"-").decode("latin-1")
+        path = (request.path or b"-").decode("latin-1")
         client = state.client or "-"
         # The text is made here with one %: twisted.logger's {}-formatting
         # of a nine-field template cost ~6% of a request.  JSON logs still
@@ -526,6 +541,8 @@ class SidePortSite(Site):
 
     noisy = False
     requestFactory = ForwardRequest
+    #: No CORS headers: the admin API is same-origin, the metrics for scrapers.
+    cors: Optional[Cors] = None
 
     def __init__(
         self, resource: IResource, *args: Any, head_checks: Sequence[IHeadCheck] = (),

@@ -2,7 +2,8 @@
 What the proxy learns about one request as it goes through, declared once.
 
 Each field is set in one place (named beside it) and read by the later
-stages and the access line.  :class:`~twisted_forward.site.ForwardRequest`
+stages and the access line.  The one field two stages set, ``error``, says
+why beside it.  :class:`~twisted_forward.site.ForwardRequest`
 carries one :class:`RequestState` as ``request.state``; :func:`state_of`
 gives it for any request (a request made by another factory, as in some unit
 tests, gets a fresh one attached the first time).
@@ -31,15 +32,22 @@ class RequestState:
         self.path: bytes = b"/"
         #: The raw query with its ``?``, or empty (set by the router).
         self.query: bytes = b""
-        #: The route's label, ``/`` or its prefix (set by the exchange).
+        #: The route's label, ``/`` or its prefix (set by the route's render,
+        #: once past the key rules).
         self.route: str = "-"
         #: The client's address as the access gate resolved it (set by the gate).
         self.client: Optional[str] = None
-        #: The non-secret label of the key used (set by the key decision).
+        #: The non-secret label of the key used (set by the route's key
+        #: decision, ``ProxyResource._decide``, in its head check or render).
         self.key_label: str = "-"
-        #: The code of the proxy's own error answer (set by :mod:`.errors`).
+        #: The error code of the access line.  Two stages, as two things
+        #: end a request unanswered: the proxy's own error answer
+        #: (:func:`.errors.write_error`), and the connection's end before the
+        #: answer's (``ForwardRequest.connectionLost``: the channel's
+        #: refusal, unless an error answer was begun, or the client leaving).
         self.error: Optional[str] = None
-        #: Seconds from sending upstream to the end (set by the exchange).
+        #: Seconds from sending upstream to the end (set by the exchange,
+        #: as it stops its clock).
         self.upstream_seconds: Optional[float] = None
         #: The key rules' decision on the head, and the rules that made it
         #: (set by the route's head check, taken again by its render).

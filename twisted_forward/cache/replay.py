@@ -116,12 +116,3 @@ class Replay:
 
     def _client_left(self, reason: Failure) -> None:
         self._end("client_left")
-
-    def abort(self) -> None:
-        """Stop now (shutdown grace over): the client's connection is cut."""
-        if self._over:
-            return
-        channel = getattr(self.request, "channel", None)
-        if channel is not None and channel.transport is not None:
-            channel.transport.abortConnection()
-        self._end("client_left")
