@@ -332,6 +332,23 @@ class ScrubTests(SynchronousTestCase):
             self.assertEqual(looks_keyed(text), scrub(text) != text, text)
 
 
+    def test_scrub_skips_data_without_a_key_prefix_and_misses_no_case(self):
+        """Data without ``k-``/``K-`` comes back as the very same object (no
+        pattern search, no copy), while every case of ``sk-``/``fk-``, the
+        ones the quick test must not let through, is still masked; the
+        chat record's strings follow the same rule."""
+        from twisted_forward.chat.record import _scrub_value
+
+        plain = b'{"role": "assistant", "content": "risk free task list"}'
+        self.assertIs(scrub(plain), plain)
+        for prefix in (b"sk", b"sK", b"Sk", b"SK", b"fk", b"fK", b"Fk", b"FK"):
+            self.assertEqual(scrub(b"key " + prefix + b"-abcdef!"), b"key " + prefix + b"-***!")
+            text = "key " + prefix.decode() + "-abcdef!"
+            self.assertEqual(_scrub_value({"m": [text]}), {"m": ["key " + prefix.decode() + "-***!"]})
+        words = "no keys here, ümlaut"
+        self.assertIs(_scrub_value(words), words)
+
+
 class SecretMaskTests(SynchronousTestCase):
     secret = b"sk-default-key-0123456789"
 

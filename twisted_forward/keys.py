@@ -100,8 +100,12 @@ def scrub(data: bytes) -> bytes:
     """Mask anything in ``data`` that looks like an OpenAI or forward key.
 
     ``sk-proj-abc…wxyz`` becomes ``sk-***``: what the upstream echoes of a
-    rejected key (a prefix and the last characters) is gone as well.
+    rejected key (a prefix and the last characters) is gone as well.  Data
+    with neither ``k-`` nor ``K-`` is returned as it is, without the
+    pattern's byte-by-byte search (see :func:`looks_keyed`).
     """
+    if b"k-" not in data and b"K-" not in data:
+        return data
     return _KEY_PATTERN.sub(lambda m: m.group(1) + b"-***", data)
 
 

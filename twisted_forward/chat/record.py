@@ -868,6 +868,8 @@ def _scrub_value(value: Any) -> Any:
     """Mask key-like strings in what the upstream said (error messages can
     echo part of a client's key)."""
     if isinstance(value, str):
+        if "k-" not in value and "K-" not in value:
+            return value  # nothing key-shaped (see keys.scrub): no encoding round trip
         return scrub(value.encode("utf-8", "surrogatepass")).decode("utf-8", "surrogatepass")
     if isinstance(value, list):
         return [_scrub_value(v) for v in value]
