@@ -34,6 +34,19 @@ def readme_text() -> str:
         return f.read()
 
 
+def markdown_pages() -> list[tuple[str, str]]:
+    """(path, text) of README.md and every page in docs/."""
+    docs = os.path.join(os.path.dirname(README), "docs")
+    pages = [README] + [
+        os.path.join(docs, name) for name in sorted(os.listdir(docs)) if name.endswith(".md")
+    ]
+    out = []
+    for page in pages:
+        with open(page, encoding="utf-8") as f:
+            out.append((page, f.read()))
+    return out
+
+
 def marked_block(name: str, text: str = "") -> str:
     """The code block right after ``<!-- readme-test: NAME -->``."""
     text = text or readme_text()
@@ -163,14 +176,8 @@ class SettingsTableTests(SynchronousTestCase):
     def test_links_to_files_exist(self):
         """Every relative link in README.md and docs/ names a file that exists."""
         root = os.path.dirname(README)
-        docs = os.path.join(root, "docs")
-        pages = [README] + [
-            os.path.join(docs, name) for name in sorted(os.listdir(docs)) if name.endswith(".md")
-        ]
         broken = []
-        for page in pages:
-            with open(page, encoding="utf-8") as f:
-                text = f.read()
+        for page, text in markdown_pages():
             for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text):
                 if re.match(r"[a-z]+:", target):
                     continue
@@ -182,14 +189,8 @@ class SettingsTableTests(SynchronousTestCase):
         """Every ``#anchor`` a link in README.md or docs/ names (in the same
         page or another) is a heading of that page, as GitHub makes anchors."""
         root = os.path.dirname(README)
-        docs = os.path.join(root, "docs")
-        pages = [README] + [
-            os.path.join(docs, name) for name in sorted(os.listdir(docs)) if name.endswith(".md")
-        ]
         broken = []
-        for page in pages:
-            with open(page, encoding="utf-8") as f:
-                text = f.read()
+        for page, text in markdown_pages():
             for target, anchor in re.findall(r"\]\(([^)#\s]*)#([^)\s]+)\)", text):
                 if re.match(r"[a-z]+:", target):
                     continue

@@ -44,6 +44,19 @@ def chat(stream: bool = True) -> bytes:
     ).encode()
 
 
+@defer.inlineCallbacks
+def post_as_alice(case: ProxyTestCase) -> Any:
+    """A non-stream chat with alice's forward key (``OLD_FK``); fires with
+    the answer's status once its body is read."""
+    response = yield case.client.post(
+        case.url("/v1/chat/completions"), data=chat(stream=False),
+        headers={b"authorization": [b"Bearer " + OLD_FK.encode()],
+                 b"content-type": [b"application/json"]},
+    )
+    yield response.content()
+    return response.code
+
+
 class InProcessReloadTests(ProxyTestCase):
     """The service's ``reload`` with the real plugin in front of the fake
     upstream."""
@@ -153,25 +166,15 @@ class PolicyReloadTests(ProxyTestCase):
         yield self.start_proxy(["--env-file", env_file])
         [service] = [s for s in IServiceCollection(self.service) if isinstance(s, ProxyService)]
 
-        @defer.inlineCallbacks
-        def post() -> Any:
-            response = yield self.client.post(
-                self.url("/v1/chat/completions"), data=chat(stream=False),
-                headers={b"authorization": [b"Bearer " + OLD_FK.encode()],
-                         b"content-type": [b"application/json"]},
-            )
-            yield response.content()
-            return response.code
-
-        self.assertEqual([(yield post()), (yield post())], [200, 200])
+        self.assertEqual([(yield post_as_alice(self)), (yield post_as_alice(self))], [200, 200])
         write_env(env_file, OPENAI_API_KEY=OLD_SK, FORWARD_KEY=f"alice:{OLD_FK}",
                   KEY_POLICY=json.dumps({"alice": {"rpm": 2}}))
         self.assertTrue(service.reload())
-        self.assertEqual((yield post()), 429)
+        self.assertEqual((yield post_as_alice(self)), 429)
         write_env(env_file, OPENAI_API_KEY=OLD_SK, FORWARD_KEY=f"alice:{OLD_FK}",
                   KEY_POLICY=json.dumps({"alice": {"rpm": 5}}))
         self.assertTrue(service.reload())
-        self.assertEqual((yield post()), 200)
+        self.assertEqual((yield post_as_alice(self)), 200)
 
 
 class FileSettingsReloadTests(ProxyTestCase):
@@ -202,25 +205,15 @@ class FileSettingsReloadTests(ProxyTestCase):
         [service] = [s for s in IServiceCollection(self.service) if isinstance(s, ProxyService)]
 
         @defer.inlineCallbacks
-        def post() -> Any:
-            response = yield self.client.post(
-                self.url("/v1/chat/completions"), data=chat(stream=False),
-                headers={b"authorization": [b"Bearer " + OLD_FK.encode()],
-                         b"content-type": [b"application/json"]},
-            )
-            yield response.content()
-            return response.code
-
-        @defer.inlineCallbacks
         def records(folder: str) -> Any:
             yield service.recorder.flush()
             return list(read_records(record_files(folder)))
 
-        self.assertEqual((yield post()), 200)
+        self.assertEqual((yield post_as_alice(self)), 200)
         self.assertEqual(len((yield records(one))), 1)
         configure(two, 2)
         self.assertTrue(service.reload())
-        self.assertEqual([(yield post()), (yield post())], [200, 429])
+        self.assertEqual([(yield post_as_alice(self)), (yield post_as_alice(self))], [200, 429])
         self.assertEqual(len((yield records(one))), 1)
         self.assertEqual([r["status"] for r in (yield records(two))], [200])
 
