@@ -59,6 +59,8 @@ class CountingFile(io.RawIOBase):
 
 @implementer(ILogObserver)
 class Records:
+    """The chat records emitted (a log observer on the recorder's publisher)."""
+
     def __init__(self) -> None:
         self.records: list[dict[str, Any]] = []
 

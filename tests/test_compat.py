@@ -385,16 +385,7 @@ class SlotNamesCanaryTests(SynchronousTestCase):
         answer's body; CLIENT_FACTORY_SLOTS, those _HTTP11ClientFactory sets
         on a started factory (a new name only costs memory; this says
         which)."""
-        from twisted.web._newclient import Request as ClientRequest
-        from twisted.web.http_headers import Headers
-
-        protocol = _compat.HTTP11ClientProtocol(lambda p: None)
-        protocol.makeConnection(StringTransport())
-        responses: list[Any] = []
-        protocol.request(
-            ClientRequest(b"GET", b"/", Headers({b"host": [b"x"]}), None, persistent=True)
-        ).addCallback(responses.append)
-        protocol.dataReceived(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        protocol, responses = _answer_head_in()
         self.assertEqual(len(responses), 1)
         self.assertEqual(
             sorted(vars(protocol)), sorted(_compat.CLIENT_PROTOCOL_SLOTS),
@@ -413,9 +404,9 @@ class SlotNamesCanaryTests(SynchronousTestCase):
         )
 
 
-def _answer_mid_body() -> tuple[Any, Any]:
-    """An HTTP11ClientProtocol reading a chunked answer's body: (its
-    parser, the answer)."""
+def _answer_head_in() -> tuple[Any, list[Any]]:
+    """An HTTP11ClientProtocol whose chunked answer's head has come:
+    (the protocol, the answers it gave: one)."""
     from twisted.web._newclient import Request as ClientRequest
     from twisted.web.http_headers import Headers
 
@@ -425,8 +416,15 @@ def _answer_mid_body() -> tuple[Any, Any]:
     protocol.request(
         ClientRequest(b"GET", b"/", Headers({b"host": [b"x"]}), None, persistent=True)
     ).addCallback(answers.append)
-    parser = protocol._parser
     protocol.dataReceived(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+    return protocol, answers
+
+
+def _answer_mid_body() -> tuple[Any, Any]:
+    """An HTTP11ClientProtocol reading a chunked answer's body: (its
+    parser, the answer)."""
+    protocol, answers = _answer_head_in()
+    parser = protocol._parser
     answers[0].deliverBody(Protocol())
     protocol.dataReceived(b"5\r\ndata:\r\n")
     return parser, answers[0]

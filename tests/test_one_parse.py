@@ -13,11 +13,9 @@ import json
 from typing import Any, Callable
 
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.logger import ILogObserver
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http import HTTPChannel
 from twisted.web.http_headers import Headers
-from zope.interface import implementer
 
 from twisted_forward.chat.recorder import ChatRecorder
 from twisted_forward.config import load_config
@@ -30,6 +28,7 @@ from twisted_forward.policies.usage import Usage
 from twisted_forward.sharedjson import SharedParse
 from twisted_forward.site import ForwardSite, build_root
 
+from .test_chat_request_body import Records
 from .test_proxy_unit import FakeResponse, FakeUpstream
 
 ALICE = "fk-alice-0123456789"
@@ -79,18 +78,6 @@ class SharedParseTests(SynchronousTestCase):
         self.assertEqual(shared.loads(b'{"model": NaN}', str), {"model": "NaN"})
 
 
-@implementer(ILogObserver)
-class Records:
-    """The chat records emitted."""
-
-    def __init__(self) -> None:
-        self.records: list[dict[str, Any]] = []
-
-    def __call__(self, event: dict) -> None:
-        if "chat_record" in event:
-            self.records.append(event["chat_record"])
-
-
 class OneExchange(SynchronousTestCase):
     """One non-stream chat through the real resource tree in memory, with
     a token-counting policy and the chat record on."""
@@ -126,7 +113,9 @@ class OneExchange(SynchronousTestCase):
 
         self.patch(json, "loads", counting)
 
-    def exchange(self, request: bytes = REQUEST, answer: bytes = ANSWER) -> bytes:
+    def post(self, request: bytes) -> StringTransport:
+        """Send ``request`` as alice's chat on a new connection; returns the
+        connection's transport."""
         channel = self.site.buildProtocol(None)
         transport = StringTransport()
         channel.makeConnection(transport)
@@ -136,6 +125,10 @@ class OneExchange(SynchronousTestCase):
             b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
             % (len(request), request)
         )
+        return transport
+
+    def exchange(self, request: bytes = REQUEST, answer: bytes = ANSWER) -> bytes:
+        transport = self.post(request)
         call = self.upstream.calls[-1]
         response = FakeResponse(200, {"content-type": ["application/json"]}, length=len(answer))
         call.deferred.callback(response)
@@ -192,15 +185,7 @@ class OneParseTests(OneExchange):
         """An upstream that sends its own ``x-ratelimit-*`` (as OpenAI does)
         has them replaced by the proxy's, each in the upstream's place, the
         others after its headers: the head ``setRawHeaders`` made."""
-        channel = self.site.buildProtocol(None)
-        transport = StringTransport()
-        channel.makeConnection(transport)
-        channel.dataReceived(
-            b"POST /v1/chat/completions HTTP/1.1\r\nHost: proxy\r\n"
-            b"Authorization: Bearer " + ALICE.encode() + b"\r\n"
-            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
-            % (len(REQUEST), REQUEST)
-        )
+        transport = self.post(REQUEST)
         response = FakeResponse(200, {
             "x-ratelimit-remaining-tokens": ["7"], "content-type": ["application/json"],
             "X-RateLimit-Limit-Requests": ["5"], "date": ["Thu, 01 Jan 2026 00:00:00 GMT"],
